@@ -1,0 +1,156 @@
+//! Connection tracking rules shared by the kernel and the agent's model: key normalisation,
+//! which flag a packet needs, and idle timeouts.
+
+use crate::addr::Addr;
+use crate::maps::{CtKey, CtValue, ct_flags};
+use crate::{Direction, proto};
+
+pub const SEC: u64 = 1_000_000_000;
+/// TCP after the handshake was answered.
+pub const TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * SEC;
+/// TCP before any reply, UDP, SCTP and other protocols.
+pub const TIMEOUT_TCP_SYN_NS: u64 = 60 * SEC;
+pub const TIMEOUT_UDP_NS: u64 = 60 * SEC;
+pub const TIMEOUT_SCTP_NS: u64 = 300 * SEC;
+pub const TIMEOUT_ICMP_NS: u64 = 30 * SEC;
+pub const TIMEOUT_OTHER_NS: u64 = 60 * SEC;
+/// After RST, or FIN from both sides.
+pub const TIMEOUT_CLOSING_NS: u64 = 10 * SEC;
+/// `last_seen_ns` is rewritten at most this often on a hit (saves cache-line writes).
+pub const REFRESH_INTERVAL_NS: u64 = SEC;
+/// A non-first fragment is accepted this long after its first fragment.
+pub const TIMEOUT_FRAGMENT_NS: u64 = 30 * SEC;
+
+/// Builds the normalised key of a packet and tells whether the packet's source is side `a`.
+#[inline(always)]
+pub fn normalize(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> (CtKey, bool) {
+    let src_first = match cmp_addr(&src, &dst) {
+        core::cmp::Ordering::Less => true,
+        core::cmp::Ordering::Greater => false,
+        core::cmp::Ordering::Equal => sport <= dport,
+    };
+    let key = if src_first {
+        CtKey { addr_a: src, addr_b: dst, port_a: sport, port_b: dport, proto, _pad: [0; 3] }
+    } else {
+        CtKey { addr_a: dst, addr_b: src, port_a: dport, port_b: sport, proto, _pad: [0; 3] }
+    };
+    (key, src_first)
+}
+
+/// Byte-order comparison of two addresses (words hold network-order bytes).
+#[inline(always)]
+fn cmp_addr(x: &Addr, y: &Addr) -> core::cmp::Ordering {
+    let mut i = 0;
+    while i < 4 {
+        let a = u32::from_be(x.0[i]);
+        let b = u32::from_be(y.0[i]);
+        if a != b {
+            return if a < b { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+        }
+        i += 1;
+    }
+    core::cmp::Ordering::Equal
+}
+
+/// Whether the packet goes in the connection's original direction.
+#[inline(always)]
+pub const fn is_original(v: &CtValue, src_is_a: bool) -> bool {
+    (v.flags & ct_flags::ORIG_IS_A != 0) == src_is_a
+}
+
+/// The flag a packet needs at a hook of direction `dir`: the local endpoint is the
+/// connection's originator when it sends in the original direction (egress hook) or
+/// receives in the reply direction (ingress hook); the originator needs its egress to have
+/// been allowed, the responder its ingress.
+#[inline(always)]
+pub const fn required_flag(dir: Direction, original: bool) -> u32 {
+    let local_is_originator = match dir {
+        Direction::Egress => original,
+        Direction::Ingress => !original,
+    };
+    if local_is_originator { ct_flags::EGRESS_OK } else { ct_flags::INGRESS_OK }
+}
+
+/// The flag a fresh policy decision at this hook may record for a packet in the original
+/// direction: EGRESS_OK at the sender's hook, INGRESS_OK at the receiver's.
+#[inline(always)]
+pub const fn granted_flag(dir: Direction) -> u32 {
+    match dir {
+        Direction::Egress => ct_flags::EGRESS_OK,
+        Direction::Ingress => ct_flags::INGRESS_OK,
+    }
+}
+
+/// Idle lifetime of an entry.
+#[inline(always)]
+pub const fn timeout_ns(proto_nr: u8, flags: u32) -> u64 {
+    if flags & ct_flags::RST != 0
+        || flags & (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
+            == (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
+    {
+        return TIMEOUT_CLOSING_NS;
+    }
+    match proto_nr {
+        proto::TCP => {
+            if flags & ct_flags::SEEN_REPLY != 0 {
+                TIMEOUT_TCP_ESTABLISHED_NS
+            } else {
+                TIMEOUT_TCP_SYN_NS
+            }
+        }
+        proto::UDP => TIMEOUT_UDP_NS,
+        proto::SCTP => TIMEOUT_SCTP_NS,
+        proto::ICMP | proto::ICMPV6 => TIMEOUT_ICMP_NS,
+        _ => TIMEOUT_OTHER_NS,
+    }
+}
+
+/// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
+#[inline(always)]
+pub const fn expired(v: &CtValue, proto_nr: u8, now_ns: u64) -> bool {
+    now_ns.saturating_sub(v.last_seen_ns) > timeout_ns(proto_nr, v.flags)
+}
+
+/// TCP flag bits as in the header's 13th byte.
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// The conntrack flags a TCP packet adds to its entry.
+#[inline(always)]
+pub const fn tcp_state_flags(tcp_flags: u8, original: bool) -> u32 {
+    let mut f = 0;
+    if tcp_flags & tcp::RST != 0 {
+        f |= ct_flags::RST;
+    }
+    if tcp_flags & tcp::FIN != 0 {
+        f |= if original { ct_flags::FIN_ORIG } else { ct_flags::FIN_REPLY };
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_directions_share_a_key() {
+        let a = Addr::from_v4_octets([198, 18, 0, 1]);
+        let b = Addr::from_v4_octets([198, 18, 0, 2]);
+        let (k1, s1) = normalize(a, b, 40000, 80, proto::TCP);
+        let (k2, s2) = normalize(b, a, 80, 40000, proto::TCP);
+        assert_eq!(k1, k2);
+        assert!(s1 && !s2);
+    }
+
+    #[test]
+    fn roles() {
+        assert_eq!(required_flag(Direction::Egress, true), ct_flags::EGRESS_OK);
+        assert_eq!(required_flag(Direction::Ingress, false), ct_flags::EGRESS_OK);
+        assert_eq!(required_flag(Direction::Ingress, true), ct_flags::INGRESS_OK);
+        assert_eq!(required_flag(Direction::Egress, false), ct_flags::INGRESS_OK);
+    }
+}

@@ -1,0 +1,390 @@
+//! Map names, capacities, keys and values.
+//!
+//! Lookup order per packet (see [`crate::decide`]): `ENDPOINTS` (the pod's own address) ->
+//! `CONNTRACK` -> `IPCACHE` (peer address -> identity) -> `RULES` (policy-set, identity) and/or
+//! `CIDR_RULES` (policy-set, peer prefix) -> `PORTS` only for rules with more port ranges than
+//! fit inline. At most seven lookups, whatever the number of pods, policies or CIDRs.
+
+use crate::addr::Addr;
+
+// ---- names (the `static` names in policy-ebpf; a test checks the object has each) ----
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+pub const MAP_IPCACHE: &str = "IPCACHE";
+pub const MAP_RULES: &str = "RULES";
+pub const MAP_CIDR_RULES: &str = "CIDR_RULES";
+pub const MAP_PORTS: &str = "PORTS";
+pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_EVENT_BUDGET: &str = "EVENT_BUDGET";
+pub const MAP_CONFIG: &str = "CONFIG";
+
+/// Program names (functions in policy-ebpf).
+/// Attached at TC ingress of the pod's host-side veth: packets the pod sends.
+pub const PROG_FROM_POD: &str = "from_pod";
+/// Attached at TC egress of the pod's host-side veth: packets sent to the pod.
+pub const PROG_TO_POD: &str = "to_pod";
+
+// ---- capacities ----
+pub const MAX_ENDPOINTS: u32 = 16_384;
+pub const MAX_IPCACHE: u32 = 262_144;
+pub const MAX_RULES: u32 = 524_288;
+pub const MAX_CIDR_RULES: u32 = 524_288;
+pub const MAX_PORTS: u32 = 65_536;
+pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_FRAGMENTS: u32 = 8_192;
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+// ---- identities and policy-sets ----
+/// Peer address not in `IPCACHE`: outside the cluster; only ipBlocks can match it.
+pub const IDENTITY_WORLD: u32 = 0;
+/// The node's own addresses (and hostNetwork pods on it).
+pub const IDENTITY_HOST: u32 = 1;
+/// First identity number the compiler hands to a pod label set.
+pub const IDENTITY_FIRST_POD: u32 = 256;
+/// Policy-set 0 holds no rule: an endpoint isolated with it denies everything.
+pub const POLICY_SET_EMPTY: u32 = 0;
+
+/// `ENDPOINTS` key: a local pod's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EndpointKey {
+    pub addr: Addr,
+}
+
+/// `EndpointValue::flags`.
+pub mod ep_flags {
+    /// Some policy selecting the pod has Ingress in its policyTypes.
+    pub const ISOLATED_INGRESS: u32 = 1 << 0;
+    pub const ISOLATED_EGRESS: u32 = 1 << 1;
+    /// The ingress policy-set has `RULES` entries (else the lookup is skipped).
+    pub const INGRESS_HAS_IDENTITY_RULES: u32 = 1 << 2;
+    /// The ingress policy-set has `CIDR_RULES` entries.
+    pub const INGRESS_HAS_CIDR_RULES: u32 = 1 << 3;
+    pub const EGRESS_HAS_IDENTITY_RULES: u32 = 1 << 4;
+    pub const EGRESS_HAS_CIDR_RULES: u32 = 1 << 5;
+}
+
+/// `ENDPOINTS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EndpointValue {
+    /// Stable number of the pod on this node (events and metrics name it).
+    pub endpoint_id: u32,
+    pub ingress_policy_set: u32,
+    pub egress_policy_set: u32,
+    /// [`ep_flags`].
+    pub flags: u32,
+}
+
+impl EndpointValue {
+    #[inline(always)]
+    pub const fn isolated(&self, dir: crate::Direction) -> bool {
+        match dir {
+            crate::Direction::Ingress => self.flags & ep_flags::ISOLATED_INGRESS != 0,
+            crate::Direction::Egress => self.flags & ep_flags::ISOLATED_EGRESS != 0,
+        }
+    }
+    #[inline(always)]
+    pub const fn policy_set(&self, dir: crate::Direction) -> u32 {
+        match dir {
+            crate::Direction::Ingress => self.ingress_policy_set,
+            crate::Direction::Egress => self.egress_policy_set,
+        }
+    }
+    #[inline(always)]
+    pub const fn has_identity_rules(&self, dir: crate::Direction) -> bool {
+        match dir {
+            crate::Direction::Ingress => self.flags & ep_flags::INGRESS_HAS_IDENTITY_RULES != 0,
+            crate::Direction::Egress => self.flags & ep_flags::EGRESS_HAS_IDENTITY_RULES != 0,
+        }
+    }
+    #[inline(always)]
+    pub const fn has_cidr_rules(&self, dir: crate::Direction) -> bool {
+        match dir {
+            crate::Direction::Ingress => self.flags & ep_flags::INGRESS_HAS_CIDR_RULES != 0,
+            crate::Direction::Egress => self.flags & ep_flags::EGRESS_HAS_CIDR_RULES != 0,
+        }
+    }
+}
+
+/// `IPCACHE` key: any pod or node address of the cluster (exact match, hash map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct IpCacheKey {
+    pub addr: Addr,
+}
+
+/// `IPCACHE` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct IpCacheValue {
+    /// [`IDENTITY_HOST`] or a pod identity (>= [`IDENTITY_FIRST_POD`]).
+    pub identity: u32,
+    pub _pad: u32,
+}
+
+/// `RULES` key: (policy-set, peer identity). Policy-set numbers are unique across directions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RuleKey {
+    pub policy_set: u32,
+    pub identity: u32,
+}
+
+/// One inline port range of a [`RuleValue`]; `proto == 0` marks an unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Ranges held inline in a rule value; larger port-sets go to the `PORTS` trie.
+pub const INLINE_PORT_RANGES: usize = 4;
+
+/// `RuleValue::flags`.
+pub mod rule_flags {
+    /// Any protocol, any port (a rule without `ports`).
+    pub const ALL: u32 = 1 << 0;
+    /// Consult the `PORTS` trie with `port_set` (in addition to the inline ranges).
+    pub const PORT_SET: u32 = 1 << 1;
+}
+
+/// Value of `RULES` and `CIDR_RULES`: which protocols and ports the matched peer may use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RuleValue {
+    /// [`rule_flags`].
+    pub flags: u32,
+    pub port_set: u32,
+    pub ranges: [PortRange; INLINE_PORT_RANGES],
+}
+
+/// A key of an LPM trie map as the kernel lays it out: prefix length, then the data.
+/// (aya's `lpm_trie::Key<D>` has the same layout; this one is for the compiler's output.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LpmKey<D> {
+    /// Significant bits of `data`, counted from its first byte.
+    pub prefixlen: u32,
+    pub data: D,
+}
+
+/// `CIDR_RULES` key data (LPM trie). The prefix length counts 32 for `set_family` (always
+/// exact) plus the address prefix, an IPv4 prefix being expressed on the mapped address
+/// (`/24` is 32 + 96 + 24): see [`cidr_prefixlen`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CidrData {
+    /// Big-endian policy-set number, with [`CIDR_FAMILY_V6`] set for IPv6 prefixes.
+    pub set_family_be: u32,
+    pub addr: Addr,
+}
+
+/// Bit of the policy-set word marking an IPv6 prefix. Policy-set numbers stay below it.
+pub const CIDR_FAMILY_V6: u32 = 1 << 31;
+
+/// The LPM prefix length of a CIDR of `addr_prefix` bits (`v4`: counted on the IPv4 address).
+#[inline(always)]
+pub const fn cidr_prefixlen(v4: bool, addr_prefix: u8) -> u32 {
+    32 + if v4 { 96 } else { 0 } + addr_prefix as u32
+}
+
+impl CidrData {
+    #[inline(always)]
+    pub const fn new(policy_set: u32, addr: Addr) -> Self {
+        let fam = if addr.is_v4() { 0 } else { CIDR_FAMILY_V6 };
+        CidrData { set_family_be: (policy_set | fam).to_be(), addr }
+    }
+}
+
+/// Prefix length of a full-address lookup in `CIDR_RULES`.
+pub const CIDR_LOOKUP_PREFIXLEN: u32 = 32 + 128;
+
+/// `PORTS` key data (LPM trie): prefix length = 48 + port prefix bits (the port-set word,
+/// the protocol byte and the zero pad byte are always exact): see [`port_prefixlen`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PortData {
+    /// Big-endian port-set number.
+    pub port_set_be: u32,
+    pub proto: u8,
+    pub _pad: u8,
+    /// Big-endian port.
+    pub port_be: u16,
+}
+
+impl PortData {
+    #[inline(always)]
+    pub const fn new(port_set: u32, proto: u8, port: u16) -> Self {
+        PortData { port_set_be: port_set.to_be(), proto, _pad: 0, port_be: port.to_be() }
+    }
+}
+
+/// The LPM prefix length of a port prefix of `port_bits` bits.
+#[inline(always)]
+pub const fn port_prefixlen(port_bits: u8) -> u32 {
+    48 + port_bits as u32
+}
+
+/// Prefix length of a full-port lookup in `PORTS`.
+pub const PORT_LOOKUP_PREFIXLEN: u32 = 64;
+
+/// `CONNTRACK` key: the 5-tuple normalised so both directions of a connection share one
+/// entry: `(addr_a, port_a) <= (addr_b, port_b)` comparing address bytes then port.
+/// ICMP echo uses the identifier as both ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CtKey {
+    pub addr_a: Addr,
+    pub addr_b: Addr,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CtValue::flags`.
+pub mod ct_flags {
+    /// The connection was originated by the `a` side of the key (else by `b`).
+    pub const ORIG_IS_A: u32 = 1 << 0;
+    /// The originator's egress was checked and allowed (at the originator's hook).
+    pub const EGRESS_OK: u32 = 1 << 1;
+    /// The responder's ingress was checked and allowed (at the responder's hook).
+    pub const INGRESS_OK: u32 = 1 << 2;
+    /// A packet went in the reply direction (TCP: handshake answered).
+    pub const SEEN_REPLY: u32 = 1 << 3;
+    /// FIN seen from the originator / from the responder.
+    pub const FIN_ORIG: u32 = 1 << 4;
+    pub const FIN_REPLY: u32 = 1 << 5;
+    /// RST seen: the entry lives only for [`crate::ct::TIMEOUT_CLOSING_NS`].
+    pub const RST: u32 = 1 << 6;
+    /// Seeded by the agent from the kernel's connection table at start.
+    pub const SEEDED: u32 = 1 << 7;
+}
+
+/// `CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last refresh.
+    pub last_seen_ns: u64,
+    /// [`ct_flags`].
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `FRAGMENTS` key: a fragmented datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `FRAGMENTS` value, written when a first fragment passes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FragValue {
+    pub created_ns: u64,
+    /// The first fragment's [`crate::Reason`].
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// One deny event in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DenyEvent {
+    pub timestamp_ns: u64,
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// [`crate::Direction`] of the endpoint.
+    pub direction: u8,
+    /// [`crate::Reason`].
+    pub reason: u8,
+    pub _pad: u8,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+}
+
+/// `EVENT_BUDGET` per-CPU token bucket bounding deny events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventBudget {
+    pub tokens: u64,
+    pub last_refill_ns: u64,
+}
+
+/// `CONFIG` array, index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Deny events per second per CPU (0 = no events).
+    pub events_per_sec: u32,
+    /// Burst size of the event budget.
+    pub events_burst: u32,
+}
+
+/// Defaults the agent writes into `CONFIG`.
+pub const DEFAULT_EVENTS_PER_SEC: u32 = 1_000;
+pub const DEFAULT_EVENTS_BURST: u32 = 100;
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<EndpointKey>() == 16);
+    assert!(size_of::<EndpointValue>() == 16);
+    assert!(size_of::<IpCacheKey>() == 16);
+    assert!(size_of::<IpCacheValue>() == 8);
+    assert!(size_of::<RuleKey>() == 8);
+    assert!(size_of::<PortRange>() == 8);
+    assert!(size_of::<RuleValue>() == 8 + 8 * INLINE_PORT_RANGES);
+    assert!(size_of::<CidrData>() == 20);
+    assert!(offset_of!(CidrData, addr) == 4);
+    assert!(size_of::<LpmKey<CidrData>>() == 24);
+    assert!(size_of::<PortData>() == 8);
+    assert!(offset_of!(PortData, port_be) == 6);
+    assert!(size_of::<LpmKey<PortData>>() == 12);
+    assert!(size_of::<CtKey>() == 40);
+    assert!(offset_of!(CtKey, proto) == 36);
+    assert!(size_of::<CtValue>() == 16);
+    assert!(size_of::<FragKey>() == 40);
+    assert!(size_of::<FragValue>() == 16);
+    assert!(size_of::<DenyEvent>() == 56);
+    assert!(offset_of!(DenyEvent, endpoint_id) == 48);
+    assert!(size_of::<EventBudget>() == 16);
+    assert!(size_of::<Config>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], Copy, made of integers with explicit padding fields,
+    // so any bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for IpCacheKey {}
+    unsafe impl aya::Pod for IpCacheValue {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleValue {}
+    unsafe impl aya::Pod for CidrData {}
+    unsafe impl aya::Pod for PortData {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for Config {}
+}
