@@ -3,3 +3,4 @@
 
 pub mod ebpf_object;
 pub mod model;
+pub mod netinfo;
