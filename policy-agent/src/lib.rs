@@ -3,5 +3,6 @@
 
 pub mod convert;
 pub mod ebpf_object;
+pub mod manifests;
 pub mod model;
 pub mod netinfo;

@@ -239,3 +239,88 @@ impl Manifests {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: red}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: web}}
+spec:
+  containers:
+  - name: c
+    image: i
+    ports: [{name: http, containerPort: 80, protocol: TCP}]
+status: {podIP: 198.18.0.10, podIPs: [{ip: 198.18.0.10}, {ip: "fd00:18::10"}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: y}
+spec: {podSelector: {}}
+"#;
+
+    const BAD: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lower, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - ports: [{protocol: tcp, port: 80}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d, namespace: x}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+"#;
+
+    fn load(files: &[(&str, &str)]) -> Manifests {
+        let mut m = Manifests::default();
+        for (name, text) in files {
+            load_text(&mut m, Path::new(name), text);
+        }
+        m
+    }
+
+    #[test]
+    fn reads_objects_and_fills_implicit_namespaces() {
+        let m = load(&[("good.yaml", GOOD)]);
+        assert!(m.problems.is_empty(), "{:?}", m.problems);
+        let snap = m.snapshot("node-1", vec![]);
+        let pod = &snap.pods[&ObjectKey::new("x", "a")];
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(pod.node.as_deref(), Some("node-1"));
+        assert_eq!(snap.namespaces["x"].labels["team"], "red");
+        // Namespace y is used by a policy only: it exists with its name label.
+        assert_eq!(snap.namespaces["y"].labels["kubernetes.io/metadata.name"], "y");
+    }
+
+    #[test]
+    fn bad_objects_are_located_and_invalid_policies_fail_closed() {
+        let m = load(&[("good.yaml", GOOD), ("bad.yaml", BAD)]);
+        let text: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert!(text[0].starts_with("bad.yaml (document 1)") && text[0].contains("tcp"), "{}", text[0]);
+        assert!(text[1].contains("document 2") && text[1].contains("Deployment"), "{}", text[1]);
+        assert!(text[2].contains("document 3") && text[2].contains("defined again"), "{}", text[2]);
+        // The invalid policy is kept: it still isolates app=web, its bad rule allows nothing.
+        let np = &m.policies[&ObjectKey::new("x", "lower")];
+        assert!(np.ingress_isolation && np.ingress.is_empty());
+    }
+
+    #[test]
+    fn broken_yaml_is_a_problem_not_a_panic() {
+        let m = load(&[("broken.yaml", "kind: [unclosed\n")]);
+        assert_eq!(m.problems.len(), 1);
+        assert!(matches!(m.problems[0].error, ManifestError::Yaml(_)));
+    }
+}
