@@ -2,7 +2,9 @@
 //! loader, and the object sources (Kubernetes watchers, standalone manifests).
 
 pub mod convert;
+pub mod dataplane;
 pub mod ebpf_object;
 pub mod manifests;
 pub mod model;
 pub mod netinfo;
+pub mod testbed;
