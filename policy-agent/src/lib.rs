@@ -3,3 +3,5 @@
 
 pub mod ebpf_object;
 pub mod model;
+pub mod reference;
+pub mod scenario;
