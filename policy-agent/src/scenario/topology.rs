@@ -346,17 +346,9 @@ impl Topology {
                     ));
                 }
             }
-            for fam in &families {
-                let (missing, name) = match fam {
-                    IpFamily::V4 => (e.ip.is_none(), "ip"),
-                    IpFamily::V6 => (e.ip6.is_none(), "ip6"),
-                };
-                if missing {
-                    return Err(err(
-                        format!("{field}.{name}"),
-                        format!("missing: ipFamilies includes {}", fam.as_str()),
-                    ));
-                }
+            if e.ip.is_none() && e.ip6.is_none() {
+                // An external without an address of a family sits that family's probes out.
+                return Err(err(field, "give ip, ip6 or both".into()));
             }
             externals.push(ExternalHost {
                 name: e.name.clone(),
