@@ -6,3 +6,5 @@ pub mod convert;
 pub mod ebpf_object;
 pub mod kernel_model;
 pub mod model;
+pub mod reference;
+pub mod scenario;

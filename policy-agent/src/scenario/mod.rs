@@ -1,0 +1,1 @@
+//! Scenario files (scenarios/FORMAT.md): parse, run against an oracle, report.
