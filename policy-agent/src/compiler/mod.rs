@@ -493,14 +493,8 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     for ip in &snap.node_addrs {
         out.ipcache.insert(IpCacheKey { addr: addr_of(*ip) }, host);
     }
-    for pod in snap.pods.values() {
-        // A hostNetwork pod of this node is the node itself.
-        if pod.host_network && pod.node.as_deref() == Some(snap.node.as_str()) {
-            for ip in &pod.ips {
-                out.ipcache.insert(IpCacheKey { addr: addr_of(*ip) }, host);
-            }
-        }
-    }
+    // hostNetwork pods use their node's addresses: this node's are in `node_addrs`, other
+    // nodes' are outside the cluster's identities (only ipBlocks match them).
 
     // 2. local endpoints and the policies selecting them.
     let local: Vec<&Pod> =
