@@ -1,8 +1,10 @@
 //! The node agent: model of the cluster objects, the pure policy compiler, the map writer and
 //! loader, and the object sources (Kubernetes watchers, standalone manifests).
 
+pub mod compiler;
 pub mod convert;
 pub mod ebpf_object;
+pub mod kernel_model;
 pub mod model;
 pub mod reference;
 pub mod scenario;

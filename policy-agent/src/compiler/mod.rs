@@ -1,0 +1,632 @@
+//! The policy compiler: a pure function from a [`Snapshot`] of the cluster to the desired
+//! content of every policy map ([`MapContents`]), deterministic for a given [`CompilerState`].
+//!
+//! Pipeline:
+//! 1. identities: one per distinct (namespace, labels, named container ports) of the pods that
+//!    have addresses and are not hostNetwork; `IPCACHE` maps their addresses to it, and the
+//!    node's own addresses (and local hostNetwork pods) to `IDENTITY_HOST`;
+//! 2. local endpoints and, per direction, the policies selecting each (policies that select no
+//!    local pod are never looked at again);
+//! 3. a policy-set spec per endpoint and direction (its selecting policies, plus for ingress
+//!    the endpoint's own named ports, on which ingress named ports resolve), compiled once per
+//!    distinct spec into a table: identity -> port-set and ipBlock prefix -> port-set;
+//! 4. identical tables share a policy-set number; port-sets too large to be inline get a
+//!    port-set number and `PORTS` entries.
+//!
+//! Numbers (identities, policy-sets, port-sets, endpoint ids) live in the state and keep
+//! their value while their key stays live, so two compiles differ only where objects changed.
+
+pub mod cidr;
+mod numbering;
+pub mod portset;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use policy_common::maps::*;
+use policy_common::Addr;
+
+use crate::model::{
+    LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, PortRef, PortSpec, Protocol,
+    Snapshot,
+};
+use cidr::CidrRule;
+use numbering::Numbering;
+use portset::PortSet;
+
+/// The desired content of every policy map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    pub ipcache: BTreeMap<IpCacheKey, IpCacheValue>,
+    pub rules: BTreeMap<RuleKey, RuleValue>,
+    pub cidr_rules: BTreeMap<LpmKey<CidrData>, RuleValue>,
+    /// `PORTS` entries; the value is always 1 (presence allows).
+    pub ports: BTreeMap<LpmKey<PortData>, u8>,
+}
+
+/// Upserts and deletes of one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapChanges<K, V> {
+    pub upserts: Vec<(K, V)>,
+    pub deletes: Vec<K>,
+}
+
+impl<K, V> Default for MapChanges<K, V> {
+    fn default() -> Self {
+        MapChanges { upserts: Vec::new(), deletes: Vec::new() }
+    }
+}
+
+impl<K: Ord + Copy, V: PartialEq + Copy> MapChanges<K, V> {
+    fn between(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Self {
+        let mut c = MapChanges::default();
+        for (k, v) in new {
+            if old.get(k) != Some(v) {
+                c.upserts.push((*k, *v));
+            }
+        }
+        for k in old.keys() {
+            if !new.contains_key(k) {
+                c.deletes.push(*k);
+            }
+        }
+        c
+    }
+
+    pub fn len(&self) -> usize {
+        self.upserts.len() + self.deletes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies the changes to a map.
+    pub fn apply(&self, map: &mut BTreeMap<K, V>) {
+        for k in &self.deletes {
+            map.remove(k);
+        }
+        for (k, v) in &self.upserts {
+            map.insert(*k, *v);
+        }
+    }
+}
+
+/// What to write to the kernel to go from one [`MapContents`] to another. A writer should
+/// apply upserts before deletes per map, and `PORTS` upserts first / deletes last, so no
+/// lookup ever sees a rule whose port-set is missing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDiff {
+    pub endpoints: MapChanges<EndpointKey, EndpointValue>,
+    pub ipcache: MapChanges<IpCacheKey, IpCacheValue>,
+    pub rules: MapChanges<RuleKey, RuleValue>,
+    pub cidr_rules: MapChanges<LpmKey<CidrData>, RuleValue>,
+    pub ports: MapChanges<LpmKey<PortData>, u8>,
+}
+
+impl MapDiff {
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+            + self.ipcache.len()
+            + self.rules.len()
+            + self.cidr_rules.len()
+            + self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies the diff to map contents (what the writer does to the kernel maps).
+    pub fn apply(&self, m: &mut MapContents) {
+        self.endpoints.apply(&mut m.endpoints);
+        self.ipcache.apply(&mut m.ipcache);
+        self.rules.apply(&mut m.rules);
+        self.cidr_rules.apply(&mut m.cidr_rules);
+        self.ports.apply(&mut m.ports);
+    }
+}
+
+impl MapContents {
+    pub fn diff(old: &MapContents, new: &MapContents) -> MapDiff {
+        MapDiff {
+            endpoints: MapChanges::between(&old.endpoints, &new.endpoints),
+            ipcache: MapChanges::between(&old.ipcache, &new.ipcache),
+            rules: MapChanges::between(&old.rules, &new.rules),
+            cidr_rules: MapChanges::between(&old.cidr_rules, &new.cidr_rules),
+            ports: MapChanges::between(&old.ports, &new.ports),
+        }
+    }
+
+    /// (map name, entries, key + value bytes) per map.
+    pub fn sizes(&self) -> [(&'static str, usize, usize); 5] {
+        use core::mem::size_of;
+        fn row<K, V>(name: &'static str, m: &BTreeMap<K, V>) -> (&'static str, usize, usize) {
+            (name, m.len(), m.len() * (size_of::<K>() + size_of::<V>()))
+        }
+        [
+            row(MAP_ENDPOINTS, &self.endpoints),
+            row(MAP_IPCACHE, &self.ipcache),
+            row(MAP_RULES, &self.rules),
+            row(MAP_CIDR_RULES, &self.cidr_rules),
+            row(MAP_PORTS, &self.ports),
+        ]
+    }
+}
+
+/// What one identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdentityKey {
+    pub namespace: String,
+    pub labels: Labels,
+    /// Named container ports (egress named ports resolve on the peer).
+    pub named_ports: BTreeSet<(String, Protocol, u16)>,
+}
+
+impl IdentityKey {
+    pub fn of(pod: &Pod) -> Self {
+        IdentityKey {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports: pod
+                .ports
+                .iter()
+                .filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port)))
+                .collect(),
+        }
+    }
+
+    fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.named_ports.iter().find(|(n, p, _)| n == name && *p == protocol).map(|x| x.2)
+    }
+}
+
+/// A compiled policy-set: what one endpoint allows in one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Table {
+    /// Peer identity -> allowed ports (never empty).
+    pub rules: BTreeMap<u32, PortSet>,
+    /// ipBlock prefix -> allowed ports (empty = deny entry shadowing a shorter prefix).
+    pub cidrs: BTreeMap<IpNet, PortSet>,
+}
+
+impl Table {
+    fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.cidrs.is_empty()
+    }
+}
+
+/// Numbers that must survive between compiles.
+#[derive(Clone, Debug)]
+pub struct CompilerState {
+    identities: Numbering<IdentityKey>,
+    policy_sets: Numbering<Table>,
+    port_sets: Numbering<Vec<(u8, u16, u16)>>,
+    endpoints: Numbering<ObjectKey>,
+}
+
+impl Default for CompilerState {
+    fn default() -> Self {
+        CompilerState {
+            identities: Numbering::new(IDENTITY_FIRST_POD, u32::MAX),
+            policy_sets: Numbering::new(POLICY_SET_EMPTY + 1, CIDR_FAMILY_V6),
+            port_sets: Numbering::new(1, u32::MAX),
+            endpoints: Numbering::new(1, u32::MAX),
+        }
+    }
+}
+
+impl CompilerState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The identity number of a pod, if it has one.
+    pub fn identity_of(&self, pod: &Pod) -> Option<u32> {
+        self.identities.get(&IdentityKey::of(pod))
+    }
+
+    pub fn identity_count(&self) -> usize {
+        self.identities.len()
+    }
+
+    pub fn policy_set_count(&self) -> usize {
+        self.policy_sets.len()
+    }
+}
+
+pub fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => Addr::from_v4_octets(v4.octets()),
+        IpAddr::V6(v6) => Addr::from_v6_octets(v6.octets()),
+    }
+}
+
+/// The `CIDR_RULES` key of a prefix in a policy-set. The family comes from the prefix as
+/// written: an IPv6 prefix never matches IPv4 packets (as in Go's `IPNet.Contains`), even
+/// an IPv4-mapped one.
+pub fn cidr_key(set: u32, net: &IpNet) -> LpmKey<CidrData> {
+    match net {
+        IpNet::V4(n) => LpmKey {
+            prefixlen: cidr_prefixlen(true, n.prefix_len()),
+            data: CidrData::new(set, Addr::from_v4_octets(n.network().octets())),
+        },
+        IpNet::V6(n) => LpmKey {
+            prefixlen: cidr_prefixlen(false, n.prefix_len()),
+            data: CidrData {
+                set_family_be: (set | CIDR_FAMILY_V6).to_be(),
+                addr: Addr::from_v6_octets(n.network().octets()),
+            },
+        },
+    }
+}
+
+struct Ident<'a> {
+    id: u32,
+    key: &'a IdentityKey,
+}
+
+/// Per-compile lookup structures over identities and namespaces.
+struct Universe<'a> {
+    snap: &'a Snapshot,
+    idents: Vec<Ident<'a>>,
+    by_ns: HashMap<&'a str, Vec<usize>>,
+    /// Peer selector results, shared by every policy using the same selectors.
+    peer_cache: HashMap<(Option<&'a LabelSelector>, &'a str, Option<&'a LabelSelector>), Vec<usize>>,
+}
+
+impl<'a> Universe<'a> {
+    fn ns_labels_match(&self, sel: &LabelSelector, ns: &str) -> bool {
+        match self.snap.namespaces.get(ns) {
+            Some(n) => sel.matches(&n.labels),
+            // A namespace not (yet) seen: only its name label is known.
+            None => {
+                let mut l = Labels::new();
+                l.insert("kubernetes.io/metadata.name".to_owned(), ns.to_owned());
+                sel.matches(&l)
+            }
+        }
+    }
+
+    /// Identities (indices) a `Peer::Pods` of a policy in `policy_ns` selects.
+    fn peer_idents(
+        &mut self,
+        namespaces: Option<&'a LabelSelector>,
+        policy_ns: &'a str,
+        pods: Option<&'a LabelSelector>,
+    ) -> &[usize] {
+        let key = (namespaces, if namespaces.is_none() { policy_ns } else { "" }, pods);
+        if !self.peer_cache.contains_key(&key) {
+            let mut out = Vec::new();
+            let pod_ok = |i: &Ident<'_>| pods.is_none_or(|s| s.matches(&i.key.labels));
+            match namespaces {
+                None => {
+                    for &i in self.by_ns.get(policy_ns).map(Vec::as_slice).unwrap_or_default() {
+                        if pod_ok(&self.idents[i]) {
+                            out.push(i);
+                        }
+                    }
+                }
+                Some(nsel) => {
+                    let mut nss: Vec<&str> =
+                        self.by_ns.keys().copied().filter(|ns| self.ns_labels_match(nsel, ns)).collect();
+                    nss.sort_unstable();
+                    for ns in nss {
+                        for &i in &self.by_ns[ns] {
+                            if pod_ok(&self.idents[i]) {
+                                out.push(i);
+                            }
+                        }
+                    }
+                }
+            }
+            out.sort_unstable();
+            self.peer_cache.insert(key, out);
+        }
+        &self.peer_cache[&key]
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+/// Everything that determines one endpoint's table in one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Spec {
+    ingress: bool,
+    policies: Vec<usize>,
+    /// Ingress: the endpoint's named ports (only when some rule names a port).
+    local_ports: Vec<(String, Protocol, u16)>,
+}
+
+fn uses_named_ports(rules: &[crate::model::Rule]) -> bool {
+    rules.iter().any(|r| r.ports.iter().any(|p| matches!(p.port, Some(PortRef::Name(_)))))
+}
+
+/// Port ranges of numbered ports, plus the named ones left to resolve.
+fn split_ports(ports: &[PortSpec]) -> (PortSet, Vec<(&str, Protocol)>) {
+    if ports.is_empty() {
+        return (PortSet::All, Vec::new());
+    }
+    let mut ranges = Vec::new();
+    let mut named = Vec::new();
+    for p in ports {
+        let proto = p.protocol.number();
+        match &p.port {
+            None => ranges.push((proto, 0, u16::MAX)),
+            Some(PortRef::Number(n)) => ranges.push((proto, *n, p.end_port.unwrap_or(*n).max(*n))),
+            Some(PortRef::Name(name)) => named.push((name.as_str(), p.protocol)),
+        }
+    }
+    (PortSet::from_ranges(ranges), named)
+}
+
+fn resolve_named(
+    named: &[(&str, Protocol)],
+    lookup: impl Fn(&str, Protocol) -> Option<u16>,
+) -> PortSet {
+    let ranges: Vec<_> = named
+        .iter()
+        .filter_map(|&(n, p)| lookup(n, p).map(|port| (p.number(), port, port)))
+        .collect();
+    PortSet::from_ranges(ranges)
+}
+
+const ALL_V4: IpNet = IpNet::V4(match ipnet::Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, 0) {
+    Ok(n) => n,
+    Err(_) => unreachable!(),
+});
+const ALL_V6: IpNet = IpNet::V6(match ipnet::Ipv6Net::new(std::net::Ipv6Addr::UNSPECIFIED, 0) {
+    Ok(n) => n,
+    Err(_) => unreachable!(),
+});
+
+fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Universe<'a>) -> Table {
+    let mut rules: BTreeMap<u32, PortSet> = BTreeMap::new();
+    let mut cidr_rules: Vec<CidrRule> = Vec::new();
+    for &pi in &spec.policies {
+        let pol = policies[pi];
+        let list = if spec.ingress { &pol.ingress } else { &pol.egress };
+        for rule in list {
+            let (numeric, named) = split_ports(&rule.ports);
+            // Ingress: names resolve on the endpoint itself, the same for every peer.
+            let (base, per_peer_named) = if spec.ingress {
+                let mut b = numeric;
+                b.union_with(&resolve_named(&named, |n, p| {
+                    spec.local_ports.iter().find(|(ln, lp, _)| ln == n && *lp == p).map(|x| x.2)
+                }));
+                (b, false)
+            } else {
+                (numeric, !named.is_empty())
+            };
+            let add_ident = |rules: &mut BTreeMap<u32, PortSet>, ident: &Ident<'_>| {
+                let mut ps = base.clone();
+                if per_peer_named {
+                    ps.union_with(&resolve_named(&named, |n, p| ident.key.named_port(n, p)));
+                }
+                if !ps.is_empty() {
+                    rules.entry(ident.id).or_default().union_with(&ps);
+                }
+            };
+            match &rule.peers {
+                None => {
+                    // Every address: numbered ports via the catch-all prefixes; egress named
+                    // ports resolve on each pod peer (never on non-pod addresses).
+                    if !base.is_empty() {
+                        for all in [ALL_V4, ALL_V6] {
+                            cidr_rules.push(CidrRule { cidr: all, except: Vec::new(), ports: base.clone() });
+                        }
+                    }
+                    if per_peer_named {
+                        for ident in &u.idents {
+                            let ps = resolve_named(&named, |n, p| ident.key.named_port(n, p));
+                            if !ps.is_empty() {
+                                rules.entry(ident.id).or_default().union_with(&ps);
+                            }
+                        }
+                    }
+                }
+                Some(peers) => {
+                    for peer in peers {
+                        match peer {
+                            Peer::Pods { namespaces, pods } => {
+                                let idx: Vec<usize> =
+                                    u.peer_idents(namespaces.as_ref(), &pol.namespace, pods.as_ref()).to_vec();
+                                for i in idx {
+                                    add_ident(&mut rules, &u.idents[i]);
+                                }
+                            }
+                            Peer::IpBlock { cidr, except } => {
+                                if !base.is_empty() {
+                                    cidr_rules.push(CidrRule {
+                                        cidr: *cidr,
+                                        except: except.clone(),
+                                        ports: base.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Table { rules, cidrs: cidr::table(&cidr_rules) }
+}
+
+/// Compiles a snapshot into the content of every policy map. Numbers are taken from and
+/// recorded in `state`.
+pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
+    let mut out = MapContents::default();
+
+    // 1. identities and IPCACHE.
+    let mut pod_keys: Vec<(&Pod, IdentityKey)> = Vec::new();
+    for pod in snap.pods.values() {
+        if !pod.host_network && !pod.ips.is_empty() {
+            pod_keys.push((pod, IdentityKey::of(pod)));
+        }
+    }
+    let live: BTreeSet<&IdentityKey> = pod_keys.iter().map(|(_, k)| k).collect();
+    state.identities.sync(live.iter().copied());
+    let mut idents: Vec<Ident<'_>> = Vec::with_capacity(live.len());
+    let mut by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+    for k in &live {
+        let Some(id) = state.identities.get(k) else { continue };
+        by_ns.entry(k.namespace.as_str()).or_default().push(idents.len());
+        idents.push(Ident { id, key: k });
+    }
+    for (pod, key) in &pod_keys {
+        let Some(id) = state.identities.get(key) else { continue };
+        for ip in &pod.ips {
+            // Two pods claiming one address (a stale one): the first by name wins.
+            out.ipcache
+                .entry(IpCacheKey { addr: addr_of(*ip) })
+                .or_insert(IpCacheValue { identity: id, _pad: 0 });
+        }
+    }
+    let host = IpCacheValue { identity: IDENTITY_HOST, _pad: 0 };
+    for ip in &snap.node_addrs {
+        out.ipcache.insert(IpCacheKey { addr: addr_of(*ip) }, host);
+    }
+    // hostNetwork pods use their node's addresses: this node's are in `node_addrs`, other
+    // nodes' are outside the cluster's identities (only ipBlocks match them).
+
+    // 2. local endpoints and the policies selecting them.
+    let local: Vec<&Pod> =
+        snap.pods.values().filter(|p| snap.is_local(p) && !p.ips.is_empty()).collect();
+    let mut local_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, p) in local.iter().enumerate() {
+        local_by_ns.entry(p.namespace.as_str()).or_default().push(i);
+    }
+    let policies: Vec<&NetworkPolicy> = snap.policies.values().collect();
+    let mut selecting: Vec<[Vec<usize>; 2]> = vec![[Vec::new(), Vec::new()]; local.len()];
+    for (pi, pol) in policies.iter().enumerate() {
+        for &li in local_by_ns.get(pol.namespace.as_str()).map(Vec::as_slice).unwrap_or_default() {
+            if pol.pod_selector.matches(&local[li].labels) {
+                if pol.ingress_isolation {
+                    selecting[li][0].push(pi);
+                }
+                if pol.egress_isolation {
+                    selecting[li][1].push(pi);
+                }
+            }
+        }
+    }
+
+    // 3. specs and their tables.
+    let mut u = Universe { snap, idents, by_ns, peer_cache: HashMap::new() };
+    let mut spec_tables: HashMap<Spec, Option<Table>> = HashMap::new();
+    let mut ep_specs: Vec<[Option<Spec>; 2]> = Vec::with_capacity(local.len());
+    for (li, pod) in local.iter().enumerate() {
+        let mut pair: [Option<Spec>; 2] = [None, None];
+        for (d, dir) in [Dir::Ingress, Dir::Egress].into_iter().enumerate() {
+            let pols = &selecting[li][d];
+            if pols.is_empty() {
+                continue;
+            }
+            let ingress = dir == Dir::Ingress;
+            let local_ports = if ingress && pols.iter().any(|&pi| uses_named_ports(&policies[pi].ingress)) {
+                let mut v: Vec<_> = IdentityKey::of(pod).named_ports.into_iter().collect();
+                v.sort();
+                v
+            } else {
+                Vec::new()
+            };
+            let spec = Spec { ingress, policies: pols.clone(), local_ports };
+            if !spec_tables.contains_key(&spec) {
+                let t = compile_table(&spec, &policies, &mut u);
+                spec_tables.insert(spec.clone(), if t.is_empty() { None } else { Some(t) });
+            }
+            pair[d] = Some(spec);
+        }
+        ep_specs.push(pair);
+    }
+
+    // 4. numbers for policy-sets and port-sets.
+    let tables: BTreeSet<&Table> = spec_tables.values().flatten().collect();
+    state.policy_sets.sync(tables.iter().copied());
+    let mut trie_sets: BTreeSet<&Vec<(u8, u16, u16)>> = BTreeSet::new();
+    for t in &tables {
+        for ps in t.rules.values().chain(t.cidrs.values()) {
+            if let PortSet::Ranges(r) = ps
+                && ps.needs_trie().is_some()
+            {
+                trie_sets.insert(r);
+            }
+        }
+    }
+    state.port_sets.sync(trie_sets.iter().copied());
+    let mut keys = Vec::new();
+    for r in &trie_sets {
+        if let Some(n) = state.port_sets.get(r) {
+            keys.clear();
+            portset::trie_keys(n, r, &mut keys);
+            for k in &keys {
+                out.ports.insert(*k, 1);
+            }
+        }
+    }
+    let value_of = |ps: &PortSet, st: &CompilerState| -> RuleValue {
+        let n = match ps {
+            PortSet::Ranges(r) if ps.needs_trie().is_some() => st.port_sets.get(r).unwrap_or(0),
+            _ => 0,
+        };
+        ps.rule_value(n)
+    };
+    for t in &tables {
+        let Some(set) = state.policy_sets.get(t) else { continue };
+        for (id, ps) in &t.rules {
+            out.rules.insert(RuleKey { policy_set: set, identity: *id }, value_of(ps, state));
+        }
+        for (net, ps) in &t.cidrs {
+            out.cidr_rules.insert(cidr_key(set, net), value_of(ps, state));
+        }
+    }
+
+    // 5. endpoints.
+    state.endpoints.sync(local.iter().map(|p| p.key()).collect::<Vec<_>>().iter());
+    for (li, pod) in local.iter().enumerate() {
+        let mut v = EndpointValue {
+            endpoint_id: state.endpoints.get(&pod.key()).unwrap_or(0),
+            ..Default::default()
+        };
+        for (d, spec) in ep_specs[li].iter().enumerate() {
+            let Some(spec) = spec else { continue };
+            let table = spec_tables.get(spec).and_then(Option::as_ref);
+            let set = table.and_then(|t| state.policy_sets.get(t)).unwrap_or(POLICY_SET_EMPTY);
+            let has_id = table.is_some_and(|t| !t.rules.is_empty());
+            let has_cidr = table.is_some_and(|t| !t.cidrs.is_empty());
+            if d == 0 {
+                v.ingress_policy_set = set;
+                v.flags |= ep_flags::ISOLATED_INGRESS;
+                if has_id {
+                    v.flags |= ep_flags::INGRESS_HAS_IDENTITY_RULES;
+                }
+                if has_cidr {
+                    v.flags |= ep_flags::INGRESS_HAS_CIDR_RULES;
+                }
+            } else {
+                v.egress_policy_set = set;
+                v.flags |= ep_flags::ISOLATED_EGRESS;
+                if has_id {
+                    v.flags |= ep_flags::EGRESS_HAS_IDENTITY_RULES;
+                }
+                if has_cidr {
+                    v.flags |= ep_flags::EGRESS_HAS_CIDR_RULES;
+                }
+            }
+        }
+        for ip in &pod.ips {
+            out.endpoints.entry(EndpointKey { addr: addr_of(*ip) }).or_insert(v);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

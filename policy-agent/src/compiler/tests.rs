@@ -1,0 +1,121 @@
+use super::*;
+use crate::kernel_model::KernelModel;
+use crate::model::{ContainerPort, Namespace, Rule};
+use policy_common::proto;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn snap() -> Snapshot {
+    let mut s = Snapshot { node: "n1".into(), node_addrs: vec![ip("198.18.255.1")], ..Default::default() };
+    for ns in ["a", "b"] {
+        let mut l = labels(&[("team", ns)]);
+        l.insert("kubernetes.io/metadata.name".into(), ns.into());
+        s.namespaces.insert(ns.into(), Namespace { name: ns.into(), labels: l });
+    }
+    let pods = [
+        ("a", "web", "web", "198.18.0.1", "n1"),
+        ("a", "db", "db", "198.18.0.2", "n1"),
+        ("b", "cli", "cli", "198.18.0.3", "n2"),
+    ];
+    for (ns, name, app, addr, node) in pods {
+        s.pods.insert(ObjectKey::new(ns, name), Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels(&[("app", app)]),
+            ips: vec![ip(addr)],
+            ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }],
+            host_network: false,
+            node: Some(node.into()),
+        });
+    }
+    s
+}
+
+fn policy(ns: &str, name: &str, sel: LabelSelector, ingress: Vec<Rule>) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: ns.into(),
+        name: name.into(),
+        pod_selector: sel,
+        ingress_isolation: true,
+        egress_isolation: false,
+        ingress,
+        egress: Vec::new(),
+    }
+}
+
+fn sel(kv: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector { match_labels: labels(kv), match_expressions: Vec::new() }
+}
+
+#[test]
+fn unselected_pods_are_open_and_no_policy_costs_nothing() {
+    let s = snap();
+    let m = compile(&s, &mut CompilerState::new());
+    assert_eq!(m.endpoints.len(), 2);
+    assert!(m.rules.is_empty() && m.cidr_rules.is_empty());
+    let k = KernelModel::new(&m);
+    assert!(k.allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 80));
+}
+
+#[test]
+fn named_port_resolves_on_local_pod_for_ingress() {
+    let mut s = snap();
+    let rule = Rule {
+        peers: Some(vec![Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: None }]),
+        ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Name("http".into())), end_port: None }],
+    };
+    let p = policy("a", "p", sel(&[("app", "web")]), vec![rule]);
+    s.policies.insert(p.key(), p);
+    let m = compile(&s, &mut CompilerState::new());
+    let k = KernelModel::new(&m);
+    assert!(k.allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 8080));
+    assert!(!k.allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 80));
+    assert!(!k.allowed(ip("198.18.9.9"), ip("198.18.0.1"), proto::TCP, 8080));
+    // The node is always admitted.
+    assert!(k.allowed(ip("198.18.255.1"), ip("198.18.0.1"), proto::TCP, 1));
+}
+
+#[test]
+fn numbers_are_stable_across_recompiles() {
+    let mut s = snap();
+    let p = policy("a", "deny", LabelSelector::everything(), vec![Rule {
+        peers: Some(vec![Peer::Pods { namespaces: None, pods: Some(sel(&[("app", "web")])) }]),
+        ports: Vec::new(),
+    }]);
+    s.policies.insert(p.key(), p);
+    let mut st = CompilerState::new();
+    let m1 = compile(&s, &mut st);
+    let mut s2 = s.clone();
+    s2.pods.insert(ObjectKey::new("b", "new"), Pod {
+        namespace: "b".into(), name: "new".into(), labels: labels(&[("app", "new")]),
+        ips: vec![ip("198.18.0.9")], ports: Vec::new(), host_network: false, node: Some("n2".into()),
+    });
+    let m2 = compile(&s2, &mut st);
+    let d = MapContents::diff(&m1, &m2);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d.ipcache.upserts.len(), 1);
+    let m3 = compile(&s, &mut st);
+    assert_eq!(m1, m3);
+}
+
+#[test]
+fn many_ports_go_to_the_trie() {
+    let mut s = snap();
+    let ports = (0..6).map(|i| PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(1000 + 10 * i)), end_port: Some(1003 + 10 * i) }).collect();
+    let p = policy("a", "p", LabelSelector::everything(), vec![Rule { peers: None, ports }]);
+    s.policies.insert(p.key(), p);
+    let m = compile(&s, &mut CompilerState::new());
+    assert!(!m.ports.is_empty());
+    let k = KernelModel::new(&m);
+    for port in 990..1070u16 {
+        let want = port >= 1000 && port < 1060 && (port - 1000) % 10 <= 3;
+        assert_eq!(k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::UDP, port), want, "{port}");
+    }
+    assert!(!k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::TCP, 1000));
+}
