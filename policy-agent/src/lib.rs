@@ -11,4 +11,6 @@ pub mod model;
 pub mod netinfo;
 pub mod reference;
 pub mod scenario;
+pub mod standalone;
 pub mod testbed;
+pub mod writer;

@@ -142,6 +142,22 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect()
 }
 
+/// A hash of the directory's content (file names and bytes), the generation the agent
+/// reports once it enforces it: whoever wrote the files can wait for exactly that.
+pub fn content_hash(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut files = Vec::new();
+    let _ = collect(dir, &mut files);
+    files.sort();
+    // DefaultHasher::new() has fixed keys: the same binary computes the same value.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.strip_prefix(dir).unwrap_or(&f).hash(&mut h);
+        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Loads one file's documents into `m`.
 pub fn load_text(m: &mut Manifests, file: &Path, text: &str) {
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
