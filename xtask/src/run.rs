@@ -42,12 +42,51 @@ pub fn test(root: &Path) -> Result<()> {
     if unsafe { libc_geteuid() } != 0 {
         eprintln!("test: not running as root: the kernel and namespace tests will fail");
     }
-    status(
-        "cargo test",
-        cargo(root).args(["test", "--workspace", "--no-fail-fast", "--", "--color", "never"]),
-    )?;
-    eprintln!("test: all layers passed in {:.0} s", t0.elapsed().as_secs_f64());
+    let totals = cargo_test(root)?;
+    eprintln!("test: all layers ran in {:.0} s", t0.elapsed().as_secs_f64());
+    // One closing line over every test binary (cargo prints one `test result` per binary).
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    if totals.failed > 0 || !totals.ok {
+        bail!("{} test(s) failed", totals.failed.max(1));
+    }
     Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ok: bool,
+}
+
+/// Runs `cargo test` on the workspace, streaming its output and adding up the counts.
+fn cargo_test(root: &Path) -> Result<Totals> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cargo(root)
+        .args(["test", "--workspace", "--no-fail-fast", "--", "--color", "never"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut t = Totals::default();
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            t.passed += count(rest, " passed");
+            t.failed += count(rest, " failed");
+        }
+    }
+    t.ok = child.wait()?.success();
+    Ok(t)
+}
+
+/// The number before `what` in a `test result:` line ("ok. 3 passed; 0 failed; ...").
+fn count(line: &str, what: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 unsafe extern "C" {
