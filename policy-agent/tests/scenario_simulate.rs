@@ -341,13 +341,17 @@ fn invalid_changes_are_named() {
     );
     // Unknown fields of Kubernetes objects are errors (strict field validation).
     assert_err(
-        &step(r#"apply: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelectr: {matchLabels: {pod: a}}}""#),
+        &step(
+            r#"apply: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelectr: {matchLabels: {pod: a}}}""#,
+        ),
         Some(1),
         "apply[0].spec.podSelectr",
         "unknown field",
     );
     assert_err(
-        &step(r#"apply: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {ingress: [{from: [{podSelector: {}, ipblock: {}}]}]}""#),
+        &step(
+            r#"apply: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {ingress: [{from: [{podSelector: {}, ipblock: {}}]}]}""#,
+        ),
         Some(1),
         "apply[0].spec.ingress[0].from[0].ipblock",
         "unknown field",

@@ -230,15 +230,26 @@ fn typed<T: DeserializeOwned + serde::Serialize>(value: &serde_yaml::Value) -> R
 
 /// The first field of `original` that did not survive a round trip through the typed object
 /// (null-valued fields aside, which mean "absent").
-fn unknown_field(original: &serde_yaml::Value, back: &serde_yaml::Value, path: String) -> Option<String> {
+fn unknown_field(
+    original: &serde_yaml::Value,
+    back: &serde_yaml::Value,
+    path: String,
+) -> Option<String> {
     use serde_yaml::Value;
     match (original, back) {
         (Value::Mapping(o), Value::Mapping(b)) => o.iter().find_map(|(k, v)| {
             let key = match k {
                 Value::String(s) => s.clone(),
-                other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+                other => serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
             };
-            let sub = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+            let sub = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
             match b.get(k) {
                 _ if v.is_null() => None,
                 None => Some(sub),
