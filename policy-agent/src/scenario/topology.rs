@@ -249,13 +249,13 @@ impl Topology {
                         if p.port == 0 {
                             return Err(err(format!("{pf}.port"), "port 0 is not a port".into()));
                         }
-                        if let Some(name) = &p.name {
-                            if !convert::valid_port_name(name) {
-                                return Err(err(
-                                    format!("{pf}.name"),
-                                    format!("{name:?} is not a valid port name (IANA_SVC_NAME)"),
-                                ));
-                            }
+                        if let Some(name) = &p.name
+                            && !convert::valid_port_name(name)
+                        {
+                            return Err(err(
+                                format!("{pf}.name"),
+                                format!("{name:?} is not a valid port name (IANA_SVC_NAME)"),
+                            ));
                         }
                         let protocol = protocol_of(p.protocol);
                         let cp = ContainerPort {
@@ -330,21 +330,21 @@ impl Topology {
                     format!("external {:?} is declared twice", e.name),
                 ));
             }
-            if let Some(ip) = e.ip {
-                if !EXTERNAL_NET_V4.contains(&ip) {
-                    return Err(err(
-                        format!("{field}.ip"),
-                        format!("{ip} is outside {EXTERNAL_NET_V4}"),
-                    ));
-                }
+            if let Some(ip) = e.ip
+                && !EXTERNAL_NET_V4.contains(&ip)
+            {
+                return Err(err(
+                    format!("{field}.ip"),
+                    format!("{ip} is outside {EXTERNAL_NET_V4}"),
+                ));
             }
-            if let Some(ip) = e.ip6 {
-                if !EXTERNAL_NET_V6.contains(&ip) {
-                    return Err(err(
-                        format!("{field}.ip6"),
-                        format!("{ip} is outside {EXTERNAL_NET_V6}"),
-                    ));
-                }
+            if let Some(ip) = e.ip6
+                && !EXTERNAL_NET_V6.contains(&ip)
+            {
+                return Err(err(
+                    format!("{field}.ip6"),
+                    format!("{ip} is outside {EXTERNAL_NET_V6}"),
+                ));
             }
             if e.ip.is_none() && e.ip6.is_none() {
                 // An external without an address of a family sits that family's probes out.
