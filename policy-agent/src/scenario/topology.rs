@@ -27,7 +27,7 @@ pub const POD_NET_V4: Ipv4Net = ipv4_net(Ipv4Addr::new(198, 18, 0, 0), 16);
 pub const POD_NET_V6: Ipv6Net = ipv6_net(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0), 64);
 pub const EXTERNAL_NET_V4: Ipv4Net = ipv4_net(Ipv4Addr::new(198, 19, 0, 0), 16);
 pub const EXTERNAL_NET_V6: Ipv6Net = ipv6_net(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0), 64);
-/// Most pods a scenario may have (the IPv4 pod block is 198.18.1.1 - 198.18.127.254).
+/// Most pods a scenario may have (their IPv4 addresses stay below the ClusterIPs, 198.18.128.0/17).
 pub const MAX_PODS: usize = 127 * 256 - 258;
 
 const fn ipv4_net(a: Ipv4Addr, len: u8) -> Ipv4Net {
