@@ -581,3 +581,22 @@ fn binary_reports_invalid_files_and_usage() {
     let (code, _, _) = scenario_bin(&["--simulate"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn reports_say_what_changed_between_steps() {
+    let plan = Plan::load(&workspace().join("scenarios/traps/label-updates.yaml")).expect("valid");
+    let (counts, report) = run(&plan, &mut KernelModelOracle::default());
+    assert_eq!(counts.failed, 0, "{report}");
+    assert!(
+        report.contains("changed since the previous step: nothing"),
+        "{report}"
+    );
+    assert!(
+        report.contains("now allowed (1): y/b -> x/a TCP/80 IPv4\n"),
+        "{report}"
+    );
+    assert!(
+        report.contains("now denied (1): y/b -> x/a TCP/80 IPv4\n"),
+        "{report}"
+    );
+}
