@@ -17,6 +17,7 @@
 //! their value while their key stays live, so two compiles differ only where objects changed.
 
 pub mod cidr;
+pub mod incremental;
 mod numbering;
 pub mod portset;
 
@@ -32,6 +33,7 @@ use crate::model::{
     Snapshot,
 };
 use cidr::CidrRule;
+pub use incremental::{Change, Engine};
 use numbering::Numbering;
 use portset::PortSet;
 
