@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use policy_agent::compiler::{CompilerState, MapContents, compile};
+use policy_agent::compiler::{Change, CompilerState, Engine, compile};
 use policy_agent::model::*;
 
 const PODS_PER_NS: usize = 100;
@@ -141,27 +141,67 @@ fn main() {
         json.insert(format!("full_{}k_pods_{}_policies_ms", pods / 1000, if policies >= 1000 { "1k".to_string() } else { policies.to_string() }), ms(d));
     }
 
-    // One pod of this node relabelled (and back), on the 10k x 1k cluster.
-    let snap = cluster(10_000, 1_000);
-    let mut state = CompilerState::new();
-    let mut current = compile(&snap, &mut state);
-    let key = snap.pods.values().find(|p| p.node.as_deref() == Some("n0")).expect("a local pod").key();
-    let mut changed = snap.clone();
-    let mut durations = Vec::new();
-    let mut diff_len = 0;
-    for round in 0..6 {
-        let p = changed.pods.get_mut(&key).expect("pod");
-        p.labels.insert("app".into(), if round % 2 == 0 { "app3".into() } else { "app0".into() });
-        let t = Instant::now();
-        let next = compile(&changed, &mut state);
-        let d = MapContents::diff(&current, &next);
-        durations.push(t.elapsed());
-        diff_len = d.len();
-        current = next;
+    // Single changes on the 10k x 1k cluster through the incremental engine.
+    let mut snap = cluster(10_000, 1_000);
+    let t = Instant::now();
+    let mut engine = Engine::new(&snap);
+    println!("{:<28} {:>10.2}", "engine build 10k x 1k", ms(t.elapsed()));
+    let local = snap.pods.values().find(|p| p.node.as_deref() == Some("n0")).expect("a local pod").key();
+    let remote = snap.pods.values().find(|p| p.node.as_deref() == Some("n50")).expect("a remote pod").key();
+    let mut per_kind: Vec<(&str, Duration, usize)> = Vec::new();
+    for (name, key) in [("local pod relabel", &local), ("remote pod relabel", &remote)] {
+        let mut best = Duration::MAX;
+        let mut len = 0;
+        for round in 0..10 {
+            let p = snap.pods.get_mut(key).expect("pod");
+            p.labels.insert("app".into(), if round % 2 == 0 { "app3".into() } else { "app0".into() });
+            let t = Instant::now();
+            let d = engine.apply(&snap, &Change::Pod(key.clone()));
+            best = best.min(t.elapsed());
+            len = d.len();
+        }
+        per_kind.push((name, best, len));
     }
-    let best = durations.iter().min().copied().unwrap_or_default();
-    println!("{:<28} {:>10.2}   (diff: {} entries)", "incremental pod change", ms(best), diff_len);
-    json.insert("incremental_pod_change_ms".into(), ms(best));
+    {
+        // A new pod appears on a remote node, then goes away.
+        let mut best = Duration::MAX;
+        let mut len = 0;
+        for round in 0..10 {
+            let p = make_pod(20_000 + round, 10, 1);
+            let k = p.key();
+            snap.pods.insert(k.clone(), p);
+            let t = Instant::now();
+            let d = engine.apply(&snap, &Change::Pod(k.clone()));
+            best = best.min(t.elapsed());
+            len = d.len();
+            snap.pods.remove(&k);
+            engine.apply(&snap, &Change::Pod(k));
+        }
+        per_kind.push(("remote pod added", best, len));
+    }
+    {
+        let key = snap.policies.keys().nth(1).expect("policy").clone();
+        let mut best = Duration::MAX;
+        let mut len = 0;
+        for round in 0..10 {
+            let p = snap.policies.get_mut(&key).expect("policy");
+            p.ingress_isolation = round % 2 == 0;
+            let t = Instant::now();
+            let d = engine.apply(&snap, &Change::Policy(key.clone()));
+            best = best.min(t.elapsed());
+            len = d.len();
+        }
+        per_kind.push(("policy changed", best, len));
+    }
+    for (name, d, len) in &per_kind {
+        println!("{:<28} {:>10.3}   (diff: {} entries)", format!("incremental {name}"), ms(*d), len);
+    }
+    let worst_pod = per_kind.iter().filter(|k| k.0.contains("pod")).map(|k| k.1).max().unwrap_or_default();
+    json.insert("incremental_pod_change_ms".into(), ms(worst_pod));
+    json.insert("incremental_policy_change_ms".into(), ms(per_kind[3].1));
+    // The engine must agree with a full compile after all this.
+    let full = compile(&snap, &mut engine.numbers().clone());
+    assert!(&full == engine.contents(), "engine diverged from the full compile");
 
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
