@@ -15,7 +15,7 @@ use policy_common::maps::*;
 use super::cidr::{self, CidrRule};
 use super::portset::{self, PortSet};
 use super::{
-    ALL_V4, ALL_V6, CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, addr_of,
+    ALL_V4, ALL_V6, CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData, addr_of,
     cidr_key, resolve_named, split_ports, uses_named_ports,
 };
 use crate::model::{LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot};
@@ -399,31 +399,41 @@ impl Engine {
         };
         for s in all_specs {
             let Some(entry) = self.specs.get(&s) else { continue };
-            let old = entry.table.clone();
+            let old = &entry.table;
             let new = if recompile.contains(&s) {
                 self.compile_spec(snap, &s)
             } else {
-                let mut t = old.clone().unwrap_or_default();
                 let pols: Vec<&NetworkPolicy> =
                     s.policies.iter().filter_map(|k| snap.policies.get(k)).collect();
+                // Rows first: most specs are untouched by an identity, and then the table is
+                // neither cloned nor compared.
+                let mut patch: Vec<(u32, Option<PortSet>)> = Vec::new();
                 for &id in &patch_ids {
-                    let row = self.ident_key.get(&id).map(|k| {
-                        row(snap, &pols, s.ingress, &s.local_ports, k)
-                    });
-                    match row {
-                        Some(r) if !r.is_empty() => {
-                            t.rules.insert(id, r);
-                        }
-                        _ => {
-                            t.rules.remove(&id);
-                        }
+                    let r = self
+                        .ident_key
+                        .get(&id)
+                        .map(|k| row(snap, &pols, s.ingress, &s.local_ports, k))
+                        .filter(|r| !r.is_empty());
+                    if old.as_ref().and_then(|t| t.rules.get(&id)) != r.as_ref() {
+                        patch.push((id, r));
                     }
                 }
-                if t.rules.is_empty() && t.cidrs.is_empty() { None } else { Some(t) }
+                if patch.is_empty() {
+                    continue;
+                }
+                let mut t: TableData = old.as_ref().map(|t| t.data().clone()).unwrap_or_default();
+                for (id, r) in patch {
+                    match r {
+                        Some(r) => t.rules.insert(id, r),
+                        None => t.rules.remove(&id),
+                    };
+                }
+                if t.rules.is_empty() && t.cidrs.is_empty() { None } else { Some(Table::new(t)) }
             };
-            if new == old {
+            if new == *old {
                 continue;
             }
+            let old = old.clone();
             if let Some(o) = &old {
                 self.table_unref(o, &mut w);
             }
@@ -687,7 +697,7 @@ impl Engine {
                 }
             }
         }
-        let mut t = Table { rules: BTreeMap::new(), cidrs: cidr::table(&cidr_rules) };
+        let mut t = TableData { rules: BTreeMap::new(), cidrs: cidr::table(&cidr_rules) };
         let ids: Box<dyn Iterator<Item = &u32>> =
             if all_idents { Box::new(self.ident_key.keys()) } else { Box::new(candidates.iter()) };
         for id in ids {
@@ -697,7 +707,7 @@ impl Engine {
                 t.rules.insert(*id, r);
             }
         }
-        if t.rules.is_empty() && t.cidrs.is_empty() { None } else { Some(t) }
+        if t.rules.is_empty() && t.cidrs.is_empty() { None } else { Some(Table::new(t)) }
     }
 }
 
