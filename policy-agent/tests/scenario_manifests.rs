@@ -46,6 +46,27 @@ fn manifests_round_trip_to_the_simulated_snapshot() {
                 ..Snapshot::default()
             };
             let docs = manifests(&plan.topology, &step.state).expect("render");
+            // The standalone agent's own loader reads them to the same snapshot.
+            let mut loaded = policy_agent::manifests::Manifests::default();
+            for m in &docs {
+                policy_agent::manifests::load_text(&mut loaded, Path::new(&m.file_name), &m.yaml);
+            }
+            for problem in &loaded.problems {
+                assert!(
+                    problem.file.to_string_lossy().starts_with("networkpolicy-"),
+                    "{} step {}: {problem}",
+                    plan.file,
+                    step.index + 1
+                );
+            }
+            let agent_view = loaded.snapshot(&plan.topology.node, snap.node_addrs.clone());
+            assert_eq!(
+                agent_view,
+                step.state.snapshot,
+                "{} step {}: agent loader",
+                plan.file,
+                step.index + 1
+            );
             for m in docs {
                 let value: serde_yaml::Value = serde_yaml::from_str(&m.yaml).expect("yaml");
                 match value.get("kind").and_then(|k| k.as_str()) {
