@@ -600,3 +600,29 @@ fn reports_say_what_changed_between_steps() {
         "{report}"
     );
 }
+
+#[test]
+fn scenario_addresses_fit_the_namespace_test_bed() {
+    use policy_agent::scenario::topology::*;
+    assert_eq!(NODE_V4, policy_agent::testbed::NODE_IPV4);
+    assert_eq!(NODE_V6, policy_agent::testbed::NODE_IPV6);
+    // Pods, ClusterIPs and the node never share an address; all stay in the test ranges.
+    let mut seen = std::collections::BTreeSet::new();
+    assert!(seen.insert(std::net::IpAddr::from(NODE_V4)));
+    assert!(seen.insert(std::net::IpAddr::from(NODE_V6)));
+    for i in [0, 1, 254, 255, 256, MAX_PODS - 1] {
+        for a in [
+            pod_v4(i).into(),
+            pod_v6(i).into(),
+            service_v4(i).into(),
+            service_v6(i).into(),
+        ] {
+            assert!(seen.insert(a), "{a} used twice");
+            match a {
+                std::net::IpAddr::V4(v4) => assert!(POD_NET_V4.contains(&v4), "{v4}"),
+                std::net::IpAddr::V6(v6) => assert!(POD_NET_V6.contains(&v6), "{v6}"),
+            }
+        }
+    }
+    assert!(pod_v4(MAX_PODS - 1) < service_v4(0));
+}

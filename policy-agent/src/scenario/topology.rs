@@ -20,8 +20,10 @@ use crate::model::{ContainerPort, Labels, Namespace, ObjectKey, Pod, Protocol, S
 use crate::reference::NAMESPACE_NAME_LABEL;
 
 pub const NODE_NAME: &str = "scenario-node";
-pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+/// The node's own addresses: the same as the namespace test bed's (`testbed::NODE_IPV4`/`6`),
+/// so a kernel runner built on it needs no other node address.
+pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 254);
+pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0xfffe);
 /// Pods and services live here (pods in its lower half, ClusterIPs in its upper half).
 pub const POD_NET_V4: Ipv4Net = ipv4_net(Ipv4Addr::new(198, 18, 0, 0), 16);
 pub const POD_NET_V6: Ipv6Net = ipv6_net(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0), 64);
