@@ -224,6 +224,14 @@ fn invalid_values_are_named() {
         "pods[0].ports[0].protocol",
         "unknown variant",
     );
+    assert_err(
+        &format!(
+            "name: t\npods: [{{namespace: x, name: a, hostNetwork: true}}, {{namespace: y, name: a, hostNetwork: true}}]\nsteps:\n{GOOD_STEP}"
+        ),
+        None,
+        "pods[1].ports",
+        "already served on the node by hostNetwork pod x/a",
+    );
     assert_err("name: t\nsteps: []\n", None, "steps", "no step");
     assert_err(
         &format!("steps:\n{GOOD_STEP}"),

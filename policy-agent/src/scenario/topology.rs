@@ -279,6 +279,27 @@ impl Topology {
                     ports
                 }
             };
+            if def.host_network {
+                // hostNetwork pods share the node's addresses: two cannot serve one port.
+                let other = pods
+                    .iter()
+                    .filter(|p: &&PodHost| p.host_network)
+                    .find_map(|p| {
+                        ports
+                            .iter()
+                            .find(|c| p.serves(c.protocol, c.port))
+                            .map(|c| (p, c))
+                    });
+                if let Some((p, c)) = other {
+                    return Err(err(
+                        format!("{field}.ports"),
+                        format!(
+                            "{}/{} is already served on the node by hostNetwork pod {}",
+                            c.protocol, c.port, p.key
+                        ),
+                    ));
+                }
+            }
             let (v4, v6) = if def.host_network {
                 (NODE_V4, NODE_V6)
             } else {
