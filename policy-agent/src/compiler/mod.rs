@@ -17,6 +17,7 @@
 //! their value while their key stays live, so two compiles differ only where objects changed.
 
 pub mod cidr;
+pub mod incremental;
 mod numbering;
 pub mod portset;
 
@@ -32,6 +33,7 @@ use crate::model::{
     Snapshot,
 };
 use cidr::CidrRule;
+pub use incremental::{Change, Engine};
 use numbering::Numbering;
 use portset::PortSet;
 
@@ -185,16 +187,80 @@ impl IdentityKey {
 
 /// A compiled policy-set: what one endpoint allows in one direction.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Table {
+pub struct TableData {
     /// Peer identity -> allowed ports (never empty).
     pub rules: BTreeMap<u32, PortSet>,
     /// ipBlock prefix -> allowed ports (empty = deny entry shadowing a shorter prefix).
     pub cidrs: BTreeMap<IpNet, PortSet>,
 }
 
+/// A shared, hashed [`TableData`]: tables are keys of the policy-set numbering and are
+/// compared often; the hash settles most comparisons without walking thousands of rows.
+#[derive(Clone, Debug)]
+pub struct Table {
+    hash: u64,
+    data: std::sync::Arc<TableData>,
+}
+
 impl Table {
+    pub fn new(data: TableData) -> Table {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        data.hash(&mut h);
+        Table { hash: h.finish(), data: std::sync::Arc::new(data) }
+    }
+
     fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.cidrs.is_empty()
+    }
+
+    pub fn data(&self) -> &TableData {
+        &self.data
+    }
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table::new(TableData::default())
+    }
+}
+
+impl std::ops::Deref for Table {
+    type Target = TableData;
+    fn deref(&self) -> &TableData {
+        &self.data
+    }
+}
+
+impl PartialEq for Table {
+    fn eq(&self, o: &Table) -> bool {
+        self.hash == o.hash && (std::sync::Arc::ptr_eq(&self.data, &o.data) || self.data == o.data)
+    }
+}
+
+impl Eq for Table {}
+
+impl PartialOrd for Table {
+    fn partial_cmp(&self, o: &Table) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Table {
+    fn cmp(&self, o: &Table) -> std::cmp::Ordering {
+        self.hash.cmp(&o.hash).then_with(|| {
+            if std::sync::Arc::ptr_eq(&self.data, &o.data) {
+                std::cmp::Ordering::Equal
+            } else {
+                self.data.cmp(&o.data)
+            }
+        })
+    }
+}
+
+impl std::hash::Hash for Table {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.hash.hash(h);
     }
 }
 
@@ -456,7 +522,7 @@ fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Univer
             }
         }
     }
-    Table { rules, cidrs: cidr::table(&cidr_rules) }
+    Table::new(TableData { rules, cidrs: cidr::table(&cidr_rules) })
 }
 
 /// Compiles a snapshot into the content of every policy map. Numbers are taken from and

@@ -25,10 +25,6 @@ impl<K: Ord + Clone> Numbering<K> {
         self.by_key.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
-    }
-
     /// Frees the numbers of keys not in `live`, then numbers the new keys in order (lowest
     /// free number first). Keys beyond the number space get none.
     pub fn sync<'a>(&mut self, live: impl Iterator<Item = &'a K> + Clone)
@@ -59,6 +55,13 @@ impl<K: Ord + Clone> Numbering<K> {
         let n = self.alloc()?;
         self.by_key.insert(k.clone(), n);
         Some(n)
+    }
+
+    /// Gives `from`'s number to `to` (a table that changed in place keeps its number).
+    pub fn rename(&mut self, from: &K, to: K) {
+        if let Some(n) = self.by_key.remove(from) {
+            self.by_key.insert(to, n);
+        }
     }
 
     /// Frees one key's number.

@@ -120,7 +120,58 @@ impl Oracle for KernelModelOracle {
     }
 }
 
-/// The oracle `--simulate` uses: the datapath's decisions over compiled maps.
+/// The compiler + kernel model, each answer checked against the reference evaluator: a
+/// disagreement is a bug in one of them, reported as an error rather than as a verdict.
+#[derive(Default)]
+pub struct CheckedSimulation {
+    kernel: KernelModelOracle,
+    snapshot: Snapshot,
+}
+
+impl Oracle for CheckedSimulation {
+    fn describe(&self) -> String {
+        "simulation (compiler + kernel model, checked against the reference evaluator)".into()
+    }
+
+    fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
+        self.kernel.setup(topology)
+    }
+
+    fn apply(&mut self, topology: &Topology, state: &State) -> Result<(), OracleError> {
+        self.snapshot = state.snapshot.clone();
+        self.kernel.apply(topology, state)
+    }
+
+    fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
+        let answers = self.kernel.probe(probes)?;
+        let disagree: Vec<String> = probes
+            .iter()
+            .zip(&answers)
+            .filter(|(p, a)| ReferenceOracle::verdict(&self.snapshot, p) != **a)
+            .map(|(p, a)| {
+                format!(
+                    "{} -> {} {} {}: kernel model {}, reference {}",
+                    p.src,
+                    p.dst,
+                    p.port,
+                    p.family.as_str(),
+                    a,
+                    !a
+                )
+            })
+            .collect();
+        if !disagree.is_empty() {
+            return Err(OracleError::Failed(format!(
+                "the kernel model and the reference evaluator disagree (a bug):\n  {}",
+                disagree.join("\n  ")
+            )));
+        }
+        Ok(answers)
+    }
+}
+
+/// The oracle `--simulate` uses: the datapath's decisions over compiled maps, checked
+/// against the spec.
 pub fn simulation_oracle() -> Box<dyn Oracle> {
-    Box::new(KernelModelOracle::default())
+    Box::new(CheckedSimulation::default())
 }
