@@ -119,6 +119,8 @@ pub struct ExpectDef {
     pub probes: Option<Vec<String>>,
     #[serde(default)]
     pub via: Via,
+    /// Omitted: `allow`, the Kubernetes default for traffic no policy isolates.
+    #[serde(default)]
     pub default: Verdict,
     #[serde(default)]
     pub deny: Vec<String>,
@@ -143,9 +145,10 @@ impl Via {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
+    #[default]
     Allow,
     Deny,
 }
