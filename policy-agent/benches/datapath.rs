@@ -5,7 +5,6 @@
 //! table and writes `target/bench/datapath.json`. Needs root and BPF.
 
 #[path = "../tests/common/packet.rs"]
-#[allow(dead_code)]
 mod packet;
 
 use std::{net::Ipv4Addr, time::Instant};
@@ -19,7 +18,7 @@ use policy_agent::{
 use policy_common::{
     Addr, CidrData, Config, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, EndpointKey,
     EndpointValue, IpCacheKey, IpCacheValue, LpmKey, PROG_BENCH_EMPTY, PROG_TO_POD, PortRange,
-    Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, rule_flags,
+    Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags,
 };
 
 const REPEAT: u32 = 1_000_000;
@@ -39,13 +38,21 @@ fn a4(ip: Ipv4Addr) -> Addr {
 
 fn tcp_rule(port: u16) -> RuleValue {
     let mut v = RuleValue::default();
-    v.ranges[0] = PortRange { first: port, last: port, proto: TCP, _pad: [0; 3] };
+    v.ranges[0] = PortRange {
+        first: port,
+        last: port,
+        proto: TCP,
+        _pad: [0; 3],
+    };
     v
 }
 
 fn seed_small(maps: &mut DataplaneMaps) {
-    maps.set_config(Config { events_per_sec: DEFAULT_EVENTS_PER_SEC, events_burst: DEFAULT_EVENTS_BURST })
-        .expect("config");
+    maps.set_config(Config {
+        events_per_sec: DEFAULT_EVENTS_PER_SEC,
+        events_burst: DEFAULT_EVENTS_BURST,
+    })
+    .expect("config");
     maps.set_endpoint(
         EndpointKey { addr: a4(POD) },
         EndpointValue {
@@ -59,34 +66,74 @@ fn seed_small(maps: &mut DataplaneMaps) {
         },
     )
     .expect("endpoint");
-    maps.set_ipcache(IpCacheKey { addr: a4(PEER) }, IpCacheValue { identity: ID_PEER, _pad: 0 }).expect("ipcache");
-    maps.set_rule(RuleKey { policy_set: SET_IN, identity: ID_PEER }, tcp_rule(80)).expect("rule");
-    let key = LpmKey { prefixlen: cidr_prefixlen(true, 24), data: CidrData::new(SET_IN, a4(EXT)) };
+    maps.set_ipcache(
+        IpCacheKey { addr: a4(PEER) },
+        IpCacheValue {
+            identity: ID_PEER,
+            _pad: 0,
+        },
+    )
+    .expect("ipcache");
+    maps.set_rule(
+        RuleKey {
+            policy_set: SET_IN,
+            identity: ID_PEER,
+        },
+        tcp_rule(80),
+    )
+    .expect("rule");
+    let key = LpmKey {
+        prefixlen: cidr_prefixlen(true, 24),
+        data: CidrData::new(SET_IN, a4(EXT)),
+    };
     maps.set_cidr_rule(key, tcp_rule(80)).expect("cidr");
     // A handful more, as a small cluster has.
     for i in 0..6u32 {
-        maps.set_rule(RuleKey { policy_set: SET_IN + 2 + i, identity: ID_PEER + i }, tcp_rule(443)).expect("rule");
+        maps.set_rule(
+            RuleKey {
+                policy_set: SET_IN + 2 + i,
+                identity: ID_PEER + i,
+            },
+            tcp_rule(443),
+        )
+        .expect("rule");
     }
 }
 
-/// 100k identity rules (with their ipcache entries) and 100k CIDR rules, in other
-/// policy-sets and in this one, so the tries and hashes are large and deep.
+/// 100k identity rules (with their ipcache entries) and 100k CIDR rules (/24s and /32s)
+/// spread over 1000 other policy-sets, as a large cluster's maps hold them.
 fn seed_big(maps: &mut DataplaneMaps) {
     let t = Instant::now();
     for i in 0..BIG {
         let identity = 1000 + i;
-        maps.set_rule(RuleKey { policy_set: 100 + i % 1000, identity }, tcp_rule(443)).expect("rule");
+        maps.set_rule(
+            RuleKey {
+                policy_set: 100 + i % 1000,
+                identity,
+            },
+            tcp_rule(443),
+        )
+        .expect("rule");
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i);
-        maps.set_ipcache(IpCacheKey { addr: a4(ip) }, IpCacheValue { identity, _pad: 0 }).expect("ipcache");
-        // /32s and /24s across the range, half of them in the endpoint's own policy-set.
-        let set = if i % 2 == 0 { SET_IN } else { 100 + i % 1000 };
+        maps.set_ipcache(
+            IpCacheKey { addr: a4(ip) },
+            IpCacheValue { identity, _pad: 0 },
+        )
+        .expect("ipcache");
+        let set = 100 + i % 1000;
         let bits = if i % 3 == 0 { 24 } else { 32 };
         let base = u32::from(Ipv4Addr::new(198, 19, 0, 0)) + 256 + i * 7;
         let cidr = Ipv4Addr::from(if bits == 24 { base & !0xff } else { base });
-        let key = LpmKey { prefixlen: cidr_prefixlen(true, bits), data: CidrData::new(set, a4(cidr)) };
+        let key = LpmKey {
+            prefixlen: cidr_prefixlen(true, bits),
+            data: CidrData::new(set, a4(cidr)),
+        };
         maps.set_cidr_rule(key, tcp_rule(8443)).expect("cidr");
     }
-    eprintln!("seeded {BIG} identity rules and {BIG} CIDR rules in {:.1?}", t.elapsed());
+    eprintln!(
+        "seeded {BIG} identity rules and {BIG} CIDR rules in {:.1?}",
+        t.elapsed()
+    );
 }
 
 struct Bench<'a> {
@@ -104,7 +151,11 @@ impl Bench<'_> {
             o.data_in = Some(frame);
             p.test_run(o).expect("test run");
             let after = self.maps.counters().expect("counters").since(&before);
-            assert_eq!(after.get(policy_common::Direction::Ingress, r), 1, "{prog}: expected {r:?}");
+            assert_eq!(
+                after.get(policy_common::Direction::Ingress, r),
+                1,
+                "{prog}: expected {r:?}"
+            );
         }
         let mut rounds: Vec<f64> = (0..ROUNDS)
             .map(|_| {
@@ -126,11 +177,23 @@ impl Bench<'_> {
         let ack = V4::new(PEER, POD).frame(&tcp(40000, 80, ACK));
         [
             ("empty", self.measure(PROG_BENCH_EMPTY, &syn_id, None)),
-            ("new_flow_identity", self.measure(PROG_TO_POD, &syn_id, Some(Reason::AllowIdentity))),
-            ("new_flow_cidr", self.measure(PROG_TO_POD, &syn_cidr, Some(Reason::AllowCidr))),
-            ("deny", self.measure(PROG_TO_POD, &denied, Some(Reason::DenyPolicy))),
+            (
+                "new_flow_identity",
+                self.measure(PROG_TO_POD, &syn_id, Some(Reason::AllowIdentity)),
+            ),
+            (
+                "new_flow_cidr",
+                self.measure(PROG_TO_POD, &syn_cidr, Some(Reason::AllowCidr)),
+            ),
+            (
+                "deny",
+                self.measure(PROG_TO_POD, &denied, Some(Reason::DenyPolicy)),
+            ),
             // The SYN above created the entry; its ACK is a conntrack hit.
-            ("ct_hit", self.measure(PROG_TO_POD, &ack, Some(Reason::AllowEstablished))),
+            (
+                "ct_hit",
+                self.measure(PROG_TO_POD, &ack, Some(Reason::AllowEstablished)),
+            ),
         ]
     }
 }
@@ -142,17 +205,35 @@ fn main() {
     let mut maps = dp.take_maps().expect("maps");
     drop(fs);
     seed_small(&mut maps);
-    let small = Bench { dp: &dp, maps: &maps }.suite();
+    let small = Bench {
+        dp: &dp,
+        maps: &maps,
+    }
+    .suite();
     seed_big(&mut maps);
-    let big = Bench { dp: &dp, maps: &maps }.suite();
+    let big = Bench {
+        dp: &dp,
+        maps: &maps,
+    }
+    .suite();
 
     let empty = small[0].1;
     let empty_big = big[0].1;
     println!("datapath: ns per BPF_PROG_TEST_RUN iteration (median of {ROUNDS} x {REPEAT})");
-    println!("{:<20} {:>10} {:>10} {:>14} {:>10}", "case", "~10 ent.", "vs empty", "100k+100k ent.", "vs empty");
+    println!(
+        "{:<20} {:>10} {:>10} {:>14} {:>10}",
+        "case", "~10 ent.", "vs empty", "100k+100k ent.", "vs empty"
+    );
     let mut json = serde_json::Map::new();
     for ((name, s), (_, b)) in small.iter().zip(big.iter()) {
-        println!("{:<20} {:>10.1} {:>+10.1} {:>14.1} {:>+10.1}", name, s, s - empty, b, b - empty_big);
+        println!(
+            "{:<20} {:>10.1} {:>+10.1} {:>14.1} {:>+10.1}",
+            name,
+            s,
+            s - empty,
+            b,
+            b - empty_big
+        );
         json.insert(format!("{name}_ns"), (*s).into());
         json.insert(format!("{name}_100k_ns"), (*b).into());
     }
@@ -167,7 +248,10 @@ fn main() {
     let dir = target.join("bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
     let path = dir.join("datapath.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json"))
-        .expect("write datapath.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json"),
+    )
+    .expect("write datapath.json");
     println!("wrote {}", path.display());
 }

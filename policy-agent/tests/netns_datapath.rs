@@ -16,8 +16,8 @@ use policy_agent::{
     },
 };
 use policy_common::{
-    Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, IpCacheKey,
-    IpCacheValue, LpmKey, PortRange, Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
+    Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, IpCacheKey, IpCacheValue,
+    LpmKey, PortRange, Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
 };
 
 const OK_WAIT: Duration = Duration::from_secs(3);
@@ -79,7 +79,12 @@ fn set_endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32)
 fn ranges(r: &[(u8, u16, u16)]) -> RuleValue {
     let mut v = RuleValue::default();
     for (i, (p, first, last)) in r.iter().enumerate() {
-        v.ranges[i] = PortRange { first: *first, last: *last, proto: *p, _pad: [0; 3] };
+        v.ranges[i] = PortRange {
+            first: *first,
+            last: *last,
+            proto: *p,
+            _pad: [0; 3],
+        };
     }
     v
 }
@@ -123,6 +128,9 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
             (x, y)
         })
         .expect("enter node namespace");
+    // Kernel 6.6+ has TCX; older kernels take the clsact fallback.
+    assert!(matches!(att_a.mode, AttachMode::Tcx | AttachMode::Netlink));
+    assert_eq!(att_a.mode, att_b.mode);
 
     // Attached, but the pods are not endpoints yet: fail closed (anti-spoofing).
     pods.expect(false, false, "unknown endpoints");
@@ -136,30 +144,61 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     pods.expect(true, true, "endpoints, no isolation");
 
     // B isolated for ingress with no rule: everything to it is denied.
-    set_endpoint(&mut maps, ips_b, 2, ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES);
+    set_endpoint(
+        &mut maps,
+        ips_b,
+        2,
+        ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES,
+    );
     pods.expect(false, false, "b isolated, no rules");
 
     // A's identity may reach B on TCP 8080 only.
     for ip in ips_a {
-        maps.set_ipcache(IpCacheKey { addr: addr(ip) }, IpCacheValue { identity: ID_A, _pad: 0 }).expect("ipcache");
+        maps.set_ipcache(
+            IpCacheKey { addr: addr(ip) },
+            IpCacheValue {
+                identity: ID_A,
+                _pad: 0,
+            },
+        )
+        .expect("ipcache");
     }
-    let rule_key = RuleKey { policy_set: SET_B_IN, identity: ID_A };
-    maps.set_rule(rule_key, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT)])).expect("rule");
+    let rule_key = RuleKey {
+        policy_set: SET_B_IN,
+        identity: ID_A,
+    };
+    maps.set_rule(rule_key, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT)]))
+        .expect("rule");
     pods.expect(true, false, "tcp rule");
 
     // An open connection outlives the rule (replies keep flowing), new ones do not.
-    let mut open = TcpClient::connect(pods.a_ns(), pods.to_b(false, TCP_PORT), OK_WAIT).expect("connect");
+    let mut open =
+        TcpClient::connect(pods.a_ns(), pods.to_b(false, TCP_PORT), OK_WAIT).expect("connect");
     open.round_trip(b"first").expect("echo while allowed");
-    maps.set_rule(rule_key, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT), (proto::UDP, UDP_PORT, UDP_PORT)]))
-        .expect("rule");
+    maps.set_rule(
+        rule_key,
+        ranges(&[
+            (proto::TCP, TCP_PORT, TCP_PORT),
+            (proto::UDP, UDP_PORT, UDP_PORT),
+        ]),
+    )
+    .expect("rule");
     pods.expect(true, true, "tcp and udp rule");
     maps.delete_rule(&rule_key).expect("delete rule");
-    open.round_trip(b"second").expect("established connection survives the rule's removal");
+    open.round_trip(b"second")
+        .expect("established connection survives the rule's removal");
     pods.expect(false, false, "rule removed");
 
     // The node itself always reaches its pods (kubelet probes).
     for ip in [NODE_IPV4.into(), NODE_IPV6.into()] {
-        maps.set_ipcache(IpCacheKey { addr: addr(ip) }, IpCacheValue { identity: IDENTITY_HOST, _pad: 0 }).expect("ipcache");
+        maps.set_ipcache(
+            IpCacheKey { addr: addr(ip) },
+            IpCacheValue {
+                identity: IDENTITY_HOST,
+                _pad: 0,
+            },
+        )
+        .expect("ipcache");
     }
     for v6 in [false, true] {
         tcp_echo(&bed.node, pods.to_b(v6, TCP_PORT), OK_WAIT).expect("node to isolated pod");
@@ -167,17 +206,32 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
 
     // B open again; A isolated for egress with a CIDR rule to B's addresses.
     set_endpoint(&mut maps, ips_b, 2, 0);
-    set_endpoint(&mut maps, ips_a, 1, ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES);
+    set_endpoint(
+        &mut maps,
+        ips_a,
+        1,
+        ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES,
+    );
     pods.expect(false, false, "a isolated for egress, no rules");
     let cidr_keys: Vec<LpmKey<CidrData>> = ips_b
         .iter()
         .map(|ip| {
             let a = addr(*ip);
-            LpmKey { prefixlen: cidr_prefixlen(a.is_v4(), if a.is_v4() { 32 } else { 128 }), data: CidrData::new(SET_A_EG, a) }
+            LpmKey {
+                prefixlen: cidr_prefixlen(a.is_v4(), if a.is_v4() { 32 } else { 128 }),
+                data: CidrData::new(SET_A_EG, a),
+            }
         })
         .collect();
     for k in &cidr_keys {
-        maps.set_cidr_rule(*k, RuleValue { flags: policy_common::rule_flags::ALL, ..Default::default() }).expect("cidr");
+        maps.set_cidr_rule(
+            *k,
+            RuleValue {
+                flags: policy_common::rule_flags::ALL,
+                ..Default::default()
+            },
+        )
+        .expect("cidr");
     }
     pods.expect(true, true, "egress cidr rule");
     for k in &cidr_keys {
@@ -192,7 +246,9 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     assert!(c.get(Direction::Ingress, Reason::AllowHost) > 0);
     let ev = events.drain();
     assert!(
-        ev.iter().any(|e| e.reason == Reason::DenyPolicy as u8 && e.direction == Direction::Egress as u8 && e.endpoint_id == 1),
+        ev.iter().any(|e| e.reason == Reason::DenyPolicy as u8
+            && e.direction == Direction::Egress as u8
+            && e.endpoint_id == 1),
         "an egress deny event of endpoint 1 among {} events",
         ev.len()
     );
@@ -214,13 +270,21 @@ fn cleanup_is_complete_when_a_test_fails() {
         let fs = PrivateBpffs::mount().expect("bpffs");
         let mut dp = Dataplane::load(fs.path()).expect("load");
         let hif = bed.hosts[0].host_if.clone();
-        bed.node.enter(|| dp.attach(&hif, AttachMode::Netlink).expect("attach via clsact")).expect("enter");
+        bed.node
+            .enter(|| {
+                dp.attach(&hif, AttachMode::Netlink)
+                    .expect("attach via clsact")
+            })
+            .expect("enter");
         panic!("simulated test failure");
     });
     assert!(r.is_err());
     let names = names.into_inner().unwrap_or_else(|e| e.into_inner());
     assert_eq!(names.len(), 3);
     for n in names {
-        assert!(!Netns::exists(&n), "namespace {n} left behind after a failure");
+        assert!(
+            !Netns::exists(&n),
+            "namespace {n} left behind after a failure"
+        );
     }
 }

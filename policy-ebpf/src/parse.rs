@@ -203,7 +203,11 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
                 return Ok(());
             };
             // AH counts its length in 4-byte units minus 2, the others in 8-byte units minus 1.
-            off += if nh == NH_AH { (e[1] as usize + 2) * 4 } else { (e[1] as usize + 1) * 8 };
+            off += if nh == NH_AH {
+                (e[1] as usize + 2) * 4
+            } else {
+                (e[1] as usize + 1) * 8
+            };
             nh = e[0];
         }
         i += 1;
@@ -217,8 +221,7 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
     if p.kind == Kind::Normal {
         parse_l4(ctx, p, off, true);
         if p.proto == proto::ICMPV6
-            && p.icmp_type >= 133
-            && p.icmp_type <= 137
+            && (133..=137).contains(&p.icmp_type)
             && hop_limit == 255
             && !p.malformed
         {
@@ -247,7 +250,7 @@ fn is_echo(icmp_type: u8, v6: bool) -> bool {
 fn is_error(icmp_type: u8, v6: bool) -> bool {
     if v6 {
         // Destination unreachable, packet too big, time exceeded, parameter problem.
-        icmp_type >= 1 && icmp_type <= 4
+        (1..=4).contains(&icmp_type)
     } else {
         // Destination unreachable, source quench, time exceeded, parameter problem.
         icmp_type == 3 || icmp_type == 4 || icmp_type == 11 || icmp_type == 12
@@ -378,7 +381,12 @@ unsafe fn at<T: Copy>(data: usize, off: usize) -> T {
 unsafe fn addr_at(data: usize, off: usize) -> Addr {
     // SAFETY: the caller checked 16 bytes at `off`.
     unsafe {
-        Addr([at(data, off), at(data, off + 4), at(data, off + 8), at(data, off + 12)])
+        Addr([
+            at(data, off),
+            at(data, off + 4),
+            at(data, off + 8),
+            at(data, off + 12),
+        ])
     }
 }
 
@@ -467,7 +475,7 @@ fn parse_fast(ctx: &TcContext, p: &mut Pkt) -> bool {
             let id = u16::from_be(unsafe { at(data, l4 + 4) });
             p.sport = id;
             p.dport = id;
-        } else if v6 && ty >= 133 && ty <= 137 {
+        } else if v6 && (133..=137).contains(&ty) {
             let hop_limit: u8 = unsafe { at(data, ETH_HLEN + 7) };
             if hop_limit == 255 {
                 p.kind = Kind::NeighbourDiscovery;

@@ -7,8 +7,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
-    Reason, ct, ct_flags, decide::decide, proto,
+    Addr, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue, Reason,
+    ct, ct_flags, decide::decide, proto,
 };
 
 use crate::maps::{
@@ -54,7 +54,11 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
 #[inline(always)]
 fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
     let egress = dir as u8 == Direction::Egress as u8;
-    let (local, peer) = if egress { (&pkt.src, &pkt.dst) } else { (&pkt.dst, &pkt.src) };
+    let (local, peer) = if egress {
+        (&pkt.src, &pkt.dst)
+    } else {
+        (&pkt.dst, &pkt.src)
+    };
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(local) && link_scoped(peer)) {
@@ -71,7 +75,14 @@ fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
         return (Reason::AllowNotIsolated, id);
     }
     if pkt.malformed {
-        return (if isolated { Reason::DenyMalformed } else { Reason::AllowNotIsolated }, id);
+        return (
+            if isolated {
+                Reason::DenyMalformed
+            } else {
+                Reason::AllowNotIsolated
+            },
+            id,
+        );
     }
     match pkt.kind {
         Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id),
@@ -82,7 +93,11 @@ fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
 
 #[inline(always)]
 fn other(dir: Direction) -> Direction {
-    if dir as u8 == Direction::Egress as u8 { Direction::Ingress } else { Direction::Egress }
+    if dir as u8 == Direction::Egress as u8 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    }
 }
 
 /// `fe80::/10`, `ff00::/8` and `::` (IPv6 only).
@@ -114,12 +129,22 @@ fn fragment_verdict(pkt: &Pkt, isolated: bool) -> Reason {
 
 #[inline(always)]
 fn frag_key(pkt: &Pkt) -> FragKey {
-    FragKey { src: pkt.src, dst: pkt.dst, id: pkt.frag_id, proto: pkt.frag_proto, _pad: [0; 3] }
+    FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id: pkt.frag_id,
+        proto: pkt.frag_proto,
+        _pad: [0; 3],
+    }
 }
 
 #[inline(always)]
 fn record_fragment(pkt: &Pkt, reason: Reason) {
-    let v = FragValue { created_ns: now_coarse(), reason: reason as u32, _pad: 0 };
+    let v = FragValue {
+        created_ns: now_coarse(),
+        reason: reason as u32,
+        _pad: 0,
+    };
     let _ = FRAGMENTS.insert(&frag_key(pkt), &v, 0);
 }
 
@@ -143,7 +168,11 @@ fn related_verdict(pkt: &Pkt, dir: Direction, isolated: bool) -> Reason {
             return Reason::AllowRelated;
         }
     }
-    if isolated { Reason::DenyUnrelated } else { Reason::AllowNotIsolated }
+    if isolated {
+        Reason::DenyUnrelated
+    } else {
+        Reason::AllowNotIsolated
+    }
 }
 
 #[inline(always)]
@@ -206,7 +235,11 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
                 if pkt.proto == proto::TCP {
                     flags |= ct::tcp_state_flags(pkt.tcp_flags, true);
                 }
-                let v = CtValue { last_seen_ns: now, flags, _pad: 0 };
+                let v = CtValue {
+                    last_seen_ns: now,
+                    flags,
+                    _pad: 0,
+                };
                 let _ = CONNTRACK.insert(&key, &v, 0);
             }
         }

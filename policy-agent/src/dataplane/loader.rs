@@ -56,14 +56,21 @@ impl Dataplane {
     /// and loads (verifies) every program.
     pub fn load_object(object: &[u8], pin_dir: &Path) -> Result<Self, DataplaneError> {
         check_bpffs(pin_dir)?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object).map_err(
-            |e| DataplaneError::Load { pin_dir: pin_dir.to_path_buf(), source: Box::new(e) },
-        )?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(object)
+            .map_err(|e| DataplaneError::Load {
+                pin_dir: pin_dir.to_path_buf(),
+                source: Box::new(e),
+            })?;
         for name in [PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY] {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|e| DataplaneError::program(name, e))?;
         }
-        Ok(Dataplane { ebpf, pin_dir: pin_dir.to_path_buf() })
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -85,7 +92,10 @@ impl Dataplane {
 
     /// A program, e.g. for `test_run`.
     pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
-        let p = self.ebpf.program(name).ok_or(DataplaneError::MissingProgram(name))?;
+        let p = self
+            .ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram(name))?;
         p.try_into().map_err(|e| DataplaneError::program(name, e))
     }
 
@@ -108,7 +118,8 @@ impl Dataplane {
                 if mode == AttachMode::Netlink {
                     ensure_clsact(interface)?;
                 }
-                let from_pod = self.attach_one(PROG_FROM_POD, interface, TcAttachType::Ingress, mode)?;
+                let from_pod =
+                    self.attach_one(PROG_FROM_POD, interface, TcAttachType::Ingress, mode)?;
                 let to_pod =
                     match self.attach_one(PROG_TO_POD, interface, TcAttachType::Egress, mode) {
                         Ok(l) => l,
@@ -119,7 +130,12 @@ impl Dataplane {
                             return Err(e);
                         }
                     };
-                Ok(Attachment { interface: interface.to_string(), mode, from_pod, to_pod })
+                Ok(Attachment {
+                    interface: interface.to_string(),
+                    mode,
+                    from_pod,
+                    to_pod,
+                })
             }
         }
     }
@@ -145,13 +161,13 @@ impl Dataplane {
             AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
             _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
         };
-        classifier(&mut self.ebpf, program)?.attach_with_options(interface, at, options).map_err(
-            |e| DataplaneError::Attach {
+        classifier(&mut self.ebpf, program)?
+            .attach_with_options(interface, at, options)
+            .map_err(|e| DataplaneError::Attach {
                 program,
                 interface: interface.to_string(),
                 source: Box::new(e),
-            },
-        )
+            })
     }
 
     /// Detaches both programs from the attachment's interface.
@@ -170,7 +186,9 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    let p = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?;
     p.try_into().map_err(|e| DataplaneError::program(name, e))
 }
 
@@ -178,9 +196,7 @@ fn ensure_clsact(interface: &str) -> Result<(), DataplaneError> {
     match qdisc_add_clsact(interface) {
         Ok(()) => Ok(()),
         // Already present (ours from an earlier attach, or the CNI's): reuse it.
-        Err(aya::programs::TcError::NetlinkError(e))
-            if e.raw_os_error() == Some(libc::EEXIST) =>
-        {
+        Err(aya::programs::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
             Ok(())
         }
         Err(e) => Err(DataplaneError::Interface {

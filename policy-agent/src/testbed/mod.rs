@@ -19,5 +19,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// A suffix unique on this machine for this process's objects: pid and a counter.
 pub fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
