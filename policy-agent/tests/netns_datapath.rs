@@ -11,8 +11,8 @@ use std::{
 use policy_agent::{
     dataplane::{AttachMode, Dataplane, DataplaneMaps},
     testbed::{
-        NODE_IPV4, NODE_IPV6, Netns, PrivateBpffs, TcpClient, TcpEchoServer, Testbed,
-        UdpEchoServer, tcp_echo, udp_echo,
+        NODE_IPV4, NODE_IPV6, Netns, PrivateBpffs, SctpResponder, TcpClient, TcpEchoServer,
+        Testbed, UdpEchoServer, sctp_probe, tcp_echo, udp_echo,
     },
 };
 use policy_common::{
@@ -25,6 +25,7 @@ const OK_WAIT: Duration = Duration::from_secs(3);
 const DENY_WAIT: Duration = Duration::from_millis(700);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 9090;
+const SCTP_PORT: u16 = 7000;
 const ID_A: u32 = 300;
 const SET_B_IN: u32 = 20;
 const SET_A_EG: u32 = 21;
@@ -48,6 +49,17 @@ impl Pods<'_> {
     }
     fn a_ns(&self) -> &Netns {
         &self.bed.hosts[self.a].ns
+    }
+    /// SCTP (INIT / INIT-ACK) from A to B, both families.
+    fn expect_sctp(&self, ok: bool, what: &str) {
+        for v6 in [false, true] {
+            let r = sctp_probe(
+                self.a_ns(),
+                self.to_b(v6, SCTP_PORT),
+                if ok { OK_WAIT } else { DENY_WAIT },
+            );
+            assert_eq!(r.is_ok(), ok, "{what}: SCTP v6={v6}: {r:?}");
+        }
     }
     /// TCP and UDP from A to B, both families: all must equal `want`.
     fn expect(&self, tcp: bool, udp: bool, what: &str) {
@@ -117,7 +129,10 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
             UdpEchoServer::start(&hb.ns, pods.to_b(v6, UDP_PORT)).expect("udp server"),
         )
     });
+    let _sctp = SctpResponder::start(&hb.ns, hb.ip(false), vec![SCTP_PORT]).expect("sctp v4");
+    let _sctp6 = SctpResponder::start(&hb.ns, hb.ip(true), vec![SCTP_PORT]).expect("sctp v6");
     pods.expect(true, true, "before attaching");
+    pods.expect_sctp(true, "before attaching");
 
     // The agent's loader attaches in the node namespace, to both pods' host veths.
     let (att_a, att_b) = bed
@@ -151,6 +166,7 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
         ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES,
     );
     pods.expect(false, false, "b isolated, no rules");
+    pods.expect_sctp(false, "b isolated, no rules");
 
     // A's identity may reach B on TCP 8080 only.
     for ip in ips_a {
@@ -188,6 +204,7 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     open.round_trip(b"second")
         .expect("established connection survives the rule's removal");
     pods.expect(false, false, "rule removed");
+    pods.expect_sctp(false, "rule removed");
 
     // The node itself always reaches its pods (kubelet probes).
     for ip in [NODE_IPV4.into(), NODE_IPV6.into()] {

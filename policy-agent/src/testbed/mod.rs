@@ -6,11 +6,13 @@
 
 pub mod bpffs;
 pub mod netns;
+pub mod sctp;
 pub mod topology;
 pub mod traffic;
 
 pub use bpffs::PrivateBpffs;
 pub use netns::Netns;
+pub use sctp::{SctpResponder, sctp_probe};
 pub use topology::{Host, HostKind, NODE_IPV4, NODE_IPV6, Testbed};
 pub use traffic::{TcpClient, TcpEchoServer, UdpEchoServer, tcp_echo, udp_echo};
 
