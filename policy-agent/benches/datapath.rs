@@ -22,7 +22,7 @@ use policy_common::{
 };
 
 const REPEAT: u32 = 1_000_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 const BIG: u32 = 100_000;
 
 const POD: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -141,61 +141,105 @@ struct Bench<'a> {
     maps: &'a DataplaneMaps,
 }
 
+/// One measured case: program, frame, and the verdict it must reach.
+struct Case {
+    name: &'static str,
+    prog: &'static str,
+    frame: Vec<u8>,
+    expect: Option<Reason>,
+}
+
+/// Median and minimum ns per iteration of each case.
+struct Figures {
+    median: Vec<f64>,
+    min: Vec<f64>,
+}
+
 impl Bench<'_> {
-    /// Runs once and checks the verdict, then measures: median ns per iteration.
-    fn measure(&self, prog: &'static str, frame: &[u8], expect: Option<Reason>) -> f64 {
-        let p = self.dp.program(prog).expect("program");
-        if let Some(r) = expect {
-            let before = self.maps.counters().expect("counters");
-            let mut o = TestRunOptions::new();
-            o.data_in = Some(frame);
-            p.test_run(o).expect("test run");
-            let after = self.maps.counters().expect("counters").since(&before);
-            assert_eq!(
-                after.get(policy_common::Direction::Ingress, r),
-                1,
-                "{prog}: expected {r:?}"
-            );
-        }
-        let mut rounds: Vec<f64> = (0..ROUNDS)
-            .map(|_| {
-                let mut o = TestRunOptions::new();
-                o.data_in = Some(frame);
-                o.repeat = REPEAT;
-                let res = p.test_run(o).expect("test run");
-                res.duration.as_nanos() as f64
-            })
-            .collect();
-        rounds.sort_by(f64::total_cmp);
-        rounds[ROUNDS / 2]
+    fn run(&self, c: &Case, repeat: u32) -> f64 {
+        let p = self.dp.program(c.prog).expect("program");
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(&c.frame);
+        o.repeat = repeat;
+        p.test_run(o).expect("test run").duration.as_nanos() as f64
     }
 
-    fn suite(&self) -> [(&'static str, f64); 5] {
-        let syn_id = V4::new(PEER, POD).frame(&tcp(40000, 80, SYN));
-        let syn_cidr = V4::new(EXT, POD).frame(&tcp(40001, 80, SYN));
-        let denied = V4::new(STRANGER, POD).frame(&tcp(40002, 22, SYN));
-        let ack = V4::new(PEER, POD).frame(&tcp(40000, 80, ACK));
-        [
-            ("empty", self.measure(PROG_BENCH_EMPTY, &syn_id, None)),
-            (
-                "new_flow_identity",
-                self.measure(PROG_TO_POD, &syn_id, Some(Reason::AllowIdentity)),
-            ),
-            (
-                "new_flow_cidr",
-                self.measure(PROG_TO_POD, &syn_cidr, Some(Reason::AllowCidr)),
-            ),
-            (
-                "deny",
-                self.measure(PROG_TO_POD, &denied, Some(Reason::DenyPolicy)),
-            ),
-            // The SYN above created the entry; its ACK is a conntrack hit.
-            (
-                "ct_hit",
-                self.measure(PROG_TO_POD, &ack, Some(Reason::AllowEstablished)),
-            ),
-        ]
+    /// Checks each case's verdict once, then measures them interleaved (round r runs every
+    /// case once) so load changes on a shared machine hit all cases alike.
+    fn suite(&self, cases: &[Case]) -> Figures {
+        for c in cases {
+            if let Some(r) = c.expect {
+                let before = self.maps.counters().expect("counters");
+                self.run(c, 1);
+                let moved = self.maps.counters().expect("counters").since(&before);
+                assert_eq!(
+                    moved.get(policy_common::Direction::Ingress, r),
+                    1,
+                    "{}: expected {r:?}",
+                    c.name
+                );
+            }
+        }
+        let mut per_case: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for _ in 0..ROUNDS {
+            for (i, c) in cases.iter().enumerate() {
+                per_case[i].push(self.run(c, REPEAT));
+            }
+        }
+        let mut f = Figures {
+            median: Vec::new(),
+            min: Vec::new(),
+        };
+        for mut v in per_case {
+            v.sort_by(f64::total_cmp);
+            f.median.push(v[v.len() / 2]);
+            f.min.push(v[0]);
+        }
+        f
     }
+}
+
+fn cases() -> Vec<Case> {
+    let case = |name, prog, frame, expect| Case {
+        name,
+        prog,
+        frame,
+        expect,
+    };
+    vec![
+        case(
+            "empty",
+            PROG_BENCH_EMPTY,
+            V4::new(PEER, POD).frame(&tcp(40000, 80, SYN)),
+            None,
+        ),
+        // A SYN is always decided by policy (tuple reuse), so it measures the new-flow path.
+        case(
+            "new_flow_identity",
+            PROG_TO_POD,
+            V4::new(PEER, POD).frame(&tcp(40000, 80, SYN)),
+            Some(Reason::AllowIdentity),
+        ),
+        case(
+            "new_flow_cidr",
+            PROG_TO_POD,
+            V4::new(EXT, POD).frame(&tcp(40001, 80, SYN)),
+            Some(Reason::AllowCidr),
+        ),
+        case(
+            "deny",
+            PROG_TO_POD,
+            V4::new(STRANGER, POD).frame(&tcp(40002, 22, SYN)),
+            Some(Reason::DenyPolicy),
+        ),
+        // The SYN above created the entry; its ACK is a conntrack hit.
+        case(
+            "ct_hit",
+            PROG_TO_POD,
+            V4::new(PEER, POD).frame(&tcp(40000, 80, ACK)),
+            Some(Reason::AllowEstablished),
+        ),
+    ]
 }
 
 fn main() {
@@ -204,38 +248,45 @@ fn main() {
     let mut dp = Dataplane::load(fs.path()).expect("load the eBPF object");
     let mut maps = dp.take_maps().expect("maps");
     drop(fs);
+    let cases = cases();
     seed_small(&mut maps);
     let small = Bench {
         dp: &dp,
         maps: &maps,
     }
-    .suite();
+    .suite(&cases);
     seed_big(&mut maps);
     let big = Bench {
         dp: &dp,
         maps: &maps,
     }
-    .suite();
+    .suite(&cases);
 
-    let empty = small[0].1;
-    let empty_big = big[0].1;
-    println!("datapath: ns per BPF_PROG_TEST_RUN iteration (median of {ROUNDS} x {REPEAT})");
+    let (empty, empty_big) = (small.median[0], big.median[0]);
     println!(
-        "{:<20} {:>10} {:>10} {:>14} {:>10}",
-        "case", "~10 ent.", "vs empty", "100k+100k ent.", "vs empty"
+        "datapath: ns per BPF_PROG_TEST_RUN iteration, median (min) of {ROUNDS} rounds x {REPEAT}"
+    );
+    println!(
+        "{:<18} {:>16} {:>9} {:>16} {:>9}",
+        "case", "~10 entries", "vs empty", "100k+100k", "vs empty"
     );
     let mut json = serde_json::Map::new();
-    for ((name, s), (_, b)) in small.iter().zip(big.iter()) {
+    for (i, c) in cases.iter().enumerate() {
+        let (s, b) = (small.median[i], big.median[i]);
         println!(
-            "{:<20} {:>10.1} {:>+10.1} {:>14.1} {:>+10.1}",
-            name,
+            "{:<18} {:>8.1} ({:>5.1}) {:>+9.1} {:>8.1} ({:>5.1}) {:>+9.1}",
+            c.name,
             s,
+            small.min[i],
             s - empty,
             b,
+            big.min[i],
             b - empty_big
         );
-        json.insert(format!("{name}_ns"), (*s).into());
-        json.insert(format!("{name}_100k_ns"), (*b).into());
+        json.insert(format!("{}_ns", c.name), s.into());
+        json.insert(format!("{}_min_ns", c.name), small.min[i].into());
+        json.insert(format!("{}_100k_ns", c.name), b.into());
+        json.insert(format!("{}_100k_min_ns", c.name), big.min[i].into());
     }
     json.insert("repeat".into(), REPEAT.into());
     json.insert("rounds".into(), (ROUNDS as u64).into());
@@ -248,10 +299,7 @@ fn main() {
     let dir = target.join("bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
     let path = dir.join("datapath.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json"),
-    )
-    .expect("write datapath.json");
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json");
+    std::fs::write(&path, text).expect("write datapath.json");
     println!("wrote {}", path.display());
 }
