@@ -305,3 +305,65 @@ fn cleanup_is_complete_when_a_test_fails() {
         );
     }
 }
+
+#[test]
+fn clsact_fallback_enforces_and_dropping_the_loader_detaches() {
+    let mut bed = Testbed::new().expect("node namespace (needs root)");
+    let a = bed.add_pod().expect("pod a");
+    let x = bed.add_external().expect("external host");
+    let (ha, hx) = (&bed.hosts[a], &bed.hosts[x]);
+    let to_x = SocketAddr::new(hx.ip(false), TCP_PORT);
+    let _server = TcpEchoServer::start(&hx.ns, to_x).expect("server");
+    tcp_echo(&ha.ns, to_x, OK_WAIT).expect("open before attaching");
+
+    let fs = PrivateBpffs::mount().expect("bpffs");
+    let mut dp = Dataplane::load(fs.path()).expect("load");
+    let mut maps = dp.take_maps().expect("maps");
+    let att = bed
+        .node
+        .enter(|| dp.attach_index(ifindex_in(&bed.node, &ha.host_if), AttachMode::Netlink))
+        .expect("enter")
+        .expect("attach through a clsact qdisc");
+    assert_eq!(att.mode, AttachMode::Netlink);
+    // Visible to tc, unlike TCX links.
+    let filters = bed
+        .node
+        .exec("tc", &["filter", "show", "dev", &ha.host_if, "ingress"])
+        .expect("tc");
+    assert!(
+        String::from_utf8_lossy(&filters.stdout).contains("from_pod"),
+        "tc shows the filter"
+    );
+
+    // Unknown endpoint: dropped. Isolated for egress with a CIDR rule: allowed.
+    assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+    set_endpoint(
+        &mut maps,
+        [ha.ip(false), ha.ip(true)],
+        1,
+        ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES,
+    );
+    assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+    let k = LpmKey {
+        prefixlen: cidr_prefixlen(true, 24),
+        data: CidrData::new(SET_A_EG, addr(hx.ip(false))),
+    };
+    maps.set_cidr_rule(k, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT)]))
+        .expect("cidr");
+    tcp_echo(&ha.ns, to_x, OK_WAIT).expect("allowed by the CIDR rule");
+    maps.delete_cidr_rule(k).expect("delete");
+    assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+
+    // The agent going away takes its filters with it.
+    drop(att);
+    drop(maps);
+    drop(dp);
+    tcp_echo(&ha.ns, to_x, OK_WAIT).expect("open after the loader is gone");
+}
+
+fn ifindex_in(ns: &Netns, ifname: &str) -> u32 {
+    let name = std::ffi::CString::new(ifname).expect("name");
+    // SAFETY: a valid C string.
+    ns.enter(|| unsafe { libc::if_nametoindex(name.as_ptr()) })
+        .expect("enter")
+}
