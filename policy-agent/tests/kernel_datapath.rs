@@ -322,6 +322,18 @@ fn non_ip_frame_passes() {
 }
 
 #[test]
+fn vlan_tagged_frame_in_the_data_is_dropped() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), 0);
+    // 802.1Q tag (VLAN 5) then IPv4: the inner packet is never judged, so never passed.
+    let ip = V4::new(A4, B4).packet(&tcp(40000, 80, SYN));
+    let mut tagged = vec![0, 5, 0x08, 0x00];
+    tagged.extend_from_slice(&ip);
+    assert_eq!(f.verdict(Egress, &eth(0x8100, &tagged)), Reason::DenyMalformed);
+    assert_eq!(f.verdict(Ingress, &eth(0x88A8, &tagged)), Reason::DenyMalformed);
+}
+
+#[test]
 fn unknown_endpoint_is_dropped_both_ways() {
     let f = fixture();
     // Source not a pod of this node: spoofed or unknown; fail closed.

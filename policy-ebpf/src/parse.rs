@@ -9,6 +9,10 @@ use policy_common::{Addr, proto};
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+/// VLAN tags left in the packet data (the kernel moves the outer tag of a received frame
+/// to metadata; one still in the data is a second, smuggled tag).
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
 
 /// IPv6 extension headers walked before the upper-layer header.
 const NH_HOP: u8 = 0;
@@ -90,6 +94,8 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
     match be16(et[0], et[1]) {
         ETH_P_IP => parse_v4(ctx, p),
         ETH_P_IPV6 => parse_v6(ctx, p),
+        // Not judged, so not passed: IP inside could reach a pod that decodes the tag.
+        ETH_P_8021Q | ETH_P_8021AD => Err(NoPkt::BadL3),
         _ => Err(NoPkt::NotIp),
     }
 }
