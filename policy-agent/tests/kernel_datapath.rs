@@ -793,6 +793,20 @@ fn tcp_rst_and_fin_move_the_entry_to_closing() {
 }
 
 #[test]
+fn conntrack_timestamps_use_the_agents_coarse_monotonic_clock() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, a4(EXT4), 32, all());
+    let before = policy_agent::dataplane::monotonic_coarse_ns();
+    assert_eq!(f.verdict(Egress, &udp4(A4, EXT4, 43100, 53)), Reason::AllowCidr);
+    let after = policy_agent::dataplane::monotonic_coarse_ns();
+    let v = f.ct(a4(A4), a4(EXT4), 43100, 53, UDP).expect("entry");
+    // Same clock, so the stamp lies between the two readings (coarse: a tick of slack).
+    assert!(v.last_seen_ns + 20_000_000 >= before && v.last_seen_ns <= after + 20_000_000,
+        "{before} <= {} <= {after}", v.last_seen_ns);
+}
+
+#[test]
 fn expired_entry_is_not_trusted() {
     let mut f = fixture();
     f.endpoint(a4(A4), ISO_IN | ISO_EG | EG_CIDR);

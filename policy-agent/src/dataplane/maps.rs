@@ -225,3 +225,13 @@ impl DataplaneMaps {
         Ok(())
     }
 }
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `CtValue::last_seen_ns` and
+/// `FragValue::created_ns` (`bpf_ktime_get_coarse_ns` in the kernel).
+pub fn monotonic_coarse_ns() -> u64 {
+    // SAFETY: all-zero is a valid timespec; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
