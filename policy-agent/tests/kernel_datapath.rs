@@ -329,8 +329,14 @@ fn vlan_tagged_frame_in_the_data_is_dropped() {
     let ip = V4::new(A4, B4).packet(&tcp(40000, 80, SYN));
     let mut tagged = vec![0, 5, 0x08, 0x00];
     tagged.extend_from_slice(&ip);
-    assert_eq!(f.verdict(Egress, &eth(0x8100, &tagged)), Reason::DenyMalformed);
-    assert_eq!(f.verdict(Ingress, &eth(0x88A8, &tagged)), Reason::DenyMalformed);
+    assert_eq!(
+        f.verdict(Egress, &eth(0x8100, &tagged)),
+        Reason::DenyMalformed
+    );
+    assert_eq!(
+        f.verdict(Ingress, &eth(0x88A8, &tagged)),
+        Reason::DenyMalformed
+    );
 }
 
 #[test]
@@ -798,12 +804,18 @@ fn conntrack_timestamps_use_the_agents_coarse_monotonic_clock() {
     f.endpoint(a4(A4), ISO_IN | ISO_EG | EG_CIDR);
     f.cidr(SET_EG, a4(EXT4), 32, all());
     let before = policy_agent::dataplane::monotonic_coarse_ns();
-    assert_eq!(f.verdict(Egress, &udp4(A4, EXT4, 43100, 53)), Reason::AllowCidr);
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, EXT4, 43100, 53)),
+        Reason::AllowCidr
+    );
     let after = policy_agent::dataplane::monotonic_coarse_ns();
     let v = f.ct(a4(A4), a4(EXT4), 43100, 53, UDP).expect("entry");
     // Same clock, so the stamp lies between the two readings (coarse: a tick of slack).
-    assert!(v.last_seen_ns + 20_000_000 >= before && v.last_seen_ns <= after + 20_000_000,
-        "{before} <= {} <= {after}", v.last_seen_ns);
+    assert!(
+        v.last_seen_ns + 20_000_000 >= before && v.last_seen_ns <= after + 20_000_000,
+        "{before} <= {} <= {after}",
+        v.last_seen_ns
+    );
 }
 
 #[test]
@@ -1449,6 +1461,27 @@ fn deny_events_carry_the_tuple_and_are_rate_bounded() {
     assert_eq!(e.direction, Ingress as u8);
     assert_eq!(e.reason, Reason::DenyPolicy as u8);
     assert_eq!(e.endpoint_id, 7);
+    // The bucket refills at the configured rate, never above the burst.
+    f.maps
+        .set_config(Config {
+            events_per_sec: 1000,
+            events_burst: 1,
+        })
+        .expect("config");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for i in 0..5u16 {
+        assert_eq!(
+            f.verdict(Ingress, &tcp4(B4, A4, 52000 + i, 22, SYN)),
+            Reason::DenyPolicy
+        );
+    }
+    assert_eq!(events.drain().len(), 1, "a burst of 1 after a pause");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 52010, 22, SYN)),
+        Reason::DenyPolicy
+    );
+    assert_eq!(events.drain().len(), 1, "refilled after 20 ms at 1000/s");
     // Events off: none at all.
     f.maps
         .set_config(Config {
@@ -1461,4 +1494,16 @@ fn deny_events_carry_the_tuple_and_are_rate_bounded() {
         Reason::DenyPolicy
     );
     assert!(events.drain().is_empty());
+}
+
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
 }

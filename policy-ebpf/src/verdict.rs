@@ -7,8 +7,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue, Reason,
-    ct, ct_flags, decide::decide, proto,
+    Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
+    Reason, ct, ct_flags, decide::decide, proto,
 };
 
 use crate::maps::{
