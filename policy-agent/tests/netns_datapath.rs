@@ -11,13 +11,13 @@ use std::{
 use policy_agent::{
     dataplane::{AttachMode, Dataplane, DataplaneMaps},
     testbed::{
-        NODE_IPV4, NODE_IPV6, Netns, PrivateBpffs, TcpClient, TcpEchoServer, Testbed,
-        UdpEchoServer, tcp_echo, udp_echo,
+        NODE_IPV4, NODE_IPV6, Netns, PrivateBpffs, SctpResponder, TcpClient, TcpEchoServer,
+        Testbed, UdpEchoServer, sctp_probe, tcp_echo, udp_echo,
     },
 };
 use policy_common::{
-    Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, IpCacheKey,
-    IpCacheValue, LpmKey, PortRange, Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
+    Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, IpCacheKey, IpCacheValue,
+    LpmKey, PortRange, Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
 };
 
 const OK_WAIT: Duration = Duration::from_secs(3);
@@ -25,6 +25,7 @@ const OK_WAIT: Duration = Duration::from_secs(3);
 const DENY_WAIT: Duration = Duration::from_millis(700);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 9090;
+const SCTP_PORT: u16 = 7000;
 const ID_A: u32 = 300;
 const SET_B_IN: u32 = 20;
 const SET_A_EG: u32 = 21;
@@ -48,6 +49,17 @@ impl Pods<'_> {
     }
     fn a_ns(&self) -> &Netns {
         &self.bed.hosts[self.a].ns
+    }
+    /// SCTP (INIT / INIT-ACK) from A to B, both families.
+    fn expect_sctp(&self, ok: bool, what: &str) {
+        for v6 in [false, true] {
+            let r = sctp_probe(
+                self.a_ns(),
+                self.to_b(v6, SCTP_PORT),
+                if ok { OK_WAIT } else { DENY_WAIT },
+            );
+            assert_eq!(r.is_ok(), ok, "{what}: SCTP v6={v6}: {r:?}");
+        }
     }
     /// TCP and UDP from A to B, both families: all must equal `want`.
     fn expect(&self, tcp: bool, udp: bool, what: &str) {
@@ -79,7 +91,12 @@ fn set_endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32)
 fn ranges(r: &[(u8, u16, u16)]) -> RuleValue {
     let mut v = RuleValue::default();
     for (i, (p, first, last)) in r.iter().enumerate() {
-        v.ranges[i] = PortRange { first: *first, last: *last, proto: *p, _pad: [0; 3] };
+        v.ranges[i] = PortRange {
+            first: *first,
+            last: *last,
+            proto: *p,
+            _pad: [0; 3],
+        };
     }
     v
 }
@@ -112,7 +129,10 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
             UdpEchoServer::start(&hb.ns, pods.to_b(v6, UDP_PORT)).expect("udp server"),
         )
     });
+    let _sctp = SctpResponder::start(&hb.ns, hb.ip(false), vec![SCTP_PORT]).expect("sctp v4");
+    let _sctp6 = SctpResponder::start(&hb.ns, hb.ip(true), vec![SCTP_PORT]).expect("sctp v6");
     pods.expect(true, true, "before attaching");
+    pods.expect_sctp(true, "before attaching");
 
     // The agent's loader attaches in the node namespace, to both pods' host veths.
     let (att_a, att_b) = bed
@@ -123,6 +143,9 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
             (x, y)
         })
         .expect("enter node namespace");
+    // Kernel 6.6+ has TCX; older kernels take the clsact fallback.
+    assert!(matches!(att_a.mode, AttachMode::Tcx | AttachMode::Netlink));
+    assert_eq!(att_a.mode, att_b.mode);
 
     // Attached, but the pods are not endpoints yet: fail closed (anti-spoofing).
     pods.expect(false, false, "unknown endpoints");
@@ -136,30 +159,63 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     pods.expect(true, true, "endpoints, no isolation");
 
     // B isolated for ingress with no rule: everything to it is denied.
-    set_endpoint(&mut maps, ips_b, 2, ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES);
+    set_endpoint(
+        &mut maps,
+        ips_b,
+        2,
+        ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES,
+    );
     pods.expect(false, false, "b isolated, no rules");
+    pods.expect_sctp(false, "b isolated, no rules");
 
     // A's identity may reach B on TCP 8080 only.
     for ip in ips_a {
-        maps.set_ipcache(IpCacheKey { addr: addr(ip) }, IpCacheValue { identity: ID_A, _pad: 0 }).expect("ipcache");
+        maps.set_ipcache(
+            IpCacheKey { addr: addr(ip) },
+            IpCacheValue {
+                identity: ID_A,
+                _pad: 0,
+            },
+        )
+        .expect("ipcache");
     }
-    let rule_key = RuleKey { policy_set: SET_B_IN, identity: ID_A };
-    maps.set_rule(rule_key, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT)])).expect("rule");
+    let rule_key = RuleKey {
+        policy_set: SET_B_IN,
+        identity: ID_A,
+    };
+    maps.set_rule(rule_key, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT)]))
+        .expect("rule");
     pods.expect(true, false, "tcp rule");
 
     // An open connection outlives the rule (replies keep flowing), new ones do not.
-    let mut open = TcpClient::connect(pods.a_ns(), pods.to_b(false, TCP_PORT), OK_WAIT).expect("connect");
+    let mut open =
+        TcpClient::connect(pods.a_ns(), pods.to_b(false, TCP_PORT), OK_WAIT).expect("connect");
     open.round_trip(b"first").expect("echo while allowed");
-    maps.set_rule(rule_key, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT), (proto::UDP, UDP_PORT, UDP_PORT)]))
-        .expect("rule");
+    maps.set_rule(
+        rule_key,
+        ranges(&[
+            (proto::TCP, TCP_PORT, TCP_PORT),
+            (proto::UDP, UDP_PORT, UDP_PORT),
+        ]),
+    )
+    .expect("rule");
     pods.expect(true, true, "tcp and udp rule");
     maps.delete_rule(&rule_key).expect("delete rule");
-    open.round_trip(b"second").expect("established connection survives the rule's removal");
+    open.round_trip(b"second")
+        .expect("established connection survives the rule's removal");
     pods.expect(false, false, "rule removed");
+    pods.expect_sctp(false, "rule removed");
 
     // The node itself always reaches its pods (kubelet probes).
     for ip in [NODE_IPV4.into(), NODE_IPV6.into()] {
-        maps.set_ipcache(IpCacheKey { addr: addr(ip) }, IpCacheValue { identity: IDENTITY_HOST, _pad: 0 }).expect("ipcache");
+        maps.set_ipcache(
+            IpCacheKey { addr: addr(ip) },
+            IpCacheValue {
+                identity: IDENTITY_HOST,
+                _pad: 0,
+            },
+        )
+        .expect("ipcache");
     }
     for v6 in [false, true] {
         tcp_echo(&bed.node, pods.to_b(v6, TCP_PORT), OK_WAIT).expect("node to isolated pod");
@@ -167,17 +223,32 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
 
     // B open again; A isolated for egress with a CIDR rule to B's addresses.
     set_endpoint(&mut maps, ips_b, 2, 0);
-    set_endpoint(&mut maps, ips_a, 1, ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES);
+    set_endpoint(
+        &mut maps,
+        ips_a,
+        1,
+        ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES,
+    );
     pods.expect(false, false, "a isolated for egress, no rules");
     let cidr_keys: Vec<LpmKey<CidrData>> = ips_b
         .iter()
         .map(|ip| {
             let a = addr(*ip);
-            LpmKey { prefixlen: cidr_prefixlen(a.is_v4(), if a.is_v4() { 32 } else { 128 }), data: CidrData::new(SET_A_EG, a) }
+            LpmKey {
+                prefixlen: cidr_prefixlen(a.is_v4(), if a.is_v4() { 32 } else { 128 }),
+                data: CidrData::new(SET_A_EG, a),
+            }
         })
         .collect();
     for k in &cidr_keys {
-        maps.set_cidr_rule(*k, RuleValue { flags: policy_common::rule_flags::ALL, ..Default::default() }).expect("cidr");
+        maps.set_cidr_rule(
+            *k,
+            RuleValue {
+                flags: policy_common::rule_flags::ALL,
+                ..Default::default()
+            },
+        )
+        .expect("cidr");
     }
     pods.expect(true, true, "egress cidr rule");
     for k in &cidr_keys {
@@ -192,7 +263,9 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     assert!(c.get(Direction::Ingress, Reason::AllowHost) > 0);
     let ev = events.drain();
     assert!(
-        ev.iter().any(|e| e.reason == Reason::DenyPolicy as u8 && e.direction == Direction::Egress as u8 && e.endpoint_id == 1),
+        ev.iter().any(|e| e.reason == Reason::DenyPolicy as u8
+            && e.direction == Direction::Egress as u8
+            && e.endpoint_id == 1),
         "an egress deny event of endpoint 1 among {} events",
         ev.len()
     );
@@ -214,13 +287,83 @@ fn cleanup_is_complete_when_a_test_fails() {
         let fs = PrivateBpffs::mount().expect("bpffs");
         let mut dp = Dataplane::load(fs.path()).expect("load");
         let hif = bed.hosts[0].host_if.clone();
-        bed.node.enter(|| dp.attach(&hif, AttachMode::Netlink).expect("attach via clsact")).expect("enter");
+        bed.node
+            .enter(|| {
+                dp.attach(&hif, AttachMode::Netlink)
+                    .expect("attach via clsact")
+            })
+            .expect("enter");
         panic!("simulated test failure");
     });
     assert!(r.is_err());
     let names = names.into_inner().unwrap_or_else(|e| e.into_inner());
     assert_eq!(names.len(), 3);
     for n in names {
-        assert!(!Netns::exists(&n), "namespace {n} left behind after a failure");
+        assert!(
+            !Netns::exists(&n),
+            "namespace {n} left behind after a failure"
+        );
     }
+}
+
+#[test]
+fn clsact_fallback_enforces_and_dropping_the_loader_detaches() {
+    let mut bed = Testbed::new().expect("node namespace (needs root)");
+    let a = bed.add_pod().expect("pod a");
+    let x = bed.add_external().expect("external host");
+    let (ha, hx) = (&bed.hosts[a], &bed.hosts[x]);
+    let to_x = SocketAddr::new(hx.ip(false), TCP_PORT);
+    let _server = TcpEchoServer::start(&hx.ns, to_x).expect("server");
+    tcp_echo(&ha.ns, to_x, OK_WAIT).expect("open before attaching");
+
+    let fs = PrivateBpffs::mount().expect("bpffs");
+    let mut dp = Dataplane::load(fs.path()).expect("load");
+    let mut maps = dp.take_maps().expect("maps");
+    let att = bed
+        .node
+        .enter(|| dp.attach_index(ifindex_in(&bed.node, &ha.host_if), AttachMode::Netlink))
+        .expect("enter")
+        .expect("attach through a clsact qdisc");
+    assert_eq!(att.mode, AttachMode::Netlink);
+    // Visible to tc, unlike TCX links.
+    let filters = bed
+        .node
+        .exec("tc", &["filter", "show", "dev", &ha.host_if, "ingress"])
+        .expect("tc");
+    assert!(
+        String::from_utf8_lossy(&filters.stdout).contains("from_pod"),
+        "tc shows the filter"
+    );
+
+    // Unknown endpoint: dropped. Isolated for egress with a CIDR rule: allowed.
+    assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+    set_endpoint(
+        &mut maps,
+        [ha.ip(false), ha.ip(true)],
+        1,
+        ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES,
+    );
+    assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+    let k = LpmKey {
+        prefixlen: cidr_prefixlen(true, 24),
+        data: CidrData::new(SET_A_EG, addr(hx.ip(false))),
+    };
+    maps.set_cidr_rule(k, ranges(&[(proto::TCP, TCP_PORT, TCP_PORT)]))
+        .expect("cidr");
+    tcp_echo(&ha.ns, to_x, OK_WAIT).expect("allowed by the CIDR rule");
+    maps.delete_cidr_rule(k).expect("delete");
+    assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+
+    // The agent going away takes its filters with it.
+    drop(att);
+    drop(maps);
+    drop(dp);
+    tcp_echo(&ha.ns, to_x, OK_WAIT).expect("open after the loader is gone");
+}
+
+fn ifindex_in(ns: &Netns, ifname: &str) -> u32 {
+    let name = std::ffi::CString::new(ifname).expect("name");
+    // SAFETY: a valid C string.
+    ns.enter(|| unsafe { libc::if_nametoindex(name.as_ptr()) })
+        .expect("enter")
 }

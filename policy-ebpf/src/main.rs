@@ -1,9 +1,24 @@
 //! TC programs enforcing Kubernetes NetworkPolicy on the host side of a pod's veth.
 //!
 //! `from_pod` (TC ingress of the host-side veth) sees what the pod sends: its egress.
-//! `to_pod` (TC egress) sees what is sent to the pod: its ingress. Each packet costs a fixed
-//! number of map lookups: ENDPOINTS, then CONNTRACK, then (new flows only) the policy lookups
-//! of `policy_common::decide`, shared with the agent's kernel model.
+//! `to_pod` (TC egress) sees what is sent to the pod: its ingress. Per packet
+//! ([`verdict::run`]):
+//!
+//! 1. parse ([`parse`]): a direct-access fast path for IPv4 without options / IPv6 without
+//!    extension headers, unfragmented, with the L4 header in the linear data; everything else
+//!    through `bpf_skb_load_bytes` (IPv4 options, up to 6 IPv6 extension headers, fragments,
+//!    ICMP errors and the packet they quote, truncation at any layer);
+//! 2. link-scoped IPv6 control traffic (ND with hop limit 255, link-local/multicast on both
+//!    sides) passes; `ENDPOINTS` by the pod-side address: a miss drops (anti-spoofing); an
+//!    endpoint isolated in neither direction passes without touching conntrack;
+//! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
+//!    verdict (`FRAGMENTS`); ICMP errors pass when the flow they quote would pass a reply;
+//! 4. `CONNTRACK` (one lookup, normalised key): live entry with the flag this hook needs ->
+//!    pass (TCP SYNs in the original direction are always re-decided);
+//! 5. else `policy_common::decide` over `IPCACHE`, `RULES`, `CIDR_RULES`, `PORTS` (the same
+//!    function the agent's kernel model runs), recording the grant in conntrack;
+//! 6. every verdict counted per direction and reason; denies reported to `EVENTS` under a
+//!    per-CPU token bucket.
 #![no_std]
 #![no_main]
 

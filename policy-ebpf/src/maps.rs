@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    CidrData, Config, CtKey, CtValue, EVENTS_RING_BYTES, EndpointKey,
-    EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
-    MAX_CIDR_RULES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
-    MAX_RULES, PortData, RuleKey, RuleValue, decide::PolicyMaps, reason::COUNTERS_LEN,
+    CidrData, Config, CtKey, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue, EventBudget,
+    FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_CIDR_RULES, MAX_CONNTRACK,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES, PortData, RuleKey, RuleValue,
+    decide::PolicyMaps, reason::COUNTERS_LEN,
 };
 
 #[map]

@@ -54,9 +54,15 @@ pub enum DataplaneError {
 
 impl DataplaneError {
     pub(crate) fn map(map: &'static str, e: aya::maps::MapError) -> Self {
-        DataplaneError::Map { map, source: Box::new(e) }
+        DataplaneError::Map {
+            map,
+            source: Box::new(e),
+        }
     }
     pub(crate) fn program(program: &'static str, e: aya::programs::ProgramError) -> Self {
-        DataplaneError::Program { program, source: Box::new(e) }
+        DataplaneError::Program {
+            program,
+            source: Box::new(e),
+        }
     }
 }

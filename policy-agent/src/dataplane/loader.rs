@@ -2,7 +2,10 @@
 //! (so a restarted agent adopts maps and their state), and attaches the two programs to pod
 //! interfaces: TCX where the kernel has it (6.6+), a clsact qdisc otherwise.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -29,21 +32,33 @@ pub enum AttachMode {
     Netlink,
 }
 
-/// The two programs attached to one interface.
+/// The two programs attached to one interface (a handle; detach with
+/// [`Dataplane::detach`], or drop the [`Dataplane`]).
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
     /// The mode actually used (never `Auto`).
     pub mode: AttachMode,
-    from_pod: SchedClassifierLinkId,
-    to_pod: SchedClassifierLinkId,
+    id: u64,
 }
 
-/// The loaded object. Dropping it detaches every attachment it made and unloads the
-/// programs; pinned maps stay in the pin directory.
+/// What the loader keeps of an attachment: the links, and for clsact filters the network
+/// namespace they live in, since netlink requests act on the caller's namespace.
+struct Slot {
+    id: u64,
+    from_pod: SchedClassifierLinkId,
+    to_pod: SchedClassifierLinkId,
+    netns: Option<OwnedFd>,
+}
+
+/// The loaded object. Dropping it detaches every attachment it made (clsact filters from
+/// inside their own namespace) and unloads the programs; pinned maps stay in the pin
+/// directory.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    slots: Vec<Slot>,
+    next_id: u64,
 }
 
 impl Dataplane {
@@ -56,14 +71,23 @@ impl Dataplane {
     /// and loads (verifies) every program.
     pub fn load_object(object: &[u8], pin_dir: &Path) -> Result<Self, DataplaneError> {
         check_bpffs(pin_dir)?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object).map_err(
-            |e| DataplaneError::Load { pin_dir: pin_dir.to_path_buf(), source: Box::new(e) },
-        )?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(object)
+            .map_err(|e| DataplaneError::Load {
+                pin_dir: pin_dir.to_path_buf(),
+                source: Box::new(e),
+            })?;
         for name in [PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY] {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|e| DataplaneError::program(name, e))?;
         }
-        Ok(Dataplane { ebpf, pin_dir: pin_dir.to_path_buf() })
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            slots: Vec::new(),
+            next_id: 0,
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -85,7 +109,10 @@ impl Dataplane {
 
     /// A program, e.g. for `test_run`.
     pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
-        let p = self.ebpf.program(name).ok_or(DataplaneError::MissingProgram(name))?;
+        let p = self
+            .ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram(name))?;
         p.try_into().map_err(|e| DataplaneError::program(name, e))
     }
 
@@ -105,21 +132,39 @@ impl Dataplane {
                 }
             },
             AttachMode::Tcx | AttachMode::Netlink => {
-                if mode == AttachMode::Netlink {
+                // Taken before attaching, so that whatever is attached is also tracked.
+                let netns = if mode == AttachMode::Netlink {
                     ensure_clsact(interface)?;
-                }
-                let from_pod = self.attach_one(PROG_FROM_POD, interface, TcAttachType::Ingress, mode)?;
+                    Some(current_netns()?)
+                } else {
+                    None
+                };
+                let from_pod =
+                    self.attach_one(PROG_FROM_POD, interface, TcAttachType::Ingress, mode)?;
                 let to_pod =
                     match self.attach_one(PROG_TO_POD, interface, TcAttachType::Egress, mode) {
                         Ok(l) => l,
                         Err(e) => {
                             // Never leave half an attachment: the pod would be enforced one way.
+                            // (Same thread, so the same namespace as the attach.)
                             let _ = classifier(&mut self.ebpf, PROG_FROM_POD)
                                 .map(|p| p.detach(from_pod));
                             return Err(e);
                         }
                     };
-                Ok(Attachment { interface: interface.to_string(), mode, from_pod, to_pod })
+                let id = self.next_id;
+                self.next_id += 1;
+                self.slots.push(Slot {
+                    id,
+                    from_pod,
+                    to_pod,
+                    netns,
+                });
+                Ok(Attachment {
+                    interface: interface.to_string(),
+                    mode,
+                    id,
+                })
             }
         }
     }
@@ -145,32 +190,91 @@ impl Dataplane {
             AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
             _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
         };
-        classifier(&mut self.ebpf, program)?.attach_with_options(interface, at, options).map_err(
-            |e| DataplaneError::Attach {
+        classifier(&mut self.ebpf, program)?
+            .attach_with_options(interface, at, options)
+            .map_err(|e| DataplaneError::Attach {
                 program,
                 interface: interface.to_string(),
                 source: Box::new(e),
-            },
-        )
+            })
     }
 
-    /// Detaches both programs from the attachment's interface.
+    /// Detaches both programs from the attachment's interface (from any thread: clsact
+    /// filters are removed from inside the namespace they were attached in).
     pub fn detach(&mut self, a: Attachment) -> Result<(), DataplaneError> {
-        let r1 = classifier(&mut self.ebpf, PROG_FROM_POD)?
-            .detach(a.from_pod)
+        let Some(i) = self.slots.iter().position(|s| s.id == a.id) else {
+            return Ok(());
+        };
+        let slot = self.slots.swap_remove(i);
+        detach_slot(&mut self.ebpf, slot)
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // TCX links would go with their fds anywhere, but clsact filters must be deleted by
+        // a netlink request made in their namespace, never in whatever namespace the
+        // dropping thread happens to be in.
+        for slot in std::mem::take(&mut self.slots) {
+            if let Err(e) = detach_slot(&mut self.ebpf, slot) {
+                tracing::warn!(error = %e, "detaching on drop failed");
+            }
+        }
+    }
+}
+
+fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
+    let Slot {
+        from_pod,
+        to_pod,
+        netns,
+        ..
+    } = slot;
+    let run = move |ebpf: &mut Ebpf| -> Result<(), DataplaneError> {
+        let r1 = classifier(ebpf, PROG_FROM_POD)?
+            .detach(from_pod)
             .map_err(|e| DataplaneError::program(PROG_FROM_POD, e));
-        let r2 = classifier(&mut self.ebpf, PROG_TO_POD)?
-            .detach(a.to_pod)
+        let r2 = classifier(ebpf, PROG_TO_POD)?
+            .detach(to_pod)
             .map_err(|e| DataplaneError::program(PROG_TO_POD, e));
         r1.and(r2)
+    };
+    match netns {
+        None => run(ebpf),
+        Some(ns) => std::thread::scope(|s| {
+            let h = s.spawn(move || {
+                // SAFETY: a valid namespace fd; only this short-lived thread switches.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(DataplaneError::Io {
+                        path: PathBuf::from("/proc/thread-self/ns/net"),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                run(ebpf)
+            });
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
     }
+}
+
+/// The calling thread's network namespace.
+fn current_netns() -> Result<OwnedFd, DataplaneError> {
+    let path = "/proc/thread-self/ns/net";
+    std::fs::File::open(path)
+        .map(OwnedFd::from)
+        .map_err(|source| DataplaneError::Io {
+            path: PathBuf::from(path),
+            source,
+        })
 }
 
 fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    let p = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?;
     p.try_into().map_err(|e| DataplaneError::program(name, e))
 }
 
@@ -178,9 +282,7 @@ fn ensure_clsact(interface: &str) -> Result<(), DataplaneError> {
     match qdisc_add_clsact(interface) {
         Ok(()) => Ok(()),
         // Already present (ours from an earlier attach, or the CNI's): reuse it.
-        Err(aya::programs::TcError::NetlinkError(e))
-            if e.raw_os_error() == Some(libc::EEXIST) =>
-        {
+        Err(aya::programs::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
             Ok(())
         }
         Err(e) => Err(DataplaneError::Interface {

@@ -5,11 +5,11 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
-    Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey,
-    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS,
-    MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, PortData,
-    Reason, RuleKey, RuleValue, reason::COUNTERS_LEN,
+    CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, Direction,
+    EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
+    MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET,
+    MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, PortData, Reason, RuleKey,
+    RuleValue, reason::COUNTERS_LEN,
 };
 
 use super::{DataplaneError, events::DenyEvents};
@@ -56,7 +56,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
-    let m = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+    let m = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap(name))?;
     T::try_from(m).map_err(|e| DataplaneError::map(name, e))
 }
 
@@ -95,7 +97,10 @@ impl DataplaneMaps {
     }
 
     pub(crate) fn init_config(&mut self) -> Result<(), DataplaneError> {
-        let cur = self.config.get(&0, 0).map_err(|e| DataplaneError::map(MAP_CONFIG, e))?;
+        let cur = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| DataplaneError::map(MAP_CONFIG, e))?;
         if cur == Config::default() {
             self.set_config(Config {
                 events_per_sec: DEFAULT_EVENTS_PER_SEC,
@@ -106,7 +111,9 @@ impl DataplaneMaps {
     }
 
     pub fn set_config(&mut self, c: Config) -> Result<(), DataplaneError> {
-        self.config.set(0, c, 0).map_err(|e| DataplaneError::map(MAP_CONFIG, e))
+        self.config
+            .set(0, c, 0)
+            .map_err(|e| DataplaneError::map(MAP_CONFIG, e))
     }
 
     /// The deny-event reader (once).
@@ -115,19 +122,25 @@ impl DataplaneMaps {
     }
 
     pub fn set_endpoint(&mut self, k: EndpointKey, v: EndpointValue) -> Result<(), DataplaneError> {
-        self.endpoints.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_ENDPOINTS, e))
+        self.endpoints
+            .insert(k, v, 0)
+            .map_err(|e| DataplaneError::map(MAP_ENDPOINTS, e))
     }
     pub fn delete_endpoint(&mut self, k: &EndpointKey) -> Result<(), DataplaneError> {
         absent_ok(MAP_ENDPOINTS, self.endpoints.remove(k))
     }
     pub fn set_ipcache(&mut self, k: IpCacheKey, v: IpCacheValue) -> Result<(), DataplaneError> {
-        self.ipcache.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_IPCACHE, e))
+        self.ipcache
+            .insert(k, v, 0)
+            .map_err(|e| DataplaneError::map(MAP_IPCACHE, e))
     }
     pub fn delete_ipcache(&mut self, k: &IpCacheKey) -> Result<(), DataplaneError> {
         absent_ok(MAP_IPCACHE, self.ipcache.remove(k))
     }
     pub fn set_rule(&mut self, k: RuleKey, v: RuleValue) -> Result<(), DataplaneError> {
-        self.rules.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_RULES, e))
+        self.rules
+            .insert(k, v, 0)
+            .map_err(|e| DataplaneError::map(MAP_RULES, e))
     }
     pub fn delete_rule(&mut self, k: &RuleKey) -> Result<(), DataplaneError> {
         absent_ok(MAP_RULES, self.rules.remove(k))
@@ -137,13 +150,17 @@ impl DataplaneMaps {
         k: LpmKey<CidrData>,
         v: RuleValue,
     ) -> Result<(), DataplaneError> {
-        self.cidr_rules.insert(&lpm!(k), v, 0).map_err(|e| DataplaneError::map(MAP_CIDR_RULES, e))
+        self.cidr_rules
+            .insert(&lpm!(k), v, 0)
+            .map_err(|e| DataplaneError::map(MAP_CIDR_RULES, e))
     }
     pub fn delete_cidr_rule(&mut self, k: LpmKey<CidrData>) -> Result<(), DataplaneError> {
         absent_ok(MAP_CIDR_RULES, self.cidr_rules.remove(&lpm!(k)))
     }
     pub fn set_port(&mut self, k: LpmKey<PortData>) -> Result<(), DataplaneError> {
-        self.ports.insert(&lpm!(k), PORT_PRESENT, 0).map_err(|e| DataplaneError::map(MAP_PORTS, e))
+        self.ports
+            .insert(&lpm!(k), PORT_PRESENT, 0)
+            .map_err(|e| DataplaneError::map(MAP_PORTS, e))
     }
     pub fn delete_port(&mut self, k: LpmKey<PortData>) -> Result<(), DataplaneError> {
         absent_ok(MAP_PORTS, self.ports.remove(&lpm!(k)))
@@ -153,7 +170,9 @@ impl DataplaneMaps {
         self.conntrack.get(k, 0).ok()
     }
     pub fn set_conntrack(&mut self, k: CtKey, v: CtValue) -> Result<(), DataplaneError> {
-        self.conntrack.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_CONNTRACK, e))
+        self.conntrack
+            .insert(k, v, 0)
+            .map_err(|e| DataplaneError::map(MAP_CONNTRACK, e))
     }
     pub fn fragment_get(&self, k: &FragKey) -> Option<FragValue> {
         self.fragments.get(k, 0).ok()
@@ -163,7 +182,10 @@ impl DataplaneMaps {
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
         let mut out = Counters::default();
         for i in 0..COUNTERS_LEN {
-            let per_cpu = self.counters.get(&i, 0).map_err(|e| DataplaneError::map(MAP_COUNTERS, e))?;
+            let per_cpu = self
+                .counters
+                .get(&i, 0)
+                .map_err(|e| DataplaneError::map(MAP_COUNTERS, e))?;
             let sum: u64 = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
             let (d, r) = (i as usize / Reason::COUNT, i as usize % Reason::COUNT);
             out.0[d][r] = sum;
@@ -202,4 +224,14 @@ impl DataplaneMaps {
         clear_lpm(MAP_PORTS, &mut self.ports)?;
         Ok(())
     }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `CtValue::last_seen_ns` and
+/// `FragValue::created_ns` (`bpf_ktime_get_coarse_ns` in the kernel).
+pub fn monotonic_coarse_ns() -> u64 {
+    // SAFETY: all-zero is a valid timespec; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

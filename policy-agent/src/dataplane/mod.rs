@@ -9,4 +9,4 @@ pub mod maps;
 pub use error::DataplaneError;
 pub use events::DenyEvents;
 pub use loader::{AttachMode, Attachment, Dataplane};
-pub use maps::{Counters, DataplaneMaps};
+pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};

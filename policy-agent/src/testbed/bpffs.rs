@@ -33,7 +33,10 @@ impl PrivateBpffs {
         if rc != 0 {
             let e = io::Error::last_os_error();
             let _ = std::fs::remove_dir(&dir);
-            return Err(io::Error::new(e.kind(), format!("mount bpffs on {}: {e}", dir.display())));
+            return Err(io::Error::new(
+                e.kind(),
+                format!("mount bpffs on {}: {e}", dir.display()),
+            ));
         }
         Ok(PrivateBpffs { dir })
     }
@@ -44,7 +47,8 @@ impl PrivateBpffs {
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 impl Drop for PrivateBpffs {

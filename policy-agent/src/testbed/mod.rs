@@ -3,14 +3,37 @@
 //! clients. Used by the namespace tests and the scenario runner. Only 198.18.0.0/15 and
 //! fd00::/8 addresses are used, and nothing touches the machine's own namespace or
 //! interfaces.
+//!
+//! ```no_run
+//! use policy_agent::dataplane::{AttachMode, Dataplane};
+//! use policy_agent::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
+//! use std::{net::SocketAddr, time::Duration};
+//!
+//! let mut bed = Testbed::new()?;                   // node namespace, forwarding on
+//! let a = bed.add_pod()?;                          // 198.18.0.1, fd00:18::1
+//! let b = bed.add_pod()?;                          // 198.18.0.2, fd00:18::2
+//! let to_b = SocketAddr::new(bed.hosts[b].ip(false), 8080);
+//! let _srv = TcpEchoServer::start(&bed.hosts[b].ns, to_b)?;
+//! let fs = PrivateBpffs::mount()?;                 // never /sys/fs/bpf
+//! let mut dp = Dataplane::load(fs.path())?;
+//! let hif = bed.hosts[a].host_if.clone();
+//! let _att = bed.node.enter(|| dp.attach(&hif, AttachMode::Auto))??;
+//! let reachable = tcp_echo(&bed.hosts[a].ns, to_b, Duration::from_secs(1)).is_ok();
+//! # let _ = reachable;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! // Dropping `dp` detaches (clsact filters from inside their namespace); dropping `bed`
+//! // deletes every namespace it made.
+//! ```
 
 pub mod bpffs;
 pub mod netns;
+pub mod sctp;
 pub mod topology;
 pub mod traffic;
 
 pub use bpffs::PrivateBpffs;
 pub use netns::Netns;
+pub use sctp::{SctpResponder, sctp_probe};
 pub use topology::{Host, HostKind, NODE_IPV4, NODE_IPV6, Testbed};
 pub use traffic::{TcpClient, TcpEchoServer, UdpEchoServer, tcp_echo, udp_echo};
 
@@ -19,5 +42,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// A suffix unique on this machine for this process's objects: pid and a counter.
 pub fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

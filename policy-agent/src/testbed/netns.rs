@@ -21,7 +21,9 @@ impl Netns {
     /// Creates `name` (must not exist).
     pub fn create(name: &str) -> io::Result<Self> {
         run_checked(Command::new("ip").args(["netns", "add", name]))?;
-        Ok(Netns { name: name.to_string() })
+        Ok(Netns {
+            name: name.to_string(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -44,7 +46,12 @@ impl Netns {
     }
 
     /// Like [`Netns::exec`] but returns the output whatever the exit status.
-    pub fn exec_unchecked(&self, program: &str, args: &[&str], timeout: Duration) -> io::Result<Output> {
+    pub fn exec_unchecked(
+        &self,
+        program: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> io::Result<Output> {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]).args(args);
         run_bounded(&mut c, timeout)
@@ -94,7 +101,11 @@ impl Drop for Netns {
 
 /// Runs a command to completion within `timeout` (killed after it), capturing output.
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> io::Result<Output> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait()?.is_some() {
@@ -103,7 +114,10 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> io::Result<Output> {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{cmd:?} timed out")));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{cmd:?} timed out"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -37,7 +37,11 @@ pub struct Host {
 
 impl Host {
     pub fn ip(&self, v6: bool) -> IpAddr {
-        if v6 { IpAddr::V6(self.ipv6) } else { IpAddr::V4(self.ipv4) }
+        if v6 {
+            IpAddr::V6(self.ipv6)
+        } else {
+            IpAddr::V4(self.ipv4)
+        }
     }
 }
 
@@ -56,14 +60,26 @@ impl Testbed {
         let node = Netns::create(&format!("pnode-{tag}"))?;
         node.ip(&["link", "set", "lo", "up"])?;
         node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
-        node.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", "lo"])?;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_IPV6}/128"),
+            "dev",
+            "lo",
+        ])?;
         node.sysctl(&[
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
             "net.ipv6.conf.default.accept_dad=0",
             "net.ipv6.conf.all.accept_dad=0",
         ])?;
-        Ok(Testbed { hosts: Vec::new(), node, tag, next: 1 })
+        Ok(Testbed {
+            hosts: Vec::new(),
+            node,
+            tag,
+            next: 1,
+        })
     }
 
     pub fn add_pod(&mut self) -> io::Result<usize> {
@@ -82,13 +98,27 @@ impl Testbed {
         }
         self.next += 1;
         let (v4, v6, prefix) = match kind {
-            HostKind::Pod => (Ipv4Addr::new(198, 18, 0, n), Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, n as u16), "p"),
-            HostKind::External => (Ipv4Addr::new(198, 19, 0, n), Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, n as u16), "x"),
+            HostKind::Pod => (
+                Ipv4Addr::new(198, 18, 0, n),
+                Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, n as u16),
+                "p",
+            ),
+            HostKind::External => (
+                Ipv4Addr::new(198, 19, 0, n),
+                Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, n as u16),
+                "x",
+            ),
         };
         let ns = Netns::create(&format!("p{prefix}{n}-{}", self.tag))?;
         // Interface names have at most 15 bytes: tag (<= 10) + kind + index.
         let host_if = format!("v{}{prefix}{n}", self.tag);
-        let host = Host { kind, ns, ipv4: v4, ipv6: v6, host_if };
+        let host = Host {
+            kind,
+            ns,
+            ipv4: v4,
+            ipv6: v6,
+            host_if,
+        };
         self.plumb(&host)?;
         self.hosts.push(host);
         Ok(self.hosts.len() - 1)
@@ -97,21 +127,78 @@ impl Testbed {
     fn plumb(&self, h: &Host) -> io::Result<()> {
         let node = &self.node;
         let hif = h.host_if.as_str();
-        h.ns.sysctl(&["net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"])?;
-        node.ip(&["link", "add", hif, "type", "veth", "peer", "name", "eth0", "netns", h.ns.name()])?;
-        node.ip(&["addr", "add", &format!("{GATEWAY_V4}/32"), "dev", hif, "scope", "link"])?;
-        node.ip(&["-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", hif, "nodad"])?;
+        h.ns.sysctl(&[
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ])?;
+        node.ip(&[
+            "link",
+            "add",
+            hif,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            h.ns.name(),
+        ])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{GATEWAY_V4}/32"),
+            "dev",
+            hif,
+            "scope",
+            "link",
+        ])?;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY_V6}/64"),
+            "dev",
+            hif,
+            "nodad",
+        ])?;
         node.ip(&["link", "set", hif, "up"])?;
-        node.ip(&["route", "add", &format!("{}/32", h.ipv4), "dev", hif, "src", &NODE_IPV4.to_string()])?;
-        node.ip(&["-6", "route", "add", &format!("{}/128", h.ipv6), "dev", hif, "src", &NODE_IPV6.to_string()])?;
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", h.ipv4),
+            "dev",
+            hif,
+            "src",
+            &NODE_IPV4.to_string(),
+        ])?;
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", h.ipv6),
+            "dev",
+            hif,
+            "src",
+            &NODE_IPV6.to_string(),
+        ])?;
         let ns = &h.ns;
         ns.ip(&["link", "set", "lo", "up"])?;
         ns.ip(&["addr", "add", &format!("{}/32", h.ipv4), "dev", "eth0"])?;
-        ns.ip(&["-6", "addr", "add", &format!("{}/128", h.ipv6), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/128", h.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
         ns.ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
-        ns.ip(&["-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0"])?;
+        ns.ip(&[
+            "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
+        ])?;
         Ok(())
     }
 

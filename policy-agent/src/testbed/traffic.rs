@@ -40,7 +40,11 @@ impl TcpEchoServer {
                 }
             }
         });
-        Ok(TcpEchoServer { addr, stop, thread: Some(thread) })
+        Ok(TcpEchoServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -57,7 +61,11 @@ fn echo_tcp(mut conn: TcpStream, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -93,7 +101,11 @@ impl UdpEchoServer {
                 }
             }
         });
-        Ok(UdpEchoServer { addr, stop, thread: Some(thread) })
+        Ok(UdpEchoServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -115,7 +127,9 @@ pub fn tcp_echo(ns: &Netns, to: SocketAddr, timeout: Duration) -> io::Result<()>
 
 /// Sends a datagram from `ns` to `to` and waits `timeout` for its echo.
 pub fn udp_echo(ns: &Netns, to: SocketAddr, timeout: Duration) -> io::Result<()> {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(io::Error::other)?;
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(io::Error::other)?;
     let sock = ns.enter(|| UdpSocket::bind(bind))??;
     sock.set_read_timeout(Some(timeout))?;
     let msg = b"netpol-probe";

@@ -32,7 +32,10 @@ pub fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
     b[12] = 5 << 4;
     b[13] = flags;
     b[14..16].copy_from_slice(&65535u16.to_be_bytes());
-    L4 { proto: TCP, bytes: b }
+    L4 {
+        proto: TCP,
+        bytes: b,
+    }
 }
 
 pub fn udp(sport: u16, dport: u16) -> L4 {
@@ -42,7 +45,10 @@ pub fn udp(sport: u16, dport: u16) -> L4 {
     b[2..4].copy_from_slice(&dport.to_be_bytes());
     b[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     b.extend_from_slice(payload);
-    L4 { proto: UDP, bytes: b }
+    L4 {
+        proto: UDP,
+        bytes: b,
+    }
 }
 
 /// SCTP common header plus an INIT chunk.
@@ -57,7 +63,10 @@ pub fn sctp(sport: u16, dport: u16) -> L4 {
     chunk.extend_from_slice(&[0, 1, 0, 1]);
     chunk.extend_from_slice(&1u32.to_be_bytes());
     b.extend_from_slice(&chunk);
-    L4 { proto: SCTP, bytes: b }
+    L4 {
+        proto: SCTP,
+        bytes: b,
+    }
 }
 
 /// ICMP (`v6`: ICMPv6) with type, code and the 4 bytes after the checksum.
@@ -65,7 +74,10 @@ pub fn icmp_raw(v6: bool, ty: u8, code: u8, rest: [u8; 4], payload: &[u8]) -> L4
     let mut b = vec![ty, code, 0, 0];
     b.extend_from_slice(&rest);
     b.extend_from_slice(payload);
-    L4 { proto: if v6 { ICMPV6 } else { ICMP }, bytes: b }
+    L4 {
+        proto: if v6 { ICMPV6 } else { ICMP },
+        bytes: b,
+    }
 }
 
 pub fn echo_request(v6: bool, id: u16) -> L4 {
@@ -117,7 +129,7 @@ impl V4 {
     /// The IP packet (no Ethernet header).
     pub fn packet(&self, l4: &L4) -> Vec<u8> {
         let mut opts = self.options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let hlen = 20 + opts.len();
@@ -198,7 +210,12 @@ pub struct V6 {
 
 impl V6 {
     pub fn new(src: Ipv6Addr, dst: Ipv6Addr) -> Self {
-        V6 { src, dst, ext: vec![], hop_limit: 64 }
+        V6 {
+            src,
+            dst,
+            ext: vec![],
+            hop_limit: 64,
+        }
     }
 
     pub fn packet(&self, l4: &L4) -> Vec<u8> {
