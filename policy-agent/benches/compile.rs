@@ -36,7 +36,7 @@ fn make_pod(i: usize, apps: usize, generation: usize) -> Pod {
     Pod {
         namespace: format!("ns{ns}"),
         name: format!("pod{i}-{generation}"),
-        labels: labels(&[("app", &format!("app{app}")), ("tier", if app % 2 == 0 { "fe" } else { "be" }),
+        labels: labels(&[("app", &format!("app{app}")), ("tier", if app.is_multiple_of(2) { "fe" } else { "be" }),
             ("pod-template-hash", &format!("h{}", i % 3))]),
         ips: pod_ips(i),
         ports: vec![

@@ -11,11 +11,15 @@ use policy_common::{Direction, Reason};
 
 use crate::compiler::{MapContents, addr_of};
 
+/// LPM entries of one exact leading part: (prefix length, key bytes, value).
+type CidrEntries = Vec<(u32, [u8; 20], RuleValue)>;
+type PortEntries = Vec<(u32, [u8; 8])>;
+
 pub struct KernelModel<'a> {
     pub maps: &'a MapContents,
     /// LPM entries grouped by their always-exact leading word(s), for quick scans.
-    cidr_by_set: HashMap<u32, Vec<(u32, [u8; 20], RuleValue)>>,
-    ports_by_set: HashMap<(u32, u8), Vec<(u32, [u8; 8])>>,
+    cidr_by_set: HashMap<u32, CidrEntries>,
+    ports_by_set: HashMap<(u32, u8), PortEntries>,
 }
 
 /// Whether the first `bits` bits of two byte strings agree.
@@ -50,11 +54,11 @@ fn port_bytes(d: &PortData) -> [u8; 8] {
 
 impl<'a> KernelModel<'a> {
     pub fn new(maps: &'a MapContents) -> Self {
-        let mut cidr_by_set: HashMap<u32, Vec<(u32, [u8; 20], RuleValue)>> = HashMap::new();
+        let mut cidr_by_set: HashMap<u32, CidrEntries> = HashMap::new();
         for (k, v) in &maps.cidr_rules {
             cidr_by_set.entry(k.data.set_family_be).or_default().push((k.prefixlen, cidr_bytes(&k.data), *v));
         }
-        let mut ports_by_set: HashMap<(u32, u8), Vec<(u32, [u8; 8])>> = HashMap::new();
+        let mut ports_by_set: HashMap<(u32, u8), PortEntries> = HashMap::new();
         for k in maps.ports.keys() {
             ports_by_set.entry((k.data.port_set_be, k.data.proto)).or_default().push((k.prefixlen, port_bytes(&k.data)));
         }

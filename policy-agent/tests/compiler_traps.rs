@@ -34,6 +34,7 @@ impl C {
         c.pod("y", "h", "web", &[NODE_V4], 80, "n1", true);
         c
     }
+    #[allow(clippy::too_many_arguments)]
     fn pod(&mut self, ns: &str, name: &str, app: &str, ips: &[&str], http: u16, node: &str, host: bool) {
         let p = Pod {
             namespace: ns.into(), name: name.into(), labels: labels(&[("app", app)]),

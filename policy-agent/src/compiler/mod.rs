@@ -334,13 +334,16 @@ struct Ident<'a> {
     key: &'a IdentityKey,
 }
 
+/// (namespaceSelector, policy namespace when it has none, podSelector) of a pod peer.
+type PeerKey<'a> = (Option<&'a LabelSelector>, &'a str, Option<&'a LabelSelector>);
+
 /// Per-compile lookup structures over identities and namespaces.
 struct Universe<'a> {
     snap: &'a Snapshot,
     idents: Vec<Ident<'a>>,
     by_ns: HashMap<&'a str, Vec<usize>>,
     /// Peer selector results, shared by every policy using the same selectors.
-    peer_cache: HashMap<(Option<&'a LabelSelector>, &'a str, Option<&'a LabelSelector>), Vec<usize>>,
+    peer_cache: HashMap<PeerKey<'a>, Vec<usize>>,
 }
 
 impl<'a> Universe<'a> {

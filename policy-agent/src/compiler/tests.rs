@@ -114,7 +114,7 @@ fn many_ports_go_to_the_trie() {
     assert!(!m.ports.is_empty());
     let k = KernelModel::new(&m);
     for port in 990..1070u16 {
-        let want = port >= 1000 && port < 1060 && (port - 1000) % 10 <= 3;
+        let want = (1000..1060).contains(&port) && (port - 1000) % 10 <= 3;
         assert_eq!(k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::UDP, port), want, "{port}");
     }
     assert!(!k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::TCP, 1000));
