@@ -3,8 +3,14 @@
 
 pub mod compiler;
 pub mod convert;
+pub mod dataplane;
 pub mod ebpf_object;
 pub mod kernel_model;
+pub mod manifests;
 pub mod model;
+pub mod netinfo;
 pub mod reference;
 pub mod scenario;
+pub mod standalone;
+pub mod testbed;
+pub mod writer;

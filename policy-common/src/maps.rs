@@ -25,6 +25,8 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const PROG_FROM_POD: &str = "from_pod";
 /// Attached at TC egress of the pod's host-side veth: packets sent to the pod.
 pub const PROG_TO_POD: &str = "to_pod";
+/// A program that does nothing: the baseline of the datapath benchmark.
+pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 
 // ---- capacities ----
 pub const MAX_ENDPOINTS: u32 = 16_384;

@@ -1,1 +1,58 @@
-fn main() {}
+//! `cargo xtask ...`: the project's tasks. Every task that builds or tests first makes the
+//! machine ready (`setup`), so a fresh clone needs only `cargo xtask test` or `cargo xtask demo`.
+
+mod ebpf;
+mod run;
+mod setup;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Tasks of the eBPF NetworkPolicy dataplane")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent): nightly rust-src, bpf-linker,
+    /// Debian packages.
+    Setup,
+    /// Build the kernel programs (release, BTF) into target/ebpf.
+    BuildEbpf,
+    /// Setup, build, then every test layer: unit, property, kernel (BPF_PROG_TEST_RUN),
+    /// namespaces, scenarios.
+    Test,
+    /// Benchmarks: `datapath` (ns per packet) or `compile` (policy compiler).
+    Bench {
+        #[arg(value_parser = ["datapath", "compile"])]
+        which: Vec<String>,
+    },
+    /// Run scenario files (../shared/scenarios/FORMAT.md) on the kernel, or with
+    /// `--simulate` through the compiler and the kernel model.
+    Scenario {
+        #[arg(long)]
+        simulate: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = run::workspace_root()?;
+    match cli.task {
+        Task::Setup => setup::run().map(|_| ()),
+        Task::BuildEbpf => {
+            let tools = setup::run()?;
+            ebpf::build(&root, &tools)
+        }
+        Task::Test => run::test(&root),
+        Task::Bench { which } => run::bench(&root, &which),
+        Task::Scenario { simulate, files } => run::scenario(&root, simulate, &files),
+    }
+}

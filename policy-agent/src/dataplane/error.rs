@@ -1,0 +1,62 @@
+use std::path::PathBuf;
+
+use crate::ebpf_object::MissingObject;
+
+/// Errors of the dataplane layer (loading, attaching, map access).
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    MissingObject(#[from] MissingObject),
+    #[error("loading the eBPF object (maps pinned under {pin_dir}): {source}")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("the pin directory {0} is not on a bpffs mount")]
+    NotBpffs(PathBuf),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("attaching {program} to interface {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("interface {interface}: {source}")]
+    Interface {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DataplaneError {
+    pub(crate) fn map(map: &'static str, e: aya::maps::MapError) -> Self {
+        DataplaneError::Map { map, source: Box::new(e) }
+    }
+    pub(crate) fn program(program: &'static str, e: aya::programs::ProgramError) -> Self {
+        DataplaneError::Program { program, source: Box::new(e) }
+    }
+}

@@ -1,0 +1,205 @@
+//! Typed handles to the maps of the loaded object.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+};
+use policy_common::{
+    CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
+    Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey,
+    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS,
+    MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, PortData,
+    Reason, RuleKey, RuleValue, reason::COUNTERS_LEN,
+};
+
+use super::{DataplaneError, events::DenyEvents};
+
+/// Value stored in `PORTS` (presence is what the kernel checks).
+pub const PORT_PRESENT: u8 = 1;
+
+/// Every map of the object, typed.
+pub struct DataplaneMaps {
+    pub endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub ipcache: HashMap<MapData, IpCacheKey, IpCacheValue>,
+    pub rules: HashMap<MapData, RuleKey, RuleValue>,
+    pub cidr_rules: LpmTrie<MapData, CidrData, RuleValue>,
+    pub ports: LpmTrie<MapData, PortData, u8>,
+    pub fragments: HashMap<MapData, FragKey, FragValue>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub event_budget: PerCpuArray<MapData, EventBudget>,
+    pub config: Array<MapData, Config>,
+    events: Option<RingBuf<MapData>>,
+}
+
+/// Verdict counters summed over CPUs: `[direction][reason]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [[u64; Reason::COUNT]; Direction::COUNT]);
+
+impl Counters {
+    pub fn get(&self, dir: Direction, reason: Reason) -> u64 {
+        self.0[dir as usize][reason as usize]
+    }
+    /// Per-entry difference `self - earlier`.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let mut out = Counters::default();
+        for d in 0..Direction::COUNT {
+            for r in 0..Reason::COUNT {
+                out.0[d][r] = self.0[d][r].wrapping_sub(earlier.0[d][r]);
+            }
+        }
+        out
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let m = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(m).map_err(|e| DataplaneError::map(name, e))
+}
+
+/// Deleting a missing key is not an error for the writer.
+fn absent_ok(name: &'static str, r: Result<(), MapError>) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        Err(e) => Err(DataplaneError::map(name, e)),
+    }
+}
+
+macro_rules! lpm {
+    ($k:expr) => {
+        Key::new($k.prefixlen, $k.data)
+    };
+}
+
+impl DataplaneMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(DataplaneMaps {
+            endpoints: take(ebpf, MAP_ENDPOINTS)?,
+            conntrack: take(ebpf, MAP_CONNTRACK)?,
+            ipcache: take(ebpf, MAP_IPCACHE)?,
+            rules: take(ebpf, MAP_RULES)?,
+            cidr_rules: take(ebpf, MAP_CIDR_RULES)?,
+            ports: take(ebpf, MAP_PORTS)?,
+            fragments: take(ebpf, MAP_FRAGMENTS)?,
+            counters: take(ebpf, MAP_COUNTERS)?,
+            event_budget: take(ebpf, MAP_EVENT_BUDGET)?,
+            config: take(ebpf, MAP_CONFIG)?,
+            events: Some(take(ebpf, MAP_EVENTS)?),
+        })
+    }
+
+    pub(crate) fn init_config(&mut self) -> Result<(), DataplaneError> {
+        let cur = self.config.get(&0, 0).map_err(|e| DataplaneError::map(MAP_CONFIG, e))?;
+        if cur == Config::default() {
+            self.set_config(Config {
+                events_per_sec: DEFAULT_EVENTS_PER_SEC,
+                events_burst: DEFAULT_EVENTS_BURST,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn set_config(&mut self, c: Config) -> Result<(), DataplaneError> {
+        self.config.set(0, c, 0).map_err(|e| DataplaneError::map(MAP_CONFIG, e))
+    }
+
+    /// The deny-event reader (once).
+    pub fn take_events(&mut self) -> Option<DenyEvents> {
+        self.events.take().map(DenyEvents::new)
+    }
+
+    pub fn set_endpoint(&mut self, k: EndpointKey, v: EndpointValue) -> Result<(), DataplaneError> {
+        self.endpoints.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_ENDPOINTS, e))
+    }
+    pub fn delete_endpoint(&mut self, k: &EndpointKey) -> Result<(), DataplaneError> {
+        absent_ok(MAP_ENDPOINTS, self.endpoints.remove(k))
+    }
+    pub fn set_ipcache(&mut self, k: IpCacheKey, v: IpCacheValue) -> Result<(), DataplaneError> {
+        self.ipcache.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_IPCACHE, e))
+    }
+    pub fn delete_ipcache(&mut self, k: &IpCacheKey) -> Result<(), DataplaneError> {
+        absent_ok(MAP_IPCACHE, self.ipcache.remove(k))
+    }
+    pub fn set_rule(&mut self, k: RuleKey, v: RuleValue) -> Result<(), DataplaneError> {
+        self.rules.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_RULES, e))
+    }
+    pub fn delete_rule(&mut self, k: &RuleKey) -> Result<(), DataplaneError> {
+        absent_ok(MAP_RULES, self.rules.remove(k))
+    }
+    pub fn set_cidr_rule(
+        &mut self,
+        k: LpmKey<CidrData>,
+        v: RuleValue,
+    ) -> Result<(), DataplaneError> {
+        self.cidr_rules.insert(&lpm!(k), v, 0).map_err(|e| DataplaneError::map(MAP_CIDR_RULES, e))
+    }
+    pub fn delete_cidr_rule(&mut self, k: LpmKey<CidrData>) -> Result<(), DataplaneError> {
+        absent_ok(MAP_CIDR_RULES, self.cidr_rules.remove(&lpm!(k)))
+    }
+    pub fn set_port(&mut self, k: LpmKey<PortData>) -> Result<(), DataplaneError> {
+        self.ports.insert(&lpm!(k), PORT_PRESENT, 0).map_err(|e| DataplaneError::map(MAP_PORTS, e))
+    }
+    pub fn delete_port(&mut self, k: LpmKey<PortData>) -> Result<(), DataplaneError> {
+        absent_ok(MAP_PORTS, self.ports.remove(&lpm!(k)))
+    }
+
+    pub fn conntrack_get(&self, k: &CtKey) -> Option<CtValue> {
+        self.conntrack.get(k, 0).ok()
+    }
+    pub fn set_conntrack(&mut self, k: CtKey, v: CtValue) -> Result<(), DataplaneError> {
+        self.conntrack.insert(k, v, 0).map_err(|e| DataplaneError::map(MAP_CONNTRACK, e))
+    }
+    pub fn fragment_get(&self, k: &FragKey) -> Option<FragValue> {
+        self.fragments.get(k, 0).ok()
+    }
+
+    /// Verdict counters summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        let mut out = Counters::default();
+        for i in 0..COUNTERS_LEN {
+            let per_cpu = self.counters.get(&i, 0).map_err(|e| DataplaneError::map(MAP_COUNTERS, e))?;
+            let sum: u64 = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+            let (d, r) = (i as usize / Reason::COUNT, i as usize % Reason::COUNT);
+            out.0[d][r] = sum;
+        }
+        Ok(out)
+    }
+
+    /// Empties every policy and state map (tests, and a full resync).
+    pub fn clear_all(&mut self) -> Result<(), DataplaneError> {
+        fn clear<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            m: &mut HashMap<MapData, K, V>,
+        ) -> Result<(), DataplaneError> {
+            let keys: Vec<K> = m.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                absent_ok(name, m.remove(&k))?;
+            }
+            Ok(())
+        }
+        fn clear_lpm<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            m: &mut LpmTrie<MapData, K, V>,
+        ) -> Result<(), DataplaneError> {
+            let keys: Vec<Key<K>> = m.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                absent_ok(name, m.remove(&k))?;
+            }
+            Ok(())
+        }
+        clear(MAP_ENDPOINTS, &mut self.endpoints)?;
+        clear(MAP_CONNTRACK, &mut self.conntrack)?;
+        clear(MAP_IPCACHE, &mut self.ipcache)?;
+        clear(MAP_RULES, &mut self.rules)?;
+        clear(MAP_FRAGMENTS, &mut self.fragments)?;
+        clear_lpm(MAP_CIDR_RULES, &mut self.cidr_rules)?;
+        clear_lpm(MAP_PORTS, &mut self.ports)?;
+        Ok(())
+    }
+}

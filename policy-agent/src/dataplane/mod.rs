@@ -1,0 +1,12 @@
+//! The kernel side as the agent sees it: load the eBPF object, attach its programs to pod
+//! interfaces, write and read its maps, read its deny events.
+
+mod error;
+pub mod events;
+pub mod loader;
+pub mod maps;
+
+pub use error::DataplaneError;
+pub use events::DenyEvents;
+pub use loader::{AttachMode, Attachment, Dataplane};
+pub use maps::{Counters, DataplaneMaps};

@@ -1,0 +1,174 @@
+//! What the agent reads of its own network namespace: which interface routes to a pod
+//! address (the pod's host-side veth), and the node's own addresses.
+//!
+//! Routes come from `/proc/net/route` and `/proc/net/ipv6_route` (the main table of the
+//! caller's namespace): no netlink dependency, and exactly what the kernel would pick for a
+//! pod's /32 or /128 route, which is how CNI plugins attach pods.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetInfoError {
+    #[error("reading {path}: {source}")]
+    Read { path: &'static str, source: std::io::Error },
+    #[error("{path} line {line}: cannot parse {what}")]
+    Parse { path: &'static str, line: usize, what: &'static str },
+    #[error("listing interface addresses: {0}")]
+    Addrs(std::io::Error),
+}
+
+/// One route of the main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpAddr,
+    pub prefix_len: u8,
+    pub iface: String,
+}
+
+impl Route {
+    fn covers(&self, ip: IpAddr) -> bool {
+        match (self.dst, ip) {
+            (IpAddr::V4(d), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                u32::from(d) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(d), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                u128::from(d) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Every route of the main table of this namespace, both families.
+pub fn routes() -> Result<Vec<Route>, NetInfoError> {
+    let mut out = parse_v4_routes(&read("/proc/net/route")?)?;
+    // A kernel without IPv6 has no ipv6_route: that is no error, just no v6 routes.
+    if let Ok(v6) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        out.extend(parse_v6_routes(&v6)?);
+    }
+    Ok(out)
+}
+
+/// The interface of the longest-prefix route to `ip`, ignoring the default route (a pod is
+/// reached through its own host route, never through the default gateway).
+pub fn iface_for(routes: &[Route], ip: IpAddr) -> Option<&str> {
+    routes
+        .iter()
+        .filter(|r| r.prefix_len > 0 && r.iface != "lo" && r.covers(ip))
+        .max_by_key(|r| r.prefix_len)
+        .map(|r| r.iface.as_str())
+}
+
+fn read(path: &'static str) -> Result<String, NetInfoError> {
+    std::fs::read_to_string(path).map_err(|source| NetInfoError::Read { path, source })
+}
+
+/// `/proc/net/route`: Iface Destination Gateway Flags RefCnt Use Metric Mask ...; addresses in
+/// host-order hex of the network-order bytes (little-endian machines print them reversed).
+fn parse_v4_routes(text: &str) -> Result<Vec<Route>, NetInfoError> {
+    const PATH: &str = "/proc/net/route";
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let hex = |s: &str, what| {
+            u32::from_str_radix(s, 16).map_err(|_| NetInfoError::Parse { path: PATH, line: i + 1, what })
+        };
+        let dst = Ipv4Addr::from(hex(f[1], "destination")?.to_ne_bytes());
+        let mask = hex(f[7], "mask")?;
+        out.push(Route { dst: IpAddr::V4(dst), prefix_len: mask.count_ones() as u8, iface: f[0].to_string() });
+    }
+    Ok(out)
+}
+
+/// `/proc/net/ipv6_route`: dst dst_len src src_len next_hop metric refcnt use flags iface.
+fn parse_v6_routes(text: &str) -> Result<Vec<Route>, NetInfoError> {
+    const PATH: &str = "/proc/net/ipv6_route";
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let err = |what| NetInfoError::Parse { path: PATH, line: i + 1, what };
+        let dst = u128::from_str_radix(f[0], 16).map_err(|_| err("destination"))?;
+        let len = u8::from_str_radix(f[1], 16).map_err(|_| err("prefix length"))?;
+        let iface = f[9].to_string();
+        out.push(Route { dst: IpAddr::V6(Ipv6Addr::from(dst)), prefix_len: len, iface });
+    }
+    Ok(out)
+}
+
+/// The addresses configured on this namespace's interfaces, loopback excluded: the node's
+/// own addresses, whose traffic to local pods is always admitted.
+pub fn local_addrs() -> Result<Vec<IpAddr>, NetInfoError> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(NetInfoError::Addrs(std::io::Error::last_os_error()));
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family tells its real type.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::V4(Ipv4Addr::from(sa.sin_addr.s_addr.to_ne_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            }
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The ifindex of an interface name in this namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_routes_and_picks_the_host_route() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  vethA\t0500120A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+                  br0\t0000120A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        let v6 = "fd000018000000000000000000000005 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001   vethA\n";
+        let mut r = parse_v4_routes(v4).unwrap();
+        r.extend(parse_v6_routes(v6).unwrap());
+        let ip: IpAddr = "10.18.0.5".parse().unwrap();
+        assert_eq!(iface_for(&r, ip), Some("vethA"));
+        assert_eq!(iface_for(&r, "10.18.0.9".parse().unwrap()), Some("br0"));
+        assert_eq!(iface_for(&r, "8.8.8.8".parse().unwrap()), None);
+        assert_eq!(iface_for(&r, "fd00:18::5".parse().unwrap()), Some("vethA"));
+    }
+}

@@ -1,0 +1,198 @@
+//! The scenario file as written (scenarios/FORMAT.md): plain serde types, unknown fields
+//! rejected. Meaning (defaults, addresses, patterns) is given to them in `plan`.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::Deserialize;
+
+use super::ScenarioError;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ScenarioFile {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// `None`: the standard namespaces x, y, z.
+    #[serde(default)]
+    pub namespaces: Option<BTreeMap<String, NamespaceDef>>,
+    /// `None`: the standard pods a, b, c in every namespace.
+    #[serde(default)]
+    pub pods: Option<Vec<PodDef>>,
+    #[serde(default)]
+    pub externals: Vec<ExternalDef>,
+    #[serde(default)]
+    pub ip_families: Option<Vec<IpFamily>>,
+    pub steps: Vec<StepDef>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceDef {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodDef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `None`: the standard ports (80 and 81 over TCP, UDP and SCTP).
+    #[serde(default)]
+    pub ports: Option<Vec<PortDef>>,
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortDef {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: ProtocolName,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum ProtocolName {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalDef {
+    pub name: String,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl IpFamily {
+    pub fn is_v6(self) -> bool {
+        self == IpFamily::V6
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDef {
+    #[serde(default)]
+    pub apply: Option<String>,
+    #[serde(default)]
+    pub delete: Vec<String>,
+    /// `None`: the step only changes objects; nothing is probed.
+    #[serde(default)]
+    pub expect: Option<ExpectDef>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectDef {
+    #[serde(default)]
+    pub probes: Option<Vec<String>>,
+    #[serde(default)]
+    pub via: Via,
+    pub default: Verdict,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    #[default]
+    Pod,
+    Service,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Pod => "pod",
+            Via::Service => "service",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// Parses a scenario file's text. `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<ScenarioFile, ScenarioError> {
+    serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))
+}
+
+/// Turns a serde_yaml error ("steps[1].expect: unknown field `probs`, expected ... at line 9
+/// column 7") into a file/step/field error.
+fn yaml_error(file: &str, e: &serde_yaml::Error) -> ScenarioError {
+    let text = e.to_string();
+    let (path, message) = match text.split_once(": ") {
+        Some((p, m)) if is_path(p) => (p.to_string(), m.to_string()),
+        _ => (String::new(), text.clone()),
+    };
+    // An unknown field is reported on its parent: name the field itself.
+    let mut path = path;
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, _)) = rest.split_once('`') {
+            path = if path.is_empty() {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+        }
+    }
+    let (step, field) = split_step(&path);
+    ScenarioError::new(file, step, field, message)
+}
+
+fn is_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-[]?/".contains(c))
+}
+
+/// `steps[3].expect.deny` -> (Some(3), "expect.deny").
+fn split_step(path: &str) -> (Option<usize>, String) {
+    if let Some(rest) = path.strip_prefix("steps[") {
+        if let Some((n, tail)) = rest.split_once(']') {
+            if let Ok(n) = n.parse::<usize>() {
+                let field = tail.strip_prefix('.').unwrap_or(tail);
+                return (Some(n), field.to_string());
+            }
+        }
+    }
+    (None, path.to_string())
+}

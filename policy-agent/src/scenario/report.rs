@@ -1,0 +1,134 @@
+//! The report of a step: one reachability matrix per probed port and family (rows sources,
+//! columns destinations), mismatches marked, then each mismatch spelt out.
+
+use std::io::{self, Write};
+
+use super::plan::{Plan, Step};
+use super::run::Outcome;
+use super::topology::EndpointName;
+
+pub const LEGEND: &str = "legend: + allowed, - denied (both as expected); X expected allowed but denied; \
+! expected denied but allowed; ~ port not served (not probed)";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: usize,
+    pub failed: usize,
+    /// Probes to ports the destination does not serve (counted neither way).
+    pub skipped: usize,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.skipped += o.skipped;
+    }
+}
+
+fn cell(expect_allowed: bool, outcome: Outcome) -> char {
+    match (expect_allowed, outcome) {
+        (_, Outcome::NotServed) => '~',
+        (true, Outcome::Observed(true)) => '+',
+        (false, Outcome::Observed(false)) => '-',
+        (true, Outcome::Observed(false)) => 'X',
+        (false, Outcome::Observed(true)) => '!',
+    }
+}
+
+/// Writes a step's matrices; `outcomes` is parallel to `step.probes`.
+pub fn write_step(
+    out: &mut dyn Write,
+    plan: &Plan,
+    step: &Step,
+    steps: usize,
+    outcomes: &[Outcome],
+) -> io::Result<Counts> {
+    let changes = if step.applied.changes.is_empty() {
+        "no change".to_string()
+    } else {
+        step.applied.changes.join("; ")
+    };
+    writeln!(out, "--- step {}/{steps}: {changes}", step.index + 1)?;
+    for w in &step.applied.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    let mut counts = Counts::default();
+    if step.probes.is_empty() {
+        writeln!(out, "(nothing probed)")?;
+        return Ok(counts);
+    }
+    let endpoints = plan.topology.endpoints();
+    let names: Vec<String> = endpoints.iter().map(EndpointName::to_string).collect();
+    let row_width = names.iter().map(String::len).max().unwrap_or(0);
+    for &family in &plan.topology.families {
+        for &port in &step.ports {
+            let selected: Vec<(usize, &super::plan::Probe)> = step
+                .probes
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.family == family && p.port == port)
+                .collect();
+            let mut c = Counts::default();
+            let mut failures = Vec::new();
+            for (i, p) in &selected {
+                match outcomes[*i] {
+                    Outcome::NotServed => c.skipped += 1,
+                    Outcome::Observed(got) if got == p.expect_allowed => c.passed += 1,
+                    Outcome::Observed(got) => {
+                        c.failed += 1;
+                        failures.push(format!(
+                            "  FAIL {} -> {} {port} {}: expected {}, got {}",
+                            p.src,
+                            p.dst,
+                            family.as_str(),
+                            verdict(p.expect_allowed),
+                            verdict(got)
+                        ));
+                    }
+                }
+            }
+            writeln!(
+                out,
+                "{port} {} via {}: {} passed, {} failed{}",
+                family.as_str(),
+                step.via.as_str(),
+                c.passed,
+                c.failed,
+                if c.skipped > 0 {
+                    format!(", {} not served", c.skipped)
+                } else {
+                    String::new()
+                }
+            )?;
+            // Header: destination names.
+            write!(out, "{:row_width$} ", "")?;
+            for n in &names {
+                write!(out, " {n}")?;
+            }
+            writeln!(out)?;
+            for (si, src) in endpoints.iter().enumerate() {
+                write!(out, "{:row_width$} ", names[si])?;
+                for (di, dst) in endpoints.iter().enumerate() {
+                    let mark = selected
+                        .iter()
+                        .find(|(_, p)| &p.src == src && &p.dst == dst)
+                        .map(|(i, p)| cell(p.expect_allowed, outcomes[*i]))
+                        .unwrap_or(' ');
+                    let w = names[di].len();
+                    write!(out, " {:^w$}", mark)?;
+                }
+                writeln!(out)?;
+            }
+            for f in failures {
+                writeln!(out, "{f}")?;
+            }
+            counts.add(&c);
+        }
+    }
+    Ok(counts)
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed { "allow" } else { "deny" }
+}

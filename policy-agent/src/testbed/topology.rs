@@ -1,0 +1,154 @@
+//! A node namespace with pods and external hosts hanging off it by veth pairs, routed like
+//! a routed-veth CNI (Calico style): each host has a /32 and a /128 on its `eth0` and a
+//! default route via the node; the node routes each host's addresses to its veth.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use super::netns::Netns;
+
+/// The node's own addresses (on its loopback): the source of node-originated traffic.
+pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 254);
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0xfffe);
+/// Gateway addresses every host uses, present on each node-side veth.
+const GATEWAY_V4: &str = "169.254.1.1";
+const GATEWAY_V6: &str = "fe80::1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKind {
+    /// A pod on the node: 198.18.0.x, fd00:18::x.
+    Pod,
+    /// A host outside the cluster: 198.19.0.x, fd00:19::x.
+    External,
+}
+
+/// A pod or external host: its namespace, addresses and the node-side interface.
+#[derive(Debug)]
+pub struct Host {
+    pub kind: HostKind,
+    pub ns: Netns,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// The node-side end of the host's veth (where the programs attach for pods).
+    pub host_if: String,
+}
+
+impl Host {
+    pub fn ip(&self, v6: bool) -> IpAddr {
+        if v6 { IpAddr::V6(self.ipv6) } else { IpAddr::V4(self.ipv4) }
+    }
+}
+
+/// The test bed. Dropping it deletes every namespace it made (hosts first, then the node).
+pub struct Testbed {
+    pub hosts: Vec<Host>,
+    pub node: Netns,
+    tag: String,
+    next: u8,
+}
+
+impl Testbed {
+    /// An empty node namespace with forwarding on and its own addresses on loopback.
+    pub fn new() -> io::Result<Self> {
+        let tag = short_tag();
+        let node = Netns::create(&format!("pnode-{tag}"))?;
+        node.ip(&["link", "set", "lo", "up"])?;
+        node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
+        node.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", "lo"])?;
+        node.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ])?;
+        Ok(Testbed { hosts: Vec::new(), node, tag, next: 1 })
+    }
+
+    pub fn add_pod(&mut self) -> io::Result<usize> {
+        self.add_host(HostKind::Pod)
+    }
+
+    pub fn add_external(&mut self) -> io::Result<usize> {
+        self.add_host(HostKind::External)
+    }
+
+    /// Adds a host and returns its index in `hosts`.
+    pub fn add_host(&mut self, kind: HostKind) -> io::Result<usize> {
+        let n = self.next;
+        if n == u8::MAX {
+            return Err(io::Error::other("test bed full"));
+        }
+        self.next += 1;
+        let (v4, v6, prefix) = match kind {
+            HostKind::Pod => (Ipv4Addr::new(198, 18, 0, n), Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, n as u16), "p"),
+            HostKind::External => (Ipv4Addr::new(198, 19, 0, n), Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, n as u16), "x"),
+        };
+        let ns = Netns::create(&format!("p{prefix}{n}-{}", self.tag))?;
+        // Interface names have at most 15 bytes: tag (<= 10) + kind + index.
+        let host_if = format!("v{}{prefix}{n}", self.tag);
+        let host = Host { kind, ns, ipv4: v4, ipv6: v6, host_if };
+        self.plumb(&host)?;
+        self.hosts.push(host);
+        Ok(self.hosts.len() - 1)
+    }
+
+    fn plumb(&self, h: &Host) -> io::Result<()> {
+        let node = &self.node;
+        let hif = h.host_if.as_str();
+        h.ns.sysctl(&["net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"])?;
+        node.ip(&["link", "add", hif, "type", "veth", "peer", "name", "eth0", "netns", h.ns.name()])?;
+        node.ip(&["addr", "add", &format!("{GATEWAY_V4}/32"), "dev", hif, "scope", "link"])?;
+        node.ip(&["-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", hif, "nodad"])?;
+        node.ip(&["link", "set", hif, "up"])?;
+        node.ip(&["route", "add", &format!("{}/32", h.ipv4), "dev", hif, "src", &NODE_IPV4.to_string()])?;
+        node.ip(&["-6", "route", "add", &format!("{}/128", h.ipv6), "dev", hif, "src", &NODE_IPV6.to_string()])?;
+        let ns = &h.ns;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.ip(&["addr", "add", &format!("{}/32", h.ipv4), "dev", "eth0"])?;
+        ns.ip(&["-6", "addr", "add", &format!("{}/128", h.ipv6), "dev", "eth0", "nodad"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
+        ns.ip(&["-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// Names of every namespace of the bed (node last).
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.hosts.iter().map(|h| h.ns.name().to_string()).collect();
+        v.push(self.node.name().to_string());
+        v
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        // Hosts first (their Drop deletes each namespace), then the node (field drop).
+        self.hosts.clear();
+    }
+}
+
+/// A short unique tag: interface names must stay within 15 bytes.
+fn short_tag() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    // pid (< 2^22 on Linux) and a per-process counter, in base 36.
+    base36(((std::process::id() as u64) << 10) | (n as u64 & 0x3ff))
+}
+
+fn base36(mut v: u64) -> String {
+    const D: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut s = Vec::new();
+    loop {
+        s.push(D[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}

@@ -1,0 +1,45 @@
+//! Writes a compiled [`MapDiff`] into the kernel maps in an order that never opens traffic
+//! mid-way: what a new entry points to is written before the entry that points to it, and
+//! removed only after it.
+//!
+//! Order: ports -> CIDR rules -> identity rules -> ipcache -> endpoints, then deletions in
+//! the reverse order. An endpoint moving to a new policy-set thus finds the new set's rules
+//! complete when it switches, and the old set's rules disappear only once nothing uses them.
+
+use crate::compiler::MapDiff;
+use crate::dataplane::{DataplaneError, DataplaneMaps};
+
+/// Applies `diff`; stops at the first error (the caller resyncs from a full compile).
+pub fn apply(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneError> {
+    for (k, _) in &diff.ports.upserts {
+        maps.set_port(*k)?;
+    }
+    for (k, v) in &diff.cidr_rules.upserts {
+        maps.set_cidr_rule(*k, *v)?;
+    }
+    for (k, v) in &diff.rules.upserts {
+        maps.set_rule(*k, *v)?;
+    }
+    for (k, v) in &diff.ipcache.upserts {
+        maps.set_ipcache(*k, *v)?;
+    }
+    for (k, v) in &diff.endpoints.upserts {
+        maps.set_endpoint(*k, *v)?;
+    }
+    for k in &diff.endpoints.deletes {
+        maps.delete_endpoint(k)?;
+    }
+    for k in &diff.ipcache.deletes {
+        maps.delete_ipcache(k)?;
+    }
+    for k in &diff.rules.deletes {
+        maps.delete_rule(k)?;
+    }
+    for k in &diff.cidr_rules.deletes {
+        maps.delete_cidr_rule(*k)?;
+    }
+    for k in &diff.ports.deletes {
+        maps.delete_port(*k)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! Every scenario file of the project (and ../shared/scenarios when present) passes in
+//! simulation; the compiler + kernel model agree with the reference evaluator on every probe;
+//! invalid files are reported by file, step and field; the binary's output and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use policy_agent::scenario::report::Counts;
+use policy_agent::scenario::simulate::{KernelModelOracle, ReferenceOracle};
+use policy_agent::scenario::{Oracle, Plan, ScenarioError, run_plan};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(p);
+        }
+    }
+}
+
+/// `scenarios/**` of the workspace, then ../shared/scenarios when it exists.
+fn scenario_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    yaml_files(&workspace().join("scenarios"), &mut files);
+    yaml_files(&workspace().join("../shared/scenarios"), &mut files);
+    files
+}
+
+fn load_all() -> Vec<Plan> {
+    let files = scenario_files();
+    assert!(
+        files.iter().any(|f| f.to_string_lossy().contains("traps"))
+            && files.iter().any(|f| f.to_string_lossy().contains("seed")),
+        "the project's scenario files were not found: {files:?}"
+    );
+    let mut errors = Vec::new();
+    let plans: Vec<Plan> = files
+        .iter()
+        .filter_map(|f| Plan::load(f).map_err(|e| errors.push(e.to_string())).ok())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "invalid scenario files:\n{}",
+        errors.join("\n")
+    );
+    plans
+}
+
+fn run(plan: &Plan, oracle: &mut dyn Oracle) -> (Counts, String) {
+    let mut out = Vec::new();
+    let counts = run_plan(plan, oracle, &mut out).expect("simulation runs");
+    (counts, String::from_utf8(out).expect("utf-8 report"))
+}
+
+#[test]
+fn every_scenario_passes_on_the_compiler_and_kernel_model() {
+    let plans = load_all();
+    let mut failed = Vec::new();
+    let mut total = Counts::default();
+    for plan in &plans {
+        let (counts, report) = run(plan, &mut KernelModelOracle::default());
+        total.add(&counts);
+        if counts.failed > 0 {
+            failed.push(report);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "failing scenarios:\n{}",
+        failed.join("\n")
+    );
+    assert!(total.passed > 1000, "too few probes ran: {total:?}");
+}
+
+#[test]
+fn every_scenario_passes_on_the_reference_evaluator() {
+    let plans = load_all();
+    let mut failed = Vec::new();
+    for plan in &plans {
+        let (counts, report) = run(plan, &mut ReferenceOracle::default());
+        if counts.failed > 0 {
+            failed.push(report);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "failing scenarios:\n{}",
+        failed.join("\n")
+    );
+}
+
+/// Independent of the expectations written in the files: the datapath model and the spec agree
+/// on every probe of every step (including probes to ports nobody serves).
+#[test]
+fn kernel_model_agrees_with_reference_on_every_probe() {
+    let mut disagreements = Vec::new();
+    let mut compared = 0usize;
+    for plan in load_all() {
+        let mut km = KernelModelOracle::default();
+        km.setup(&plan.topology).expect("setup");
+        for step in &plan.steps {
+            km.apply(&plan.topology, &step.state).expect("compile");
+            for probe in &step.probes {
+                compared += 1;
+                let kernel = km.verdict(probe);
+                let reference = ReferenceOracle::verdict(&step.state.snapshot, probe);
+                if kernel != reference {
+                    disagreements.push(format!(
+                        "{} step {}: {} -> {} {} {}: kernel model {kernel}, reference {reference}",
+                        plan.file,
+                        step.index + 1,
+                        probe.src,
+                        probe.dst,
+                        probe.port,
+                        probe.family.as_str()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(compared > 1000, "too few probes compared: {compared}");
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invalid files: the error names the file, the step (index into `steps`) and the field.
+// ---------------------------------------------------------------------------------------------
+
+const GOOD_STEP: &str = "  - expect: {default: allow}\n";
+
+fn parse_err(text: &str) -> ScenarioError {
+    match Plan::parse("t.yaml", text) {
+        Ok(_) => panic!("accepted an invalid file:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+fn assert_err(text: &str, step: Option<usize>, field: &str, message_part: &str) {
+    let e = parse_err(text);
+    assert_eq!(e.file, "t.yaml");
+    assert_eq!((e.step, e.field.as_str()), (step, field), "{e}");
+    assert!(
+        e.message.contains(message_part),
+        "message {:?} lacks {message_part:?}",
+        e.message
+    );
+    let shown = e.to_string();
+    assert!(shown.starts_with("t.yaml: "), "{shown}");
+    if let Some(i) = step {
+        assert!(
+            shown.contains(&format!("step {} (steps[{i}])", i + 1)),
+            "{shown}"
+        );
+    }
+    assert!(shown.contains(field), "{shown}");
+}
+
+#[test]
+fn unknown_fields_are_named() {
+    assert_err(
+        &format!("name: t\nnamspaces: {{}}\nsteps:\n{GOOD_STEP}"),
+        None,
+        "namspaces",
+        "unknown field",
+    );
+    assert_err(
+        &format!("name: t\nsteps:\n{GOOD_STEP}  - expect: {{default: allow, probs: [TCP/80]}}\n"),
+        Some(1),
+        "expect.probs",
+        "unknown field",
+    );
+    assert_err(
+        "name: t\npods: [{namespace: x, name: a, labls: {}}]\nsteps:\n  - {}\n",
+        None,
+        "pods[0].labls",
+        "unknown field",
+    );
+}
+
+#[test]
+fn invalid_values_are_named() {
+    assert_err(
+        &format!("name: t\nsteps:\n{GOOD_STEP}  - expect: {{default: maybe}}\n"),
+        Some(1),
+        "expect.default",
+        "unknown variant",
+    );
+    assert_err(
+        &format!("name: t\nipFamilies: [IPv5]\nsteps:\n{GOOD_STEP}"),
+        None,
+        "ipFamilies[0]",
+        "unknown variant",
+    );
+    assert_err(
+        &format!("name: t\npods: [{{namespace: w, name: a}}]\nsteps:\n{GOOD_STEP}"),
+        None,
+        "pods[0].namespace",
+        "not declared",
+    );
+    assert_err(
+        &format!("name: t\nexternals: [{{name: e, ip: 10.0.0.1}}]\nsteps:\n{GOOD_STEP}"),
+        None,
+        "externals[0].ip",
+        "outside 198.19.0.0/16",
+    );
+    assert_err(
+        &format!(
+            "name: t\npods: [{{namespace: x, name: a, ports: [{{port: 80, protocol: ICMP}}]}}]\nsteps:\n{GOOD_STEP}"
+        ),
+        None,
+        "pods[0].ports[0].protocol",
+        "unknown variant",
+    );
+    assert_err("name: t\nsteps: []\n", None, "steps", "no step");
+    assert_err(
+        &format!("steps:\n{GOOD_STEP}"),
+        None,
+        "",
+        "missing field `name`",
+    );
+}
+
+#[test]
+fn invalid_expectations_are_named() {
+    let step = |expect: &str| format!("name: t\nsteps:\n{GOOD_STEP}  - expect: {expect}\n");
+    assert_err(
+        &step("{default: allow, probes: [TCP/0]}"),
+        Some(1),
+        "expect.probes[0]",
+        "not a port",
+    );
+    assert_err(
+        &step("{default: allow, probes: [ICMP/1]}"),
+        Some(1),
+        "expect.probes[0]",
+        "not a protocol",
+    );
+    assert_err(
+        &step("{default: allow, probes: [TCP/80, TCP/80]}"),
+        Some(1),
+        "expect.probes[1]",
+        "twice",
+    );
+    assert_err(
+        &step("{default: allow, deny: [\"x/a => x/b\"]}"),
+        Some(1),
+        "expect.deny[0]",
+        "SRC -> DST",
+    );
+    assert_err(
+        &step("{default: allow, allow: [\"x/q -> x/b\"]}"),
+        Some(1),
+        "expect.allow[0]",
+        "matches no pod",
+    );
+    assert_err(
+        &step("{default: allow, allow: [\"x/a -> x/b:UDP/80\"]}"),
+        Some(1),
+        "expect.allow[0]",
+        "not among",
+    );
+    assert_err(
+        &step("{default: allow, allow: [\"x/a* -> x/b\"]}"),
+        Some(1),
+        "expect.allow[0]",
+        "whole part",
+    );
+}
+
+#[test]
+fn invalid_changes_are_named() {
+    let step = |body: &str| {
+        format!("name: t\nsteps:\n{GOOD_STEP}  - {body}\n    expect: {{default: allow}}\n")
+    };
+    assert_err(
+        &step("apply: \"{{ip x/q}}\""),
+        Some(1),
+        "apply",
+        "no pod x/q",
+    );
+    assert_err(
+        &step("apply: \"{{addr x/a}}\""),
+        Some(1),
+        "apply",
+        "unknown template function",
+    );
+    assert_err(
+        &step("apply: \"kind: Service\\napiVersion: v1\\nmetadata: {name: s}\""),
+        Some(1),
+        "apply[0].kind",
+        "only NetworkPolicy",
+    );
+    assert_err(
+        &step("apply: \"kind: ConfigMap\\n---\\nkind: Service\""),
+        Some(1),
+        "apply[0].kind",
+        "ConfigMap",
+    );
+    assert_err(
+        &step(
+            "apply: \"apiVersion: networking.k8s.io/v1\\nkind: NetworkPolicy\\nmetadata: {name: p, namespace: x}\\nspec: {ingress: notalist}\"",
+        ),
+        Some(1),
+        "apply[0].spec.ingress",
+        "invalid type",
+    );
+    assert_err(
+        &step(
+            "apply: \"apiVersion: networking.k8s.io/v1\\nkind: NetworkPolicy\\nmetadata: {name: p}\\nspec: {}\"",
+        ),
+        Some(1),
+        "apply[0].metadata.namespace",
+        "missing",
+    );
+    assert_err(
+        &step("apply: \"apiVersion: v1\\nkind: Pod\\nmetadata: {name: q, namespace: x}\""),
+        Some(1),
+        "apply[0].metadata",
+        "not declared",
+    );
+    assert_err(
+        &step(
+            "apply: \"apiVersion: v1\\nkind: Namespace\\nmetadata: {name: x, labels: {'bad key!': v}}\"",
+        ),
+        Some(1),
+        "apply[0].metadata.labels",
+        "not a valid label key",
+    );
+    assert_err(
+        &step("delete: [networkpolicy/x/none]"),
+        Some(1),
+        "delete[0]",
+        "does not exist",
+    );
+    assert_err(
+        &step("delete: [pod/x/a]"),
+        Some(1),
+        "delete[0]",
+        "fixed hosts",
+    );
+    assert_err(
+        &step("delete: [x/p]"),
+        Some(1),
+        "delete[0]",
+        "networkpolicy/NS/NAME",
+    );
+}
+
+#[test]
+fn an_invalid_policy_is_a_warning_and_fails_closed() {
+    let text = r#"
+name: t
+steps:
+  - apply: |
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: p, namespace: x}
+      spec:
+        podSelector: {matchLabels: {pod: a}}
+        ingress:
+        - from: [{ipBlock: {cidr: not-a-cidr}}]
+    expect:
+      default: allow
+      deny: ["*/* -> x/a"]
+"#;
+    let plan = Plan::parse("t.yaml", text).expect("an invalid policy is not a file error");
+    let warnings = &plan.steps[0].applied.warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("networkpolicy x/p") && warnings[0].contains("cidr"),
+        "{warnings:?}"
+    );
+    let (counts, report) = run(&plan, &mut KernelModelOracle::default());
+    assert_eq!(counts.failed, 0, "{report}");
+    assert!(report.contains("warning: networkpolicy x/p"), "{report}");
+}
+
+#[test]
+fn templates_resolve_to_the_topology_addresses() {
+    let text = r#"
+name: t
+externals: [{name: e, ip: 198.19.0.7, ip6: "fd00:19::7"}]
+steps:
+  - apply: |
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: p, namespace: x}
+      spec:
+        podSelector: {matchLabels: {pod: a}}
+        ingress:
+        - from: [{ipBlock: {cidr: "{{ip y/b}}/32"}}, {ipBlock: {cidr: "{{ ip6 y/b }}/128"}}, {ipBlock: {cidr: "{{ip external:e}}/32"}}]
+    expect:
+      default: allow
+      deny: ["* -> x/a"]
+      allow: ["y/b -> x/a", "external:e -> x/a"]
+"#;
+    let plan = Plan::parse("t.yaml", text).expect("valid");
+    let doc = plan.steps[0]
+        .state
+        .policy_docs
+        .values()
+        .next()
+        .expect("policy doc");
+    let yb = plan
+        .topology
+        .pods
+        .iter()
+        .find(|p| p.key.to_string() == "y/b")
+        .expect("y/b");
+    assert!(doc.contains(&format!("{}/32", yb.v4)), "{doc}");
+    assert!(doc.contains(&format!("{}/128", yb.v6)), "{doc}");
+    assert!(doc.contains("198.19.0.7/32"), "{doc}");
+    let (counts, report) = run(&plan, &mut KernelModelOracle::default());
+    assert_eq!(counts.failed, 0, "{report}");
+}
+
+#[test]
+fn standard_model_and_probe_enumeration() {
+    let text = "name: t\nexternals: [{name: e, ip: 198.19.0.7}]\nsteps:\n  - expect: {default: allow, probes: [TCP/80, UDP/81]}\n";
+    let plan = Plan::parse("t.yaml", text).expect("valid");
+    let topo = &plan.topology;
+    let names: Vec<String> = topo.pods.iter().map(|p| p.key.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"
+        ]
+    );
+    for p in &topo.pods {
+        assert_eq!(p.labels.get("pod"), Some(&p.key.name));
+        assert_eq!(p.ports.len(), 6);
+        assert!(
+            p.ports
+                .iter()
+                .any(|c| c.name.as_deref() == Some("serve-81-udp") && c.port == 81)
+        );
+    }
+    let x = &plan.steps[0].state.snapshot.namespaces["x"];
+    assert_eq!(
+        x.labels
+            .get("kubernetes.io/metadata.name")
+            .map(String::as_str),
+        Some("x")
+    );
+    // 9 pods probe 8 pods and 1 external, the external probes 9 pods: 90 per port.
+    assert_eq!(plan.steps[0].probes.len(), 2 * 90);
+    assert!(plan.steps[0].probes.iter().all(|p| p.served));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary.
+// ---------------------------------------------------------------------------------------------
+
+fn scenario_bin(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_policy-scenario"))
+        .args(args)
+        .output()
+        .expect("run policy-scenario");
+    (
+        out.status.code().expect("exit code"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("scenario-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write temp file");
+    p
+}
+
+#[test]
+fn binary_passes_seed_files_and_ends_with_the_count_line() {
+    let seed = workspace().join("scenarios/seed/seed-000-tenant-isolation.yaml");
+    let (code, out, err) = scenario_bin(&["--simulate", seed.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.lines().last(), Some("12 passed, 0 failed"), "{out}");
+    assert!(out.contains("compiler + kernel model"), "{out}");
+}
+
+#[test]
+fn binary_marks_mismatches_and_fails() {
+    // Wrong on purpose: x/a -> x/b is allowed (expected deny: `!`), x/b -> x/a denied
+    // (expected allow: `X`).
+    let text = r#"
+name: wrong
+namespaces: {x: {}}
+pods:
+  - {namespace: x, name: a, labels: {pod: a}, ports: [{port: 80}]}
+  - {namespace: x, name: b, labels: {pod: b}, ports: [{port: 80}]}
+steps:
+  - apply: |
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: p, namespace: x}
+      spec: {podSelector: {matchLabels: {pod: a}}}
+    expect:
+      default: deny
+      allow: ["x/b -> x/a"]
+"#;
+    let f = temp_file("wrong.yaml", text);
+    let (code, out, err) = scenario_bin(&["--simulate", f.to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert_eq!(out.lines().last(), Some("0 passed, 2 failed"), "{out}");
+    assert!(
+        out.contains("FAIL x/b -> x/a TCP/80 IPv4: expected allow, got deny"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL x/a -> x/b TCP/80 IPv4: expected deny, got allow"),
+        "{out}"
+    );
+    let row_a = out
+        .lines()
+        .find(|l| l.starts_with("x/a "))
+        .expect("row x/a");
+    let row_b = out
+        .lines()
+        .find(|l| l.starts_with("x/b "))
+        .expect("row x/b");
+    assert!(row_a.contains('!') && row_b.contains('X'), "{out}");
+}
+
+#[test]
+fn binary_reports_invalid_files_and_usage() {
+    let f = temp_file(
+        "bad.yaml",
+        &format!("name: t\nsteps:\n{GOOD_STEP}  - expect: {{default: allow, via: carrier}}\n"),
+    );
+    let (code, out, err) = scenario_bin(&["--simulate", f.to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("bad.yaml: step 2 (steps[1]), field expect.via"),
+        "{err}"
+    );
+    assert_eq!(out.lines().last(), Some("0 passed, 0 failed"), "{out}");
+
+    let (code, _, err) = scenario_bin(&["--simulate", "/nonexistent/x.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/x.yaml") && err.contains("cannot read"),
+        "{err}"
+    );
+
+    let (code, _, err) = scenario_bin(&[f.to_str().expect("path")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("kernel runner not built yet"), "{err}");
+
+    let (code, _, _) = scenario_bin(&["--simulate"]);
+    assert_eq!(code, 2);
+}

@@ -1,0 +1,72 @@
+//! The maps, named exactly as `policy_common::MAP_*` (the agent's tests check the object),
+//! all pinned by name so a restarted agent adopts them with their state.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+};
+use policy_common::{
+    CidrData, Config, CtKey, CtValue, EVENTS_RING_BYTES, EndpointKey,
+    EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
+    MAX_CIDR_RULES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
+    MAX_RULES, PortData, RuleKey, RuleValue, decide::PolicyMaps, reason::COUNTERS_LEN,
+};
+
+#[map]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+#[map]
+pub static IPCACHE: HashMap<IpCacheKey, IpCacheValue> = HashMap::pinned(MAX_IPCACHE, 0);
+// Not preallocated: the capacity is large and most nodes use a small part of it.
+#[map]
+pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(MAX_RULES, BPF_F_NO_PREALLOC);
+#[map]
+pub static CIDR_RULES: LpmTrie<CidrData, RuleValue> = LpmTrie::pinned(MAX_CIDR_RULES, 0);
+/// Value: 1 (presence is what counts).
+#[map]
+pub static PORTS: LpmTrie<PortData, u8> = LpmTrie::pinned(MAX_PORTS, 0);
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+#[map]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Per-CPU scratch for the parsed packet: the BPF stack (512 bytes) cannot hold it beside
+/// the lookup keys. Private to the object, not pinned, not part of the contract.
+#[map]
+pub static SCRATCH: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entries(1, 0);
+
+/// `decide()` over the BPF maps.
+pub struct BpfMaps;
+
+impl PolicyMaps for BpfMaps {
+    #[inline(always)]
+    fn ipcache(&self, key: &IpCacheKey) -> Option<IpCacheValue> {
+        // SAFETY: the value is copied out at once; a concurrent update may at worst give a
+        // value that was valid a moment ago.
+        unsafe { IPCACHE.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn rule(&self, key: &RuleKey) -> Option<RuleValue> {
+        // SAFETY: as above; RULES is not preallocated so entries are never aliased.
+        unsafe { RULES.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn cidr_rule(&self, key: &LpmKey<CidrData>) -> Option<RuleValue> {
+        CIDR_RULES.get(Key::new(key.prefixlen, key.data)).copied()
+    }
+
+    #[inline(always)]
+    fn port(&self, key: &LpmKey<PortData>) -> bool {
+        PORTS.get(Key::new(key.prefixlen, key.data)).is_some()
+    }
+}

@@ -1,0 +1,359 @@
+//! Header parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which
+//! fails instead of reading past the packet and also works on non-linear skbs (GRO/GSO
+//! packets whose headers are not all in the linear area); variable offsets (IPv4 options,
+//! IPv6 extension headers) then need no pointer arithmetic the verifier must follow.
+
+use aya_ebpf::programs::TcContext;
+use policy_common::{Addr, proto};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+/// IPv6 extension headers walked before the upper-layer header.
+const NH_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_AH: u8 = 51;
+const NH_DSTOPTS: u8 = 60;
+/// Extension headers walked at most; a packet with more is malformed.
+const MAX_EXT_HEADERS: usize = 6;
+
+/// What kind of packet, beyond its 5-tuple.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Normal,
+    /// A fragment other than the first: no L4 header.
+    NonFirstFragment,
+    /// An ICMP/ICMPv6 error; `inner_*` hold the quoted packet's tuple.
+    IcmpError,
+    /// IPv6 neighbour discovery (ICMPv6 133-137 with hop limit 255).
+    NeighbourDiscovery,
+}
+
+/// A parsed packet. Ports in host order; ICMP echo carries its identifier as both ports.
+/// Lives in a per-CPU scratch map, not on the 512-byte BPF stack.
+#[repr(C)]
+pub struct Pkt {
+    pub src: Addr,
+    pub dst: Addr,
+    pub inner_src: Addr,
+    pub inner_dst: Addr,
+    /// Fragment identification (IPv4: 16 bits).
+    pub frag_id: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    /// The destination port a port rule judges (0 for protocols without ports).
+    pub policy_port: u16,
+    pub proto: u8,
+    pub inner_proto: u8,
+    /// Protocol of the fragmented datagram (IPv4 protocol, IPv6 fragment header's next header).
+    pub frag_proto: u8,
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6 type (when `proto` is the family's ICMP).
+    pub icmp_type: u8,
+    pub kind: Kind,
+    /// More fragments follow and this is the first (offset 0).
+    pub first_fragment: bool,
+    /// Truncated or malformed past the addresses.
+    pub malformed: bool,
+}
+
+/// Why there is no [`Pkt`].
+pub enum NoPkt {
+    /// Not IPv4/IPv6: ARP and the like.
+    NotIp,
+    /// IP, but the addresses cannot be read or are inconsistent.
+    BadL3,
+}
+
+#[inline(always)]
+fn ld<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    ctx.load::<T>(off).map_err(|_| ())
+}
+
+#[inline(always)]
+fn be16(a: u8, b: u8) -> u16 {
+    u16::from_be_bytes([a, b])
+}
+
+/// Parses the packet into `p` (every field is written).
+#[inline(always)]
+pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
+    // Ethertype only: the MACs play no part in the decision.
+    let et: [u8; 2] = ld(ctx, 12).map_err(|_| NoPkt::BadL3)?;
+    match be16(et[0], et[1]) {
+        ETH_P_IP => parse_v4(ctx, p),
+        ETH_P_IPV6 => parse_v6(ctx, p),
+        _ => Err(NoPkt::NotIp),
+    }
+}
+
+#[inline(always)]
+fn reset(p: &mut Pkt, proto_nr: u8) {
+    p.inner_src = Addr([0; 4]);
+    p.inner_dst = Addr([0; 4]);
+    p.frag_id = 0;
+    p.sport = 0;
+    p.dport = 0;
+    p.inner_sport = 0;
+    p.inner_dport = 0;
+    p.policy_port = 0;
+    p.proto = proto_nr;
+    p.inner_proto = 0;
+    p.frag_proto = proto_nr;
+    p.tcp_flags = 0;
+    p.icmp_type = 0;
+    p.kind = Kind::Normal;
+    p.first_fragment = false;
+    p.malformed = false;
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
+    let h: [u8; 20] = ld(ctx, ETH_HLEN).map_err(|_| NoPkt::BadL3)?;
+    if h[0] >> 4 != 4 {
+        return Err(NoPkt::BadL3);
+    }
+    p.src = Addr::from_v4_octets([h[12], h[13], h[14], h[15]]);
+    p.dst = Addr::from_v4_octets([h[16], h[17], h[18], h[19]]);
+    reset(p, h[9]);
+    let hlen = ((h[0] & 0x0f) as usize) * 4;
+    let tot_len = be16(h[2], h[3]) as usize;
+    let pkt_len = ctx.len() as usize;
+    // tot_len 0 is legal for BIG TCP GSO packets; the skb length bounds them instead.
+    if hlen < 20
+        || (tot_len != 0 && (tot_len < hlen || ETH_HLEN + tot_len > pkt_len))
+        || ETH_HLEN + hlen > pkt_len
+    {
+        p.malformed = true;
+        return Ok(());
+    }
+    let frag = be16(h[6], h[7]);
+    let offset = frag & 0x1fff;
+    let more = frag & 0x2000 != 0;
+    p.frag_id = be16(h[4], h[5]) as u32;
+    if offset != 0 {
+        p.kind = Kind::NonFirstFragment;
+        return Ok(());
+    }
+    p.first_fragment = more;
+    parse_l4(ctx, p, ETH_HLEN + hlen, false);
+    Ok(())
+}
+
+#[inline(always)]
+fn is_ext_header(nh: u8) -> bool {
+    nh == NH_HOP || nh == NH_ROUTING || nh == NH_FRAGMENT || nh == NH_AH || nh == NH_DSTOPTS
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
+    let h: [u8; 8] = ld(ctx, ETH_HLEN).map_err(|_| NoPkt::BadL3)?;
+    if h[0] >> 4 != 6 {
+        return Err(NoPkt::BadL3);
+    }
+    // Addresses straight into place: both words arrays, in network order.
+    p.src = Addr(ld::<[u32; 4]>(ctx, ETH_HLEN + 8).map_err(|_| NoPkt::BadL3)?);
+    p.dst = Addr(ld::<[u32; 4]>(ctx, ETH_HLEN + 24).map_err(|_| NoPkt::BadL3)?);
+    // An IPv6 packet claiming IPv4-mapped addresses would alias an IPv4 endpoint's key.
+    if p.src.is_v4() || p.dst.is_v4() {
+        return Err(NoPkt::BadL3);
+    }
+    reset(p, h[6]);
+    let payload = be16(h[4], h[5]) as usize;
+    let pkt_len = ctx.len() as usize;
+    if payload != 0 && ETH_HLEN + 40 + payload > pkt_len {
+        p.malformed = true;
+        return Ok(());
+    }
+    let hop_limit = h[7];
+    let mut nh = h[6];
+    let mut off = ETH_HLEN + 40;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        if !is_ext_header(nh) {
+            break;
+        }
+        if nh == NH_FRAGMENT {
+            let Ok(f) = ld::<[u8; 8]>(ctx, off) else {
+                p.malformed = true;
+                return Ok(());
+            };
+            let fo = be16(f[2], f[3]);
+            p.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+            p.frag_proto = f[0];
+            if fo >> 3 != 0 {
+                p.proto = f[0];
+                p.kind = Kind::NonFirstFragment;
+                return Ok(());
+            }
+            p.first_fragment = fo & 1 != 0;
+            nh = f[0];
+            off += 8;
+        } else {
+            let Ok(e) = ld::<[u8; 2]>(ctx, off) else {
+                p.malformed = true;
+                return Ok(());
+            };
+            // AH counts its length in 4-byte units minus 2, the others in 8-byte units minus 1.
+            off += if nh == NH_AH { (e[1] as usize + 2) * 4 } else { (e[1] as usize + 1) * 8 };
+            nh = e[0];
+        }
+        i += 1;
+    }
+    if is_ext_header(nh) {
+        // More extension headers than we walk: undecidable, treated as malformed.
+        p.malformed = true;
+        return Ok(());
+    }
+    p.proto = nh;
+    if p.kind == Kind::Normal {
+        parse_l4(ctx, p, off, true);
+        if p.proto == proto::ICMPV6
+            && p.icmp_type >= 133
+            && p.icmp_type <= 137
+            && hop_limit == 255
+            && !p.malformed
+        {
+            p.kind = Kind::NeighbourDiscovery;
+        }
+    }
+    Ok(())
+}
+
+/// ICMP types: echo request/reply, and the errors that quote a packet.
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO: u8 = 8;
+const ICMPV6_ECHO: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+#[inline(always)]
+fn is_echo(icmp_type: u8, v6: bool) -> bool {
+    if v6 {
+        icmp_type == ICMPV6_ECHO || icmp_type == ICMPV6_ECHO_REPLY
+    } else {
+        icmp_type == ICMP_ECHO || icmp_type == ICMP_ECHO_REPLY
+    }
+}
+
+#[inline(always)]
+fn is_error(icmp_type: u8, v6: bool) -> bool {
+    if v6 {
+        // Destination unreachable, packet too big, time exceeded, parameter problem.
+        icmp_type >= 1 && icmp_type <= 4
+    } else {
+        // Destination unreachable, source quench, time exceeded, parameter problem.
+        icmp_type == 3 || icmp_type == 4 || icmp_type == 11 || icmp_type == 12
+    }
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, p: &mut Pkt, off: usize, v6: bool) {
+    let icmp = if v6 { proto::ICMPV6 } else { proto::ICMP };
+    if p.proto == proto::TCP {
+        let Ok(t) = ld::<[u8; 20]>(ctx, off) else {
+            p.malformed = true;
+            return;
+        };
+        if t[12] >> 4 < 5 {
+            p.malformed = true;
+            return;
+        }
+        p.sport = be16(t[0], t[1]);
+        p.dport = be16(t[2], t[3]);
+        p.policy_port = p.dport;
+        p.tcp_flags = t[13];
+    } else if p.proto == proto::UDP {
+        let Ok(u) = ld::<[u8; 8]>(ctx, off) else {
+            p.malformed = true;
+            return;
+        };
+        p.sport = be16(u[0], u[1]);
+        p.dport = be16(u[2], u[3]);
+        p.policy_port = p.dport;
+    } else if p.proto == proto::SCTP {
+        // The common header: ports, verification tag, checksum.
+        let Ok(s) = ld::<[u8; 12]>(ctx, off) else {
+            p.malformed = true;
+            return;
+        };
+        p.sport = be16(s[0], s[1]);
+        p.dport = be16(s[2], s[3]);
+        p.policy_port = p.dport;
+    } else if p.proto == icmp {
+        let Ok(c) = ld::<[u8; 8]>(ctx, off) else {
+            p.malformed = true;
+            return;
+        };
+        p.icmp_type = c[0];
+        if is_echo(c[0], v6) {
+            let id = be16(c[4], c[5]);
+            p.sport = id;
+            p.dport = id;
+        } else if is_error(c[0], v6) {
+            p.kind = Kind::IcmpError;
+            parse_inner(ctx, p, off + 8, v6);
+        }
+    }
+}
+
+/// The packet an ICMP error quotes: its addresses and the first bytes of its L4 header.
+#[inline(always)]
+fn parse_inner(ctx: &TcContext, p: &mut Pkt, off: usize, v6: bool) {
+    let l4_off;
+    if v6 {
+        let Ok(h) = ld::<[u8; 8]>(ctx, off) else {
+            p.malformed = true;
+            return;
+        };
+        if h[0] >> 4 != 6 || is_ext_header(h[6]) {
+            // Quoted extension headers are not walked: the error stays unrelated.
+            p.malformed = true;
+            return;
+        }
+        let (Ok(s), Ok(d)) = (ld::<[u32; 4]>(ctx, off + 8), ld::<[u32; 4]>(ctx, off + 24)) else {
+            p.malformed = true;
+            return;
+        };
+        p.inner_src = Addr(s);
+        p.inner_dst = Addr(d);
+        p.inner_proto = h[6];
+        l4_off = off + 40;
+    } else {
+        let Ok(h) = ld::<[u8; 20]>(ctx, off) else {
+            p.malformed = true;
+            return;
+        };
+        let ihl = (h[0] & 0x0f) as usize;
+        if h[0] >> 4 != 4 || ihl < 5 || be16(h[6], h[7]) & 0x1fff != 0 {
+            p.malformed = true;
+            return;
+        }
+        p.inner_src = Addr::from_v4_octets([h[12], h[13], h[14], h[15]]);
+        p.inner_dst = Addr::from_v4_octets([h[16], h[17], h[18], h[19]]);
+        p.inner_proto = h[9];
+        l4_off = off + ihl * 4;
+    }
+    let icmp = if v6 { proto::ICMPV6 } else { proto::ICMP };
+    if p.inner_proto == proto::TCP || p.inner_proto == proto::UDP || p.inner_proto == proto::SCTP {
+        let Ok(l) = ld::<[u8; 4]>(ctx, l4_off) else {
+            p.malformed = true;
+            return;
+        };
+        p.inner_sport = be16(l[0], l[1]);
+        p.inner_dport = be16(l[2], l[3]);
+    } else if p.inner_proto == icmp {
+        let Ok(l) = ld::<[u8; 8]>(ctx, l4_off) else {
+            p.malformed = true;
+            return;
+        };
+        if is_echo(l[0], v6) {
+            let id = be16(l[4], l[5]);
+            p.inner_sport = id;
+            p.inner_dport = id;
+        }
+    }
+}

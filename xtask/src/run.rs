@@ -1,0 +1,130 @@
+//! The composite tasks: test, bench, scenario.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ebpf, setup};
+
+pub fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(Path::to_path_buf).context("xtask has no parent directory")
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+fn status(what: &str, cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Setup and the kernel object: what every task that touches the kernel needs first.
+fn prepare(root: &Path) -> Result<()> {
+    let tools = setup::run()?;
+    ebpf::build(root, &tools)
+}
+
+pub fn test(root: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    prepare(root)?;
+    // Kernel and namespace tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). They fail
+    // rather than skip without it; say so up front so the failure is not a puzzle.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        eprintln!("test: not running as root: the kernel and namespace tests will fail");
+    }
+    let totals = cargo_test(root)?;
+    eprintln!("test: all layers ran in {:.0} s", t0.elapsed().as_secs_f64());
+    // One closing line over every test binary (cargo prints one `test result` per binary).
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    if totals.failed > 0 || !totals.ok {
+        bail!("{} test(s) failed", totals.failed.max(1));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ok: bool,
+}
+
+/// Runs `cargo test` on the workspace, streaming its output and adding up the counts.
+fn cargo_test(root: &Path) -> Result<Totals> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cargo(root)
+        .args(["test", "--workspace", "--no-fail-fast", "--", "--color", "never"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut t = Totals::default();
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            t.passed += count(rest, " passed");
+            t.failed += count(rest, " failed");
+        }
+    }
+    t.ok = child.wait()?.success();
+    Ok(t)
+}
+
+/// The number before `what` in a `test result:` line ("ok. 3 passed; 0 failed; ...").
+fn count(line: &str, what: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn bench(root: &Path, which: &[String]) -> Result<()> {
+    let which: Vec<&str> = if which.is_empty() {
+        vec!["datapath", "compile"]
+    } else {
+        which.iter().map(String::as_str).collect()
+    };
+    if which.contains(&"datapath") {
+        prepare(root)?;
+    }
+    for b in which {
+        status(
+            &format!("bench {b}"),
+            cargo(root).args(["bench", "-p", "policy-agent", "--bench", b]),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn scenario(root: &Path, simulate: bool, files: &[PathBuf]) -> Result<()> {
+    if simulate {
+        setup::run()?;
+    } else {
+        prepare(root)?;
+    }
+    let cwd = std::env::current_dir()?;
+    let mut cmd = cargo(root);
+    cmd.args(["run", "--quiet", "--release", "-p", "policy-agent", "--bin", "policy-scenario", "--"]);
+    if simulate {
+        cmd.arg("--simulate");
+    }
+    // Paths are relative to where the user ran `cargo xtask`, not the workspace root.
+    cmd.args(files.iter().map(|f| if f.is_absolute() { f.clone() } else { cwd.join(f) }));
+    status("policy-scenario", &mut cmd)
+}
