@@ -135,12 +135,12 @@ impl Cluster {
         )
     }
 
-    fn from_host(&self, src: &str, dst: &str, port: u16) -> bool {
+    fn host_to(&self, src: &str, dst: &str, port: u16) -> bool {
         let dst = self.ep(dst, ip(src).is_ipv6());
         allowed(&self.snap, &Endpoint::Host(ip(src)), &dst, TCP, port)
     }
 
-    fn to_host(&self, src: &str, dst: &str, port: u16) -> bool {
+    fn to_ext(&self, src: &str, dst: &str, port: u16) -> bool {
         let src = self.ep(src, ip(dst).is_ipv6());
         allowed(&self.snap, &src, &Endpoint::Host(ip(dst)), TCP, port)
     }
@@ -218,8 +218,8 @@ fn no_policy_allows_everything() {
     let c = Cluster::new();
     assert!(c.can("x/a", "y/b", TCP, 80));
     assert!(c.can("y/b", "x/a", SCTP, 9));
-    assert!(c.from_host("198.19.0.5", "x/a", 80));
-    assert!(c.to_host("x/a", "198.19.0.5", 443));
+    assert!(c.host_to("198.19.0.5", "x/a", 80));
+    assert!(c.to_ext("x/a", "198.19.0.5", 443));
 }
 
 #[test]
@@ -228,7 +228,7 @@ fn ingress_only_policy_does_not_isolate_egress() {
     // policyTypes [Ingress] (the default without an egress section): deny all ingress of x/a.
     c.policy(ingress("x", "deny", sel(&[("pod", "a")]), vec![]));
     assert!(!c.can("x/b", "x/a", TCP, 80));
-    assert!(!c.from_host("198.19.0.5", "x/a", 80));
+    assert!(!c.host_to("198.19.0.5", "x/a", 80));
     assert!(
         c.can("x/a", "x/b", TCP, 80),
         "egress of x/a is not isolated"
@@ -241,7 +241,7 @@ fn egress_only_policy_does_not_isolate_ingress() {
     let mut c = Cluster::new();
     c.policy(egress("x", "deny", sel(&[("pod", "a")]), vec![]));
     assert!(!c.can("x/a", "x/b", TCP, 80));
-    assert!(!c.to_host("x/a", "198.19.0.5", 80));
+    assert!(!c.to_ext("x/a", "198.19.0.5", 80));
     assert!(
         c.can("x/b", "x/a", TCP, 80),
         "ingress of x/a is not isolated"
@@ -455,7 +455,7 @@ fn empty_selectors_and_missing_peers_select_everything() {
         )],
     ));
     assert!(c.can("y/b", "x/a", TCP, 80));
-    assert!(!c.from_host("198.19.0.5", "x/a", 80));
+    assert!(!c.host_to("198.19.0.5", "x/a", 80));
     // missing or empty `from`: every source, external hosts included.
     c.policy(ingress(
         "x",
@@ -463,7 +463,7 @@ fn empty_selectors_and_missing_peers_select_everything() {
         sel(&[("pod", "b")]),
         vec![rule(None, vec![])],
     ));
-    assert!(c.from_host("198.19.0.5", "x/b", 80));
+    assert!(c.host_to("198.19.0.5", "x/b", 80));
     assert!(c.can("y/a", "x/b", UDP, 81));
 }
 
@@ -483,10 +483,10 @@ fn ip_block_with_except_matches_pods_and_externals() {
     assert!(c.can("x/a", "y/a", TCP, 80), "pod IP inside the block");
     assert!(!c.can("x/b", "y/a", TCP, 80), "pod IP in except");
     assert!(
-        c.from_host("198.18.1.200", "y/a", 80),
+        c.host_to("198.18.1.200", "y/a", 80),
         "external inside the block"
     );
-    assert!(!c.from_host("198.19.0.5", "y/a", 80), "outside the block");
+    assert!(!c.host_to("198.19.0.5", "y/a", 80), "outside the block");
     // The IPv4 block says nothing about IPv6 addresses.
     assert!(!c.can6("x/a", "y/a", TCP, 80));
 
@@ -500,8 +500,8 @@ fn ip_block_with_except_matches_pods_and_externals() {
             vec![],
         )],
     ));
-    assert!(c.to_host("x/c", "198.19.2.1", 80));
-    assert!(!c.to_host("x/c", "198.19.1.1", 80));
+    assert!(c.to_ext("x/c", "198.19.2.1", 80));
+    assert!(!c.to_ext("x/c", "198.19.1.1", 80));
     assert!(
         !c.can("x/c", "x/a", TCP, 80),
         "pods are outside the egress block"
@@ -523,7 +523,7 @@ fn ip_block_ipv6() {
     // fd00:18::1:10 = x/a, fd00:18::1:11 = x/b (hex digits of the builder's decimal host).
     assert!(c.can6("x/a", "y/a", TCP, 80));
     assert!(c.can6("x/b", "y/a", TCP, 80));
-    assert!(!c.from_host("fd00:18::1:b", "y/a", 80), "in except");
+    assert!(!c.host_to("fd00:18::1:b", "y/a", 80), "in except");
     assert!(
         !c.can("x/a", "y/a", TCP, 80),
         "an IPv6 block does not match IPv4 addresses"
@@ -556,7 +556,7 @@ fn named_ports_resolve_on_the_ingress_destination() {
         )],
     ));
     assert!(
-        c.from_host("198.19.0.5", "y/a", 81) == false,
+        !c.host_to("198.19.0.5", "y/a", 81),
         "TCP is not the named protocol"
     );
     let dst = c.ep("y/a", false);
@@ -606,7 +606,7 @@ fn named_ports_resolve_on_the_egress_peer_never_through_ip_block() {
         )],
     ));
     assert!(!c.can("y/a", "x/a", TCP, 80));
-    assert!(!c.to_host("y/a", "198.19.0.5", 80));
+    assert!(!c.to_ext("y/a", "198.19.0.5", 80));
 
     // With no `to`, every peer is matched as what it is: pods resolve, hosts cannot.
     let mut c = Cluster::new();
@@ -618,7 +618,7 @@ fn named_ports_resolve_on_the_egress_peer_never_through_ip_block() {
     ));
     assert!(c.can("y/a", "x/c", TCP, 81));
     assert!(!c.can("y/a", "x/c", TCP, 80));
-    assert!(!c.to_host("y/a", "198.19.0.5", 80));
+    assert!(!c.to_ext("y/a", "198.19.0.5", 80));
 }
 
 #[test]
@@ -743,9 +743,9 @@ fn host_network_pods_are_not_isolated_and_are_the_node_as_peers() {
 fn node_addresses_always_reach_pods() {
     let mut c = Cluster::new();
     c.policy(ingress("x", "deny", LabelSelector::everything(), vec![]));
-    assert!(c.from_host("198.18.0.1", "x/a", 80));
-    assert!(c.from_host("fd00:18::1", "x/a", 80));
-    assert!(!c.from_host("198.18.0.2", "x/a", 80));
+    assert!(c.host_to("198.18.0.1", "x/a", 80));
+    assert!(c.host_to("fd00:18::1", "x/a", 80));
+    assert!(!c.host_to("198.18.0.2", "x/a", 80));
 }
 
 #[test]

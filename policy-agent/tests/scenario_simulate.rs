@@ -224,6 +224,14 @@ fn invalid_values_are_named() {
         "pods[0].ports[0].protocol",
         "unknown variant",
     );
+    assert_err(
+        &format!(
+            "name: t\npods: [{{namespace: x, name: a, hostNetwork: true}}, {{namespace: y, name: a, hostNetwork: true}}]\nsteps:\n{GOOD_STEP}"
+        ),
+        None,
+        "pods[1].ports",
+        "already served on the node by hostNetwork pod x/a",
+    );
     assert_err("name: t\nsteps: []\n", None, "steps", "no step");
     assert_err(
         &format!("steps:\n{GOOD_STEP}"),
@@ -338,6 +346,23 @@ fn invalid_changes_are_named() {
         Some(1),
         "apply[0].metadata.labels",
         "not a valid label key",
+    );
+    // Unknown fields of Kubernetes objects are errors (strict field validation).
+    assert_err(
+        &step(
+            r#"apply: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelectr: {matchLabels: {pod: a}}}""#,
+        ),
+        Some(1),
+        "apply[0].spec.podSelectr",
+        "unknown field",
+    );
+    assert_err(
+        &step(
+            r#"apply: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {ingress: [{from: [{podSelector: {}, ipblock: {}}]}]}""#,
+        ),
+        Some(1),
+        "apply[0].spec.ingress[0].from[0].ipblock",
+        "unknown field",
     );
     assert_err(
         &step("delete: [networkpolicy/x/none]"),
@@ -563,4 +588,49 @@ fn binary_reports_invalid_files_and_usage() {
 
     let (code, _, _) = scenario_bin(&["--simulate"]);
     assert_eq!(code, 2);
+}
+
+#[test]
+fn reports_say_what_changed_between_steps() {
+    let plan = Plan::load(&workspace().join("scenarios/traps/label-updates.yaml")).expect("valid");
+    let (counts, report) = run(&plan, &mut KernelModelOracle::default());
+    assert_eq!(counts.failed, 0, "{report}");
+    assert!(
+        report.contains("changed since the previous step: nothing"),
+        "{report}"
+    );
+    assert!(
+        report.contains("now allowed (1): y/b -> x/a TCP/80 IPv4\n"),
+        "{report}"
+    );
+    assert!(
+        report.contains("now denied (1): y/b -> x/a TCP/80 IPv4\n"),
+        "{report}"
+    );
+}
+
+#[test]
+fn scenario_addresses_fit_the_namespace_test_bed() {
+    use policy_agent::scenario::topology::*;
+    assert_eq!(NODE_V4, policy_agent::testbed::NODE_IPV4);
+    assert_eq!(NODE_V6, policy_agent::testbed::NODE_IPV6);
+    // Pods, ClusterIPs and the node never share an address; all stay in the test ranges.
+    let mut seen = std::collections::BTreeSet::new();
+    assert!(seen.insert(std::net::IpAddr::from(NODE_V4)));
+    assert!(seen.insert(std::net::IpAddr::from(NODE_V6)));
+    for i in [0, 1, 254, 255, 256, MAX_PODS - 1] {
+        for a in [
+            pod_v4(i).into(),
+            pod_v6(i).into(),
+            service_v4(i).into(),
+            service_v6(i).into(),
+        ] {
+            assert!(seen.insert(a), "{a} used twice");
+            match a {
+                std::net::IpAddr::V4(v4) => assert!(POD_NET_V4.contains(&v4), "{v4}"),
+                std::net::IpAddr::V6(v6) => assert!(POD_NET_V6.contains(&v6), "{v6}"),
+            }
+        }
+    }
+    assert!(pod_v4(MAX_PODS - 1) < service_v4(0));
 }

@@ -210,15 +210,60 @@ fn apply_document(
 
 /// Deserializes a document as a Kubernetes type, with the field path of any error. (Through
 /// text, because serde_yaml reports paths only when reading text.)
-fn typed<T: DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, DocError> {
+/// Unknown fields are errors (like `kubectl apply`'s strict field validation): the Kubernetes
+/// types ignore them, and a misspelt `podSelectr` would silently select every pod.
+fn typed<T: DeserializeOwned + serde::Serialize>(value: &serde_yaml::Value) -> Result<T, DocError> {
     let text = serde_yaml::to_string(value).map_err(|e| (String::new(), e.to_string()))?;
-    serde_yaml::from_str(&text).map_err(|e| {
+    let typed: T = serde_yaml::from_str(&text).map_err(|e| {
         let msg = strip_mark(&e.to_string());
         match msg.split_once(": ") {
             Some((path, m)) if !path.contains(' ') => (path.to_string(), m.to_string()),
             _ => (String::new(), msg),
         }
-    })
+    })?;
+    let back = serde_yaml::to_value(&typed).map_err(|e| (String::new(), e.to_string()))?;
+    if let Some(path) = unknown_field(value, &back, String::new()) {
+        return Err((path, "unknown field".to_string()));
+    }
+    Ok(typed)
+}
+
+/// The first field of `original` that did not survive a round trip through the typed object
+/// (null-valued fields aside, which mean "absent").
+fn unknown_field(
+    original: &serde_yaml::Value,
+    back: &serde_yaml::Value,
+    path: String,
+) -> Option<String> {
+    use serde_yaml::Value;
+    match (original, back) {
+        (Value::Mapping(o), Value::Mapping(b)) => o.iter().find_map(|(k, v)| {
+            let key = match k {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            let sub = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            match b.get(k) {
+                _ if v.is_null() => None,
+                None => Some(sub),
+                Some(bv) => unknown_field(v, bv, sub),
+            }
+        }),
+        (Value::Sequence(o), Value::Sequence(b)) => o
+            .iter()
+            .zip(b.iter())
+            .enumerate()
+            .find_map(|(i, (ov, bv))| unknown_field(ov, bv, format!("{path}[{i}]"))),
+        (Value::Tagged(o), _) => unknown_field(&o.value, back, path),
+        _ => None,
+    }
 }
 
 /// Drops serde_yaml's " at line L column C" (lines of the re-serialized document, not the

@@ -165,14 +165,14 @@ fn yaml_error(file: &str, e: &serde_yaml::Error) -> ScenarioError {
     };
     // An unknown field is reported on its parent: name the field itself.
     let mut path = path;
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((field, _)) = rest.split_once('`') {
-            path = if path.is_empty() {
-                field.to_string()
-            } else {
-                format!("{path}.{field}")
-            };
-        }
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        path = if path.is_empty() {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        };
     }
     let (step, field) = split_step(&path);
     ScenarioError::new(file, step, field, message)
@@ -186,13 +186,12 @@ fn is_path(s: &str) -> bool {
 
 /// `steps[3].expect.deny` -> (Some(3), "expect.deny").
 fn split_step(path: &str) -> (Option<usize>, String) {
-    if let Some(rest) = path.strip_prefix("steps[") {
-        if let Some((n, tail)) = rest.split_once(']') {
-            if let Ok(n) = n.parse::<usize>() {
-                let field = tail.strip_prefix('.').unwrap_or(tail);
-                return (Some(n), field.to_string());
-            }
-        }
+    if let Some(rest) = path.strip_prefix("steps[")
+        && let Some((n, tail)) = rest.split_once(']')
+        && let Ok(n) = n.parse::<usize>()
+    {
+        let field = tail.strip_prefix('.').unwrap_or(tail);
+        return (Some(n), field.to_string());
     }
     (None, path.to_string())
 }

@@ -3,10 +3,23 @@
 //! `plan` validates everything and precomputes each step's objects and probes (so an invalid
 //! file is reported before any namespace is created), `run` drives an [`Oracle`] and reports,
 //! `simulate` holds the oracles that need no kernel.
+//!
+//! A kernel runner is another [`Oracle`]:
+//! - `setup(topology)`: a node namespace holding [`topology::NODE_V4`]/[`topology::NODE_V6`];
+//!   one namespace per pod at `PodHost::v4`/`v6` (hostNetwork pods serve from the node
+//!   namespace), servers on each `PodHost::ports` entry; one namespace per external at its
+//!   addresses, serving every probed port; for `via: service`, DNAT from
+//!   `PodHost::service_v4`/`service_v6` to the pod, as kube-proxy writes it.
+//! - `apply(topology, state)`: write [`manifests::manifests`] into the agent's `--manifests`
+//!   directory (and remove files of deleted objects), then wait until the agent enforced them.
+//! - `probe(probes)`: from `Probe::src_addr`'s host, connect to `Probe::target_addr` on
+//!   `Probe::port`; `true` when the reply came back in time. Probes to unserved ports are never
+//!   passed in.
 
 pub mod apply;
 pub mod expect;
 pub mod format;
+pub mod manifests;
 pub mod plan;
 pub mod report;
 pub mod run;

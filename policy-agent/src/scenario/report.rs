@@ -1,8 +1,11 @@
 //! The report of a step: one reachability matrix per probed port and family (rows sources,
 //! columns destinations), mismatches marked, then each mismatch spelt out.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
+use super::expect::ProbePort;
+use super::format::IpFamily;
 use super::plan::{Plan, Step};
 use super::run::Outcome;
 use super::topology::EndpointName;
@@ -131,4 +134,61 @@ pub fn write_step(
 
 fn verdict(allowed: bool) -> &'static str {
     if allowed { "allow" } else { "deny" }
+}
+
+/// What a step observed, by (family, port, source, destination).
+pub type Observed = BTreeMap<(IpFamily, ProbePort, EndpointName, EndpointName), bool>;
+
+pub fn observed(step: &Step, outcomes: &[Outcome]) -> Observed {
+    step.probes
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(p, o)| match o {
+            Outcome::Observed(v) => Some(((p.family, p.port, p.src.clone(), p.dst.clone()), *v)),
+            Outcome::NotServed => None,
+        })
+        .collect()
+}
+
+/// How many transitions are spelt out per direction before "and N more".
+const CHANGES_SHOWN: usize = 8;
+
+/// One line per direction of change since the previous step (probes both steps ran).
+pub fn write_changes(out: &mut dyn Write, before: &Observed, after: &Observed) -> io::Result<()> {
+    let mut opened = Vec::new();
+    let mut closed = Vec::new();
+    for (k, now) in after {
+        if let Some(was) = before.get(k)
+            && was != now
+        {
+            let (family, port, src, dst) = k;
+            let line = format!("{src} -> {dst} {port} {}", family.as_str());
+            if *now {
+                opened.push(line)
+            } else {
+                closed.push(line)
+            }
+        }
+    }
+    if opened.is_empty() && closed.is_empty() {
+        return writeln!(out, "changed since the previous step: nothing");
+    }
+    for (what, list) in [("now allowed", opened), ("now denied", closed)] {
+        if list.is_empty() {
+            continue;
+        }
+        let shown: Vec<&str> = list
+            .iter()
+            .take(CHANGES_SHOWN)
+            .map(String::as_str)
+            .collect();
+        let more = list.len().saturating_sub(CHANGES_SHOWN);
+        let tail = if more > 0 {
+            format!(", and {more} more")
+        } else {
+            String::new()
+        };
+        writeln!(out, "{what} ({}): {}{tail}", list.len(), shown.join(", "))?;
+    }
+    Ok(())
 }

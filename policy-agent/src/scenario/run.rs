@@ -75,6 +75,7 @@ fn run_steps(
 ) -> Result<Counts, OracleError> {
     let mut total = Counts::default();
     let n = plan.steps.len();
+    let mut previous: Option<report::Observed> = None;
     for step in &plan.steps {
         oracle.apply(&plan.topology, &step.state)?;
         let run: Vec<&Probe> = step.probes.iter().filter(|p| p.served).collect();
@@ -96,6 +97,11 @@ fn run_steps(
             })
             .collect();
         let counts = report::write_step(out, plan, step, n, &outcomes)?;
+        let observed = report::observed(step, &outcomes);
+        if let Some(prev) = &previous {
+            report::write_changes(out, prev, &observed)?;
+        }
+        previous = Some(observed);
         total.add(&counts);
     }
     writeln!(

@@ -20,14 +20,16 @@ use crate::model::{ContainerPort, Labels, Namespace, ObjectKey, Pod, Protocol, S
 use crate::reference::NAMESPACE_NAME_LABEL;
 
 pub const NODE_NAME: &str = "scenario-node";
-pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+/// The node's own addresses: the same as the namespace test bed's (`testbed::NODE_IPV4`/`6`),
+/// so a kernel runner built on it needs no other node address.
+pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 254);
+pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0xfffe);
 /// Pods and services live here (pods in its lower half, ClusterIPs in its upper half).
 pub const POD_NET_V4: Ipv4Net = ipv4_net(Ipv4Addr::new(198, 18, 0, 0), 16);
 pub const POD_NET_V6: Ipv6Net = ipv6_net(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0), 64);
 pub const EXTERNAL_NET_V4: Ipv4Net = ipv4_net(Ipv4Addr::new(198, 19, 0, 0), 16);
 pub const EXTERNAL_NET_V6: Ipv6Net = ipv6_net(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0), 64);
-/// Most pods a scenario may have (the IPv4 pod block is 198.18.1.1 - 198.18.127.254).
+/// Most pods a scenario may have (their IPv4 addresses stay below the ClusterIPs, 198.18.128.0/17).
 pub const MAX_PODS: usize = 127 * 256 - 258;
 
 const fn ipv4_net(a: Ipv4Addr, len: u8) -> Ipv4Net {
@@ -249,13 +251,13 @@ impl Topology {
                         if p.port == 0 {
                             return Err(err(format!("{pf}.port"), "port 0 is not a port".into()));
                         }
-                        if let Some(name) = &p.name {
-                            if !convert::valid_port_name(name) {
-                                return Err(err(
-                                    format!("{pf}.name"),
-                                    format!("{name:?} is not a valid port name (IANA_SVC_NAME)"),
-                                ));
-                            }
+                        if let Some(name) = &p.name
+                            && !convert::valid_port_name(name)
+                        {
+                            return Err(err(
+                                format!("{pf}.name"),
+                                format!("{name:?} is not a valid port name (IANA_SVC_NAME)"),
+                            ));
                         }
                         let protocol = protocol_of(p.protocol);
                         let cp = ContainerPort {
@@ -277,6 +279,27 @@ impl Topology {
                     ports
                 }
             };
+            if def.host_network {
+                // hostNetwork pods share the node's addresses: two cannot serve one port.
+                let other = pods
+                    .iter()
+                    .filter(|p: &&PodHost| p.host_network)
+                    .find_map(|p| {
+                        ports
+                            .iter()
+                            .find(|c| p.serves(c.protocol, c.port))
+                            .map(|c| (p, c))
+                    });
+                if let Some((p, c)) = other {
+                    return Err(err(
+                        format!("{field}.ports"),
+                        format!(
+                            "{}/{} is already served on the node by hostNetwork pod {}",
+                            c.protocol, c.port, p.key
+                        ),
+                    ));
+                }
+            }
             let (v4, v6) = if def.host_network {
                 (NODE_V4, NODE_V6)
             } else {
@@ -330,21 +353,21 @@ impl Topology {
                     format!("external {:?} is declared twice", e.name),
                 ));
             }
-            if let Some(ip) = e.ip {
-                if !EXTERNAL_NET_V4.contains(&ip) {
-                    return Err(err(
-                        format!("{field}.ip"),
-                        format!("{ip} is outside {EXTERNAL_NET_V4}"),
-                    ));
-                }
+            if let Some(ip) = e.ip
+                && !EXTERNAL_NET_V4.contains(&ip)
+            {
+                return Err(err(
+                    format!("{field}.ip"),
+                    format!("{ip} is outside {EXTERNAL_NET_V4}"),
+                ));
             }
-            if let Some(ip) = e.ip6 {
-                if !EXTERNAL_NET_V6.contains(&ip) {
-                    return Err(err(
-                        format!("{field}.ip6"),
-                        format!("{ip} is outside {EXTERNAL_NET_V6}"),
-                    ));
-                }
+            if let Some(ip) = e.ip6
+                && !EXTERNAL_NET_V6.contains(&ip)
+            {
+                return Err(err(
+                    format!("{field}.ip6"),
+                    format!("{ip} is outside {EXTERNAL_NET_V6}"),
+                ));
             }
             if e.ip.is_none() && e.ip6.is_none() {
                 // An external without an address of a family sits that family's probes out.

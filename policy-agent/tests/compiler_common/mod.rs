@@ -21,11 +21,16 @@ pub fn net(s: &str) -> IpNet {
 }
 
 pub fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 pub fn sel(kv: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector { match_labels: labels(kv), match_expressions: Vec::new() }
+    LabelSelector {
+        match_labels: labels(kv),
+        match_expressions: Vec::new(),
+    }
 }
 
 pub const NODES: [&str; 2] = ["n1", "n2"];
@@ -50,14 +55,26 @@ impl Cluster {
         Cluster { maps }
     }
 
-    fn decide(&self, local: IpAddr, dir: Direction, peer: IpAddr, proto: u8, port: u16) -> Option<Reason> {
-        self.maps.iter().find_map(|m| KernelModel::new(m).decide_at(local, dir, peer, proto, port))
+    fn decide(
+        &self,
+        local: IpAddr,
+        dir: Direction,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<Reason> {
+        self.maps
+            .iter()
+            .find_map(|m| KernelModel::new(m).decide_at(local, dir, peer, proto, port))
     }
 
     /// A new flow passes the source's egress and the destination's ingress.
     pub fn allowed(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
-        self.decide(src, Direction::Egress, dst, proto, port).is_none_or(Reason::is_allow)
-            && self.decide(dst, Direction::Ingress, src, proto, port).is_none_or(Reason::is_allow)
+        self.decide(src, Direction::Egress, dst, proto, port)
+            .is_none_or(Reason::is_allow)
+            && self
+                .decide(dst, Direction::Ingress, src, proto, port)
+                .is_none_or(Reason::is_allow)
     }
 }
 
@@ -65,7 +82,14 @@ impl Cluster {
 
 pub const NODE_V4: &str = "198.18.255.1";
 pub const NODE_V6: &str = "fd00::ff:1";
-pub const EXTERNAL: [&str; 6] = ["203.0.113.5", "198.18.1.1", "198.18.0.200", "fd00::1:5", "2001:db8::1", "198.19.0.1"];
+pub const EXTERNAL: [&str; 6] = [
+    "203.0.113.5",
+    "198.18.1.1",
+    "198.18.0.200",
+    "fd00::1:5",
+    "2001:db8::1",
+    "198.19.0.1",
+];
 
 fn label_pool() -> impl Strategy<Value = Labels> {
     (
@@ -89,14 +113,30 @@ fn selector() -> impl Strategy<Value = LabelSelector> {
         Just(LabelSelector::everything()),
         prop::sample::select(vec!["web", "db", "api"]).prop_map(|a| sel(&[("app", a)])),
         prop::sample::select(vec!["fe", "be"]).prop_map(|t| sel(&[("tier", t)])),
-        (prop::sample::select(vec![Operator::In, Operator::NotIn, Operator::Exists, Operator::DoesNotExist]),
-         prop::sample::select(vec!["app", "tier"]))
+        (
+            prop::sample::select(vec![
+                Operator::In,
+                Operator::NotIn,
+                Operator::Exists,
+                Operator::DoesNotExist
+            ]),
+            prop::sample::select(vec!["app", "tier"])
+        )
             .prop_map(|(op, key)| {
                 let values = match op {
-                    Operator::In | Operator::NotIn => ["web", "fe"].iter().map(|s| s.to_string()).collect(),
+                    Operator::In | Operator::NotIn => {
+                        ["web", "fe"].iter().map(|s| s.to_string()).collect()
+                    }
                     _ => BTreeSet::new(),
                 };
-                LabelSelector { match_labels: Labels::new(), match_expressions: vec![Requirement { key: key.into(), operator: op, values }] }
+                LabelSelector {
+                    match_labels: Labels::new(),
+                    match_expressions: vec![Requirement {
+                        key: key.into(),
+                        operator: op,
+                        values,
+                    }],
+                }
             }),
     ]
 }
@@ -105,7 +145,8 @@ fn ns_selector() -> impl Strategy<Value = LabelSelector> {
     prop_oneof![
         Just(LabelSelector::everything()),
         prop::sample::select(vec!["x", "y"]).prop_map(|t| sel(&[("team", t)])),
-        prop::sample::select(vec!["a", "b", "c", "gone"]).prop_map(|n| sel(&[("kubernetes.io/metadata.name", n)])),
+        prop::sample::select(vec!["a", "b", "c", "gone"])
+            .prop_map(|n| sel(&[("kubernetes.io/metadata.name", n)])),
     ]
 }
 
@@ -123,8 +164,12 @@ const BLOCKS: [(&str, &[&str]); 9] = [
 
 fn peer() -> impl Strategy<Value = Peer> {
     prop_oneof![
-        (prop::option::of(ns_selector()), prop::option::of(selector()))
-            .prop_filter("a peer selects something", |(n, p)| n.is_some() || p.is_some())
+        (
+            prop::option::of(ns_selector()),
+            prop::option::of(selector())
+        )
+            .prop_filter("a peer selects something", |(n, p)| n.is_some()
+                || p.is_some())
             .prop_map(|(namespaces, pods)| Peer::Pods { namespaces, pods }),
         prop::sample::select(BLOCKS.to_vec()).prop_map(|(c, e)| Peer::IpBlock {
             cidr: net(c),
@@ -138,12 +183,19 @@ fn port_spec() -> impl Strategy<Value = PortSpec> {
         prop::sample::select(Protocol::ALL.to_vec()),
         prop_oneof![
             Just((None, None)),
-            prop::sample::select(vec![53u16, 80, 8080, 9090]).prop_map(|p| (Some(PortRef::Number(p)), None)),
-            (prop::sample::select(vec![53u16, 80, 1000]), 0u16..100).prop_map(|(p, w)| (Some(PortRef::Number(p)), Some(p + w))),
-            prop::sample::select(vec!["http", "dns", "metrics", "nope"]).prop_map(|n| (Some(PortRef::Name(n.into())), None)),
+            prop::sample::select(vec![53u16, 80, 8080, 9090])
+                .prop_map(|p| (Some(PortRef::Number(p)), None)),
+            (prop::sample::select(vec![53u16, 80, 1000]), 0u16..100)
+                .prop_map(|(p, w)| (Some(PortRef::Number(p)), Some(p + w))),
+            prop::sample::select(vec!["http", "dns", "metrics", "nope"])
+                .prop_map(|n| (Some(PortRef::Name(n.into())), None)),
         ],
     )
-        .prop_map(|(protocol, (port, end_port))| PortSpec { protocol, port, end_port })
+        .prop_map(|(protocol, (port, end_port))| PortSpec {
+            protocol,
+            port,
+            end_port,
+        })
 }
 
 fn rule() -> impl Strategy<Value = Rule> {
@@ -163,15 +215,19 @@ pub fn policy() -> impl Strategy<Value = NetworkPolicy> {
         prop::collection::vec(rule(), 0..3),
         prop::collection::vec(rule(), 0..3),
     )
-        .prop_map(|(ns, n, pod_selector, (ingress_isolation, egress_isolation), ingress, egress)| NetworkPolicy {
-            namespace: ns.into(),
-            name: format!("p{n}"),
-            pod_selector,
-            ingress_isolation,
-            egress_isolation,
-            ingress,
-            egress,
-        })
+        .prop_map(
+            |(ns, n, pod_selector, (ingress_isolation, egress_isolation), ingress, egress)| {
+                NetworkPolicy {
+                    namespace: ns.into(),
+                    name: format!("p{n}"),
+                    pod_selector,
+                    ingress_isolation,
+                    egress_isolation,
+                    ingress,
+                    egress,
+                }
+            },
+        )
 }
 
 /// A pod; `slot` makes its addresses unique (198.18.0.<slot+1>, fd00::<slot+1>).
@@ -179,7 +235,12 @@ pub fn pod(slot: u8) -> impl Strategy<Value = Pod> {
     (
         prop::sample::select(vec!["a", "b", "c"]),
         label_pool(),
-        prop::sample::select(vec![(true, false), (false, true), (true, true), (false, false)]),
+        prop::sample::select(vec![
+            (true, false),
+            (false, true),
+            (true, true),
+            (false, false),
+        ]),
         prop::collection::vec(
             prop::sample::select(vec![
                 ("http", Protocol::Tcp, 80u16),
@@ -212,7 +273,11 @@ pub fn pod(slot: u8) -> impl Strategy<Value = Pod> {
             for (n, protocol, port) in ports {
                 // One port per (name, protocol) as the API requires of a pod.
                 if !cps.iter().any(|c| c.name.as_deref() == Some(n)) {
-                    cps.push(ContainerPort { name: Some(n.into()), port, protocol });
+                    cps.push(ContainerPort {
+                        name: Some(n.into()),
+                        port,
+                        protocol,
+                    });
                 }
             }
             Pod {
@@ -228,19 +293,27 @@ pub fn pod(slot: u8) -> impl Strategy<Value = Pod> {
 }
 
 pub fn namespaces() -> impl Strategy<Value = BTreeMap<String, Namespace>> {
-    prop::collection::vec(prop::option::of(prop::sample::select(vec!["x", "y"])), 3).prop_map(|teams| {
-        ["a", "b", "c"]
-            .iter()
-            .zip(teams)
-            .map(|(n, team)| {
-                let mut l = labels(&[("kubernetes.io/metadata.name", n)]);
-                if let Some(t) = team {
-                    l.insert("team".into(), t.into());
-                }
-                (n.to_string(), Namespace { name: n.to_string(), labels: l })
-            })
-            .collect()
-    })
+    prop::collection::vec(prop::option::of(prop::sample::select(vec!["x", "y"])), 3).prop_map(
+        |teams| {
+            ["a", "b", "c"]
+                .iter()
+                .zip(teams)
+                .map(|(n, team)| {
+                    let mut l = labels(&[("kubernetes.io/metadata.name", n)]);
+                    if let Some(t) = team {
+                        l.insert("team".into(), t.into());
+                    }
+                    (
+                        n.to_string(),
+                        Namespace {
+                            name: n.to_string(),
+                            labels: l,
+                        },
+                    )
+                })
+                .collect()
+        },
+    )
 }
 
 pub fn snapshot(max_pods: usize, max_policies: usize) -> impl Strategy<Value = Snapshot> {

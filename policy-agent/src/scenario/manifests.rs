@@ -1,0 +1,110 @@
+//! A step's objects as Kubernetes manifests, for runners that drive the real agent in
+//! standalone mode (`--manifests DIR`): namespaces and pods as the API server would show them
+//! (labels, node, hostNetwork, container ports, status.podIPs), policies exactly as applied
+//! (so an invalid one reaches the agent invalid, and fails closed there too).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::apply::State;
+use super::topology::Topology;
+use crate::reference::NAMESPACE_NAME_LABEL;
+
+/// One manifest file: its name in the directory and its YAML.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub file_name: String,
+    pub yaml: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("rendering {object}: {source}")]
+pub struct ManifestError {
+    object: String,
+    source: serde_yaml::Error,
+}
+
+fn render<T: serde::Serialize>(object: String, v: &T) -> Result<String, ManifestError> {
+    serde_yaml::to_string(v).map_err(|source| ManifestError { object, source })
+}
+
+/// Every object of `state`: `namespace-<ns>.yaml`, `pod-<ns>-<name>.yaml`,
+/// `networkpolicy-<ns>-<name>.yaml` (names are DNS labels, so these never collide).
+pub fn manifests(topo: &Topology, state: &State) -> Result<Vec<Manifest>, ManifestError> {
+    let mut out = Vec::new();
+    for ns in state.snapshot.namespaces.values() {
+        // The API server adds the name label itself; leave it implicit like a user would.
+        let labels: BTreeMap<String, String> = ns
+            .labels
+            .iter()
+            .filter(|(k, _)| *k != NAMESPACE_NAME_LABEL)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let obj = core::Namespace {
+            metadata: ObjectMeta {
+                name: Some(ns.name.clone()),
+                labels: Some(labels),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        out.push(Manifest {
+            file_name: format!("namespace-{}.yaml", ns.name),
+            yaml: render(format!("namespace {}", ns.name), &obj)?,
+        });
+    }
+    for pod in state.snapshot.pods.values() {
+        let ports = pod
+            .ports
+            .iter()
+            .map(|p| core::ContainerPort {
+                name: p.name.clone(),
+                container_port: i32::from(p.port),
+                protocol: Some(p.protocol.as_str().to_string()),
+                ..Default::default()
+            })
+            .collect();
+        let ips: Vec<core::PodIP> = pod
+            .ips
+            .iter()
+            .map(|ip| core::PodIP { ip: ip.to_string() })
+            .collect();
+        let obj = core::Pod {
+            metadata: ObjectMeta {
+                name: Some(pod.name.clone()),
+                namespace: Some(pod.namespace.clone()),
+                labels: Some(pod.labels.clone()),
+                ..Default::default()
+            },
+            spec: Some(core::PodSpec {
+                node_name: Some(topo.node.clone()),
+                host_network: Some(pod.host_network),
+                containers: vec![core::Container {
+                    name: "serve".into(),
+                    ports: Some(ports),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(core::PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: ips.first().map(|i| i.ip.clone()),
+                pod_ips: Some(ips),
+                ..Default::default()
+            }),
+        };
+        out.push(Manifest {
+            file_name: format!("pod-{}-{}.yaml", pod.namespace, pod.name),
+            yaml: render(format!("pod {}/{}", pod.namespace, pod.name), &obj)?,
+        });
+    }
+    for (key, doc) in &state.policy_docs {
+        out.push(Manifest {
+            file_name: format!("networkpolicy-{}-{}.yaml", key.namespace, key.name),
+            yaml: doc.clone(),
+        });
+    }
+    Ok(out)
+}
