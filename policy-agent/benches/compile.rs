@@ -36,7 +36,7 @@ fn make_pod(i: usize, apps: usize, generation: usize) -> Pod {
     Pod {
         namespace: format!("ns{ns}"),
         name: format!("pod{i}-{generation}"),
-        labels: labels(&[("app", &format!("app{app}")), ("tier", if app % 2 == 0 { "fe" } else { "be" }),
+        labels: labels(&[("app", &format!("app{app}")), ("tier", if app.is_multiple_of(2) { "fe" } else { "be" }),
             ("pod-template-hash", &format!("h{}", i % 3))]),
         ips: pod_ips(i),
         ports: vec![
@@ -102,7 +102,7 @@ fn cluster(pods: usize, policies: usize) -> Snapshot {
                     Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: Some(sel(&[("tier", "fe")])) },
                 ]),
                 ports: vec![tcp(PortRef::Number(80)), tcp(PortRef::Number(443)), tcp(PortRef::Number(8443)),
-                    tcp(PortRef::Number(8000)), tcp(PortRef::Number(8001))],
+                    tcp(PortRef::Number(8000)), tcp(PortRef::Number(8001)), tcp(PortRef::Number(9443))],
             }], vec![]),
         };
         let p = NetworkPolicy { namespace: format!("ns{ns}"), name: format!("p{k}"), pod_selector, ingress_isolation, egress_isolation, ingress, egress };
@@ -139,6 +139,20 @@ fn main() {
         println!("{:<28} {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", name, ms(d),
             sizes[0].1, sizes[1].1, sizes[2].1, sizes[3].1, sizes[4].1, bytes);
         json.insert(format!("full_{}k_pods_{}_policies_ms", pods / 1000, if policies >= 1000 { "1k".to_string() } else { policies.to_string() }), ms(d));
+    }
+
+    {
+        // A dense node: 2,000 of the 10k pods local.
+        let mut snap = cluster(10_000, 1_000);
+        for p in snap.pods.values_mut().take(2_000) {
+            p.node = Some("n0".into());
+        }
+        let (d, m) = time(3, || compile(&snap, &mut CompilerState::new()));
+        let sizes = m.sizes();
+        let bytes: usize = sizes.iter().map(|s| s.2).sum();
+        println!("{:<28} {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "full 10k/1k, 2k local pods", ms(d),
+            sizes[0].1, sizes[1].1, sizes[2].1, sizes[3].1, sizes[4].1, bytes);
+        json.insert("full_10k_pods_1k_policies_2k_local_ms".into(), ms(d));
     }
 
     // Single changes on the 10k x 1k cluster through the incremental engine.

@@ -635,4 +635,5 @@ pub fn namespace(n: &core::Namespace) -> Result<model::Namespace, ConvertError> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -11,11 +11,15 @@ use policy_common::{Direction, Reason};
 
 use crate::compiler::{MapContents, addr_of};
 
+/// LPM entries of one exact leading part: (prefix length, key bytes, value).
+type CidrEntries = Vec<(u32, [u8; 20], RuleValue)>;
+type PortEntries = Vec<(u32, [u8; 8])>;
+
 pub struct KernelModel<'a> {
     pub maps: &'a MapContents,
     /// LPM entries grouped by their always-exact leading word(s), for quick scans.
-    cidr_by_set: HashMap<u32, Vec<(u32, [u8; 20], RuleValue)>>,
-    ports_by_set: HashMap<(u32, u8), Vec<(u32, [u8; 8])>>,
+    cidr_by_set: HashMap<u32, CidrEntries>,
+    ports_by_set: HashMap<(u32, u8), PortEntries>,
 }
 
 /// Whether the first `bits` bits of two byte strings agree.
@@ -50,11 +54,11 @@ fn port_bytes(d: &PortData) -> [u8; 8] {
 
 impl<'a> KernelModel<'a> {
     pub fn new(maps: &'a MapContents) -> Self {
-        let mut cidr_by_set: HashMap<u32, Vec<(u32, [u8; 20], RuleValue)>> = HashMap::new();
+        let mut cidr_by_set: HashMap<u32, CidrEntries> = HashMap::new();
         for (k, v) in &maps.cidr_rules {
             cidr_by_set.entry(k.data.set_family_be).or_default().push((k.prefixlen, cidr_bytes(&k.data), *v));
         }
-        let mut ports_by_set: HashMap<(u32, u8), Vec<(u32, [u8; 8])>> = HashMap::new();
+        let mut ports_by_set: HashMap<(u32, u8), PortEntries> = HashMap::new();
         for k in maps.ports.keys() {
             ports_by_set.entry((k.data.port_set_be, k.data.proto)).or_default().push((k.prefixlen, port_bytes(&k.data)));
         }
@@ -102,5 +106,68 @@ impl PolicyMaps for KernelModel<'_> {
         self.ports_by_set.get(&(key.data.port_set_be, key.data.proto)).is_some_and(|v| {
             v.iter().any(|(len, bytes)| *len <= key.prefixlen && prefix_eq(bytes, &want, *len))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compiler::{cidr_key, portset};
+
+    fn rv(port: u16) -> RuleValue {
+        let mut v = RuleValue::default();
+        v.ranges[0] = PortRange { first: port, last: port, proto: 6, _pad: [0; 3] };
+        v
+    }
+
+    fn lookup(m: &KernelModel<'_>, set: u32, a: &str) -> Option<u16> {
+        let addr = addr_of(a.parse().expect("ip"));
+        m.cidr_rule(&LpmKey { prefixlen: CIDR_LOOKUP_PREFIXLEN, data: CidrData::new(set, addr) })
+            .map(|v| v.ranges[0].first)
+    }
+
+    #[test]
+    fn longest_prefix_wins_within_set_and_family() {
+        let mut c = MapContents::default();
+        for (set, net, port) in [(1, "198.18.0.0/15", 1), (1, "198.18.0.0/17", 2), (1, "198.18.0.0/25", 3),
+            (2, "0.0.0.0/0", 4), (1, "::/0", 5), (1, "fd00::/9", 6)] {
+            c.cidr_rules.insert(cidr_key(set, &net.parse().expect("net")), rv(port));
+        }
+        let m = KernelModel::new(&c);
+        assert_eq!(lookup(&m, 1, "198.18.0.1"), Some(3));
+        assert_eq!(lookup(&m, 1, "198.18.0.200"), Some(2));
+        assert_eq!(lookup(&m, 1, "198.18.200.1"), Some(1));
+        assert_eq!(lookup(&m, 1, "198.19.255.255"), Some(1));
+        assert_eq!(lookup(&m, 1, "198.20.0.0"), None, "::/0 never covers IPv4");
+        assert_eq!(lookup(&m, 2, "198.20.0.0"), Some(4));
+        assert_eq!(lookup(&m, 2, "fd00::1"), None);
+        assert_eq!(lookup(&m, 1, "fd00::1"), Some(6));
+        assert_eq!(lookup(&m, 1, "fd80::1"), Some(5), "/9 splits inside a byte");
+        assert_eq!(lookup(&m, 3, "198.18.0.1"), None);
+    }
+
+    #[test]
+    fn port_trie_matches_prefixes_of_its_own_set_and_protocol() {
+        let mut c = MapContents::default();
+        let mut keys = Vec::new();
+        portset::trie_keys(7, &[(17, 1000, 1999)], &mut keys);
+        for k in keys {
+            c.ports.insert(k, 1);
+        }
+        let m = KernelModel::new(&c);
+        let q = |set: u32, proto: u8, port: u16| {
+            m.port(&LpmKey { prefixlen: PORT_LOOKUP_PREFIXLEN, data: PortData::new(set, proto, port) })
+        };
+        assert!(q(7, 17, 1000) && q(7, 17, 1999) && q(7, 17, 1500));
+        assert!(!q(7, 17, 999) && !q(7, 17, 2000) && !q(7, 6, 1500) && !q(8, 17, 1500));
+    }
+
+    #[test]
+    fn unknown_addresses_are_not_endpoints() {
+        let c = MapContents::default();
+        let m = KernelModel::new(&c);
+        let a: IpAddr = "198.18.0.1".parse().expect("ip");
+        assert!(m.decide_at(a, Direction::Ingress, a, 6, 80).is_none());
+        assert!(m.allowed(a, a, 6, 80));
     }
 }

@@ -142,6 +142,18 @@ impl MapContents {
         }
     }
 
+    /// Maps holding more entries than their kernel capacity: (map name, entries, capacity).
+    /// The writer must refuse such contents rather than apply them partly.
+    pub fn over_capacity(&self) -> Vec<(&'static str, usize, u32)> {
+        let caps = [MAX_ENDPOINTS, MAX_IPCACHE, MAX_RULES, MAX_CIDR_RULES, MAX_PORTS];
+        self.sizes()
+            .iter()
+            .zip(caps)
+            .filter(|((_, n, _), cap)| *n > *cap as usize)
+            .map(|((name, n, _), cap)| (*name, *n, cap))
+            .collect()
+    }
+
     /// (map name, entries, key + value bytes) per map.
     pub fn sizes(&self) -> [(&'static str, usize, usize); 5] {
         use core::mem::size_of;
@@ -334,13 +346,16 @@ struct Ident<'a> {
     key: &'a IdentityKey,
 }
 
+/// (namespaceSelector, policy namespace when it has none, podSelector) of a pod peer.
+type PeerKey<'a> = (Option<&'a LabelSelector>, &'a str, Option<&'a LabelSelector>);
+
 /// Per-compile lookup structures over identities and namespaces.
 struct Universe<'a> {
     snap: &'a Snapshot,
     idents: Vec<Ident<'a>>,
     by_ns: HashMap<&'a str, Vec<usize>>,
     /// Peer selector results, shared by every policy using the same selectors.
-    peer_cache: HashMap<(Option<&'a LabelSelector>, &'a str, Option<&'a LabelSelector>), Vec<usize>>,
+    peer_cache: HashMap<PeerKey<'a>, Vec<usize>>,
 }
 
 impl<'a> Universe<'a> {

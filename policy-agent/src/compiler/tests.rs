@@ -114,8 +114,19 @@ fn many_ports_go_to_the_trie() {
     assert!(!m.ports.is_empty());
     let k = KernelModel::new(&m);
     for port in 990..1070u16 {
-        let want = port >= 1000 && port < 1060 && (port - 1000) % 10 <= 3;
+        let want = (1000..1060).contains(&port) && (port - 1000) % 10 <= 3;
         assert_eq!(k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::UDP, port), want, "{port}");
     }
     assert!(!k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::TCP, 1000));
+}
+
+#[test]
+fn capacity_is_checked() {
+    let mut m = MapContents::default();
+    assert!(m.over_capacity().is_empty());
+    for i in 0..=MAX_ENDPOINTS {
+        let a = Addr::from_v4_octets((0x0a00_0000u32 + i).to_be_bytes());
+        m.endpoints.insert(EndpointKey { addr: a }, EndpointValue::default());
+    }
+    assert_eq!(m.over_capacity(), vec![(MAP_ENDPOINTS, MAX_ENDPOINTS as usize + 1, MAX_ENDPOINTS)]);
 }
