@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod expect;
 pub mod format;
+pub mod kernel;
 pub mod plan;
 pub mod report;
 pub mod run;
