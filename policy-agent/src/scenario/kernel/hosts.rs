@@ -15,7 +15,7 @@ use crate::testbed::Netns;
 const GATEWAY_V4: &str = "169.254.1.1";
 const GATEWAY_V6: &str = "fe80::1";
 /// Where the ClusterIPs live (`topology::service_v4` / `service_v6`): routed in the node to a
-/// dummy interface so node-originated connections reach the OUTPUT DNAT.
+/// placeholder interface so node-originated connections reach the OUTPUT DNAT.
 pub const SERVICE_NET_V4: &str = "198.18.128.0/17";
 pub const SERVICE_NET_V6: &str = "fd00:18::2:0/112";
 
@@ -42,7 +42,10 @@ impl Hosts {
             "net.ipv6.conf.default.accept_dad=0",
             "net.ipv6.conf.all.accept_dad=0",
         ])?;
-        node.ip(&["link", "add", "ksvc", "type", "dummy"])?;
+        // A veth pair inside the node (no dummy driver needed): the route target of the
+        // ClusterIPs, like kube-proxy's kube-ipvs0; DNAT reroutes before anything is sent.
+        node.ip(&["link", "add", "ksvc", "type", "veth", "peer", "name", "ksvc-peer"])?;
+        node.ip(&["link", "set", "ksvc-peer", "up"])?;
         node.ip(&["link", "set", "ksvc", "up"])?;
         let v4 = topo.node_v4.to_string();
         let v6 = topo.node_v6.to_string();
