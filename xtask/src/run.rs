@@ -118,6 +118,13 @@ pub fn scenario(root: &Path, simulate: bool, files: &[PathBuf]) -> Result<()> {
     } else {
         prepare(root)?;
     }
+    if !simulate {
+        // The kernel runner starts the agent binary it finds beside itself.
+        status(
+            "cargo build policy-agent",
+            cargo(root).args(["build", "--quiet", "--release", "-p", "policy-agent", "--bins"]),
+        )?;
+    }
     let cwd = std::env::current_dir()?;
     let mut cmd = cargo(root);
     cmd.args(["run", "--quiet", "--release", "-p", "policy-agent", "--bin", "policy-scenario", "--"]);

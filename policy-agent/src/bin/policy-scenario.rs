@@ -1,25 +1,34 @@
-//! `policy-scenario [--simulate] FILE...`: runs scenario files (scenarios/FORMAT.md) and ends
-//! with `N passed, N failed`. Exit 0 when every probe passed, 1 on a failed probe or an invalid
-//! file, 2 on a usage error or when the requested runner is unavailable.
+//! `policy-scenario [--simulate] [--agent PATH] FILE...`: runs scenario files
+//! (scenarios/FORMAT.md) and ends with `N passed, N failed`. Without `--simulate` each file runs
+//! on the kernel datapath: namespaces, the `policy-agent` binary (by default the one beside this
+//! executable) in standalone mode, real sockets; that needs root. Exit 0 when every probe
+//! passed, 1 on a failed probe, an invalid file or a run error, 2 on a usage error.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use policy_agent::scenario::report::{Counts, LEGEND};
-use policy_agent::scenario::{Plan, run_plan, simulate};
+use policy_agent::scenario::kernel::{KernelConfig, KernelOracle};
+use policy_agent::scenario::{Oracle, Plan, run_plan, simulate};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: policy-scenario [--simulate] FILE...");
+    eprintln!("usage: policy-scenario [--simulate] [--agent PATH] FILE...");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let mut simulate = false;
     let mut files = Vec::new();
-    for arg in std::env::args_os().skip(1) {
+    let mut agent: Option<PathBuf> = None;
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--simulate") => simulate = true,
+            Some("--agent") => match args.next() {
+                Some(p) => agent = Some(PathBuf::from(p)),
+                None => return usage(),
+            },
             Some("-h" | "--help") => return usage(),
             Some(s) if s.starts_with('-') => {
                 eprintln!("unknown option {s}");
@@ -31,10 +40,21 @@ fn main() -> ExitCode {
     if files.is_empty() {
         return usage();
     }
-    if !simulate {
+    let agent = match agent {
+        Some(p) => p,
+        None => match std::env::current_exe() {
+            Ok(exe) => exe.with_file_name("policy-agent"),
+            Err(e) => {
+                eprintln!("policy-scenario: cannot locate the agent binary ({e}); give --agent PATH");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if !simulate && !agent.is_file() {
         eprintln!(
-            "policy-scenario: kernel runner not built yet; use --simulate to run the scenarios \
-             through the compiler and the kernel model"
+            "policy-scenario: agent binary {} not found: build it (cargo build --release -p \
+             policy-agent --bins) or give --agent PATH",
+            agent.display()
         );
         return ExitCode::from(2);
     }
@@ -58,8 +78,15 @@ fn main() -> ExitCode {
     let mut total = Counts::default();
     let mut broken = 0usize;
     for plan in &plans {
-        let mut oracle = simulate::simulation_oracle();
-        match run_plan(plan, oracle.as_mut(), &mut out) {
+        let mut oracle: Box<dyn Oracle> = if simulate {
+            simulate::simulation_oracle()
+        } else {
+            Box::new(KernelOracle::new(KernelConfig::new(agent.clone())))
+        };
+        let t0 = std::time::Instant::now();
+        let result = run_plan(plan, oracle.as_mut(), &mut out);
+        let _ = writeln!(out, "({}: {:.1} s)", plan.file, t0.elapsed().as_secs_f64());
+        match result {
             Ok(c) => total.add(&c),
             Err(e) => {
                 eprintln!("error: {}: {e}", plan.file);

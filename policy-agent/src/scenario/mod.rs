@@ -19,6 +19,7 @@
 pub mod apply;
 pub mod expect;
 pub mod format;
+pub mod kernel;
 pub mod manifests;
 pub mod plan;
 pub mod report;

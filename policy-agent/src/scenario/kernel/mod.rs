@@ -1,0 +1,379 @@
+//! The kernel runner: each scenario on the real datapath. Setup builds the hosts as network
+//! namespaces (`hosts`), starts echo servers and SCTP responders (`probe`), installs the
+//! ClusterIP DNAT rules and starts the agent binary in standalone mode inside the node
+//! namespace, on a private bpffs and a manifest directory. Each step writes the step's
+//! objects as manifests, waits until the agent reports that exact directory content enforced
+//! with every pod's interface attached, then runs the probes with real sockets in parallel.
+//! Everything is removed on teardown, on error and on panic (drop guards).
+
+pub mod hosts;
+pub mod probe;
+pub mod sctp;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::apply::State;
+use super::format::IpFamily;
+use super::plan::Probe;
+use super::run::{Oracle, OracleError};
+use super::topology::{EndpointName, Topology};
+use crate::model::ObjectKey;
+use crate::standalone;
+use crate::testbed::PrivateBpffs;
+use hosts::Hosts;
+use probe::{Job, Servers};
+
+#[derive(Clone, Debug)]
+pub struct KernelConfig {
+    /// The `policy-agent` binary.
+    pub agent: PathBuf,
+    /// How long a probe may take before it counts as denied.
+    pub probe_timeout: Duration,
+    /// How many probes run at once.
+    pub parallel: usize,
+    /// How long the agent may take to enforce a step.
+    pub apply_timeout: Duration,
+}
+
+impl KernelConfig {
+    pub fn new(agent: PathBuf) -> KernelConfig {
+        KernelConfig {
+            agent,
+            probe_timeout: Duration::from_secs(1),
+            parallel: 256,
+            apply_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+pub struct KernelOracle {
+    cfg: KernelConfig,
+    run: Option<Run>,
+}
+
+/// What one scenario built; the field order is the teardown order.
+struct Run {
+    agent: AgentProcess,
+    servers: Servers,
+    ns_files: Vec<File>,
+    /// Namespace index (into `ns_files`) of each pod.
+    pod_ns: BTreeMap<ObjectKey, usize>,
+    /// Namespace index (into `ns_files`) and index into `hosts.externals` of each external.
+    external_ns: BTreeMap<String, (usize, usize)>,
+    hosts: Hosts,
+    _bpffs: PrivateBpffs,
+    dir: TempDir,
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> OracleError {
+    OracleError::Failed(format!("{what}: {e}"))
+}
+
+impl KernelOracle {
+    pub fn new(cfg: KernelConfig) -> KernelOracle {
+        KernelOracle { cfg, run: None }
+    }
+
+    fn build(&self, topo: &Topology) -> Result<Run, OracleError> {
+        if !self.cfg.agent.is_file() {
+            return Err(OracleError::Failed(format!(
+                "agent binary {} not found (build it: cargo build --release -p policy-agent --bins)",
+                self.cfg.agent.display()
+            )));
+        }
+        let tag = short_tag();
+        let dir = TempDir::create(&format!("policy-scenario-{tag}")).map_err(|e| fail("temp dir", e))?;
+        let manifests = dir.0.join("manifests");
+        std::fs::create_dir(&manifests).map_err(|e| fail("manifest dir", e))?;
+        let bpffs = PrivateBpffs::mount().map_err(|e| fail("bpffs", e))?;
+        let hosts = Hosts::build(topo, &tag).map_err(|e| fail("namespaces", e))?;
+        hosts::install_services(&hosts.node, topo, &dir.0).map_err(|e| fail("service rules", e))?;
+
+        let mut ns_files = Vec::new();
+        let mut open = |name: &str| -> Result<usize, OracleError> {
+            let f = File::open(format!("/run/netns/{name}")).map_err(|e| fail(name, e))?;
+            ns_files.push(f);
+            Ok(ns_files.len() - 1)
+        };
+        let node_ns = open(hosts.node.name())?;
+        let mut pod_ns = BTreeMap::new();
+        for p in &topo.pods {
+            let i = match &hosts.pods[p.index] {
+                Some(ns) => open(ns.name())?,
+                None => node_ns,
+            };
+            pod_ns.insert(p.key.clone(), i);
+        }
+        let mut external_ns = BTreeMap::new();
+        for (i, e) in topo.externals.iter().enumerate() {
+            external_ns.insert(e.name.clone(), (open(hosts.externals[i].name())?, i));
+        }
+
+        // Pods serve their container ports on their addresses (hostNetwork pods: the node's).
+        let mut servers = Servers::default();
+        for p in &topo.pods {
+            let ns = hosts.pod_ns(p.index);
+            for port in &p.ports {
+                for addr in [IpAddr::from(p.v4), IpAddr::from(p.v6)] {
+                    servers
+                        .ensure(ns, addr, port.protocol, port.port)
+                        .map_err(|e| fail(&format!("server {} {addr} {}/{}", p.key, port.protocol.as_str(), port.port), e))?;
+                }
+            }
+        }
+
+        let status = dir.0.join("status.json");
+        let log = File::create(dir.0.join("agent.log")).map_err(|e| fail("agent log", e))?;
+        let log2 = log.try_clone().map_err(|e| fail("agent log", e))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", hosts.node.name()])
+            .arg(&self.cfg.agent)
+            .arg("standalone")
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--node-name", &topo.node])
+            .arg("--bpf-dir")
+            .arg(bpffs.path())
+            .arg("--status-file")
+            .arg(&status)
+            .args(["--poll-ms", "20"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| fail("starting the agent", e))?;
+        Ok(Run {
+            agent: AgentProcess(child),
+            servers,
+            ns_files,
+            pod_ns,
+            external_ns,
+            hosts,
+            _bpffs: bpffs,
+            dir,
+        })
+    }
+}
+
+impl Oracle for KernelOracle {
+    fn describe(&self) -> String {
+        "the kernel datapath (namespaces, policy-agent standalone, real sockets)".into()
+    }
+
+    fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
+        self.run = None;
+        self.run = Some(self.build(topology)?);
+        Ok(())
+    }
+
+    fn apply(&mut self, topology: &Topology, state: &State) -> Result<(), OracleError> {
+        let run = self.run.as_mut().ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let manifests = run.dir.0.join("manifests");
+        let text = render(topology, state)?;
+        // Atomic: the agent ignores dot files, and rename replaces the file in one step.
+        let tmp = manifests.join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
+        std::fs::rename(&tmp, manifests.join("cluster.yaml")).map_err(|e| fail("writing manifests", e))?;
+        let want = crate::manifests::content_hash(&manifests);
+        let status_file = run.dir.0.join("status.json");
+        let deadline = Instant::now() + self.cfg.apply_timeout;
+        loop {
+            let status = standalone::read_status(&status_file);
+            if let Some(s) = &status {
+                if s.generation == want && s.waiting.is_empty() {
+                    return Ok(());
+                }
+            }
+            if let Ok(Some(exit)) = run.agent.0.try_wait() {
+                return Err(OracleError::Failed(format!(
+                    "the agent exited ({exit}): {}",
+                    tail(&run.dir.0.join("agent.log"))
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(OracleError::Failed(format!(
+                    "the agent did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
+                    self.cfg.apply_timeout,
+                    tail(&run.dir.0.join("agent.log"))
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
+        let run = self.run.as_mut().ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let mut jobs = Vec::with_capacity(probes.len());
+        for p in probes {
+            let ns = match &p.src {
+                EndpointName::Pod(key) => run.pod(key)?,
+                EndpointName::External(name) => run.external(name)?.0,
+            };
+            if let EndpointName::External(name) = &p.dst {
+                // Externals serve every probed port.
+                let ext_ns = &run.hosts.externals[run.external(name)?.1];
+                run.servers
+                    .ensure(ext_ns, p.dst_addr, p.port.protocol, p.port.port)
+                    .map_err(|e| fail(&format!("server on external {name}"), e))?;
+            }
+            jobs.push(Job {
+                ns,
+                src: p.src_addr,
+                to: SocketAddr::new(p.target_addr, p.port.port),
+                protocol: p.port.protocol,
+            });
+        }
+        Ok(probe::run(&run.ns_files, &jobs, self.cfg.probe_timeout, self.cfg.parallel))
+    }
+
+    fn teardown(&mut self) -> Result<(), OracleError> {
+        let run = self.run.take();
+        if let Some(mut run) = run {
+            run.agent.stop();
+            if let Ok(Some(exit)) = run.agent.0.try_wait() {
+                if !exit.success() {
+                    let msg = tail(&run.dir.0.join("agent.log"));
+                    drop(run);
+                    return Err(OracleError::Failed(format!("the agent exited with {exit}: {msg}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Run {
+    fn pod(&self, key: &ObjectKey) -> Result<usize, OracleError> {
+        self.pod_ns.get(key).copied().ok_or_else(|| OracleError::Failed(format!("no pod {key}")))
+    }
+
+    fn external(&self, name: &str) -> Result<(usize, usize), OracleError> {
+        self.external_ns.get(name).copied().ok_or_else(|| OracleError::Failed(format!("no external {name}")))
+    }
+}
+
+/// The step's objects as one multi-document manifest file: Namespaces, Pods (labels, container
+/// ports, hostNetwork, node, addresses) and the NetworkPolicies as the file wrote them.
+pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
+    let mut docs = Vec::new();
+    let yaml = |v: &serde_json::Value| serde_yaml::to_string(v).map_err(|e| fail("rendering manifests", e));
+    for (name, ns) in &state.snapshot.namespaces {
+        docs.push(yaml(&json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": ns.labels},
+        }))?);
+    }
+    for host in &topo.pods {
+        let pod = state
+            .snapshot
+            .pods
+            .get(&host.key)
+            .ok_or_else(|| OracleError::Failed(format!("pod {} missing from the state", host.key)))?;
+        let ports: Vec<serde_json::Value> = pod
+            .ports
+            .iter()
+            .map(|p| {
+                let mut v = json!({"containerPort": p.port, "protocol": p.protocol.as_str()});
+                if let Some(n) = &p.name {
+                    v["name"] = json!(n);
+                }
+                v
+            })
+            .collect();
+        let ips: Vec<String> = [IpFamily::V4, IpFamily::V6].iter().map(|f| host.addr(*f).to_string()).collect();
+        docs.push(yaml(&json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": host.key.name, "namespace": host.key.namespace, "labels": pod.labels},
+            "spec": {
+                "nodeName": topo.node,
+                "hostNetwork": pod.host_network,
+                "containers": [{"name": "c", "image": "scenario", "ports": ports}],
+            },
+            "status": {"podIP": ips[0], "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
+        }))?);
+    }
+    docs.extend(state.policy_docs.values().cloned());
+    Ok(docs.iter().map(|d| d.trim_end()).collect::<Vec<_>>().join("\n---\n") + "\n")
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The agent child process; stopped (SIGTERM, then SIGKILL) on drop.
+struct AgentProcess(Child);
+
+impl AgentProcess {
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create(name: &str) -> std::io::Result<TempDir> {
+        let p = std::env::temp_dir().join(name);
+        std::fs::create_dir(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A short tag unique on this machine for this process's objects (interface names have at
+/// most 15 bytes).
+fn short_tag() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let mut v = ((std::process::id() as u64) << 10) | (n as u64 & 0x3ff);
+    const D: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut s = Vec::new();
+    loop {
+        s.push(D[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}

@@ -1,0 +1,303 @@
+//! Just enough SCTP for a reachability probe, over raw sockets (the kernel here has no SCTP
+//! stack): the client sends an INIT, a responder answers with an INIT-ACK (ports swapped, the
+//! INIT's initiate tag as verification tag). A matching INIT-ACK coming back means the
+//! association could start in both directions.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+pub const IPPROTO_SCTP: i32 = 132;
+const CHUNK_INIT: u8 = 1;
+const CHUNK_INIT_ACK: u8 = 2;
+
+/// CRC32c (Castagnoli), as SCTP's checksum uses it (RFC 9260 appendix A).
+pub fn crc32c(data: &[u8]) -> u32 {
+    const POLY: u32 = 0x82f6_3b78; // reflected 0x1EDC6F41
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// Fills in the checksum of an SCTP packet (the field is stored least significant byte first).
+fn seal(packet: &mut [u8]) {
+    packet[8..12].fill(0);
+    let c = crc32c(packet);
+    packet[8..12].copy_from_slice(&c.to_le_bytes());
+}
+
+fn checksum_ok(packet: &[u8]) -> bool {
+    if packet.len() < 12 {
+        return false;
+    }
+    let mut copy = packet.to_vec();
+    copy[8..12].fill(0);
+    crc32c(&copy).to_le_bytes() == packet[8..12]
+}
+
+/// An INIT or INIT-ACK: common header and one chunk (INIT-ACK carries a small State Cookie).
+fn packet(src: u16, dst: u16, vtag: u32, kind: u8, init_tag: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(44);
+    p.extend_from_slice(&src.to_be_bytes());
+    p.extend_from_slice(&dst.to_be_bytes());
+    p.extend_from_slice(&vtag.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    let cookie: &[u8] = if kind == CHUNK_INIT_ACK { b"netpolck" } else { b"" };
+    let params = if cookie.is_empty() { 0 } else { 4 + cookie.len() };
+    let len = (20 + params) as u16;
+    p.extend_from_slice(&[kind, 0]);
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&init_tag.to_be_bytes());
+    p.extend_from_slice(&65535u32.to_be_bytes()); // a_rwnd
+    p.extend_from_slice(&1u16.to_be_bytes()); // outbound streams
+    p.extend_from_slice(&1u16.to_be_bytes()); // inbound streams
+    p.extend_from_slice(&init_tag.to_be_bytes()); // initial TSN
+    if !cookie.is_empty() {
+        p.extend_from_slice(&7u16.to_be_bytes()); // State Cookie
+        p.extend_from_slice(&((4 + cookie.len()) as u16).to_be_bytes());
+        p.extend_from_slice(cookie);
+    }
+    seal(&mut p);
+    p
+}
+
+/// A parsed SCTP packet's first chunk: (src port, dst port, vtag, chunk type, initiate tag).
+fn parse(p: &[u8]) -> Option<(u16, u16, u32, u8, u32)> {
+    if p.len() < 24 || !checksum_ok(p) {
+        return None;
+    }
+    let u16_at = |i: usize| u16::from_be_bytes([p[i], p[i + 1]]);
+    let u32_at = |i: usize| u32::from_be_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
+    Some((u16_at(0), u16_at(2), u32_at(4), p[12], u32_at(16)))
+}
+
+fn sockaddr(addr: IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
+    let len = match addr {
+        IpAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as _;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+            size_of::<libc::sockaddr_in>()
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as _;
+            sin6.sin6_addr.s6_addr = a.octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in.
+            let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says it is a sockaddr_in6.
+            let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
+}
+
+/// A raw SCTP socket bound to a local address, in the calling thread's network namespace.
+pub struct RawSctp {
+    fd: OwnedFd,
+    v4: bool,
+}
+
+impl RawSctp {
+    pub fn bind(local: IpAddr) -> io::Result<RawSctp> {
+        let domain = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        // SAFETY: plain socket(2) call; the fd is owned below.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, IPPROTO_SCTP) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (ss, len) = sockaddr(local);
+        // SAFETY: ss is a valid sockaddr of length len.
+        if unsafe { libc::bind(fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RawSctp { fd, v4: local.is_ipv4() })
+    }
+
+    /// Only packets from `peer` are received afterwards.
+    pub fn connect(&self, peer: IpAddr) -> io::Result<()> {
+        let (ss, len) = sockaddr(peer);
+        // SAFETY: ss is a valid sockaddr of length len.
+        if unsafe { libc::connect(self.fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn set_timeout(&self, t: Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: t.as_secs() as _,
+            tv_usec: t.subsec_micros().max(1) as _,
+        };
+        // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                size_of::<libc::timeval>() as _,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn send_to(&self, p: &[u8], to: IpAddr) -> io::Result<()> {
+        let (ss, len) = sockaddr(to);
+        // SAFETY: p and ss are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                p.as_ptr() as *const libc::c_void,
+                p.len(),
+                0,
+                &ss as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one SCTP packet (without the IPv4 header raw IPv4 sockets deliver).
+    fn recv(&self, buf: &mut [u8]) -> io::Result<(IpAddr, std::ops::Range<usize>)> {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut ss: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: buf and ss are valid for the lengths given.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+                &mut ss as *mut _ as *mut libc::sockaddr,
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let from = from_sockaddr(&ss).ok_or_else(|| io::Error::other("unknown address family"))?;
+        let start = if self.v4 {
+            if n < 20 {
+                return Err(io::Error::other("short IPv4 packet"));
+            }
+            ((buf[0] & 0x0f) as usize) * 4
+        } else {
+            0
+        };
+        Ok((from, start.min(n)..n))
+    }
+}
+
+/// Sends an INIT from `local:src_port` to `to` and waits up to `timeout` for the matching
+/// INIT-ACK. Call on a thread inside the source's namespace.
+pub fn probe(local: IpAddr, src_port: u16, to: SocketAddr, tag: u32, timeout: Duration) -> io::Result<()> {
+    let sock = RawSctp::bind(local)?;
+    sock.connect(to.ip())?;
+    sock.send_to(&packet(src_port, to.port(), 0, CHUNK_INIT, tag), to.ip())?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no INIT-ACK"));
+        }
+        sock.set_timeout(left)?;
+        let (from, range) = match sock.recv(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no INIT-ACK"));
+            }
+            Err(e) => return Err(e),
+        };
+        if from != to.ip() {
+            continue;
+        }
+        if let Some((sp, dp, vtag, kind, _)) = parse(&buf[range]) {
+            if kind == CHUNK_INIT_ACK && sp == to.port() && dp == src_port && vtag == tag {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Answers INITs to the address `sock` is bound to, on the ports `serves` accepts, until
+/// `stop` is set.
+pub fn respond(
+    sock: RawSctp,
+    serves: &dyn Fn(u16) -> bool,
+    stop: &std::sync::atomic::AtomicBool,
+) -> io::Result<()> {
+    sock.set_timeout(Duration::from_millis(50))?;
+    let mut buf = [0u8; 2048];
+    let mut next_tag = 0x5c7b_0001u32;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (from, range) = match sock.recv(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e),
+        };
+        let Some((sp, dp, vtag, kind, init_tag)) = parse(&buf[range]) else { continue };
+        if kind != CHUNK_INIT || vtag != 0 || !serves(dp) {
+            continue;
+        }
+        next_tag = next_tag.wrapping_add(1).max(1);
+        let _ = sock.send_to(&packet(dp, sp, init_tag, CHUNK_INIT_ACK, next_tag), from);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn packets_round_trip() {
+        let p = packet(1000, 80, 0, CHUNK_INIT, 77);
+        assert_eq!(parse(&p), Some((1000, 80, 0, CHUNK_INIT, 77)));
+        let mut bad = p.clone();
+        bad[13] ^= 1;
+        assert_eq!(parse(&bad), None);
+        let a = packet(80, 1000, 77, CHUNK_INIT_ACK, 5);
+        assert_eq!(parse(&a), Some((80, 1000, 77, CHUNK_INIT_ACK, 5)));
+    }
+}
