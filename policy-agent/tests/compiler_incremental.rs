@@ -154,3 +154,43 @@ fn a_new_peer_pod_adds_rows_without_renumbering() {
     // One IPCACHE entry and one RULES row; the endpoint keeps its policy-set.
     assert_eq!((d.ipcache.upserts.len(), d.rules.upserts.len(), d.len()), (1, 1, 2), "{d:?}");
 }
+
+/// Full compiles that keep their state between changes (how the standalone agent runs) stay
+/// semantically equal to a fresh compile, whatever numbers they reuse or pass on.
+fn same_decisions(a: &MapContents, b: &MapContents, snap: &Snapshot) -> Result<(), TestCaseError> {
+    use policy_agent::kernel_model::KernelModel;
+    use policy_common::Direction;
+    let (ka, kb) = (KernelModel::new(a), KernelModel::new(b));
+    let mut peers: Vec<std::net::IpAddr> = snap.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
+    peers.extend(EXTERNAL.iter().map(|s| ip(s)));
+    prop_assert_eq!(a.endpoints.len(), b.endpoints.len());
+    for k in a.endpoints.keys() {
+        let local = if let Some(o) = k.addr.v4_octets() { std::net::IpAddr::from(o) } else { std::net::IpAddr::from(k.addr.octets()) };
+        for peer in &peers {
+            for dir in Direction::ALL {
+                for (proto, port) in [(6u8, 80u16), (6, 8080), (17, 53), (17, 1000), (132, 1050), (1, 0)] {
+                    let (x, y) = (ka.decide_at(local, dir, *peer, proto, port), kb.decide_at(local, dir, *peer, proto, port));
+                    prop_assert_eq!(x.map(|r| r.is_allow()), y.map(|r| r.is_allow()), "{} {:?} {} {}/{}", local, dir, peer, proto, port);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn stateful_full_compiles_decide_like_fresh_ones(start in snapshot(10, 6), steps in prop::collection::vec(step(), 1..12)) {
+        let mut snap = start;
+        let mut persist = policy_agent::compiler::CompilerState::new();
+        let _ = compile(&snap, &mut persist);
+        for s in &steps {
+            apply(&mut snap, s);
+            let kept = compile(&snap, &mut persist);
+            let fresh = compile(&snap, &mut policy_agent::compiler::CompilerState::new());
+            same_decisions(&kept, &fresh, &snap)?;
+        }
+    }
+}

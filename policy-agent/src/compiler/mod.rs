@@ -283,7 +283,13 @@ pub struct CompilerState {
     policy_sets: Numbering<Table>,
     port_sets: Numbering<Vec<(u8, u16, u16)>>,
     endpoints: Numbering<ObjectKey>,
+    /// Each spec's table at the last full compile: a table that changes keeps its
+    /// policy-set number, so a recompile rewrites only the rows that changed.
+    last_tables: BTreeMap<StableSpec, Table>,
 }
+
+/// A spec named by policy keys rather than positions, comparable across compiles.
+type StableSpec = (bool, Vec<ObjectKey>, Vec<(String, Protocol, u16)>);
 
 impl Default for CompilerState {
     fn default() -> Self {
@@ -292,6 +298,7 @@ impl Default for CompilerState {
             policy_sets: Numbering::new(POLICY_SET_EMPTY + 1, CIDR_FAMILY_V6),
             port_sets: Numbering::new(1, u32::MAX),
             endpoints: Numbering::new(1, u32::MAX),
+            last_tables: BTreeMap::new(),
         }
     }
 }
@@ -630,6 +637,28 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
 
     // 4. numbers for policy-sets and port-sets.
     let tables: BTreeSet<&Table> = spec_tables.values().flatten().collect();
+    let mut now: BTreeMap<StableSpec, Table> = BTreeMap::new();
+    for (spec, t) in &spec_tables {
+        if let Some(t) = t {
+            let keys = spec.policies.iter().map(|&pi| policies[pi].key()).collect();
+            now.insert((spec.ingress, keys, spec.local_ports.clone()), t.clone());
+        }
+    }
+    // A spec whose table changed passes its number on, when nothing else still uses it.
+    let mut born: BTreeSet<&Table> =
+        tables.iter().copied().filter(|t| state.policy_sets.get(t).is_none()).collect();
+    for (spec, new) in &now {
+        let Some(old) = state.last_tables.get(spec) else { continue };
+        if old != new
+            && !tables.contains(old)
+            && born.contains(new)
+            && state.policy_sets.get(old).is_some()
+        {
+            state.policy_sets.rename(old, new.clone());
+            born.remove(new);
+        }
+    }
+    state.last_tables = now;
     state.policy_sets.sync(tables.iter().copied());
     let mut trie_sets: BTreeSet<&Vec<(u8, u16, u16)>> = BTreeSet::new();
     for t in &tables {

@@ -130,3 +130,23 @@ fn capacity_is_checked() {
     }
     assert_eq!(m.over_capacity(), vec![(MAP_ENDPOINTS, MAX_ENDPOINTS as usize + 1, MAX_ENDPOINTS)]);
 }
+
+#[test]
+fn a_changed_table_keeps_its_number_in_full_recompiles() {
+    let mut s = snap();
+    let p = policy("a", "p", sel(&[("app", "db")]), vec![Rule {
+        peers: Some(vec![Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: None }]),
+        ports: Vec::new(),
+    }]);
+    s.policies.insert(p.key(), p);
+    let mut st = CompilerState::new();
+    let m1 = compile(&s, &mut st);
+    s.pods.insert(ObjectKey::new("b", "new"), Pod {
+        namespace: "b".into(), name: "new".into(), labels: labels(&[("app", "new")]),
+        ips: vec![ip("198.18.0.9")], ports: Vec::new(), host_network: false, node: Some("n2".into()),
+    });
+    let m2 = compile(&s, &mut st);
+    let d = MapContents::diff(&m1, &m2);
+    // The new pod's address and one row in the one policy-set: nothing renumbered.
+    assert_eq!((d.ipcache.len(), d.rules.upserts.len(), d.len()), (1, 1, 2), "{d:?}");
+}
