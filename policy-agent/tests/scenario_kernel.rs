@@ -95,12 +95,4 @@ fn trap_scenarios_on_the_kernel() {
     run_sets(&["traps"], Via::Pod);
 }
 
-#[test]
-fn upstream_scenarios_on_the_kernel() {
-    run_sets(&["upstream"], Via::Pod);
-}
 
-#[test]
-fn service_scenarios_on_the_kernel() {
-    run_sets(&["seed", "traps", "upstream"], Via::Service);
-}
