@@ -581,9 +581,10 @@ fn binary_reports_invalid_files_and_usage() {
         "{err}"
     );
 
+    // The kernel runner checks the file before building anything.
     let (code, _, err) = scenario_bin(&[f.to_str().expect("path")]);
-    assert_eq!(code, 2);
-    assert!(err.contains("kernel runner not built yet"), "{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bad.yaml: step 2 (steps[1]), field expect.via"), "{err}");
 
     let (code, _, _) = scenario_bin(&["--simulate"]);
     assert_eq!(code, 2);
