@@ -1,5 +1,7 @@
-//! `policy-scenario [--simulate] [--agent PATH] FILE...`: runs scenario files
-//! (scenarios/FORMAT.md) and ends with `N passed, N failed`. Without `--simulate` each file runs
+//! `policy-scenario [--simulate] [--narrate] [--color auto|always|never] [--agent PATH] FILE...`:
+//! runs scenario files (scenarios/FORMAT.md) and ends with `N passed, N failed`. `--narrate`
+//! writes for a reader (`cargo xtask demo`): each step's title, description and objects, then
+//! compact matrices and what changed. SIGINT/SIGTERM stop the run and clean up (exit 130). Without `--simulate` each file runs
 //! on the kernel datapath: namespaces, the `policy-agent` binary (by default the one beside this
 //! executable) in standalone mode, real sockets; that needs root. Exit 0 when every probe
 //! passed, 1 on a failed probe, an invalid file or a run error, 2 on a usage error.
@@ -10,21 +12,38 @@ use std::process::ExitCode;
 
 use policy_agent::scenario::report::{Counts, LEGEND};
 use policy_agent::scenario::kernel::{KernelConfig, KernelOracle};
-use policy_agent::scenario::{Oracle, Plan, run_plan, simulate};
+use policy_agent::scenario::kernel::cleanup;
+use policy_agent::scenario::narrate::Narration;
+use policy_agent::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simulate};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: policy-scenario [--simulate] [--agent PATH] FILE...");
+    eprintln!(
+        "usage: policy-scenario [--simulate] [--narrate] [--color auto|always|never] [--agent PATH] FILE..."
+    );
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
+    let t_start = std::time::Instant::now();
+    // Before any thread starts: Ctrl-C now stops the run at its next wait and cleans up.
+    cleanup::install_interrupt_handler();
     let mut simulate = false;
+    let mut narrate = false;
+    // SAFETY: isatty has no preconditions.
+    let mut color = unsafe { libc::isatty(1) } == 1 && std::env::var_os("NO_COLOR").is_none();
     let mut files = Vec::new();
     let mut agent: Option<PathBuf> = None;
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--simulate") => simulate = true,
+            Some("--narrate") => narrate = true,
+            Some("--color") => match args.next().as_deref().and_then(|a| a.to_str()) {
+                Some("always") => color = true,
+                Some("never") => color = false,
+                Some("auto") => {}
+                _ => return usage(),
+            },
             Some("--agent") => match args.next() {
                 Some(p) => agent = Some(PathBuf::from(p)),
                 None => return usage(),
@@ -74,17 +93,27 @@ fn main() -> ExitCode {
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let _ = writeln!(out, "{LEGEND}");
+    if !narrate {
+        let _ = writeln!(out, "{LEGEND}");
+    }
+    let narration = Narration { color };
     let mut total = Counts::default();
     let mut broken = 0usize;
     for plan in &plans {
+        if cleanup::interrupted() {
+            break;
+        }
         let mut oracle: Box<dyn Oracle> = if simulate {
             simulate::simulation_oracle()
         } else {
             Box::new(KernelOracle::new(KernelConfig::new(agent.clone())))
         };
         let t0 = std::time::Instant::now();
-        let result = run_plan(plan, oracle.as_mut(), &mut out);
+        let result = if narrate {
+            run_plan_narrated(plan, oracle.as_mut(), &mut out, &narration)
+        } else {
+            run_plan(plan, oracle.as_mut(), &mut out)
+        };
         let _ = writeln!(out, "({}: {:.1} s)", plan.file, t0.elapsed().as_secs_f64());
         match result {
             Ok(c) => total.add(&c),
@@ -105,6 +134,16 @@ fn main() -> ExitCode {
         let _ = writeln!(out, "{invalid} invalid file(s), {broken} run error(s)");
     }
     let _ = writeln!(out, "{} passed, {} failed", total.passed, total.failed);
+    if narrate {
+        let _ = writeln!(out, "total time {:.0} s", t_start.elapsed().as_secs_f64());
+        if !simulate {
+            let _ = writeln!(out, "every namespace, process and mount the run made is removed");
+        }
+    }
+    if cleanup::interrupted() {
+        let _ = writeln!(out, "interrupted: stopped early, cleaned up");
+        return ExitCode::from(130);
+    }
     if total.failed > 0 || invalid + broken > 0 {
         ExitCode::from(1)
     } else {

@@ -103,6 +103,12 @@ impl IpFamily {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepDef {
+    /// Optional narration (a short heading and a plain-language paragraph): shown by the
+    /// narrated runner (`policy-scenario --narrate`, `cargo xtask demo`); no effect on results.
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
     #[serde(default)]
     pub apply: Option<String>,
     #[serde(default)]

@@ -21,6 +21,7 @@ pub mod expect;
 pub mod format;
 pub mod kernel;
 pub mod manifests;
+pub mod narrate;
 pub mod plan;
 pub mod report;
 pub mod run;
@@ -30,7 +31,7 @@ pub mod topology;
 use std::fmt;
 
 pub use plan::{Plan, Probe, Step};
-pub use run::{Oracle, OracleError, run_plan};
+pub use run::{Oracle, OracleError, run_plan, run_plan_narrated};
 pub use topology::Topology;
 
 /// An invalid scenario file: names the file, the step (index into `steps`) and the field.

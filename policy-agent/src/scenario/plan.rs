@@ -25,6 +25,12 @@ pub struct Plan {
 pub struct Step {
     /// Index into the file's `steps`.
     pub index: usize,
+    /// The file's narration of the step (`title`, `description`), if any.
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// The step's `apply` text and `delete` list as the file wrote them.
+    pub apply_text: Option<String>,
+    pub delete: Vec<String>,
     pub applied: Applied,
     /// The objects once the step's changes are made.
     pub state: State,
@@ -131,6 +137,10 @@ impl Plan {
             };
             steps.push(Step {
                 index,
+                title: def.title.clone(),
+                description: def.description.clone(),
+                apply_text: def.apply.clone(),
+                delete: def.delete.clone(),
                 applied,
                 state: state.clone(),
                 ports,

@@ -5,6 +5,7 @@
 use std::io::{self, Write};
 
 use super::apply::State;
+use super::narrate::Narration;
 use super::plan::{Plan, Probe};
 use super::report::{self, Counts};
 use super::topology::Topology;
@@ -61,7 +62,24 @@ pub fn run_plan(
         oracle.describe()
     )?;
     oracle.setup(&plan.topology)?;
-    let result = run_steps(plan, oracle, out);
+    let result = run_steps(plan, oracle, out, None);
+    let down = oracle.teardown();
+    let counts = result?;
+    down?;
+    Ok(counts)
+}
+
+/// [`run_plan`] for a reader: each step's title, description and objects before it runs, then
+/// compact matrices and what changed (`narrate`). Same probes, same verdicts.
+pub fn run_plan_narrated(
+    plan: &Plan,
+    oracle: &mut dyn Oracle,
+    out: &mut dyn Write,
+    narration: &Narration,
+) -> Result<Counts, OracleError> {
+    narration.intro(out, plan, &oracle.describe())?;
+    oracle.setup(&plan.topology)?;
+    let result = run_steps(plan, oracle, out, Some(narration));
     let down = oracle.teardown();
     let counts = result?;
     down?;
@@ -72,12 +90,18 @@ fn run_steps(
     plan: &Plan,
     oracle: &mut dyn Oracle,
     out: &mut dyn Write,
+    narration: Option<&Narration>,
 ) -> Result<Counts, OracleError> {
     let mut total = Counts::default();
     let n = plan.steps.len();
     let mut previous: Option<report::Observed> = None;
     for step in &plan.steps {
+        if let Some(nar) = narration {
+            nar.step_header(out, step, n)?;
+        }
+        let t0 = std::time::Instant::now();
         oracle.apply(&plan.topology, &step.state)?;
+        let enforced_in = t0.elapsed();
         let run: Vec<&Probe> = step.probes.iter().filter(|p| p.served).collect();
         let answers = oracle.probe(&run)?;
         if answers.len() != run.len() {
@@ -96,10 +120,16 @@ fn run_steps(
                 false => Outcome::NotServed,
             })
             .collect();
-        let counts = report::write_step(out, plan, step, n, &outcomes)?;
+        let counts = match narration {
+            None => report::write_step(out, plan, step, n, &outcomes)?,
+            Some(nar) => nar.step_result(out, plan, step, &outcomes, enforced_in)?,
+        };
         let observed = report::observed(step, &outcomes);
         if let Some(prev) = &previous {
-            report::write_changes(out, prev, &observed)?;
+            match narration {
+                None => report::write_changes(out, prev, &observed)?,
+                Some(nar) => nar.changes(out, plan, prev, &observed)?,
+            }
         }
         previous = Some(observed);
         total.add(&counts);

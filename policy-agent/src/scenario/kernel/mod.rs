@@ -4,8 +4,11 @@
 //! namespace, on a private bpffs and a manifest directory. Each step writes the step's
 //! objects as manifests, waits until the agent reports that exact directory content enforced
 //! with every pod's interface attached, then runs the probes with real sockets in parallel.
-//! Everything is removed on teardown, on error and on panic (drop guards).
+//! Everything is removed on teardown, on error and on panic (drop guards), and on SIGINT,
+//! SIGTERM or SIGHUP (`cleanup`: the runner stops at its next wait); leftovers of runs killed
+//! outright are swept when the next runner starts.
 
+pub mod cleanup;
 pub mod hosts;
 pub mod probe;
 pub mod sctp;
@@ -14,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -77,7 +81,14 @@ fn fail(what: &str, e: impl std::fmt::Display) -> OracleError {
 }
 
 impl KernelOracle {
+    /// Catches interrupts (see `cleanup`) and, once per process, removes leftovers of
+    /// killed runs.
     pub fn new(cfg: KernelConfig) -> KernelOracle {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        cleanup::install_interrupt_handler();
+        SWEEP.call_once(|| {
+            cleanup::sweep_leftovers();
+        });
         KernelOracle { cfg, run: None }
     }
 
@@ -94,6 +105,7 @@ impl KernelOracle {
         std::fs::create_dir(&manifests).map_err(|e| fail("manifest dir", e))?;
         let bpffs = PrivateBpffs::mount().map_err(|e| fail("bpffs", e))?;
         let hosts = Hosts::build(topo, &tag).map_err(|e| fail("namespaces", e))?;
+        check_interrupt()?;
         hosts::install_services(&hosts.node, topo, &dir.0).map_err(|e| fail("service rules", e))?;
 
         let mut ns_files = Vec::new();
@@ -148,6 +160,8 @@ impl KernelOracle {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
+            .process_group(0) // a terminal's Ctrl-C reaches the runner, which stops the agent
+            .pdeath_signal()
             .spawn()
             .map_err(|e| fail("starting the agent", e))?;
         Ok(Run {
@@ -198,6 +212,7 @@ impl Oracle for KernelOracle {
                     tail(&run.dir.0.join("agent.log"))
                 )));
             }
+            check_interrupt()?;
             if Instant::now() >= deadline {
                 return Err(OracleError::Failed(format!(
                     "the agent did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
@@ -210,6 +225,7 @@ impl Oracle for KernelOracle {
     }
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
+        check_interrupt()?;
         let run = self.run.as_mut().ok_or_else(|| OracleError::Failed("not set up".into()))?;
         let mut jobs = Vec::with_capacity(probes.len());
         for p in probes {
@@ -359,21 +375,37 @@ impl Drop for TempDir {
 }
 
 /// A short tag unique on this machine for this process's objects (interface names have at
-/// most 15 bytes).
+/// most 15 bytes); it carries the pid so a later run can sweep it (`cleanup`).
 fn short_tag() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let mut v = ((std::process::id() as u64) << 10) | (n as u64 & 0x3ff);
-    const D: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut s = Vec::new();
-    loop {
-        s.push(D[(v % 36) as usize]);
-        v /= 36;
-        if v == 0 {
-            break;
+    cleanup::make_tag(std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn check_interrupt() -> Result<(), OracleError> {
+    if cleanup::interrupted() {
+        return Err(OracleError::Failed("interrupted".into()));
+    }
+    Ok(())
+}
+
+/// Children that end with the runner: SIGTERM when the thread that started them exits (the
+/// runner was killed), so no agent outlives it.
+trait PdeathSignal {
+    fn pdeath_signal(&mut self) -> &mut Self;
+}
+
+impl PdeathSignal for Command {
+    fn pdeath_signal(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
         }
     }
-    s.reverse();
-    String::from_utf8(s).unwrap_or_default()
 }
