@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: the project's tasks. Every task that builds or tests first makes the
 //! machine ready (`setup`), so a fresh clone needs only `cargo xtask test` or `cargo xtask demo`.
 
+mod demo;
 mod ebpf;
 mod run;
 mod setup;
@@ -24,6 +25,9 @@ enum Task {
     Setup,
     /// Build the kernel programs (release, BTF) into target/ebpf.
     BuildEbpf,
+    /// The first thing to run: setup, build, then a narrated tour of NetworkPolicy on the
+    /// real datapath (namespaces x, y, z; pods a, b, c; policies from the seed documents).
+    Demo,
     /// Setup, build, then every test layer: unit, property, kernel (BPF_PROG_TEST_RUN),
     /// namespaces, scenarios.
     Test,
@@ -51,6 +55,7 @@ fn main() -> Result<()> {
             let tools = setup::run()?;
             ebpf::build(&root, &tools)
         }
+        Task::Demo => demo::demo(&root),
         Task::Test => run::test(&root),
         Task::Bench { which } => run::bench(&root, &which),
         Task::Scenario { simulate, files } => run::scenario(&root, simulate, &files),

@@ -13,13 +13,13 @@ pub fn workspace_root() -> Result<PathBuf> {
     dir.parent().map(Path::to_path_buf).context("xtask has no parent directory")
 }
 
-fn cargo(root: &Path) -> Command {
+pub(crate) fn cargo(root: &Path) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root);
     c
 }
 
-fn status(what: &str, cmd: &mut Command) -> Result<()> {
+pub(crate) fn status(what: &str, cmd: &mut Command) -> Result<()> {
     let st = cmd.status().with_context(|| format!("running {what}"))?;
     if !st.success() {
         bail!("{what} failed ({st})");
@@ -28,7 +28,7 @@ fn status(what: &str, cmd: &mut Command) -> Result<()> {
 }
 
 /// Setup and the kernel object: what every task that touches the kernel needs first.
-fn prepare(root: &Path) -> Result<()> {
+pub(crate) fn prepare(root: &Path) -> Result<()> {
     let tools = setup::run()?;
     ebpf::build(root, &tools)
 }
@@ -39,7 +39,7 @@ pub fn test(root: &Path) -> Result<()> {
     // Kernel and namespace tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). They fail
     // rather than skip without it; say so up front so the failure is not a puzzle.
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         eprintln!("test: not running as root: the kernel and namespace tests will fail");
     }
     let totals = cargo_test(root)?;
@@ -89,11 +89,6 @@ fn count(line: &str, what: &str) -> u64 {
         .unwrap_or(0)
 }
 
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
 pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     let which: Vec<&str> = if which.is_empty() {
         vec!["datapath", "compile"]
@@ -126,12 +121,27 @@ pub fn scenario(root: &Path, simulate: bool, files: &[PathBuf]) -> Result<()> {
         )?;
     }
     let cwd = std::env::current_dir()?;
-    let mut cmd = cargo(root);
-    cmd.args(["run", "--quiet", "--release", "-p", "policy-agent", "--bin", "policy-scenario", "--"]);
+    let bin = crate::demo::target_dir(root).join("release");
+    if simulate {
+        status(
+            "cargo build policy-scenario",
+            cargo(root).args(["build", "--quiet", "--release", "-p", "policy-agent", "--bin", "policy-scenario"]),
+        )?;
+    }
+    let mut cmd = Command::new(bin.join("policy-scenario"));
     if simulate {
         cmd.arg("--simulate");
+    } else {
+        cmd.arg("--agent").arg(bin.join("policy-agent"));
     }
     // Paths are relative to where the user ran `cargo xtask`, not the workspace root.
     cmd.args(files.iter().map(|f| if f.is_absolute() { f.clone() } else { cwd.join(f) }));
-    status("policy-scenario", &mut cmd)
+    let st = crate::demo::run_runner(&mut cmd)?;
+    if crate::demo::interrupted() {
+        crate::demo::exit_interrupted();
+    }
+    if !st.success() {
+        bail!("policy-scenario failed ({st})");
+    }
+    Ok(())
 }

@@ -99,30 +99,50 @@ fn main() -> ExitCode {
     let narration = Narration { color };
     let mut total = Counts::default();
     let mut broken = 0usize;
+    // One kernel runner for all files: files with the same hosts share them (and the agent).
+    let mut kernel = (!simulate).then(|| {
+        let mut cfg = KernelConfig::new(agent.clone());
+        cfg.reuse_hosts = true;
+        KernelOracle::new(cfg)
+    });
     for plan in &plans {
         if cleanup::interrupted() {
             break;
         }
-        let mut oracle: Box<dyn Oracle> = if simulate {
-            simulate::simulation_oracle()
-        } else {
-            Box::new(KernelOracle::new(KernelConfig::new(agent.clone())))
+        let mut sim;
+        let oracle: &mut dyn Oracle = match kernel.as_mut() {
+            Some(k) => k,
+            None => {
+                sim = simulate::simulation_oracle();
+                sim.as_mut()
+            }
         };
         let t0 = std::time::Instant::now();
         let result = if narrate {
-            run_plan_narrated(plan, oracle.as_mut(), &mut out, &narration)
+            run_plan_narrated(plan, oracle, &mut out, &narration)
         } else {
-            run_plan(plan, oracle.as_mut(), &mut out)
+            run_plan(plan, oracle, &mut out)
         };
-        let _ = writeln!(out, "({}: {:.1} s)", plan.file, t0.elapsed().as_secs_f64());
+        if !narrate {
+            let _ = writeln!(out, "({}: {:.1} s)", plan.file, t0.elapsed().as_secs_f64());
+        }
         match result {
             Ok(c) => total.add(&c),
             Err(e) => {
-                eprintln!("error: {}: {e}", plan.file);
+                if !cleanup::interrupted() {
+                    eprintln!("error: {}: {e}", plan.file);
+                }
                 broken += 1;
             }
         }
     }
+    if let Some(k) = kernel.as_mut()
+        && let Err(e) = k.close()
+    {
+        eprintln!("error: {e}");
+        broken += 1;
+    }
+    drop(kernel);
     if total.skipped > 0 {
         let _ = writeln!(
             out,
@@ -130,7 +150,7 @@ fn main() -> ExitCode {
             total.skipped
         );
     }
-    if invalid + broken > 0 {
+    if invalid + broken > 0 && !cleanup::interrupted() {
         let _ = writeln!(out, "{invalid} invalid file(s), {broken} run error(s)");
     }
     let _ = writeln!(out, "{} passed, {} failed", total.passed, total.failed);

@@ -206,6 +206,27 @@ impl Narration {
         Ok(counts)
     }
 
+    /// The closing paragraph of a scenario.
+    pub fn summary(&self, out: &mut dyn Write, plan: &Plan, total: &Counts) -> io::Result<()> {
+        writeln!(out)?;
+        let n = total.passed + total.failed;
+        let text = if total.failed == 0 {
+            self.paint("1;32", &format!(
+                "{}: {} steps, {n} connections, every one as the policies say.",
+                plan.name,
+                plan.steps.len()
+            ))
+        } else {
+            self.paint("1;31", &format!(
+                "{}: {} steps, {n} connections, {} NOT as the policies say (marked X or ! above).",
+                plan.name,
+                plan.steps.len(),
+                total.failed
+            ))
+        };
+        writeln!(out, "{text}")
+    }
+
     /// One line per direction of what changed since the previous step.
     pub fn changes(&self, out: &mut dyn Write, plan: &Plan, before: &Observed, after: &Observed) -> io::Result<()> {
         let mut opened = Vec::new();

@@ -134,10 +134,9 @@ fn run_steps(
         previous = Some(observed);
         total.add(&counts);
     }
-    writeln!(
-        out,
-        "{}: {} passed, {} failed",
-        plan.name, total.passed, total.failed
-    )?;
+    match narration {
+        None => writeln!(out, "{}: {} passed, {} failed", plan.name, total.passed, total.failed)?,
+        Some(nar) => nar.summary(out, plan, &total)?,
+    }
     Ok(total)
 }

@@ -44,6 +44,10 @@ pub struct KernelConfig {
     pub parallel: usize,
     /// How long the agent may take to enforce a step.
     pub apply_timeout: Duration,
+    /// Keep the hosts and the agent after a scenario, for the next one when its topology is
+    /// the same (most files use the standard model): saves building namespaces and starting
+    /// the agent per file. Its first step replaces every object the previous file left.
+    pub reuse_hosts: bool,
 }
 
 impl KernelConfig {
@@ -53,6 +57,7 @@ impl KernelConfig {
             probe_timeout: Duration::from_secs(1),
             parallel: 256,
             apply_timeout: Duration::from_secs(20),
+            reuse_hosts: false,
         }
     }
 }
@@ -64,6 +69,8 @@ pub struct KernelOracle {
 
 /// What one scenario built; the field order is the teardown order.
 struct Run {
+    /// What it was built for.
+    topology: Topology,
     agent: AgentProcess,
     servers: Servers,
     ns_files: Vec<File>,
@@ -165,6 +172,7 @@ impl KernelOracle {
             .spawn()
             .map_err(|e| fail("starting the agent", e))?;
         Ok(Run {
+            topology: topo.clone(),
             agent: AgentProcess(child),
             servers,
             ns_files,
@@ -183,7 +191,14 @@ impl Oracle for KernelOracle {
     }
 
     fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
-        self.run = None;
+        if let Some(run) = &mut self.run
+            && self.cfg.reuse_hosts
+            && run.topology == *topology
+            && matches!(run.agent.0.try_wait(), Ok(None))
+        {
+            return Ok(());
+        }
+        self.close()?;
         self.run = Some(self.build(topology)?);
         Ok(())
     }
@@ -251,6 +266,24 @@ impl Oracle for KernelOracle {
     }
 
     fn teardown(&mut self) -> Result<(), OracleError> {
+        if self.cfg.reuse_hosts && !cleanup::interrupted() {
+            // Kept for the next scenario; an agent that died is reported now.
+            if let Some(run) = &mut self.run
+                && let Ok(Some(exit)) = run.agent.0.try_wait()
+            {
+                let msg = tail(&run.dir.0.join("agent.log"));
+                self.run = None;
+                return Err(OracleError::Failed(format!("the agent exited with {exit}: {msg}")));
+            }
+            return Ok(());
+        }
+        self.close()
+    }
+}
+
+impl KernelOracle {
+    /// Stops the agent and removes everything built (also done on drop).
+    pub fn close(&mut self) -> Result<(), OracleError> {
         let run = self.run.take();
         if let Some(mut run) = run {
             run.agent.stop();
