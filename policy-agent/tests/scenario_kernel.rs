@@ -1,20 +1,22 @@
 //! The scenario files on the real kernel datapath: namespaces, the `policy-agent` binary in
-//! standalone mode, real TCP/UDP/SCTP probes. Every probe of the seed, trap and upstream e2e
-//! scenarios must match its expectation. Needs root, BPF, namespaces and iptables: fails
-//! without.
+//! standalone mode, real TCP/UDP/SCTP probes. Every probe of the demo, seed, trap and upstream
+//! e2e scenarios (IPv4 and IPv6, by pod IP and by Service ClusterIP) must match its
+//! expectation. Needs root, BPF, namespaces and iptables: fails without.
 //!
-//! Steps probing through Service ClusterIPs (`via: service`) run in a test of their own: the
-//! datapath judges a pod's egress at its veth before kube-proxy's DNAT (it sees the ClusterIP,
-//! not the backend an egress rule names), so that test fails until the datapath defers the
-//! egress verdict of service traffic to after the DNAT.
+//! The upstream set runs once (files sharing the standard model share hosts and agent); its
+//! `via: pod` and `via: service` probes are judged by separate tests so a regression in one
+//! path is named as such. Interrupting the test binary (Ctrl-C) stops the run and cleans up.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+use policy_agent::scenario::apply::State;
 use policy_agent::scenario::format::Via;
-use policy_agent::scenario::kernel::{KernelConfig, KernelOracle};
-use policy_agent::scenario::{Plan, run_plan};
+use policy_agent::scenario::kernel::{KernelConfig, KernelOracle, cleanup};
+use policy_agent::scenario::narrate::Narration;
+use policy_agent::scenario::{Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated};
 
 /// One scenario set at a time: probes time out after a second, so parallel sets on a small
 /// machine would only make timing noisier.
@@ -37,7 +39,9 @@ fn files(dir: &str) -> Vec<PathBuf> {
 /// passed, reporting the matrices of the files that did not.
 fn run_sets(dirs: &[&str], via: Via) {
     let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_policy-agent"));
+    let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
+    cfg.reuse_hosts = true;
+    let mut oracle = KernelOracle::new(cfg);
     let mut bad = Vec::new();
     let (mut passed, mut failed) = (0, 0);
     let t_all = Instant::now();
@@ -53,7 +57,6 @@ fn run_sets(dirs: &[&str], via: Via) {
         if probes == 0 {
             continue;
         }
-        let mut oracle = KernelOracle::new(KernelConfig::new(agent.clone()));
         let mut out = Vec::new();
         let t0 = Instant::now();
         let result = run_plan(&plan, &mut oracle, &mut out);
@@ -77,6 +80,9 @@ fn run_sets(dirs: &[&str], via: Via) {
             Err(e) => bad.push(format!("{}: run error: {e}\n{report}", f.display())),
         }
     }
+    if let Err(e) = oracle.close() {
+        bad.push(format!("closing the runner: {e}"));
+    }
     eprintln!(
         "{dirs:?} via {via:?}: {passed} passed, {failed} failed in {:.1} s",
         t_all.elapsed().as_secs_f64()
@@ -95,4 +101,187 @@ fn trap_scenarios_on_the_kernel() {
     run_sets(&["traps"], Via::Pod);
 }
 
+/// Per `via`: probes passed and failed, and the report of each file with a failure there.
+#[derive(Default)]
+struct ViaResult {
+    passed: usize,
+    failed: usize,
+    bad: Vec<String>,
+}
 
+struct SetResult {
+    by_via: BTreeMap<Via, ViaResult>,
+    errors: Vec<String>,
+    files: usize,
+    secs: f64,
+}
+
+/// An oracle that records, per `via`, how each probe it answered compares with its expectation.
+struct Tally<'a> {
+    inner: &'a mut KernelOracle,
+    seen: BTreeMap<Via, (usize, usize)>,
+}
+
+impl Oracle for Tally<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn setup(&mut self, t: &Topology) -> Result<(), OracleError> {
+        self.inner.setup(t)
+    }
+    fn apply(&mut self, t: &Topology, s: &State) -> Result<(), OracleError> {
+        self.inner.apply(t, s)
+    }
+    fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
+        let got = self.inner.probe(probes)?;
+        for (p, g) in probes.iter().zip(&got) {
+            let e = self.seen.entry(p.via).or_default();
+            if *g == p.expect_allowed {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        }
+        Ok(got)
+    }
+    fn teardown(&mut self) -> Result<(), OracleError> {
+        self.inner.teardown()
+    }
+}
+
+/// Every file of the directories, every step and both `via`s, on one kernel runner that
+/// reuses hosts across files of the same topology.
+fn run_all(dirs: &[&str]) -> SetResult {
+    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
+    cfg.reuse_hosts = true;
+    let mut oracle = KernelOracle::new(cfg);
+    let mut res = SetResult { by_via: BTreeMap::new(), errors: Vec::new(), files: 0, secs: 0.0 };
+    let t_all = Instant::now();
+    for f in dirs.iter().flat_map(|d| files(d)) {
+        assert!(!cleanup::interrupted(), "interrupted");
+        let plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        let mut tally = Tally { inner: &mut oracle, seen: BTreeMap::new() };
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        let result = run_plan(&plan, &mut tally, &mut out);
+        let report = String::from_utf8_lossy(&out).to_string();
+        res.files += 1;
+        eprintln!("{}: {:?} in {:.1} s", f.display(), tally.seen, t0.elapsed().as_secs_f64());
+        for (via, (p, fl)) in tally.seen {
+            let r = res.by_via.entry(via).or_default();
+            r.passed += p;
+            r.failed += fl;
+            if fl > 0 {
+                r.bad.push(format!("{}: {fl} failed via {via:?}\n{report}", f.display()));
+            }
+        }
+        if let Err(e) = result {
+            res.errors.push(format!("{}: run error: {e}\n{report}", f.display()));
+        }
+    }
+    if let Err(e) = oracle.close() {
+        res.errors.push(format!("closing the runner: {e}"));
+    }
+    res.secs = t_all.elapsed().as_secs_f64();
+    for (via, r) in &res.by_via {
+        eprintln!("{dirs:?} via {via:?}: {} passed, {} failed", r.passed, r.failed);
+    }
+    eprintln!("{dirs:?}: {} files in {:.1} s", res.files, res.secs);
+    res
+}
+
+fn check(res: &SetResult, via: Via) {
+    assert!(res.errors.is_empty(), "run errors:\n{}", res.errors.join("\n"));
+    let r = res.by_via.get(&via).unwrap_or_else(|| panic!("no probe via {via:?} ran"));
+    assert!(r.passed > 0, "no probe via {via:?} passed");
+    assert!(
+        r.bad.is_empty(),
+        "via {via:?}: {} passed, {} failed\n{}",
+        r.passed,
+        r.failed,
+        r.bad.join("\n")
+    );
+}
+
+/// The upstream e2e set runs once for both tests below.
+fn upstream() -> &'static SetResult {
+    static RESULT: OnceLock<SetResult> = OnceLock::new();
+    RESULT.get_or_init(|| run_all(&["upstream"]))
+}
+
+#[test]
+fn upstream_scenarios_on_the_kernel_via_pod() {
+    check(upstream(), Via::Pod);
+}
+
+#[test]
+fn upstream_scenarios_on_the_kernel_via_service() {
+    check(upstream(), Via::Service);
+}
+
+/// `cargo xtask demo` end to end in its narrated form: every matrix as the file expects, and
+/// the narration a newcomer reads (each step's title and description, what changed).
+#[test]
+fn demo_runs_on_the_kernel_with_its_narration() {
+    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_policy-agent"));
+    for f in files("demo") {
+        let plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        assert!(plan.steps.len() >= 6, "{}: a demo tells 6-10 steps", f.display());
+        let mut oracle = KernelOracle::new(KernelConfig::new(agent.clone()));
+        let mut out = Vec::new();
+        let counts = run_plan_narrated(&plan, &mut oracle, &mut out, &Narration { color: false })
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let text = String::from_utf8_lossy(&out);
+        assert!(counts.passed > 0 && counts.failed == 0, "{}: {counts:?}\n{text}", f.display());
+        for step in &plan.steps {
+            let title = step.title.as_deref().unwrap_or_else(|| panic!("step {} has no title", step.index + 1));
+            assert!(text.contains(title), "missing title {title:?}");
+            assert!(step.description.is_some(), "step {} has no description", step.index + 1);
+        }
+        assert!(text.matches("What changed:").count() >= plan.steps.len() - 1, "{text}");
+        assert!(!text.contains('\x1b'), "colour written to a non-terminal");
+    }
+}
+
+/// A run killed outright leaves namespaces and dirs named with its pid; the next runner
+/// removes them, and never those of a live process or of another naming scheme.
+#[test]
+fn leftovers_of_dead_runs_are_swept_and_nothing_else() {
+    use std::process::Command;
+    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // A pid that is certainly dead: a child that exited and was reaped.
+    let mut child = Command::new("true").spawn().expect("spawn true");
+    let dead = child.id();
+    child.wait().expect("wait");
+    assert!(!Path::new(&format!("/proc/{dead}")).exists(), "pid {dead} reused already");
+    let dead_tag = cleanup::make_tag(dead, 5);
+    let live_tag = cleanup::make_tag(std::process::id(), 1000);
+    let ns_dead = [format!("ksn-{dead_tag}"), format!("ksp3-{dead_tag}")];
+    let ns_live = format!("ksn-{live_tag}");
+    let ns_other = format!("ksx-{dead_tag}");
+    for n in ns_dead.iter().chain([&ns_live, &ns_other]) {
+        let st = Command::new("ip").args(["netns", "add", n]).status().expect("ip netns add");
+        assert!(st.success(), "ip netns add {n}");
+    }
+    let dir_dead = std::env::temp_dir().join(format!("policy-scenario-{dead_tag}"));
+    std::fs::create_dir_all(dir_dead.join("manifests")).expect("mkdir");
+
+    let swept = cleanup::sweep_leftovers();
+
+    let exists = |n: &str| Path::new("/run/netns").join(n).exists();
+    let remove = |n: &str| {
+        let _ = Command::new("ip").args(["netns", "del", n]).status();
+    };
+    let live_kept = exists(&ns_live);
+    let other_kept = exists(&ns_other);
+    remove(&ns_live);
+    remove(&ns_other);
+    for n in &ns_dead {
+        assert!(!exists(n), "{n} not swept ({swept:?})");
+    }
+    assert!(!dir_dead.exists(), "{} not swept", dir_dead.display());
+    assert!(live_kept, "the namespace of a live run was removed");
+    assert!(other_kept, "a namespace of another naming scheme was removed");
+}

@@ -41,6 +41,9 @@ enum Task {
     Scenario {
         #[arg(long)]
         simulate: bool,
+        /// Write for a reader, like the demo: step titles, descriptions, compact matrices.
+        #[arg(long)]
+        narrate: bool,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -58,6 +61,6 @@ fn main() -> Result<()> {
         Task::Demo => demo::demo(&root),
         Task::Test => run::test(&root),
         Task::Bench { which } => run::bench(&root, &which),
-        Task::Scenario { simulate, files } => run::scenario(&root, simulate, &files),
+        Task::Scenario { simulate, narrate, files } => run::scenario(&root, simulate, narrate, &files),
     }
 }

@@ -107,7 +107,7 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn scenario(root: &Path, simulate: bool, files: &[PathBuf]) -> Result<()> {
+pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -> Result<()> {
     if simulate {
         setup::run()?;
     } else {
@@ -129,6 +129,9 @@ pub fn scenario(root: &Path, simulate: bool, files: &[PathBuf]) -> Result<()> {
         )?;
     }
     let mut cmd = Command::new(bin.join("policy-scenario"));
+    if narrate {
+        cmd.arg("--narrate");
+    }
     if simulate {
         cmd.arg("--simulate");
     } else {
