@@ -94,7 +94,15 @@ impl KernelOracle {
         static SWEEP: std::sync::Once = std::sync::Once::new();
         cleanup::install_interrupt_handler();
         SWEEP.call_once(|| {
-            cleanup::sweep_leftovers();
+            let s = cleanup::sweep_leftovers();
+            if !s.is_empty() {
+                eprintln!(
+                    "removed leftovers of killed scenario runs: {} namespace(s), {} dir(s), {} agent process(es)",
+                    s.namespaces.len(),
+                    s.dirs.len(),
+                    s.processes.len()
+                );
+            }
         });
         KernelOracle { cfg, run: None }
     }
@@ -216,10 +224,11 @@ impl Oracle for KernelOracle {
         let deadline = Instant::now() + self.cfg.apply_timeout;
         loop {
             let status = standalone::read_status(&status_file);
-            if let Some(s) = &status {
-                if s.generation == want && s.waiting.is_empty() {
-                    return Ok(());
-                }
+            if let Some(s) = &status
+                && s.generation == want
+                && s.waiting.is_empty()
+            {
+                return Ok(());
             }
             if let Ok(Some(exit)) = run.agent.0.try_wait() {
                 return Err(OracleError::Failed(format!(
@@ -287,12 +296,12 @@ impl KernelOracle {
         let run = self.run.take();
         if let Some(mut run) = run {
             run.agent.stop();
-            if let Ok(Some(exit)) = run.agent.0.try_wait() {
-                if !exit.success() {
-                    let msg = tail(&run.dir.0.join("agent.log"));
-                    drop(run);
-                    return Err(OracleError::Failed(format!("the agent exited with {exit}: {msg}")));
-                }
+            if let Ok(Some(exit)) = run.agent.0.try_wait()
+                && !exit.success()
+            {
+                let msg = tail(&run.dir.0.join("agent.log"));
+                drop(run);
+                return Err(OracleError::Failed(format!("the agent exited with {exit}: {msg}")));
             }
         }
         Ok(())

@@ -247,10 +247,13 @@ pub fn probe(local: IpAddr, src_port: u16, to: SocketAddr, tag: u32, timeout: Du
         if from != to.ip() {
             continue;
         }
-        if let Some((sp, dp, vtag, kind, _)) = parse(&buf[range]) {
-            if kind == CHUNK_INIT_ACK && sp == to.port() && dp == src_port && vtag == tag {
-                return Ok(());
-            }
+        if let Some((sp, dp, vtag, kind, _)) = parse(&buf[range])
+            && kind == CHUNK_INIT_ACK
+            && sp == to.port()
+            && dp == src_port
+            && vtag == tag
+        {
+            return Ok(());
         }
     }
 }
