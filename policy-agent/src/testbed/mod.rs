@@ -48,3 +48,42 @@ pub fn unique_suffix() -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+const TAG_DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// A short tag unique on this machine for this process's next objects: base 36 of
+/// `pid << 10 | counter % 1024`. Short, because interface names have at most 15 bytes; and the
+/// owner's pid can be read back ([`tag_pid`]) so leftovers of a killed run can be found.
+pub fn pid_tag() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    make_tag(std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The tag of process `pid`'s `n`-th objects (see [`pid_tag`]).
+pub fn make_tag(pid: u32, n: u32) -> String {
+    let mut v = ((pid as u64) << 10) | (n as u64 & 0x3ff);
+    let mut s = Vec::new();
+    loop {
+        s.push(TAG_DIGITS[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}
+
+/// The pid that made `tag` ([`make_tag`]), if it is one.
+pub fn tag_pid(tag: &str) -> Option<u32> {
+    if tag.is_empty() || tag.len() > 12 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for c in tag.bytes() {
+        let d = TAG_DIGITS.iter().position(|&x| x == c)? as u64;
+        v = v.checked_mul(36)?.checked_add(d)?;
+    }
+    u32::try_from(v >> 10).ok()
+}
+

@@ -26,6 +26,22 @@ impl Netns {
         })
     }
 
+    /// Creates a node namespace: loopback up holding the node's own addresses, forwarding on,
+    /// no duplicate address detection (addresses are usable at once).
+    pub fn create_node(name: &str, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> io::Result<Self> {
+        let node = Netns::create(name)?;
+        node.ip(&["link", "set", "lo", "up"])?;
+        node.ip(&["addr", "add", &format!("{v4}/32"), "dev", "lo"])?;
+        node.ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", "lo"])?;
+        node.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ])?;
+        Ok(node)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

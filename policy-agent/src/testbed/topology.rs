@@ -56,24 +56,8 @@ pub struct Testbed {
 impl Testbed {
     /// An empty node namespace with forwarding on and its own addresses on loopback.
     pub fn new() -> io::Result<Self> {
-        let tag = short_tag();
-        let node = Netns::create(&format!("pnode-{tag}"))?;
-        node.ip(&["link", "set", "lo", "up"])?;
-        node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
-        node.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{NODE_IPV6}/128"),
-            "dev",
-            "lo",
-        ])?;
-        node.sysctl(&[
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv6.conf.default.accept_dad=0",
-            "net.ipv6.conf.all.accept_dad=0",
-        ])?;
+        let tag = super::pid_tag();
+        let node = Netns::create_node(&format!("pnode-{tag}"), NODE_IPV4, NODE_IPV6)?;
         Ok(Testbed {
             hosts: Vec::new(),
             node,
@@ -217,25 +201,3 @@ impl Drop for Testbed {
     }
 }
 
-/// A short unique tag: interface names must stay within 15 bytes.
-fn short_tag() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    // pid (< 2^22 on Linux) and a per-process counter, in base 36.
-    base36(((std::process::id() as u64) << 10) | (n as u64 & 0x3ff))
-}
-
-fn base36(mut v: u64) -> String {
-    const D: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut s = Vec::new();
-    loop {
-        s.push(D[(v % 36) as usize]);
-        v /= 36;
-        if v == 0 {
-            break;
-        }
-    }
-    s.reverse();
-    String::from_utf8(s).unwrap_or_default()
-}

@@ -56,46 +56,22 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+pub use crate::testbed::{make_tag, tag_pid};
 
-/// A tag for this process's `n`-th run: base 36 of `pid << 10 | n % 1024`. Short (interface
-/// names have at most 15 bytes) and the owner's pid can be read back ([`tag_pid`]).
-pub fn make_tag(pid: u32, n: u32) -> String {
-    let mut v = ((pid as u64) << 10) | (n as u64 & 0x3ff);
-    let mut s = Vec::new();
-    loop {
-        s.push(DIGITS[(v % 36) as usize]);
-        v /= 36;
-        if v == 0 {
-            break;
-        }
-    }
-    s.reverse();
-    String::from_utf8(s).unwrap_or_default()
-}
-
-/// The pid that made `tag` ([`make_tag`]), if it is one.
-pub fn tag_pid(tag: &str) -> Option<u32> {
-    if tag.is_empty() || tag.len() > 12 {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for c in tag.bytes() {
-        let d = DIGITS.iter().position(|&x| x == c)? as u64;
-        v = v.checked_mul(36)?.checked_add(d)?;
-    }
-    u32::try_from(v >> 10).ok()
-}
-
-/// The tag of a namespace name of the runner's scheme: `ksn-TAG`, `kspN-TAG`, `kseN-TAG`.
+/// The tag of a namespace name of our schemes: the runner's `ksn-TAG`, `kspN-TAG`,
+/// `kseN-TAG` and the test bed's `pnode-TAG`, `ppN-TAG`, `pxN-TAG`.
 pub fn namespace_tag(name: &str) -> Option<&str> {
     let (head, tag) = name.split_once('-')?;
-    let rest = head.strip_prefix("ks")?;
-    let ok = rest == "n"
-        || (rest.len() > 1
-            && (rest.starts_with('p') || rest.starts_with('e'))
-            && rest[1..].bytes().all(|b| b.is_ascii_digit()));
-    (ok && !tag.is_empty() && tag.bytes().all(|b| DIGITS.contains(&b))).then_some(tag)
+    let numbered = |rest: &str, kinds: &[char]| {
+        rest.len() > 1 && rest.starts_with(kinds) && rest[1..].bytes().all(|b| b.is_ascii_digit())
+    };
+    let ok = match (head.strip_prefix("ks"), head.strip_prefix('p')) {
+        (Some(rest), _) => rest == "n" || numbered(rest, &['p', 'e']),
+        (None, Some(rest)) => rest == "node" || numbered(rest, &['p', 'x']),
+        _ => false,
+    };
+    let tag_ok = !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+    (ok && tag_ok).then_some(tag)
 }
 
 fn alive(pid: u32) -> bool {
@@ -215,7 +191,12 @@ mod tests {
         assert_eq!(namespace_tag("ksn-abc1"), Some("abc1"));
         assert_eq!(namespace_tag("ksp12-abc1"), Some("abc1"));
         assert_eq!(namespace_tag("kse0-z"), Some("z"));
-        for other in ["ksn", "ksx-ab", "ksp-ab", "kspa-ab", "ksn-AB", "netpol-1-2", "ksn-", "cni-1234"] {
+        assert_eq!(namespace_tag("pnode-q1"), Some("q1"));
+        assert_eq!(namespace_tag("pp3-q1"), Some("q1"));
+        assert_eq!(namespace_tag("px12-q1"), Some("q1"));
+        for other in
+            ["ksn", "ksx-ab", "ksp-ab", "kspa-ab", "ksn-AB", "netpol-1-2", "ksn-", "cni-1234", "pz1-ab", "pnodes-ab", "p-ab"]
+        {
             assert_eq!(namespace_tag(other), None, "{other}");
         }
     }

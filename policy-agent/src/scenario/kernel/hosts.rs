@@ -30,18 +30,9 @@ pub struct Hosts {
 
 impl Hosts {
     pub fn build(topo: &Topology, tag: &str) -> io::Result<Hosts> {
-        let node = Netns::create(&format!("ksn-{tag}"))?;
+        let node = Netns::create_node(&format!("ksn-{tag}"), topo.node_v4, topo.node_v6)?;
         let mut hosts = Hosts { pods: Vec::new(), externals: Vec::new(), node };
         let node = &hosts.node;
-        node.ip(&["link", "set", "lo", "up"])?;
-        node.ip(&["addr", "add", &format!("{}/32", topo.node_v4), "dev", "lo"])?;
-        node.ip(&["-6", "addr", "add", &format!("{}/128", topo.node_v6), "dev", "lo"])?;
-        node.sysctl(&[
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv6.conf.default.accept_dad=0",
-            "net.ipv6.conf.all.accept_dad=0",
-        ])?;
         // A veth pair inside the node (no dummy driver needed): the route target of the
         // ClusterIPs, like kube-proxy's kube-ipvs0; DNAT reroutes before anything is sent.
         node.ip(&["link", "add", "ksvc", "type", "veth", "peer", "name", "ksvc-peer"])?;

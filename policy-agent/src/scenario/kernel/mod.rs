@@ -114,7 +114,7 @@ impl KernelOracle {
                 self.cfg.agent.display()
             )));
         }
-        let tag = short_tag();
+        let tag = crate::testbed::pid_tag();
         let dir = TempDir::create(&format!("policy-scenario-{tag}")).map_err(|e| fail("temp dir", e))?;
         let manifests = dir.0.join("manifests");
         std::fs::create_dir(&manifests).map_err(|e| fail("manifest dir", e))?;
@@ -416,13 +416,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A short tag unique on this machine for this process's objects (interface names have at
-/// most 15 bytes); it carries the pid so a later run can sweep it (`cleanup`).
-fn short_tag() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    cleanup::make_tag(std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
 
 fn check_interrupt() -> Result<(), OracleError> {
     if cleanup::interrupted() {
