@@ -174,6 +174,16 @@ fn egress(ns: &str, name: &str, selector: LabelSelector, rules: Vec<Rule>) -> Ne
     }
 }
 
+/// The policy most traps need: `x/p` selecting x/a (pod=a) with one ingress rule.
+fn into_x_a(peers: Vec<Peer>, ports: Vec<PortSpec>) -> NetworkPolicy {
+    ingress(
+        "x",
+        "p",
+        sel(&[("pod", "a")]),
+        vec![rule(Some(peers), ports)],
+    )
+}
+
 fn rule(peers: Option<Vec<Peer>>, ports: Vec<PortSpec>) -> Rule {
     Rule { peers, ports }
 }
@@ -352,14 +362,9 @@ fn replies_are_not_judged_as_new_connections() {
 #[test]
 fn pod_selector_alone_means_policy_namespace() {
     let mut c = Cluster::new();
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![pods_peer(None, Some(sel(&[("pod", "b")])))]),
-            vec![],
-        )],
+    c.policy(into_x_a(
+        vec![pods_peer(None, Some(sel(&[("pod", "b")])))],
+        vec![],
     ));
     assert!(c.can("x/b", "x/a", TCP, 80));
     assert!(
@@ -371,14 +376,9 @@ fn pod_selector_alone_means_policy_namespace() {
 #[test]
 fn namespace_selector_alone_means_all_pods_of_matching_namespaces() {
     let mut c = Cluster::new();
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![pods_peer(Some(sel(&[("ns", "y")])), None)]),
-            vec![],
-        )],
+    c.policy(into_x_a(
+        vec![pods_peer(Some(sel(&[("ns", "y")])), None)],
+        vec![],
     ));
     assert!(c.can("y/a", "x/a", TCP, 80));
     assert!(c.can("y/b", "x/a", TCP, 80));
@@ -391,17 +391,12 @@ fn namespace_selector_alone_means_all_pods_of_matching_namespaces() {
 #[test]
 fn both_selectors_in_one_peer_are_anded() {
     let mut c = Cluster::new();
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![pods_peer(
-                Some(sel(&[("ns", "y")])),
-                Some(sel(&[("pod", "b")])),
-            )]),
-            vec![],
+    c.policy(into_x_a(
+        vec![pods_peer(
+            Some(sel(&[("ns", "y")])),
+            Some(sel(&[("pod", "b")])),
         )],
+        vec![],
     ));
     assert!(c.can("y/b", "x/a", TCP, 80));
     assert!(!c.can("y/a", "x/a", TCP, 80));
@@ -411,17 +406,12 @@ fn both_selectors_in_one_peer_are_anded() {
 #[test]
 fn two_peers_are_ored() {
     let mut c = Cluster::new();
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![
-                pods_peer(Some(sel(&[("ns", "y")])), None),
-                pods_peer(None, Some(sel(&[("pod", "b")]))),
-            ]),
-            vec![],
-        )],
+    c.policy(into_x_a(
+        vec![
+            pods_peer(Some(sel(&[("ns", "y")])), None),
+            pods_peer(None, Some(sel(&[("pod", "b")]))),
+        ],
+        vec![],
     ));
     assert!(c.can("y/a", "x/a", TCP, 80));
     assert!(c.can("y/b", "x/a", TCP, 80));
@@ -433,14 +423,9 @@ fn two_peers_are_ored() {
 fn empty_selectors_and_missing_peers_select_everything() {
     let mut c = Cluster::new();
     // podSelector {} alone: every pod of the policy's namespace.
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![pods_peer(None, Some(LabelSelector::everything()))]),
-            vec![],
-        )],
+    c.policy(into_x_a(
+        vec![pods_peer(None, Some(LabelSelector::everything()))],
+        vec![],
     ));
     assert!(c.can("x/b", "x/a", TCP, 80));
     assert!(!c.can("y/b", "x/a", TCP, 80));
@@ -677,14 +662,9 @@ fn protocols_must_match_and_port_none_means_all_ports() {
 #[test]
 fn ipv6_follows_the_same_rules() {
     let mut c = Cluster::new();
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![pods_peer(Some(sel(&[("ns", "y")])), None)]),
-            vec![port(TCP, 80)],
-        )],
+    c.policy(into_x_a(
+        vec![pods_peer(Some(sel(&[("ns", "y")])), None)],
+        vec![port(TCP, 80)],
     ));
     assert!(c.can6("y/a", "x/a", TCP, 80));
     assert!(!c.can6("y/a", "x/a", TCP, 81));
@@ -751,17 +731,12 @@ fn node_addresses_always_reach_pods() {
 #[test]
 fn label_changes_change_verdicts() {
     let mut c = Cluster::new();
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(
-            Some(vec![pods_peer(
-                Some(sel(&[("team", "blue")])),
-                Some(sel(&[("role", "client")])),
-            )]),
-            vec![],
+    c.policy(into_x_a(
+        vec![pods_peer(
+            Some(sel(&[("team", "blue")])),
+            Some(sel(&[("role", "client")])),
         )],
+        vec![],
     ));
     assert!(!c.can("y/b", "x/a", TCP, 80));
     c.snap
@@ -817,12 +792,7 @@ fn match_expressions_select() {
             expr("pod", Operator::Exists, &[]),
         ],
     };
-    c.policy(ingress(
-        "x",
-        "p",
-        sel(&[("pod", "a")]),
-        vec![rule(Some(vec![pods_peer(None, Some(s))]), vec![])],
-    ));
+    c.policy(into_x_a(vec![pods_peer(None, Some(s))], vec![]));
     assert!(c.can("x/c", "x/a", TCP, 80));
     assert!(!c.can("x/b", "x/a", TCP, 80));
 }
