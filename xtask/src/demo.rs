@@ -40,7 +40,7 @@ pub fn demo(root: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!(
             "the demo creates network namespaces and loads eBPF programs: run it as root \
-             (sudo -E env "PATH=$PATH" cargo xtask demo)"
+             (sudo -E env \"PATH=$PATH\" cargo xtask demo)"
         );
     }
     heading("[1/3] Preparing the machine and building (the first run takes a few minutes)");

@@ -115,7 +115,8 @@ impl Narration {
             writeln!(out, "{}", self.dim("(nothing probed in this step)"))?;
             return Ok(counts);
         }
-        if !enforced_in.is_zero() {
+        if enforced_in.as_millis() > 0 {
+            // (a simulation answers at once: nothing worth a line)
             writeln!(
                 out,
                 "{}",
@@ -170,13 +171,13 @@ impl Narration {
                         };
                         let pad = w - 1;
                         let (l, r) = (pad / 2, pad - pad / 2);
-                        let code = match cell.as_str() {
-                            "+" => "32",
-                            "-" => "31",
-                            "X" | "!" => "1;33",
-                            _ => "0",
+                        let shown = match cell.as_str() {
+                            "+" => self.paint("32", &cell),
+                            "-" => self.paint("31", &cell),
+                            "X" | "!" => self.paint("1;33", &cell),
+                            _ => cell,
                         };
-                        write!(out, " {}{}{}", " ".repeat(l), self.paint(code, &cell), " ".repeat(r))?;
+                        write!(out, " {}{shown}{}", " ".repeat(l), " ".repeat(r))?;
                     }
                     writeln!(out)?;
                 }
