@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+mod scenario_common;
+
 use policy_agent::scenario::apply::State;
 use policy_agent::scenario::format::Via;
 use policy_agent::scenario::kernel::{KernelConfig, KernelOracle, cleanup};
@@ -23,15 +25,7 @@ use policy_agent::scenario::{Oracle, OracleError, Plan, Probe, Topology, run_pla
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn files(dir: &str) -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(dir);
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    v.sort();
-    assert!(!v.is_empty(), "no scenario in {}", root.display());
-    v
+    scenario_common::scenario_dir(dir)
 }
 
 /// Runs the probes of the steps probing `via` of every file of the scenario directories on

@@ -2,7 +2,7 @@
 //! the simulation judged: reading them back through `convert` gives the same snapshot, for
 //! every step of every scenario file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -11,20 +11,8 @@ use policy_agent::model::Snapshot;
 use policy_agent::scenario::Plan;
 use policy_agent::scenario::manifests::manifests;
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            yaml_files(&p, out);
-        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(p);
-        }
-    }
-}
+mod scenario_common;
+use scenario_common::yaml_files;
 
 #[test]
 fn manifests_round_trip_to_the_simulated_snapshot() {

@@ -2,34 +2,16 @@
 //! simulation; the compiler + kernel model agree with the reference evaluator on every probe;
 //! invalid files are reported by file, step and field; the binary's output and exit codes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use policy_agent::scenario::report::Counts;
 use policy_agent::scenario::simulate::{KernelModelOracle, ReferenceOracle};
 use policy_agent::scenario::{Oracle, Plan, ScenarioError, run_plan};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+mod scenario_common;
+use scenario_common::{workspace, yaml_files};
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            yaml_files(&p, out);
-        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(p);
-        }
-    }
-}
 
 /// `scenarios/**` of the workspace, then ../shared/scenarios when it exists.
 fn scenario_files() -> Vec<PathBuf> {
