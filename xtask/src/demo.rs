@@ -35,7 +35,9 @@ fn heading(text: &str) {
 
 pub fn demo(root: &Path) -> Result<()> {
     let t0 = Instant::now();
-    println!("netpol-ebpf demo: Kubernetes NetworkPolicy enforced by eBPF programs, on real packets.");
+    println!(
+        "netpol-ebpf demo: Kubernetes NetworkPolicy enforced by eBPF programs, on real packets."
+    );
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -47,7 +49,14 @@ pub fn demo(root: &Path) -> Result<()> {
     prepare(root)?;
     status(
         "cargo build policy-agent",
-        cargo(root).args(["build", "--quiet", "--release", "-p", "policy-agent", "--bins"]),
+        cargo(root).args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "policy-agent",
+            "--bins",
+        ]),
     )?;
     let bin = target_dir(root).join("release");
     let files = demo_files(root)?;
@@ -73,14 +82,19 @@ pub fn demo(root: &Path) -> Result<()> {
             .args(&files),
     )?;
     println!();
-    println!("demo: {:.0} s in all (setup and build included)", t0.elapsed().as_secs_f64());
+    println!(
+        "demo: {:.0} s in all (setup and build included)",
+        t0.elapsed().as_secs_f64()
+    );
     if interrupted() {
         exit_interrupted();
     }
     if !code.success() {
         bail!("the demo did not run as expected ({code}); see the messages above");
     }
-    println!("next: `cargo xtask test` runs every test layer; README.md shows standalone mode on an edge gateway");
+    println!(
+        "next: `cargo xtask test` runs every test layer; README.md shows standalone mode on an edge gateway"
+    );
     Ok(())
 }
 
@@ -90,7 +104,10 @@ pub fn demo(root: &Path) -> Result<()> {
 pub fn run_runner(cmd: &mut Command) -> Result<std::process::ExitStatus> {
     // Handlers (unlike SIG_IGN) are reset in the child by exec.
     install_handlers();
-    let mut child = cmd.process_group(0).spawn().context("starting policy-scenario")?;
+    let mut child = cmd
+        .process_group(0)
+        .spawn()
+        .context("starting policy-scenario")?;
     let mut forwarded = 0;
     loop {
         if let Some(st) = child.try_wait()? {
@@ -124,7 +141,9 @@ fn install_handlers() {
 }
 
 pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
 }
 
 fn demo_files(root: &Path) -> Result<Vec<PathBuf>> {

@@ -50,7 +50,10 @@ impl Narration {
         }
         writeln!(out, "{}", self.dim(&format!("(answered by {oracle})")))?;
         writeln!(out)?;
-        writeln!(out, "How to read a matrix: each row is a client, each column a server; a cell is one")?;
+        writeln!(
+            out,
+            "How to read a matrix: each row is a client, each column a server; a cell is one"
+        )?;
         writeln!(out, "real connection attempt from the row to the column.")?;
         writeln!(
             out,
@@ -60,7 +63,10 @@ impl Narration {
             self.paint("1;33", "X"),
             self.paint("1;33", "!")
         )?;
-        writeln!(out, "  (blank: a host does not connect to itself; outside hosts do not connect to each other)")
+        writeln!(
+            out,
+            "  (blank: a host does not connect to itself; outside hosts do not connect to each other)"
+        )
     }
 
     /// Before the step is applied: heading, description, the objects applied and deleted.
@@ -93,7 +99,12 @@ impl Narration {
             }
         }
         if !step.delete.is_empty() {
-            writeln!(out, "{} {}", self.dim("deleted:"), self.paint("36", &step.delete.join(", ")))?;
+            writeln!(
+                out,
+                "{} {}",
+                self.dim("deleted:"),
+                self.paint("36", &step.delete.join(", "))
+            )?;
         }
         for w in &step.applied.warnings {
             writeln!(out, "warning: {w}")?;
@@ -120,7 +131,10 @@ impl Narration {
             writeln!(
                 out,
                 "{}",
-                self.dim(&format!("enforced by the agent in {} ms", enforced_in.as_millis()))
+                self.dim(&format!(
+                    "enforced by the agent in {} ms",
+                    enforced_in.as_millis()
+                ))
             )?;
         }
         let endpoints = plan.topology.endpoints();
@@ -129,7 +143,12 @@ impl Narration {
         let mut mismatches = Vec::new();
         for &family in &plan.topology.families {
             for &port in &step.ports {
-                writeln!(out, "\n  {port} over {} (via {}):", family.as_str(), step.via.as_str())?;
+                writeln!(
+                    out,
+                    "\n  {port} over {} (via {}):",
+                    family.as_str(),
+                    step.via.as_str()
+                )?;
                 write!(out, "  {:>width$}  ", "")?;
                 for n in &names {
                     write!(out, " {n:^w$}", w = n.chars().count().max(3))?;
@@ -139,11 +158,9 @@ impl Narration {
                     write!(out, "  {:>width$}  ", names[si])?;
                     for (di, dst) in endpoints.iter().enumerate() {
                         let w = names[di].chars().count().max(3);
-                        let found = step
-                            .probes
-                            .iter()
-                            .enumerate()
-                            .find(|(_, p)| p.family == family && p.port == port && &p.src == src && &p.dst == dst);
+                        let found = step.probes.iter().enumerate().find(|(_, p)| {
+                            p.family == family && p.port == port && &p.src == src && &p.dst == dst
+                        });
                         let cell = match found {
                             None => " ".to_string(),
                             Some((i, p)) => match outcomes[i] {
@@ -162,7 +179,11 @@ impl Narration {
                                         p.src,
                                         p.dst,
                                         family.as_str(),
-                                        if p.expect_allowed { "connected" } else { "blocked" },
+                                        if p.expect_allowed {
+                                            "connected"
+                                        } else {
+                                            "blocked"
+                                        },
                                         if got { "connected" } else { "blocked" },
                                     ));
                                     if got { "!".into() } else { "X".into() }
@@ -189,7 +210,10 @@ impl Narration {
             writeln!(
                 out,
                 "{}",
-                self.paint("32", &format!("all {probed} connections behaved as the policies say they must"))
+                self.paint(
+                    "32",
+                    &format!("all {probed} connections behaved as the policies say they must")
+                )
             )?;
         } else {
             writeln!(
@@ -197,7 +221,10 @@ impl Narration {
                 "{}",
                 self.paint(
                     "1;31",
-                    &format!("{} of {probed} connections did NOT behave as expected:", counts.failed)
+                    &format!(
+                        "{} of {probed} connections did NOT behave as expected:",
+                        counts.failed
+                    )
                 )
             )?;
             for m in &mismatches {
@@ -212,11 +239,14 @@ impl Narration {
         writeln!(out)?;
         let n = total.passed + total.failed;
         let text = if total.failed == 0 {
-            self.paint("1;32", &format!(
-                "{}: {} steps, {n} connections, every one as the policies say.",
-                plan.name,
-                plan.steps.len()
-            ))
+            self.paint(
+                "1;32",
+                &format!(
+                    "{}: {} steps, {n} connections, every one as the policies say.",
+                    plan.name,
+                    plan.steps.len()
+                ),
+            )
         } else {
             self.paint("1;31", &format!(
                 "{}: {} steps, {n} connections, {} NOT as the policies say (marked X or ! above).",
@@ -229,14 +259,24 @@ impl Narration {
     }
 
     /// One line per direction of what changed since the previous step.
-    pub fn changes(&self, out: &mut dyn Write, plan: &Plan, before: &Observed, after: &Observed) -> io::Result<()> {
+    pub fn changes(
+        &self,
+        out: &mut dyn Write,
+        plan: &Plan,
+        before: &Observed,
+        after: &Observed,
+    ) -> io::Result<()> {
         let mut opened = Vec::new();
         let mut closed = Vec::new();
         for (k, now) in after {
             if let Some(was) = before.get(k)
                 && was != now
             {
-                if *now { opened.push(k.clone()) } else { closed.push(k.clone()) }
+                if *now {
+                    opened.push(k.clone())
+                } else {
+                    closed.push(k.clone())
+                }
             }
         }
         if opened.is_empty() && closed.is_empty() {
@@ -267,7 +307,12 @@ fn short_name(e: &EndpointName) -> String {
     }
 }
 
-type Key = (IpFamily, super::expect::ProbePort, EndpointName, EndpointName);
+type Key = (
+    IpFamily,
+    super::expect::ProbePort,
+    EndpointName,
+    EndpointName,
+);
 
 /// The changed connections grouped by server (or by client, whichever reads shorter): "every
 /// client -> x/a", "y/* -> x/a", "z/c -> x/b".
@@ -275,7 +320,11 @@ fn summarise(plan: &Plan, all: &Observed, changed: &[Key]) -> String {
     let by_dst = group(plan, all, changed, false);
     let by_src = group(plan, all, changed, true);
     let len = |v: &Vec<String>| v.iter().map(String::len).sum::<usize>() + 2 * v.len();
-    let pick = if len(&by_src) < len(&by_dst) { by_src } else { by_dst };
+    let pick = if len(&by_src) < len(&by_dst) {
+        by_src
+    } else {
+        by_dst
+    };
     const SHOWN: usize = 5;
     let more = pick.len().saturating_sub(SHOWN);
     let mut s = pick.into_iter().take(SHOWN).collect::<Vec<_>>().join("; ");
@@ -287,11 +336,16 @@ fn summarise(plan: &Plan, all: &Observed, changed: &[Key]) -> String {
 
 fn group(plan: &Plan, all: &Observed, changed: &[Key], by_src: bool) -> Vec<String> {
     // Per (family, port, fixed end): the other ends that changed.
-    let mut groups: BTreeMap<(IpFamily, super::expect::ProbePort, EndpointName), BTreeSet<EndpointName>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<
+        (IpFamily, super::expect::ProbePort, EndpointName),
+        BTreeSet<EndpointName>,
+    > = BTreeMap::new();
     for (f, p, s, d) in changed {
         let (fixed, other) = if by_src { (s, d) } else { (d, s) };
-        groups.entry((*f, *p, fixed.clone())).or_default().insert(other.clone());
+        groups
+            .entry((*f, *p, fixed.clone()))
+            .or_default()
+            .insert(other.clone());
     }
     let multi = {
         let fams: BTreeSet<_> = changed.iter().map(|k| (k.0, k.1)).collect();
@@ -303,11 +357,17 @@ fn group(plan: &Plan, all: &Observed, changed: &[Key], by_src: bool) -> Vec<Stri
     for ((f, p, fixed), others) in groups {
         let probed: BTreeSet<EndpointName> = all
             .keys()
-            .filter(|(ff, pp, s, d)| *ff == f && *pp == p && if by_src { s == &fixed } else { d == &fixed })
+            .filter(|(ff, pp, s, d)| {
+                *ff == f && *pp == p && if by_src { s == &fixed } else { d == &fixed }
+            })
             .map(|(_, _, s, d)| if by_src { d.clone() } else { s.clone() })
             .collect();
         let text = if others == probed {
-            if by_src { "everything".to_string() } else { "everyone".to_string() }
+            if by_src {
+                "everything".to_string()
+            } else {
+                "everyone".to_string()
+            }
         } else {
             compress(plan, &others, &probed)
         };
@@ -318,7 +378,11 @@ fn group(plan: &Plan, all: &Observed, changed: &[Key], by_src: bool) -> Vec<Stri
         .into_iter()
         .map(|((f, p, others_text), fixed)| {
             let fixed_text = compress(plan, &fixed, &everyone);
-            let tail = if multi { format!(" ({p} {})", f.as_str()) } else { String::new() };
+            let tail = if multi {
+                format!(" ({p} {})", f.as_str())
+            } else {
+                String::new()
+            };
             if by_src {
                 format!("{fixed_text} -> {others_text}{tail}")
             } else {
@@ -354,7 +418,11 @@ fn compress(plan: &Plan, set: &BTreeSet<EndpointName>, probed: &BTreeSet<Endpoin
         parts.push(short_name(e));
         done.insert(e.clone());
     }
-    if parts.len() == 1 { parts.remove(0) } else { format!("{{{}}}", parts.join(", ")) }
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        format!("{{{}}}", parts.join(", "))
+    }
 }
 
 /// Words of `text` on lines of at most `width` characters.

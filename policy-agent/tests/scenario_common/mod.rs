@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Every `.yaml`/`.yml` file below `dir`, depth first, sorted; nothing when `dir` is missing.

@@ -70,7 +70,10 @@ pub fn namespace_tag(name: &str) -> Option<&str> {
         (None, Some(rest)) => rest == "node" || numbered(rest, &['p', 'x']),
         _ => false,
     };
-    let tag_ok = !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+    let tag_ok = !tag.is_empty()
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
     (ok && tag_ok).then_some(tag)
 }
 
@@ -102,7 +105,9 @@ pub fn sweep_leftovers() -> Swept {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
             let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
             if !args.iter().any(|a| *a == b"standalone") {
                 continue;
@@ -130,20 +135,28 @@ pub fn sweep_leftovers() -> Swept {
     }
     if let Ok(list) = std::fs::read_dir("/run/netns") {
         for e in list.flatten() {
-            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
-            let Some(pid) = namespace_tag(&name).and_then(tag_pid) else { continue };
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let Some(pid) = namespace_tag(&name).and_then(tag_pid) else {
+                continue;
+            };
             if alive(pid) {
                 continue;
             }
             match run_checked(std::process::Command::new("ip").args(["netns", "del", &name])) {
                 Ok(_) => swept.namespaces.push(name),
-                Err(e) => tracing::warn!(ns = %name, error = %e, "removing a leftover namespace failed"),
+                Err(e) => {
+                    tracing::warn!(ns = %name, error = %e, "removing a leftover namespace failed")
+                }
             }
         }
     }
     if let Ok(list) = std::fs::read_dir(&tmp) {
         for e in list.flatten() {
-            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
             let owner = if let Some(tag) = name.strip_prefix("policy-scenario-") {
                 tag_pid(tag)
             } else if let Some(rest) = name.strip_prefix("policy-bpffs-") {
@@ -194,9 +207,19 @@ mod tests {
         assert_eq!(namespace_tag("pnode-q1"), Some("q1"));
         assert_eq!(namespace_tag("pp3-q1"), Some("q1"));
         assert_eq!(namespace_tag("px12-q1"), Some("q1"));
-        for other in
-            ["ksn", "ksx-ab", "ksp-ab", "kspa-ab", "ksn-AB", "netpol-1-2", "ksn-", "cni-1234", "pz1-ab", "pnodes-ab", "p-ab"]
-        {
+        for other in [
+            "ksn",
+            "ksx-ab",
+            "ksp-ab",
+            "kspa-ab",
+            "ksn-AB",
+            "netpol-1-2",
+            "ksn-",
+            "cni-1234",
+            "pz1-ab",
+            "pnodes-ab",
+            "p-ab",
+        ] {
             assert_eq!(namespace_tag(other), None, "{other}");
         }
     }
