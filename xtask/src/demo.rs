@@ -80,6 +80,7 @@ pub fn demo(root: &Path) -> Result<()> {
             .arg("--agent")
             .arg(bin.join("policy-agent"))
             .args(&files),
+        Duration::from_secs(600),
     )?;
     println!();
     println!(
@@ -101,7 +102,7 @@ pub fn demo(root: &Path) -> Result<()> {
 /// Runs the scenario runner in its own process group, so a terminal's Ctrl-C reaches only this
 /// process, which passes each signal on once: the runner gets one orderly stop and cleans up
 /// (a second signal makes it quit at once). Waits for it to end.
-pub fn run_runner(cmd: &mut Command) -> Result<std::process::ExitStatus> {
+pub fn run_runner(cmd: &mut Command, limit: Duration) -> Result<std::process::ExitStatus> {
     // Handlers (unlike SIG_IGN) are reset in the child by exec.
     install_handlers();
     let mut child = cmd
@@ -109,9 +110,27 @@ pub fn run_runner(cmd: &mut Command) -> Result<std::process::ExitStatus> {
         .spawn()
         .context("starting policy-scenario")?;
     let mut forwarded = 0;
+    let started = Instant::now();
+    let mut stopping_since: Option<Instant> = None;
     loop {
         if let Some(st) = child.try_wait()? {
             return Ok(st);
+        }
+        // Bounded: past its time limit the runner is asked to stop (it cleans up), and killed
+        // if it has not within a minute.
+        if started.elapsed() > limit {
+            match stopping_since {
+                None => {
+                    eprintln!("policy-scenario ran longer than {limit:?}: stopping it");
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                    stopping_since = Some(Instant::now());
+                }
+                Some(t) if t.elapsed() > Duration::from_secs(60) => {
+                    let _ = child.kill();
+                }
+                Some(_) => {}
+            }
         }
         let seen = SIGNALS.load(Ordering::SeqCst);
         while forwarded < seen {

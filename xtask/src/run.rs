@@ -139,7 +139,9 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
     }
     // Paths are relative to where the user ran `cargo xtask`, not the workspace root.
     cmd.args(files.iter().map(|f| if f.is_absolute() { f.clone() } else { cwd.join(f) }));
-    let st = crate::demo::run_runner(&mut cmd)?;
+    // Generous: the whole upstream set takes about two minutes.
+    let limit = std::time::Duration::from_secs(120 + 60 * files.len() as u64);
+    let st = crate::demo::run_runner(&mut cmd, limit)?;
     if crate::demo::interrupted() {
         crate::demo::exit_interrupted();
     }
