@@ -1,9 +1,12 @@
 //! The standalone object source: a directory of Kubernetes YAML (or JSON) manifests holding
 //! Namespaces, Pods (with status.podIPs and container ports) and NetworkPolicies.
 //!
-//! A bad file or object is reported with the file, the document and the object, and skipped;
-//! an invalid NetworkPolicy is kept in its fail-closed form (see `convert`), so a typo never
-//! opens traffic.
+//! A bad file or object is reported with the file, the document and the object. Nothing a
+//! bad file holds may open traffic: an invalid NetworkPolicy is kept in its fail-closed form
+//! (see `convert`); a document that cannot be read at all (YAML syntax, schema, an unusable
+//! Pod or Namespace) makes [`DirLoader`] keep enforcing the last good version of its file, and
+//! with no good version yet, every namespace is isolated both ways until the file is fixed
+//! (a dropped Pod, Namespace or policy could otherwise un-isolate a pod).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,10 +32,32 @@ pub enum ManifestError {
     UnsupportedKind { kind: String, api_version: String },
     #[error("{kind} does not match the API schema: {source}")]
     Schema { kind: &'static str, source: serde_yaml::Error },
+    /// An invalid part of a policy: the policy is kept in its fail-closed form.
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    /// A Namespace or Pod that cannot be used: it is left out.
+    #[error("{0} (object left out)")]
+    Unusable(#[source] ConvertError),
+    #[error("objects were left out and there is no earlier good version of this file: every namespace is isolated in both directions until it is fixed")]
+    NoGoodVersion,
     #[error("{kind} {key} is defined again (first in {first})")]
     Duplicate { kind: &'static str, key: String, first: String },
+}
+
+impl ManifestError {
+    /// Whether the document's object was left out (rather than kept fail-closed or ignored
+    /// as a kind this agent does not enforce).
+    fn drops_object(&self) -> bool {
+        match self {
+            Self::Read(_) | Self::Yaml(_) | Self::NoKind | Self::Schema { .. } | Self::Unusable(_) => true,
+            Self::UnsupportedKind { kind, .. } => {
+                // Our kinds under another apiVersion (networking.k8s.io/v1beta1...) were meant
+                // to be enforced.
+                matches!(kind.as_str(), "Namespace" | "Pod" | "NetworkPolicy")
+            }
+            Self::Convert(_) | Self::Duplicate { .. } | Self::NoGoodVersion => false,
+        }
+    }
 }
 
 /// One problem, located.
@@ -57,6 +82,9 @@ pub struct Manifests {
     pub pods: BTreeMap<ObjectKey, model::Pod>,
     pub policies: BTreeMap<ObjectKey, model::NetworkPolicy>,
     pub problems: Vec<Problem>,
+    /// Files that lost objects and have no good version to fall back on: until they are
+    /// fixed, [`Manifests::snapshot`] isolates every namespace in both directions.
+    pub lockdown: Vec<PathBuf>,
     /// Where each object came from, for duplicate reports.
     origin: BTreeMap<(&'static str, String), String>,
 }
@@ -83,29 +111,99 @@ impl Manifests {
                 (k.clone(), p)
             })
             .collect();
+        let mut policies = self.policies.clone();
+        if !self.lockdown.is_empty() {
+            for ns in namespaces.keys() {
+                let np = lockdown_policy(ns);
+                policies.insert(np.key(), np);
+            }
+        }
         Snapshot {
             namespaces,
             pods,
-            policies: self.policies.clone(),
+            policies,
             node: node.to_string(),
             node_addrs,
         }
     }
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` below `dir` (sorted, recursively).
+/// The name of the policy a lockdown adds to each namespace: a ':' cannot occur in a real
+/// object name, so it never collides with one.
+pub const LOCKDOWN_POLICY: &str = "policy-agent:fail-closed";
+
+/// Selects every pod of `namespace`, isolates both directions, admits nothing.
+fn lockdown_policy(namespace: &str) -> model::NetworkPolicy {
+    model::NetworkPolicy {
+        namespace: namespace.to_string(),
+        name: LOCKDOWN_POLICY.to_string(),
+        pod_selector: model::LabelSelector::everything(),
+        ingress_isolation: true,
+        egress_isolation: true,
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    }
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` below `dir` (sorted, recursively), with no
+/// earlier good versions to fall back on.
 pub fn load_dir(dir: &Path) -> Result<Manifests, std::io::Error> {
-    let mut files = Vec::new();
-    collect(dir, &mut files)?;
-    files.sort();
-    let mut m = Manifests::default();
-    for f in files {
-        match std::fs::read_to_string(&f) {
-            Ok(text) => load_text(&mut m, &f, &text),
-            Err(e) => m.problems.push(Problem { file: f, document: 1, error: ManifestError::Read(e) }),
+    DirLoader::default().load(dir)
+}
+
+/// Loads a directory again and again, remembering each file's last good text: a file that
+/// turns bad keeps being enforced as it last was (and the problem is reported).
+#[derive(Debug, Default)]
+pub struct DirLoader {
+    last_good: BTreeMap<PathBuf, String>,
+}
+
+impl DirLoader {
+    pub fn load(&mut self, dir: &Path) -> Result<Manifests, std::io::Error> {
+        let mut files = Vec::new();
+        collect(dir, &mut files)?;
+        files.sort();
+        self.last_good.retain(|f, _| files.contains(f));
+        let mut m = Manifests::default();
+        for f in files {
+            let text = match std::fs::read_to_string(&f) {
+                Ok(text) => text,
+                Err(e) => {
+                    m.problems.push(Problem { file: f.clone(), document: 1, error: ManifestError::Read(e) });
+                    self.fall_back(&mut m, &f);
+                    continue;
+                }
+            };
+            // Try the file on its own first: only a file that loses nothing is taken as is.
+            let mut alone = Manifests::default();
+            load_text(&mut alone, &f, &text);
+            if alone.problems.iter().any(|p| p.error.drops_object()) {
+                m.problems.append(&mut alone.problems);
+                self.fall_back(&mut m, &f);
+            } else {
+                load_text(&mut m, &f, &text);
+                self.last_good.insert(f, text);
+            }
+        }
+        Ok(m)
+    }
+
+    fn fall_back(&self, m: &mut Manifests, file: &Path) {
+        match self.last_good.get(file) {
+            Some(good) => {
+                tracing::warn!(file = %file.display(), "enforcing the last good version of the file");
+                let mut scratch = Vec::new();
+                std::mem::swap(&mut scratch, &mut m.problems);
+                load_text(m, file, good);
+                // The good version's own (non-dropping) problems were reported when it was read.
+                m.problems = scratch;
+            }
+            None => {
+                m.problems.push(Problem { file: file.to_path_buf(), document: 1, error: ManifestError::NoGoodVersion });
+                m.lockdown.push(file.to_path_buf());
+            }
         }
     }
-    Ok(m)
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), std::io::Error> {
@@ -199,7 +297,7 @@ fn load_value(
         ("Namespace", "v1") => match serde_yaml::from_value::<core::Namespace>(value) {
             Err(source) => errors.push(ManifestError::Schema { kind: "Namespace", source }),
             Ok(obj) => match convert::namespace(&obj) {
-                Err(e) => errors.push(e.into()),
+                Err(e) => errors.push(ManifestError::Unusable(e)),
                 Ok(ns) => {
                     if let Some(e) = m.claim("Namespace", ns.name.clone(), &origin) {
                         errors.push(e);
@@ -212,7 +310,7 @@ fn load_value(
         ("Pod", "v1") => match serde_yaml::from_value::<core::Pod>(value) {
             Err(source) => errors.push(ManifestError::Schema { kind: "Pod", source }),
             Ok(obj) => match convert::pod(&obj) {
-                Err(e) => errors.push(e.into()),
+                Err(e) => errors.push(ManifestError::Unusable(e)),
                 Ok(pod) => {
                     if let Some(e) = m.claim("Pod", pod.key().to_string(), &origin) {
                         errors.push(e);
@@ -331,6 +429,74 @@ metadata: {name: x}
         // The invalid policy is kept: it still isolates app=web, its bad rule allows nothing.
         let np = &m.policies[&ObjectKey::new("x", "lower")];
         assert!(np.ingress_isolation && np.ingress.is_empty());
+    }
+
+    /// A scratch manifest directory, removed on drop.
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("manifests-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const ALLOW_ALL: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: open, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{}]\n";
+
+    #[test]
+    fn a_file_that_turns_bad_keeps_its_last_good_version() {
+        let d = Dir::new("lastgood");
+        d.write("good.yaml", GOOD);
+        d.write("policy.yaml", ALLOW_ALL);
+        let mut loader = DirLoader::default();
+        let m = loader.load(&d.0).unwrap();
+        assert!(m.problems.is_empty() && m.lockdown.is_empty(), "{:?}", m.problems);
+        // A schema error (a string where a list belongs) in the policy: it would vanish,
+        // un-isolating nothing here but possibly opening traffic elsewhere; the old one stays.
+        d.write("policy.yaml", &ALLOW_ALL.replace("ingress: [{}]", "ingress: nope"));
+        let m = loader.load(&d.0).unwrap();
+        assert!(m.policies.contains_key(&ObjectKey::new("x", "open")));
+        assert!(m.lockdown.is_empty());
+        assert!(m.problems.iter().any(|p| matches!(p.error, ManifestError::Schema { .. })), "{:?}", m.problems);
+        // A Pod whose address is not an address: the good version of good.yaml keeps it.
+        d.write("good.yaml", &GOOD.replace("podIP: 198.18.0.10,", "podIP: nonsense,"));
+        let m = loader.load(&d.0).unwrap();
+        assert_eq!(m.pods[&ObjectKey::new("x", "a")].ips.len(), 2);
+        // Fixed: the new text is taken.
+        d.write("policy.yaml", &ALLOW_ALL.replace("name: open", "name: open2"));
+        let m = loader.load(&d.0).unwrap();
+        assert!(m.policies.contains_key(&ObjectKey::new("x", "open2")));
+        assert!(!m.policies.contains_key(&ObjectKey::new("x", "open")));
+    }
+
+    #[test]
+    fn a_bad_file_with_no_good_version_isolates_every_namespace() {
+        let d = Dir::new("lockdown");
+        d.write("good.yaml", GOOD);
+        d.write("broken.yaml", "kind: [unclosed\n");
+        d.write("beta.yaml", &ALLOW_ALL.replace("networking.k8s.io/v1", "networking.k8s.io/v1beta1"));
+        let m = loader_once(&d);
+        assert_eq!(m.lockdown.len(), 2, "{:?}", m.problems);
+        assert!(m.problems.iter().any(|p| matches!(p.error, ManifestError::NoGoodVersion)));
+        let snap = m.snapshot("node-1", vec![]);
+        for ns in ["x", "y"] {
+            let np = &snap.policies[&ObjectKey::new(ns, LOCKDOWN_POLICY)];
+            assert!(np.ingress_isolation && np.egress_isolation && np.ingress.is_empty() && np.egress.is_empty());
+            assert_eq!(np.pod_selector, model::LabelSelector::everything());
+        }
+    }
+
+    fn loader_once(d: &Dir) -> Manifests {
+        load_dir(&d.0).unwrap()
     }
 
     #[test]
