@@ -5,8 +5,13 @@ mod error;
 pub mod events;
 pub mod loader;
 pub mod maps;
+pub mod pinning;
+mod readback;
+pub mod reconcile;
 
 pub use error::DataplaneError;
 pub use events::DenyEvents;
 pub use loader::{AttachMode, Attachment, Dataplane};
+pub use pinning::PinState;
+pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};

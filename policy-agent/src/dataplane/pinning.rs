@@ -1,0 +1,193 @@
+//! What the agent leaves in bpffs so that a restarted or upgraded agent adopts it, and how
+//! it checks that what it finds is compatible with the object it is about to load.
+//!
+//! Layout under the pin directory (`--bpf-dir`):
+//! - `<MAP>`: every map of the object declared pinned by name (`ENDPOINTS`, `CONNTRACK`, ...);
+//!   aya creates it on first load and reopens it afterwards.
+//! - `links/<ifname>@<ifindex>/<program>`: the TCX link of `<program>` on that interface. A
+//!   pinned link keeps its program attached while no agent runs; a new agent replaces the
+//!   program inside the link (`BPF_LINK_UPDATE`), never detaching first. The ifindex in the
+//!   name tells a re-created interface (which lost its links) from the one that was pinned.
+//!
+//! clsact filters (kernels without TCX) are not pinned: they live in the qdisc anyway. They
+//! are created at a fixed priority and handle ([`NETLINK_PRIORITY`], [`NETLINK_HANDLE`]) so
+//! a new agent replaces them in place (`RTM_NEWTFILTER` without `NLM_F_EXCL`).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapInfo, MapType};
+use aya_obj::generated::bpf_map_type;
+use aya_obj::maps::PinningType;
+
+use super::DataplaneError;
+
+/// Directory of the pinned links, under the pin directory.
+pub const LINKS_DIR: &str = "links";
+/// tc priority of our clsact filters (a fixed value so a new agent finds and replaces them).
+pub const NETLINK_PRIORITY: u16 = 0x4e50;
+/// tc handle of our clsact filters.
+pub const NETLINK_HANDLE: u32 = 1;
+
+/// Where the link of `program` on interface `ifname` (index `ifindex`) is pinned.
+pub fn link_pin_path(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) -> PathBuf {
+    link_dir(pin_dir, ifname, ifindex).join(program)
+}
+
+/// The directory holding the links of one interface.
+pub fn link_dir(pin_dir: &Path, ifname: &str, ifindex: u32) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(format!("{ifname}@{ifindex}"))
+}
+
+/// One pinned-link directory found under the pin directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedInterface {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub dir: PathBuf,
+}
+
+/// Every `links/<ifname>@<ifindex>` directory (also ones whose interface is gone).
+pub fn pinned_interfaces(pin_dir: &Path) -> Vec<PinnedInterface> {
+    let Ok(rd) = std::fs::read_dir(pin_dir.join(LINKS_DIR)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PinnedInterface> = rd
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (ifname, idx) = name.rsplit_once('@')?;
+            Some(PinnedInterface {
+                ifname: ifname.to_string(),
+                ifindex: idx.parse().ok()?,
+                dir: e.path(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.dir.cmp(&b.dir));
+    out
+}
+
+/// What a load found in the pin directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinState {
+    /// No map was pinned: a first start (seed conntrack from the kernel's table).
+    Fresh,
+    /// Every pinned map existed and matches the object: adopt them with their state.
+    Adopted,
+}
+
+/// One property of a pinned map that differs from the object's definition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    pub map: String,
+    pub field: &'static str,
+    pub pinned: u64,
+    pub object: u64,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}: pinned {} but the object wants {}",
+            self.map, self.field, self.pinned, self.object
+        )
+    }
+}
+
+/// Checks every map the object pins by name against what is pinned under `pin_dir`.
+///
+/// aya reopens a pinned map whatever its definition, and a program verified against a
+/// map of another layout would read garbage: so an upgrade whose maps changed must be
+/// caught here, before anything is loaded. Some maps pinned and others not is a broken
+/// directory and is refused too (an old agent's maps with a newer object's extra map is
+/// reported as a mismatch of that map).
+pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, DataplaneError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Incompatible {
+        pin_dir: pin_dir.to_path_buf(),
+        detail: format!("parsing the eBPF object: {e}"),
+    })?;
+    let mut mismatches = Vec::new();
+    let mut present = Vec::new();
+    let mut absent = Vec::new();
+    let mut names: Vec<&String> = obj.maps.keys().collect();
+    names.sort();
+    for name in names {
+        let def = &obj.maps[name];
+        if def.pinning() != PinningType::ByName {
+            continue;
+        }
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            absent.push(name.clone());
+            continue;
+        }
+        present.push(name.clone());
+        let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::Incompatible {
+            pin_dir: pin_dir.to_path_buf(),
+            detail: format!("{name}: cannot open the pinned map: {e}"),
+        })?;
+        mismatches.extend(compare(name, def, &info));
+    }
+    if !mismatches.is_empty() {
+        let list: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
+        return Err(DataplaneError::Incompatible {
+            pin_dir: pin_dir.to_path_buf(),
+            detail: format!(
+                "the pinned maps do not match this agent's object ({}); the running programs \
+                 keep enforcing the old maps; run `policy-agent uninstall` (or start with \
+                 --reset) to replace them",
+                list.join("; ")
+            ),
+        });
+    }
+    match (present.is_empty(), absent.is_empty()) {
+        (true, _) => Ok(PinState::Fresh),
+        (false, true) => Ok(PinState::Adopted),
+        (false, false) => Err(DataplaneError::Incompatible {
+            pin_dir: pin_dir.to_path_buf(),
+            detail: format!(
+                "some maps are pinned ({}) and others are not ({}): an agent of another \
+                 version, or a partial cleanup; run `policy-agent uninstall` (or --reset)",
+                present.join(", "),
+                absent.join(", ")
+            ),
+        }),
+    }
+}
+
+fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    let mut check = |field, pinned: u64, object: u64| {
+        if pinned != object {
+            out.push(Mismatch { map: name.to_string(), field, pinned, object });
+        }
+    };
+    let want_type = bpf_map_type::try_from(def.map_type())
+        .ok()
+        .and_then(|t| MapType::try_from(t).ok());
+    match (info.map_type().ok(), want_type) {
+        (Some(a), Some(b)) if a == b => {}
+        _ => check("type", u64::MAX, def.map_type() as u64),
+    }
+    check("key_size", info.key_size() as u64, def.key_size() as u64);
+    check("value_size", info.value_size() as u64, def.value_size() as u64);
+    check("max_entries", info.max_entries() as u64, def.max_entries() as u64);
+    check("map_flags", info.map_flags() as u64, def.map_flags() as u64);
+    out
+}
+
+/// Names of the maps the object pins by name (for uninstall and reset).
+pub fn pinned_map_names(object: &[u8]) -> Vec<String> {
+    let Ok(obj) = aya_obj::Object::parse(object) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = obj
+        .maps
+        .iter()
+        .filter(|(_, m)| m.pinning() == PinningType::ByName)
+        .map(|(n, _)| n.clone())
+        .collect();
+    v.sort();
+    v
+}
