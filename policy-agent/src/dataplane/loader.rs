@@ -444,7 +444,7 @@ fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
             SlotLinks::Netlink { interface, hooks } => {
                 let mut r = Ok(());
                 for at in hooks {
-                    r = r.and(detach_fixed_filter(&interface, at));
+                    r = r.and(detach_fixed_filter(&interface, at).map(|_| ()));
                 }
                 r
             }
@@ -469,8 +469,8 @@ fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
 }
 
 /// Deletes our fixed-priority clsact filter at `at` of `interface` (calling thread's
-/// namespace); a filter that is not there is not an error.
-pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<(), DataplaneError> {
+/// namespace); a filter that is not there is not an error. Whether one was deleted.
+pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, DataplaneError> {
     use aya::programs::Link as _;
     let link = SchedClassifierLink::attached(
         interface,
@@ -481,11 +481,12 @@ pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<(), Data
     )
     .map_err(|source| DataplaneError::Interface { interface: interface.to_string(), source })?;
     match link.detach() {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
+        // No such filter, or no clsact qdisc at all.
         Err(aya::programs::ProgramError::TcError(aya::programs::TcError::NetlinkError(e)))
             if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) =>
         {
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(DataplaneError::Interface {
             interface: interface.to_string(),

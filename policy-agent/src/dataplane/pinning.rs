@@ -191,3 +191,68 @@ pub fn pinned_map_names(object: &[u8]) -> Vec<String> {
     v.sort();
     v
 }
+
+/// What [`uninstall`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// Interfaces whose pinned links were unpinned (the kernel detaches them).
+    pub links: Vec<String>,
+    /// Interfaces of this namespace from which our clsact filters were deleted.
+    pub filters: Vec<String>,
+    /// Map pins removed.
+    pub maps: Vec<String>,
+}
+
+/// Removes everything an agent left under `pin_dir` and in the calling thread's network
+/// namespace: pinned links (unpinning the last reference detaches them), our fixed-priority
+/// clsact filters on every interface, and the map pins of `object`. Enforcement stops.
+pub fn uninstall(object: &[u8], pin_dir: &Path) -> Result<Uninstalled, DataplaneError> {
+    let mut out = Uninstalled::default();
+    for p in pinned_interfaces(pin_dir) {
+        std::fs::remove_dir_all(&p.dir)
+            .map_err(|source| DataplaneError::Io { path: p.dir.clone(), source })?;
+        out.links.push(p.ifname);
+    }
+    let links = pin_dir.join(LINKS_DIR);
+    if links.exists() {
+        std::fs::remove_dir_all(&links)
+            .map_err(|source| DataplaneError::Io { path: links.clone(), source })?;
+    }
+    for iface in interfaces() {
+        let mut any = false;
+        for at in [aya::programs::TcAttachType::Ingress, aya::programs::TcAttachType::Egress] {
+            any |= super::loader::detach_fixed_filter(&iface, at)?;
+        }
+        if any {
+            out.filters.push(iface);
+        }
+    }
+    for name in pinned_map_names(object) {
+        let path = pin_dir.join(&name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => out.maps.push(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+    }
+    Ok(out)
+}
+
+/// Interface names of the calling thread's network namespace.
+fn interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
