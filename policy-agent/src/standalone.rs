@@ -2,6 +2,13 @@
 //! cluster. The agent runs in the node's network namespace, finds each local pod's host-side
 //! veth from the route to its address, attaches the programs there, and re-reads the
 //! directory whenever it changes.
+//!
+//! Restarts and upgrades leave no gap: maps and TCX links are pinned under `--bpf-dir` and
+//! stay enforcing while no agent runs (also after a clean stop); a new agent reuses the
+//! maps, reads them back, renames its compiler's numbers onto the kernel's and writes only
+//! the difference, then takes the pinned links over by replacing their program in place.
+//! On the very first start it seeds conntrack from the kernel's connection table.
+//! `policy-agent uninstall` removes everything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -9,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::compiler::{self, CompilerState, MapContents};
-use crate::dataplane::{AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps};
+use crate::dataplane::{
+    AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps, PinState, ctseed, pinning,
+    renumber_onto,
+};
 use crate::{manifests, netinfo, writer};
 
 #[derive(Clone, Debug)]
@@ -23,6 +33,11 @@ pub struct Config {
     /// Where to write the enforced generation (see [`Status`]).
     pub status_file: Option<PathBuf>,
     pub attach_mode: AttachMode,
+    /// Remove whatever an earlier agent pinned before starting (enforcement restarts from
+    /// nothing: established connections are re-seeded from the kernel's table).
+    pub reset: bool,
+    /// Seed conntrack from the kernel's connection table on a first start.
+    pub seed_conntrack: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,48 +63,86 @@ pub struct Status {
     /// Local pods whose interface was not found yet (isolated anyway once it appears).
     pub waiting: Vec<String>,
     pub problems: Vec<String>,
+    /// Whether this agent adopted pinned maps of an earlier one (else it created them).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
-/// Runs until `stop` is set.
+/// Runs until `stop` is set. Attachments and maps stay in place when it returns.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
     std::fs::read_dir(&cfg.manifests)
         .map_err(|source| StandaloneError::ManifestDir { path: cfg.manifests.clone(), source })?;
+    if cfg.reset {
+        let gone = uninstall(&cfg.bpf_dir)?;
+        tracing::warn!(?gone, "--reset: removed what an earlier agent pinned");
+    }
+    // An incompatible pin directory fails here, before anything is touched: the programs
+    // already attached keep enforcing their own maps (fail closed, never open).
     let mut dp = Dataplane::load(&cfg.bpf_dir)?;
+    dp.persist_links();
     let mut maps = dp.take_maps()?;
-    // Until restart adoption exists, start from empty maps so nothing stale is enforced.
-    maps.clear_all()?;
+    let adopted = dp.pin_state() == PinState::Adopted;
+    if !adopted && cfg.seed_conntrack {
+        let path = std::path::Path::new(ctseed::PROC_CONNTRACK);
+        match ctseed::seed_from_proc(&mut maps, path, crate::dataplane::monotonic_coarse_ns()) {
+            Ok(s) => tracing::info!(connections = s.connections, entries = s.entries, "conntrack seeded from the kernel's table"),
+            // No table means no tracked connection to keep (nf_conntrack not in use here).
+            Err(e) => tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded"),
+        }
+    }
     let mut agent = Agent {
         state: CompilerState::new(),
-        written: MapContents::default(),
+        written: maps.read_contents()?,
+        resync: false,
         attached: BTreeMap::new(),
+        pins_adopted: false,
         last_fingerprint: None,
         last_status: None,
+        adopted,
     };
-    tracing::info!(manifests = %cfg.manifests.display(), node = %cfg.node_name, "standalone agent started");
+    tracing::info!(
+        manifests = %cfg.manifests.display(),
+        node = %cfg.node_name,
+        adopted,
+        entries = agent.written.sizes().iter().map(|(_, n, _)| n).sum::<usize>(),
+        "standalone agent started"
+    );
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
         if let Err(e) = agent.reconcile(cfg, &mut dp, &mut maps) {
-            // Keep running: the next change or tick retries from a full compile.
+            // Keep running: the next tick retries from a full compile against a fresh
+            // read of the kernel maps.
             tracing::error!(error = %e, "reconcile failed");
             agent.last_fingerprint = None;
+            agent.resync = true;
         }
         let spent = t0.elapsed();
         std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
     }
+    // Persistent attachments are left to enforce until the next agent takes them over.
     for (_, (_, a)) in std::mem::take(&mut agent.attached) {
-        let iface = a.interface.clone();
-        if let Err(e) = dp.detach(a) {
-            tracing::debug!(interface = %iface, error = %e, "detach at exit");
-        }
+        dp.release(a);
     }
-    tracing::info!("standalone agent stopped");
+    tracing::info!("standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)");
     Ok(())
+}
+
+/// Detaches and unpins everything an agent left under `bpf_dir` and in this network
+/// namespace.
+pub fn uninstall(bpf_dir: &Path) -> Result<pinning::Uninstalled, StandaloneError> {
+    let object = crate::ebpf_object::require().map_err(DataplaneError::from)?;
+    Ok(pinning::uninstall(object, bpf_dir)?)
 }
 
 struct Agent {
     state: CompilerState,
-    /// What the kernel maps hold (as written by this process).
+    /// What the kernel maps hold (read back at start, then as written by this process).
     written: MapContents,
+    /// `written` may be wrong (a write failed half-way): read the kernel again.
+    resync: bool,
+    /// Whether the pinned links of an earlier agent were taken over yet.
+    pins_adopted: bool,
+    adopted: bool,
     /// Interface name -> (its ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
@@ -116,10 +169,20 @@ impl Agent {
                 tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
             }
             let t0 = Instant::now();
+            if self.resync {
+                self.written = maps.read_contents()?;
+                self.resync = false;
+            }
             let desired = compiler::compile(&snapshot, &mut self.state);
-            let diff = MapContents::diff(&self.written, &desired);
+            if let Some((map, entries, capacity)) = desired.over_capacity().first().copied() {
+                return Err(DataplaneError::OverCapacity { map, entries, capacity }.into());
+            }
+            // The kernel's numbers win where the meaning is the same; a changed table gets
+            // a number nothing uses, so endpoints switch to it whole.
+            let target = renumber_onto(&self.written, &desired);
+            let diff = MapContents::diff(&self.written, &target);
             writer::apply(maps, &diff)?;
-            self.written = desired;
+            self.written = target;
             tracing::info!(
                 changes = diff.len(),
                 endpoints = self.written.endpoints.len(),
@@ -139,8 +202,24 @@ impl Agent {
             }
             wanted.extend(ifaces.into_iter().map(str::to_string));
         }
+        if !self.pins_adopted {
+            // After the maps are right: links an earlier agent pinned get this agent's
+            // programs in place (no gap), and those of interfaces gone or no longer wanted
+            // are dropped below like any other.
+            self.adopt_pins(cfg, dp);
+            self.pins_adopted = true;
+        }
         // An interface deleted (or deleted and re-created: a new ifindex) lost its programs.
-        self.attached.retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
+        let (keep, lost): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|(iface, (idx, _))| netinfo::ifindex(iface) == Some(*idx));
+        self.attached = keep;
+        for (iface, (_, a)) in lost {
+            // Its links are defunct; unpin them.
+            if let Err(e) = dp.detach(a) {
+                tracing::debug!(interface = %iface, error = %e, "dropping the links of a vanished interface");
+            }
+        }
         for iface in &wanted {
             if !self.attached.contains_key(iface) {
                 let Some(idx) = netinfo::ifindex(iface) else { continue };
@@ -169,6 +248,7 @@ impl Agent {
             attached: self.attached.keys().cloned().collect(),
             waiting,
             problems,
+            adopted: self.adopted,
         };
         if self.last_status.as_ref() != Some(&status) {
             if let Some(path) = &cfg.status_file {
@@ -177,6 +257,27 @@ impl Agent {
             self.last_status = Some(status);
         }
         Ok(())
+    }
+}
+
+impl Agent {
+    fn adopt_pins(&mut self, cfg: &Config, dp: &mut Dataplane) {
+        for p in pinning::pinned_interfaces(&cfg.bpf_dir) {
+            if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
+                // The interface went away while no agent ran: its links are defunct.
+                if let Err(e) = std::fs::remove_dir_all(&p.dir) {
+                    tracing::warn!(dir = %p.dir.display(), error = %e, "unpinning stale links");
+                }
+                continue;
+            }
+            match dp.attach(&p.ifname, cfg.attach_mode) {
+                Ok(a) => {
+                    tracing::info!(interface = %p.ifname, "pinned links taken over");
+                    self.attached.insert(p.ifname.clone(), (p.ifindex, a));
+                }
+                Err(e) => tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed"),
+            }
+        }
     }
 }
 
