@@ -480,14 +480,17 @@ pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, Da
         None,
     )
     .map_err(|source| DataplaneError::Interface { interface: interface.to_string(), source })?;
+    use aya::programs::{ProgramError, TcError};
+    let errno = |e: &ProgramError| match e {
+        ProgramError::NetlinkError(n) | ProgramError::TcError(TcError::NetlinkError(n)) => {
+            n.raw_os_error()
+        }
+        _ => None,
+    };
     match link.detach() {
         Ok(()) => Ok(true),
         // No such filter, or no clsact qdisc at all.
-        Err(aya::programs::ProgramError::TcError(aya::programs::TcError::NetlinkError(e)))
-            if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) =>
-        {
-            Ok(false)
-        }
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(false),
         Err(e) => Err(DataplaneError::Interface {
             interface: interface.to_string(),
             source: std::io::Error::other(e),
