@@ -87,6 +87,8 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(bed: &Testbed, dir: &TempDir, fs: &PrivateBpffs, extra: &[&str], n: u32) -> Agent {
+        // A status left by an earlier agent must not be taken for this one's.
+        let _ = std::fs::remove_file(dir.status());
         let log = dir.0.join(format!("agent-{n}.log"));
         let out = File::create(&log).expect("agent log");
         let err = out.try_clone().expect("agent log");
