@@ -67,8 +67,51 @@ fn udp_probe(ns: &policy_agent::testbed::Netns, from: SocketAddr, to: SocketAddr
     matches!(sock.recv_from(&mut buf), Ok((5, f)) if f == to && &buf[..5] == b"probe")
 }
 
+/// One run at a time: the verdicts are judged on timing, which parallel runs on a small
+/// machine only make noisier.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
-fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied() {
+fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied_tcx() {
+    restart_under_traffic("tcx");
+}
+
+#[test]
+fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied_clsact() {
+    restart_under_traffic("clsact");
+}
+
+/// The programs attached at each hook of `iface` (TCX only; clsact filters: by `tc`).
+fn attached_programs(bed: &Testbed, iface: &str, mode: &str) -> Vec<String> {
+    if mode == "tcx" {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let mut out = Vec::new();
+        for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, progs) = bed
+                .node
+                .enter(|| SchedClassifier::query_tcx(iface, at))
+                .expect("enter node")
+                .expect("query tcx");
+            out.extend(progs.iter().map(|p| format!("{at:?}:{}", p.id())));
+        }
+        out
+    } else {
+        let mut out = Vec::new();
+        for at in ["ingress", "egress"] {
+            let o = bed.node.exec("tc", &["filter", "show", "dev", iface, at]).expect("tc filter show");
+            let text = String::from_utf8_lossy(&o.stdout);
+            out.extend(
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "id").nth(1))
+                    .map(|id| format!("{at}:{id}")),
+            );
+        }
+        out
+    }
+}
+
+fn restart_under_traffic(mode: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut bed = Testbed::new().expect("node namespace");
     for _ in 0..4 {
         bed.add_pod().expect("pod namespace");
@@ -95,9 +138,11 @@ fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied() {
     .concat();
 
     let gen1 = write_manifests(&dir.manifests(), &gen1_docs);
-    let mut agent1 = Agent::start(&bed, &dir, &fs, &[], 1);
+    let mut agent1 = Agent::start(&bed, &dir, &fs, &["--attach", mode], 1);
     let s1 = agent1.wait_generation(&dir.status(), gen1, 4);
     assert!(!s1.adopted, "a first start creates the maps: {s1:?}");
+    let progs1 = attached_programs(&bed, &bed.hosts[B].host_if, mode);
+    assert_eq!(progs1.len(), 2, "one program per hook: {progs1:?}");
 
     let to = |dst: usize, port: u16| SocketAddr::new(bed.hosts[dst].ip(false), port);
     // The long-lived connection, through an isolated endpoint, allowed in both generations.
@@ -162,7 +207,7 @@ fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied() {
         let gen2 = write_manifests(&dir.manifests(), &gen2_docs);
         std::thread::sleep(Duration::from_millis(1500));
         let t_restart = Instant::now();
-        let mut agent2 = Agent::start(bed_ref, &dir, &fs, &[], 2);
+        let mut agent2 = Agent::start(bed_ref, &dir, &fs, &["--attach", mode], 2);
         let s2 = agent2.wait_generation(&dir.status(), gen2, 4);
         let t_switch = Instant::now();
         std::thread::sleep(Duration::from_millis(3000));
@@ -172,6 +217,10 @@ fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied() {
         (t_kill, t_restart, t_switch, s2)
     });
     assert!(s2.adopted, "the restarted agent adopts the pinned maps: {s2:?}");
+    // The restarted agent's programs replaced the old ones in place: still one per hook.
+    let progs2 = attached_programs(&bed, &bed.hosts[B].host_if, mode);
+    assert_eq!(progs2.len(), 2, "one program per hook after the restart: {progs2:?}");
+    assert!(progs1.iter().all(|p| !progs2.contains(p)), "programs not replaced: {progs1:?} -> {progs2:?}");
 
     // Judge every probe against the policy enforced when it ran: generation 1 until the
     // restart began, generation 2 once the restarted agent reported it; during the restart
@@ -208,7 +257,7 @@ fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied() {
     let long_failures = long_failures.into_inner().unwrap();
     let udp = probes.iter().filter(|p| p.proto == Proto::Udp).count();
     eprintln!(
-        "restart under traffic: {} probes ({udp} UDP), downtime {:?}, restart to new generation {:?}, \
+        "restart under traffic ({mode}): {} probes ({udp} UDP), downtime {:?}, restart to new generation {:?}, \
          wrongly allowed {}, wrongly dropped {}, long-lived round trips {long_trips}, per (pair, phase) {counts:?}",
         probes.len(),
         t_restart - t_kill,
