@@ -235,10 +235,10 @@ impl Agent {
         let gone: Vec<String> =
             self.attached.keys().filter(|i| !wanted.contains(*i)).cloned().collect();
         for iface in gone {
-            if let Some((_, a)) = self.attached.remove(&iface) {
-                if let Err(e) = dp.detach(a) {
-                    tracing::debug!(interface = %iface, error = %e, "detach");
-                }
+            if let Some((_, a)) = self.attached.remove(&iface)
+                && let Err(e) = dp.detach(a)
+            {
+                tracing::debug!(interface = %iface, error = %e, "detach");
             }
         }
         self.last_fingerprint = Some(fp);

@@ -47,11 +47,7 @@ const PAIRS: [(usize, usize); 4] = [(A, B), (C, B), (A, D), (C, D)];
 /// Generation 1: B and D admit A only. Generation 2 (written while the agent is down): B
 /// admits C instead; D unchanged.
 fn allowed(generation: u8, pair: (usize, usize)) -> bool {
-    match (generation, pair) {
-        (1, (A, B)) | (2, (C, B)) => true,
-        (_, (A, D)) => true,
-        _ => false,
-    }
+    matches!((generation, pair), (1, (A, B)) | (2, (C, B)) | (_, (A, D)))
 }
 
 /// One datagram from `from` to `to` and its echo within [`PROBE_TIMEOUT`].
@@ -176,7 +172,7 @@ fn restart_under_traffic(mode: &str) {
                             Proto::Udp => udp_probe(ns, SocketAddr::new(src, sport), SocketAddr::new(dst, UDP_PORT)),
                         };
                         let end = Instant::now();
-                        probes.lock().unwrap().push(Probe { pair, proto, start, end, ok });
+                        probes.lock().expect("lock").push(Probe { pair, proto, start, end, ok });
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 });
@@ -189,7 +185,7 @@ fn restart_under_traffic(mode: &str) {
                 while !stop.load(Ordering::Relaxed) {
                     let msg = format!("long-lived round trip {n}");
                     if let Err(e) = long.round_trip(msg.as_bytes()) {
-                        long_failures.lock().unwrap().push(format!("{msg}: {e}"));
+                        long_failures.lock().expect("lock").push(format!("{msg}: {e}"));
                         return;
                     }
                     n += 1;
@@ -225,7 +221,7 @@ fn restart_under_traffic(mode: &str) {
     // Judge every probe against the policy enforced when it ran: generation 1 until the
     // restart began, generation 2 once the restarted agent reported it; during the restart
     // itself, either.
-    let probes = probes.into_inner().unwrap();
+    let probes = probes.into_inner().expect("lock");
     let (mut wrongly_allowed, mut wrongly_dropped) = (Vec::new(), Vec::new());
     // [pair][phase]: probes per phase (0 before kill, 1 down, 2 restarting, 3 after).
     let mut counts = std::collections::BTreeMap::<((usize, usize), usize), usize>::new();
@@ -254,7 +250,7 @@ fn restart_under_traffic(mode: &str) {
         }
     }
     let long_trips = long_trips.load(Ordering::Relaxed);
-    let long_failures = long_failures.into_inner().unwrap();
+    let long_failures = long_failures.into_inner().expect("lock");
     let udp = probes.iter().filter(|p| p.proto == Proto::Udp).count();
     eprintln!(
         "restart under traffic ({mode}): {} probes ({udp} UDP), downtime {:?}, restart to new generation {:?}, \

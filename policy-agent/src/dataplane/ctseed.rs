@@ -156,17 +156,17 @@ ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.0.1 type=8 code=0 id=7 src=19
     fn ctseed_parses_established_connections_only() {
         let c = parse_proc(TABLE);
         assert_eq!(c.len(), 3, "{c:?}");
-        assert_eq!(c[0].src, "198.18.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(c[0].src, "198.18.0.2".parse::<IpAddr>().expect("ip"));
         assert_eq!((c[0].sport, c[0].dport, c[0].translated), (40000, 8080, None));
         // DNAT: the receiver sees the backend address.
         let t = c[1].translated.expect("translated view");
-        assert_eq!(t, ("198.18.0.2".parse().unwrap(), "198.18.0.5".parse().unwrap(), 5353, 53));
-        assert_eq!(c[2].dst, "fd00:18::1".parse::<IpAddr>().unwrap());
+        assert_eq!(t, ("198.18.0.2".parse().expect("ip"), "198.18.0.5".parse().expect("ip"), 5353, 53));
+        assert_eq!(c[2].dst, "fd00:18::1".parse::<IpAddr>().expect("ip"));
     }
 
     #[test]
     fn ctseed_entry_passes_both_directions_at_both_hooks() {
-        let (src, dst) = ("198.18.0.9".parse().unwrap(), "198.18.0.1".parse().unwrap());
+        let (src, dst) = ("198.18.0.9".parse().expect("ip"), "198.18.0.1".parse().expect("ip"));
         let (k, v) = seed_entry(proto::TCP, src, dst, 40000, 8080, 5);
         assert!(v.flags & ct_flags::SEEDED != 0);
         for (s, d, sp, dp) in [(src, dst, 40000, 8080), (dst, src, 8080, 40000)] {

@@ -247,13 +247,23 @@ impl Dataplane {
         std::fs::create_dir_all(&dir)
             .map_err(|source| DataplaneError::Io { path: dir.clone(), source })?;
         let mut links = Vec::new();
+        let mut created = Vec::new();
         for (program, at) in hooks {
             let path = dir.join(program);
+            let existed = path.exists();
             match self.adopt_or_create_link(program, interface, *at, &path) {
-                Ok(l) => links.push(l),
+                Ok(l) => {
+                    links.push(l);
+                    if !existed {
+                        created.push(path);
+                    }
+                }
                 Err(e) => {
-                    // A link created here and not kept is unpinned again; adopted ones stay
-                    // as they were (still enforcing with their program).
+                    // All or none: links created here are unpinned again (and detach when
+                    // `links` drops); adopted ones stay as they were, still enforcing.
+                    for p in created {
+                        let _ = std::fs::remove_file(p);
+                    }
                     return Err(e);
                 }
             }
