@@ -60,6 +60,10 @@ enum Mode {
         /// Do not seed conntrack from the kernel's connection table on a first start.
         #[arg(long)]
         no_seed_conntrack: bool,
+        /// Refuse to start when the pinned maps do not match this agent's (instead of
+        /// migrating to new maps without a gap).
+        #[arg(long)]
+        no_migrate: bool,
     },
     /// Detach the programs (pinned links, clsact filters in this network namespace) and
     /// unpin the maps: enforcement stops.
@@ -98,6 +102,7 @@ fn main() -> Result<()> {
             attach,
             reset,
             no_seed_conntrack,
+            no_migrate,
         } => {
             if !bpf_dir.exists() {
                 std::fs::create_dir_all(&bpf_dir)
@@ -116,6 +121,7 @@ fn main() -> Result<()> {
                 },
                 reset,
                 seed_conntrack: !no_seed_conntrack,
+                migrate: !no_migrate,
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }

@@ -38,6 +38,9 @@ pub struct Config {
     pub reset: bool,
     /// Seed conntrack from the kernel's connection table on a first start.
     pub seed_conntrack: bool,
+    /// When the pinned maps do not match this agent's object (an upgrade changed a map),
+    /// move to new maps without a gap; else refuse to start.
+    pub migrate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,9 @@ pub struct Status {
     /// Whether this agent adopted pinned maps of an earlier one (else it created them).
     #[serde(default)]
     pub adopted: bool,
+    /// Whether this agent moved an earlier one's incompatible maps to new ones.
+    #[serde(default)]
+    pub migrated: bool,
 }
 
 /// Runs until `stop` is set. Attachments and maps stay in place when it returns.
@@ -78,11 +84,30 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
     }
     // An incompatible pin directory fails here, before anything is touched: the programs
     // already attached keep enforcing their own maps (fail closed, never open).
-    let mut dp = Dataplane::load(&cfg.bpf_dir)?;
+    let mut dp = match Dataplane::load(&cfg.bpf_dir) {
+        Err(DataplaneError::Incompatible { detail, .. }) if cfg.migrate => {
+            tracing::warn!(%detail, "pinned maps do not match this agent: migrating to new maps");
+            Dataplane::load_staged(&cfg.bpf_dir)?
+        }
+        r => r?,
+    };
     dp.persist_links();
     let mut maps = dp.take_maps()?;
     let adopted = dp.pin_state() == PinState::Adopted;
-    if !adopted && cfg.seed_conntrack {
+    let mut seed = !adopted && cfg.seed_conntrack;
+    if dp.pin_state() == PinState::Migrating {
+        // The old agent's table, when its layout is ours; else the kernel's (established
+        // connections only: the same as a first start).
+        match ctseed::copy_pinned(&mut maps, &cfg.bpf_dir.join(policy_common::MAP_CONNTRACK)) {
+            Ok(Some(n)) => {
+                tracing::info!(entries = n, "conntrack copied from the old map");
+                seed = false;
+            }
+            Ok(None) => tracing::warn!("old conntrack map of another layout: seeding from the kernel's table"),
+            Err(e) => tracing::warn!(error = %e, "old conntrack map unreadable: seeding from the kernel's table"),
+        }
+    }
+    if seed {
         let path = std::path::Path::new(ctseed::PROC_CONNTRACK);
         match ctseed::seed_from_proc(&mut maps, path, crate::dataplane::monotonic_coarse_ns()) {
             Ok(s) => tracing::info!(connections = s.connections, entries = s.entries, "conntrack seeded from the kernel's table"),
@@ -99,6 +124,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         last_fingerprint: None,
         last_status: None,
         adopted,
+        migrated: false,
     };
     tracing::info!(
         manifests = %cfg.manifests.display(),
@@ -143,6 +169,7 @@ struct Agent {
     /// Whether the pinned links of an earlier agent were taken over yet.
     pins_adopted: bool,
     adopted: bool,
+    migrated: bool,
     /// Interface name -> (its ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
@@ -205,9 +232,8 @@ impl Agent {
         if !self.pins_adopted {
             // After the maps are right: links an earlier agent pinned get this agent's
             // programs in place (no gap), and those of interfaces gone or no longer wanted
-            // are dropped below like any other.
-            self.adopt_pins(cfg, dp);
-            self.pins_adopted = true;
+            // are dropped below like any other. Failures are retried next tick.
+            self.pins_adopted = self.adopt_pins(cfg, dp) == 0;
         }
         // An interface deleted (or deleted and re-created: a new ifindex) lost its programs.
         let (keep, lost): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.attached)
@@ -241,6 +267,12 @@ impl Agent {
                 tracing::debug!(interface = %iface, error = %e, "detach");
             }
         }
+        if dp.pin_state() == PinState::Migrating && self.pins_adopted {
+            // Every pinned link and filter runs the new programs on the new maps now.
+            dp.finish_migration()?;
+            self.migrated = true;
+            tracing::info!("migration finished: the new maps are pinned in place of the old");
+        }
         self.last_fingerprint = Some(fp);
         let status = Status {
             generation,
@@ -249,6 +281,7 @@ impl Agent {
             waiting,
             problems,
             adopted: self.adopted,
+            migrated: self.migrated,
         };
         if self.last_status.as_ref() != Some(&status) {
             if let Some(path) = &cfg.status_file {
@@ -261,8 +294,13 @@ impl Agent {
 }
 
 impl Agent {
-    fn adopt_pins(&mut self, cfg: &Config, dp: &mut Dataplane) {
+    /// Takes over the links pinned under the pin directory; the number of failures.
+    fn adopt_pins(&mut self, cfg: &Config, dp: &mut Dataplane) -> usize {
+        let mut failures = 0;
         for p in pinning::pinned_interfaces(&cfg.bpf_dir) {
+            if self.attached.contains_key(&p.ifname) {
+                continue;
+            }
             if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
                 // The interface went away while no agent ran: its links are defunct.
                 if let Err(e) = std::fs::remove_dir_all(&p.dir) {
@@ -275,9 +313,13 @@ impl Agent {
                     tracing::info!(interface = %p.ifname, "pinned links taken over");
                     self.attached.insert(p.ifname.clone(), (p.ifindex, a));
                 }
-                Err(e) => tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed"),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed");
+                }
             }
         }
+        failures
     }
 }
 

@@ -152,6 +152,7 @@ fn restart_under_traffic(mode: &str) {
     let long_failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let bed_ref = &bed;
     let (t_kill, t_restart, t_switch, s2) = std::thread::scope(|sc| {
+        let _stop_guard = restart_common::StopOnDrop(&stop);
         for (i, pair) in PAIRS.into_iter().enumerate() {
             for proto in [Proto::Tcp, Proto::Udp] {
                 let (stop, probes) = (&stop, &probes);

@@ -138,6 +138,28 @@ pub fn seed(
     Ok(stats)
 }
 
+/// Copies the entries of the conntrack map pinned at `old` (an earlier agent's, in a
+/// migration) when its key and value layouts are this object's. `Ok(None)` when they are
+/// not (the caller seeds from the kernel's table instead).
+pub fn copy_pinned(
+    maps: &mut DataplaneMaps,
+    old: &Path,
+) -> Result<Option<usize>, DataplaneError> {
+    use aya::maps::{HashMap, Map, MapData};
+    let name = policy_common::MAP_CONNTRACK;
+    let data = MapData::from_pin(old).map_err(|e| DataplaneError::map(name, e))?;
+    let map = Map::from_map_data(data).map_err(|e| DataplaneError::map(name, e))?;
+    // The typed handle checks the key and value sizes.
+    let Ok(old_ct) = HashMap::<MapData, CtKey, CtValue>::try_from(map) else {
+        return Ok(None);
+    };
+    let entries: Vec<(CtKey, CtValue)> = old_ct.iter().filter_map(Result::ok).collect();
+    for (k, v) in &entries {
+        maps.set_conntrack(*k, *v)?;
+    }
+    Ok(Some(entries.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,6 +87,11 @@ pub struct Dataplane {
     next_id: u64,
     pin_state: PinState,
     persist: bool,
+    /// Where links are pinned (`<dir>/links/`): the pin directory, also while a migration
+    /// stages new maps elsewhere.
+    link_root: PathBuf,
+    /// The object's maps pinned by name (moved into place when a migration finishes).
+    map_pins: Vec<String>,
 }
 
 impl Dataplane {
@@ -123,7 +128,48 @@ impl Dataplane {
             next_id: 0,
             pin_state,
             persist: false,
+            link_root: pin_dir.to_path_buf(),
+            map_pins: pinning::pinned_map_names(object),
         })
+    }
+
+    /// The upgrade path for an incompatible pin directory: loads the embedded object with
+    /// new, empty maps pinned in `<pin_dir>/.upgrade/` while links stay pinned under
+    /// `<pin_dir>/links/`. The caller fills the maps, then attaches (each pinned link gets
+    /// the new program in place, which switches it to the new maps at once), then calls
+    /// [`Dataplane::finish_migration`]. The old programs enforce their old maps until their
+    /// link is switched: no gap.
+    pub fn load_staged(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        let object = crate::ebpf_object::require()?;
+        let staging = pin_dir.join(pinning::STAGING_DIR);
+        if staging.exists() {
+            // A migration that died half-way: its maps were never switched to.
+            std::fs::remove_dir_all(&staging)
+                .map_err(|source| DataplaneError::Io { path: staging.clone(), source })?;
+        }
+        std::fs::create_dir_all(&staging)
+            .map_err(|source| DataplaneError::Io { path: staging.clone(), source })?;
+        let mut dp = Self::load_object(object, &staging)?;
+        dp.link_root = pin_dir.to_path_buf();
+        dp.pin_state = PinState::Migrating;
+        Ok(dp)
+    }
+
+    /// Ends a migration: moves each new map pin over the old one (`rename`, atomic per
+    /// map), so the next agent adopts the new maps. Call once every pinned link runs the
+    /// new programs.
+    pub fn finish_migration(&mut self) -> Result<(), DataplaneError> {
+        if self.pin_state != PinState::Migrating {
+            return Ok(());
+        }
+        for name in &self.map_pins {
+            let (from, to) = (self.pin_dir.join(name), self.link_root.join(name));
+            std::fs::rename(&from, &to).map_err(|source| DataplaneError::Io { path: from, source })?;
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        self.pin_dir = self.link_root.clone();
+        self.pin_state = PinState::Adopted;
+        Ok(())
     }
 
     /// Whether the maps were created by this load ([`PinState::Fresh`]: a first start) or
@@ -243,7 +289,7 @@ impl Dataplane {
         hooks: &[(&'static str, TcAttachType)],
     ) -> Result<SlotLinks, DataplaneError> {
         let ifindex = ifindex_of(interface)?;
-        let dir = pinning::link_dir(&self.pin_dir, interface, ifindex);
+        let dir = pinning::link_dir(&self.link_root, interface, ifindex);
         std::fs::create_dir_all(&dir)
             .map_err(|source| DataplaneError::Io { path: dir.clone(), source })?;
         let mut links = Vec::new();

@@ -4,10 +4,13 @@
 //! Layout under the pin directory (`--bpf-dir`):
 //! - `<MAP>`: every map of the object declared pinned by name (`ENDPOINTS`, `CONNTRACK`, ...);
 //!   aya creates it on first load and reopens it afterwards.
-//! - `links/<ifname>@<ifindex>/<program>`: the TCX link of `<program>` on that interface. A
+//! - `links/<ifname>@<ifindex>/<program>` (dots of the name as `~`): the TCX link of `<program>` on that interface. A
 //!   pinned link keeps its program attached while no agent runs; a new agent replaces the
 //!   program inside the link (`BPF_LINK_UPDATE`), never detaching first. The ifindex in the
 //!   name tells a re-created interface (which lost its links) from the one that was pinned.
+//!
+//! - `upgrade/<MAP>`: during a migration only, the new maps, moved over the old pins once
+//!   every link runs the new programs.
 //!
 //! clsact filters (kernels without TCX) are not pinned: they live in the qdisc anyway. They
 //! are created at a fixed priority and handle ([`NETLINK_PRIORITY`], [`NETLINK_HANDLE`]) so
@@ -23,6 +26,9 @@ use super::DataplaneError;
 
 /// Directory of the pinned links, under the pin directory.
 pub const LINKS_DIR: &str = "links";
+/// Where a migration pins the new maps until every link runs the new programs.
+/// (bpffs refuses names with a dot.)
+pub const STAGING_DIR: &str = "upgrade";
 /// tc priority of our clsact filters (a fixed value so a new agent finds and replaces them).
 pub const NETLINK_PRIORITY: u16 = 0x4e50;
 /// tc handle of our clsact filters.
@@ -33,9 +39,10 @@ pub fn link_pin_path(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) 
     link_dir(pin_dir, ifname, ifindex).join(program)
 }
 
-/// The directory holding the links of one interface.
+/// The directory holding the links of one interface. bpffs refuses names with a dot
+/// (`eth0.100`): dots are written as `~`.
 pub fn link_dir(pin_dir: &Path, ifname: &str, ifindex: u32) -> PathBuf {
-    pin_dir.join(LINKS_DIR).join(format!("{ifname}@{ifindex}"))
+    pin_dir.join(LINKS_DIR).join(format!("{}@{ifindex}", ifname.replace('.', "~")))
 }
 
 /// One pinned-link directory found under the pin directory.
@@ -57,7 +64,7 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Vec<PinnedInterface> {
             let name = e.file_name().into_string().ok()?;
             let (ifname, idx) = name.rsplit_once('@')?;
             Some(PinnedInterface {
-                ifname: ifname.to_string(),
+                ifname: ifname.replace('~', "."),
                 ifindex: idx.parse().ok()?,
                 dir: e.path(),
             })
@@ -74,6 +81,9 @@ pub enum PinState {
     Fresh,
     /// Every pinned map existed and matches the object: adopt them with their state.
     Adopted,
+    /// The pinned maps did not match: new maps are staged beside them until the programs
+    /// are switched ([`super::Dataplane::load_staged`]).
+    Migrating,
 }
 
 /// One property of a pinned map that differs from the object's definition.

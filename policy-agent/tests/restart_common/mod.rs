@@ -106,6 +106,7 @@ impl Agent {
             .args(["--poll-ms", "20"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -160,6 +161,16 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Sets the flag when dropped: traffic threads of a scope stop also when the test panics
+/// inside it (else the scope would wait for them forever).
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
