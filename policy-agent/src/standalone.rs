@@ -108,8 +108,9 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         }
     }
     if seed {
-        let path = std::path::Path::new(ctseed::PROC_CONNTRACK);
-        match ctseed::seed_from_proc(&mut maps, path, crate::dataplane::monotonic_coarse_ns()) {
+        let seeded = ctseed::kernel_table()
+            .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
+        match seeded {
             Ok(s) => tracing::info!(connections = s.connections, entries = s.entries, "conntrack seeded from the kernel's table"),
             // No table means no tracked connection to keep (nf_conntrack not in use here).
             Err(e) => tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded"),

@@ -88,6 +88,16 @@ fn restart_first_start_seeds_conntrack_preexisting_connection_survives() {
         table.contains(&format!("dport={PORT}")) && table.contains("ESTABLISHED"),
         "the node namespace tracks the connection: {table}"
     );
+    // The agent's ctnetlink dump sees the same established connections as the text table.
+    let mut dumped = bed
+        .node
+        .enter(policy_agent::dataplane::ctnetlink::dump)
+        .expect("enter node")
+        .expect("ctnetlink dump");
+    let mut parsed = policy_agent::dataplane::ctseed::parse_proc(&table);
+    dumped.sort_by_key(|c| format!("{c:?}"));
+    parsed.sort_by_key(|c| format!("{c:?}"));
+    assert!(!dumped.is_empty() && dumped == parsed, "netlink {dumped:?} vs /proc {parsed:?}");
     {
         let fs = PrivateBpffs::mount().expect("private bpffs");
         let mut agent = Agent::start(&bed, &dir, &fs, &[], 1);

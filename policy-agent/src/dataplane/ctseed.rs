@@ -16,7 +16,8 @@ use policy_common::{CtKey, CtValue, ct, ct_flags, proto};
 use super::{DataplaneError, DataplaneMaps};
 use crate::compiler::addr_of;
 
-/// Where the kernel's table is read (the calling thread's network namespace).
+/// The kernel's table as text (the process's network namespace): the fallback when the
+/// netlink dump is refused.
 pub const PROC_CONNTRACK: &str = "/proc/net/nf_conntrack";
 
 /// One connection of the kernel's table, in its original direction.
@@ -109,6 +110,21 @@ pub fn seed_from_proc(
     let text = std::fs::read_to_string(path)
         .map_err(|source| DataplaneError::Io { path: path.to_path_buf(), source })?;
     seed(maps, &parse_proc(&text), now_ns)
+}
+
+/// The kernel's established connections (calling thread's network namespace): a ctnetlink
+/// dump, else `/proc/net/nf_conntrack`.
+pub fn kernel_table() -> Result<Vec<KernelConn>, DataplaneError> {
+    match super::ctnetlink::dump() {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            tracing::debug!(error = %e, "ctnetlink dump refused, reading {PROC_CONNTRACK}");
+            let text = std::fs::read_to_string(PROC_CONNTRACK).map_err(|source| {
+                DataplaneError::Io { path: PROC_CONNTRACK.into(), source }
+            })?;
+            Ok(parse_proc(&text))
+        }
+    }
 }
 
 /// Inserts the seeds of `conns`.
