@@ -46,13 +46,19 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
     #[error("manifest directory {path}: {source}")]
-    ManifestDir { path: PathBuf, source: std::io::Error },
+    ManifestDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     NetInfo(#[from] netinfo::NetInfoError),
     #[error("writing status file {path}: {source}")]
-    Status { path: PathBuf, source: std::io::Error },
+    Status {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What the agent enforces now, written after every reconcile (atomically).
@@ -76,8 +82,10 @@ pub struct Status {
 
 /// Runs until `stop` is set. Attachments and maps stay in place when it returns.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
-    std::fs::read_dir(&cfg.manifests)
-        .map_err(|source| StandaloneError::ManifestDir { path: cfg.manifests.clone(), source })?;
+    std::fs::read_dir(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
+        path: cfg.manifests.clone(),
+        source,
+    })?;
     if cfg.reset {
         let gone = uninstall(&cfg.bpf_dir)?;
         tracing::warn!(?gone, "--reset: removed what an earlier agent pinned");
@@ -103,17 +111,27 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
                 tracing::info!(entries = n, "conntrack copied from the old map");
                 seed = false;
             }
-            Ok(None) => tracing::warn!("old conntrack map of another layout: seeding from the kernel's table"),
-            Err(e) => tracing::warn!(error = %e, "old conntrack map unreadable: seeding from the kernel's table"),
+            Ok(None) => tracing::warn!(
+                "old conntrack map of another layout: seeding from the kernel's table"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "old conntrack map unreadable: seeding from the kernel's table")
+            }
         }
     }
     if seed {
         let seeded = ctseed::kernel_table()
             .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
         match seeded {
-            Ok(s) => tracing::info!(connections = s.connections, entries = s.entries, "conntrack seeded from the kernel's table"),
+            Ok(s) => tracing::info!(
+                connections = s.connections,
+                entries = s.entries,
+                "conntrack seeded from the kernel's table"
+            ),
             // No table means no tracked connection to keep (nf_conntrack not in use here).
-            Err(e) => tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded"),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
+            }
         }
     }
     let mut agent = Agent {
@@ -150,7 +168,9 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
     for (_, (_, a)) in std::mem::take(&mut agent.attached) {
         dp.release(a);
     }
-    tracing::info!("standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)");
+    tracing::info!(
+        "standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)"
+    );
     Ok(())
 }
 
@@ -188,8 +208,11 @@ impl Agent {
         let changed = self.last_fingerprint.as_ref() != Some(&fp);
         // Hash before reading: if a file changes while we read, the next tick sees it.
         let generation = manifests::content_hash(&cfg.manifests);
-        let m = manifests::load_dir(&cfg.manifests)
-            .map_err(|source| StandaloneError::ManifestDir { path: cfg.manifests.clone(), source })?;
+        let m =
+            manifests::load_dir(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
+                path: cfg.manifests.clone(),
+                source,
+            })?;
         let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         let snapshot = m.snapshot(&cfg.node_name, netinfo::local_addrs()?);
         if changed {
@@ -203,7 +226,12 @@ impl Agent {
             }
             let desired = compiler::compile(&snapshot, &mut self.state);
             if let Some((map, entries, capacity)) = desired.over_capacity().first().copied() {
-                return Err(DataplaneError::OverCapacity { map, entries, capacity }.into());
+                return Err(DataplaneError::OverCapacity {
+                    map,
+                    entries,
+                    capacity,
+                }
+                .into());
             }
             // The kernel's numbers win where the meaning is the same; a changed table gets
             // a number nothing uses, so endpoints switch to it whole.
@@ -223,8 +251,11 @@ impl Agent {
         let mut wanted = BTreeSet::new();
         let mut waiting = Vec::new();
         for pod in snapshot.pods.values().filter(|p| snapshot.is_local(p)) {
-            let ifaces: BTreeSet<&str> =
-                pod.ips.iter().filter_map(|ip| netinfo::iface_for(&routes, *ip)).collect();
+            let ifaces: BTreeSet<&str> = pod
+                .ips
+                .iter()
+                .filter_map(|ip| netinfo::iface_for(&routes, *ip))
+                .collect();
             if ifaces.is_empty() {
                 waiting.push(pod.key().to_string());
             }
@@ -249,7 +280,9 @@ impl Agent {
         }
         for iface in &wanted {
             if !self.attached.contains_key(iface) {
-                let Some(idx) = netinfo::ifindex(iface) else { continue };
+                let Some(idx) = netinfo::ifindex(iface) else {
+                    continue;
+                };
                 match dp.attach(iface, cfg.attach_mode) {
                     Ok(a) => {
                         tracing::info!(interface = %iface, "programs attached");
@@ -259,8 +292,12 @@ impl Agent {
                 }
             }
         }
-        let gone: Vec<String> =
-            self.attached.keys().filter(|i| !wanted.contains(*i)).cloned().collect();
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|i| !wanted.contains(*i))
+            .cloned()
+            .collect();
         for iface in gone {
             if let Some((_, a)) = self.attached.remove(&iface)
                 && let Err(e) = dp.detach(a)
@@ -325,7 +362,10 @@ impl Agent {
 }
 
 fn write_status(path: &Path, status: &Status) -> Result<(), StandaloneError> {
-    let err = |source| StandaloneError::Status { path: path.to_path_buf(), source };
+    let err = |source| StandaloneError::Status {
+        path: path.to_path_buf(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let text = serde_json::to_string_pretty(status).map_err(|e| err(std::io::Error::other(e)))?;
     std::fs::write(&tmp, text).map_err(err)?;

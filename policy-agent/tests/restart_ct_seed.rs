@@ -39,8 +39,10 @@ fn established(bed: &Testbed, listener: &TcpListener) -> (TcpStream, TcpStream) 
         .expect("B connects to A before the agent runs");
     let (a_end, _) = listener.accept().expect("A accepts");
     for s in [&a_end, &b_end] {
-        s.set_read_timeout(Some(Duration::from_millis(1500))).expect("timeout");
-        s.set_write_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
     }
     (a_end, b_end)
 }
@@ -64,7 +66,19 @@ fn restart_first_start_seeds_conntrack_preexisting_connection_survives() {
     bed.add_pod().expect("pod B");
     // Connection tracking in the node namespace, as kube-proxy's rules turn it on.
     bed.node
-        .exec("iptables", &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT"])
+        .exec(
+            "iptables",
+            &[
+                "-A",
+                "FORWARD",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ],
+        )
         .expect("iptables conntrack rule in the node namespace");
     let listener = bed.hosts[A]
         .ns
@@ -81,8 +95,14 @@ fn restart_first_start_seeds_conntrack_preexisting_connection_survives() {
 
     // 1. Seeded: the connection made before the first start survives.
     let (mut a1, mut b1) = established(&bed, &listener);
-    assert!(a_speaks_first(&mut a1, &mut b1), "the connection works before the agent");
-    let table = bed.node.exec("cat", &["/proc/net/nf_conntrack"]).expect("read the node's table");
+    assert!(
+        a_speaks_first(&mut a1, &mut b1),
+        "the connection works before the agent"
+    );
+    let table = bed
+        .node
+        .exec("cat", &["/proc/net/nf_conntrack"])
+        .expect("read the node's table");
     let table = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(
         table.contains(&format!("dport={PORT}")) && table.contains("ESTABLISHED"),
@@ -97,14 +117,19 @@ fn restart_first_start_seeds_conntrack_preexisting_connection_survives() {
     let mut parsed = policy_agent::dataplane::ctseed::parse_proc(&table);
     dumped.sort_by_key(|c| format!("{c:?}"));
     parsed.sort_by_key(|c| format!("{c:?}"));
-    assert!(!dumped.is_empty() && dumped == parsed, "netlink {dumped:?} vs /proc {parsed:?}");
+    assert!(
+        !dumped.is_empty() && dumped == parsed,
+        "netlink {dumped:?} vs /proc {parsed:?}"
+    );
     {
         let fs = PrivateBpffs::mount().expect("private bpffs");
         let mut agent = Agent::start(&bed, &dir, &fs, &[], 1);
         let s = agent.wait_generation(&dir.status(), generation, 2);
         assert!(!s.adopted, "a first start: {s:?}");
         assert!(
-            std::fs::read_to_string(&agent.log).unwrap_or_default().contains("conntrack seeded"),
+            std::fs::read_to_string(&agent.log)
+                .unwrap_or_default()
+                .contains("conntrack seeded"),
             "{}",
             agent.log_tail()
         );
@@ -121,18 +146,28 @@ fn restart_first_start_seeds_conntrack_preexisting_connection_survives() {
         let (mut a2, mut b2) = established(&bed, &listener);
         let mut buf = [0u8; 2];
         assert!(
-            b2.write_all(b"hi").is_ok() && a2.read_exact(&mut buf).is_ok() && a2.write_all(b"ok").is_ok() && b2.read_exact(&mut buf).is_ok(),
+            b2.write_all(b"hi").is_ok()
+                && a2.read_exact(&mut buf).is_ok()
+                && a2.write_all(b"ok").is_ok()
+                && b2.read_exact(&mut buf).is_ok(),
             "a new connection B -> A works (A's packets are replies)"
         );
         agent.kill9();
         uninstall(&bed, &fs);
-        assert!(files_under(fs.path()).is_empty(), "left pinned: {:?}", files_under(fs.path()));
+        assert!(
+            files_under(fs.path()).is_empty(),
+            "left pinned: {:?}",
+            files_under(fs.path())
+        );
     }
 
     // 2. Control: the same with seeding off cuts a connection made the same way, so the
     // first part passed because of the seeds.
     let (mut a3, mut b3) = established(&bed, &listener);
-    assert!(a_speaks_first(&mut a3, &mut b3), "the second connection works before the agent");
+    assert!(
+        a_speaks_first(&mut a3, &mut b3),
+        "the second connection works before the agent"
+    );
     {
         let fs = PrivateBpffs::mount().expect("private bpffs");
         let mut agent = Agent::start(&bed, &dir, &fs, &["--no-seed-conntrack"], 2);

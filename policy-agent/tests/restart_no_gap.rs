@@ -94,7 +94,10 @@ fn attached_programs(bed: &Testbed, iface: &str, mode: &str) -> Vec<String> {
     } else {
         let mut out = Vec::new();
         for at in ["ingress", "egress"] {
-            let o = bed.node.exec("tc", &["filter", "show", "dev", iface, at]).expect("tc filter show");
+            let o = bed
+                .node
+                .exec("tc", &["filter", "show", "dev", iface, at])
+                .expect("tc filter show");
             let text = String::from_utf8_lossy(&o.stdout);
             out.extend(
                 text.lines()
@@ -107,7 +110,9 @@ fn attached_programs(bed: &Testbed, iface: &str, mode: &str) -> Vec<String> {
 }
 
 fn restart_under_traffic(mode: &str) {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut bed = Testbed::new().expect("node namespace");
     for _ in 0..4 {
         bed.add_pod().expect("pod namespace");
@@ -118,18 +123,35 @@ fn restart_under_traffic(mode: &str) {
     let mut servers_udp = Vec::new();
     for s in [B, D] {
         let ip = bed.hosts[s].ip(false);
-        servers_tcp.push(TcpEchoServer::start(&bed.hosts[s].ns, SocketAddr::new(ip, TCP_PORT)).expect("tcp server"));
-        servers_udp.push(UdpEchoServer::start(&bed.hosts[s].ns, SocketAddr::new(ip, UDP_PORT)).expect("udp server"));
+        servers_tcp.push(
+            TcpEchoServer::start(&bed.hosts[s].ns, SocketAddr::new(ip, TCP_PORT))
+                .expect("tcp server"),
+        );
+        servers_udp.push(
+            UdpEchoServer::start(&bed.hosts[s].ns, SocketAddr::new(ip, UDP_PORT))
+                .expect("udp server"),
+        );
     }
-    let pods = vec![pod(&bed, A, "a"), pod(&bed, B, "b"), pod(&bed, C, "c"), pod(&bed, D, "d")];
+    let pods = vec![
+        pod(&bed, A, "a"),
+        pod(&bed, B, "b"),
+        pod(&bed, C, "c"),
+        pod(&bed, D, "d"),
+    ];
     let gen1_docs = [
         pods.clone(),
-        vec![ingress_from("b", "b", "a", TCP_PORT, UDP_PORT), ingress_from("d", "d", "a", TCP_PORT, UDP_PORT)],
+        vec![
+            ingress_from("b", "b", "a", TCP_PORT, UDP_PORT),
+            ingress_from("d", "d", "a", TCP_PORT, UDP_PORT),
+        ],
     ]
     .concat();
     let gen2_docs = [
         pods.clone(),
-        vec![ingress_from("b", "b", "c", TCP_PORT, UDP_PORT), ingress_from("d", "d", "a", TCP_PORT, UDP_PORT)],
+        vec![
+            ingress_from("b", "b", "c", TCP_PORT, UDP_PORT),
+            ingress_from("d", "d", "a", TCP_PORT, UDP_PORT),
+        ],
     ]
     .concat();
 
@@ -169,24 +191,40 @@ fn restart_under_traffic(mode: &str) {
                         let sport = 20_000 + 5_000 * i as u16 + n % 5_000;
                         n += 1;
                         let ok = match proto {
-                            Proto::Tcp => tcp_echo(ns, SocketAddr::new(dst, TCP_PORT), PROBE_TIMEOUT).is_ok(),
-                            Proto::Udp => udp_probe(ns, SocketAddr::new(src, sport), SocketAddr::new(dst, UDP_PORT)),
+                            Proto::Tcp => {
+                                tcp_echo(ns, SocketAddr::new(dst, TCP_PORT), PROBE_TIMEOUT).is_ok()
+                            }
+                            Proto::Udp => udp_probe(
+                                ns,
+                                SocketAddr::new(src, sport),
+                                SocketAddr::new(dst, UDP_PORT),
+                            ),
                         };
                         let end = Instant::now();
-                        probes.lock().expect("lock").push(Probe { pair, proto, start, end, ok });
+                        probes.lock().expect("lock").push(Probe {
+                            pair,
+                            proto,
+                            start,
+                            end,
+                            ok,
+                        });
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 });
             }
         }
         {
-            let (stop, long_trips, long_failures, long) = (&stop, &long_trips, &long_failures, &mut long);
+            let (stop, long_trips, long_failures, long) =
+                (&stop, &long_trips, &long_failures, &mut long);
             sc.spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let msg = format!("long-lived round trip {n}");
                     if let Err(e) = long.round_trip(msg.as_bytes()) {
-                        long_failures.lock().expect("lock").push(format!("{msg}: {e}"));
+                        long_failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("{msg}: {e}"));
                         return;
                     }
                     n += 1;
@@ -213,11 +251,21 @@ fn restart_under_traffic(mode: &str) {
         drop(std::mem::replace(&mut agent1, agent2));
         (t_kill, t_restart, t_switch, s2)
     });
-    assert!(s2.adopted, "the restarted agent adopts the pinned maps: {s2:?}");
+    assert!(
+        s2.adopted,
+        "the restarted agent adopts the pinned maps: {s2:?}"
+    );
     // The restarted agent's programs replaced the old ones in place: still one per hook.
     let progs2 = attached_programs(&bed, &bed.hosts[B].host_if, mode);
-    assert_eq!(progs2.len(), 2, "one program per hook after the restart: {progs2:?}");
-    assert!(progs1.iter().all(|p| !progs2.contains(p)), "programs not replaced: {progs1:?} -> {progs2:?}");
+    assert_eq!(
+        progs2.len(),
+        2,
+        "one program per hook after the restart: {progs2:?}"
+    );
+    assert!(
+        progs1.iter().all(|p| !progs2.contains(p)),
+        "programs not replaced: {progs1:?} -> {progs2:?}"
+    );
 
     // Judge every probe against the policy enforced when it ran: generation 1 until the
     // restart began, generation 2 once the restarted agent reported it; during the restart
@@ -262,10 +310,22 @@ fn restart_under_traffic(mode: &str) {
         wrongly_allowed.len(),
         wrongly_dropped.len(),
     );
-    assert!(wrongly_allowed.is_empty(), "wrongly allowed: {wrongly_allowed:#?}");
-    assert!(wrongly_dropped.is_empty(), "wrongly dropped: {wrongly_dropped:#?}");
-    assert!(long_failures.is_empty(), "the long-lived connection broke: {long_failures:?}");
-    assert!(long_trips > 100, "the long-lived connection ran only {long_trips} round trips");
+    assert!(
+        wrongly_allowed.is_empty(),
+        "wrongly allowed: {wrongly_allowed:#?}"
+    );
+    assert!(
+        wrongly_dropped.is_empty(),
+        "wrongly dropped: {wrongly_dropped:#?}"
+    );
+    assert!(
+        long_failures.is_empty(),
+        "the long-lived connection broke: {long_failures:?}"
+    );
+    assert!(
+        long_trips > 100,
+        "the long-lived connection ran only {long_trips} round trips"
+    );
     for pair in PAIRS {
         for phase in [0, 1, 3] {
             assert!(
@@ -275,14 +335,25 @@ fn restart_under_traffic(mode: &str) {
         }
     }
     // The change is enforced: C reaches B and A does not, after the restart.
-    let after = |pair, ok| probes.iter().any(|p| p.pair == pair && p.start >= t_switch && p.ok == ok);
-    assert!(after((C, B), true) && after((A, B), false), "generation 2 not enforced");
+    let after = |pair, ok| {
+        probes
+            .iter()
+            .any(|p| p.pair == pair && p.start >= t_switch && p.ok == ok)
+    };
+    assert!(
+        after((C, B), true) && after((A, B), false),
+        "generation 2 not enforced"
+    );
 
     // Uninstall (with no agent running): nothing enforced any more, nothing pinned.
     drop(long);
     agent1.kill9();
     uninstall(&bed, &fs);
-    assert!(files_under(fs.path()).is_empty(), "left pinned: {:?}", files_under(fs.path()));
+    assert!(
+        files_under(fs.path()).is_empty(),
+        "left pinned: {:?}",
+        files_under(fs.path())
+    );
     tcp_echo(&bed.hosts[C].ns, to(D, TCP_PORT), Duration::from_secs(2))
         .expect("after uninstall C reaches D (nothing enforces)");
 }

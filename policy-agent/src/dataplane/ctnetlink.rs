@@ -45,14 +45,21 @@ const IPS_SEEN_REPLY: u32 = 1 << 1;
 pub fn dump() -> io::Result<Vec<KernelConn>> {
     // SAFETY: plain socket creation; the fd is owned below.
     let fd = unsafe {
-        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a new fd nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
     // SAFETY: a valid option value of its size. Bounded: a dump never blocks for long.
     unsafe {
         libc::setsockopt(
@@ -141,17 +148,28 @@ fn attr(b: &[u8], want: u16) -> Option<&[u8]> {
 /// (proto, src, dst, sport, dport) of a `CTA_TUPLE_*`.
 fn tuple(b: &[u8]) -> Option<(u8, IpAddr, IpAddr, u16, u16)> {
     let ip = attr(b, CTA_TUPLE_IP)?;
-    let (src, dst) = if let (Some(s), Some(d)) = (attr(ip, CTA_IP_V4_SRC), attr(ip, CTA_IP_V4_DST)) {
-        let v4 = |x: &[u8]| -> Option<IpAddr> { Some(Ipv4Addr::from(<[u8; 4]>::try_from(x).ok()?).into()) };
+    let (src, dst) = if let (Some(s), Some(d)) = (attr(ip, CTA_IP_V4_SRC), attr(ip, CTA_IP_V4_DST))
+    {
+        let v4 = |x: &[u8]| -> Option<IpAddr> {
+            Some(Ipv4Addr::from(<[u8; 4]>::try_from(x).ok()?).into())
+        };
         (v4(s)?, v4(d)?)
     } else {
-        let v6 = |x: &[u8]| -> Option<IpAddr> { Some(Ipv6Addr::from(<[u8; 16]>::try_from(x).ok()?).into()) };
+        let v6 = |x: &[u8]| -> Option<IpAddr> {
+            Some(Ipv6Addr::from(<[u8; 16]>::try_from(x).ok()?).into())
+        };
         (v6(attr(ip, CTA_IP_V6_SRC)?)?, v6(attr(ip, CTA_IP_V6_DST)?)?)
     };
     let p = attr(b, CTA_TUPLE_PROTO)?;
     let num = *attr(p, CTA_PROTO_NUM)?.first()?;
     let port = |t| -> Option<u16> { Some(u16::from_be_bytes(attr(p, t)?.try_into().ok()?)) };
-    Some((num, src, dst, port(CTA_PROTO_SRC_PORT)?, port(CTA_PROTO_DST_PORT)?))
+    Some((
+        num,
+        src,
+        dst,
+        port(CTA_PROTO_SRC_PORT)?,
+        port(CTA_PROTO_DST_PORT)?,
+    ))
 }
 
 fn parse_conn(b: &[u8]) -> Option<KernelConn> {
@@ -164,7 +182,11 @@ fn parse_conn(b: &[u8]) -> Option<KernelConn> {
         return None;
     }
     if proto_nr != proto::UDP {
-        let which = if proto_nr == proto::TCP { CTA_PROTOINFO_TCP } else { CTA_PROTOINFO_SCTP };
+        let which = if proto_nr == proto::TCP {
+            CTA_PROTOINFO_TCP
+        } else {
+            CTA_PROTOINFO_SCTP
+        };
         let state = *attr(attr(attr(b, CTA_PROTOINFO)?, which)?, CTA_PROTOINFO_STATE)?.first()?;
         if state != STATE_ESTABLISHED {
             return None;
@@ -174,5 +196,12 @@ fn parse_conn(b: &[u8]) -> Option<KernelConn> {
         .and_then(tuple)
         .map(|(_, rs, rd, rsp, rdp)| (rd, rs, rdp, rsp))
         .filter(|t| *t != (src, dst, sport, dport));
-    Some(KernelConn { proto: proto_nr, src, dst, sport, dport, translated })
+    Some(KernelConn {
+        proto: proto_nr,
+        src,
+        dst,
+        sport,
+        dport,
+        translated,
+    })
 }

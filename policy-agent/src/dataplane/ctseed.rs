@@ -50,7 +50,14 @@ pub fn seed_entry(
     if src_is_a {
         flags |= ct_flags::ORIG_IS_A;
     }
-    (key, CtValue { last_seen_ns: now_ns, flags, _pad: 0 })
+    (
+        key,
+        CtValue {
+            last_seen_ns: now_ns,
+            flags,
+            _pad: 0,
+        },
+    )
 }
 
 /// Parses `/proc/net/nf_conntrack` text: established TCP, UDP and SCTP connections.
@@ -86,7 +93,14 @@ fn parse_line(line: &str) -> Option<KernelConn> {
     let translated = tuple(1)
         .map(|(rs, rd, rsp, rdp)| (rd, rs, rdp, rsp))
         .filter(|t| *t != (src, dst, sport, dport));
-    Some(KernelConn { proto: proto_nr, src, dst, sport, dport, translated })
+    Some(KernelConn {
+        proto: proto_nr,
+        src,
+        dst,
+        sport,
+        dport,
+        translated,
+    })
 }
 
 /// What seeding did.
@@ -107,8 +121,10 @@ pub fn seed_from_proc(
     path: &Path,
     now_ns: u64,
 ) -> Result<SeedStats, DataplaneError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| DataplaneError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DataplaneError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     seed(maps, &parse_proc(&text), now_ns)
 }
 
@@ -119,9 +135,11 @@ pub fn kernel_table() -> Result<Vec<KernelConn>, DataplaneError> {
         Ok(c) => Ok(c),
         Err(e) => {
             tracing::debug!(error = %e, "ctnetlink dump refused, reading {PROC_CONNTRACK}");
-            let text = std::fs::read_to_string(PROC_CONNTRACK).map_err(|source| {
-                DataplaneError::Io { path: PROC_CONNTRACK.into(), source }
-            })?;
+            let text =
+                std::fs::read_to_string(PROC_CONNTRACK).map_err(|source| DataplaneError::Io {
+                    path: PROC_CONNTRACK.into(),
+                    source,
+                })?;
             Ok(parse_proc(&text))
         }
     }
@@ -157,10 +175,7 @@ pub fn seed(
 /// Copies the entries of the conntrack map pinned at `old` (an earlier agent's, in a
 /// migration) when its key and value layouts are this object's. `Ok(None)` when they are
 /// not (the caller seeds from the kernel's table instead).
-pub fn copy_pinned(
-    maps: &mut DataplaneMaps,
-    old: &Path,
-) -> Result<Option<usize>, DataplaneError> {
+pub fn copy_pinned(maps: &mut DataplaneMaps, old: &Path) -> Result<Option<usize>, DataplaneError> {
     use aya::maps::{HashMap, Map, MapData};
     let name = policy_common::MAP_CONNTRACK;
     let data = MapData::from_pin(old).map_err(|e| DataplaneError::map(name, e))?;
@@ -195,16 +210,30 @@ ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.0.1 type=8 code=0 id=7 src=19
         let c = parse_proc(TABLE);
         assert_eq!(c.len(), 3, "{c:?}");
         assert_eq!(c[0].src, "198.18.0.2".parse::<IpAddr>().expect("ip"));
-        assert_eq!((c[0].sport, c[0].dport, c[0].translated), (40000, 8080, None));
+        assert_eq!(
+            (c[0].sport, c[0].dport, c[0].translated),
+            (40000, 8080, None)
+        );
         // DNAT: the receiver sees the backend address.
         let t = c[1].translated.expect("translated view");
-        assert_eq!(t, ("198.18.0.2".parse().expect("ip"), "198.18.0.5".parse().expect("ip"), 5353, 53));
+        assert_eq!(
+            t,
+            (
+                "198.18.0.2".parse().expect("ip"),
+                "198.18.0.5".parse().expect("ip"),
+                5353,
+                53
+            )
+        );
         assert_eq!(c[2].dst, "fd00:18::1".parse::<IpAddr>().expect("ip"));
     }
 
     #[test]
     fn ctseed_entry_passes_both_directions_at_both_hooks() {
-        let (src, dst) = ("198.18.0.9".parse().expect("ip"), "198.18.0.1".parse().expect("ip"));
+        let (src, dst) = (
+            "198.18.0.9".parse().expect("ip"),
+            "198.18.0.1".parse().expect("ip"),
+        );
         let (k, v) = seed_entry(proto::TCP, src, dst, 40000, 8080, 5);
         assert!(v.flags & ct_flags::SEEDED != 0);
         for (s, d, sp, dp) in [(src, dst, 40000, 8080), (dst, src, 8080, 40000)] {

@@ -33,8 +33,10 @@ use super::{DataplaneError, maps::DataplaneMaps};
 pub const PROGRAMS: &[&str] = &[PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY];
 
 /// The hooks of a pod's host-side veth: TC ingress sees what the pod sends.
-pub const POD_HOOKS: &[(&str, TcAttachType)] =
-    &[(PROG_FROM_POD, TcAttachType::Ingress), (PROG_TO_POD, TcAttachType::Egress)];
+pub const POD_HOOKS: &[(&str, TcAttachType)] = &[
+    (PROG_FROM_POD, TcAttachType::Ingress),
+    (PROG_TO_POD, TcAttachType::Egress),
+];
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -74,7 +76,10 @@ enum SlotLinks {
     /// Pinned TCX links (the pins keep them attached); detach unpins the directory.
     Pinned { links: Vec<FdLink>, dir: PathBuf },
     /// clsact filters at the fixed priority on `interface`, left in place on drop.
-    Netlink { interface: String, hooks: Vec<TcAttachType> },
+    Netlink {
+        interface: String,
+        hooks: Vec<TcAttachType>,
+    },
 }
 
 /// The loaded object. Dropping it detaches every attachment it made (clsact filters from
@@ -144,11 +149,15 @@ impl Dataplane {
         let staging = pin_dir.join(pinning::STAGING_DIR);
         if staging.exists() {
             // A migration that died half-way: its maps were never switched to.
-            std::fs::remove_dir_all(&staging)
-                .map_err(|source| DataplaneError::Io { path: staging.clone(), source })?;
+            std::fs::remove_dir_all(&staging).map_err(|source| DataplaneError::Io {
+                path: staging.clone(),
+                source,
+            })?;
         }
-        std::fs::create_dir_all(&staging)
-            .map_err(|source| DataplaneError::Io { path: staging.clone(), source })?;
+        std::fs::create_dir_all(&staging).map_err(|source| DataplaneError::Io {
+            path: staging.clone(),
+            source,
+        })?;
         let mut dp = Self::load_object(object, &staging)?;
         dp.link_root = pin_dir.to_path_buf();
         dp.pin_state = PinState::Migrating;
@@ -164,7 +173,8 @@ impl Dataplane {
         }
         for name in &self.map_pins {
             let (from, to) = (self.pin_dir.join(name), self.link_root.join(name));
-            std::fs::rename(&from, &to).map_err(|source| DataplaneError::Io { path: from, source })?;
+            std::fs::rename(&from, &to)
+                .map_err(|source| DataplaneError::Io { path: from, source })?;
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
         self.pin_dir = self.link_root.clone();
@@ -245,14 +255,20 @@ impl Dataplane {
                     None
                 };
                 let links = match (self.persist, mode) {
-                    (false, _) => SlotLinks::Ephemeral(self.attach_ephemeral(interface, hooks, mode)?),
+                    (false, _) => {
+                        SlotLinks::Ephemeral(self.attach_ephemeral(interface, hooks, mode)?)
+                    }
                     (true, AttachMode::Tcx) => self.attach_pinned(interface, hooks)?,
                     (true, _) => self.attach_netlink_fixed(interface, hooks)?,
                 };
                 let id = self.next_id;
                 self.next_id += 1;
                 self.slots.push(Slot { id, links, netns });
-                Ok(Attachment { interface: interface.to_string(), mode, id })
+                Ok(Attachment {
+                    interface: interface.to_string(),
+                    mode,
+                    id,
+                })
             }
         }
     }
@@ -290,8 +306,10 @@ impl Dataplane {
     ) -> Result<SlotLinks, DataplaneError> {
         let ifindex = ifindex_of(interface)?;
         let dir = pinning::link_dir(&self.link_root, interface, ifindex);
-        std::fs::create_dir_all(&dir)
-            .map_err(|source| DataplaneError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let mut links = Vec::new();
         let mut created = Vec::new();
         for (program, at) in hooks {
@@ -333,25 +351,39 @@ impl Dataplane {
             Ok(pinned) => {
                 let link: SchedClassifierLink =
                     FdLink::from(pinned).try_into().map_err(link_err)?;
-                let id = prog.attach_to_link(link).map_err(|e| DataplaneError::Attach {
-                    program,
-                    interface: interface.to_string(),
-                    source: Box::new(e),
-                })?;
-                tracing::debug!(program, interface, "pinned link adopted, program replaced in place");
-                id
-            }
-            Err(LinkError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
-                prog.attach_with_options(interface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                let id = prog
+                    .attach_to_link(link)
                     .map_err(|e| DataplaneError::Attach {
                         program,
                         interface: interface.to_string(),
                         source: Box::new(e),
-                    })?
+                    })?;
+                tracing::debug!(
+                    program,
+                    interface,
+                    "pinned link adopted, program replaced in place"
+                );
+                id
+            }
+            Err(LinkError::SyscallError(s))
+                if s.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                prog.attach_with_options(
+                    interface,
+                    at,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| DataplaneError::Attach {
+                    program,
+                    interface: interface.to_string(),
+                    source: Box::new(e),
+                })?
             }
             Err(e) => return Err(link_err(e)),
         };
-        let owned = prog.take_link(id).map_err(|e| DataplaneError::program(program, e))?;
+        let owned = prog
+            .take_link(id)
+            .map_err(|e| DataplaneError::program(program, e))?;
         let fd: FdLink = owned.try_into().map_err(link_err)?;
         if path.exists() {
             return Ok(fd);
@@ -395,20 +427,26 @@ impl Dataplane {
                         interface: interface.to_string(),
                         source,
                     })?;
-                    prog.attach_to_link(old).map_err(|e| DataplaneError::Attach {
-                        program,
-                        interface: interface.to_string(),
-                        source: Box::new(e),
-                    })?
+                    prog.attach_to_link(old)
+                        .map_err(|e| DataplaneError::Attach {
+                            program,
+                            interface: interface.to_string(),
+                            source: Box::new(e),
+                        })?
                 }
             };
             // Owned links detach when dropped: keep this one alive for the process and
             // leave the filter behind on exit (the next agent replaces it).
-            let link = prog.take_link(id).map_err(|e| DataplaneError::program(program, e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| DataplaneError::program(program, e))?;
             std::mem::forget(link);
             done.push(*at);
         }
-        Ok(SlotLinks::Netlink { interface: interface.to_string(), hooks: done })
+        Ok(SlotLinks::Netlink {
+            interface: interface.to_string(),
+            hooks: done,
+        })
     }
 
     /// Attaches to the interface with index `ifindex` (calling thread's namespace).
@@ -535,7 +573,10 @@ pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, Da
         TcHandle::from(pinning::NETLINK_HANDLE),
         None,
     )
-    .map_err(|source| DataplaneError::Interface { interface: interface.to_string(), source })?;
+    .map_err(|source| DataplaneError::Interface {
+        interface: interface.to_string(),
+        source,
+    })?;
     use aya::programs::{ProgramError, TcError};
     let errno = |e: &ProgramError| match e {
         ProgramError::NetlinkError(n) | ProgramError::TcError(TcError::NetlinkError(n)) => {

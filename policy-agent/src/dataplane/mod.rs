@@ -14,6 +14,6 @@ pub mod reconcile;
 pub use error::DataplaneError;
 pub use events::DenyEvents;
 pub use loader::{AttachMode, Attachment, Dataplane};
+pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};
 pub use pinning::PinState;
 pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};
-pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};

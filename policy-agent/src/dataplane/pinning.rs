@@ -42,7 +42,9 @@ pub fn link_pin_path(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) 
 /// The directory holding the links of one interface. bpffs refuses names with a dot
 /// (`eth0.100`): dots are written as `~`.
 pub fn link_dir(pin_dir: &Path, ifname: &str, ifindex: u32) -> PathBuf {
-    pin_dir.join(LINKS_DIR).join(format!("{}@{ifindex}", ifname.replace('.', "~")))
+    pin_dir
+        .join(LINKS_DIR)
+        .join(format!("{}@{ifindex}", ifname.replace('.', "~")))
 }
 
 /// One pinned-link directory found under the pin directory.
@@ -170,7 +172,12 @@ fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {
     let mut out = Vec::new();
     let mut check = |field, pinned: u64, object: u64| {
         if pinned != object {
-            out.push(Mismatch { map: name.to_string(), field, pinned, object });
+            out.push(Mismatch {
+                map: name.to_string(),
+                field,
+                pinned,
+                object,
+            });
         }
     };
     let want_type = bpf_map_type::try_from(def.map_type())
@@ -181,8 +188,16 @@ fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {
         _ => check("type", u64::MAX, def.map_type() as u64),
     }
     check("key_size", info.key_size() as u64, def.key_size() as u64);
-    check("value_size", info.value_size() as u64, def.value_size() as u64);
-    check("max_entries", info.max_entries() as u64, def.max_entries() as u64);
+    check(
+        "value_size",
+        info.value_size() as u64,
+        def.value_size() as u64,
+    );
+    check(
+        "max_entries",
+        info.max_entries() as u64,
+        def.max_entries() as u64,
+    );
     check("map_flags", info.map_flags() as u64, def.map_flags() as u64);
     out
 }
@@ -219,18 +234,25 @@ pub struct Uninstalled {
 pub fn uninstall(object: &[u8], pin_dir: &Path) -> Result<Uninstalled, DataplaneError> {
     let mut out = Uninstalled::default();
     for p in pinned_interfaces(pin_dir) {
-        std::fs::remove_dir_all(&p.dir)
-            .map_err(|source| DataplaneError::Io { path: p.dir.clone(), source })?;
+        std::fs::remove_dir_all(&p.dir).map_err(|source| DataplaneError::Io {
+            path: p.dir.clone(),
+            source,
+        })?;
         out.links.push(p.ifname);
     }
     let links = pin_dir.join(LINKS_DIR);
     if links.exists() {
-        std::fs::remove_dir_all(&links)
-            .map_err(|source| DataplaneError::Io { path: links.clone(), source })?;
+        std::fs::remove_dir_all(&links).map_err(|source| DataplaneError::Io {
+            path: links.clone(),
+            source,
+        })?;
     }
     for iface in interfaces() {
         let mut any = false;
-        for at in [aya::programs::TcAttachType::Ingress, aya::programs::TcAttachType::Egress] {
+        for at in [
+            aya::programs::TcAttachType::Ingress,
+            aya::programs::TcAttachType::Egress,
+        ] {
             any |= super::loader::detach_fixed_filter(&iface, at)?;
         }
         if any {
@@ -259,7 +281,11 @@ fn interfaces() -> Vec<String> {
         }
         let mut p = list;
         while (*p).if_index != 0 {
-            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             p = p.add(1);
         }
         libc::if_freenameindex(list);

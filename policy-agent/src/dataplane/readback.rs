@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
-use policy_common::{
-    LpmKey, MAP_CIDR_RULES, MAP_ENDPOINTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
-};
+use policy_common::{LpmKey, MAP_CIDR_RULES, MAP_ENDPOINTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES};
 
 use super::{DataplaneError, DataplaneMaps};
 use crate::compiler::MapContents;
@@ -30,7 +28,9 @@ fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
     m: &HashMap<MapData, K, V>,
 ) -> Result<BTreeMap<K, V>, DataplaneError> {
     // Only the agent writes these maps, so a walk sees a consistent table.
-    m.iter().map(|r| r.map_err(|e| DataplaneError::map(name, e))).collect()
+    m.iter()
+        .map(|r| r.map_err(|e| DataplaneError::map(name, e)))
+        .collect()
 }
 
 fn read_lpm<K: aya::Pod + Ord, V: aya::Pod>(
@@ -39,8 +39,16 @@ fn read_lpm<K: aya::Pod + Ord, V: aya::Pod>(
 ) -> Result<BTreeMap<LpmKey<K>, V>, DataplaneError> {
     m.iter()
         .map(|r| {
-            r.map(|(k, v): (Key<K>, V)| (LpmKey { prefixlen: k.prefix_len(), data: k.data() }, v))
-                .map_err(|e| DataplaneError::map(name, e))
+            r.map(|(k, v): (Key<K>, V)| {
+                (
+                    LpmKey {
+                        prefixlen: k.prefix_len(),
+                        data: k.data(),
+                    },
+                    v,
+                )
+            })
+            .map_err(|e| DataplaneError::map(name, e))
         })
         .collect()
 }

@@ -75,9 +75,11 @@ pub fn adopt_kernel_state(
 
 fn check_capacity(desired: &MapContents) -> Result<(), DataplaneError> {
     match desired.over_capacity().first() {
-        Some(&(map, entries, capacity)) => {
-            Err(DataplaneError::OverCapacity { map, entries, capacity })
-        }
+        Some(&(map, entries, capacity)) => Err(DataplaneError::OverCapacity {
+            map,
+            entries,
+            capacity,
+        }),
         None => Ok(()),
     }
 }
@@ -102,7 +104,10 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
     }
     let mut ps = Renaming::new(1, u32::MAX, used_port_sets(current));
     for (d, c) in &want_ports {
-        if let Some(k) = by_content.get(c).and_then(|ks| ks.iter().find(|k| !ps.taken(**k))) {
+        if let Some(k) = by_content
+            .get(c)
+            .and_then(|ks| ks.iter().find(|k| !ps.taken(**k)))
+        {
             ps.set(*d, *k);
         }
     }
@@ -116,7 +121,11 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
         if let Some(cur) = current.ipcache.get(k)
             && cur.identity >= IDENTITY_FIRST_POD
         {
-            *votes.entry(v.identity).or_default().entry(cur.identity).or_default() += 1;
+            *votes
+                .entry(v.identity)
+                .or_default()
+                .entry(cur.identity)
+                .or_default() += 1;
         }
     }
     let mut ids = Renaming::new(IDENTITY_FIRST_POD, u32::MAX, used_identities(current));
@@ -127,19 +136,32 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
             ids.set(*d, k);
         }
     }
-    let map_id = |ids: &mut Renaming, i: u32| if i < IDENTITY_FIRST_POD { i } else { ids.get(i) };
+    let map_id = |ids: &mut Renaming, i: u32| {
+        if i < IDENTITY_FIRST_POD {
+            i
+        } else {
+            ids.get(i)
+        }
+    };
 
     // Policy-sets, by their rows once identities and port-sets are renamed.
     let renamed_rows = |c: &MapContents, ids: &mut Renaming, ps: &mut Renaming, rename: bool| {
         let mut sets: BTreeMap<u32, SetRows> = BTreeMap::new();
         for (k, v) in &c.rules {
-            let (i, v) = if rename { (map_id(ids, k.identity), rename_ports(ps, v)) } else { (k.identity, *v) };
+            let (i, v) = if rename {
+                (map_id(ids, k.identity), rename_ports(ps, v))
+            } else {
+                (k.identity, *v)
+            };
             sets.entry(k.policy_set).or_default().ids.push((i, v));
         }
         for (k, v) in &c.cidr_rules {
             let (set, fam) = cidr_set(&k.data);
             let v = if rename { rename_ports(ps, v) } else { *v };
-            sets.entry(set).or_default().cidrs.push((k.prefixlen, fam, k.data.addr, v));
+            sets.entry(set)
+                .or_default()
+                .cidrs
+                .push((k.prefixlen, fam, k.data.addr, v));
         }
         for e in c.endpoints.values() {
             sets.entry(e.ingress_policy_set).or_default();
@@ -159,19 +181,36 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
             by_rows.entry(r).or_default().push(*n);
         }
     }
-    let mut sets = Renaming::new(POLICY_SET_EMPTY + 1, CIDR_FAMILY_V6, cur_sets.keys().copied().collect());
+    let mut sets = Renaming::new(
+        POLICY_SET_EMPTY + 1,
+        CIDR_FAMILY_V6,
+        cur_sets.keys().copied().collect(),
+    );
     for (d, r) in &want_sets {
         if *d == POLICY_SET_EMPTY {
             continue;
         }
-        if let Some(k) = by_rows.get(r).and_then(|ks| ks.iter().find(|k| !sets.taken(**k))) {
+        if let Some(k) = by_rows
+            .get(r)
+            .and_then(|ks| ks.iter().find(|k| !sets.taken(**k)))
+        {
             sets.set(*d, *k);
         }
     }
-    let map_set = |sets: &mut Renaming, s: u32| if s == POLICY_SET_EMPTY { s } else { sets.get(s) };
+    let map_set = |sets: &mut Renaming, s: u32| {
+        if s == POLICY_SET_EMPTY {
+            s
+        } else {
+            sets.get(s)
+        }
+    };
 
     // Endpoint ids, by address (names in events and metrics stay stable).
-    let mut eps = Renaming::new(1, u32::MAX, current.endpoints.values().map(|v| v.endpoint_id).collect());
+    let mut eps = Renaming::new(
+        1,
+        u32::MAX,
+        current.endpoints.values().map(|v| v.endpoint_id).collect(),
+    );
     for (k, v) in &desired.endpoints {
         if let Some(cur) = current.endpoints.get(k)
             && !eps.taken(cur.endpoint_id)
@@ -238,8 +277,19 @@ fn rename_ports(ps: &mut Renaming, v: &RuleValue) -> RuleValue {
 fn port_sets(c: &MapContents) -> BTreeMap<u32, Vec<(u32, u8, u16)>> {
     let mut out: BTreeMap<u32, Vec<(u32, u8, u16)>> = BTreeMap::new();
     for k in c.ports.keys() {
-        let LpmKey { prefixlen, data: PortData { port_set_be, proto, port_be, .. } } = *k;
-        out.entry(u32::from_be(port_set_be)).or_default().push((prefixlen, proto, port_be));
+        let LpmKey {
+            prefixlen,
+            data:
+                PortData {
+                    port_set_be,
+                    proto,
+                    port_be,
+                    ..
+                },
+        } = *k;
+        out.entry(u32::from_be(port_set_be))
+            .or_default()
+            .push((prefixlen, proto, port_be));
     }
     for v in out.values_mut() {
         v.sort();
@@ -258,7 +308,11 @@ fn used_port_sets(c: &MapContents) -> BTreeSet<u32> {
 }
 
 fn used_identities(c: &MapContents) -> BTreeSet<u32> {
-    c.ipcache.values().map(|v| v.identity).chain(c.rules.keys().map(|k| k.identity)).collect()
+    c.ipcache
+        .values()
+        .map(|v| v.identity)
+        .chain(c.rules.keys().map(|k| k.identity))
+        .collect()
 }
 
 /// A one-to-one renaming of numbers: fixed pairs, and for the others the lowest number in
@@ -273,7 +327,13 @@ struct Renaming {
 
 impl Renaming {
     fn new(first: u32, limit: u32, avoid: BTreeSet<u32>) -> Self {
-        Renaming { map: BTreeMap::new(), given: BTreeSet::new(), avoid, next: first, limit }
+        Renaming {
+            map: BTreeMap::new(),
+            given: BTreeSet::new(),
+            avoid,
+            next: first,
+            limit,
+        }
     }
     fn taken(&self, k: u32) -> bool {
         self.given.contains(&k)
@@ -316,7 +376,12 @@ mod tests {
 
     fn allow_tcp(port: u16) -> RuleValue {
         let mut v = RuleValue::default();
-        v.ranges[0] = PortRange { first: port, last: port, proto: proto::TCP, _pad: [0; 3] };
+        v.ranges[0] = PortRange {
+            first: port,
+            last: port,
+            proto: proto::TCP,
+            _pad: [0; 3],
+        };
         v
     }
 
@@ -324,29 +389,88 @@ mod tests {
     /// CIDR; endpoint 3 ingress set `s3` allows identity `idb` (pod 3) via port-set `pset`.
     fn contents(ida: u32, idb: u32, s1: u32, s3: u32, pset: u32, ep: [u32; 2]) -> MapContents {
         let mut c = MapContents::default();
-        c.ipcache.insert(IpCacheKey { addr: ip(1) }, IpCacheValue { identity: ida, _pad: 0 });
-        c.ipcache.insert(IpCacheKey { addr: ip(2) }, IpCacheValue { identity: ida, _pad: 0 });
-        c.ipcache.insert(IpCacheKey { addr: ip(3) }, IpCacheValue { identity: idb, _pad: 0 });
-        c.ipcache.insert(IpCacheKey { addr: ip(254) }, IpCacheValue { identity: IDENTITY_HOST, _pad: 0 });
-        c.rules.insert(RuleKey { policy_set: s1, identity: ida }, allow_tcp(80));
+        c.ipcache.insert(
+            IpCacheKey { addr: ip(1) },
+            IpCacheValue {
+                identity: ida,
+                _pad: 0,
+            },
+        );
+        c.ipcache.insert(
+            IpCacheKey { addr: ip(2) },
+            IpCacheValue {
+                identity: ida,
+                _pad: 0,
+            },
+        );
+        c.ipcache.insert(
+            IpCacheKey { addr: ip(3) },
+            IpCacheValue {
+                identity: idb,
+                _pad: 0,
+            },
+        );
+        c.ipcache.insert(
+            IpCacheKey { addr: ip(254) },
+            IpCacheValue {
+                identity: IDENTITY_HOST,
+                _pad: 0,
+            },
+        );
+        c.rules.insert(
+            RuleKey {
+                policy_set: s1,
+                identity: ida,
+            },
+            allow_tcp(80),
+        );
         c.cidr_rules.insert(
-            LpmKey { prefixlen: cidr_prefixlen(true, 24), data: CidrData::new(s1, Addr::from_v4_octets([198, 19, 0, 0])) },
+            LpmKey {
+                prefixlen: cidr_prefixlen(true, 24),
+                data: CidrData::new(s1, Addr::from_v4_octets([198, 19, 0, 0])),
+            },
             allow_tcp(443),
         );
-        let mut pv = RuleValue { flags: rule_flags::PORT_SET, port_set: pset, ..Default::default() };
+        let mut pv = RuleValue {
+            flags: rule_flags::PORT_SET,
+            port_set: pset,
+            ..Default::default()
+        };
         pv.ranges[0] = PortRange::default();
-        c.rules.insert(RuleKey { policy_set: s3, identity: idb }, pv);
+        c.rules.insert(
+            RuleKey {
+                policy_set: s3,
+                identity: idb,
+            },
+            pv,
+        );
         for port in [1000u16, 2000, 3000, 4000, 5000] {
-            c.ports.insert(LpmKey { prefixlen: 64, data: PortData::new(pset, proto::UDP, port) }, 1);
+            c.ports.insert(
+                LpmKey {
+                    prefixlen: 64,
+                    data: PortData::new(pset, proto::UDP, port),
+                },
+                1,
+            );
         }
         let flags = ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES;
         c.endpoints.insert(
             EndpointKey { addr: ip(1) },
-            EndpointValue { endpoint_id: ep[0], ingress_policy_set: s1, egress_policy_set: 0, flags: flags | ep_flags::INGRESS_HAS_CIDR_RULES },
+            EndpointValue {
+                endpoint_id: ep[0],
+                ingress_policy_set: s1,
+                egress_policy_set: 0,
+                flags: flags | ep_flags::INGRESS_HAS_CIDR_RULES,
+            },
         );
         c.endpoints.insert(
             EndpointKey { addr: ip(3) },
-            EndpointValue { endpoint_id: ep[1], ingress_policy_set: s3, egress_policy_set: 0, flags },
+            EndpointValue {
+                endpoint_id: ep[1],
+                ingress_policy_set: s3,
+                egress_policy_set: 0,
+                flags,
+            },
         );
         c
     }
@@ -371,12 +495,24 @@ mod tests {
         let kernel = contents(256, 257, 1, 2, 1, [1, 2]);
         let mut fresh = contents(256, 257, 1, 2, 1, [1, 2]);
         // The table of set 1 changes: port 80 -> 81.
-        fresh.rules.insert(RuleKey { policy_set: 1, identity: 256 }, allow_tcp(81));
+        fresh.rules.insert(
+            RuleKey {
+                policy_set: 1,
+                identity: 256,
+            },
+            allow_tcp(81),
+        );
         let out = renumber_onto(&kernel, &fresh);
         let ep1 = out.endpoints[&EndpointKey { addr: ip(1) }];
-        assert!(ep1.ingress_policy_set != 1 && ep1.ingress_policy_set != 2, "{ep1:?}");
+        assert!(
+            ep1.ingress_policy_set != 1 && ep1.ingress_policy_set != 2,
+            "{ep1:?}"
+        );
         // The unchanged set and everything else keep their numbers.
-        assert_eq!(out.endpoints[&EndpointKey { addr: ip(3) }], kernel.endpoints[&EndpointKey { addr: ip(3) }]);
+        assert_eq!(
+            out.endpoints[&EndpointKey { addr: ip(3) }],
+            kernel.endpoints[&EndpointKey { addr: ip(3) }]
+        );
         assert_eq!(out.ipcache, kernel.ipcache);
         // Decisions are those of the desired contents.
         let want = crate::kernel_model::KernelModel::new(&fresh);
@@ -385,7 +521,10 @@ mod tests {
             for src in [2u8, 3] {
                 let s = std::net::IpAddr::from([198, 18, 0, src]);
                 let d = std::net::IpAddr::from([198, 18, 0, 1]);
-                assert_eq!(got.allowed(s, d, proto::TCP, port), want.allowed(s, d, proto::TCP, port));
+                assert_eq!(
+                    got.allowed(s, d, proto::TCP, port),
+                    want.allowed(s, d, proto::TCP, port)
+                );
             }
         }
     }

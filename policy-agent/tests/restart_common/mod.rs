@@ -72,7 +72,10 @@ pub fn write_manifests(dir: &Path, docs: &[Value]) -> u64 {
     let mut all = vec![json!({"apiVersion": "v1", "kind": "Namespace",
                               "metadata": {"name": "default", "labels": {}}})];
     all.extend(docs.iter().cloned());
-    let text: Vec<String> = all.iter().map(|d| serde_json::to_string(d).expect("json")).collect();
+    let text: Vec<String> = all
+        .iter()
+        .map(|d| serde_json::to_string(d).expect("json"))
+        .collect();
     let tmp = dir.join(".cluster.yaml.tmp");
     std::fs::write(&tmp, text.join("\n---\n") + "\n").expect("write manifests");
     std::fs::rename(&tmp, dir.join("cluster.yaml")).expect("rename manifests");
@@ -112,7 +115,10 @@ impl Agent {
             .stderr(err)
             .spawn()
             .expect("start the agent");
-        Agent { child: Some(child), log }
+        Agent {
+            child: Some(child),
+            log,
+        }
     }
 
     /// SIGKILL, as a crash or an OOM kill would.
