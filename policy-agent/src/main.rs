@@ -54,6 +54,22 @@ enum Mode {
         status_file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Attach::Auto)]
         attach: Attach,
+        /// Remove what an earlier agent pinned under --bpf-dir before starting.
+        #[arg(long)]
+        reset: bool,
+        /// Do not seed conntrack from the kernel's connection table on a first start.
+        #[arg(long)]
+        no_seed_conntrack: bool,
+        /// Refuse to start when the pinned maps do not match this agent's (instead of
+        /// migrating to new maps without a gap).
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Detach the programs (pinned links, clsact filters in this network namespace) and
+    /// unpin the maps: enforcement stops.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpf_dir: PathBuf,
     },
 }
 
@@ -72,7 +88,22 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     match cli.mode {
-        Mode::Standalone { manifests, node_name, bpf_dir, poll_ms, status_file, attach } => {
+        Mode::Uninstall { bpf_dir } => {
+            let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;
+            tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, "uninstalled");
+            Ok(())
+        }
+        Mode::Standalone {
+            manifests,
+            node_name,
+            bpf_dir,
+            poll_ms,
+            status_file,
+            attach,
+            reset,
+            no_seed_conntrack,
+            no_migrate,
+        } => {
             if !bpf_dir.exists() {
                 std::fs::create_dir_all(&bpf_dir)
                     .with_context(|| format!("creating {}", bpf_dir.display()))?;
@@ -88,6 +119,9 @@ fn main() -> Result<()> {
                     Attach::Tcx => AttachMode::Tcx,
                     Attach::Clsact => AttachMode::Netlink,
                 },
+                reset,
+                seed_conntrack: !no_seed_conntrack,
+                migrate: !no_migrate,
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }

@@ -2,6 +2,13 @@
 //! cluster. The agent runs in the node's network namespace, finds each local pod's host-side
 //! veth from the route to its address, attaches the programs there, and re-reads the
 //! directory whenever it changes.
+//!
+//! Restarts and upgrades leave no gap: maps and TCX links are pinned under `--bpf-dir` and
+//! stay enforcing while no agent runs (also after a clean stop); a new agent reuses the
+//! maps, reads them back, renames its compiler's numbers onto the kernel's and writes only
+//! the difference, then takes the pinned links over by replacing their program in place.
+//! On the very first start it seeds conntrack from the kernel's connection table.
+//! `policy-agent uninstall` removes everything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -9,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::compiler::{self, CompilerState, MapContents};
-use crate::dataplane::{AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps};
+use crate::dataplane::{
+    AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps, PinState, ctseed, pinning,
+    renumber_onto,
+};
 use crate::{manifests, netinfo, writer};
 
 #[derive(Clone, Debug)]
@@ -23,18 +33,32 @@ pub struct Config {
     /// Where to write the enforced generation (see [`Status`]).
     pub status_file: Option<PathBuf>,
     pub attach_mode: AttachMode,
+    /// Remove whatever an earlier agent pinned before starting (enforcement restarts from
+    /// nothing: established connections are re-seeded from the kernel's table).
+    pub reset: bool,
+    /// Seed conntrack from the kernel's connection table on a first start.
+    pub seed_conntrack: bool,
+    /// When the pinned maps do not match this agent's object (an upgrade changed a map),
+    /// move to new maps without a gap; else refuse to start.
+    pub migrate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
     #[error("manifest directory {path}: {source}")]
-    ManifestDir { path: PathBuf, source: std::io::Error },
+    ManifestDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     NetInfo(#[from] netinfo::NetInfoError),
     #[error("writing status file {path}: {source}")]
-    Status { path: PathBuf, source: std::io::Error },
+    Status {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What the agent enforces now, written after every reconcile (atomically).
@@ -48,48 +72,125 @@ pub struct Status {
     /// Local pods whose interface was not found yet (isolated anyway once it appears).
     pub waiting: Vec<String>,
     pub problems: Vec<String>,
+    /// Whether this agent adopted pinned maps of an earlier one (else it created them).
+    #[serde(default)]
+    pub adopted: bool,
+    /// Whether this agent moved an earlier one's incompatible maps to new ones.
+    #[serde(default)]
+    pub migrated: bool,
 }
 
-/// Runs until `stop` is set.
+/// Runs until `stop` is set. Attachments and maps stay in place when it returns.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
-    std::fs::read_dir(&cfg.manifests)
-        .map_err(|source| StandaloneError::ManifestDir { path: cfg.manifests.clone(), source })?;
-    let mut dp = Dataplane::load(&cfg.bpf_dir)?;
+    std::fs::read_dir(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
+        path: cfg.manifests.clone(),
+        source,
+    })?;
+    if cfg.reset {
+        let gone = uninstall(&cfg.bpf_dir)?;
+        tracing::warn!(?gone, "--reset: removed what an earlier agent pinned");
+    }
+    // An incompatible pin directory fails here, before anything is touched: the programs
+    // already attached keep enforcing their own maps (fail closed, never open).
+    let mut dp = match Dataplane::load(&cfg.bpf_dir) {
+        Err(DataplaneError::Incompatible { detail, .. }) if cfg.migrate => {
+            tracing::warn!(%detail, "pinned maps do not match this agent: migrating to new maps");
+            Dataplane::load_staged(&cfg.bpf_dir)?
+        }
+        r => r?,
+    };
+    dp.persist_links();
     let mut maps = dp.take_maps()?;
-    // Until restart adoption exists, start from empty maps so nothing stale is enforced.
-    maps.clear_all()?;
+    let adopted = dp.pin_state() == PinState::Adopted;
+    let mut seed = !adopted && cfg.seed_conntrack;
+    if dp.pin_state() == PinState::Migrating {
+        // The old agent's table, when its layout is ours; else the kernel's (established
+        // connections only: the same as a first start).
+        match ctseed::copy_pinned(&mut maps, &cfg.bpf_dir.join(policy_common::MAP_CONNTRACK)) {
+            Ok(Some(n)) => {
+                tracing::info!(entries = n, "conntrack copied from the old map");
+                seed = false;
+            }
+            Ok(None) => tracing::warn!(
+                "old conntrack map of another layout: seeding from the kernel's table"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "old conntrack map unreadable: seeding from the kernel's table")
+            }
+        }
+    }
+    if seed {
+        let seeded = ctseed::kernel_table()
+            .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
+        match seeded {
+            Ok(s) => tracing::info!(
+                connections = s.connections,
+                entries = s.entries,
+                "conntrack seeded from the kernel's table"
+            ),
+            // No table means no tracked connection to keep (nf_conntrack not in use here).
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
+            }
+        }
+    }
     let mut agent = Agent {
         state: CompilerState::new(),
-        written: MapContents::default(),
+        written: maps.read_contents()?,
+        resync: false,
         attached: BTreeMap::new(),
+        pins_adopted: false,
         last_fingerprint: None,
         last_status: None,
+        adopted,
+        migrated: false,
     };
-    tracing::info!(manifests = %cfg.manifests.display(), node = %cfg.node_name, "standalone agent started");
+    tracing::info!(
+        manifests = %cfg.manifests.display(),
+        node = %cfg.node_name,
+        adopted,
+        entries = agent.written.sizes().iter().map(|(_, n, _)| n).sum::<usize>(),
+        "standalone agent started"
+    );
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
         if let Err(e) = agent.reconcile(cfg, &mut dp, &mut maps) {
-            // Keep running: the next change or tick retries from a full compile.
+            // Keep running: the next tick retries from a full compile against a fresh
+            // read of the kernel maps.
             tracing::error!(error = %e, "reconcile failed");
             agent.last_fingerprint = None;
+            agent.resync = true;
         }
         let spent = t0.elapsed();
         std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
     }
+    // Persistent attachments are left to enforce until the next agent takes them over.
     for (_, (_, a)) in std::mem::take(&mut agent.attached) {
-        let iface = a.interface.clone();
-        if let Err(e) = dp.detach(a) {
-            tracing::debug!(interface = %iface, error = %e, "detach at exit");
-        }
+        dp.release(a);
     }
-    tracing::info!("standalone agent stopped");
+    tracing::info!(
+        "standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)"
+    );
     Ok(())
+}
+
+/// Detaches and unpins everything an agent left under `bpf_dir` and in this network
+/// namespace.
+pub fn uninstall(bpf_dir: &Path) -> Result<pinning::Uninstalled, StandaloneError> {
+    let object = crate::ebpf_object::require().map_err(DataplaneError::from)?;
+    Ok(pinning::uninstall(object, bpf_dir)?)
 }
 
 struct Agent {
     state: CompilerState,
-    /// What the kernel maps hold (as written by this process).
+    /// What the kernel maps hold (read back at start, then as written by this process).
     written: MapContents,
+    /// `written` may be wrong (a write failed half-way): read the kernel again.
+    resync: bool,
+    /// Whether the pinned links of an earlier agent were taken over yet.
+    pins_adopted: bool,
+    adopted: bool,
+    migrated: bool,
     /// Interface name -> (its ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
@@ -107,8 +208,11 @@ impl Agent {
         let changed = self.last_fingerprint.as_ref() != Some(&fp);
         // Hash before reading: if a file changes while we read, the next tick sees it.
         let generation = manifests::content_hash(&cfg.manifests);
-        let m = manifests::load_dir(&cfg.manifests)
-            .map_err(|source| StandaloneError::ManifestDir { path: cfg.manifests.clone(), source })?;
+        let m =
+            manifests::load_dir(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
+                path: cfg.manifests.clone(),
+                source,
+            })?;
         let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         let snapshot = m.snapshot(&cfg.node_name, netinfo::local_addrs()?);
         if changed {
@@ -116,10 +220,25 @@ impl Agent {
                 tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
             }
             let t0 = Instant::now();
+            if self.resync {
+                self.written = maps.read_contents()?;
+                self.resync = false;
+            }
             let desired = compiler::compile(&snapshot, &mut self.state);
-            let diff = MapContents::diff(&self.written, &desired);
+            if let Some((map, entries, capacity)) = desired.over_capacity().first().copied() {
+                return Err(DataplaneError::OverCapacity {
+                    map,
+                    entries,
+                    capacity,
+                }
+                .into());
+            }
+            // The kernel's numbers win where the meaning is the same; a changed table gets
+            // a number nothing uses, so endpoints switch to it whole.
+            let target = renumber_onto(&self.written, &desired);
+            let diff = MapContents::diff(&self.written, &target);
             writer::apply(maps, &diff)?;
-            self.written = desired;
+            self.written = target;
             tracing::info!(
                 changes = diff.len(),
                 endpoints = self.written.endpoints.len(),
@@ -132,18 +251,38 @@ impl Agent {
         let mut wanted = BTreeSet::new();
         let mut waiting = Vec::new();
         for pod in snapshot.pods.values().filter(|p| snapshot.is_local(p)) {
-            let ifaces: BTreeSet<&str> =
-                pod.ips.iter().filter_map(|ip| netinfo::iface_for(&routes, *ip)).collect();
+            let ifaces: BTreeSet<&str> = pod
+                .ips
+                .iter()
+                .filter_map(|ip| netinfo::iface_for(&routes, *ip))
+                .collect();
             if ifaces.is_empty() {
                 waiting.push(pod.key().to_string());
             }
             wanted.extend(ifaces.into_iter().map(str::to_string));
         }
+        if !self.pins_adopted {
+            // After the maps are right: links an earlier agent pinned get this agent's
+            // programs in place (no gap), and those of interfaces gone or no longer wanted
+            // are dropped below like any other. Failures are retried next tick.
+            self.pins_adopted = self.adopt_pins(cfg, dp) == 0;
+        }
         // An interface deleted (or deleted and re-created: a new ifindex) lost its programs.
-        self.attached.retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
+        let (keep, lost): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|(iface, (idx, _))| netinfo::ifindex(iface) == Some(*idx));
+        self.attached = keep;
+        for (iface, (_, a)) in lost {
+            // Its links are defunct; unpin them.
+            if let Err(e) = dp.detach(a) {
+                tracing::debug!(interface = %iface, error = %e, "dropping the links of a vanished interface");
+            }
+        }
         for iface in &wanted {
             if !self.attached.contains_key(iface) {
-                let Some(idx) = netinfo::ifindex(iface) else { continue };
+                let Some(idx) = netinfo::ifindex(iface) else {
+                    continue;
+                };
                 match dp.attach(iface, cfg.attach_mode) {
                     Ok(a) => {
                         tracing::info!(interface = %iface, "programs attached");
@@ -153,14 +292,24 @@ impl Agent {
                 }
             }
         }
-        let gone: Vec<String> =
-            self.attached.keys().filter(|i| !wanted.contains(*i)).cloned().collect();
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|i| !wanted.contains(*i))
+            .cloned()
+            .collect();
         for iface in gone {
-            if let Some((_, a)) = self.attached.remove(&iface) {
-                if let Err(e) = dp.detach(a) {
-                    tracing::debug!(interface = %iface, error = %e, "detach");
-                }
+            if let Some((_, a)) = self.attached.remove(&iface)
+                && let Err(e) = dp.detach(a)
+            {
+                tracing::debug!(interface = %iface, error = %e, "detach");
             }
+        }
+        if dp.pin_state() == PinState::Migrating && self.pins_adopted {
+            // Every pinned link and filter runs the new programs on the new maps now.
+            dp.finish_migration()?;
+            self.migrated = true;
+            tracing::info!("migration finished: the new maps are pinned in place of the old");
         }
         self.last_fingerprint = Some(fp);
         let status = Status {
@@ -169,6 +318,8 @@ impl Agent {
             attached: self.attached.keys().cloned().collect(),
             waiting,
             problems,
+            adopted: self.adopted,
+            migrated: self.migrated,
         };
         if self.last_status.as_ref() != Some(&status) {
             if let Some(path) = &cfg.status_file {
@@ -180,8 +331,41 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Takes over the links pinned under the pin directory; the number of failures.
+    fn adopt_pins(&mut self, cfg: &Config, dp: &mut Dataplane) -> usize {
+        let mut failures = 0;
+        for p in pinning::pinned_interfaces(&cfg.bpf_dir) {
+            if self.attached.contains_key(&p.ifname) {
+                continue;
+            }
+            if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
+                // The interface went away while no agent ran: its links are defunct.
+                if let Err(e) = std::fs::remove_dir_all(&p.dir) {
+                    tracing::warn!(dir = %p.dir.display(), error = %e, "unpinning stale links");
+                }
+                continue;
+            }
+            match dp.attach(&p.ifname, cfg.attach_mode) {
+                Ok(a) => {
+                    tracing::info!(interface = %p.ifname, "pinned links taken over");
+                    self.attached.insert(p.ifname.clone(), (p.ifindex, a));
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed");
+                }
+            }
+        }
+        failures
+    }
+}
+
 fn write_status(path: &Path, status: &Status) -> Result<(), StandaloneError> {
-    let err = |source| StandaloneError::Status { path: path.to_path_buf(), source };
+    let err = |source| StandaloneError::Status {
+        path: path.to_path_buf(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let text = serde_json::to_string_pretty(status).map_err(|e| err(std::io::Error::other(e)))?;
     std::fs::write(&tmp, text).map_err(err)?;

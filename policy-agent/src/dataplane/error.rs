@@ -44,6 +44,16 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinned objects under {pin_dir} cannot be adopted: {detail}")]
+    Incompatible { pin_dir: PathBuf, detail: String },
+    #[error("map {map}: {entries} entries exceed its capacity {capacity}; nothing written")]
+    OverCapacity {
+        map: &'static str,
+        entries: usize,
+        capacity: u32,
+    },
+    #[error("pinned link {path}: {detail}")]
+    Link { path: PathBuf, detail: String },
     #[error("I/O on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -1,6 +1,11 @@
 //! Loads the eBPF object with its maps pinned by name under a caller-given bpffs directory
 //! (so a restarted agent adopts maps and their state), and attaches the two programs to pod
 //! interfaces: TCX where the kernel has it (6.6+), a clsact qdisc otherwise.
+//!
+//! Two kinds of attachment: ephemeral (detached when the [`Dataplane`] drops; tests) and
+//! persistent ([`Dataplane::persist_links`]; the agent): TCX links pinned under the pin
+//! directory, clsact filters at a fixed priority, both outliving the agent and taken over
+//! by the next one with an in-place program replacement (see [`super::pinning`]).
 
 use std::{
     os::fd::{AsRawFd as _, OwnedFd},
@@ -11,12 +16,27 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{
+            NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+            qdisc_add_clsact,
+        },
     },
 };
 use policy_common::{PROG_BENCH_EMPTY, PROG_FROM_POD, PROG_TO_POD};
 
+use super::pinning::{self, PinState};
 use super::{DataplaneError, maps::DataplaneMaps};
+
+/// Every program of the object, loaded (verified) at load time. Adding a program is one
+/// line here (and one hook list below if it is attached somewhere).
+pub const PROGRAMS: &[&str] = &[PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY];
+
+/// The hooks of a pod's host-side veth: TC ingress sees what the pod sends.
+pub const POD_HOOKS: &[(&str, TcAttachType)] = &[
+    (PROG_FROM_POD, TcAttachType::Ingress),
+    (PROG_TO_POD, TcAttachType::Egress),
+];
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -46,9 +66,20 @@ pub struct Attachment {
 /// namespace they live in, since netlink requests act on the caller's namespace.
 struct Slot {
     id: u64,
-    from_pod: SchedClassifierLinkId,
-    to_pod: SchedClassifierLinkId,
+    links: SlotLinks,
     netns: Option<OwnedFd>,
+}
+
+enum SlotLinks {
+    /// Owned by the programs: detached on detach or drop.
+    Ephemeral(Vec<(&'static str, SchedClassifierLinkId)>),
+    /// Pinned TCX links (the pins keep them attached); detach unpins the directory.
+    Pinned { links: Vec<FdLink>, dir: PathBuf },
+    /// clsact filters at the fixed priority on `interface`, left in place on drop.
+    Netlink {
+        interface: String,
+        hooks: Vec<TcAttachType>,
+    },
 }
 
 /// The loaded object. Dropping it detaches every attachment it made (clsact filters from
@@ -59,6 +90,13 @@ pub struct Dataplane {
     pin_dir: PathBuf,
     slots: Vec<Slot>,
     next_id: u64,
+    pin_state: PinState,
+    persist: bool,
+    /// Where links are pinned (`<dir>/links/`): the pin directory, also while a migration
+    /// stages new maps elsewhere.
+    link_root: PathBuf,
+    /// The object's maps pinned by name (moved into place when a migration finishes).
+    map_pins: Vec<String>,
 }
 
 impl Dataplane {
@@ -69,8 +107,14 @@ impl Dataplane {
 
     /// Loads `object`, creating or adopting its maps under `pin_dir` (a bpffs directory),
     /// and loads (verifies) every program.
+    ///
+    /// Pinned maps are checked against the object's definitions first: an incompatible pin
+    /// directory (an upgrade changed a map's layout) is refused with
+    /// [`DataplaneError::Incompatible`] before anything is loaded, so whatever runs keeps
+    /// running on the maps it was verified against.
     pub fn load_object(object: &[u8], pin_dir: &Path) -> Result<Self, DataplaneError> {
         check_bpffs(pin_dir)?;
+        let pin_state = pinning::check_pinned_maps(object, pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(object)
@@ -78,7 +122,7 @@ impl Dataplane {
                 pin_dir: pin_dir.to_path_buf(),
                 source: Box::new(e),
             })?;
-        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY] {
+        for name in PROGRAMS {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|e| DataplaneError::program(name, e))?;
         }
@@ -87,7 +131,68 @@ impl Dataplane {
             pin_dir: pin_dir.to_path_buf(),
             slots: Vec::new(),
             next_id: 0,
+            pin_state,
+            persist: false,
+            link_root: pin_dir.to_path_buf(),
+            map_pins: pinning::pinned_map_names(object),
         })
+    }
+
+    /// The upgrade path for an incompatible pin directory: loads the embedded object with
+    /// new, empty maps pinned in `<pin_dir>/.upgrade/` while links stay pinned under
+    /// `<pin_dir>/links/`. The caller fills the maps, then attaches (each pinned link gets
+    /// the new program in place, which switches it to the new maps at once), then calls
+    /// [`Dataplane::finish_migration`]. The old programs enforce their old maps until their
+    /// link is switched: no gap.
+    pub fn load_staged(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        let object = crate::ebpf_object::require()?;
+        let staging = pin_dir.join(pinning::STAGING_DIR);
+        if staging.exists() {
+            // A migration that died half-way: its maps were never switched to.
+            std::fs::remove_dir_all(&staging).map_err(|source| DataplaneError::Io {
+                path: staging.clone(),
+                source,
+            })?;
+        }
+        std::fs::create_dir_all(&staging).map_err(|source| DataplaneError::Io {
+            path: staging.clone(),
+            source,
+        })?;
+        let mut dp = Self::load_object(object, &staging)?;
+        dp.link_root = pin_dir.to_path_buf();
+        dp.pin_state = PinState::Migrating;
+        Ok(dp)
+    }
+
+    /// Ends a migration: moves each new map pin over the old one (`rename`, atomic per
+    /// map), so the next agent adopts the new maps. Call once every pinned link runs the
+    /// new programs.
+    pub fn finish_migration(&mut self) -> Result<(), DataplaneError> {
+        if self.pin_state != PinState::Migrating {
+            return Ok(());
+        }
+        for name in &self.map_pins {
+            let (from, to) = (self.pin_dir.join(name), self.link_root.join(name));
+            std::fs::rename(&from, &to)
+                .map_err(|source| DataplaneError::Io { path: from, source })?;
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        self.pin_dir = self.link_root.clone();
+        self.pin_state = PinState::Adopted;
+        Ok(())
+    }
+
+    /// Whether the maps were created by this load ([`PinState::Fresh`]: a first start) or
+    /// adopted from an earlier agent.
+    pub fn pin_state(&self) -> PinState {
+        self.pin_state
+    }
+
+    /// From now on, attachments outlive this process: TCX links are pinned under
+    /// `<pin dir>/links/`, clsact filters use a fixed priority; existing ones are taken
+    /// over by replacing their program in place. Dropping the dataplane leaves them.
+    pub fn persist_links(&mut self) {
+        self.persist = true;
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -123,12 +228,22 @@ impl Dataplane {
         interface: &str,
         mode: AttachMode,
     ) -> Result<Attachment, DataplaneError> {
+        self.attach_hooks(interface, POD_HOOKS, mode)
+    }
+
+    /// Attaches each `(program, hook)` of `hooks` to `interface`: all or none.
+    pub fn attach_hooks(
+        &mut self,
+        interface: &str,
+        hooks: &[(&'static str, TcAttachType)],
+        mode: AttachMode,
+    ) -> Result<Attachment, DataplaneError> {
         match mode {
-            AttachMode::Auto => match self.attach(interface, AttachMode::Tcx) {
+            AttachMode::Auto => match self.attach_hooks(interface, hooks, AttachMode::Tcx) {
                 Ok(a) => Ok(a),
                 Err(e) => {
                     tracing::debug!(interface, error = %e, "TCX attach failed, using clsact");
-                    self.attach(interface, AttachMode::Netlink)
+                    self.attach_hooks(interface, hooks, AttachMode::Netlink)
                 }
             },
             AttachMode::Tcx | AttachMode::Netlink => {
@@ -139,27 +254,16 @@ impl Dataplane {
                 } else {
                     None
                 };
-                let from_pod =
-                    self.attach_one(PROG_FROM_POD, interface, TcAttachType::Ingress, mode)?;
-                let to_pod =
-                    match self.attach_one(PROG_TO_POD, interface, TcAttachType::Egress, mode) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            // Never leave half an attachment: the pod would be enforced one way.
-                            // (Same thread, so the same namespace as the attach.)
-                            let _ = classifier(&mut self.ebpf, PROG_FROM_POD)
-                                .map(|p| p.detach(from_pod));
-                            return Err(e);
-                        }
-                    };
+                let links = match (self.persist, mode) {
+                    (false, _) => {
+                        SlotLinks::Ephemeral(self.attach_ephemeral(interface, hooks, mode)?)
+                    }
+                    (true, AttachMode::Tcx) => self.attach_pinned(interface, hooks)?,
+                    (true, _) => self.attach_netlink_fixed(interface, hooks)?,
+                };
                 let id = self.next_id;
                 self.next_id += 1;
-                self.slots.push(Slot {
-                    id,
-                    from_pod,
-                    to_pod,
-                    netns,
-                });
+                self.slots.push(Slot { id, links, netns });
                 Ok(Attachment {
                     interface: interface.to_string(),
                     mode,
@@ -167,6 +271,182 @@ impl Dataplane {
                 })
             }
         }
+    }
+
+    fn attach_ephemeral(
+        &mut self,
+        interface: &str,
+        hooks: &[(&'static str, TcAttachType)],
+        mode: AttachMode,
+    ) -> Result<Vec<(&'static str, SchedClassifierLinkId)>, DataplaneError> {
+        let mut done = Vec::new();
+        for (program, at) in hooks {
+            match self.attach_one(program, interface, *at, mode) {
+                Ok(l) => done.push((*program, l)),
+                Err(e) => {
+                    // Never leave part of an attachment: the pod would be enforced one way.
+                    // (Same thread, so the same namespace as the attach.)
+                    for (p, l) in done {
+                        let _ = classifier(&mut self.ebpf, p).map(|prog| prog.detach(l));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// TCX links pinned under `links/<ifname>@<ifindex>/`: a pinned link found there gets
+    /// this object's program in place (`BPF_LINK_UPDATE`: the hook is never empty), a
+    /// missing one is created and pinned.
+    fn attach_pinned(
+        &mut self,
+        interface: &str,
+        hooks: &[(&'static str, TcAttachType)],
+    ) -> Result<SlotLinks, DataplaneError> {
+        let ifindex = ifindex_of(interface)?;
+        let dir = pinning::link_dir(&self.link_root, interface, ifindex);
+        std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        let mut created = Vec::new();
+        for (program, at) in hooks {
+            let path = dir.join(program);
+            let existed = path.exists();
+            match self.adopt_or_create_link(program, interface, *at, &path) {
+                Ok(l) => {
+                    links.push(l);
+                    if !existed {
+                        created.push(path);
+                    }
+                }
+                Err(e) => {
+                    // All or none: links created here are unpinned again (and detach when
+                    // `links` drops); adopted ones stay as they were, still enforcing.
+                    for p in created {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(SlotLinks::Pinned { links, dir })
+    }
+
+    fn adopt_or_create_link(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        at: TcAttachType,
+        path: &Path,
+    ) -> Result<FdLink, DataplaneError> {
+        let link_err = |e: LinkError| DataplaneError::Link {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let prog = classifier(&mut self.ebpf, program)?;
+        let id = match PinnedLink::from_pin(path) {
+            Ok(pinned) => {
+                let link: SchedClassifierLink =
+                    FdLink::from(pinned).try_into().map_err(link_err)?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|e| DataplaneError::Attach {
+                        program,
+                        interface: interface.to_string(),
+                        source: Box::new(e),
+                    })?;
+                tracing::debug!(
+                    program,
+                    interface,
+                    "pinned link adopted, program replaced in place"
+                );
+                id
+            }
+            Err(LinkError::SyscallError(s))
+                if s.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                prog.attach_with_options(
+                    interface,
+                    at,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| DataplaneError::Attach {
+                    program,
+                    interface: interface.to_string(),
+                    source: Box::new(e),
+                })?
+            }
+            Err(e) => return Err(link_err(e)),
+        };
+        let owned = prog
+            .take_link(id)
+            .map_err(|e| DataplaneError::program(program, e))?;
+        let fd: FdLink = owned.try_into().map_err(link_err)?;
+        if path.exists() {
+            return Ok(fd);
+        }
+        let pinned = fd.pin(path).map_err(|e| DataplaneError::Link {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        Ok(FdLink::from(pinned))
+    }
+
+    /// clsact filters at [`pinning::NETLINK_PRIORITY`]: created, or replaced in place when
+    /// an earlier agent left them.
+    fn attach_netlink_fixed(
+        &mut self,
+        interface: &str,
+        hooks: &[(&'static str, TcAttachType)],
+    ) -> Result<SlotLinks, DataplaneError> {
+        let mut done = Vec::new();
+        for (program, at) in hooks {
+            let prog = classifier(&mut self.ebpf, program)?;
+            let opts = || {
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: pinning::NETLINK_PRIORITY,
+                    handle: TcHandle::from(pinning::NETLINK_HANDLE),
+                    classid: None,
+                })
+            };
+            let id = match prog.attach_with_options(interface, *at, opts()) {
+                Ok(id) => id,
+                Err(_) => {
+                    // Present already (an earlier agent's): replace its program in place.
+                    let old = SchedClassifierLink::attached(
+                        interface,
+                        *at,
+                        pinning::NETLINK_PRIORITY,
+                        TcHandle::from(pinning::NETLINK_HANDLE),
+                        None,
+                    )
+                    .map_err(|source| DataplaneError::Interface {
+                        interface: interface.to_string(),
+                        source,
+                    })?;
+                    prog.attach_to_link(old)
+                        .map_err(|e| DataplaneError::Attach {
+                            program,
+                            interface: interface.to_string(),
+                            source: Box::new(e),
+                        })?
+                }
+            };
+            // Owned links detach when dropped: keep this one alive for the process and
+            // leave the filter behind on exit (the next agent replaces it).
+            let link = prog
+                .take_link(id)
+                .map_err(|e| DataplaneError::program(program, e))?;
+            std::mem::forget(link);
+            done.push(*at);
+        }
+        Ok(SlotLinks::Netlink {
+            interface: interface.to_string(),
+            hooks: done,
+        })
     }
 
     /// Attaches to the interface with index `ifindex` (calling thread's namespace).
@@ -199,14 +479,21 @@ impl Dataplane {
             })
     }
 
-    /// Detaches both programs from the attachment's interface (from any thread: clsact
-    /// filters are removed from inside the namespace they were attached in).
+    /// Detaches the attachment's programs from its interface (from any thread: clsact
+    /// filters are removed from inside the namespace they were attached in; pinned links
+    /// are unpinned).
     pub fn detach(&mut self, a: Attachment) -> Result<(), DataplaneError> {
         let Some(i) = self.slots.iter().position(|s| s.id == a.id) else {
             return Ok(());
         };
         let slot = self.slots.swap_remove(i);
         detach_slot(&mut self.ebpf, slot)
+    }
+
+    /// Forgets the attachment without detaching it (a persistent attachment keeps
+    /// enforcing after this process).
+    pub fn release(&mut self, a: Attachment) {
+        self.slots.retain(|s| s.id != a.id);
     }
 }
 
@@ -216,6 +503,10 @@ impl Drop for Dataplane {
         // a netlink request made in their namespace, never in whatever namespace the
         // dropping thread happens to be in.
         for slot in std::mem::take(&mut self.slots) {
+            if !matches!(slot.links, SlotLinks::Ephemeral(_)) {
+                // Persistent: pins and fixed-priority filters outlive the agent on purpose.
+                continue;
+            }
             if let Err(e) = detach_slot(&mut self.ebpf, slot) {
                 tracing::warn!(error = %e, "detaching on drop failed");
             }
@@ -224,20 +515,34 @@ impl Drop for Dataplane {
 }
 
 fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
-    let Slot {
-        from_pod,
-        to_pod,
-        netns,
-        ..
-    } = slot;
+    let Slot { links, netns, .. } = slot;
     let run = move |ebpf: &mut Ebpf| -> Result<(), DataplaneError> {
-        let r1 = classifier(ebpf, PROG_FROM_POD)?
-            .detach(from_pod)
-            .map_err(|e| DataplaneError::program(PROG_FROM_POD, e));
-        let r2 = classifier(ebpf, PROG_TO_POD)?
-            .detach(to_pod)
-            .map_err(|e| DataplaneError::program(PROG_TO_POD, e));
-        r1.and(r2)
+        match links {
+            SlotLinks::Ephemeral(ids) => {
+                let mut r = Ok(());
+                for (p, id) in ids {
+                    let one = classifier(ebpf, p)?
+                        .detach(id)
+                        .map_err(|e| DataplaneError::program(p, e));
+                    r = r.and(one);
+                }
+                r
+            }
+            SlotLinks::Pinned { links, dir } => {
+                // Unpinned and closed: the kernel drops the links with their last reference.
+                let r = std::fs::remove_dir_all(&dir)
+                    .map_err(|source| DataplaneError::Io { path: dir, source });
+                drop(links);
+                r
+            }
+            SlotLinks::Netlink { interface, hooks } => {
+                let mut r = Ok(());
+                for at in hooks {
+                    r = r.and(detach_fixed_filter(&interface, at).map(|_| ()));
+                }
+                r
+            }
+        }
     };
     match netns {
         None => run(ebpf),
@@ -255,6 +560,56 @@ fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
             h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
         }),
     }
+}
+
+/// Deletes our fixed-priority clsact filter at `at` of `interface` (calling thread's
+/// namespace); a filter that is not there is not an error. Whether one was deleted.
+pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, DataplaneError> {
+    use aya::programs::Link as _;
+    let link = SchedClassifierLink::attached(
+        interface,
+        at,
+        pinning::NETLINK_PRIORITY,
+        TcHandle::from(pinning::NETLINK_HANDLE),
+        None,
+    )
+    .map_err(|source| DataplaneError::Interface {
+        interface: interface.to_string(),
+        source,
+    })?;
+    use aya::programs::{ProgramError, TcError};
+    let errno = |e: &ProgramError| match e {
+        ProgramError::NetlinkError(n) | ProgramError::TcError(TcError::NetlinkError(n)) => {
+            n.raw_os_error()
+        }
+        _ => None,
+    };
+    match link.detach() {
+        Ok(()) => Ok(true),
+        // No such filter, or no clsact qdisc at all.
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(false),
+        Err(e) => Err(DataplaneError::Interface {
+            interface: interface.to_string(),
+            source: std::io::Error::other(e),
+        }),
+    }
+}
+
+/// The index of `interface` in the calling thread's namespace.
+pub fn ifindex_of(interface: &str) -> Result<u32, DataplaneError> {
+    let c = std::ffi::CString::new(interface).map_err(|e| DataplaneError::Interface {
+        interface: interface.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: a valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(DataplaneError::Interface {
+            interface: interface.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(idx)
 }
 
 /// The calling thread's network namespace.

@@ -1,12 +1,19 @@
 //! The kernel side as the agent sees it: load the eBPF object, attach its programs to pod
 //! interfaces, write and read its maps, read its deny events.
 
+pub mod ctnetlink;
+pub mod ctseed;
 mod error;
 pub mod events;
 pub mod loader;
 pub mod maps;
+pub mod pinning;
+mod readback;
+pub mod reconcile;
 
 pub use error::DataplaneError;
 pub use events::DenyEvents;
 pub use loader::{AttachMode, Attachment, Dataplane};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};
+pub use pinning::PinState;
+pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};

@@ -1,0 +1,264 @@
+//! An upgrade whose maps changed layout meets the old agent's pins: the new agent must see
+//! it before loading anything and refuse clearly (fail closed: the attached programs keep
+//! enforcing their own maps), never adopt a map of another layout. Needs root and BPF:
+//! fails without.
+
+mod restart_common;
+
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::path::Path;
+use std::process::Command;
+
+use policy_agent::dataplane::{Dataplane, DataplaneError, PinState};
+use policy_agent::testbed::PrivateBpffs;
+use policy_common::{MAP_ENDPOINTS, MAP_PORTS, MAX_ENDPOINTS};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+/// Creates a hash map of the given layout and pins it at `path` (raw syscalls: aya creates
+/// maps only from an object).
+fn pin_raw_hash(path: &Path, key_size: u32, value_size: u32, max_entries: u32) {
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_HASH, key_size, value_size, max_entries]);
+    // SAFETY: a zeroed bpf_attr with the map-create fields set; its size is passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd this test owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut pin = [0u64; 4];
+    pin[0] = c.as_ptr() as u64;
+    pin[1] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
+    // SAFETY: a zeroed bpf_attr with pathname and bpf_fd set; `c` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn restart_incompatible_pinned_map_is_refused_before_loading() {
+    let fs = PrivateBpffs::mount().expect("private bpffs");
+    {
+        let dp = Dataplane::load(fs.path()).expect("first load creates the pins");
+        assert_eq!(dp.pin_state(), PinState::Fresh);
+    }
+    assert_eq!(
+        Dataplane::load(fs.path())
+            .expect("same object adopts")
+            .pin_state(),
+        PinState::Adopted
+    );
+
+    // An "old agent" left ENDPOINTS with 8-byte values where this object has 16.
+    let endpoints = fs.path().join(MAP_ENDPOINTS);
+    std::fs::remove_file(&endpoints).expect("unpin");
+    pin_raw_hash(&endpoints, 16, 8, MAX_ENDPOINTS);
+    match Dataplane::load(fs.path()) {
+        Err(DataplaneError::Incompatible { detail, .. }) => {
+            assert!(
+                detail.contains("ENDPOINTS.value_size: pinned 8 but the object wants 16"),
+                "{detail}"
+            );
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("an incompatible map was adopted"),
+    }
+
+    // The agent binary says so and exits non-zero instead of running.
+    let dir = restart_common::TempDir::new("upgrade");
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_policy-agent"))
+        .arg("standalone")
+        .arg("--manifests")
+        .arg(dir.manifests())
+        .arg("--bpf-dir")
+        .arg(fs.path())
+        .arg("--no-migrate")
+        .output()
+        .expect("run the agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "the agent must refuse: {err}"
+    );
+    assert!(
+        err.contains("cannot be adopted") && err.contains("ENDPOINTS.value_size"),
+        "{err}"
+    );
+
+    // Some maps pinned and others not (a partial cleanup) is refused too.
+    std::fs::remove_file(&endpoints).expect("unpin");
+    std::fs::remove_file(fs.path().join(MAP_PORTS)).expect("unpin");
+    match Dataplane::load(fs.path()) {
+        Err(DataplaneError::Incompatible { detail, .. }) => {
+            assert!(
+                detail.contains("others are not") && detail.contains(MAP_PORTS),
+                "{detail}"
+            );
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a partial pin directory was adopted"),
+    }
+}
+
+/// An upgrade that changed a map's layout (simulated: the old agent's ENDPOINTS pin is
+/// swapped for one of another layout; its programs keep the real map): the new agent stages
+/// new maps, fills them, switches each pinned link to its programs in place and moves the
+/// new pins over the old. Traffic is judged throughout: A reaches B, C never does, and a
+/// long-lived connection survives (its conntrack entry is copied).
+#[test]
+fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use aya::programs::{SchedClassifier, TcAttachType};
+    use policy_agent::testbed::{TcpClient, TcpEchoServer, Testbed, tcp_echo};
+    use restart_common::{Agent, files_under, ingress_from, pod, uninstall, write_manifests};
+
+    const A: usize = 0;
+    const B: usize = 1;
+    const C: usize = 2;
+    let mut bed = Testbed::new().expect("node namespace");
+    for _ in 0..3 {
+        bed.add_pod().expect("pod");
+    }
+    let fs = PrivateBpffs::mount().expect("private bpffs");
+    let dir = restart_common::TempDir::new("migrate");
+    let to_b = SocketAddr::new(bed.hosts[B].ip(false), 8080);
+    let _srv = TcpEchoServer::start(&bed.hosts[B].ns, to_b).expect("server on B");
+    let generation = write_manifests(
+        &dir.manifests(),
+        &[
+            pod(&bed, A, "a"),
+            pod(&bed, B, "b"),
+            pod(&bed, C, "c"),
+            ingress_from("b", "b", "a", 8080, 9090),
+        ],
+    );
+    let progs = |bed: &Testbed| -> Vec<u32> {
+        let iface = bed.hosts[B].host_if.clone();
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|at| {
+                let (_, p) = bed
+                    .node
+                    .enter(|| SchedClassifier::query_tcx(&iface, at))
+                    .expect("enter")
+                    .expect("query");
+                p.iter().map(|p| p.id()).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+
+    let mut agent1 = Agent::start(&bed, &dir, &fs, &["--attach", "tcx"], 1);
+    agent1.wait_generation(&dir.status(), generation, 3);
+    let progs1 = progs(&bed);
+    let mut long = TcpClient::connect(&bed.hosts[A].ns, to_b, Duration::from_secs(2))
+        .expect("long-lived A -> B");
+    long.round_trip(b"before").expect("round trip");
+    agent1.kill9();
+    let endpoints = fs.path().join(MAP_ENDPOINTS);
+    std::fs::remove_file(&endpoints).expect("unpin");
+    pin_raw_hash(&endpoints, 16, 8, MAX_ENDPOINTS);
+
+    let stop = AtomicBool::new(false);
+    let results: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
+    let bed_ref = &bed;
+    let status = std::thread::scope(|sc| {
+        let _stop_guard = restart_common::StopOnDrop(&stop);
+        for src in [A, C] {
+            let (stop, results) = (&stop, &results);
+            sc.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let ok =
+                        tcp_echo(&bed_ref.hosts[src].ns, to_b, Duration::from_millis(700)).is_ok();
+                    results.lock().expect("lock").push((src, ok));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let mut agent2 = Agent::start(bed_ref, &dir, &fs, &["--attach", "tcx"], 2);
+        let s = agent2.wait_generation(&dir.status(), generation, 3);
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            long.round_trip(b"after")
+                .expect("the long-lived connection survives the migration");
+        }
+        drop(std::mem::replace(&mut agent1, agent2));
+        s
+    });
+    assert!(
+        status.migrated && !status.adopted,
+        "{status:?}: {}",
+        agent1.log_tail()
+    );
+    let results = results.into_inner().expect("lock");
+    let wrong: Vec<&(usize, bool)> = results
+        .iter()
+        .filter(|(src, ok)| *ok != (*src == A))
+        .collect();
+    let from = |s: usize| results.iter().filter(|(src, _)| *src == s).count();
+    eprintln!(
+        "migration under traffic: {} probes (A {}, C {}), wrong {}",
+        results.len(),
+        from(A),
+        from(C),
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "wrong verdicts during the migration: {wrong:?}"
+    );
+    assert!(from(A) > 20 && from(C) > 2, "too few probes: {results:?}");
+    let progs2 = progs(&bed);
+    assert_eq!(progs2.len(), 2, "one program per hook: {progs2:?}");
+    assert!(
+        progs1.iter().all(|p| !progs2.contains(p)),
+        "programs not replaced: {progs1:?} -> {progs2:?}"
+    );
+    assert!(
+        !fs.path().join("upgrade").exists(),
+        "staging directory left behind"
+    );
+    // The pins are the new maps now: a later agent adopts them.
+    assert_eq!(
+        Dataplane::load(fs.path())
+            .expect("adopt after migration")
+            .pin_state(),
+        PinState::Adopted
+    );
+
+    drop(long);
+    agent1.kill9();
+    uninstall(&bed, &fs);
+    assert!(
+        files_under(fs.path()).is_empty(),
+        "left pinned: {:?}",
+        files_under(fs.path())
+    );
+}
