@@ -142,6 +142,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         pins_adopted: false,
         last_fingerprint: None,
         last_status: None,
+        loader: manifests::DirLoader::default(),
         adopted,
         migrated: false,
     };
@@ -195,6 +196,8 @@ struct Agent {
     attached: BTreeMap<String, (u32, Attachment)>,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
     last_status: Option<Status>,
+    /// Keeps each manifest file's last good version: a file turning bad never opens traffic.
+    loader: manifests::DirLoader,
 }
 
 impl Agent {
@@ -209,7 +212,7 @@ impl Agent {
         // Hash before reading: if a file changes while we read, the next tick sees it.
         let generation = manifests::content_hash(&cfg.manifests);
         let m =
-            manifests::load_dir(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
+            self.loader.load(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
                 path: cfg.manifests.clone(),
                 source,
             })?;
