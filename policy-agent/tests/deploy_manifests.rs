@@ -21,12 +21,18 @@ fn read(name: &str) -> String {
 }
 
 /// Parses a manifest strictly into `T`, also checking its apiVersion and kind.
-fn parse<T: k8s_openapi::Resource + serde::de::DeserializeOwned>(name: &str) -> T {
+fn parse<T: k8s_openapi::Resource + serde::de::DeserializeOwned + serde::Serialize>(name: &str) -> T {
     let text = read(name);
     let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("deploy/{name}: {e}"));
     assert_eq!(v["apiVersion"].as_str(), Some(T::API_VERSION), "deploy/{name} apiVersion");
     assert_eq!(v["kind"].as_str(), Some(T::KIND), "deploy/{name} kind");
-    serde_yaml::from_value(v).unwrap_or_else(|e| panic!("deploy/{name} as {}: {e}", T::KIND))
+    let typed: T = serde_yaml::from_value(v.clone()).unwrap_or_else(|e| panic!("deploy/{name} as {}: {e}", T::KIND));
+    // Strict: serde ignores unknown fields, so a misspelt field would vanish silently. The
+    // typed object must serialize back to exactly what the file says.
+    let back = serde_json::to_value(&typed).unwrap();
+    let orig = serde_json::to_value(&v).unwrap();
+    assert_eq!(back, orig, "deploy/{name} has fields its type does not know");
+    typed
 }
 
 fn resources() -> Vec<String> {
@@ -98,7 +104,7 @@ fn rbac_is_exactly_read_pods_namespaces_policies_and_write_events() {
 fn daemonset_is_least_privilege_and_wired_to_the_agent() {
     let ds: DaemonSet = parse("daemonset.yaml");
     let sa: ServiceAccount = parse("serviceaccount.yaml");
-    let spec = ds.spec.unwrap();
+    let spec = ds.spec;
     let upd = spec.update_strategy.unwrap();
     assert_eq!(upd.type_.as_deref(), Some("RollingUpdate"));
     assert_eq!(upd.rolling_update.unwrap().max_unavailable, Some(IntOrString::Int(1)));
