@@ -218,6 +218,13 @@ async fn reconcile_resync_repairs_drift_in_the_maps() {
     }
     eventually(5, "drift repaired", || agent.kernel() == good).await;
     assert!(agent.calls().iter().any(|c| matches!(c, Call::Repair { changed } if *changed == 2)));
+    // Changes between resyncs go the incremental way; each resync checks it against a full
+    // compile, which must agree.
+    api.apply(Kind::Pods, pod("shop", "web9", NODE, "198.18.0.19", json!({"app": "web"})));
+    api.apply(Kind::Policies, policy("shop", "more", "client", "web", json!("http")));
+    eventually(5, "changes applied", || isolated_ingress(endpoint(&agent.kernel(), "198.18.0.11"))).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(agent.metrics.error_count(ErrorKind::CompileMismatch), 0);
     agent.stop().await;
 }
 
@@ -312,5 +319,39 @@ async fn reconcile_failed_write_is_retried_as_a_repair() {
     let calls = agent.calls();
     let failed = calls.iter().position(|c| *c == Call::Apply { changes: 0 }).expect("the failed apply");
     assert!(calls[failed + 1..].iter().any(|c| matches!(c, Call::Repair { .. })), "{calls:?}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_map_full_fails_closed_for_the_affected_endpoint() {
+    let api = base_api();
+    // web admits client and the remote pod (one identity): one RULES entry; a second policy
+    // makes client admit web and web9 through another set. Room for one RULES entry only.
+    api.apply(Kind::Policies, policy("shop", "client-from-web", "client", "web", json!(80)));
+    api.apply(Kind::Pods, pod("shop", "web9", "node-b", "198.18.0.19", json!({"app": "web", "v": "2"})));
+    let mut cfg = test_loop_config();
+    cfg.capacity.rules = 1;
+    let agent = Agent::start(api.clone(), cfg, None).await;
+    eventually(10, "ready", || agent.health.is_ready()).await;
+    let k = agent.kernel();
+    assert!(k.rules.len() <= 1, "never more than the capacity: {}", k.rules.len());
+    // client's set (two identities) did not fit: client denies all ingress; web keeps its rule.
+    let client = endpoint(&k, "198.18.0.11").unwrap();
+    assert_ne!(client.flags & ep_flags::ISOLATED_INGRESS, 0);
+    assert_eq!(client.ingress_policy_set, policy_common::POLICY_SET_EMPTY);
+    assert_eq!(client.flags & ep_flags::INGRESS_HAS_IDENTITY_RULES, 0);
+    let web = endpoint(&k, "198.18.0.10").unwrap();
+    assert_ne!(web.ingress_policy_set, policy_common::POLICY_SET_EMPTY);
+    assert!(k.rules.keys().all(|r| r.policy_set == web.ingress_policy_set));
+    assert!(agent.metrics.error_count(ErrorKind::MapFull) >= 1);
+    assert!(agent.metrics.encode().contains("netpol_failclosed_endpoints 1\n"));
+    // Room again (web's policy and the second peer go): client gets its one rule back.
+    api.delete(Kind::Policies, "shop", "web-from-client");
+    api.delete(Kind::Pods, "shop", "web9");
+    eventually(5, "client programmed", || {
+        endpoint(&agent.kernel(), "198.18.0.11").is_some_and(|v| v.ingress_policy_set != policy_common::POLICY_SET_EMPTY)
+    })
+    .await;
+    assert!(agent.metrics.encode().contains("netpol_failclosed_endpoints 0\n"));
     agent.stop().await;
 }
