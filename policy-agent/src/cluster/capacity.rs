@@ -162,6 +162,7 @@ pub fn fit(desired: &MapContents, cap: Capacity) -> Fitted {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::compiler;

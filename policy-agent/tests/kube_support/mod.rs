@@ -77,12 +77,15 @@ struct KindState {
     watches: usize,
 }
 
+/// A request held back by [`FakeApi::hold`], with its responder and body.
+type Held = (Request<Body>, tower_test::mock::SendResponse<Response<RespBody>>, Option<Value>);
+
 #[derive(Default)]
 struct State {
     rv: u64,
     kinds: HashMap<Kind, KindState>,
     requests: Vec<ApiRequest>,
-    pending: Vec<(Request<Body>, tower_test::mock::SendResponse<Response<RespBody>>, Option<Value>)>,
+    pending: Vec<Held>,
 }
 
 /// The scripted API server.
