@@ -126,3 +126,80 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
         })
         .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The DaemonSet's capabilities, proven on the kernel
+// ---------------------------------------------------------------------------------------------
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Restricts the calling thread's capabilities to `caps` (effective and permitted), as the
+/// container runtime does for the agent's process. Capabilities are per thread.
+fn restrict_thread_caps(caps: &[u32]) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut data = [Data::default(); 2];
+    for &c in caps {
+        let (i, bit) = ((c / 32) as usize, 1u32 << (c % 32));
+        data[i].effective |= bit;
+        data[i].permitted |= bit;
+    }
+    let hdr = Header { version: VERSION_3, pid: 0 };
+    // SAFETY: capset with a v3 header and two data words, as the ABI requires.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const Header, data.as_ptr()) };
+    assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+}
+
+/// In a fresh thread of the node namespace restricted to `caps`: load the object (maps
+/// pinned in a private bpffs), write an endpoint, attach to a pod veth, read the counters.
+fn agent_work_with(caps: &[u32]) -> Result<(), String> {
+    let mut bed = Testbed::new().expect("network namespaces (run as root)");
+    let a = bed.add_pod().unwrap();
+    let fs = PrivateBpffs::mount().expect("a private bpffs (run as root)");
+    let host_if = bed.hosts[a].host_if.clone();
+    let ip = bed.hosts[a].ip(false);
+    let path = fs.path().to_path_buf();
+    bed.node
+        .enter(move || {
+            restrict_thread_caps(caps);
+            let mut dp = Dataplane::load(&path).map_err(|e| format!("load: {e}"))?;
+            let mut maps = dp.take_maps().map_err(|e| format!("maps: {e}"))?;
+            maps.set_endpoint(EndpointKey { addr: addr_of(ip) }, EndpointValue::default())
+                .map_err(|e| format!("map write: {e}"))?;
+            let att = dp.attach(&host_if, AttachMode::Auto).map_err(|e| format!("attach: {e}"))?;
+            maps.counters().map_err(|e| format!("counters: {e}"))?;
+            dp.detach(att).map_err(|e| format!("detach: {e}"))?;
+            Ok(())
+        })
+        .unwrap()
+}
+
+#[test]
+fn kube_daemonset_capabilities_suffice_and_each_is_needed() {
+    // Exactly the DaemonSet's set (deploy/daemonset.yaml): everything the agent does works.
+    agent_work_with(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON]).expect("BPF + NET_ADMIN + PERFMON suffice");
+    // Without BPF nothing loads (not even the BTF).
+    let e = agent_work_with(&[CAP_NET_ADMIN, CAP_PERFMON]).unwrap_err();
+    assert!(e.starts_with("load"), "{e}");
+    // Without NET_ADMIN the TC programs do not load: sched_cls is a net-admin program type
+    // (and attaching needs it too).
+    let e = agent_work_with(&[CAP_BPF, CAP_PERFMON]).unwrap_err();
+    assert!(e.starts_with("load: program from_pod") && e.contains("Operation not permitted"), "{e}");
+    // Without PERFMON the verifier treats the loader as !root and rejects the programs'
+    // packet/stack pointer arithmetic (Spectre v1 sanitation).
+    let e = agent_work_with(&[CAP_BPF, CAP_NET_ADMIN]).unwrap_err();
+    assert!(e.starts_with("load: program from_pod") && e.contains("pointer arithmetic"), "{e}");
+}
