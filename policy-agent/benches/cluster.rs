@@ -22,7 +22,8 @@ const PODS_PER_NODE: usize = 110;
 fn pod(i: usize, generation: usize) -> core::Pod {
     let ns = i / PODS_PER_NS;
     let app = i % 10;
-    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + 1 + i as u32);
+    let ip =
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + 1 + i as u32);
     serde_json::from_value(json!({
         "metadata": {"namespace": format!("ns{ns}"), "name": format!("pod{i}"),
                      "resourceVersion": format!("{generation}"),
@@ -80,8 +81,15 @@ fn run(pods: usize) {
             .expect("ns")
         }),
     );
-    fill(&mut wnp, (0..namespaces).flat_map(|n| (0..10).map(move |k| policy(n, k))));
-    let stores = Stores { pods: wp.as_reader(), namespaces: wn.as_reader(), policies: wnp.as_reader() };
+    fill(
+        &mut wnp,
+        (0..namespaces).flat_map(|n| (0..10).map(move |k| policy(n, k))),
+    );
+    let stores = Stores {
+        pods: wp.as_reader(),
+        namespaces: wn.as_reader(),
+        policies: wnp.as_reader(),
+    };
     let node_addrs = vec!["198.18.255.254".parse().expect("ip")];
 
     let built = snapshot::build(&stores, "n0", node_addrs.clone());

@@ -154,7 +154,8 @@ impl Health {
     }
 
     pub fn beat(&self) {
-        self.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.heartbeat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Every watched store has finished its initial list.
@@ -216,15 +217,35 @@ impl Metrics {
             programming.clone(),
         );
         let map_entries = Family::<MapLabel, Gauge>::default();
-        registry.register("netpol_map_entries", "Entries written to each policy map", map_entries.clone());
+        registry.register(
+            "netpol_map_entries",
+            "Entries written to each policy map",
+            map_entries.clone(),
+        );
         let map_capacity = Family::<MapLabel, Gauge>::default();
-        registry.register("netpol_map_capacity", "Capacity (max_entries) of each policy map", map_capacity.clone());
+        registry.register(
+            "netpol_map_capacity",
+            "Capacity (max_entries) of each policy map",
+            map_capacity.clone(),
+        );
         let reconciles = Family::<TriggerLabel, Counter>::default();
-        registry.register("netpol_reconciles", "Reconcile passes by what triggered them", reconciles.clone());
+        registry.register(
+            "netpol_reconciles",
+            "Reconcile passes by what triggered them",
+            reconciles.clone(),
+        );
         let objects = Family::<KindLabel, Gauge>::default();
-        registry.register("netpol_watched_objects", "Objects in the watch caches", objects.clone());
+        registry.register(
+            "netpol_watched_objects",
+            "Objects in the watch caches",
+            objects.clone(),
+        );
         let attached = Gauge::default();
-        registry.register("netpol_attached_interfaces", "Pod interfaces with the programs attached", attached.clone());
+        registry.register(
+            "netpol_attached_interfaces",
+            "Pod interfaces with the programs attached",
+            attached.clone(),
+        );
         let waiting = Gauge::default();
         registry.register(
             "netpol_local_pods_without_interface",
@@ -242,7 +263,9 @@ impl Metrics {
             let _ = errors.get_or_create(&KindLabel { kind: k.as_str() });
         }
         for (name, cap) in map_capacities() {
-            map_capacity.get_or_create(&MapLabel { map: name }).set(i64::from(cap));
+            map_capacity
+                .get_or_create(&MapLabel { map: name })
+                .set(i64::from(cap));
             let _ = map_entries.get_or_create(&MapLabel { map: name });
         }
         for t in ["change", "resync"] {
@@ -263,11 +286,19 @@ impl Metrics {
     }
 
     pub fn error(&self, kind: ErrorKind) {
-        self.errors.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+        self.errors
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 
     pub fn error_count(&self, kind: ErrorKind) -> u64 {
-        self.errors.get_or_create(&KindLabel { kind: kind.as_str() }).get()
+        self.errors
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .get()
     }
 
     pub fn observe_programming(&self, latency: Duration) {
@@ -276,19 +307,25 @@ impl Metrics {
 
     pub fn reconciled(&self, resync: bool) {
         let trigger = if resync { "resync" } else { "change" };
-        self.reconciles.get_or_create(&TriggerLabel { trigger }).inc();
+        self.reconciles
+            .get_or_create(&TriggerLabel { trigger })
+            .inc();
     }
 
     /// Entries per policy map (`MapContents::sizes` order and names).
     pub fn set_map_entries(&self, sizes: &[(&'static str, usize, usize)]) {
         for (name, n, _) in sizes {
-            self.map_entries.get_or_create(&MapLabel { map: name }).set(*n as i64);
+            self.map_entries
+                .get_or_create(&MapLabel { map: name })
+                .set(*n as i64);
         }
     }
 
     /// `kind` is one of "pods", "namespaces", "networkpolicies".
     pub fn set_objects(&self, kind: &'static str, n: usize) {
-        self.objects.get_or_create(&KindLabel { kind }).set(n as i64);
+        self.objects
+            .get_or_create(&KindLabel { kind })
+            .set(n as i64);
     }
 
     pub fn set_interfaces(&self, attached: usize, waiting: usize) {
@@ -373,7 +410,10 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics, health: &Health) -> Response<
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(ctype),
+        );
         r
     };
     const PLAIN: &str = "text/plain; charset=utf-8";
@@ -387,7 +427,11 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics, health: &Health) -> Response<
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/healthz" if health.is_live() => text(StatusCode::OK, "ok\n".into(), PLAIN),
-        "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "reconcile loop stalled\n".into(), PLAIN),
+        "/healthz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reconcile loop stalled\n".into(),
+            PLAIN,
+        ),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n".into(), PLAIN),
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -37,7 +37,10 @@ async fn until(secs: u64, what: &str, mut probe: impl FnMut() -> bool) {
         if probe() {
             return;
         }
-        assert!(Instant::now() < end, "timed out after {secs}s waiting for: {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {secs}s waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -54,25 +57,59 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
 
     let api = FakeApi::default();
     api.apply(Kind::Namespaces, namespace("shop", json!({})));
-    api.apply(Kind::Pods, pod("shop", "client", NODE, &ip_a.to_string(), json!({"app": "client"})));
-    api.apply(Kind::Pods, pod("shop", "web", NODE, &ip_b.to_string(), json!({"app": "web"})));
+    api.apply(
+        Kind::Pods,
+        pod(
+            "shop",
+            "client",
+            NODE,
+            &ip_a.to_string(),
+            json!({"app": "client"}),
+        ),
+    );
+    api.apply(
+        Kind::Pods,
+        pod(
+            "shop",
+            "web",
+            NODE,
+            &ip_b.to_string(),
+            json!({"app": "web"}),
+        ),
+    );
     // A pod of another node: an identity, never attached to.
-    api.apply(Kind::Pods, pod("shop", "far", "node-b", "198.18.7.7", json!({"app": "client"})));
+    api.apply(
+        Kind::Pods,
+        pod(
+            "shop",
+            "far",
+            "node-b",
+            "198.18.7.7",
+            json!({"app": "client"}),
+        ),
+    );
 
     let host_a = &bed.hosts[a];
     let fs_path = fs.path().to_path_buf();
     bed.node
         .enter(|| {
             // One thread, in the node namespace: the runtime, the agent and its attaches.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
-                let dp = Dataplane::load(&fs_path).expect("load the eBPF object (cargo xtask build-ebpf)");
+                let dp = Dataplane::load(&fs_path)
+                    .expect("load the eBPF object (cargo xtask build-ebpf)");
                 let enforcer = KernelEnforcer::new(dp, AttachMode::Auto).unwrap();
                 let metrics = Arc::new(Metrics::new());
                 let health = Arc::new(Health::new(Duration::from_secs(60)));
                 let mut loop_cfg = test_loop_config();
                 loop_cfg.resync = Duration::from_secs(2);
-                let cfg = cluster::Config { loop_cfg, metrics_addr: None };
+                let cfg = cluster::Config {
+                    loop_cfg,
+                    metrics_addr: None,
+                };
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
                 let client = api.client();
                 let (m, h) = (metrics.clone(), health.clone());
@@ -85,14 +122,19 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
                 let probe = || tcp_echo(&host_a.ns, to_b, Duration::from_millis(500)).is_ok();
 
                 until(10, "ready", || health.is_ready()).await;
-                until(10, "both local veths attached", || metrics.encode().contains("netpol_attached_interfaces 2\n"))
-                    .await;
+                until(10, "both local veths attached", || {
+                    metrics.encode().contains("netpol_attached_interfaces 2\n")
+                })
+                .await;
                 assert!(probe(), "no policy: web is reachable");
 
                 api.apply(Kind::Policies, deny_all_ingress("shop", "deny", "web"));
                 until(10, "deny-all enforced", || !probe()).await;
 
-                api.apply(Kind::Policies, policy("shop", "allow", "web", "client", json!(8080)));
+                api.apply(
+                    Kind::Policies,
+                    policy("shop", "allow", "web", "client", json!(8080)),
+                );
                 until(10, "client admitted on 8080", probe).await;
 
                 // Drift: web's endpoint entry deleted behind the agent's back; the periodic
@@ -100,10 +142,15 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
                 let endpoints = MapData::from_pin(fs_path.join("ENDPOINTS")).unwrap();
                 let mut endpoints: BpfHashMap<MapData, EndpointKey, EndpointValue> =
                     BpfHashMap::try_from(Map::HashMap(endpoints)).unwrap();
-                let web = EndpointKey { addr: addr_of(ip_b) };
+                let web = EndpointKey {
+                    addr: addr_of(ip_b),
+                };
                 let want = endpoints.get(&web, 0).unwrap();
                 endpoints.remove(&web).unwrap();
-                until(10, "resync restored the endpoint", || endpoints.get(&web, 0).ok() == Some(want)).await;
+                until(10, "resync restored the endpoint", || {
+                    endpoints.get(&web, 0).ok() == Some(want)
+                })
+                .await;
                 until(10, "reachable again", probe).await;
 
                 api.delete(Kind::Policies, "shop", "allow");
@@ -113,7 +160,10 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
 
                 // The web pod goes: its veth is no longer attached to.
                 api.delete(Kind::Pods, "shop", "web");
-                until(10, "web detached", || metrics.encode().contains("netpol_attached_interfaces 1\n")).await;
+                until(10, "web detached", || {
+                    metrics.encode().contains("netpol_attached_interfaces 1\n")
+                })
+                .await;
 
                 let _ = stop_tx.send(());
                 let mut enforcer = tokio::time::timeout(Duration::from_secs(10), agent)
@@ -157,7 +207,10 @@ fn restrict_thread_caps(caps: &[u32]) {
         data[i].effective |= bit;
         data[i].permitted |= bit;
     }
-    let hdr = Header { version: VERSION_3, pid: 0 };
+    let hdr = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
     // SAFETY: capset with a v3 header and two data words, as the ABI requires.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const Header, data.as_ptr()) };
     assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
@@ -179,7 +232,9 @@ fn agent_work_with(caps: &[u32]) -> Result<(), String> {
             let mut maps = dp.take_maps().map_err(|e| format!("maps: {e}"))?;
             maps.set_endpoint(EndpointKey { addr: addr_of(ip) }, EndpointValue::default())
                 .map_err(|e| format!("map write: {e}"))?;
-            let att = dp.attach(&host_if, AttachMode::Auto).map_err(|e| format!("attach: {e}"))?;
+            let att = dp
+                .attach(&host_if, AttachMode::Auto)
+                .map_err(|e| format!("attach: {e}"))?;
             maps.counters().map_err(|e| format!("counters: {e}"))?;
             dp.detach(att).map_err(|e| format!("detach: {e}"))?;
             Ok(())
@@ -190,16 +245,23 @@ fn agent_work_with(caps: &[u32]) -> Result<(), String> {
 #[test]
 fn kube_daemonset_capabilities_suffice_and_each_is_needed() {
     // Exactly the DaemonSet's set (deploy/daemonset.yaml): everything the agent does works.
-    agent_work_with(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON]).expect("BPF + NET_ADMIN + PERFMON suffice");
+    agent_work_with(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON])
+        .expect("BPF + NET_ADMIN + PERFMON suffice");
     // Without BPF nothing loads (not even the BTF).
     let e = agent_work_with(&[CAP_NET_ADMIN, CAP_PERFMON]).unwrap_err();
     assert!(e.starts_with("load"), "{e}");
     // Without NET_ADMIN the TC programs do not load: sched_cls is a net-admin program type
     // (and attaching needs it too).
     let e = agent_work_with(&[CAP_BPF, CAP_PERFMON]).unwrap_err();
-    assert!(e.starts_with("load: program from_pod") && e.contains("Operation not permitted"), "{e}");
+    assert!(
+        e.starts_with("load: program from_pod") && e.contains("Operation not permitted"),
+        "{e}"
+    );
     // Without PERFMON the verifier treats the loader as !root and rejects the programs'
     // packet/stack pointer arithmetic (Spectre v1 sanitation).
     let e = agent_work_with(&[CAP_BPF, CAP_NET_ADMIN]).unwrap_err();
-    assert!(e.starts_with("load: program from_pod") && e.contains("pointer arithmetic"), "{e}");
+    assert!(
+        e.starts_with("load: program from_pod") && e.contains("pointer arithmetic"),
+        "{e}"
+    );
 }

@@ -59,7 +59,10 @@ fn port_set_of(k: &LpmKey<PortData>) -> u32 {
 
 /// Fits `desired` into `cap`. Contents that fit are returned unchanged.
 pub fn fit(desired: &MapContents, cap: Capacity) -> Fitted {
-    let mut out = Fitted { contents: desired.clone(), ..Default::default() };
+    let mut out = Fitted {
+        contents: desired.clone(),
+        ..Default::default()
+    };
     let c = &mut out.contents;
     for (name, n, max) in [
         (MAP_ENDPOINTS, c.endpoints.len(), cap.endpoints),
@@ -78,8 +81,11 @@ pub fn fit(desired: &MapContents, cap: Capacity) -> Fitted {
 
     // Policy-sets, largest contribution to an overflowing map first.
     loop {
-        let (rules_over, cidr_over, ports_over) =
-            (c.rules.len() > cap.rules, c.cidr_rules.len() > cap.cidr_rules, c.ports.len() > cap.ports);
+        let (rules_over, cidr_over, ports_over) = (
+            c.rules.len() > cap.rules,
+            c.cidr_rules.len() > cap.cidr_rules,
+            c.ports.len() > cap.ports,
+        );
         if !(rules_over || cidr_over || ports_over) {
             break;
         }
@@ -88,7 +94,8 @@ pub fn fit(desired: &MapContents, cap: Capacity) -> Fitted {
             *port_set_size.entry(port_set_of(k)).or_default() += 1;
         }
         let mut weight: BTreeMap<u32, usize> = BTreeMap::new();
-        let uses_port_set = |v: &RuleValue| (v.flags & rule_flags::PORT_SET != 0).then_some(v.port_set);
+        let uses_port_set =
+            |v: &RuleValue| (v.flags & rule_flags::PORT_SET != 0).then_some(v.port_set);
         for (k, v) in &c.rules {
             let w = weight.entry(k.policy_set).or_default();
             if rules_over {
@@ -108,26 +115,38 @@ pub fn fit(desired: &MapContents, cap: Capacity) -> Fitted {
             }
         }
         // Ties: the higher (newer) number goes first, so long-standing sets survive.
-        let Some((&set, _)) = weight.iter().filter(|(_, w)| **w > 0).max_by_key(|(s, w)| (**w, **s)) else {
+        let Some((&set, _)) = weight
+            .iter()
+            .filter(|(_, w)| **w > 0)
+            .max_by_key(|(s, w)| (**w, **s))
+        else {
             break;
         };
         c.rules.retain(|k, _| k.policy_set != set);
         c.cidr_rules.retain(|k, _| cidr_set(k) != set);
         out.dropped_sets.insert(set);
-        let used: BTreeSet<u32> =
-            c.rules.values().chain(c.cidr_rules.values()).filter_map(uses_port_set).collect();
+        let used: BTreeSet<u32> = c
+            .rules
+            .values()
+            .chain(c.cidr_rules.values())
+            .filter_map(uses_port_set)
+            .collect();
         c.ports.retain(|k, _| used.contains(&port_set_of(k)));
     }
 
     // Endpoints on a dropped set: deny everything in that direction.
     for (k, v) in c.endpoints.iter_mut() {
         let mut hit = false;
-        if v.flags & ep_flags::ISOLATED_INGRESS != 0 && out.dropped_sets.contains(&v.ingress_policy_set) {
+        if v.flags & ep_flags::ISOLATED_INGRESS != 0
+            && out.dropped_sets.contains(&v.ingress_policy_set)
+        {
             v.ingress_policy_set = POLICY_SET_EMPTY;
             v.flags &= !(ep_flags::INGRESS_HAS_IDENTITY_RULES | ep_flags::INGRESS_HAS_CIDR_RULES);
             hit = true;
         }
-        if v.flags & ep_flags::ISOLATED_EGRESS != 0 && out.dropped_sets.contains(&v.egress_policy_set) {
+        if v.flags & ep_flags::ISOLATED_EGRESS != 0
+            && out.dropped_sets.contains(&v.egress_policy_set)
+        {
             v.egress_policy_set = POLICY_SET_EMPTY;
             v.flags &= !(ep_flags::EGRESS_HAS_IDENTITY_RULES | ep_flags::EGRESS_HAS_CIDR_RULES);
             hit = true;
@@ -184,7 +203,10 @@ mod tests {
         NetworkPolicy {
             namespace: ns.into(),
             name: name.into(),
-            pod_selector: LabelSelector { match_labels: [("app".into(), target.into())].into(), ..Default::default() },
+            pod_selector: LabelSelector {
+                match_labels: [("app".into(), target.into())].into(),
+                ..Default::default()
+            },
             ingress_isolation: true,
             egress_isolation: false,
             ingress: vec![Rule {
@@ -202,7 +224,10 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
-        let mut s = Snapshot { node: "n1".into(), ..Default::default() };
+        let mut s = Snapshot {
+            node: "n1".into(),
+            ..Default::default()
+        };
         for p in [
             pod("a", "web", "198.18.0.1", "web", true),
             pod("a", "db", "198.18.0.2", "db", true),
@@ -236,12 +261,19 @@ mod tests {
     fn overflowing_rules_drop_the_largest_set_and_deny_its_endpoints() {
         let desired = compiler::compile(&snapshot(), &mut compiler::CompilerState::new());
         assert_eq!(desired.rules.len(), 4);
-        let cap = Capacity { rules: 2, ..Capacity::default() };
+        let cap = Capacity {
+            rules: 2,
+            ..Capacity::default()
+        };
         let f = fit(&desired, cap);
         assert_eq!(f.overflowed, vec![(MAP_RULES, 4, 2)]);
         assert!(f.contents.rules.len() <= 2);
-        let db: EndpointKey = EndpointKey { addr: compiler::addr_of("198.18.0.2".parse().unwrap()) };
-        let web: EndpointKey = EndpointKey { addr: compiler::addr_of("198.18.0.1".parse().unwrap()) };
+        let db: EndpointKey = EndpointKey {
+            addr: compiler::addr_of("198.18.0.2".parse().unwrap()),
+        };
+        let web: EndpointKey = EndpointKey {
+            addr: compiler::addr_of("198.18.0.1".parse().unwrap()),
+        };
         // db's set (3 rules) went; db now denies all ingress; web keeps its rule.
         assert_eq!(f.failclosed, [db].into());
         let v = f.contents.endpoints[&db];
@@ -250,15 +282,30 @@ mod tests {
         assert_eq!(v.flags & ep_flags::INGRESS_HAS_IDENTITY_RULES, 0);
         assert_eq!(f.contents.endpoints[&web], desired.endpoints[&web]);
         // No rule of a dropped set is left behind.
-        assert!(f.contents.rules.keys().all(|k| !f.dropped_sets.contains(&k.policy_set)));
+        assert!(
+            f.contents
+                .rules
+                .keys()
+                .all(|k| !f.dropped_sets.contains(&k.policy_set))
+        );
     }
 
     #[test]
     fn endpoints_past_capacity_are_left_out_and_reported() {
         let desired = compiler::compile(&snapshot(), &mut compiler::CompilerState::new());
-        let f = fit(&desired, Capacity { endpoints: 1, ..Capacity::default() });
+        let f = fit(
+            &desired,
+            Capacity {
+                endpoints: 1,
+                ..Capacity::default()
+            },
+        );
         assert_eq!(f.contents.endpoints.len(), 1);
         assert_eq!(f.failclosed.len(), 1);
-        assert!(!f.contents.endpoints.contains_key(f.failclosed.iter().next().unwrap()));
+        assert!(
+            !f.contents
+                .endpoints
+                .contains_key(f.failclosed.iter().next().unwrap())
+        );
     }
 }

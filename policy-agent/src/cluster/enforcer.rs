@@ -10,7 +10,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::compiler::{MapContents, MapDiff};
-use crate::dataplane::{AttachMode, Attachment, Counters, Dataplane, DataplaneError, DataplaneMaps};
+use crate::dataplane::{
+    AttachMode, Attachment, Counters, Dataplane, DataplaneError, DataplaneMaps,
+};
 use crate::model::ObjectKey;
 use crate::{netinfo, writer};
 
@@ -21,7 +23,10 @@ pub enum EnforceError {
     #[error(transparent)]
     NetInfo(#[from] netinfo::NetInfoError),
     #[error("reading map {map} back: {source}")]
-    ReadBack { map: &'static str, source: Box<aya::maps::MapError> },
+    ReadBack {
+        map: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
     /// The recording fake was told to fail (tests).
     #[error("injected failure: {0}")]
     Injected(String),
@@ -101,7 +106,12 @@ impl KernelEnforcer {
     /// from empty maps; the first [`Enforcer::repair`] then writes everything.
     pub fn new(mut dp: Dataplane, mode: AttachMode) -> Result<Self, EnforceError> {
         let maps = dp.take_maps()?;
-        Ok(KernelEnforcer { dp, maps, mode, attached: BTreeMap::new() })
+        Ok(KernelEnforcer {
+            dp,
+            maps,
+            mode,
+            attached: BTreeMap::new(),
+        })
     }
 
     pub fn maps(&self) -> &DataplaneMaps {
@@ -125,7 +135,12 @@ impl KernelEnforcer {
 /// loop's contract (`repair(desired)` makes the maps equal `desired`) stays as it is.
 pub fn read_back(maps: &DataplaneMaps) -> Result<MapContents, EnforceError> {
     use policy_common::maps::*;
-    let rb = |map: &'static str| move |e: aya::maps::MapError| EnforceError::ReadBack { map, source: Box::new(e) };
+    let rb = |map: &'static str| {
+        move |e: aya::maps::MapError| EnforceError::ReadBack {
+            map,
+            source: Box::new(e),
+        }
+    };
     let mut out = MapContents::default();
     for r in maps.endpoints.iter() {
         let (k, v) = r.map_err(rb(MAP_ENDPOINTS))?;
@@ -141,11 +156,23 @@ pub fn read_back(maps: &DataplaneMaps) -> Result<MapContents, EnforceError> {
     }
     for r in maps.cidr_rules.iter() {
         let (k, v) = r.map_err(rb(MAP_CIDR_RULES))?;
-        out.cidr_rules.insert(LpmKey { prefixlen: k.prefix_len(), data: k.data() }, v);
+        out.cidr_rules.insert(
+            LpmKey {
+                prefixlen: k.prefix_len(),
+                data: k.data(),
+            },
+            v,
+        );
     }
     for r in maps.ports.iter() {
         let (k, v) = r.map_err(rb(MAP_PORTS))?;
-        out.ports.insert(LpmKey { prefixlen: k.prefix_len(), data: k.data() }, v);
+        out.ports.insert(
+            LpmKey {
+                prefixlen: k.prefix_len(),
+                data: k.data(),
+            },
+            v,
+        );
     }
     Ok(out)
 }
@@ -177,20 +204,26 @@ impl Enforcer for KernelEnforcer {
         };
         let mut wanted = BTreeSet::new();
         for pod in local {
-            let ifaces: BTreeSet<&str> =
-                pod.ips.iter().filter_map(|ip| netinfo::iface_for(&routes, *ip)).collect();
+            let ifaces: BTreeSet<&str> = pod
+                .ips
+                .iter()
+                .filter_map(|ip| netinfo::iface_for(&routes, *ip))
+                .collect();
             if ifaces.is_empty() {
                 report.waiting.push(pod.key.clone());
             }
             wanted.extend(ifaces.into_iter().map(str::to_string));
         }
         // An interface deleted (or re-created: a new ifindex) lost its programs.
-        self.attached.retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
+        self.attached
+            .retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
         for iface in &wanted {
             if self.attached.contains_key(iface) {
                 continue;
             }
-            let Some(idx) = netinfo::ifindex(iface) else { continue };
+            let Some(idx) = netinfo::ifindex(iface) else {
+                continue;
+            };
             match self.dp.attach(iface, self.mode) {
                 Ok(a) => {
                     tracing::info!(interface = %iface, mode = ?a.mode, "programs attached");
@@ -202,7 +235,12 @@ impl Enforcer for KernelEnforcer {
                 }
             }
         }
-        let gone: Vec<String> = self.attached.keys().filter(|i| !wanted.contains(*i)).cloned().collect();
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|i| !wanted.contains(*i))
+            .cloned()
+            .collect();
         for iface in gone {
             if let Some((_, a)) = self.attached.remove(&iface) {
                 tracing::info!(interface = %iface, "programs detached (no local pod)");
@@ -272,7 +310,9 @@ impl RecordingEnforcer {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
         // A test that panicked while holding it already failed; keep the data.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -285,7 +325,9 @@ impl Enforcer for RecordingEnforcer {
             return Err(EnforceError::Injected("apply".into()));
         }
         diff.apply(&mut s.kernel);
-        s.calls.push(Call::Apply { changes: diff.len() });
+        s.calls.push(Call::Apply {
+            changes: diff.len(),
+        });
         Ok(())
     }
 
@@ -293,7 +335,9 @@ impl Enforcer for RecordingEnforcer {
         let mut s = self.lock();
         let diff = MapContents::diff(&s.kernel, desired);
         diff.apply(&mut s.kernel);
-        s.calls.push(Call::Repair { changed: diff.len() });
+        s.calls.push(Call::Repair {
+            changed: diff.len(),
+        });
         Ok(diff.len())
     }
 
@@ -304,7 +348,10 @@ impl Enforcer for RecordingEnforcer {
             s.calls.push(Call::Interfaces { pods: pods.clone() });
         }
         InterfaceReport {
-            attached: local.iter().map(|p| format!("veth-{}-{}", p.key.namespace, p.key.name)).collect(),
+            attached: local
+                .iter()
+                .map(|p| format!("veth-{}-{}", p.key.namespace, p.key.name))
+                .collect(),
             waiting: Vec::new(),
             failed: Vec::new(),
         }

@@ -28,9 +28,18 @@ pub fn spawn_publisher(
     client: Client,
     instance: String,
     metrics: Arc<Metrics>,
-) -> (mpsc::UnboundedSender<PolicyProblems>, tokio::task::JoinHandle<()>) {
+) -> (
+    mpsc::UnboundedSender<PolicyProblems>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<PolicyProblems>();
-    let recorder = Recorder::new(client, Reporter { controller: CONTROLLER.into(), instance: Some(instance) });
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: CONTROLLER.into(),
+            instance: Some(instance),
+        },
+    );
     let task = tokio::spawn(async move {
         while let Some(pp) = rx.recv().await {
             for p in pp.problems.iter().take(MAX_EVENTS_PER_POLICY) {
@@ -40,7 +49,12 @@ pub fn spawn_publisher(
                 }
                 let ev = Event {
                     type_: EventType::Warning,
-                    reason: if pp.malformed { "MalformedNetworkPolicy" } else { "InvalidNetworkPolicy" }.into(),
+                    reason: if pp.malformed {
+                        "MalformedNetworkPolicy"
+                    } else {
+                        "InvalidNetworkPolicy"
+                    }
+                    .into(),
                     note: Some(truncate(&p.message, NOTE_MAX)),
                     action: "Enforce".into(),
                     secondary: None,

@@ -27,7 +27,10 @@ use crate::metrics::{self, Health, Metrics};
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("serving metrics on {addr}: {source}")]
-    Metrics { addr: SocketAddr, source: std::io::Error },
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Everything the agent runs with.
@@ -66,12 +69,20 @@ pub async fn run<E: Enforcer>(
         served = Some(local);
         tasks.push(task);
     }
-    on_start(&Running { metrics: metrics.clone(), health: health.clone(), metrics_addr: served });
+    on_start(&Running {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        metrics_addr: served,
+    });
     let changes = Arc::new(Changes::default());
-    let (stores, watch_tasks) = watch::spawn_reflectors(client.clone(), changes.clone(), metrics.clone());
+    let (stores, watch_tasks) =
+        watch::spawn_reflectors(client.clone(), changes.clone(), metrics.clone());
     tasks.extend(watch_tasks);
-    let (events_tx, events_task) =
-        events::spawn_publisher(client, format!("{}-{}", events::CONTROLLER, cfg.loop_cfg.node), metrics.clone());
+    let (events_tx, events_task) = events::spawn_publisher(
+        client,
+        format!("{}-{}", events::CONTROLLER, cfg.loop_cfg.node),
+        metrics.clone(),
+    );
     tasks.push(events_task);
     let reconciler = Reconciler::new(cfg.loop_cfg, enforcer, metrics, health, Some(events_tx));
     let enforcer = reconciler.run(stores, changes, shutdown).await;

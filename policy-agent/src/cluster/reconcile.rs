@@ -104,7 +104,12 @@ impl<E: Enforcer> Reconciler<E> {
     }
 
     /// Runs until `shutdown` resolves; returns the enforcer (for detaching at exit).
-    pub async fn run(mut self, stores: Stores, changes: Arc<Changes>, shutdown: impl Future<Output = ()>) -> E {
+    pub async fn run(
+        mut self,
+        stores: Stores,
+        changes: Arc<Changes>,
+        shutdown: impl Future<Output = ()>,
+    ) -> E {
         let mut shutdown = std::pin::pin!(shutdown);
         tracing::info!(node = %self.cfg.node, "waiting for the watch caches");
         {
@@ -142,7 +147,8 @@ impl<E: Enforcer> Reconciler<E> {
                     retry_at = None;
                 } else {
                     self.failures = self.failures.saturating_add(1);
-                    let backoff = Duration::from_millis(200u64 << self.failures.min(8)).min(Duration::from_secs(30));
+                    let backoff = Duration::from_millis(200u64 << self.failures.min(8))
+                        .min(Duration::from_secs(30));
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                 }
             }
@@ -188,7 +194,8 @@ impl<E: Enforcer> Reconciler<E> {
         for _ in &report.failed {
             self.metrics.error(ErrorKind::Attach);
         }
-        self.metrics.set_interfaces(report.attached.len(), report.waiting.len());
+        self.metrics
+            .set_interfaces(report.attached.len(), report.waiting.len());
         if let Some(c) = self.enforcer.verdicts() {
             self.metrics.set_verdicts(&c);
         }
@@ -202,11 +209,17 @@ impl<E: Enforcer> Reconciler<E> {
             Err(e) => {
                 self.metrics.error(ErrorKind::NetInfo);
                 tracing::warn!(error = %e, "reading the node addresses failed; keeping the last ones");
-                self.prev.as_ref().map(|p| p.node_addrs.clone()).unwrap_or_default()
+                self.prev
+                    .as_ref()
+                    .map(|p| p.node_addrs.clone())
+                    .unwrap_or_default()
             }
         };
         let built = snapshot::build(stores, &self.cfg.node, node_addrs);
-        for (kind, n) in ["pods", "namespaces", "networkpolicies"].into_iter().zip(built.counts) {
+        for (kind, n) in ["pods", "namespaces", "networkpolicies"]
+            .into_iter()
+            .zip(built.counts)
+        {
             self.metrics.set_objects(kind, n);
         }
         self.report_problems(&built.policy_problems);
@@ -224,7 +237,8 @@ impl<E: Enforcer> Reconciler<E> {
                 "policy maps full: affected endpoints deny everything in the affected direction"
             );
         }
-        self.metrics.set_failclosed_endpoints(fitted.failclosed.len());
+        self.metrics
+            .set_failclosed_endpoints(fitted.failclosed.len());
         let contents = fitted.contents;
 
         let repair = self.needs_repair || resync;
@@ -236,7 +250,9 @@ impl<E: Enforcer> Reconciler<E> {
                 if diff.is_empty() {
                     return Ok((0, false));
                 }
-                self.enforcer.apply(&contents, &diff).map(|()| (diff.len(), false))
+                self.enforcer
+                    .apply(&contents, &diff)
+                    .map(|()| (diff.len(), false))
             }
         });
         self.metrics.reconciled(resync);
@@ -266,7 +282,11 @@ impl<E: Enforcer> Reconciler<E> {
             }
             Err(e) => {
                 self.needs_repair = true;
-                let kind = if e.is_map_full() { ErrorKind::MapFull } else { ErrorKind::MapWrite };
+                let kind = if e.is_map_full() {
+                    ErrorKind::MapFull
+                } else {
+                    ErrorKind::MapWrite
+                };
                 self.metrics.error(kind);
                 tracing::error!(error = %e, kind = kind.as_str(), "writing the maps failed; repairing on retry");
                 false
@@ -276,7 +296,10 @@ impl<E: Enforcer> Reconciler<E> {
             .pods
             .values()
             .filter(|p| snap.is_local(p) && !p.ips.is_empty())
-            .map(|p| LocalPod { key: p.key(), ips: p.ips.clone() })
+            .map(|p| LocalPod {
+                key: p.key(),
+                ips: p.ips.clone(),
+            })
             .collect();
         self.prev = Some(snap);
         // Attach to new pods' interfaces now rather than at the next poll.
@@ -333,13 +356,21 @@ pub fn changes_between(old: &Snapshot, new: &Snapshot) -> Vec<Change> {
     if old.node_addrs != new.node_addrs {
         out.push(Change::NodeAddrs);
     }
-    diff_keys(&old.namespaces, &new.namespaces, |k| out.push(Change::Namespace(k.clone())));
+    diff_keys(&old.namespaces, &new.namespaces, |k| {
+        out.push(Change::Namespace(k.clone()))
+    });
     diff_keys(&old.pods, &new.pods, |k| out.push(Change::Pod(k.clone())));
-    diff_keys(&old.policies, &new.policies, |k| out.push(Change::Policy(k.clone())));
+    diff_keys(&old.policies, &new.policies, |k| {
+        out.push(Change::Policy(k.clone()))
+    });
     out
 }
 
-fn diff_keys<K: Ord, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>, mut f: impl FnMut(&K)) {
+fn diff_keys<K: Ord, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    mut f: impl FnMut(&K),
+) {
     for (k, v) in new {
         if old.get(k) != Some(v) {
             f(k);
@@ -356,7 +387,9 @@ fn diff_keys<K: Ord, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>, m
 /// the metrics endpoint) where the runtime allows it.
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
         _ => f(),
     }
 }

@@ -47,7 +47,11 @@ pub struct Built {
 
 /// Builds the snapshot the compiler sees from the current cache contents.
 pub fn build(stores: &Stores, node: &str, node_addrs: Vec<IpAddr>) -> Built {
-    let mut snap = Snapshot { node: node.to_owned(), node_addrs, ..Default::default() };
+    let mut snap = Snapshot {
+        node: node.to_owned(),
+        node_addrs,
+        ..Default::default()
+    };
     let pods = stores.pods.state();
     let namespaces = stores.namespaces.state();
     let policies = stores.policies.state();
@@ -82,7 +86,11 @@ pub fn build(stores: &Stores, node: &str, node_addrs: Vec<IpAddr>) -> Built {
         }
         snap.policies.insert(value.key(), value);
     }
-    Built { snapshot: snap, policy_problems, counts: [pods.len(), namespaces.len(), policies.len()] }
+    Built {
+        snapshot: snap,
+        policy_problems,
+        counts: [pods.len(), namespaces.len(), policies.len()],
+    }
 }
 
 fn reference(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectReference {
@@ -127,7 +135,10 @@ fn policy(np: &NetworkPolicy) -> (Option<model::NetworkPolicy>, Option<PolicyPro
         .iter()
         .map(|e| {
             let field = e.location().path.clone();
-            Problem { message: format!("{e}; {}", consequence(&field)), field }
+            Problem {
+                message: format!("{e}; {}", consequence(&field)),
+                field,
+            }
         })
         .collect();
     let pp = PolicyProblems {
@@ -143,7 +154,9 @@ fn malformed_policy(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     error: &str,
 ) -> (Option<model::NetworkPolicy>, Option<PolicyProblems>) {
-    let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else { return (None, None) };
+    let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else {
+        return (None, None);
+    };
     let value = model::NetworkPolicy {
         namespace: ns.clone(),
         name: name.clone(),

@@ -51,7 +51,10 @@ pub struct Changes {
 
 impl Changes {
     pub fn mark(&self) {
-        let mut g = self.oldest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut g = self
+            .oldest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if g.is_none() {
             *g = Some(Instant::now());
         }
@@ -61,11 +64,17 @@ impl Changes {
 
     /// Takes the pending change, if any: the time its oldest part was seen.
     pub fn take(&self) -> Option<Instant> {
-        self.oldest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+        self.oldest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     pub fn is_pending(&self) -> bool {
-        self.oldest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
+        self.oldest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 
     pub async fn notified(&self) {
@@ -96,18 +105,31 @@ pub fn spawn_reflectors(
     let (namespaces, t2) = reflect(
         Api::<DeserializeGuard<Namespace>>::all(client.clone()),
         "namespaces",
-        |n: &mut DeserializeGuard<Namespace>| n.0.iter_mut().for_each(|n| n.metadata.managed_fields = None),
+        |n: &mut DeserializeGuard<Namespace>| {
+            n.0.iter_mut()
+                .for_each(|n| n.metadata.managed_fields = None)
+        },
         changes.clone(),
         metrics.clone(),
     );
     let (policies, t3) = reflect(
         Api::<DeserializeGuard<NetworkPolicy>>::all(client),
         "networkpolicies",
-        |n: &mut DeserializeGuard<NetworkPolicy>| n.0.iter_mut().for_each(|n| n.metadata.managed_fields = None),
+        |n: &mut DeserializeGuard<NetworkPolicy>| {
+            n.0.iter_mut()
+                .for_each(|n| n.metadata.managed_fields = None)
+        },
         changes,
         metrics,
     );
-    (Stores { pods, namespaces, policies }, vec![t1, t2, t3])
+    (
+        Stores {
+            pods,
+            namespaces,
+            policies,
+        },
+        vec![t1, t2, t3],
+    )
 }
 
 fn reflect<K>(
@@ -118,7 +140,13 @@ fn reflect<K>(
     metrics: Arc<Metrics>,
 ) -> (Store<DeserializeGuard<K>>, tokio::task::JoinHandle<()>)
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())

@@ -16,11 +16,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Bytes;
 use futures::StreamExt;
 use futures::channel::mpsc;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::Bytes;
 use hyper::body::Frame;
 use kube::client::Body;
 use policy_agent::cluster::enforcer::Recorded;
@@ -78,7 +78,11 @@ struct KindState {
 }
 
 /// A request held back by [`FakeApi::hold`], with its responder and body.
-type Held = (Request<Body>, tower_test::mock::SendResponse<Response<RespBody>>, Option<Value>);
+type Held = (
+    Request<Body>,
+    tower_test::mock::SendResponse<Response<RespBody>>,
+    Option<Value>,
+);
 
 #[derive(Default)]
 struct State {
@@ -96,7 +100,10 @@ pub struct FakeApi {
 
 fn key_of(obj: &Value) -> (String, String) {
     let m = &obj["metadata"];
-    (m["namespace"].as_str().unwrap_or("").to_string(), m["name"].as_str().unwrap_or("").to_string())
+    (
+        m["namespace"].as_str().unwrap_or("").to_string(),
+        m["name"].as_str().unwrap_or("").to_string(),
+    )
 }
 
 fn line(ev: &Value) -> Bytes {
@@ -107,12 +114,18 @@ fn line(ev: &Value) -> Bytes {
 
 fn full(status: StatusCode, body: &Value) -> Response<RespBody> {
     let b = http_body_util::Full::new(Bytes::from(serde_json::to_vec(body).unwrap())).boxed();
-    Response::builder().status(status).header("content-type", "application/json").body(b).unwrap()
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(b)
+        .unwrap()
 }
 
 impl FakeApi {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts serving; returns a kube client talking to this fake.
@@ -140,7 +153,12 @@ impl FakeApi {
         let mut st = self.lock();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
-        st.requests.push(ApiRequest { method: req.method().to_string(), path: path.clone(), query: query.clone(), body: body.clone() });
+        st.requests.push(ApiRequest {
+            method: req.method().to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            body: body.clone(),
+        });
         if let Some(kind) = Kind::from_path(&path) {
             if st.kinds.entry(kind).or_default().held {
                 st.pending.push((req, send, body));
@@ -148,13 +166,19 @@ impl FakeApi {
             }
             let params: HashMap<String, String> = query
                 .split('&')
-                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
                 .collect();
             let rv_now = st.rv;
             let ks = st.kinds.entry(kind).or_default();
             if params.get("watch").is_some_and(|v| v == "true" || v == "1") {
                 ks.watches += 1;
-                let from: u64 = params.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let from: u64 = params
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 let (tx, rx) = mpsc::unbounded::<Bytes>();
                 if from < ks.compacted {
                     let gone = json!({"type": "ERROR", "object": {
@@ -173,7 +197,11 @@ impl FakeApi {
                 let stream = rx.map(|b| Ok::<_, Infallible>(Frame::data(b)));
                 let body = BodyExt::boxed(StreamBody::new(stream));
                 send.send_response(
-                    Response::builder().status(200).header("content-type", "application/json").body(body).unwrap(),
+                    Response::builder()
+                        .status(200)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .unwrap(),
                 );
             } else {
                 ks.lists += 1;
@@ -187,7 +215,10 @@ impl FakeApi {
             }
             return;
         }
-        if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && path.ends_with("/events") && req.method() == "POST" {
+        if path.starts_with("/apis/events.k8s.io/v1/namespaces/")
+            && path.ends_with("/events")
+            && req.method() == "POST"
+        {
             let mut b = body.unwrap_or(json!({}));
             b["metadata"]["resourceVersion"] = json!("1");
             send.send_response(full(StatusCode::CREATED, &b));
@@ -224,7 +255,11 @@ impl FakeApi {
         let rv = Self::stamp(&mut st, &mut obj);
         let ks = st.kinds.entry(kind).or_default();
         let k = key_of(&obj);
-        let t = if ks.objects.contains_key(&k) { "MODIFIED" } else { "ADDED" };
+        let t = if ks.objects.contains_key(&k) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         ks.objects.insert(k, obj.clone());
         Self::publish(ks, rv, json!({"type": t, "object": obj}));
     }
@@ -251,7 +286,11 @@ impl FakeApi {
     pub fn delete_silently(&self, kind: Kind, ns: &str, name: &str) {
         let mut st = self.lock();
         st.rv += 1;
-        st.kinds.entry(kind).or_default().objects.remove(&(ns.to_string(), name.to_string()));
+        st.kinds
+            .entry(kind)
+            .or_default()
+            .objects
+            .remove(&(ns.to_string(), name.to_string()));
     }
 
     /// Forgets the event log: watches resuming from an older version get 410 Gone.
@@ -419,7 +458,11 @@ pub fn test_loop_config() -> LoopConfig {
 
 impl Agent {
     /// Starts the agent on `api` (already holding the initial objects).
-    pub async fn start(api: FakeApi, loop_cfg: LoopConfig, metrics_addr: Option<std::net::SocketAddr>) -> Agent {
+    pub async fn start(
+        api: FakeApi,
+        loop_cfg: LoopConfig,
+        metrics_addr: Option<std::net::SocketAddr>,
+    ) -> Agent {
         let enforcer = RecordingEnforcer::new();
         let kernel = enforcer.state();
         kernel.lock().unwrap().node_addrs = vec!["198.18.255.1".parse().unwrap()];
@@ -428,19 +471,41 @@ impl Agent {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let client = api.client();
-        let cfg = cluster::Config { loop_cfg, metrics_addr };
+        let cfg = cluster::Config {
+            loop_cfg,
+            metrics_addr,
+        };
         let (m, h) = (metrics.clone(), health.clone());
         let task = tokio::spawn(async move {
-            let r = cluster::run(client, enforcer, cfg, m, h, |r| {
-                let _ = addr_tx.send(r.metrics_addr);
-            }, async {
-                let _ = stop_rx.await;
-            })
+            let r = cluster::run(
+                client,
+                enforcer,
+                cfg,
+                m,
+                h,
+                |r| {
+                    let _ = addr_tx.send(r.metrics_addr);
+                },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
             .await;
             r.unwrap();
         });
-        let metrics_addr = tokio::time::timeout(Duration::from_secs(10), addr_rx).await.unwrap().unwrap();
-        Agent { api, kernel, metrics, health, metrics_addr, stop: Some(stop_tx), task: Some(task) }
+        let metrics_addr = tokio::time::timeout(Duration::from_secs(10), addr_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        Agent {
+            api,
+            kernel,
+            metrics,
+            health,
+            metrics_addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
     }
 
     pub fn kernel(&self) -> MapContents {
@@ -456,7 +521,10 @@ impl Agent {
             let _ = s.send(());
         }
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t).await.expect("agent stops").expect("agent task");
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("agent stops")
+                .expect("agent task");
         }
     }
 }
@@ -471,19 +539,28 @@ impl Drop for Agent {
 
 pub fn endpoint(kernel: &MapContents, ip: &str) -> Option<EndpointValue> {
     let ip: IpAddr = ip.parse().unwrap();
-    kernel.endpoints.get(&EndpointKey { addr: addr_of(ip) }).copied()
+    kernel
+        .endpoints
+        .get(&EndpointKey { addr: addr_of(ip) })
+        .copied()
 }
 
 pub fn identity(kernel: &MapContents, ip: &str) -> Option<u32> {
     let ip: IpAddr = ip.parse().unwrap();
-    kernel.ipcache.get(&IpCacheKey { addr: addr_of(ip) }).map(|v| v.identity)
+    kernel
+        .ipcache
+        .get(&IpCacheKey { addr: addr_of(ip) })
+        .map(|v| v.identity)
 }
 
 /// Polls `cond` every 20 ms for at most `secs` seconds.
 pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(secs);
     while !cond() {
-        assert!(Instant::now() < until, "timed out after {secs}s waiting for: {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {secs}s waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
