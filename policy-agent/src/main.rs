@@ -1,12 +1,13 @@
 //! `policy-agent`: the node agent's command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use policy_agent::dataplane::AttachMode;
+use policy_agent::dataplane::{AttachMode, Dataplane};
 use policy_agent::standalone;
 
 #[derive(Parser)]
@@ -71,6 +72,27 @@ enum Mode {
         #[arg(long, default_value = "/sys/fs/bpf/netpol")]
         bpf_dir: PathBuf,
     },
+    /// Run as the node agent of a Kubernetes cluster (the DaemonSet in deploy/): watch Pods,
+    /// Namespaces and NetworkPolicies and enforce them for this node's pods.
+    Cluster {
+        /// This node's name (the downward API's spec.nodeName): pods scheduled here are local.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Where /metrics, /healthz and /readyz are served.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        metrics_addr: SocketAddr,
+        /// bpffs directory for the pinned maps.
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpf_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Attach::Auto)]
+        attach: Attach,
+        /// Quiet time after a change before compiling (coalesces bursts).
+        #[arg(long, default_value_t = 50)]
+        debounce_ms: u64,
+        /// Period of the full repair of the maps against the desired state.
+        #[arg(long, default_value_t = 300)]
+        resync_secs: u64,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -125,7 +147,64 @@ fn main() -> Result<()> {
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
+        Mode::Cluster { node_name, metrics_addr, bpf_dir, attach, debounce_ms, resync_secs } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(run_cluster(node_name, metrics_addr, bpf_dir, attach_mode(attach), debounce_ms, resync_secs))
+        }
     }
+}
+
+fn attach_mode(a: Attach) -> AttachMode {
+    match a {
+        Attach::Auto => AttachMode::Auto,
+        Attach::Tcx => AttachMode::Tcx,
+        Attach::Clsact => AttachMode::Netlink,
+    }
+}
+
+async fn run_cluster(
+    node_name: String,
+    metrics_addr: SocketAddr,
+    bpf_dir: PathBuf,
+    attach: AttachMode,
+    debounce_ms: u64,
+    resync_secs: u64,
+) -> Result<()> {
+    use policy_agent::cluster;
+    use policy_agent::metrics::{Health, Metrics};
+    use std::sync::Arc;
+
+    anyhow::ensure!(!node_name.is_empty(), "--node-name (NODE_NAME) must not be empty");
+    if !bpf_dir.exists() {
+        std::fs::create_dir_all(&bpf_dir).with_context(|| format!("creating {}", bpf_dir.display()))?;
+    }
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let dp = Dataplane::load(&bpf_dir).context("loading the eBPF programs")?;
+    let enforcer = cluster::KernelEnforcer::new(dp, attach).context("taking the maps")?;
+    let mut loop_cfg = cluster::LoopConfig::new(&node_name);
+    loop_cfg.debounce = Duration::from_millis(debounce_ms);
+    loop_cfg.resync = Duration::from_secs(resync_secs.max(1));
+    let cfg = cluster::Config { loop_cfg, metrics_addr: Some(metrics_addr) };
+    let metrics = Arc::new(Metrics::new());
+    // The loop beats at least every poll interval (1 s); a minute of silence is a hang.
+    let health = Arc::new(Health::new(Duration::from_secs(60)));
+    tracing::info!(node = %node_name, bpf_dir = %bpf_dir.display(), "cluster agent starting");
+    let shutdown = async {
+        while !STOP.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut enforcer = cluster::run(client, enforcer, cfg, metrics, health, |_| {}, shutdown)
+        .await
+        .context("cluster agent")?;
+    // Until restart adoption keeps the links pinned, leave no program attached behind.
+    enforcer.detach_all();
+    tracing::info!("cluster agent stopped");
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

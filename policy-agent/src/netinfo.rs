@@ -43,9 +43,11 @@ impl Route {
 
 /// Every route of the main table of this namespace, both families.
 pub fn routes() -> Result<Vec<Route>, NetInfoError> {
-    let mut out = parse_v4_routes(&read("/proc/net/route")?)?;
+    // thread-self: /proc/net is the namespace of the process's main thread, not of the
+    // calling thread (which a test or a multi-namespace caller may have moved).
+    let mut out = parse_v4_routes(&read("/proc/thread-self/net/route")?)?;
     // A kernel without IPv6 has no ipv6_route: that is no error, just no v6 routes.
-    if let Ok(v6) = std::fs::read_to_string("/proc/net/ipv6_route") {
+    if let Ok(v6) = std::fs::read_to_string("/proc/thread-self/net/ipv6_route") {
         out.extend(parse_v6_routes(&v6)?);
     }
     Ok(out)

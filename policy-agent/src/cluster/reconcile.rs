@@ -1,0 +1,395 @@
+//! The one writer: waits for the caches, then on every (debounced) change and every resync
+//! builds a snapshot of all caches, compiles it, fits it to the maps and writes the
+//! difference. Nothing else writes the maps.
+//!
+//! - Snapshots, never events: a deleted object is simply absent from the next snapshot, so a
+//!   lost delete event (or a re-list after a dropped watch) is repaired by construction.
+//! - Bursts coalesce: after a change wakes the loop it waits `debounce`, then compiles once.
+//! - Resync: every `resync` the maps are repaired against the desired state (drift from
+//!   failed or foreign writes), and the incremental compile is checked against a full one.
+//! - A failed write leaves the maps unknown: the next pass repairs instead of diffing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::capacity::{self, Capacity};
+use super::enforcer::{Enforcer, LocalPod};
+use super::snapshot::{self, PolicyProblems};
+use super::watch::{Changes, Stores};
+use crate::compiler::{self, Change, Engine, MapContents};
+use crate::metrics::{ErrorKind, Health, Metrics};
+use crate::model::{ObjectKey, Snapshot};
+
+/// Timings of the loop.
+#[derive(Clone, Debug)]
+pub struct LoopConfig {
+    pub node: String,
+    /// Quiet time after a change before compiling (coalesces bursts).
+    pub debounce: Duration,
+    /// Full repair of the maps and self-check of the incremental compile.
+    pub resync: Duration,
+    /// How often pod interfaces are looked for and the verdict counters read.
+    pub poll: Duration,
+    /// Map capacities (tests shrink them).
+    pub capacity: Capacity,
+}
+
+impl LoopConfig {
+    pub fn new(node: impl Into<String>) -> Self {
+        LoopConfig {
+            node: node.into(),
+            debounce: Duration::from_millis(50),
+            resync: Duration::from_secs(300),
+            poll: Duration::from_secs(1),
+            capacity: Capacity::default(),
+        }
+    }
+}
+
+/// Why a pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    Change,
+    Resync,
+}
+
+pub struct Reconciler<E: Enforcer> {
+    cfg: LoopConfig,
+    enforcer: E,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    events: Option<mpsc::UnboundedSender<PolicyProblems>>,
+    engine: Option<Engine>,
+    prev: Option<Snapshot>,
+    /// What the maps hold, as far as this process knows.
+    written: MapContents,
+    /// The maps may differ from `written` (a failed write): repair on the next pass.
+    needs_repair: bool,
+    /// Problems already reported, per policy (so a resync does not repeat Events).
+    reported: BTreeMap<ObjectKey, Vec<snapshot::Problem>>,
+    local: Vec<LocalPod>,
+    failures: u32,
+}
+
+impl<E: Enforcer> Reconciler<E> {
+    pub fn new(
+        cfg: LoopConfig,
+        enforcer: E,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        events: Option<mpsc::UnboundedSender<PolicyProblems>>,
+    ) -> Self {
+        Reconciler {
+            cfg,
+            enforcer,
+            metrics,
+            health,
+            events,
+            engine: None,
+            prev: None,
+            written: MapContents::default(),
+            // Until restart adoption reads the pinned maps, assume nothing about them.
+            needs_repair: true,
+            reported: BTreeMap::new(),
+            local: Vec::new(),
+            failures: 0,
+        }
+    }
+
+    pub fn enforcer(&mut self) -> &mut E {
+        &mut self.enforcer
+    }
+
+    /// Runs until `shutdown` resolves; returns the enforcer (for detaching at exit).
+    pub async fn run(
+        mut self,
+        stores: Stores,
+        changes: Arc<Changes>,
+        shutdown: impl Future<Output = ()>,
+    ) -> E {
+        let mut shutdown = std::pin::pin!(shutdown);
+        tracing::info!(node = %self.cfg.node, "waiting for the watch caches");
+        {
+            let ready = stores.wait_until_ready();
+            let mut ready = std::pin::pin!(ready);
+            loop {
+                self.health.beat();
+                tokio::select! {
+                    r = &mut ready => {
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "a watch cache will never be ready");
+                            return self.enforcer;
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(self.cfg.poll) => {}
+                    _ = &mut shutdown => return self.enforcer,
+                }
+            }
+        }
+        self.health.set_synced();
+        tracing::info!("watch caches synced");
+        // The first pass covers everything seen so far.
+        let mut seen = changes.take().or(Some(Instant::now()));
+        let mut next_resync = tokio::time::Instant::now() + self.cfg.resync;
+        let mut next_poll = tokio::time::Instant::now() + self.cfg.poll;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut trigger = Some(Trigger::Change);
+        loop {
+            self.health.beat();
+            if let Some(t) = trigger.take() {
+                let ok = self.pass(&stores, t, seen.take());
+                if ok {
+                    self.failures = 0;
+                    retry_at = None;
+                } else {
+                    self.failures = self.failures.saturating_add(1);
+                    let backoff = Duration::from_millis(200u64 << self.failures.min(8))
+                        .min(Duration::from_secs(30));
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                }
+            }
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = changes.notified() => {
+                    if !changes.is_pending() {
+                        continue; // a wake-up for a change an earlier pass already took
+                    }
+                    // Coalesce the burst: whatever arrives during the quiet time joins.
+                    tokio::time::sleep(self.cfg.debounce).await;
+                    seen = changes.take();
+                    trigger = Some(Trigger::Change);
+                }
+                _ = tokio::time::sleep_until(next_resync) => {
+                    next_resync = tokio::time::Instant::now() + self.cfg.resync;
+                    seen = changes.take();
+                    trigger = Some(Trigger::Resync);
+                }
+                _ = retry => {
+                    seen = changes.take();
+                    trigger = Some(Trigger::Change);
+                }
+                _ = tokio::time::sleep_until(next_poll) => {
+                    next_poll = tokio::time::Instant::now() + self.cfg.poll;
+                    self.poll();
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        tracing::info!("reconcile loop stopped");
+        self.enforcer
+    }
+
+    /// Interfaces (pods' veths come and go) and the verdict counters.
+    fn poll(&mut self) {
+        let report = blocking(|| self.enforcer.sync_interfaces(&self.local));
+        for _ in &report.failed {
+            self.metrics.error(ErrorKind::Attach);
+        }
+        self.metrics
+            .set_interfaces(report.attached.len(), report.waiting.len());
+        if let Some(c) = self.enforcer.verdicts() {
+            self.metrics.set_verdicts(&c);
+        }
+    }
+
+    /// One compile-and-write pass; `false` when the maps could not be written.
+    fn pass(&mut self, stores: &Stores, trigger: Trigger, seen: Option<Instant>) -> bool {
+        let t0 = Instant::now();
+        let node_addrs = match self.enforcer.node_addrs() {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.error(ErrorKind::NetInfo);
+                tracing::warn!(error = %e, "reading the node addresses failed; keeping the last ones");
+                self.prev
+                    .as_ref()
+                    .map(|p| p.node_addrs.clone())
+                    .unwrap_or_default()
+            }
+        };
+        let built = snapshot::build(stores, &self.cfg.node, node_addrs);
+        for (kind, n) in ["pods", "namespaces", "networkpolicies"]
+            .into_iter()
+            .zip(built.counts)
+        {
+            self.metrics.set_objects(kind, n);
+        }
+        self.report_problems(&built.policy_problems);
+        let snap = built.snapshot;
+
+        let resync = trigger == Trigger::Resync;
+        let desired = blocking(|| self.compile(&snap, resync));
+        let fitted = capacity::fit(&desired, self.cfg.capacity);
+        if !fitted.overflowed.is_empty() {
+            self.metrics.error(ErrorKind::MapFull);
+            tracing::error!(
+                overflowed = ?fitted.overflowed,
+                dropped_policy_sets = fitted.dropped_sets.len(),
+                failclosed_endpoints = fitted.failclosed.len(),
+                "policy maps full: affected endpoints deny everything in the affected direction"
+            );
+        }
+        self.metrics
+            .set_failclosed_endpoints(fitted.failclosed.len());
+        let contents = fitted.contents;
+
+        let repair = self.needs_repair || resync;
+        let result = blocking(|| {
+            if repair {
+                self.enforcer.repair(&contents).map(|n| (n, true))
+            } else {
+                let diff = MapContents::diff(&self.written, &contents);
+                if diff.is_empty() {
+                    return Ok((0, false));
+                }
+                self.enforcer
+                    .apply(&contents, &diff)
+                    .map(|()| (diff.len(), false))
+            }
+        });
+        self.metrics.reconciled(resync);
+        let ok = match result {
+            Ok((changes, repaired)) => {
+                self.needs_repair = false;
+                self.written = contents;
+                self.health.set_programmed();
+                if let Some(seen) = seen {
+                    self.metrics.observe_programming(seen.elapsed());
+                }
+                self.metrics.set_map_entries(&self.written.sizes());
+                if repaired && changes > 0 && trigger == Trigger::Resync {
+                    tracing::warn!(entries = changes, "resync repaired drift in the maps");
+                }
+                tracing::info!(
+                    trigger = ?trigger,
+                    changes,
+                    repaired,
+                    pods = snap.pods.len(),
+                    policies = snap.policies.len(),
+                    endpoints = self.written.endpoints.len(),
+                    elapsed_us = t0.elapsed().as_micros() as u64,
+                    "maps reconciled"
+                );
+                true
+            }
+            Err(e) => {
+                self.needs_repair = true;
+                let kind = if e.is_map_full() {
+                    ErrorKind::MapFull
+                } else {
+                    ErrorKind::MapWrite
+                };
+                self.metrics.error(kind);
+                tracing::error!(error = %e, kind = kind.as_str(), "writing the maps failed; repairing on retry");
+                false
+            }
+        };
+        self.local = snap
+            .pods
+            .values()
+            .filter(|p| snap.is_local(p) && !p.ips.is_empty())
+            .map(|p| LocalPod {
+                key: p.key(),
+                ips: p.ips.clone(),
+            })
+            .collect();
+        self.prev = Some(snap);
+        // Attach to new pods' interfaces now rather than at the next poll.
+        self.poll();
+        ok
+    }
+
+    /// The desired contents of `snap`: incremental from the last snapshot, checked against
+    /// a full compile on resync.
+    fn compile(&mut self, snap: &Snapshot, check: bool) -> MapContents {
+        let engine = match (self.engine.as_mut(), self.prev.as_ref()) {
+            (Some(engine), Some(prev)) => {
+                let changes = changes_between(prev, snap);
+                if !changes.is_empty() {
+                    engine.apply_all(snap, &changes);
+                }
+                engine
+            }
+            _ => self.engine.insert(Engine::new(snap)),
+        };
+        if check {
+            let full = compiler::compile(snap, &mut engine.numbers().clone());
+            if &full != engine.contents() {
+                self.metrics.error(ErrorKind::CompileMismatch);
+                tracing::error!("incremental compile differs from a full compile; rebuilding it");
+                *engine = Engine::new(snap);
+            }
+        }
+        engine.contents().clone()
+    }
+
+    fn report_problems(&mut self, now: &BTreeMap<ObjectKey, PolicyProblems>) {
+        self.reported.retain(|k, _| now.contains_key(k));
+        for (key, pp) in now {
+            if self.reported.get(key) == Some(&pp.problems) {
+                continue;
+            }
+            for p in &pp.problems {
+                self.metrics.error(ErrorKind::InvalidPolicy);
+                tracing::warn!(policy = %key, field = %p.field, problem = %p.message, "invalid NetworkPolicy");
+            }
+            if let Some(tx) = &self.events {
+                // The publisher outlives the loop; a closed channel only loses Events.
+                let _ = tx.send(pp.clone());
+            }
+            self.reported.insert(key.clone(), pp.problems.clone());
+        }
+    }
+}
+
+/// The objects that differ between two snapshots, as incremental-compile changes.
+pub fn changes_between(old: &Snapshot, new: &Snapshot) -> Vec<Change> {
+    let mut out = Vec::new();
+    if old.node_addrs != new.node_addrs {
+        out.push(Change::NodeAddrs);
+    }
+    diff_keys(&old.namespaces, &new.namespaces, |k| {
+        out.push(Change::Namespace(k.clone()))
+    });
+    diff_keys(&old.pods, &new.pods, |k| out.push(Change::Pod(k.clone())));
+    diff_keys(&old.policies, &new.policies, |k| {
+        out.push(Change::Policy(k.clone()))
+    });
+    out
+}
+
+fn diff_keys<K: Ord, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    mut f: impl FnMut(&K),
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            f(k);
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            f(k);
+        }
+    }
+}
+
+/// Runs CPU- or syscall-heavy work without stalling the runtime's other tasks (watchers,
+/// the metrics endpoint) where the runtime allows it.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
