@@ -201,9 +201,9 @@ async fn run_cluster(
     let mut enforcer = cluster::run(client, enforcer, cfg, metrics, health, |_| {}, shutdown)
         .await
         .context("cluster agent")?;
-    // Until restart adoption keeps the links pinned, leave no program attached behind.
-    enforcer.detach_all();
-    tracing::info!("cluster agent stopped");
+    // The programs keep enforcing until the next agent takes them over (no gap).
+    enforcer.release_all();
+    tracing::info!("cluster agent stopped (programs stay attached; `policy-agent uninstall` removes them)");
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
-    AttachMode, Attachment, Counters, Dataplane, DataplaneError, DataplaneMaps,
+    AttachMode, Attachment, Counters, Dataplane, DataplaneError, DataplaneMaps, PinState,
+    adopt_kernel_state, ctseed, pinning, renumber_onto,
 };
 use crate::model::ObjectKey;
 use crate::{netinfo, writer};
@@ -97,19 +98,38 @@ pub struct KernelEnforcer {
     dp: Dataplane,
     maps: DataplaneMaps,
     mode: AttachMode,
+    /// What the kernel maps hold, in the kernel's numbering.
+    written: MapContents,
+    pins_adopted: bool,
     /// Interface name -> (ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
 }
 
 impl KernelEnforcer {
-    /// Takes the maps of a loaded object. Until restart adoption lands the caller starts
-    /// from empty maps; the first [`Enforcer::repair`] then writes everything.
+    /// Takes the maps of a loaded object, adopting what an earlier agent pinned: links stay
+    /// (this agent's programs replace theirs in place when it attaches), the maps are read
+    /// back and later writes are renumbered onto them, so an unchanged policy writes nothing.
+    /// On a first start (nothing was pinned), established connections are seeded into
+    /// conntrack so enforcement starting does not cut them.
     pub fn new(mut dp: Dataplane, mode: AttachMode) -> Result<Self, EnforceError> {
-        let maps = dp.take_maps()?;
+        dp.persist_links();
+        let first_start = dp.pin_state() == PinState::Fresh;
+        let mut maps = dp.take_maps()?;
+        if first_start {
+            let seeded = ctseed::kernel_table()
+                .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
+            match seeded {
+                Ok(s) => tracing::info!(connections = s.connections, "conntrack seeded from the kernel's table"),
+                Err(e) => tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded"),
+            }
+        }
+        let written = maps.read_contents()?;
         Ok(KernelEnforcer {
             dp,
             maps,
             mode,
+            written,
+            pins_adopted: false,
             attached: BTreeMap::new(),
         })
     }
@@ -118,76 +138,65 @@ impl KernelEnforcer {
         &self.maps
     }
 
-    /// Detaches every attachment (agent shutdown without restart adoption).
+    /// Leaves every attachment in place for the next agent (restart without a gap);
+    /// `policy-agent uninstall` removes them.
+    pub fn release_all(&mut self) {
+        for (_, (_, a)) in std::mem::take(&mut self.attached) {
+            self.dp.release(a);
+        }
+    }
+
+    /// Detaches (and unpins) every attachment: a test or an uninstall, not a restart.
     pub fn detach_all(&mut self) {
         for (iface, (_, a)) in std::mem::take(&mut self.attached) {
             if let Err(e) = self.dp.detach(a) {
-                tracing::debug!(interface = %iface, error = %e, "detach at exit");
+                tracing::debug!(interface = %iface, error = %e, "detach");
             }
         }
     }
-}
 
-/// Reads the five policy maps back.
-///
-/// RESTART/READ-BACK PLUG POINT: the dataplane helper's read-back (adopting pinned maps and
-/// writing only the difference) replaces this function and the `repair` body below; the
-/// loop's contract (`repair(desired)` makes the maps equal `desired`) stays as it is.
-pub fn read_back(maps: &DataplaneMaps) -> Result<MapContents, EnforceError> {
-    use policy_common::maps::*;
-    let rb = |map: &'static str| {
-        move |e: aya::maps::MapError| EnforceError::ReadBack {
-            map,
-            source: Box::new(e),
+    /// Takes over the links an earlier agent pinned (its programs are replaced in place);
+    /// those no pod wants any more are detached by the next interface pass.
+    fn adopt_pins(&mut self) -> bool {
+        let mut ok = true;
+        for p in pinning::pinned_interfaces(self.dp.pin_dir()) {
+            if self.attached.contains_key(&p.ifname) {
+                continue;
+            }
+            if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
+                // The interface went away while no agent ran: its links are defunct.
+                let _ = std::fs::remove_dir_all(&p.dir);
+                continue;
+            }
+            match self.dp.attach(&p.ifname, self.mode) {
+                Ok(a) => {
+                    self.attached.insert(p.ifname.clone(), (p.ifindex, a));
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed");
+                }
+            }
         }
-    };
-    let mut out = MapContents::default();
-    for r in maps.endpoints.iter() {
-        let (k, v) = r.map_err(rb(MAP_ENDPOINTS))?;
-        out.endpoints.insert(k, v);
+        ok
     }
-    for r in maps.ipcache.iter() {
-        let (k, v) = r.map_err(rb(MAP_IPCACHE))?;
-        out.ipcache.insert(k, v);
-    }
-    for r in maps.rules.iter() {
-        let (k, v) = r.map_err(rb(MAP_RULES))?;
-        out.rules.insert(k, v);
-    }
-    for r in maps.cidr_rules.iter() {
-        let (k, v) = r.map_err(rb(MAP_CIDR_RULES))?;
-        out.cidr_rules.insert(
-            LpmKey {
-                prefixlen: k.prefix_len(),
-                data: k.data(),
-            },
-            v,
-        );
-    }
-    for r in maps.ports.iter() {
-        let (k, v) = r.map_err(rb(MAP_PORTS))?;
-        out.ports.insert(
-            LpmKey {
-                prefixlen: k.prefix_len(),
-                data: k.data(),
-            },
-            v,
-        );
-    }
-    Ok(out)
 }
 
 impl Enforcer for KernelEnforcer {
-    fn apply(&mut self, _desired: &MapContents, diff: &MapDiff) -> Result<(), EnforceError> {
-        writer::apply(&mut self.maps, diff)?;
+    fn apply(&mut self, desired: &MapContents, _diff: &MapDiff) -> Result<(), EnforceError> {
+        // The loop's numbers are its own; the kernel's win where the meaning is the same
+        // (they may come from an earlier agent), so the diff is taken in kernel numbering.
+        let target = renumber_onto(&self.written, desired);
+        let diff = MapContents::diff(&self.written, &target);
+        writer::apply(&mut self.maps, &diff)?;
+        self.written = target;
         Ok(())
     }
 
     fn repair(&mut self, desired: &MapContents) -> Result<usize, EnforceError> {
-        let now = read_back(&self.maps)?;
-        let diff = MapContents::diff(&now, desired);
-        writer::apply(&mut self.maps, &diff)?;
-        Ok(diff.len())
+        let (target, stats) = adopt_kernel_state(&mut self.maps, desired)?;
+        self.written = target;
+        Ok(stats.upserts + stats.deletes)
     }
 
     fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
@@ -213,6 +222,9 @@ impl Enforcer for KernelEnforcer {
                 report.waiting.push(pod.key.clone());
             }
             wanted.extend(ifaces.into_iter().map(str::to_string));
+        }
+        if !self.pins_adopted {
+            self.pins_adopted = self.adopt_pins();
         }
         // An interface deleted (or re-created: a new ifindex) lost its programs.
         self.attached
