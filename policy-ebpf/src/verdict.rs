@@ -6,18 +6,45 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::TcContext,
 };
+use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
-    Reason, ct, ct_flags, decide::decide, proto,
+    PendingKey, PendingValue, Reason, ct, ct_flags, decide::decide, ep_flags, proto,
 };
 
 use crate::maps::{
     BpfMaps, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS, SCRATCH,
+    SERVICE_CIDRS, SERVICE_PENDING,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 
+/// Where a program runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress of a pod's host-side veth: what the pod sends.
+    FromPod,
+    /// TC egress of a pod's host-side veth: what is sent to the pod.
+    ToPod,
+    /// TC ingress of an uplink (any non-pod interface).
+    FromWorld,
+    /// TC egress of an uplink.
+    ToWorld,
+}
+
+impl Hook {
+    /// The direction verdicts are counted in: packets leaving local pods count as egress.
+    #[inline(always)]
+    fn dir(self) -> Direction {
+        match self {
+            Hook::FromPod | Hook::ToWorld => Direction::Egress,
+            Hook::ToPod | Hook::FromWorld => Direction::Ingress,
+        }
+    }
+}
+
 #[inline(always)]
-pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
+pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
+    let dir = hook.dir();
     let Some(pkt) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
@@ -31,13 +58,18 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
             return TC_ACT_OK;
         }
         Err(NoPkt::BadL3) => {
+            // On an uplink a broken packet concerns no endpoint we could name: not ours to drop.
+            if matches!(hook, Hook::FromWorld | Hook::ToWorld) {
+                count(Reason::AllowNoEndpoint, dir);
+                return TC_ACT_OK;
+            }
             count(Reason::DenyMalformed, dir);
             report(ctx, dir, Reason::DenyMalformed, None, 0);
             return TC_ACT_SHOT;
         }
     };
     let pkt: &Pkt = pkt;
-    let (reason, ep_id) = judge(pkt, dir);
+    let (reason, ep_id) = judge(pkt, hook);
     count(reason, dir);
     if reason.is_allow() {
         if pkt.first_fragment && ep_id.is_some() {
@@ -50,30 +82,61 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     }
 }
 
-/// The verdict and, when the endpoint is known, its id.
 #[inline(always)]
-fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
-    let egress = dir as u8 == Direction::Egress as u8;
-    let (local, peer) = if egress {
-        (&pkt.src, &pkt.dst)
-    } else {
-        (&pkt.dst, &pkt.src)
-    };
+fn endpoint(addr: &Addr) -> Option<EndpointValue> {
+    // SAFETY: the value is copied at once.
+    unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
+}
+
+/// The verdict and, when a local endpoint is involved, its id (the hook's own pod first).
+#[inline(always)]
+fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
-    if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(local) && link_scoped(peer)) {
+    if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
         return (Reason::AllowLinkLocal, None);
     }
-    // SAFETY: the value is copied at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) }).copied() else {
-        // Not a pod of this node: spoofed, or not known yet. Fail closed.
-        return (Reason::DenyUnknownEndpoint, None);
+    // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
+    // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
+    let src_ep = endpoint(&pkt.src);
+    let dst_ep = endpoint(&pkt.dst);
+    let src_known = src_ep.is_some();
+    let dst_known = dst_ep.is_some();
+    let src = src_ep.unwrap_or_default();
+    let dst = dst_ep.unwrap_or_default();
+    let own = match hook {
+        Hook::FromPod | Hook::ToWorld => {
+            if src_known {
+                src.endpoint_id
+            } else {
+                dst.endpoint_id
+            }
+        }
+        Hook::ToPod | Hook::FromWorld => {
+            if dst_known {
+                dst.endpoint_id
+            } else {
+                src.endpoint_id
+            }
+        }
     };
-    let id = Some(ep.endpoint_id);
-    let isolated = ep.isolated(dir);
-    if !isolated && !ep.isolated(other(dir)) {
+    match hook {
+        // At a pod's own hook, the pod's side must be a known endpoint: else spoofed, or not
+        // known yet. Fail closed.
+        Hook::FromPod if !src_known => return (Reason::DenyUnknownEndpoint, None),
+        Hook::ToPod if !dst_known => return (Reason::DenyUnknownEndpoint, None),
+        // The node's own traffic, or transit: none of our business.
+        Hook::FromWorld | Hook::ToWorld if !src_known && !dst_known => {
+            return (Reason::AllowNoEndpoint, None);
+        }
+        _ => {}
+    }
+    let id = Some(own);
+    if (src.flags | dst.flags) & (ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS) == 0 {
         return (Reason::AllowNotIsolated, id);
     }
+    // Whether this packet, taken as a new connection, needs a grant.
+    let isolated = ct::required_grants(Some(&src), Some(&dst)) != 0;
     if pkt.malformed {
         return (
             if isolated {
@@ -86,17 +149,8 @@ fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
     }
     match pkt.kind {
         Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id),
-        Kind::IcmpError => (related_verdict(pkt, dir, isolated), id),
-        _ => (flow_verdict(pkt, &ep, dir, peer), id),
-    }
-}
-
-#[inline(always)]
-fn other(dir: Direction) -> Direction {
-    if dir as u8 == Direction::Egress as u8 {
-        Direction::Ingress
-    } else {
-        Direction::Egress
+        Kind::IcmpError => (related_verdict(pkt, isolated), id),
+        _ => (flow_verdict(pkt, hook, &src, &dst), id),
     }
 }
 
@@ -148,11 +202,11 @@ fn record_fragment(pkt: &Pkt, reason: Reason) {
     let _ = FRAGMENTS.insert(&frag_key(pkt), &v, 0);
 }
 
-/// An ICMP error passes when the packet it quotes belongs to a connection this hook would
-/// pass a reply of: the tuple is the quoted packet's, reversed.
+/// An ICMP error passes when the packet it quotes belongs to a live connection holding
+/// every grant it needed: the tuple is the quoted packet's.
 #[inline(always)]
-fn related_verdict(pkt: &Pkt, dir: Direction, isolated: bool) -> Reason {
-    let (key, src_is_a) = ct_key(
+fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
+    let (key, _) = ct_key(
         pkt.inner_dst,
         pkt.inner_src,
         pkt.inner_dport,
@@ -162,9 +216,7 @@ fn related_verdict(pkt: &Pkt, dir: Direction, isolated: bool) -> Reason {
     // SAFETY: copied at once.
     if let Some(v) = unsafe { CONNTRACK.get(&key) } {
         let v = *v;
-        if !ct::expired(&v, key.proto, now_coarse())
-            && v.flags & ct::required_flag(dir, ct::is_original(&v, src_is_a)) != 0
-        {
+        if !ct::expired(&v, key.proto, now_coarse()) && ct::has_grants(&v, ct::stored_required(&v)) {
             return Reason::AllowRelated;
         }
     }
@@ -204,19 +256,27 @@ fn closing(flags: u32) -> bool {
             == (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
 }
 
-/// Conntrack, then the policy for what conntrack does not settle.
+/// Conntrack, then the policy for the grants conntrack does not hold yet.
 #[inline(always)]
-fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> Reason {
+fn flow_verdict(
+    pkt: &Pkt,
+    hook: Hook,
+    src: &EndpointValue,
+    dst: &EndpointValue,
+) -> Reason {
     let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
     let now = now_coarse();
     let syn = pkt.proto == proto::TCP
         && pkt.tcp_flags & ct::tcp::SYN != 0
         && pkt.tcp_flags & ct::tcp::ACK == 0;
+    // The grants this packet needs as a connection's original direction.
+    let fwd_req = ct::required_grants(Some(src), Some(dst));
     let entry = CONNTRACK.get_ptr_mut(&key);
     // A live entry this packet may update (None: absent, expired, or a closed connection
     // whose tuple a new SYN reuses).
     let mut live: Option<*mut CtValue> = None;
     let mut original = true;
+    let mut have = 0;
     if let Some(p) = entry {
         // SAFETY: LRU hash values stay valid for the program's run; races with other CPUs
         // may at worst lose a flag update, which the next packet repeats.
@@ -224,9 +284,15 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
         original = ct::is_original(&v, src_is_a);
         if !ct::expired(&v, pkt.proto, now) && !(syn && closing(v.flags)) {
             live = Some(p);
+            have = v.flags;
+            let need = if original {
+                fwd_req
+            } else {
+                ct::required_grants(Some(dst), Some(src))
+            };
             // A SYN in the original direction is re-decided: the tuple may be reused by a
             // new connection that today's policy must judge.
-            if !(syn && original) && v.flags & ct::required_flag(dir, original) != 0 {
+            if !(syn && original) && ct::has_grants(&v, need) {
                 let mut f = v.flags;
                 if !original {
                     f |= ct_flags::SEEN_REPLY;
@@ -245,12 +311,49 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
             }
         }
     }
-    let reason = decide(&BpfMaps, ep, dir, peer, pkt.proto, pkt.policy_port);
-    let granted = ct::granted_flag(dir);
+    // Decide what this packet's direction needs and lacks: everything for a new entry, a
+    // SYN, or a reply without its grants (judged as a new flow, recording nothing).
+    let missing = if live.is_none() || syn || !original {
+        fwd_req
+    } else {
+        fwd_req & !have
+    };
+    let mut reason = Reason::AllowNotIsolated;
+    let mut granted = 0;
+    let mut deferred = false;
+    // (A missing grant implies a known, isolated endpoint on that side.)
+    if missing & ct_flags::EGRESS_OK != 0 {
+        if hook == Hook::FromPod && is_service(&pkt.dst) {
+            // A virtual IP: DNAT picks the real peer after this hook.
+            deferred = true;
+            reason = Reason::AllowServicePending;
+        } else {
+            reason = decide(&BpfMaps, src, Direction::Egress, &pkt.dst, pkt.proto, pkt.policy_port);
+            if reason.is_allow() {
+                granted |= ct_flags::EGRESS_OK;
+            }
+        }
+    }
+    if reason.is_allow() && missing & ct_flags::INGRESS_OK != 0 {
+        let r = decide(&BpfMaps, dst, Direction::Ingress, &pkt.src, pkt.proto, pkt.policy_port);
+        if r.is_allow() {
+            granted |= ct_flags::INGRESS_OK;
+            if reason as u8 == Reason::AllowNotIsolated as u8 {
+                reason = r;
+            }
+        } else {
+            reason = r;
+        }
+    }
+    if !original {
+        return reason;
+    }
+    let ok = reason.is_allow();
+    let req_bits = fwd_req << ct_flags::REQ_SHIFT;
     match live {
         None => {
-            if reason.is_allow() {
-                let mut flags = granted;
+            if ok {
+                let mut flags = granted | req_bits;
                 if src_is_a {
                     flags |= ct_flags::ORIG_IS_A;
                 }
@@ -266,21 +369,70 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
             }
         }
         Some(p) => {
-            if original {
-                // SAFETY: see above.
-                unsafe {
-                    if reason.is_allow() {
-                        (*p).flags |= granted;
-                        (*p).last_seen_ns = now;
-                    } else if syn {
-                        // Today's policy refuses the reused tuple: forget the old grant.
-                        (*p).flags &= !granted;
-                    }
+            // SAFETY: see above.
+            unsafe {
+                if ok {
+                    (*p).flags = ((*p).flags & !missing & !(ct_flags::GRANTS << ct_flags::REQ_SHIFT))
+                        | granted
+                        | req_bits;
+                    (*p).last_seen_ns = now;
+                } else if syn {
+                    // Today's policy refuses the reused tuple: forget the old grants.
+                    (*p).flags &= !missing;
                 }
             }
         }
     }
+    if ok {
+        if deferred {
+            let k = PendingKey {
+                src: pkt.src,
+                sport: pkt.sport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let v = PendingValue {
+                vip: pkt.dst,
+                vport: pkt.dport,
+                _pad: 0,
+            };
+            let _ = SERVICE_PENDING.insert(&k, &v, 0);
+        } else if granted & ct_flags::EGRESS_OK != 0 && hook != Hook::FromPod {
+            grant_virtual_tuple(pkt, now);
+        }
+    }
     reason
+}
+
+/// The client's egress was allowed on the real backend, at a hook after DNAT: grant the
+/// client's entry of the virtual tuple too, so the reverse-NATed replies (from the virtual
+/// IP) pass its pod's hook. Only a source whose egress its own hook did not grant gets here:
+/// a tuple translated after that hook, or a pod whose veth has no program yet.
+#[inline(always)]
+fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
+    let k = PendingKey {
+        src: pkt.src,
+        sport: pkt.sport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied at once.
+    let Some(pv) = (unsafe { SERVICE_PENDING.get(&k) }).copied() else {
+        return;
+    };
+    let (vkey, _) = ct_key(pkt.src, pv.vip, pkt.sport, pv.vport, pkt.proto);
+    if let Some(p) = CONNTRACK.get_ptr_mut(&vkey) {
+        // SAFETY: see flow_verdict.
+        unsafe {
+            (*p).flags |= ct_flags::EGRESS_OK;
+            (*p).last_seen_ns = now;
+        }
+    }
+}
+
+#[inline(always)]
+fn is_service(a: &Addr) -> bool {
+    SERVICE_CIDRS.get(Key::new(128, *a)).is_some()
 }
 
 #[inline(always)]

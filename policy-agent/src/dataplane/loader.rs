@@ -14,7 +14,7 @@ use aya::{
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
     },
 };
-use policy_common::{PROG_BENCH_EMPTY, PROG_FROM_POD, PROG_TO_POD};
+use policy_common::{PROG_BENCH_EMPTY, PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD};
 
 use super::{DataplaneError, maps::DataplaneMaps};
 
@@ -46,6 +46,8 @@ pub struct Attachment {
 /// namespace they live in, since netlink requests act on the caller's namespace.
 struct Slot {
     id: u64,
+    /// The programs at TC ingress and egress (pod or uplink pair).
+    programs: (&'static str, &'static str),
     from_pod: SchedClassifierLinkId,
     to_pod: SchedClassifierLinkId,
     netns: Option<OwnedFd>,
@@ -78,7 +80,7 @@ impl Dataplane {
                 pin_dir: pin_dir.to_path_buf(),
                 source: Box::new(e),
             })?;
-        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY] {
+        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_WORLD, PROG_TO_WORLD, PROG_BENCH_EMPTY] {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|e| DataplaneError::program(name, e))?;
         }
@@ -123,12 +125,32 @@ impl Dataplane {
         interface: &str,
         mode: AttachMode,
     ) -> Result<Attachment, DataplaneError> {
+        self.attach_pair(interface, mode, (PROG_FROM_POD, PROG_TO_POD))
+    }
+
+    /// Attaches `from_world` at TC ingress and `to_world` at TC egress of `interface`, a
+    /// non-pod interface of the node (calling thread's namespace).
+    pub fn attach_uplink(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<Attachment, DataplaneError> {
+        self.attach_pair(interface, mode, (PROG_FROM_WORLD, PROG_TO_WORLD))
+    }
+
+    fn attach_pair(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        programs: (&'static str, &'static str),
+    ) -> Result<Attachment, DataplaneError> {
+        let (prog_in, prog_eg) = programs;
         match mode {
-            AttachMode::Auto => match self.attach(interface, AttachMode::Tcx) {
+            AttachMode::Auto => match self.attach_pair(interface, AttachMode::Tcx, programs) {
                 Ok(a) => Ok(a),
                 Err(e) => {
                     tracing::debug!(interface, error = %e, "TCX attach failed, using clsact");
-                    self.attach(interface, AttachMode::Netlink)
+                    self.attach_pair(interface, AttachMode::Netlink, programs)
                 }
             },
             AttachMode::Tcx | AttachMode::Netlink => {
@@ -140,14 +162,14 @@ impl Dataplane {
                     None
                 };
                 let from_pod =
-                    self.attach_one(PROG_FROM_POD, interface, TcAttachType::Ingress, mode)?;
+                    self.attach_one(prog_in, interface, TcAttachType::Ingress, mode)?;
                 let to_pod =
-                    match self.attach_one(PROG_TO_POD, interface, TcAttachType::Egress, mode) {
+                    match self.attach_one(prog_eg, interface, TcAttachType::Egress, mode) {
                         Ok(l) => l,
                         Err(e) => {
                             // Never leave half an attachment: the pod would be enforced one way.
                             // (Same thread, so the same namespace as the attach.)
-                            let _ = classifier(&mut self.ebpf, PROG_FROM_POD)
+                            let _ = classifier(&mut self.ebpf, prog_in)
                                 .map(|p| p.detach(from_pod));
                             return Err(e);
                         }
@@ -156,6 +178,7 @@ impl Dataplane {
                 self.next_id += 1;
                 self.slots.push(Slot {
                     id,
+                    programs,
                     from_pod,
                     to_pod,
                     netns,
@@ -225,18 +248,19 @@ impl Drop for Dataplane {
 
 fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
     let Slot {
+        programs: (prog_in, prog_eg),
         from_pod,
         to_pod,
         netns,
         ..
     } = slot;
     let run = move |ebpf: &mut Ebpf| -> Result<(), DataplaneError> {
-        let r1 = classifier(ebpf, PROG_FROM_POD)?
+        let r1 = classifier(ebpf, prog_in)?
             .detach(from_pod)
-            .map_err(|e| DataplaneError::program(PROG_FROM_POD, e));
-        let r2 = classifier(ebpf, PROG_TO_POD)?
+            .map_err(|e| DataplaneError::program(prog_in, e));
+        let r2 = classifier(ebpf, prog_eg)?
             .detach(to_pod)
-            .map_err(|e| DataplaneError::program(PROG_TO_POD, e));
+            .map_err(|e| DataplaneError::program(prog_eg, e));
         r1.and(r2)
     };
     match netns {
