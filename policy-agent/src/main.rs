@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use policy_agent::dataplane::AttachMode;
+use policy_agent::dataplane::{AttachMode, UplinkMode};
 use policy_agent::standalone;
 
 #[derive(Parser)]
@@ -54,6 +54,14 @@ enum Mode {
         status_file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Attach::Auto)]
         attach: Attach,
+        /// A Service ClusterIP range (repeatable): egress to it is judged on the backend
+        /// chosen by DNAT, not on the virtual IP.
+        #[arg(long = "service-cidr", value_name = "CIDR")]
+        service_cidrs: Vec<ipnet::IpNet>,
+        /// Non-pod interfaces that get the uplink programs: `auto` (every interface but `lo`
+        /// and local pods' veths), `none`, or a comma-separated list.
+        #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
+        uplink: UplinkMode,
     },
 }
 
@@ -72,7 +80,7 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     match cli.mode {
-        Mode::Standalone { manifests, node_name, bpf_dir, poll_ms, status_file, attach } => {
+        Mode::Standalone { manifests, node_name, bpf_dir, poll_ms, status_file, attach, service_cidrs, uplink } => {
             if !bpf_dir.exists() {
                 std::fs::create_dir_all(&bpf_dir)
                     .with_context(|| format!("creating {}", bpf_dir.display()))?;
@@ -88,6 +96,8 @@ fn main() -> Result<()> {
                     Attach::Tcx => AttachMode::Tcx,
                     Attach::Clsact => AttachMode::Netlink,
                 },
+                service_cidrs,
+                uplinks: uplink,
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::compiler::{self, CompilerState, MapContents};
-use crate::dataplane::{AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps};
+use crate::dataplane::{AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps, UplinkMode, uplink};
 use crate::{manifests, netinfo, writer};
 
 #[derive(Clone, Debug)]
@@ -23,6 +23,10 @@ pub struct Config {
     /// Where to write the enforced generation (see [`Status`]).
     pub status_file: Option<PathBuf>,
     pub attach_mode: AttachMode,
+    /// Service ClusterIP ranges: egress to them is judged on the DNAT backend.
+    pub service_cidrs: Vec<ipnet::IpNet>,
+    /// Which non-pod interfaces get the uplink programs.
+    pub uplinks: UplinkMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,9 @@ pub struct Status {
     pub attached: Vec<String>,
     /// Local pods whose interface was not found yet (isolated anyway once it appears).
     pub waiting: Vec<String>,
+    /// Non-pod interfaces with the uplink programs attached.
+    #[serde(default)]
+    pub uplinks: Vec<String>,
     pub problems: Vec<String>,
 }
 
@@ -58,10 +65,13 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
     let mut maps = dp.take_maps()?;
     // Until restart adoption exists, start from empty maps so nothing stale is enforced.
     maps.clear_all()?;
+    maps.set_service_cidrs(&cfg.service_cidrs)?;
     let mut agent = Agent {
         state: CompilerState::new(),
         written: MapContents::default(),
         attached: BTreeMap::new(),
+        uplinks: BTreeMap::new(),
+        uplink_failed: BTreeMap::new(),
         last_fingerprint: None,
         last_status: None,
     };
@@ -76,7 +86,8 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         let spent = t0.elapsed();
         std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
     }
-    for (_, (_, a)) in std::mem::take(&mut agent.attached) {
+    let uplinks = std::mem::take(&mut agent.uplinks);
+    for (_, (_, a)) in std::mem::take(&mut agent.attached).into_iter().chain(uplinks) {
         let iface = a.interface.clone();
         if let Err(e) = dp.detach(a) {
             tracing::debug!(interface = %iface, error = %e, "detach at exit");
@@ -92,6 +103,10 @@ struct Agent {
     written: MapContents,
     /// Interface name -> (its ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
+    /// Uplink interface name -> (ifindex, the attachment).
+    uplinks: BTreeMap<String, (u32, Attachment)>,
+    /// Uplinks whose attach failed, by ifindex (not retried until the interface changes).
+    uplink_failed: BTreeMap<String, u32>,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
     last_status: Option<Status>,
 }
@@ -141,6 +156,18 @@ impl Agent {
         }
         // An interface deleted (or deleted and re-created: a new ifindex) lost its programs.
         self.attached.retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
+        self.uplinks.retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
+        // Uplinks first lose what is now a pod's veth (a pod's interface may have looked like
+        // an uplink before its pod was known).
+        let uplinks = uplink::select(&cfg.uplinks, &uplink::interfaces(), &wanted);
+        let gone: Vec<String> = self.uplinks.keys().filter(|i| !uplinks.contains(*i)).cloned().collect();
+        for iface in gone {
+            if let Some((_, a)) = self.uplinks.remove(&iface) {
+                if let Err(e) = dp.detach(a) {
+                    tracing::debug!(interface = %iface, error = %e, "detach uplink");
+                }
+            }
+        }
         for iface in &wanted {
             if !self.attached.contains_key(iface) {
                 let Some(idx) = netinfo::ifindex(iface) else { continue };
@@ -162,12 +189,33 @@ impl Agent {
                 }
             }
         }
+        for iface in &uplinks {
+            if self.uplinks.contains_key(iface) {
+                continue;
+            }
+            let Some(idx) = netinfo::ifindex(iface) else { continue };
+            if self.uplink_failed.get(iface) == Some(&idx) {
+                continue;
+            }
+            match dp.attach_uplink(iface, cfg.attach_mode) {
+                Ok(a) => {
+                    tracing::info!(interface = %iface, "uplink programs attached");
+                    self.uplink_failed.remove(iface);
+                    self.uplinks.insert(iface.clone(), (idx, a));
+                }
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "uplink attach failed");
+                    self.uplink_failed.insert(iface.clone(), idx);
+                }
+            }
+        }
         self.last_fingerprint = Some(fp);
         let status = Status {
             generation,
             endpoints: self.written.endpoints.len(),
             attached: self.attached.keys().cloned().collect(),
             waiting,
+            uplinks: self.uplinks.keys().cloned().collect(),
             problems,
         };
         if self.last_status.as_ref() != Some(&status) {

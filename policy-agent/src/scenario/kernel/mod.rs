@@ -30,6 +30,10 @@ use crate::testbed::PrivateBpffs;
 use hosts::Hosts;
 use probe::{Job, Servers};
 
+/// The ClusterIP ranges of the topology ([`super::topology::service_v4`] / `service_v6`):
+/// the agent judges egress to them on the DNAT backend.
+pub const SERVICE_CIDRS: [&str; 2] = ["198.18.128.0/17", "fd00:18::2:0/112"];
+
 #[derive(Clone, Debug)]
 pub struct KernelConfig {
     /// The `policy-agent` binary.
@@ -144,6 +148,7 @@ impl KernelOracle {
             .arg("--status-file")
             .arg(&status)
             .args(["--poll-ms", "20"])
+            .args(SERVICE_CIDRS.iter().flat_map(|c| ["--service-cidr", c]))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log)
@@ -376,4 +381,21 @@ fn short_tag() -> String {
     }
     s.reverse();
     String::from_utf8(s).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod service_range_tests {
+    use super::super::topology::{MAX_PODS, pod_v4, pod_v6, service_v4, service_v6};
+    use super::SERVICE_CIDRS;
+    use std::net::IpAddr;
+
+    #[test]
+    fn service_ranges_cover_every_cluster_ip_and_no_pod() {
+        let nets: Vec<ipnet::IpNet> = SERVICE_CIDRS.iter().map(|c| c.parse().expect("cidr")).collect();
+        let covered = |ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
+        for i in [0, 1, MAX_PODS / 2, MAX_PODS - 1] {
+            assert!(covered(service_v4(i).into()) && covered(service_v6(i).into()), "service {i}");
+            assert!(!covered(pod_v4(i).into()) && !covered(pod_v6(i).into()), "pod {i}");
+        }
+    }
 }
