@@ -95,7 +95,18 @@ impl Fixture {
     /// [`Self::verdict`] through any program; the counter must move in the program's
     /// direction (packets leaving local pods count as egress).
     fn verdict_at(&self, name: &'static str, frame: &[u8]) -> Reason {
-        let dir = if name == PROG_FROM_POD || name == PROG_TO_WORLD { Egress } else { Ingress };
+        let hook_dir = if name == PROG_FROM_POD || name == PROG_TO_WORLD { Egress } else { Ingress };
+        let (d, r) = self.verdict_by(name, frame);
+        // A policy deny is counted in the direction of the policy that refused, which at a
+        // client's hook may be the destination's ingress.
+        if r != Reason::DenyPolicy {
+            assert_eq!(d, hook_dir, "counted in the hook's direction");
+        }
+        r
+    }
+
+    /// The direction and reason whose counter moved (exactly one moves per packet).
+    fn verdict_by(&self, name: &'static str, frame: &[u8]) -> (Direction, Reason) {
         let before = self.maps.counters().expect("counters");
         let rc = self.run_prog(name, frame);
         let diff = self.maps.counters().expect("counters").since(&before);
@@ -110,11 +121,10 @@ impl Fixture {
             "exactly one counter moves per packet: {moved:?}"
         );
         let (d, r) = moved[0];
-        assert_eq!(d, dir, "counted in the hook's direction");
         assert_eq!(diff.get(d, r), 1);
         let expect_rc = if r.is_allow() { TC_ACT_OK } else { TC_ACT_SHOT };
         assert_eq!(rc, expect_rc, "return code agrees with {r:?}");
-        r
+        (d, r)
     }
 
     fn endpoint(&mut self, addr: Addr, flags: u32) {
@@ -1563,7 +1573,11 @@ fn from_pod_judges_a_local_destinations_ingress() {
     f.endpoint_id(a4(A4), 1, 0);
     f.endpoint_id(a4(B4), 2, ISO_IN | IN_ID);
     f.ipcache(a4(A4), ID_A);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::DenyPolicy);
+    // Refused by B's ingress policy, at A's hook: counted as an ingress deny.
+    assert_eq!(
+        f.verdict_by(PROG_FROM_POD, &tcp4(A4, B4, 40000, 80, SYN)),
+        (Ingress, Reason::DenyPolicy)
+    );
     assert!(f.ct(a4(A4), a4(B4), 40000, 80, TCP).is_none(), "a denied flow leaves no entry");
     // A rule admits A: the grant is decided and recorded at A's hook.
     f.rule(SET_IN, ID_A, ranges(&[(TCP, 80, 80)]));
@@ -1588,8 +1602,14 @@ fn a_connection_between_two_isolated_pods_needs_both_grants() {
     f.ipcache(a4(B4), ID_B);
     // A's egress admits B, B's ingress does not admit A.
     f.rule(SET_EG, ID_B, all());
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::DenyPolicy);
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict_by(PROG_FROM_POD, &tcp4(A4, B4, 40000, 80, SYN)),
+        (Ingress, Reason::DenyPolicy)
+    );
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp4(A4, B4, 40000, 80, SYN)),
+        (Ingress, Reason::DenyPolicy)
+    );
     // Both admit: every hook passes it, replies too.
     f.rule(SET_IN, ID_A, all());
     assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
@@ -1601,7 +1621,11 @@ fn a_connection_between_two_isolated_pods_needs_both_grants() {
     assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 80, 40000, ACK)), Reason::AllowEstablished);
     // B's ingress alone (A's egress revoked): a new SYN is refused at A's hook.
     f.maps.delete_rule(&RuleKey { policy_set: SET_EG, identity: ID_B }).expect("delete");
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40001, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp4(A4, B4, 40001, 80, SYN)),
+        (Egress, Reason::DenyPolicy),
+        "A's egress refuses, wherever it is judged"
+    );
 }
 
 #[test]
@@ -1611,7 +1635,10 @@ fn to_pod_decides_the_egress_a_sources_hook_never_saw() {
     f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID);
     f.endpoint_id(a4(B4), 2, 0);
     f.ipcache(a4(B4), ID_B);
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp4(A4, B4, 40000, 80, SYN)),
+        (Egress, Reason::DenyPolicy)
+    );
     f.rule(SET_EG, ID_B, ranges(&[(TCP, 80, 80)]));
     assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
     let e = f.ct(a4(A4), a4(B4), 40000, 80, TCP).expect("entry");

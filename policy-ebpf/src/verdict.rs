@@ -69,7 +69,14 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         }
     };
     let pkt: &Pkt = pkt;
-    let (reason, ep_id) = judge(pkt, hook);
+    let (reason, ep_id, decider) = judge(pkt, hook);
+    // A policy deny is counted and reported in the direction of the endpoint whose policy
+    // refused (at a client's hook that may be the destination's ingress).
+    let dir = match decider {
+        Decider::Egress => Direction::Egress,
+        Decider::Ingress => Direction::Ingress,
+        Decider::Hook => dir,
+    };
     count(reason, dir);
     if reason.is_allow() {
         if pkt.first_fragment && ep_id.is_some() {
@@ -88,13 +95,25 @@ fn endpoint(addr: &Addr) -> Option<EndpointValue> {
     unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
 }
 
-/// The verdict and, when a local endpoint is involved, its id (the hook's own pod first).
+/// Whose policy settled a verdict.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Decider {
+    /// The hook itself (its direction, its own endpoint).
+    Hook,
+    /// The source's egress policy.
+    Egress,
+    /// The destination's ingress policy.
+    Ingress,
+}
+
+/// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
+/// first, else the endpoint whose policy refused), and whose policy settled it.
 #[inline(always)]
-fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>) {
+fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
-        return (Reason::AllowLinkLocal, None);
+        return (Reason::AllowLinkLocal, None, Decider::Hook);
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
@@ -123,17 +142,17 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>) {
     match hook {
         // At a pod's own hook, the pod's side must be a known endpoint: else spoofed, or not
         // known yet. Fail closed.
-        Hook::FromPod if !src_known => return (Reason::DenyUnknownEndpoint, None),
-        Hook::ToPod if !dst_known => return (Reason::DenyUnknownEndpoint, None),
+        Hook::FromPod if !src_known => return (Reason::DenyUnknownEndpoint, None, Decider::Hook),
+        Hook::ToPod if !dst_known => return (Reason::DenyUnknownEndpoint, None, Decider::Hook),
         // The node's own traffic, or transit: none of our business.
         Hook::FromWorld | Hook::ToWorld if !src_known && !dst_known => {
-            return (Reason::AllowNoEndpoint, None);
+            return (Reason::AllowNoEndpoint, None, Decider::Hook);
         }
         _ => {}
     }
     let id = Some(own);
     if (src.flags | dst.flags) & (ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS) == 0 {
-        return (Reason::AllowNotIsolated, id);
+        return (Reason::AllowNotIsolated, id, Decider::Hook);
     }
     // Whether this packet, taken as a new connection, needs a grant.
     let isolated = ct::required_grants(Some(&src), Some(&dst)) != 0;
@@ -145,12 +164,21 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>) {
                 Reason::AllowNotIsolated
             },
             id,
+            Decider::Hook,
         );
     }
     match pkt.kind {
-        Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id),
-        Kind::IcmpError => (related_verdict(pkt, isolated), id),
-        _ => (flow_verdict(pkt, hook, &src, &dst), id),
+        Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id, Decider::Hook),
+        Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
+        _ => {
+            let (r, by) = flow_verdict(pkt, hook, &src, &dst);
+            let id = match by {
+                Decider::Egress => src.endpoint_id,
+                Decider::Ingress => dst.endpoint_id,
+                Decider::Hook => own,
+            };
+            (r, Some(id), by)
+        }
     }
 }
 
@@ -263,7 +291,7 @@ fn flow_verdict(
     hook: Hook,
     src: &EndpointValue,
     dst: &EndpointValue,
-) -> Reason {
+) -> (Reason, Decider) {
     let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
     let now = now_coarse();
     let syn = pkt.proto == proto::TCP
@@ -307,7 +335,7 @@ fn flow_verdict(
                         (*p).last_seen_ns = now;
                     }
                 }
-                return Reason::AllowEstablished;
+                return (Reason::AllowEstablished, Decider::Hook);
             }
         }
     }
@@ -321,6 +349,7 @@ fn flow_verdict(
     let mut reason = Reason::AllowNotIsolated;
     let mut granted = 0;
     let mut deferred = false;
+    let mut by = Decider::Hook;
     // (A missing grant implies a known, isolated endpoint on that side.)
     if missing & ct_flags::EGRESS_OK != 0 {
         if hook == Hook::FromPod && is_service(&pkt.dst) {
@@ -331,6 +360,8 @@ fn flow_verdict(
             reason = decide(&BpfMaps, src, Direction::Egress, &pkt.dst, pkt.proto, pkt.policy_port);
             if reason.is_allow() {
                 granted |= ct_flags::EGRESS_OK;
+            } else {
+                by = Decider::Egress;
             }
         }
     }
@@ -343,10 +374,11 @@ fn flow_verdict(
             }
         } else {
             reason = r;
+            by = Decider::Ingress;
         }
     }
     if !original {
-        return reason;
+        return (reason, by);
     }
     let ok = reason.is_allow();
     let req_bits = fwd_req << ct_flags::REQ_SHIFT;
@@ -401,7 +433,7 @@ fn flow_verdict(
             grant_virtual_tuple(pkt, now);
         }
     }
-    reason
+    (reason, by)
 }
 
 /// The client's egress was allowed on the real backend, at a hook after DNAT: grant the
