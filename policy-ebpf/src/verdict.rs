@@ -79,7 +79,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     };
     count(reason, dir);
     if reason.is_allow() {
-        if pkt.first_fragment && ep_id.is_some() {
+        if pkt.first_fragment && (ep_id.is_some() || reason as u8 == Reason::AllowEstablished as u8) {
             record_fragment(pkt, reason);
         }
         TC_ACT_OK
@@ -114,6 +114,16 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
         return (Reason::AllowLinkLocal, None, Decider::Hook);
+    }
+    // At a pod's hook, conntrack first: an entry holding every grant it recorded as needed
+    // settles the packet without the endpoint lookups. (Uplinks look endpoints up first, so
+    // the node's own traffic costs two hash misses and nothing more.)
+    let mut ct = Ct::none();
+    if matches!(hook, Hook::FromPod | Hook::ToPod) && pkt.kind == Kind::Normal && !pkt.malformed {
+        ct = ct_lookup(pkt);
+        if ct_fast_hit(pkt, &ct) {
+            return (Reason::AllowEstablished, None, Decider::Hook);
+        }
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
@@ -171,7 +181,10 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
         Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id, Decider::Hook),
         Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
         _ => {
-            let (r, by) = flow_verdict(pkt, hook, &src, &dst);
+            if !ct.done {
+                ct = ct_lookup(pkt);
+            }
+            let (r, by) = flow_verdict(pkt, hook, &src, &dst, &ct);
             let id = match by {
                 Decider::Egress => src.endpoint_id,
                 Decider::Ingress => dst.endpoint_id,
@@ -291,15 +304,15 @@ fn flow_verdict(
     hook: Hook,
     src: &EndpointValue,
     dst: &EndpointValue,
+    ct: &Ct,
 ) -> (Reason, Decider) {
-    let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let now = now_coarse();
-    let syn = pkt.proto == proto::TCP
-        && pkt.tcp_flags & ct::tcp::SYN != 0
-        && pkt.tcp_flags & ct::tcp::ACK == 0;
+    let key = &ct.key;
+    let src_is_a = ct.src_is_a;
+    let now = ct.now;
+    let syn = is_syn(pkt);
     // The grants this packet needs as a connection's original direction.
     let fwd_req = ct::required_grants(Some(src), Some(dst));
-    let entry = CONNTRACK.get_ptr_mut(&key);
+    let entry = ct.entry;
     // A live entry this packet may update (None: absent, expired, or a closed connection
     // whose tuple a new SYN reuses).
     let mut live: Option<*mut CtValue> = None;
@@ -397,7 +410,7 @@ fn flow_verdict(
                     flags,
                     _pad: 0,
                 };
-                let _ = CONNTRACK.insert(&key, &v, 0);
+                let _ = CONNTRACK.insert(key, &v, 0);
             }
         }
         Some(p) => {
@@ -434,6 +447,81 @@ fn flow_verdict(
         }
     }
     (reason, by)
+}
+
+/// A packet's conntrack lookup, done once per packet.
+struct Ct {
+    key: CtKey,
+    src_is_a: bool,
+    entry: Option<*mut CtValue>,
+    now: u64,
+    done: bool,
+}
+
+impl Ct {
+    #[inline(always)]
+    fn none() -> Ct {
+        Ct {
+            key: CtKey::default(),
+            src_is_a: false,
+            entry: None,
+            now: 0,
+            done: false,
+        }
+    }
+}
+
+#[inline(always)]
+fn ct_lookup(pkt: &Pkt) -> Ct {
+    let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
+    let entry = CONNTRACK.get_ptr_mut(&key);
+    Ct {
+        key,
+        src_is_a,
+        entry,
+        now: now_coarse(),
+        done: true,
+    }
+}
+
+#[inline(always)]
+fn is_syn(pkt: &Pkt) -> bool {
+    pkt.proto == proto::TCP && pkt.tcp_flags & ct::tcp::SYN != 0 && pkt.tcp_flags & ct::tcp::ACK == 0
+}
+
+/// A live entry holding every grant its connection needed when last decided: the packet
+/// passes as established (and refreshes the entry). Judged on the entry alone, so a change
+/// of isolation applies to new connections, as policy changes do.
+#[inline(always)]
+fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
+    let Some(p) = ct.entry else {
+        return false;
+    };
+    // SAFETY: see flow_verdict.
+    let v = unsafe { *p };
+    let original = ct::is_original(&v, ct.src_is_a);
+    let syn = is_syn(pkt);
+    if ct::expired(&v, pkt.proto, ct.now)
+        || (syn && (original || closing(v.flags)))
+        || !ct::has_grants(&v, ct::stored_required(&v))
+    {
+        return false;
+    }
+    let mut f = v.flags;
+    if !original {
+        f |= ct_flags::SEEN_REPLY;
+    }
+    if pkt.proto == proto::TCP {
+        f |= ct::tcp_state_flags(pkt.tcp_flags, original);
+    }
+    if f != v.flags || ct.now.wrapping_sub(v.last_seen_ns) >= ct::REFRESH_INTERVAL_NS {
+        // SAFETY: see flow_verdict.
+        unsafe {
+            (*p).flags = f;
+            (*p).last_seen_ns = ct.now;
+        }
+    }
+    true
 }
 
 /// The client's egress was allowed on the real backend, at a hook after DNAT: grant the
