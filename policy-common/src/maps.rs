@@ -1,9 +1,12 @@
 //! Map names, capacities, keys and values.
 //!
-//! Lookup order per packet (see [`crate::decide`]): `ENDPOINTS` (the pod's own address) ->
-//! `CONNTRACK` -> `IPCACHE` (peer address -> identity) -> `RULES` (policy-set, identity) and/or
-//! `CIDR_RULES` (policy-set, peer prefix) -> `PORTS` only for rules with more port ranges than
-//! fit inline. At most seven lookups, whatever the number of pods, policies or CIDRs.
+//! Lookup order per packet (see [`crate::decide`]): at a pod hook `CONNTRACK` first (an
+//! entry holding every grant it recorded as needed settles the packet); else `ENDPOINTS` for
+//! both addresses -> `CONNTRACK` grants -> `IPCACHE` (peer address -> identity) -> `RULES`
+//! (policy-set, identity) and/or `CIDR_RULES` (policy-set, peer prefix) -> `PORTS` only for
+//! rules with more port ranges than fit inline, once per missing grant (source's egress,
+//! destination's ingress). `SERVICE_CIDRS` / `SERVICE_PENDING` only for egress to a Service
+//! range. A bounded number of lookups, whatever the number of pods, policies or CIDRs.
 
 use crate::addr::Addr;
 

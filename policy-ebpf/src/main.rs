@@ -28,6 +28,23 @@
 //!    `to_pod` or `to_world`, which also grants the virtual tuple for the replies;
 //! 6. every verdict counted per direction and reason; denies reported to `EVENTS` under a
 //!    per-CPU token bucket.
+//!
+//! Limits (what the two-sided grants and the Service deferral do not cover):
+//! - a Service DNATed AND source-NATed before a hook sees it (kube-proxy's masquerade for
+//!   hairpin traffic, `masquerade-all`, SNAT to a remote backend): the translated packet's
+//!   source is the node, not the client, so the client's egress is never judged on the
+//!   backend; its virtual tuple stays ungranted, and the replies (from the virtual IP) are
+//!   judged as new flows into the client: the connection works whenever the client's
+//!   ingress admits the virtual IP. Hairpin without SNAT is judged like any local backend;
+//! - `SERVICE_PENDING` is keyed by the client socket (address, port, protocol): a grant is
+//!   propagated only by a hook that itself decided the client's egress, i.e. for a tuple
+//!   the client's own hook did not see (DNATed after it, or no program on the client's veth);
+//! - conntrack hits at pod hooks are judged on the entry alone (no `ENDPOINTS` lookup):
+//!   isolation and policy changes apply to new connections; a packet spoofing a live tuple
+//!   exactly passes its hook as that connection would;
+//! - uplinks see outer headers only: encapsulated pod traffic (VXLAN, Geneve, IPIP) passes
+//!   there as "no endpoint" and is judged at the pod's own hooks after decapsulation;
+//!   a malformed IP packet on an uplink is passed, not counted against an endpoint.
 #![no_std]
 #![no_main]
 
