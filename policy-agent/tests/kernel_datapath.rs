@@ -1809,3 +1809,22 @@ fn icmp_error_about_a_deferred_service_flow_is_unrelated_until_granted() {
     assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
     assert_eq!(f.verdict(Ingress, &err), Reason::AllowRelated);
 }
+
+#[test]
+fn isolation_added_later_applies_to_new_connections() {
+    let mut f = fixture();
+    f.endpoint_id(a4(A4), 1, 0);
+    f.endpoint_id(a4(B4), 2, ISO_IN);
+    // A connection into A while A is open: recorded (B is isolated for ingress, which this
+    // direction does not involve: it needs no grant).
+    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)), Reason::AllowNotIsolated);
+    let e = f.ct(a4(B4), a4(A4), 40000, 80, TCP).expect("entry");
+    assert_eq!(ct::stored_required(&e), 0);
+    // A becomes isolated for ingress with no rule: the open connection keeps flowing (its
+    // entry settles it), a new one is refused, and a new SYN on the old tuple too.
+    f.endpoint_id(a4(A4), 1, ISO_IN);
+    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)), Reason::AllowEstablished);
+    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 80, 40000, ACK)), Reason::AllowEstablished);
+    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40001, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)), Reason::DenyPolicy);
+}
