@@ -1828,3 +1828,15 @@ fn isolation_added_later_applies_to_new_connections() {
     assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40001, 80, SYN)), Reason::DenyPolicy);
     assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)), Reason::DenyPolicy);
 }
+
+#[test]
+fn the_nodes_own_address_is_never_deferred_as_a_service() {
+    let mut f = fixture();
+    // The /17 covers the node's address too (a misconfigured range): traffic to the node is
+    // delivered locally, no later hook would judge it, so A's hook decides it.
+    f.service_cidrs(&SERVICE_RANGES);
+    f.endpoint_id(a4(A4), 1, ISO_EG);
+    f.ipcache(a4(NODE4), IDENTITY_HOST);
+    assert_eq!(f.verdict(Egress, &tcp4(A4, NODE4, 40000, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(pending(&f, a4(A4), 40000, TCP), None);
+}

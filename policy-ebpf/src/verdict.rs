@@ -365,7 +365,7 @@ fn flow_verdict(
     let mut by = Decider::Hook;
     // (A missing grant implies a known, isolated endpoint on that side.)
     if missing & ct_flags::EGRESS_OK != 0 {
-        if hook == Hook::FromPod && is_service(&pkt.dst) {
+        if hook == Hook::FromPod && is_service(&pkt.dst) && !is_host(&pkt.dst) {
             // A virtual IP: DNAT picks the real peer after this hook.
             deferred = true;
             reason = Reason::AllowServicePending;
@@ -548,6 +548,14 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
             (*p).last_seen_ns = now;
         }
     }
+}
+
+/// The node's own address: delivered locally, no later hook would judge it, so never
+/// deferred even when a (misconfigured) service range covers it.
+#[inline(always)]
+fn is_host(a: &Addr) -> bool {
+    use policy_common::decide::PolicyMaps as _;
+    matches!(BpfMaps.ipcache(&policy_common::IpCacheKey { addr: *a }), Some(v) if v.identity == policy_common::IDENTITY_HOST)
 }
 
 #[inline(always)]

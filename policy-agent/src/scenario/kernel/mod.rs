@@ -31,8 +31,18 @@ use hosts::Hosts;
 use probe::{Job, Servers};
 
 /// The ClusterIP ranges of the topology ([`super::topology::service_v4`] / `service_v6`):
-/// the agent judges egress to them on the DNAT backend.
-pub const SERVICE_CIDRS: [&str; 2] = ["198.18.128.0/17", "fd00:18::2:0/112"];
+/// the agent judges egress to them on the DNAT backend. IPv4 ClusterIPs run from
+/// 198.18.128.1 to 198.18.253.255; the node's own address (198.18.255.254) must stay
+/// outside, so the /17 is cut short.
+pub const SERVICE_CIDRS: [&str; 7] = [
+    "198.18.128.0/18",
+    "198.18.192.0/19",
+    "198.18.224.0/20",
+    "198.18.240.0/21",
+    "198.18.248.0/22",
+    "198.18.252.0/23",
+    "fd00:18::2:0/112",
+];
 
 #[derive(Clone, Debug)]
 pub struct KernelConfig {
@@ -385,7 +395,7 @@ fn short_tag() -> String {
 
 #[cfg(test)]
 mod service_range_tests {
-    use super::super::topology::{MAX_PODS, pod_v4, pod_v6, service_v4, service_v6};
+    use super::super::topology::{MAX_PODS, NODE_V4, NODE_V6, pod_v4, pod_v6, service_v4, service_v6};
     use super::SERVICE_CIDRS;
     use std::net::IpAddr;
 
@@ -397,5 +407,6 @@ mod service_range_tests {
             assert!(covered(service_v4(i).into()) && covered(service_v6(i).into()), "service {i}");
             assert!(!covered(pod_v4(i).into()) && !covered(pod_v6(i).into()), "pod {i}");
         }
+        assert!(!covered(NODE_V4.into()) && !covered(NODE_V6.into()), "the node's own addresses");
     }
 }
