@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use policy_agent::dataplane::{AttachMode, Dataplane};
+use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
 use policy_agent::standalone;
 
 #[derive(Parser)]
@@ -65,6 +65,14 @@ enum Mode {
         /// migrating to new maps without a gap).
         #[arg(long)]
         no_migrate: bool,
+        /// A Service ClusterIP range (repeatable): egress to it is judged on the backend
+        /// chosen by DNAT, not on the virtual IP.
+        #[arg(long = "service-cidr", value_name = "CIDR")]
+        service_cidrs: Vec<ipnet::IpNet>,
+        /// Non-pod interfaces that get the uplink programs: `auto` (every interface but `lo`
+        /// and local pods' veths), `none`, or a comma-separated list.
+        #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
+        uplink: UplinkMode,
     },
     /// Detach the programs (pinned links, clsact filters in this network namespace) and
     /// unpin the maps: enforcement stops.
@@ -125,6 +133,8 @@ fn main() -> Result<()> {
             reset,
             no_seed_conntrack,
             no_migrate,
+            service_cidrs,
+            uplink,
         } => {
             if !bpf_dir.exists() {
                 std::fs::create_dir_all(&bpf_dir)
@@ -144,6 +154,8 @@ fn main() -> Result<()> {
                 reset,
                 seed_conntrack: !no_seed_conntrack,
                 migrate: !no_migrate,
+                service_cidrs,
+                uplinks: uplink,
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::compiler::{self, CompilerState, MapContents};
 use crate::dataplane::{
-    AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps, PinState, ctseed, pinning,
-    renumber_onto,
+    AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps, PinState, UplinkMode,
+    ctseed, pinning, renumber_onto, uplink,
 };
 use crate::{manifests, netinfo, writer};
 
@@ -41,6 +41,10 @@ pub struct Config {
     /// When the pinned maps do not match this agent's object (an upgrade changed a map),
     /// move to new maps without a gap; else refuse to start.
     pub migrate: bool,
+    /// Service ClusterIP ranges: egress to them is judged on the DNAT backend.
+    pub service_cidrs: Vec<ipnet::IpNet>,
+    /// Which non-pod interfaces get the uplink programs.
+    pub uplinks: UplinkMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,9 @@ pub struct Status {
     pub attached: Vec<String>,
     /// Local pods whose interface was not found yet (isolated anyway once it appears).
     pub waiting: Vec<String>,
+    /// Non-pod interfaces with the uplink programs attached.
+    #[serde(default)]
+    pub uplinks: Vec<String>,
     pub problems: Vec<String>,
     /// Whether this agent adopted pinned maps of an earlier one (else it created them).
     #[serde(default)]
@@ -134,12 +141,15 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
             }
         }
     }
+    maps.set_service_cidrs(&cfg.service_cidrs)?;
     let mut agent = Agent {
         state: CompilerState::new(),
         written: maps.read_contents()?,
         resync: false,
         attached: BTreeMap::new(),
         pins_adopted: false,
+        uplinks: BTreeMap::new(),
+        uplink_failed: BTreeMap::new(),
         last_fingerprint: None,
         last_status: None,
         loader: manifests::DirLoader::default(),
@@ -166,7 +176,8 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
     }
     // Persistent attachments are left to enforce until the next agent takes them over.
-    for (_, (_, a)) in std::mem::take(&mut agent.attached) {
+    let uplinks = std::mem::take(&mut agent.uplinks);
+    for (_, (_, a)) in std::mem::take(&mut agent.attached).into_iter().chain(uplinks) {
         dp.release(a);
     }
     tracing::info!(
@@ -194,6 +205,10 @@ struct Agent {
     migrated: bool,
     /// Interface name -> (its ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
+    /// Uplink interface name -> (ifindex, the attachment).
+    uplinks: BTreeMap<String, (u32, Attachment)>,
+    /// Uplinks whose attach failed, by ifindex (not retried until the interface changes).
+    uplink_failed: BTreeMap<String, u32>,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
     last_status: Option<Status>,
     /// Keeps each manifest file's last good version: a file turning bad never opens traffic.
@@ -275,10 +290,25 @@ impl Agent {
             .into_iter()
             .partition(|(iface, (idx, _))| netinfo::ifindex(iface) == Some(*idx));
         self.attached = keep;
-        for (iface, (_, a)) in lost {
+        let (keep, lost_uplinks): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.uplinks)
+            .into_iter()
+            .partition(|(iface, (idx, _))| netinfo::ifindex(iface) == Some(*idx));
+        self.uplinks = keep;
+        for (iface, (_, a)) in lost.into_iter().chain(lost_uplinks) {
             // Its links are defunct; unpin them.
             if let Err(e) = dp.detach(a) {
                 tracing::debug!(interface = %iface, error = %e, "dropping the links of a vanished interface");
+            }
+        }
+        // Uplinks first lose what is now a pod's veth (a pod's interface may have looked like
+        // an uplink before its pod was known).
+        let uplinks = uplink::select(&cfg.uplinks, &uplink::interfaces(), &wanted);
+        let gone: Vec<String> = self.uplinks.keys().filter(|i| !uplinks.contains(*i)).cloned().collect();
+        for iface in gone {
+            if let Some((_, a)) = self.uplinks.remove(&iface)
+                && let Err(e) = dp.detach(a)
+            {
+                tracing::debug!(interface = %iface, error = %e, "detach uplink");
             }
         }
         for iface in &wanted {
@@ -308,6 +338,26 @@ impl Agent {
                 tracing::debug!(interface = %iface, error = %e, "detach");
             }
         }
+        for iface in &uplinks {
+            if self.uplinks.contains_key(iface) {
+                continue;
+            }
+            let Some(idx) = netinfo::ifindex(iface) else { continue };
+            if self.uplink_failed.get(iface) == Some(&idx) {
+                continue;
+            }
+            match dp.attach_uplink(iface, cfg.attach_mode) {
+                Ok(a) => {
+                    tracing::info!(interface = %iface, "uplink programs attached");
+                    self.uplink_failed.remove(iface);
+                    self.uplinks.insert(iface.clone(), (idx, a));
+                }
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "uplink attach failed");
+                    self.uplink_failed.insert(iface.clone(), idx);
+                }
+            }
+        }
         if dp.pin_state() == PinState::Migrating && self.pins_adopted {
             // Every pinned link and filter runs the new programs on the new maps now.
             dp.finish_migration()?;
@@ -320,6 +370,7 @@ impl Agent {
             endpoints: self.written.endpoints.len(),
             attached: self.attached.keys().cloned().collect(),
             waiting,
+            uplinks: self.uplinks.keys().cloned().collect(),
             problems,
             adopted: self.adopted,
             migrated: self.migrated,
@@ -339,7 +390,7 @@ impl Agent {
     fn adopt_pins(&mut self, cfg: &Config, dp: &mut Dataplane) -> usize {
         let mut failures = 0;
         for p in pinning::pinned_interfaces(&cfg.bpf_dir) {
-            if self.attached.contains_key(&p.ifname) {
+            if self.attached.contains_key(&p.ifname) || self.uplinks.contains_key(&p.ifname) {
                 continue;
             }
             if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
@@ -349,10 +400,19 @@ impl Agent {
                 }
                 continue;
             }
-            match dp.attach(&p.ifname, cfg.attach_mode) {
+            // An uplink keeps uplink programs; the passes after this sort out which
+            // interfaces are still wanted as what.
+            let is_uplink = p.dir.join(policy_common::PROG_FROM_WORLD).exists();
+            let attached = if is_uplink {
+                dp.attach_uplink(&p.ifname, cfg.attach_mode)
+            } else {
+                dp.attach(&p.ifname, cfg.attach_mode)
+            };
+            match attached {
                 Ok(a) => {
-                    tracing::info!(interface = %p.ifname, "pinned links taken over");
-                    self.attached.insert(p.ifname.clone(), (p.ifindex, a));
+                    tracing::info!(interface = %p.ifname, uplink = is_uplink, "pinned links taken over");
+                    let into = if is_uplink { &mut self.uplinks } else { &mut self.attached };
+                    into.insert(p.ifname.clone(), (p.ifindex, a));
                 }
                 Err(e) => {
                     failures += 1;

@@ -256,7 +256,8 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     }
     pods.expect(false, false, "egress cidr rule removed");
 
-    // The denies were counted and reported.
+    // The denies were counted and reported (B's ingress denies at A's hook already, in the
+    // direction of the policy that refused).
     let c = maps.counters().expect("counters");
     assert!(c.get(Direction::Egress, Reason::DenyPolicy) > 0);
     assert!(c.get(Direction::Ingress, Reason::DenyPolicy) > 0);
@@ -270,9 +271,12 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
         ev.len()
     );
 
-    // Detaching A's interface lifts its enforcement.
+    // Detaching A's interface does not lift A's policy: B's hook judges whatever grant A's
+    // hook did not record. Lifting A's isolation in the maps does.
     dp.detach(att_a).expect("detach a");
-    pods.expect(true, true, "a detached");
+    pods.expect(false, false, "a detached, still isolated for egress");
+    set_endpoint(&mut maps, ips_a, 1, 0);
+    pods.expect(true, true, "a detached and not isolated");
     drop(att_b);
 }
 

@@ -2,8 +2,8 @@
 //! which flag a packet needs, and idle timeouts.
 
 use crate::addr::Addr;
-use crate::maps::{CtKey, CtValue, ct_flags};
-use crate::{Direction, proto};
+use crate::maps::{CtKey, CtValue, EndpointValue, ct_flags, ep_flags};
+use crate::proto;
 
 pub const SEC: u64 = 1_000_000_000;
 /// TCP after the handshake was answered.
@@ -58,27 +58,35 @@ pub const fn is_original(v: &CtValue, src_is_a: bool) -> bool {
     (v.flags & ct_flags::ORIG_IS_A != 0) == src_is_a
 }
 
-/// The flag a packet needs at a hook of direction `dir`: the local endpoint is the
-/// connection's originator when it sends in the original direction (egress hook) or
-/// receives in the reply direction (ingress hook); the originator needs its egress to have
-/// been allowed, the responder its ingress.
+/// The grants a connection needs, from the endpoints at its two ends (`None`: not a local
+/// endpoint): `EGRESS_OK` when the originator is isolated for egress, `INGRESS_OK` when the
+/// responder is isolated for ingress. Any hook may decide either grant.
 #[inline(always)]
-pub const fn required_flag(dir: Direction, original: bool) -> u32 {
-    let local_is_originator = match dir {
-        Direction::Egress => original,
-        Direction::Ingress => !original,
-    };
-    if local_is_originator { ct_flags::EGRESS_OK } else { ct_flags::INGRESS_OK }
+pub const fn required_grants(orig_src: Option<&EndpointValue>, orig_dst: Option<&EndpointValue>) -> u32 {
+    let mut r = 0;
+    if let Some(e) = orig_src {
+        if e.flags & ep_flags::ISOLATED_EGRESS != 0 {
+            r |= ct_flags::EGRESS_OK;
+        }
+    }
+    if let Some(e) = orig_dst {
+        if e.flags & ep_flags::ISOLATED_INGRESS != 0 {
+            r |= ct_flags::INGRESS_OK;
+        }
+    }
+    r
 }
 
-/// The flag a fresh policy decision at this hook may record for a packet in the original
-/// direction: EGRESS_OK at the sender's hook, INGRESS_OK at the receiver's.
+/// The grants an entry needed at its last decision (stored in its flags).
 #[inline(always)]
-pub const fn granted_flag(dir: Direction) -> u32 {
-    match dir {
-        Direction::Egress => ct_flags::EGRESS_OK,
-        Direction::Ingress => ct_flags::INGRESS_OK,
-    }
+pub const fn stored_required(v: &CtValue) -> u32 {
+    (v.flags >> ct_flags::REQ_SHIFT) & ct_flags::GRANTS
+}
+
+/// Whether an entry holds every grant in `required`.
+#[inline(always)]
+pub const fn has_grants(v: &CtValue, required: u32) -> bool {
+    v.flags & required == required
 }
 
 /// Idle lifetime of an entry.
@@ -147,10 +155,18 @@ mod tests {
     }
 
     #[test]
-    fn roles() {
-        assert_eq!(required_flag(Direction::Egress, true), ct_flags::EGRESS_OK);
-        assert_eq!(required_flag(Direction::Ingress, false), ct_flags::EGRESS_OK);
-        assert_eq!(required_flag(Direction::Ingress, true), ct_flags::INGRESS_OK);
-        assert_eq!(required_flag(Direction::Egress, false), ct_flags::INGRESS_OK);
+    fn required_grants_follow_the_isolated_ends() {
+        let ep = |flags| EndpointValue { endpoint_id: 1, ingress_policy_set: 0, egress_policy_set: 0, flags };
+        let eg = ep(ep_flags::ISOLATED_EGRESS);
+        let ing = ep(ep_flags::ISOLATED_INGRESS);
+        let both = ep(ep_flags::ISOLATED_EGRESS | ep_flags::ISOLATED_INGRESS);
+        assert_eq!(required_grants(None, None), 0);
+        assert_eq!(required_grants(Some(&eg), None), ct_flags::EGRESS_OK);
+        assert_eq!(required_grants(Some(&ing), None), 0, "the originator's ingress is irrelevant");
+        assert_eq!(required_grants(None, Some(&ing)), ct_flags::INGRESS_OK);
+        assert_eq!(required_grants(Some(&both), Some(&both)), ct_flags::GRANTS);
+        let v = CtValue { last_seen_ns: 0, flags: ct_flags::REQ_EGRESS | ct_flags::INGRESS_OK, _pad: 0 };
+        assert_eq!(stored_required(&v), ct_flags::EGRESS_OK);
+        assert!(!has_grants(&v, stored_required(&v)));
     }
 }

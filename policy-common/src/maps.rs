@@ -1,9 +1,12 @@
 //! Map names, capacities, keys and values.
 //!
-//! Lookup order per packet (see [`crate::decide`]): `ENDPOINTS` (the pod's own address) ->
-//! `CONNTRACK` -> `IPCACHE` (peer address -> identity) -> `RULES` (policy-set, identity) and/or
-//! `CIDR_RULES` (policy-set, peer prefix) -> `PORTS` only for rules with more port ranges than
-//! fit inline. At most seven lookups, whatever the number of pods, policies or CIDRs.
+//! Lookup order per packet (see [`crate::decide`]): at a pod hook `CONNTRACK` first (an
+//! entry holding every grant it recorded as needed settles the packet); else `ENDPOINTS` for
+//! both addresses -> `CONNTRACK` grants -> `IPCACHE` (peer address -> identity) -> `RULES`
+//! (policy-set, identity) and/or `CIDR_RULES` (policy-set, peer prefix) -> `PORTS` only for
+//! rules with more port ranges than fit inline, once per missing grant (source's egress,
+//! destination's ingress). `SERVICE_CIDRS` / `SERVICE_PENDING` only for egress to a Service
+//! range. A bounded number of lookups, whatever the number of pods, policies or CIDRs.
 
 use crate::addr::Addr;
 
@@ -19,12 +22,20 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_BUDGET: &str = "EVENT_BUDGET";
 pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_SERVICE_CIDRS: &str = "SERVICE_CIDRS";
+pub const MAP_SERVICE_PENDING: &str = "SERVICE_PENDING";
 
 /// Program names (functions in policy-ebpf).
 /// Attached at TC ingress of the pod's host-side veth: packets the pod sends.
 pub const PROG_FROM_POD: &str = "from_pod";
 /// Attached at TC egress of the pod's host-side veth: packets sent to the pod.
 pub const PROG_TO_POD: &str = "to_pod";
+/// Attached at TC ingress of a non-pod interface (uplink): judges a local destination's
+/// ingress; passes everything that involves no local endpoint.
+pub const PROG_FROM_WORLD: &str = "from_world";
+/// Attached at TC egress of a non-pod interface: judges a local source's egress not yet
+/// granted (e.g. a Service DNATed to a remote backend).
+pub const PROG_TO_WORLD: &str = "to_world";
 /// A program that does nothing: the baseline of the datapath benchmark.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 
@@ -37,6 +48,8 @@ pub const MAX_PORTS: u32 = 65_536;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+pub const MAX_SERVICE_CIDRS: u32 = 64;
+pub const MAX_SERVICE_PENDING: u32 = 65_536;
 
 // ---- identities and policy-sets ----
 /// Peer address not in `IPCACHE`: outside the cluster; only ipBlocks can match it.
@@ -267,6 +280,14 @@ pub mod ct_flags {
     pub const RST: u32 = 1 << 6;
     /// Seeded by the agent from the kernel's connection table at start.
     pub const SEEDED: u32 = 1 << 7;
+    /// The grants this connection needs, as of its last decision: `EGRESS_OK` when the
+    /// originator is a local endpoint isolated for egress, `INGRESS_OK` when the responder is
+    /// one isolated for ingress. Stored shifted by [`REQ_SHIFT`].
+    pub const REQ_EGRESS: u32 = EGRESS_OK << REQ_SHIFT;
+    pub const REQ_INGRESS: u32 = INGRESS_OK << REQ_SHIFT;
+    pub const REQ_SHIFT: u32 = 7;
+    /// Both grants.
+    pub const GRANTS: u32 = EGRESS_OK | INGRESS_OK;
 }
 
 /// `CONNTRACK` value.
@@ -278,6 +299,39 @@ pub struct CtValue {
     /// [`ct_flags`].
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// `SERVICE_CIDRS` key data (LPM trie, value 1): a Service ClusterIP range. The prefix length
+/// counts on the 16-byte address (an IPv4 `/17` is 96 + 17): see [`service_prefixlen`].
+/// A destination in such a range is a virtual IP that DNAT replaces after the pod's hook:
+/// its egress is judged where the translated packet next meets a hook.
+pub type ServiceCidrKey = LpmKey<Addr>;
+
+/// The LPM prefix length of a service range of `addr_prefix` bits.
+#[inline(always)]
+pub const fn service_prefixlen(v4: bool, addr_prefix: u8) -> u32 {
+    if v4 { 96 + addr_prefix as u32 } else { addr_prefix as u32 }
+}
+
+/// `SERVICE_PENDING` key (LRU hash): a client socket whose egress to a virtual IP was
+/// deferred at its pod's hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PendingKey {
+    pub src: Addr,
+    pub sport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `SERVICE_PENDING` value: the virtual IP and port the client addressed, so the hook that
+/// judges the DNATed packet can grant the client's conntrack entry of the virtual tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PendingValue {
+    pub vip: Addr,
+    pub vport: u16,
+    pub _pad: u16,
 }
 
 /// `FRAGMENTS` key: a fragmented datagram.
@@ -367,6 +421,9 @@ const _: () = {
     assert!(offset_of!(DenyEvent, endpoint_id) == 48);
     assert!(size_of::<EventBudget>() == 16);
     assert!(size_of::<Config>() == 8);
+    assert!(size_of::<PendingKey>() == 20);
+    assert!(size_of::<PendingValue>() == 20);
+    assert!(size_of::<LpmKey<Addr>>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -389,4 +446,7 @@ mod pod_impls {
     unsafe impl aya::Pod for DenyEvent {}
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for PendingKey {}
+    unsafe impl aya::Pod for PendingValue {}
 }

@@ -47,20 +47,24 @@ pub enum Reason {
     AllowFragment = 7,
     /// IPv6 neighbour discovery, link-local and multicast control traffic.
     AllowLinkLocal = 8,
+    /// Egress to a Service virtual IP: deferred to the hook that sees the DNATed packet.
+    AllowServicePending = 9,
+    /// An uplink packet that involves no local endpoint (the node's own traffic, transit).
+    AllowNoEndpoint = 10,
     /// No rule of the endpoint's policies allows it.
-    DenyPolicy = 9,
+    DenyPolicy = 11,
     /// Truncated or malformed headers on an isolated endpoint.
-    DenyMalformed = 10,
+    DenyMalformed = 12,
     /// A non-first fragment without an allowed first fragment.
-    DenyFragment = 11,
+    DenyFragment = 13,
     /// The pod-side address of the packet is not a known endpoint (spoofed or not yet known).
-    DenyUnknownEndpoint = 12,
+    DenyUnknownEndpoint = 14,
     /// An ICMP error that quotes no allowed connection.
-    DenyUnrelated = 13,
+    DenyUnrelated = 15,
 }
 
 impl Reason {
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 16;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::AllowNonIp,
@@ -72,6 +76,8 @@ impl Reason {
         Reason::AllowRelated,
         Reason::AllowFragment,
         Reason::AllowLinkLocal,
+        Reason::AllowServicePending,
+        Reason::AllowNoEndpoint,
         Reason::DenyPolicy,
         Reason::DenyMalformed,
         Reason::DenyFragment,
@@ -99,6 +105,8 @@ impl Reason {
             Reason::AllowRelated => "related",
             Reason::AllowFragment => "fragment",
             Reason::AllowLinkLocal => "link_local",
+            Reason::AllowServicePending => "service_pending",
+            Reason::AllowNoEndpoint => "no_endpoint",
             Reason::DenyPolicy => "policy",
             Reason::DenyMalformed => "malformed",
             Reason::DenyFragment => "fragment",

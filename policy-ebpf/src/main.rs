@@ -9,16 +9,42 @@
 //!    through `bpf_skb_load_bytes` (IPv4 options, up to 6 IPv6 extension headers, fragments,
 //!    ICMP errors and the packet they quote, truncation at any layer);
 //! 2. link-scoped IPv6 control traffic (ND with hop limit 255, link-local/multicast on both
-//!    sides) passes; `ENDPOINTS` by the pod-side address: a miss drops (anti-spoofing); an
-//!    endpoint isolated in neither direction passes without touching conntrack;
+//!    sides) passes; `ENDPOINTS` for both addresses: at a pod hook a miss on the pod side
+//!    drops (anti-spoofing), at an uplink hook (`from_world`/`to_world`) a miss on both sides
+//!    passes (the node's own traffic); nothing isolated on either side passes without
+//!    touching conntrack;
 //! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
 //!    verdict (`FRAGMENTS`); ICMP errors pass when the flow they quote would pass a reply;
-//! 4. `CONNTRACK` (one lookup, normalised key): live entry with the flag this hook needs ->
-//!    pass (TCP SYNs in the original direction are always re-decided);
-//! 5. else `policy_common::decide` over `IPCACHE`, `RULES`, `CIDR_RULES`, `PORTS` (the same
-//!    function the agent's kernel model runs), recording the grant in conntrack;
+//! 4. `CONNTRACK` (one lookup, normalised key): a connection needs EGRESS_OK when its
+//!    originator is a local endpoint isolated for egress and INGRESS_OK when its responder is
+//!    one isolated for ingress; a live entry holding both -> pass (TCP SYNs in the original
+//!    direction are always re-decided);
+//! 5. else every missing grant is decided here, whichever hook this is, by
+//!    `policy_common::decide` over `IPCACHE`, `RULES`, `CIDR_RULES`, `PORTS` (the same
+//!    function the agent's kernel model runs), and recorded in conntrack. So a pod known to
+//!    the maps is enforced from its first packet even where its own veth has no program yet.
+//!    Egress to a Service range (`SERVICE_CIDRS`) is deferred at `from_pod` (`SERVICE_PENDING`
+//!    remembers the virtual tuple) and decided on the backend where the DNATed packet meets
+//!    `to_pod` or `to_world`, which also grants the virtual tuple for the replies;
 //! 6. every verdict counted per direction and reason; denies reported to `EVENTS` under a
 //!    per-CPU token bucket.
+//!
+//! Limits (what the two-sided grants and the Service deferral do not cover):
+//! - a Service DNATed AND source-NATed before a hook sees it (kube-proxy's masquerade for
+//!   hairpin traffic, `masquerade-all`, SNAT to a remote backend): the translated packet's
+//!   source is the node, not the client, so the client's egress is never judged on the
+//!   backend; its virtual tuple stays ungranted, and the replies (from the virtual IP) are
+//!   judged as new flows into the client: the connection works whenever the client's
+//!   ingress admits the virtual IP. Hairpin without SNAT is judged like any local backend;
+//! - `SERVICE_PENDING` is keyed by the client socket (address, port, protocol): a grant is
+//!   propagated only by a hook that itself decided the client's egress, i.e. for a tuple
+//!   the client's own hook did not see (DNATed after it, or no program on the client's veth);
+//! - conntrack hits at pod hooks are judged on the entry alone (no `ENDPOINTS` lookup):
+//!   isolation and policy changes apply to new connections; a packet spoofing a live tuple
+//!   exactly passes its hook as that connection would;
+//! - uplinks see outer headers only: encapsulated pod traffic (VXLAN, Geneve, IPIP) passes
+//!   there as "no endpoint" and is judged at the pod's own hooks after decapsulation;
+//!   a malformed IP packet on an uplink is passed, not counted against an endpoint.
 #![no_std]
 #![no_main]
 
@@ -27,16 +53,26 @@ mod parse;
 mod verdict;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use policy_common::Direction;
+use verdict::Hook;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    verdict::run(&ctx, Direction::Egress)
+    verdict::run(&ctx, Hook::FromPod)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    verdict::run(&ctx, Direction::Ingress)
+    verdict::run(&ctx, Hook::ToPod)
+}
+
+#[classifier]
+pub fn from_world(ctx: TcContext) -> i32 {
+    verdict::run(&ctx, Hook::FromWorld)
+}
+
+#[classifier]
+pub fn to_world(ctx: TcContext) -> i32 {
+    verdict::run(&ctx, Hook::ToWorld)
 }
 
 /// Baseline for the datapath benchmark: the cost of running any TC program at all.

@@ -9,8 +9,9 @@ use aya_ebpf::{
 use policy_common::{
     CidrData, Config, CtKey, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue, EventBudget,
     FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_CIDR_RULES, MAX_CONNTRACK,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES, PortData, RuleKey, RuleValue,
-    decide::PolicyMaps, reason::COUNTERS_LEN,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES, MAX_SERVICE_CIDRS,
+    MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey, RuleValue,
+    decide::PolicyMaps, reason::COUNTERS_LEN, Addr,
 };
 
 #[map]
@@ -37,6 +38,13 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// Service ClusterIP ranges (value 1): egress to them is judged after DNAT.
+#[map]
+pub static SERVICE_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS, 0);
+/// Client sockets whose egress to a virtual IP awaits the DNATed packet's hook.
+#[map]
+pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
+    LruHashMap::pinned(MAX_SERVICE_PENDING, 0);
 
 /// Per-CPU scratch for the parsed packet: the BPF stack (512 bytes) cannot hold it beside
 /// the lookup keys. Private to the object, not pinned, not part of the contract.

@@ -6,18 +6,45 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::TcContext,
 };
+use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
-    Reason, ct, ct_flags, decide::decide, proto,
+    PendingKey, PendingValue, Reason, ct, ct_flags, decide::decide, ep_flags, proto,
 };
 
 use crate::maps::{
     BpfMaps, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS, SCRATCH,
+    SERVICE_CIDRS, SERVICE_PENDING,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 
+/// Where a program runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress of a pod's host-side veth: what the pod sends.
+    FromPod,
+    /// TC egress of a pod's host-side veth: what is sent to the pod.
+    ToPod,
+    /// TC ingress of an uplink (any non-pod interface).
+    FromWorld,
+    /// TC egress of an uplink.
+    ToWorld,
+}
+
+impl Hook {
+    /// The direction verdicts are counted in: packets leaving local pods count as egress.
+    #[inline(always)]
+    fn dir(self) -> Direction {
+        match self {
+            Hook::FromPod | Hook::ToWorld => Direction::Egress,
+            Hook::ToPod | Hook::FromWorld => Direction::Ingress,
+        }
+    }
+}
+
 #[inline(always)]
-pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
+pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
+    let dir = hook.dir();
     let Some(pkt) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
@@ -31,16 +58,28 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
             return TC_ACT_OK;
         }
         Err(NoPkt::BadL3) => {
+            // On an uplink a broken packet concerns no endpoint we could name: not ours to drop.
+            if matches!(hook, Hook::FromWorld | Hook::ToWorld) {
+                count(Reason::AllowNoEndpoint, dir);
+                return TC_ACT_OK;
+            }
             count(Reason::DenyMalformed, dir);
             report(ctx, dir, Reason::DenyMalformed, None, 0);
             return TC_ACT_SHOT;
         }
     };
     let pkt: &Pkt = pkt;
-    let (reason, ep_id) = judge(pkt, dir);
+    let (reason, ep_id, decider) = judge(pkt, hook);
+    // A policy deny is counted and reported in the direction of the endpoint whose policy
+    // refused (at a client's hook that may be the destination's ingress).
+    let dir = match decider {
+        Decider::Egress => Direction::Egress,
+        Decider::Ingress => Direction::Ingress,
+        Decider::Hook => dir,
+    };
     count(reason, dir);
     if reason.is_allow() {
-        if pkt.first_fragment && ep_id.is_some() {
+        if pkt.first_fragment && (ep_id.is_some() || reason as u8 == Reason::AllowEstablished as u8) {
             record_fragment(pkt, reason);
         }
         TC_ACT_OK
@@ -50,30 +89,83 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     }
 }
 
-/// The verdict and, when the endpoint is known, its id.
 #[inline(always)]
-fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
-    let egress = dir as u8 == Direction::Egress as u8;
-    let (local, peer) = if egress {
-        (&pkt.src, &pkt.dst)
-    } else {
-        (&pkt.dst, &pkt.src)
-    };
+fn endpoint(addr: &Addr) -> Option<EndpointValue> {
+    // SAFETY: the value is copied at once.
+    unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
+}
+
+/// Whose policy settled a verdict.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Decider {
+    /// The hook itself (its direction, its own endpoint).
+    Hook,
+    /// The source's egress policy.
+    Egress,
+    /// The destination's ingress policy.
+    Ingress,
+}
+
+/// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
+/// first, else the endpoint whose policy refused), and whose policy settled it.
+#[inline(always)]
+fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
-    if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(local) && link_scoped(peer)) {
-        return (Reason::AllowLinkLocal, None);
+    if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
+        return (Reason::AllowLinkLocal, None, Decider::Hook);
     }
-    // SAFETY: the value is copied at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) }).copied() else {
-        // Not a pod of this node: spoofed, or not known yet. Fail closed.
-        return (Reason::DenyUnknownEndpoint, None);
+    // At a pod's hook, conntrack first: an entry holding every grant it recorded as needed
+    // settles the packet without the endpoint lookups. (Uplinks look endpoints up first, so
+    // the node's own traffic costs two hash misses and nothing more.)
+    let mut ct = Ct::none();
+    if matches!(hook, Hook::FromPod | Hook::ToPod) && pkt.kind == Kind::Normal && !pkt.malformed {
+        ct = ct_lookup(pkt);
+        if ct_fast_hit(pkt, &ct) {
+            return (Reason::AllowEstablished, None, Decider::Hook);
+        }
+    }
+    // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
+    // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
+    let src_ep = endpoint(&pkt.src);
+    let dst_ep = endpoint(&pkt.dst);
+    let src_known = src_ep.is_some();
+    let dst_known = dst_ep.is_some();
+    let src = src_ep.unwrap_or_default();
+    let dst = dst_ep.unwrap_or_default();
+    let own = match hook {
+        Hook::FromPod | Hook::ToWorld => {
+            if src_known {
+                src.endpoint_id
+            } else {
+                dst.endpoint_id
+            }
+        }
+        Hook::ToPod | Hook::FromWorld => {
+            if dst_known {
+                dst.endpoint_id
+            } else {
+                src.endpoint_id
+            }
+        }
     };
-    let id = Some(ep.endpoint_id);
-    let isolated = ep.isolated(dir);
-    if !isolated && !ep.isolated(other(dir)) {
-        return (Reason::AllowNotIsolated, id);
+    match hook {
+        // At a pod's own hook, the pod's side must be a known endpoint: else spoofed, or not
+        // known yet. Fail closed.
+        Hook::FromPod if !src_known => return (Reason::DenyUnknownEndpoint, None, Decider::Hook),
+        Hook::ToPod if !dst_known => return (Reason::DenyUnknownEndpoint, None, Decider::Hook),
+        // The node's own traffic, or transit: none of our business.
+        Hook::FromWorld | Hook::ToWorld if !src_known && !dst_known => {
+            return (Reason::AllowNoEndpoint, None, Decider::Hook);
+        }
+        _ => {}
     }
+    let id = Some(own);
+    if (src.flags | dst.flags) & (ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS) == 0 {
+        return (Reason::AllowNotIsolated, id, Decider::Hook);
+    }
+    // Whether this packet, taken as a new connection, needs a grant.
+    let isolated = ct::required_grants(Some(&src), Some(&dst)) != 0;
     if pkt.malformed {
         return (
             if isolated {
@@ -82,21 +174,24 @@ fn judge(pkt: &Pkt, dir: Direction) -> (Reason, Option<u32>) {
                 Reason::AllowNotIsolated
             },
             id,
+            Decider::Hook,
         );
     }
     match pkt.kind {
-        Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id),
-        Kind::IcmpError => (related_verdict(pkt, dir, isolated), id),
-        _ => (flow_verdict(pkt, &ep, dir, peer), id),
-    }
-}
-
-#[inline(always)]
-fn other(dir: Direction) -> Direction {
-    if dir as u8 == Direction::Egress as u8 {
-        Direction::Ingress
-    } else {
-        Direction::Egress
+        Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id, Decider::Hook),
+        Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
+        _ => {
+            if !ct.done {
+                ct = ct_lookup(pkt);
+            }
+            let (r, by) = flow_verdict(pkt, hook, &src, &dst, &ct);
+            let id = match by {
+                Decider::Egress => src.endpoint_id,
+                Decider::Ingress => dst.endpoint_id,
+                Decider::Hook => own,
+            };
+            (r, Some(id), by)
+        }
     }
 }
 
@@ -148,11 +243,11 @@ fn record_fragment(pkt: &Pkt, reason: Reason) {
     let _ = FRAGMENTS.insert(&frag_key(pkt), &v, 0);
 }
 
-/// An ICMP error passes when the packet it quotes belongs to a connection this hook would
-/// pass a reply of: the tuple is the quoted packet's, reversed.
+/// An ICMP error passes when the packet it quotes belongs to a live connection holding
+/// every grant it needed: the tuple is the quoted packet's.
 #[inline(always)]
-fn related_verdict(pkt: &Pkt, dir: Direction, isolated: bool) -> Reason {
-    let (key, src_is_a) = ct_key(
+fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
+    let (key, _) = ct_key(
         pkt.inner_dst,
         pkt.inner_src,
         pkt.inner_dport,
@@ -162,9 +257,7 @@ fn related_verdict(pkt: &Pkt, dir: Direction, isolated: bool) -> Reason {
     // SAFETY: copied at once.
     if let Some(v) = unsafe { CONNTRACK.get(&key) } {
         let v = *v;
-        if !ct::expired(&v, key.proto, now_coarse())
-            && v.flags & ct::required_flag(dir, ct::is_original(&v, src_is_a)) != 0
-        {
+        if !ct::expired(&v, key.proto, now_coarse()) && ct::has_grants(&v, ct::stored_required(&v)) {
             return Reason::AllowRelated;
         }
     }
@@ -204,19 +297,27 @@ fn closing(flags: u32) -> bool {
             == (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
 }
 
-/// Conntrack, then the policy for what conntrack does not settle.
+/// Conntrack, then the policy for the grants conntrack does not hold yet.
 #[inline(always)]
-fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> Reason {
-    let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let now = now_coarse();
-    let syn = pkt.proto == proto::TCP
-        && pkt.tcp_flags & ct::tcp::SYN != 0
-        && pkt.tcp_flags & ct::tcp::ACK == 0;
-    let entry = CONNTRACK.get_ptr_mut(&key);
+fn flow_verdict(
+    pkt: &Pkt,
+    hook: Hook,
+    src: &EndpointValue,
+    dst: &EndpointValue,
+    ct: &Ct,
+) -> (Reason, Decider) {
+    let key = &ct.key;
+    let src_is_a = ct.src_is_a;
+    let now = ct.now;
+    let syn = is_syn(pkt);
+    // The grants this packet needs as a connection's original direction.
+    let fwd_req = ct::required_grants(Some(src), Some(dst));
+    let entry = ct.entry;
     // A live entry this packet may update (None: absent, expired, or a closed connection
     // whose tuple a new SYN reuses).
     let mut live: Option<*mut CtValue> = None;
     let mut original = true;
+    let mut have = 0;
     if let Some(p) = entry {
         // SAFETY: LRU hash values stay valid for the program's run; races with other CPUs
         // may at worst lose a flag update, which the next packet repeats.
@@ -224,9 +325,15 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
         original = ct::is_original(&v, src_is_a);
         if !ct::expired(&v, pkt.proto, now) && !(syn && closing(v.flags)) {
             live = Some(p);
+            have = v.flags;
+            let need = if original {
+                fwd_req
+            } else {
+                ct::required_grants(Some(dst), Some(src))
+            };
             // A SYN in the original direction is re-decided: the tuple may be reused by a
             // new connection that today's policy must judge.
-            if !(syn && original) && v.flags & ct::required_flag(dir, original) != 0 {
+            if !(syn && original) && ct::has_grants(&v, need) {
                 let mut f = v.flags;
                 if !original {
                     f |= ct_flags::SEEN_REPLY;
@@ -241,16 +348,57 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
                         (*p).last_seen_ns = now;
                     }
                 }
-                return Reason::AllowEstablished;
+                return (Reason::AllowEstablished, Decider::Hook);
             }
         }
     }
-    let reason = decide(&BpfMaps, ep, dir, peer, pkt.proto, pkt.policy_port);
-    let granted = ct::granted_flag(dir);
+    // Decide what this packet's direction needs and lacks: everything for a new entry, a
+    // SYN, or a reply without its grants (judged as a new flow, recording nothing).
+    let missing = if live.is_none() || syn || !original {
+        fwd_req
+    } else {
+        fwd_req & !have
+    };
+    let mut reason = Reason::AllowNotIsolated;
+    let mut granted = 0;
+    let mut deferred = false;
+    let mut by = Decider::Hook;
+    // (A missing grant implies a known, isolated endpoint on that side.)
+    if missing & ct_flags::EGRESS_OK != 0 {
+        if hook == Hook::FromPod && is_service(&pkt.dst) && !is_host(&pkt.dst) {
+            // A virtual IP: DNAT picks the real peer after this hook.
+            deferred = true;
+            reason = Reason::AllowServicePending;
+        } else {
+            reason = decide(&BpfMaps, src, Direction::Egress, &pkt.dst, pkt.proto, pkt.policy_port);
+            if reason.is_allow() {
+                granted |= ct_flags::EGRESS_OK;
+            } else {
+                by = Decider::Egress;
+            }
+        }
+    }
+    if reason.is_allow() && missing & ct_flags::INGRESS_OK != 0 {
+        let r = decide(&BpfMaps, dst, Direction::Ingress, &pkt.src, pkt.proto, pkt.policy_port);
+        if r.is_allow() {
+            granted |= ct_flags::INGRESS_OK;
+            if reason as u8 == Reason::AllowNotIsolated as u8 {
+                reason = r;
+            }
+        } else {
+            reason = r;
+            by = Decider::Ingress;
+        }
+    }
+    if !original {
+        return (reason, by);
+    }
+    let ok = reason.is_allow();
+    let req_bits = fwd_req << ct_flags::REQ_SHIFT;
     match live {
         None => {
-            if reason.is_allow() {
-                let mut flags = granted;
+            if ok {
+                let mut flags = granted | req_bits;
                 if src_is_a {
                     flags |= ct_flags::ORIG_IS_A;
                 }
@@ -262,25 +410,157 @@ fn flow_verdict(pkt: &Pkt, ep: &EndpointValue, dir: Direction, peer: &Addr) -> R
                     flags,
                     _pad: 0,
                 };
-                let _ = CONNTRACK.insert(&key, &v, 0);
+                let _ = CONNTRACK.insert(key, &v, 0);
             }
         }
         Some(p) => {
-            if original {
-                // SAFETY: see above.
-                unsafe {
-                    if reason.is_allow() {
-                        (*p).flags |= granted;
-                        (*p).last_seen_ns = now;
-                    } else if syn {
-                        // Today's policy refuses the reused tuple: forget the old grant.
-                        (*p).flags &= !granted;
-                    }
+            // SAFETY: see above.
+            unsafe {
+                if ok {
+                    (*p).flags = ((*p).flags & !missing & !(ct_flags::GRANTS << ct_flags::REQ_SHIFT))
+                        | granted
+                        | req_bits;
+                    (*p).last_seen_ns = now;
+                } else if syn {
+                    // Today's policy refuses the reused tuple: forget the old grants.
+                    (*p).flags &= !missing;
                 }
             }
         }
     }
-    reason
+    if ok {
+        if deferred {
+            let k = PendingKey {
+                src: pkt.src,
+                sport: pkt.sport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let v = PendingValue {
+                vip: pkt.dst,
+                vport: pkt.dport,
+                _pad: 0,
+            };
+            let _ = SERVICE_PENDING.insert(&k, &v, 0);
+        } else if granted & ct_flags::EGRESS_OK != 0 && hook != Hook::FromPod {
+            grant_virtual_tuple(pkt, now);
+        }
+    }
+    (reason, by)
+}
+
+/// A packet's conntrack lookup, done once per packet.
+struct Ct {
+    key: CtKey,
+    src_is_a: bool,
+    entry: Option<*mut CtValue>,
+    now: u64,
+    done: bool,
+}
+
+impl Ct {
+    #[inline(always)]
+    fn none() -> Ct {
+        Ct {
+            key: CtKey::default(),
+            src_is_a: false,
+            entry: None,
+            now: 0,
+            done: false,
+        }
+    }
+}
+
+#[inline(always)]
+fn ct_lookup(pkt: &Pkt) -> Ct {
+    let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
+    let entry = CONNTRACK.get_ptr_mut(&key);
+    Ct {
+        key,
+        src_is_a,
+        entry,
+        now: now_coarse(),
+        done: true,
+    }
+}
+
+#[inline(always)]
+fn is_syn(pkt: &Pkt) -> bool {
+    pkt.proto == proto::TCP && pkt.tcp_flags & ct::tcp::SYN != 0 && pkt.tcp_flags & ct::tcp::ACK == 0
+}
+
+/// A live entry holding every grant its connection needed when last decided: the packet
+/// passes as established (and refreshes the entry). Judged on the entry alone, so a change
+/// of isolation applies to new connections, as policy changes do.
+#[inline(always)]
+fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
+    let Some(p) = ct.entry else {
+        return false;
+    };
+    // SAFETY: see flow_verdict.
+    let v = unsafe { *p };
+    let original = ct::is_original(&v, ct.src_is_a);
+    let syn = is_syn(pkt);
+    if ct::expired(&v, pkt.proto, ct.now)
+        || (syn && (original || closing(v.flags)))
+        || !ct::has_grants(&v, ct::stored_required(&v))
+    {
+        return false;
+    }
+    let mut f = v.flags;
+    if !original {
+        f |= ct_flags::SEEN_REPLY;
+    }
+    if pkt.proto == proto::TCP {
+        f |= ct::tcp_state_flags(pkt.tcp_flags, original);
+    }
+    if f != v.flags || ct.now.wrapping_sub(v.last_seen_ns) >= ct::REFRESH_INTERVAL_NS {
+        // SAFETY: see flow_verdict.
+        unsafe {
+            (*p).flags = f;
+            (*p).last_seen_ns = ct.now;
+        }
+    }
+    true
+}
+
+/// The client's egress was allowed on the real backend, at a hook after DNAT: grant the
+/// client's entry of the virtual tuple too, so the reverse-NATed replies (from the virtual
+/// IP) pass its pod's hook. Only a source whose egress its own hook did not grant gets here:
+/// a tuple translated after that hook, or a pod whose veth has no program yet.
+#[inline(always)]
+fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
+    let k = PendingKey {
+        src: pkt.src,
+        sport: pkt.sport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied at once.
+    let Some(pv) = (unsafe { SERVICE_PENDING.get(&k) }).copied() else {
+        return;
+    };
+    let (vkey, _) = ct_key(pkt.src, pv.vip, pkt.sport, pv.vport, pkt.proto);
+    if let Some(p) = CONNTRACK.get_ptr_mut(&vkey) {
+        // SAFETY: see flow_verdict.
+        unsafe {
+            (*p).flags |= ct_flags::EGRESS_OK;
+            (*p).last_seen_ns = now;
+        }
+    }
+}
+
+/// The node's own address: delivered locally, no later hook would judge it, so never
+/// deferred even when a (misconfigured) service range covers it.
+#[inline(always)]
+fn is_host(a: &Addr) -> bool {
+    use policy_common::decide::PolicyMaps as _;
+    matches!(BpfMaps.ipcache(&policy_common::IpCacheKey { addr: *a }), Some(v) if v.identity == policy_common::IDENTITY_HOST)
+}
+
+#[inline(always)]
+fn is_service(a: &Addr) -> bool {
+    SERVICE_CIDRS.get(Key::new(128, *a)).is_some()
 }
 
 #[inline(always)]

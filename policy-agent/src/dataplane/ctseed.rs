@@ -194,7 +194,6 @@ pub fn copy_pinned(maps: &mut DataplaneMaps, old: &Path) -> Result<Option<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy_common::Direction;
 
     const TABLE: &str = "\
 ipv4     2 tcp      6 431999 ESTABLISHED src=198.18.0.2 dst=198.18.0.1 sport=40000 dport=8080 src=198.18.0.1 dst=198.18.0.2 sport=8080 dport=40000 [ASSURED] mark=0 zone=0 use=2
@@ -239,10 +238,11 @@ ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.0.1 type=8 code=0 id=7 src=19
         for (s, d, sp, dp) in [(src, dst, 40000, 8080), (dst, src, 8080, 40000)] {
             let (k2, s_is_a) = ct::normalize(addr_of(s), addr_of(d), sp, dp, proto::TCP);
             assert_eq!(k, k2);
-            let original = ct::is_original(&v, s_is_a);
-            for dir in [Direction::Egress, Direction::Ingress] {
-                assert!(v.flags & ct::required_flag(dir, original) != 0);
-            }
+            // The first view is the original direction; whatever a hook needs, both grants
+            // are there (at any hook, for either side).
+            assert_eq!(ct::is_original(&v, s_is_a), sp == 40000);
+            assert!(ct::has_grants(&v, ct_flags::EGRESS_OK | ct_flags::INGRESS_OK));
+            assert!(ct::has_grants(&v, ct::stored_required(&v)));
         }
         assert!(!ct::expired(&v, proto::TCP, 5 + ct::TIMEOUT_TCP_SYN_NS * 2));
     }

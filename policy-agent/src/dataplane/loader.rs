@@ -23,19 +23,26 @@ use aya::{
         },
     },
 };
-use policy_common::{PROG_BENCH_EMPTY, PROG_FROM_POD, PROG_TO_POD};
+use policy_common::{PROG_BENCH_EMPTY, PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD};
 
 use super::pinning::{self, PinState};
 use super::{DataplaneError, maps::DataplaneMaps};
 
 /// Every program of the object, loaded (verified) at load time. Adding a program is one
 /// line here (and one hook list below if it is attached somewhere).
-pub const PROGRAMS: &[&str] = &[PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_EMPTY];
+pub const PROGRAMS: &[&str] =
+    &[PROG_FROM_POD, PROG_TO_POD, PROG_FROM_WORLD, PROG_TO_WORLD, PROG_BENCH_EMPTY];
 
 /// The hooks of a pod's host-side veth: TC ingress sees what the pod sends.
 pub const POD_HOOKS: &[(&str, TcAttachType)] = &[
     (PROG_FROM_POD, TcAttachType::Ingress),
     (PROG_TO_POD, TcAttachType::Egress),
+];
+
+/// The hooks of a non-pod interface (uplink, tunnel): TC ingress sees what enters the node.
+pub const UPLINK_HOOKS: &[(&str, TcAttachType)] = &[
+    (PROG_FROM_WORLD, TcAttachType::Ingress),
+    (PROG_TO_WORLD, TcAttachType::Egress),
 ];
 
 /// `statfs` magic of bpffs.
@@ -229,6 +236,16 @@ impl Dataplane {
         mode: AttachMode,
     ) -> Result<Attachment, DataplaneError> {
         self.attach_hooks(interface, POD_HOOKS, mode)
+    }
+
+    /// Attaches `from_world` at TC ingress and `to_world` at TC egress of `interface`, a
+    /// non-pod interface of the node (calling thread's namespace).
+    pub fn attach_uplink(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<Attachment, DataplaneError> {
+        self.attach_hooks(interface, UPLINK_HOOKS, mode)
     }
 
     /// Attaches each `(program, hook)` of `hooks` to `interface`: all or none.

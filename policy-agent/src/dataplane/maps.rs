@@ -8,8 +8,9 @@ use policy_common::{
     CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, Direction,
     EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
     MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET,
-    MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, PortData, Reason, RuleKey,
-    RuleValue, reason::COUNTERS_LEN,
+    MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS,
+    MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey, RuleValue,
+    reason::COUNTERS_LEN, service_prefixlen, Addr,
 };
 
 use super::{DataplaneError, events::DenyEvents};
@@ -29,6 +30,8 @@ pub struct DataplaneMaps {
     pub counters: PerCpuArray<MapData, u64>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub config: Array<MapData, Config>,
+    pub service_cidrs: LpmTrie<MapData, Addr, u8>,
+    pub service_pending: HashMap<MapData, PendingKey, PendingValue>,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -92,6 +95,8 @@ impl DataplaneMaps {
             counters: take(ebpf, MAP_COUNTERS)?,
             event_budget: take(ebpf, MAP_EVENT_BUDGET)?,
             config: take(ebpf, MAP_CONFIG)?,
+            service_cidrs: take(ebpf, MAP_SERVICE_CIDRS)?,
+            service_pending: take(ebpf, MAP_SERVICE_PENDING)?,
             events: Some(take(ebpf, MAP_EVENTS)?),
         })
     }
@@ -166,6 +171,37 @@ impl DataplaneMaps {
         absent_ok(MAP_PORTS, self.ports.remove(&lpm!(k)))
     }
 
+    /// Makes the service ranges exactly `cidrs` (ClusterIP ranges: egress to them is judged
+    /// on the DNAT backend).
+    pub fn set_service_cidrs(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), DataplaneError> {
+        let want: Vec<Key<Addr>> = cidrs
+            .iter()
+            .map(|net| {
+                let (addr, v4) = match net.network() {
+                    std::net::IpAddr::V4(a) => (Addr::from_v4_octets(a.octets()), true),
+                    std::net::IpAddr::V6(a) => (Addr::from_v6_octets(a.octets()), false),
+                };
+                Key::new(service_prefixlen(v4, net.prefix_len()), addr)
+            })
+            .collect();
+        let have: Vec<Key<Addr>> = self.service_cidrs.keys().filter_map(Result::ok).collect();
+        for k in &have {
+            if !want.iter().any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data()) {
+                absent_ok(MAP_SERVICE_CIDRS, self.service_cidrs.remove(k))?;
+            }
+        }
+        for k in &want {
+            self.service_cidrs
+                .insert(k, 1, 0)
+                .map_err(|e| DataplaneError::map(MAP_SERVICE_CIDRS, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn pending_get(&self, k: &PendingKey) -> Option<PendingValue> {
+        self.service_pending.get(k, 0).ok()
+    }
+
     pub fn conntrack_get(&self, k: &CtKey) -> Option<CtValue> {
         self.conntrack.get(k, 0).ok()
     }
@@ -220,8 +256,10 @@ impl DataplaneMaps {
         clear(MAP_IPCACHE, &mut self.ipcache)?;
         clear(MAP_RULES, &mut self.rules)?;
         clear(MAP_FRAGMENTS, &mut self.fragments)?;
+        clear(MAP_SERVICE_PENDING, &mut self.service_pending)?;
         clear_lpm(MAP_CIDR_RULES, &mut self.cidr_rules)?;
         clear_lpm(MAP_PORTS, &mut self.ports)?;
+        clear_lpm(MAP_SERVICE_CIDRS, &mut self.service_cidrs)?;
         Ok(())
     }
 }

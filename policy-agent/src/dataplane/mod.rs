@@ -10,6 +10,7 @@ pub mod maps;
 pub mod pinning;
 mod readback;
 pub mod reconcile;
+pub mod uplink;
 
 pub use error::DataplaneError;
 pub use events::DenyEvents;
@@ -17,3 +18,4 @@ pub use loader::{AttachMode, Attachment, Dataplane};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};
 pub use pinning::PinState;
 pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};
+pub use uplink::UplinkMode;

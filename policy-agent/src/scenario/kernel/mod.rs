@@ -34,6 +34,20 @@ use crate::testbed::PrivateBpffs;
 use hosts::Hosts;
 use probe::{Job, Servers};
 
+/// The ClusterIP ranges of the topology ([`super::topology::service_v4`] / `service_v6`):
+/// the agent judges egress to them on the DNAT backend. IPv4 ClusterIPs run from
+/// 198.18.128.1 to 198.18.253.255; the node's own address (198.18.255.254) must stay
+/// outside, so the /17 is cut short.
+pub const SERVICE_CIDRS: [&str; 7] = [
+    "198.18.128.0/18",
+    "198.18.192.0/19",
+    "198.18.224.0/20",
+    "198.18.240.0/21",
+    "198.18.248.0/22",
+    "198.18.252.0/23",
+    "fd00:18::2:0/112",
+];
+
 #[derive(Clone, Debug)]
 pub struct KernelConfig {
     /// The `policy-agent` binary.
@@ -171,6 +185,7 @@ impl KernelOracle {
             .arg("--status-file")
             .arg(&status)
             .args(["--poll-ms", "20"])
+            .args(SERVICE_CIDRS.iter().flat_map(|c| ["--service-cidr", c]))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log)
@@ -442,5 +457,23 @@ impl PdeathSignal for Command {
                 Ok(())
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod service_range_tests {
+    use super::super::topology::{MAX_PODS, NODE_V4, NODE_V6, pod_v4, pod_v6, service_v4, service_v6};
+    use super::SERVICE_CIDRS;
+    use std::net::IpAddr;
+
+    #[test]
+    fn service_ranges_cover_every_cluster_ip_and_no_pod() {
+        let nets: Vec<ipnet::IpNet> = SERVICE_CIDRS.iter().map(|c| c.parse().expect("cidr")).collect();
+        let covered = |ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
+        for i in [0, 1, MAX_PODS / 2, MAX_PODS - 1] {
+            assert!(covered(service_v4(i).into()) && covered(service_v6(i).into()), "service {i}");
+            assert!(!covered(pod_v4(i).into()) && !covered(pod_v6(i).into()), "pod {i}");
+        }
+        assert!(!covered(NODE_V4.into()) && !covered(NODE_V6.into()), "the node's own addresses");
     }
 }
