@@ -100,6 +100,14 @@ enum Mode {
         /// Period of the full repair of the maps against the desired state.
         #[arg(long, default_value_t = 300)]
         resync_secs: u64,
+        /// The cluster's Service ClusterIP range (repeatable; e.g. 10.96.0.0/12): egress to
+        /// it is judged on the backend chosen by DNAT, not on the virtual IP.
+        #[arg(long = "service-cidr", value_name = "CIDR")]
+        service_cidrs: Vec<ipnet::IpNet>,
+        /// Non-pod interfaces that get the uplink programs: `auto` (every interface but `lo`
+        /// and local pods' veths), `none`, or a comma-separated list.
+        #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
+        uplink: UplinkMode,
     },
 }
 
@@ -159,13 +167,30 @@ fn main() -> Result<()> {
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
-        Mode::Cluster { node_name, metrics_addr, bpf_dir, attach, debounce_ms, resync_secs } => {
+        Mode::Cluster {
+            node_name,
+            metrics_addr,
+            bpf_dir,
+            attach,
+            debounce_ms,
+            resync_secs,
+            service_cidrs,
+            uplink,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(run_cluster(node_name, metrics_addr, bpf_dir, attach_mode(attach), debounce_ms, resync_secs))
+            rt.block_on(run_cluster(
+                node_name,
+                metrics_addr,
+                bpf_dir,
+                attach_mode(attach),
+                debounce_ms,
+                resync_secs,
+                (service_cidrs, uplink),
+            ))
         }
     }
 }
@@ -185,6 +210,7 @@ async fn run_cluster(
     attach: AttachMode,
     debounce_ms: u64,
     resync_secs: u64,
+    (service_cidrs, uplink): (Vec<ipnet::IpNet>, UplinkMode),
 ) -> Result<()> {
     use policy_agent::cluster;
     use policy_agent::metrics::{Health, Metrics};
@@ -196,7 +222,8 @@ async fn run_cluster(
     }
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let dp = Dataplane::load(&bpf_dir).context("loading the eBPF programs")?;
-    let enforcer = cluster::KernelEnforcer::new(dp, attach).context("taking the maps")?;
+    let enforcer = cluster::KernelEnforcer::new(dp, attach, &service_cidrs, uplink)
+        .context("taking the maps")?;
     let mut loop_cfg = cluster::LoopConfig::new(&node_name);
     loop_cfg.debounce = Duration::from_millis(debounce_ms);
     loop_cfg.resync = Duration::from_secs(resync_secs.max(1));

@@ -16,7 +16,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use kube_support::*;
 use policy_agent::cluster::{self, KernelEnforcer};
 use policy_agent::compiler::addr_of;
-use policy_agent::dataplane::{AttachMode, Dataplane};
+use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
 use policy_agent::metrics::{Health, Metrics};
 use policy_agent::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 use policy_common::{EndpointKey, EndpointValue};
@@ -101,7 +101,7 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
             rt.block_on(async {
                 let dp = Dataplane::load(&fs_path)
                     .expect("load the eBPF object (cargo xtask build-ebpf)");
-                let enforcer = KernelEnforcer::new(dp, AttachMode::Auto).unwrap();
+                let enforcer = KernelEnforcer::new(dp, AttachMode::Auto, &[], UplinkMode::Auto).unwrap();
                 let metrics = Arc::new(Metrics::new());
                 let health = Arc::new(Health::new(Duration::from_secs(60)));
                 let mut loop_cfg = test_loop_config();

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
     AttachMode, Attachment, Counters, Dataplane, DataplaneError, DataplaneMaps, PinState,
+    UplinkMode, Uplinks,
     adopt_kernel_state, ctseed, pinning, renumber_onto,
 };
 use crate::model::ObjectKey;
@@ -101,6 +102,9 @@ pub struct KernelEnforcer {
     /// What the kernel maps hold, in the kernel's numbering.
     written: MapContents,
     pins_adopted: bool,
+    /// Which non-pod interfaces get the uplink programs, and those that have them.
+    uplink_mode: UplinkMode,
+    uplinks: Uplinks,
     /// Interface name -> (ifindex when attached, the attachment).
     attached: BTreeMap<String, (u32, Attachment)>,
 }
@@ -111,7 +115,12 @@ impl KernelEnforcer {
     /// back and later writes are renumbered onto them, so an unchanged policy writes nothing.
     /// On a first start (nothing was pinned), established connections are seeded into
     /// conntrack so enforcement starting does not cut them.
-    pub fn new(mut dp: Dataplane, mode: AttachMode) -> Result<Self, EnforceError> {
+    pub fn new(
+        mut dp: Dataplane,
+        mode: AttachMode,
+        service_cidrs: &[ipnet::IpNet],
+        uplink_mode: UplinkMode,
+    ) -> Result<Self, EnforceError> {
         dp.persist_links();
         let first_start = dp.pin_state() == PinState::Fresh;
         let mut maps = dp.take_maps()?;
@@ -123,11 +132,14 @@ impl KernelEnforcer {
                 Err(e) => tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded"),
             }
         }
+        maps.set_service_cidrs(service_cidrs)?;
         let written = maps.read_contents()?;
         Ok(KernelEnforcer {
             dp,
             maps,
             mode,
+            uplink_mode,
+            uplinks: Uplinks::default(),
             written,
             pins_adopted: false,
             attached: BTreeMap::new(),
@@ -144,6 +156,7 @@ impl KernelEnforcer {
         for (_, (_, a)) in std::mem::take(&mut self.attached) {
             self.dp.release(a);
         }
+        self.uplinks.release_all(&mut self.dp);
     }
 
     /// Detaches (and unpins) every attachment: a test or an uninstall, not a restart.
@@ -153,6 +166,7 @@ impl KernelEnforcer {
                 tracing::debug!(interface = %iface, error = %e, "detach");
             }
         }
+        self.uplinks.detach_all(&mut self.dp);
     }
 
     /// Takes over the links an earlier agent pinned (its programs are replaced in place);
@@ -160,7 +174,7 @@ impl KernelEnforcer {
     fn adopt_pins(&mut self) -> bool {
         let mut ok = true;
         for p in pinning::pinned_interfaces(self.dp.pin_dir()) {
-            if self.attached.contains_key(&p.ifname) {
+            if self.attached.contains_key(&p.ifname) || self.uplinks.contains(&p.ifname) {
                 continue;
             }
             if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
@@ -168,7 +182,14 @@ impl KernelEnforcer {
                 let _ = std::fs::remove_dir_all(&p.dir);
                 continue;
             }
-            match self.dp.attach(&p.ifname, self.mode) {
+            let is_uplink = p.dir.join(policy_common::PROG_FROM_WORLD).exists();
+            let r = if is_uplink {
+                self.dp.attach_uplink(&p.ifname, self.mode)
+            } else {
+                self.dp.attach(&p.ifname, self.mode)
+            };
+            match r {
+                Ok(a) if is_uplink => self.uplinks.adopt(p.ifname.clone(), p.ifindex, a),
                 Ok(a) => {
                     self.attached.insert(p.ifname.clone(), (p.ifindex, a));
                 }
@@ -261,6 +282,7 @@ impl Enforcer for KernelEnforcer {
                 }
             }
         }
+        self.uplinks.sync(&mut self.dp, &self.uplink_mode, self.mode, &wanted);
         report.attached = self.attached.keys().cloned().collect();
         report
     }

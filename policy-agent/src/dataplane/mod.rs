@@ -18,4 +18,4 @@ pub use loader::{AttachMode, Attachment, Dataplane};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};
 pub use pinning::PinState;
 pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};
-pub use uplink::UplinkMode;
+pub use uplink::{UplinkMode, Uplinks};

@@ -3,8 +3,10 @@
 //! backend). They pass everything that involves no local endpoint, so the node's own
 //! traffic is never affected.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
+
+use super::{AttachMode, Attachment, Dataplane};
 
 /// Which interfaces get the uplink programs.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -85,6 +87,94 @@ pub fn select(mode: &UplinkMode, present: &[String], pod_ifaces: &BTreeSet<Strin
             .filter(|n| present.contains(n) && !pod_ifaces.contains(*n))
             .cloned()
             .collect(),
+    }
+}
+
+/// The uplink attachments of one agent, kept in step with the interfaces present.
+#[derive(Debug, Default)]
+pub struct Uplinks {
+    /// Interface name -> (ifindex when attached, the attachment).
+    attached: BTreeMap<String, (u32, Attachment)>,
+    /// Attach failures by ifindex: not retried until the interface changes.
+    failed: BTreeMap<String, u32>,
+}
+
+impl Uplinks {
+    /// Interfaces with the uplink programs attached.
+    pub fn names(&self) -> Vec<String> {
+        self.attached.keys().cloned().collect()
+    }
+
+    pub fn contains(&self, iface: &str) -> bool {
+        self.attached.contains_key(iface)
+    }
+
+    /// Records an attachment taken over from an earlier agent's pins.
+    pub fn adopt(&mut self, iface: String, ifindex: u32, a: Attachment) {
+        self.attached.insert(iface, (ifindex, a));
+    }
+
+    /// Attaches the uplink programs where `mode` wants them now and detaches them where
+    /// not (gone interfaces, or ones that turned out to be a pod's veth).
+    pub fn sync(
+        &mut self,
+        dp: &mut Dataplane,
+        mode: &UplinkMode,
+        attach: AttachMode,
+        pod_ifaces: &BTreeSet<String>,
+    ) {
+        let want = select(mode, &interfaces(), pod_ifaces);
+        let drop: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(iface, (idx, _))| {
+                !want.contains(*iface) || crate::netinfo::ifindex(iface) != Some(*idx)
+            })
+            .map(|(iface, _)| iface.clone())
+            .collect();
+        for iface in drop {
+            if let Some((_, a)) = self.attached.remove(&iface)
+                && let Err(e) = dp.detach(a)
+            {
+                tracing::debug!(interface = %iface, error = %e, "detach uplink");
+            }
+        }
+        for iface in &want {
+            if self.attached.contains_key(iface) {
+                continue;
+            }
+            let Some(idx) = crate::netinfo::ifindex(iface) else { continue };
+            if self.failed.get(iface) == Some(&idx) {
+                continue;
+            }
+            match dp.attach_uplink(iface, attach) {
+                Ok(a) => {
+                    tracing::info!(interface = %iface, "uplink programs attached");
+                    self.failed.remove(iface);
+                    self.attached.insert(iface.clone(), (idx, a));
+                }
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "uplink attach failed");
+                    self.failed.insert(iface.clone(), idx);
+                }
+            }
+        }
+    }
+
+    /// Leaves every attachment in place for the next agent.
+    pub fn release_all(&mut self, dp: &mut Dataplane) {
+        for (_, (_, a)) in std::mem::take(&mut self.attached) {
+            dp.release(a);
+        }
+    }
+
+    /// Detaches (and unpins) every attachment.
+    pub fn detach_all(&mut self, dp: &mut Dataplane) {
+        for (iface, (_, a)) in std::mem::take(&mut self.attached) {
+            if let Err(e) = dp.detach(a) {
+                tracing::debug!(interface = %iface, error = %e, "detach uplink");
+            }
+        }
     }
 }
 
