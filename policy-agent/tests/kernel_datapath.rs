@@ -1537,18 +1537,6 @@ fn deny_events_carry_the_tuple_and_are_rate_bounded() {
     assert!(events.drain().is_empty());
 }
 
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
-}
-
 // ================= two-sided grants, services, uplinks =================
 
 const C4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 30);
