@@ -5,12 +5,15 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo::rerun-if-env-changed=POLICY_EBPF_OBJECT");
-    let path = std::env::var_os("POLICY_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-        dir.join("../target/ebpf/bpfel-unknown-none/release/policy-ebpf")
-    });
+    let path = std::env::var_os("POLICY_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+            dir.join("../target/ebpf/bpfel-unknown-none/release/policy-ebpf")
+        });
     println!("cargo::rerun-if-changed={}", path.display());
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it")).join("policy-ebpf.o");
+    let out =
+        PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it")).join("policy-ebpf.o");
     match std::fs::read(&path) {
         Ok(bytes) => std::fs::write(&out, bytes).expect("write OUT_DIR copy"),
         Err(_) => {

@@ -13,15 +13,24 @@ const PODS_PER_NS: usize = 100;
 const PODS_PER_NODE: usize = 110;
 
 fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn sel(kv: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector { match_labels: labels(kv), match_expressions: Vec::new() }
+    LabelSelector {
+        match_labels: labels(kv),
+        match_expressions: Vec::new(),
+    }
 }
 
 fn tcp(port: PortRef) -> PortSpec {
-    PortSpec { protocol: Protocol::Tcp, port: Some(port), end_port: None }
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port: Some(port),
+        end_port: None,
+    }
 }
 
 fn pod_ips(i: usize) -> Vec<IpAddr> {
@@ -36,12 +45,23 @@ fn make_pod(i: usize, apps: usize, generation: usize) -> Pod {
     Pod {
         namespace: format!("ns{ns}"),
         name: format!("pod{i}-{generation}"),
-        labels: labels(&[("app", &format!("app{app}")), ("tier", if app.is_multiple_of(2) { "fe" } else { "be" }),
-            ("pod-template-hash", &format!("h{}", i % 3))]),
+        labels: labels(&[
+            ("app", &format!("app{app}")),
+            ("tier", if app.is_multiple_of(2) { "fe" } else { "be" }),
+            ("pod-template-hash", &format!("h{}", i % 3)),
+        ]),
         ips: pod_ips(i),
         ports: vec![
-            ContainerPort { name: Some("http".into()), port: 8080 + (app % 3) as u16, protocol: Protocol::Tcp },
-            ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
+            ContainerPort {
+                name: Some("http".into()),
+                port: 8080 + (app % 3) as u16,
+                protocol: Protocol::Tcp,
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                port: 9090,
+                protocol: Protocol::Tcp,
+            },
         ],
         host_network: false,
         node: Some(format!("n{}", i / PODS_PER_NODE)),
@@ -53,14 +73,21 @@ fn make_pod(i: usize, apps: usize, generation: usize) -> Pod {
 fn cluster(pods: usize, policies: usize) -> Snapshot {
     let namespaces = pods.div_ceil(PODS_PER_NS);
     let apps = 10;
-    let mut s = Snapshot { node: "n0".into(), node_addrs: vec!["198.18.255.254".parse().expect("ip")], ..Default::default() };
+    let mut s = Snapshot {
+        node: "n0".into(),
+        node_addrs: vec!["198.18.255.254".parse().expect("ip")],
+        ..Default::default()
+    };
     for n in 0..namespaces {
         let name = format!("ns{n}");
         let team = format!("team{}", n % 5);
-        s.namespaces.insert(name.clone(), Namespace {
-            name: name.clone(),
-            labels: labels(&[("kubernetes.io/metadata.name", &name), ("team", &team)]),
-        });
+        s.namespaces.insert(
+            name.clone(),
+            Namespace {
+                name: name.clone(),
+                labels: labels(&[("kubernetes.io/metadata.name", &name), ("team", &team)]),
+            },
+        );
     }
     for i in 0..pods {
         let p = make_pod(i, apps, 0);
@@ -73,39 +100,125 @@ fn cluster(pods: usize, policies: usize) -> Snapshot {
         let peer_app = format!("app{}", (kind + 1) % apps);
         let (pod_selector, ingress_isolation, egress_isolation, ingress, egress) = match kind % 6 {
             // Default deny, both directions, with DNS egress to kube-system.
-            0 => (LabelSelector::everything(), true, true, vec![], vec![Rule {
-                peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("kubernetes.io/metadata.name", "ns0")])), pods: Some(sel(&[("app", "app0")])) }]),
-                ports: vec![PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(53)), end_port: None }, tcp(PortRef::Number(53))],
-            }]),
+            0 => (
+                LabelSelector::everything(),
+                true,
+                true,
+                vec![],
+                vec![Rule {
+                    peers: Some(vec![Peer::Pods {
+                        namespaces: Some(sel(&[("kubernetes.io/metadata.name", "ns0")])),
+                        pods: Some(sel(&[("app", "app0")])),
+                    }]),
+                    ports: vec![
+                        PortSpec {
+                            protocol: Protocol::Udp,
+                            port: Some(PortRef::Number(53)),
+                            end_port: None,
+                        },
+                        tcp(PortRef::Number(53)),
+                    ],
+                }],
+            ),
             // App to app on a named port.
-            1 | 2 => (sel(&[("app", &app)]), true, false, vec![Rule {
-                peers: Some(vec![Peer::Pods { namespaces: None, pods: Some(sel(&[("app", &peer_app)])) }]),
-                ports: vec![tcp(PortRef::Name("http".into()))],
-            }], vec![]),
+            1 | 2 => (
+                sel(&[("app", &app)]),
+                true,
+                false,
+                vec![Rule {
+                    peers: Some(vec![Peer::Pods {
+                        namespaces: None,
+                        pods: Some(sel(&[("app", &peer_app)])),
+                    }]),
+                    ports: vec![tcp(PortRef::Name("http".into()))],
+                }],
+                vec![],
+            ),
             // Monitoring from every namespace of a team.
-            3 => (sel(&[("tier", "be")]), true, false, vec![Rule {
-                peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("team", "team0")])), pods: Some(sel(&[("app", "app9")])) }]),
-                ports: vec![tcp(PortRef::Name("metrics".into())), tcp(PortRef::Number(9100))],
-            }], vec![]),
+            3 => (
+                sel(&[("tier", "be")]),
+                true,
+                false,
+                vec![Rule {
+                    peers: Some(vec![Peer::Pods {
+                        namespaces: Some(sel(&[("team", "team0")])),
+                        pods: Some(sel(&[("app", "app9")])),
+                    }]),
+                    ports: vec![
+                        tcp(PortRef::Name("metrics".into())),
+                        tcp(PortRef::Number(9100)),
+                    ],
+                }],
+                vec![],
+            ),
             // Egress to external networks with holes, and to a port range.
-            4 => (sel(&[("app", &app)]), false, true, vec![], vec![Rule {
-                peers: Some(vec![Peer::IpBlock {
-                    cidr: format!("10.{}.0.0/16", k % 256).parse().expect("cidr"),
-                    except: vec![format!("10.{}.{}.0/24", k % 256, k % 7).parse().expect("cidr")],
-                }, Peer::IpBlock { cidr: "0.0.0.0/0".parse().expect("cidr"), except: vec!["198.18.0.0/15".parse().expect("cidr")] }]),
-                ports: vec![tcp(PortRef::Number(443)), PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(30000)), end_port: Some(32767) }],
-            }]),
+            4 => (
+                sel(&[("app", &app)]),
+                false,
+                true,
+                vec![],
+                vec![Rule {
+                    peers: Some(vec![
+                        Peer::IpBlock {
+                            cidr: format!("10.{}.0.0/16", k % 256).parse().expect("cidr"),
+                            except: vec![
+                                format!("10.{}.{}.0/24", k % 256, k % 7)
+                                    .parse()
+                                    .expect("cidr"),
+                            ],
+                        },
+                        Peer::IpBlock {
+                            cidr: "0.0.0.0/0".parse().expect("cidr"),
+                            except: vec!["198.18.0.0/15".parse().expect("cidr")],
+                        },
+                    ]),
+                    ports: vec![
+                        tcp(PortRef::Number(443)),
+                        PortSpec {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Number(30000)),
+                            end_port: Some(32767),
+                        },
+                    ],
+                }],
+            ),
             // Ingress from a load-balancer range and same-tier pods of any namespace.
-            _ => (sel(&[("tier", "fe")]), true, false, vec![Rule {
-                peers: Some(vec![
-                    Peer::IpBlock { cidr: format!("192.0.{}.0/24", k % 256).parse().expect("cidr"), except: vec![] },
-                    Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: Some(sel(&[("tier", "fe")])) },
-                ]),
-                ports: vec![tcp(PortRef::Number(80)), tcp(PortRef::Number(443)), tcp(PortRef::Number(8443)),
-                    tcp(PortRef::Number(8000)), tcp(PortRef::Number(8001)), tcp(PortRef::Number(9443))],
-            }], vec![]),
+            _ => (
+                sel(&[("tier", "fe")]),
+                true,
+                false,
+                vec![Rule {
+                    peers: Some(vec![
+                        Peer::IpBlock {
+                            cidr: format!("192.0.{}.0/24", k % 256).parse().expect("cidr"),
+                            except: vec![],
+                        },
+                        Peer::Pods {
+                            namespaces: Some(LabelSelector::everything()),
+                            pods: Some(sel(&[("tier", "fe")])),
+                        },
+                    ]),
+                    ports: vec![
+                        tcp(PortRef::Number(80)),
+                        tcp(PortRef::Number(443)),
+                        tcp(PortRef::Number(8443)),
+                        tcp(PortRef::Number(8000)),
+                        tcp(PortRef::Number(8001)),
+                        tcp(PortRef::Number(9443)),
+                    ],
+                }],
+                vec![],
+            ),
         };
-        let p = NetworkPolicy { namespace: format!("ns{ns}"), name: format!("p{k}"), pod_selector, ingress_isolation, egress_isolation, ingress, egress };
+        let p = NetworkPolicy {
+            namespace: format!("ns{ns}"),
+            name: format!("p{k}"),
+            pod_selector,
+            ingress_isolation,
+            egress_isolation,
+            ingress,
+            egress,
+        };
         s.policies.insert(p.key(), p);
     }
     s
@@ -129,16 +242,39 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let mut json = BTreeMap::new();
-    println!("{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "case", "ms", "endpoints", "ipcache", "rules", "cidr", "ports", "bytes");
+    println!(
+        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "case", "ms", "endpoints", "ipcache", "rules", "cidr", "ports", "bytes"
+    );
     for (pods, policies) in [(1_000, 100), (1_000, 1_000), (10_000, 100), (10_000, 1_000)] {
         let snap = cluster(pods, policies);
         let (d, m) = time(5, || compile(&snap, &mut CompilerState::new()));
         let sizes = m.sizes();
         let bytes: usize = sizes.iter().map(|s| s.2).sum();
         let name = format!("full {}k pods {} policies", pods / 1000, policies);
-        println!("{:<28} {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", name, ms(d),
-            sizes[0].1, sizes[1].1, sizes[2].1, sizes[3].1, sizes[4].1, bytes);
-        json.insert(format!("full_{}k_pods_{}_policies_ms", pods / 1000, if policies >= 1000 { "1k".to_string() } else { policies.to_string() }), ms(d));
+        println!(
+            "{:<28} {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            name,
+            ms(d),
+            sizes[0].1,
+            sizes[1].1,
+            sizes[2].1,
+            sizes[3].1,
+            sizes[4].1,
+            bytes
+        );
+        json.insert(
+            format!(
+                "full_{}k_pods_{}_policies_ms",
+                pods / 1000,
+                if policies >= 1000 {
+                    "1k".to_string()
+                } else {
+                    policies.to_string()
+                }
+            ),
+            ms(d),
+        );
     }
 
     {
@@ -150,8 +286,17 @@ fn main() {
         let (d, m) = time(3, || compile(&snap, &mut CompilerState::new()));
         let sizes = m.sizes();
         let bytes: usize = sizes.iter().map(|s| s.2).sum();
-        println!("{:<28} {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "full 10k/1k, 2k local pods", ms(d),
-            sizes[0].1, sizes[1].1, sizes[2].1, sizes[3].1, sizes[4].1, bytes);
+        println!(
+            "{:<28} {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "full 10k/1k, 2k local pods",
+            ms(d),
+            sizes[0].1,
+            sizes[1].1,
+            sizes[2].1,
+            sizes[3].1,
+            sizes[4].1,
+            bytes
+        );
         json.insert("full_10k_pods_1k_policies_2k_local_ms".into(), ms(d));
     }
 
@@ -160,15 +305,35 @@ fn main() {
     let t = Instant::now();
     let mut engine = Engine::new(&snap);
     println!("{:<28} {:>10.2}", "engine build 10k x 1k", ms(t.elapsed()));
-    let local = snap.pods.values().find(|p| p.node.as_deref() == Some("n0")).expect("a local pod").key();
-    let remote = snap.pods.values().find(|p| p.node.as_deref() == Some("n50")).expect("a remote pod").key();
+    let local = snap
+        .pods
+        .values()
+        .find(|p| p.node.as_deref() == Some("n0"))
+        .expect("a local pod")
+        .key();
+    let remote = snap
+        .pods
+        .values()
+        .find(|p| p.node.as_deref() == Some("n50"))
+        .expect("a remote pod")
+        .key();
     let mut per_kind: Vec<(&str, Duration, usize)> = Vec::new();
-    for (name, key) in [("local pod relabel", &local), ("remote pod relabel", &remote)] {
+    for (name, key) in [
+        ("local pod relabel", &local),
+        ("remote pod relabel", &remote),
+    ] {
         let mut best = Duration::MAX;
         let mut len = 0;
         for round in 0..10 {
             let p = snap.pods.get_mut(key).expect("pod");
-            p.labels.insert("app".into(), if round % 2 == 0 { "app3".into() } else { "app0".into() });
+            p.labels.insert(
+                "app".into(),
+                if round % 2 == 0 {
+                    "app3".into()
+                } else {
+                    "app0".into()
+                },
+            );
             let t = Instant::now();
             let d = engine.apply(&snap, &Change::Pod(key.clone()));
             best = best.min(t.elapsed());
@@ -208,14 +373,27 @@ fn main() {
         per_kind.push(("policy changed", best, len));
     }
     for (name, d, len) in &per_kind {
-        println!("{:<28} {:>10.3}   (diff: {} entries)", format!("incremental {name}"), ms(*d), len);
+        println!(
+            "{:<28} {:>10.3}   (diff: {} entries)",
+            format!("incremental {name}"),
+            ms(*d),
+            len
+        );
     }
-    let worst_pod = per_kind.iter().filter(|k| k.0.contains("pod")).map(|k| k.1).max().unwrap_or_default();
+    let worst_pod = per_kind
+        .iter()
+        .filter(|k| k.0.contains("pod"))
+        .map(|k| k.1)
+        .max()
+        .unwrap_or_default();
     json.insert("incremental_pod_change_ms".into(), ms(worst_pod));
     json.insert("incremental_policy_change_ms".into(), ms(per_kind[3].1));
     // The engine must agree with a full compile after all this.
     let full = compile(&snap, &mut engine.numbers().clone());
-    assert!(&full == engine.contents(), "engine diverged from the full compile");
+    assert!(
+        &full == engine.contents(),
+        "engine diverged from the full compile"
+    );
 
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)

@@ -51,11 +51,19 @@ pub enum ConvertError {
     #[error("{at}: {value:?} is not a valid CIDR")]
     InvalidCidr { at: Location, value: String },
     #[error("{at}: except {except} is not strictly inside cidr {cidr}")]
-    ExceptNotInside { at: Location, except: String, cidr: String },
+    ExceptNotInside {
+        at: Location,
+        except: String,
+        cidr: String,
+    },
     #[error("{at}: port {value} is out of range 1-65535")]
     PortOutOfRange { at: Location, value: i64 },
     #[error("{at}: endPort {end_port} is less than port {port}")]
-    EndPortBelowPort { at: Location, port: u16, end_port: i64 },
+    EndPortBelowPort {
+        at: Location,
+        port: u16,
+        end_port: i64,
+    },
     #[error("{at}: endPort cannot be used with the named port {name:?}")]
     EndPortWithNamedPort { at: Location, name: String },
     #[error("{at}: endPort requires a numeric port")]
@@ -65,16 +73,24 @@ pub enum ConvertError {
     #[error("{at}: unknown selector operator {value:?} (expected In, NotIn, Exists, DoesNotExist)")]
     UnknownOperator { at: Location, value: String },
     #[error("{at}: values must be empty when the operator is {operator}")]
-    ValuesNotAllowed { at: Location, operator: &'static str },
+    ValuesNotAllowed {
+        at: Location,
+        operator: &'static str,
+    },
     #[error("{at}: values must be non-empty when the operator is {operator}")]
-    ValuesRequired { at: Location, operator: &'static str },
+    ValuesRequired {
+        at: Location,
+        operator: &'static str,
+    },
     #[error("{at}: {value:?} is not a valid label key")]
     InvalidLabelKey { at: Location, value: String },
     #[error("{at}: {value:?} is not a valid label value")]
     InvalidLabelValue { at: Location, value: String },
     #[error("{at}: {value:?} is not a valid port name (IANA_SVC_NAME)")]
     InvalidPortName { at: Location, value: String },
-    #[error("{at}: unknown policy type {value:?} (expected Ingress or Egress); isolating both directions")]
+    #[error(
+        "{at}: unknown policy type {value:?} (expected Ingress or Egress); isolating both directions"
+    )]
     UnknownPolicyType { at: Location, value: String },
     #[error("{at}: a peer must set podSelector, namespaceSelector or ipBlock")]
     EmptyPeer { at: Location },
@@ -114,7 +130,10 @@ struct Ctx {
 
 impl Ctx {
     fn at(&self, path: &str) -> Location {
-        Location { object: self.object.clone(), path: path.to_owned() }
+        Location {
+            object: self.object.clone(),
+            path: path.to_owned(),
+        }
     }
 }
 
@@ -134,8 +153,15 @@ fn object_name(kind: &str, meta: &meta::ObjectMeta) -> String {
 /// Converts a NetworkPolicy. A policy without namespace or name is reported and converted
 /// with an empty string in its place (the caller decides whether to keep it).
 pub fn network_policy(np: &net::NetworkPolicy) -> Converted<model::NetworkPolicy> {
-    let mut cx = Ctx { object: object_name("networkpolicy", &np.metadata), errors: Vec::new() };
-    let namespace = required(&mut cx, np.metadata.namespace.as_ref(), "metadata.namespace");
+    let mut cx = Ctx {
+        object: object_name("networkpolicy", &np.metadata),
+        errors: Vec::new(),
+    };
+    let namespace = required(
+        &mut cx,
+        np.metadata.namespace.as_ref(),
+        "metadata.namespace",
+    );
     let name = required(&mut cx, np.metadata.name.as_ref(), "metadata.name");
     let default_spec = net::NetworkPolicySpec::default();
     let spec = np.spec.as_ref().unwrap_or(&default_spec);
@@ -177,9 +203,13 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Converted<model::NetworkPolicy
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         let path = format!("spec.ingress[{i}]");
-        if let Some(rule) =
-            rule(&mut cx, r.from.as_deref(), r.ports.as_deref(), &path, "from")
-        {
+        if let Some(rule) = rule(
+            &mut cx,
+            r.from.as_deref(),
+            r.ports.as_deref(),
+            &path,
+            "from",
+        ) {
             ingress.push(rule);
         }
     }
@@ -214,7 +244,8 @@ fn required(cx: &mut Ctx, v: Option<&String>, path: &str) -> String {
     match v {
         Some(s) if !s.is_empty() => s.clone(),
         _ => {
-            cx.errors.push(ConvertError::MissingField { at: cx.at(path) });
+            cx.errors
+                .push(ConvertError::MissingField { at: cx.at(path) });
             String::new()
         }
     }
@@ -247,7 +278,10 @@ fn rule(
     if cx.errors.len() != before {
         return None;
     }
-    Some(model::Rule { peers: peers_out, ports: ports_out })
+    Some(model::Rule {
+        peers: peers_out,
+        ports: ports_out,
+    })
 }
 
 fn peer(cx: &mut Ctx, p: &net::NetworkPolicyPeer, path: &str) -> Option<model::Peer> {
@@ -257,7 +291,8 @@ fn peer(cx: &mut Ctx, p: &net::NetworkPolicyPeer, path: &str) -> Option<model::P
             None
         }
         (Some(_), ns, pods) if ns.is_some() || pods.is_some() => {
-            cx.errors.push(ConvertError::IpBlockWithSelector { at: cx.at(path) });
+            cx.errors
+                .push(ConvertError::IpBlockWithSelector { at: cx.at(path) });
             None
         }
         (Some(b), _, _) => ip_block(cx, b, &format!("{path}.ipBlock")),
@@ -278,8 +313,10 @@ fn peer(cx: &mut Ctx, p: &net::NetworkPolicyPeer, path: &str) -> Option<model::P
 fn ip_block(cx: &mut Ctx, b: &net::IPBlock, path: &str) -> Option<model::Peer> {
     let cidr_path = format!("{path}.cidr");
     let Some(cidr) = parse_cidr(&b.cidr) else {
-        cx.errors
-            .push(ConvertError::InvalidCidr { at: cx.at(&cidr_path), value: b.cidr.clone() });
+        cx.errors.push(ConvertError::InvalidCidr {
+            at: cx.at(&cidr_path),
+            value: b.cidr.clone(),
+        });
         return None;
     };
     let mut except = Vec::new();
@@ -288,7 +325,10 @@ fn ip_block(cx: &mut Ctx, b: &net::IPBlock, path: &str) -> Option<model::Peer> {
         let epath = format!("{path}.except[{i}]");
         match parse_cidr(e) {
             None => {
-                cx.errors.push(ConvertError::InvalidCidr { at: cx.at(&epath), value: e.clone() });
+                cx.errors.push(ConvertError::InvalidCidr {
+                    at: cx.at(&epath),
+                    value: e.clone(),
+                });
                 ok = false;
             }
             Some(en) => {
@@ -326,7 +366,8 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 }
 
 fn strictly_inside(inner: &IpNet, outer: &IpNet) -> bool {
-    inner.prefix_len() > outer.prefix_len() && outer.contains(&inner.network())
+    inner.prefix_len() > outer.prefix_len()
+        && outer.contains(&inner.network())
         && matches!(
             (inner, outer),
             (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
@@ -380,14 +421,19 @@ fn port(cx: &mut Ctx, p: &net::NetworkPolicyPort, path: &str) -> Option<model::P
                     return None;
                 }
                 Some(model::PortRef::Name(n)) => {
-                    cx.errors.push(ConvertError::EndPortWithNamedPort { at, name: n.clone() });
+                    cx.errors.push(ConvertError::EndPortWithNamedPort {
+                        at,
+                        name: n.clone(),
+                    });
                     return None;
                 }
                 Some(model::PortRef::Number(start)) => {
                     let start = *start;
                     if !(1..=65535).contains(&e) {
-                        cx.errors
-                            .push(ConvertError::PortOutOfRange { at, value: i64::from(e) });
+                        cx.errors.push(ConvertError::PortOutOfRange {
+                            at,
+                            value: i64::from(e),
+                        });
                         return None;
                     }
                     if i64::from(e) < i64::from(start) {
@@ -403,7 +449,11 @@ fn port(cx: &mut Ctx, p: &net::NetworkPolicyPort, path: &str) -> Option<model::P
             }
         }
     };
-    Some(model::PortSpec { protocol, port, end_port })
+    Some(model::PortSpec {
+        protocol,
+        port,
+        end_port,
+    })
 }
 
 /// Converts a label selector; `None` (with errors pushed) when any part is invalid.
@@ -413,9 +463,15 @@ fn selector(cx: &mut Ctx, s: &meta::LabelSelector, path: &str) -> Option<model::
     for (k, v) in s.match_labels.iter().flatten() {
         let p = format!("{path}.matchLabels[{k:?}]");
         if !valid_label_key(k) {
-            cx.errors.push(ConvertError::InvalidLabelKey { at: cx.at(&p), value: k.clone() });
+            cx.errors.push(ConvertError::InvalidLabelKey {
+                at: cx.at(&p),
+                value: k.clone(),
+            });
         } else if !valid_label_value(v) {
-            cx.errors.push(ConvertError::InvalidLabelValue { at: cx.at(&p), value: v.clone() });
+            cx.errors.push(ConvertError::InvalidLabelValue {
+                at: cx.at(&p),
+                value: v.clone(),
+            });
         } else {
             match_labels.insert(k.clone(), v.clone());
         }
@@ -448,7 +504,11 @@ fn selector(cx: &mut Ctx, s: &meta::LabelSelector, path: &str) -> Option<model::
             model::Operator::In | model::Operator::NotIn if values.is_empty() => {
                 cx.errors.push(ConvertError::ValuesRequired {
                     at: cx.at(&format!("{p}.values")),
-                    operator: if operator == model::Operator::In { "In" } else { "NotIn" },
+                    operator: if operator == model::Operator::In {
+                        "In"
+                    } else {
+                        "NotIn"
+                    },
                 });
                 continue;
             }
@@ -476,7 +536,11 @@ fn selector(cx: &mut Ctx, s: &meta::LabelSelector, path: &str) -> Option<model::
                 });
             }
         }
-        match_expressions.push(model::Requirement { key: r.key.clone(), operator, values: set });
+        match_expressions.push(model::Requirement {
+            key: r.key.clone(),
+            operator,
+            values: set,
+        });
     }
     if cx.errors.len() != before {
         return None;
@@ -484,7 +548,10 @@ fn selector(cx: &mut Ctx, s: &meta::LabelSelector, path: &str) -> Option<model::
     // Canonical order so equal selectors compare equal.
     match_expressions.sort();
     match_expressions.dedup();
-    Some(model::LabelSelector { match_labels, match_expressions })
+    Some(model::LabelSelector {
+        match_labels,
+        match_expressions,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -498,7 +565,8 @@ fn valid_label_name(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// DNS-1123 subdomain: at most 253 characters, dot-separated lowercase alphanumeric labels
@@ -553,7 +621,10 @@ pub fn valid_port_name(s: &str) -> bool {
 /// Converts a pod. Unusable details (an address or container port that does not parse) are
 /// left out; only a missing namespace or name is an error.
 pub fn pod(p: &core::Pod) -> Result<model::Pod, ConvertError> {
-    let mut cx = Ctx { object: object_name("pod", &p.metadata), errors: Vec::new() };
+    let mut cx = Ctx {
+        object: object_name("pod", &p.metadata),
+        errors: Vec::new(),
+    };
     let namespace = required(&mut cx, p.metadata.namespace.as_ref(), "metadata.namespace");
     let name = required(&mut cx, p.metadata.name.as_ref(), "metadata.name");
     if let Some(e) = cx.errors.into_iter().next() {
@@ -594,7 +665,9 @@ pub fn pod(p: &core::Pod) -> Result<model::Pod, ConvertError> {
             .filter(|c| c.restart_policy.as_deref() == Some("Always"));
         for c in spec.containers.iter().chain(sidecars) {
             for cp in c.ports.iter().flatten() {
-                let Ok(port) = u16::try_from(cp.container_port) else { continue };
+                let Ok(port) = u16::try_from(cp.container_port) else {
+                    continue;
+                };
                 if port == 0 {
                     continue;
                 }
@@ -603,7 +676,11 @@ pub fn pod(p: &core::Pod) -> Result<model::Pod, ConvertError> {
                     continue;
                 };
                 let name = cp.name.clone().filter(|n| valid_port_name(n));
-                let entry = model::ContainerPort { name, port, protocol };
+                let entry = model::ContainerPort {
+                    name,
+                    port,
+                    protocol,
+                };
                 if !ports.contains(&entry) {
                     ports.push(entry);
                 }
@@ -618,13 +695,18 @@ pub fn pod(p: &core::Pod) -> Result<model::Pod, ConvertError> {
         ips,
         ports,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        node: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
+        node: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
     })
 }
 
 /// Converts a namespace, adding the `kubernetes.io/metadata.name` label the API server sets.
 pub fn namespace(n: &core::Namespace) -> Result<model::Namespace, ConvertError> {
-    let mut cx = Ctx { object: object_name("namespace", &n.metadata), errors: Vec::new() };
+    let mut cx = Ctx {
+        object: object_name("namespace", &n.metadata),
+        errors: Vec::new(),
+    };
     let name = required(&mut cx, n.metadata.name.as_ref(), "metadata.name");
     if let Some(e) = cx.errors.into_iter().next() {
         return Err(e);

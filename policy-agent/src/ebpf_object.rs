@@ -9,7 +9,11 @@ pub fn bytes() -> &'static [u8] {
 /// The object, or an error saying how to build it.
 pub fn require() -> Result<&'static [u8], MissingObject> {
     let b = bytes();
-    if b.is_empty() { Err(MissingObject) } else { Ok(b) }
+    if b.is_empty() {
+        Err(MissingObject)
+    } else {
+        Ok(b)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -56,18 +56,38 @@ impl<'a> KernelModel<'a> {
     pub fn new(maps: &'a MapContents) -> Self {
         let mut cidr_by_set: HashMap<u32, CidrEntries> = HashMap::new();
         for (k, v) in &maps.cidr_rules {
-            cidr_by_set.entry(k.data.set_family_be).or_default().push((k.prefixlen, cidr_bytes(&k.data), *v));
+            cidr_by_set.entry(k.data.set_family_be).or_default().push((
+                k.prefixlen,
+                cidr_bytes(&k.data),
+                *v,
+            ));
         }
         let mut ports_by_set: HashMap<(u32, u8), PortEntries> = HashMap::new();
         for k in maps.ports.keys() {
-            ports_by_set.entry((k.data.port_set_be, k.data.proto)).or_default().push((k.prefixlen, port_bytes(&k.data)));
+            ports_by_set
+                .entry((k.data.port_set_be, k.data.proto))
+                .or_default()
+                .push((k.prefixlen, port_bytes(&k.data)));
         }
-        KernelModel { maps, cidr_by_set, ports_by_set }
+        KernelModel {
+            maps,
+            cidr_by_set,
+            ports_by_set,
+        }
     }
 
     /// The decision for a new flow at one endpoint, `None` when `local` is not an endpoint.
-    pub fn decide_at(&self, local: IpAddr, dir: Direction, peer: IpAddr, proto: u8, port: u16) -> Option<Reason> {
-        let ep = self.maps.endpoints.get(&EndpointKey { addr: addr_of(local) })?;
+    pub fn decide_at(
+        &self,
+        local: IpAddr,
+        dir: Direction,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> Option<Reason> {
+        let ep = self.maps.endpoints.get(&EndpointKey {
+            addr: addr_of(local),
+        })?;
         Some(decide(self, ep, dir, &addr_of(peer), proto, port))
     }
 
@@ -103,9 +123,12 @@ impl PolicyMaps for KernelModel<'_> {
 
     fn port(&self, key: &LpmKey<PortData>) -> bool {
         let want = port_bytes(&key.data);
-        self.ports_by_set.get(&(key.data.port_set_be, key.data.proto)).is_some_and(|v| {
-            v.iter().any(|(len, bytes)| *len <= key.prefixlen && prefix_eq(bytes, &want, *len))
-        })
+        self.ports_by_set
+            .get(&(key.data.port_set_be, key.data.proto))
+            .is_some_and(|v| {
+                v.iter()
+                    .any(|(len, bytes)| *len <= key.prefixlen && prefix_eq(bytes, &want, *len))
+            })
     }
 }
 
@@ -116,22 +139,37 @@ mod tests {
 
     fn rv(port: u16) -> RuleValue {
         let mut v = RuleValue::default();
-        v.ranges[0] = PortRange { first: port, last: port, proto: 6, _pad: [0; 3] };
+        v.ranges[0] = PortRange {
+            first: port,
+            last: port,
+            proto: 6,
+            _pad: [0; 3],
+        };
         v
     }
 
     fn lookup(m: &KernelModel<'_>, set: u32, a: &str) -> Option<u16> {
         let addr = addr_of(a.parse().expect("ip"));
-        m.cidr_rule(&LpmKey { prefixlen: CIDR_LOOKUP_PREFIXLEN, data: CidrData::new(set, addr) })
-            .map(|v| v.ranges[0].first)
+        m.cidr_rule(&LpmKey {
+            prefixlen: CIDR_LOOKUP_PREFIXLEN,
+            data: CidrData::new(set, addr),
+        })
+        .map(|v| v.ranges[0].first)
     }
 
     #[test]
     fn longest_prefix_wins_within_set_and_family() {
         let mut c = MapContents::default();
-        for (set, net, port) in [(1, "198.18.0.0/15", 1), (1, "198.18.0.0/17", 2), (1, "198.18.0.0/25", 3),
-            (2, "0.0.0.0/0", 4), (1, "::/0", 5), (1, "fd00::/9", 6)] {
-            c.cidr_rules.insert(cidr_key(set, &net.parse().expect("net")), rv(port));
+        for (set, net, port) in [
+            (1, "198.18.0.0/15", 1),
+            (1, "198.18.0.0/17", 2),
+            (1, "198.18.0.0/25", 3),
+            (2, "0.0.0.0/0", 4),
+            (1, "::/0", 5),
+            (1, "fd00::/9", 6),
+        ] {
+            c.cidr_rules
+                .insert(cidr_key(set, &net.parse().expect("net")), rv(port));
         }
         let m = KernelModel::new(&c);
         assert_eq!(lookup(&m, 1, "198.18.0.1"), Some(3));
@@ -156,7 +194,10 @@ mod tests {
         }
         let m = KernelModel::new(&c);
         let q = |set: u32, proto: u8, port: u16| {
-            m.port(&LpmKey { prefixlen: PORT_LOOKUP_PREFIXLEN, data: PortData::new(set, proto, port) })
+            m.port(&LpmKey {
+                prefixlen: PORT_LOOKUP_PREFIXLEN,
+                data: PortData::new(set, proto, port),
+            })
         };
         assert!(q(7, 17, 1000) && q(7, 17, 1999) && q(7, 17, 1500));
         assert!(!q(7, 17, 999) && !q(7, 17, 2000) && !q(7, 6, 1500) && !q(8, 17, 1500));

@@ -11,7 +11,10 @@ use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
 use policy_agent::standalone;
 
 #[derive(Parser)]
-#[command(name = "policy-agent", about = "Kubernetes NetworkPolicy enforcement with eBPF")]
+#[command(
+    name = "policy-agent",
+    about = "Kubernetes NetworkPolicy enforcement with eBPF"
+)]
 struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -216,18 +219,27 @@ async fn run_cluster(
     use policy_agent::metrics::{Health, Metrics};
     use std::sync::Arc;
 
-    anyhow::ensure!(!node_name.is_empty(), "--node-name (NODE_NAME) must not be empty");
+    anyhow::ensure!(
+        !node_name.is_empty(),
+        "--node-name (NODE_NAME) must not be empty"
+    );
     if !bpf_dir.exists() {
-        std::fs::create_dir_all(&bpf_dir).with_context(|| format!("creating {}", bpf_dir.display()))?;
+        std::fs::create_dir_all(&bpf_dir)
+            .with_context(|| format!("creating {}", bpf_dir.display()))?;
     }
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let dp = Dataplane::load(&bpf_dir).context("loading the eBPF programs")?;
     let enforcer = cluster::KernelEnforcer::new(dp, attach, &service_cidrs, uplink)
         .context("taking the maps")?;
     let mut loop_cfg = cluster::LoopConfig::new(&node_name);
     loop_cfg.debounce = Duration::from_millis(debounce_ms);
     loop_cfg.resync = Duration::from_secs(resync_secs.max(1));
-    let cfg = cluster::Config { loop_cfg, metrics_addr: Some(metrics_addr) };
+    let cfg = cluster::Config {
+        loop_cfg,
+        metrics_addr: Some(metrics_addr),
+    };
     let metrics = Arc::new(Metrics::new());
     // The loop beats at least every poll interval (1 s); a minute of silence is a hang.
     let health = Arc::new(Health::new(Duration::from_secs(60)));
@@ -242,14 +254,18 @@ async fn run_cluster(
         .context("cluster agent")?;
     // The programs keep enforcing until the next agent takes them over (no gap).
     enforcer.release_all();
-    tracing::info!("cluster agent stopped (programs stay attached; `policy-agent uninstall` removes them)");
+    tracing::info!(
+        "cluster agent stopped (programs stay attached; `policy-agent uninstall` removes them)"
+    );
     Ok(())
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

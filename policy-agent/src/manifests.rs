@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
-use serde::Deserialize;
 use k8s_openapi::api::networking::v1 as net;
+use serde::Deserialize;
 
 use crate::convert::{self, ConvertError};
 use crate::model::{self, ObjectKey, Snapshot};
@@ -28,20 +28,31 @@ pub enum ManifestError {
     Yaml(#[source] serde_yaml::Error),
     #[error("document has no `kind`")]
     NoKind,
-    #[error("kind {kind} (apiVersion {api_version}) is not one this agent reads; expected Namespace, Pod or NetworkPolicy (v1, networking.k8s.io/v1) or a List")]
+    #[error(
+        "kind {kind} (apiVersion {api_version}) is not one this agent reads; expected Namespace, Pod or NetworkPolicy (v1, networking.k8s.io/v1) or a List"
+    )]
     UnsupportedKind { kind: String, api_version: String },
     #[error("{kind} does not match the API schema: {source}")]
-    Schema { kind: &'static str, source: serde_yaml::Error },
+    Schema {
+        kind: &'static str,
+        source: serde_yaml::Error,
+    },
     /// An invalid part of a policy: the policy is kept in its fail-closed form.
     #[error(transparent)]
     Convert(#[from] ConvertError),
     /// A Namespace or Pod that cannot be used: it is left out.
     #[error("{0} (object left out)")]
     Unusable(#[source] ConvertError),
-    #[error("objects were left out and there is no earlier good version of this file: every namespace is isolated in both directions until it is fixed")]
+    #[error(
+        "objects were left out and there is no earlier good version of this file: every namespace is isolated in both directions until it is fixed"
+    )]
     NoGoodVersion,
     #[error("{kind} {key} is defined again (first in {first})")]
-    Duplicate { kind: &'static str, key: String, first: String },
+    Duplicate {
+        kind: &'static str,
+        key: String,
+        first: String,
+    },
 }
 
 impl ManifestError {
@@ -49,7 +60,11 @@ impl ManifestError {
     /// as a kind this agent does not enforce).
     fn drops_object(&self) -> bool {
         match self {
-            Self::Read(_) | Self::Yaml(_) | Self::NoKind | Self::Schema { .. } | Self::Unusable(_) => true,
+            Self::Read(_)
+            | Self::Yaml(_)
+            | Self::NoKind
+            | Self::Schema { .. }
+            | Self::Unusable(_) => true,
             Self::UnsupportedKind { kind, .. } => {
                 // Our kinds under another apiVersion (networking.k8s.io/v1beta1...) were meant
                 // to be enforced.
@@ -71,7 +86,13 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (document {}): {}", self.file.display(), self.document, self.error)
+        write!(
+            f,
+            "{} (document {}): {}",
+            self.file.display(),
+            self.document,
+            self.error
+        )
     }
 }
 
@@ -95,12 +116,18 @@ impl Manifests {
     /// nodeName are on this node.
     pub fn snapshot(&self, node: &str, node_addrs: Vec<std::net::IpAddr>) -> Snapshot {
         let mut namespaces = self.namespaces.clone();
-        let used = self.pods.keys().chain(self.policies.keys()).map(|k| k.namespace.clone());
+        let used = self
+            .pods
+            .keys()
+            .chain(self.policies.keys())
+            .map(|k| k.namespace.clone());
         for ns in used {
-            namespaces.entry(ns.clone()).or_insert_with(|| model::Namespace {
-                labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
-                name: ns,
-            });
+            namespaces
+                .entry(ns.clone())
+                .or_insert_with(|| model::Namespace {
+                    labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
+                    name: ns,
+                });
         }
         let pods = self
             .pods
@@ -169,7 +196,11 @@ impl DirLoader {
             let text = match std::fs::read_to_string(&f) {
                 Ok(text) => text,
                 Err(e) => {
-                    m.problems.push(Problem { file: f.clone(), document: 1, error: ManifestError::Read(e) });
+                    m.problems.push(Problem {
+                        file: f.clone(),
+                        document: 1,
+                        error: ManifestError::Read(e),
+                    });
                     self.fall_back(&mut m, &f);
                     continue;
                 }
@@ -199,7 +230,11 @@ impl DirLoader {
                 m.problems = scratch;
             }
             None => {
-                m.problems.push(Problem { file: file.to_path_buf(), document: 1, error: ManifestError::NoGoodVersion });
+                m.problems.push(Problem {
+                    file: file.to_path_buf(),
+                    document: 1,
+                    error: ManifestError::NoGoodVersion,
+                });
                 m.lockdown.push(file.to_path_buf());
             }
         }
@@ -209,13 +244,19 @@ impl DirLoader {
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), std::io::Error> {
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if name.starts_with('.') {
             continue; // editors' swap files and atomic-write temporaries
         }
         if p.is_dir() {
             collect(&p, out)?;
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
             out.push(p);
         }
     }
@@ -264,14 +305,22 @@ pub fn load_text(m: &mut Manifests, file: &Path, text: &str) {
             Ok(serde_yaml::Value::Null) => continue, // empty document (`---` at the end)
             Ok(v) => v,
             Err(e) => {
-                m.problems.push(Problem { file: file.into(), document, error: ManifestError::Yaml(e) });
+                m.problems.push(Problem {
+                    file: file.into(),
+                    document,
+                    error: ManifestError::Yaml(e),
+                });
                 // serde_yaml cannot resume after a syntax error within the stream.
                 break;
             }
         };
         let mut errors = Vec::new();
         load_value(m, file, document, value, &mut errors);
-        m.problems.extend(errors.into_iter().map(|error| Problem { file: file.into(), document, error }));
+        m.problems.extend(errors.into_iter().map(|error| Problem {
+            file: file.into(),
+            document,
+            error,
+        }));
     }
 }
 
@@ -282,20 +331,33 @@ fn load_value(
     value: serde_yaml::Value,
     errors: &mut Vec<ManifestError>,
 ) {
-    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let field = |k: &str| {
+        value
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
     let kind = field("kind");
     let api_version = field("apiVersion");
     let origin = format!("{} (document {document})", file.display());
     match (kind.as_str(), api_version.as_str()) {
         ("", _) => errors.push(ManifestError::NoKind),
         ("List" | "NamespaceList" | "PodList" | "NetworkPolicyList", _) => {
-            let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(|v| v.as_sequence())
+                .cloned()
+                .unwrap_or_default();
             for item in items {
                 load_value(m, file, document, item, errors);
             }
         }
         ("Namespace", "v1") => match serde_yaml::from_value::<core::Namespace>(value) {
-            Err(source) => errors.push(ManifestError::Schema { kind: "Namespace", source }),
+            Err(source) => errors.push(ManifestError::Schema {
+                kind: "Namespace",
+                source,
+            }),
             Ok(obj) => match convert::namespace(&obj) {
                 Err(e) => errors.push(ManifestError::Unusable(e)),
                 Ok(ns) => {
@@ -308,7 +370,10 @@ fn load_value(
             },
         },
         ("Pod", "v1") => match serde_yaml::from_value::<core::Pod>(value) {
-            Err(source) => errors.push(ManifestError::Schema { kind: "Pod", source }),
+            Err(source) => errors.push(ManifestError::Schema {
+                kind: "Pod",
+                source,
+            }),
             Ok(obj) => match convert::pod(&obj) {
                 Err(e) => errors.push(ManifestError::Unusable(e)),
                 Ok(pod) => {
@@ -322,7 +387,10 @@ fn load_value(
         },
         ("NetworkPolicy", "networking.k8s.io/v1") => {
             match serde_yaml::from_value::<net::NetworkPolicy>(value) {
-                Err(source) => errors.push(ManifestError::Schema { kind: "NetworkPolicy", source }),
+                Err(source) => errors.push(ManifestError::Schema {
+                    kind: "NetworkPolicy",
+                    source,
+                }),
                 Ok(obj) => {
                     let converted = convert::network_policy(&obj);
                     // The fail-closed value is enforced even when some rules were invalid.
@@ -345,7 +413,11 @@ impl Manifests {
     /// so the result does not depend on which file changed last).
     fn claim(&mut self, kind: &'static str, key: String, origin: &str) -> Option<ManifestError> {
         match self.origin.get(&(kind, key.clone())) {
-            Some(first) => Some(ManifestError::Duplicate { kind, key, first: first.clone() }),
+            Some(first) => Some(ManifestError::Duplicate {
+                kind,
+                key,
+                first: first.clone(),
+            }),
             None => {
                 self.origin.insert((kind, key), origin.to_string());
                 None
@@ -415,7 +487,10 @@ metadata: {name: x}
         assert_eq!(pod.node.as_deref(), Some("node-1"));
         assert_eq!(snap.namespaces["x"].labels["team"], "red");
         // Namespace y is used by a policy only: it exists with its name label.
-        assert_eq!(snap.namespaces["y"].labels["kubernetes.io/metadata.name"], "y");
+        assert_eq!(
+            snap.namespaces["y"].labels["kubernetes.io/metadata.name"],
+            "y"
+        );
     }
 
     #[test]
@@ -423,9 +498,21 @@ metadata: {name: x}
         let m = load(&[("good.yaml", GOOD), ("bad.yaml", BAD)]);
         let text: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 3, "{text:#?}");
-        assert!(text[0].starts_with("bad.yaml (document 1)") && text[0].contains("tcp"), "{}", text[0]);
-        assert!(text[1].contains("document 2") && text[1].contains("Deployment"), "{}", text[1]);
-        assert!(text[2].contains("document 3") && text[2].contains("defined again"), "{}", text[2]);
+        assert!(
+            text[0].starts_with("bad.yaml (document 1)") && text[0].contains("tcp"),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[1].contains("document 2") && text[1].contains("Deployment"),
+            "{}",
+            text[1]
+        );
+        assert!(
+            text[2].contains("document 3") && text[2].contains("defined again"),
+            "{}",
+            text[2]
+        );
         // The invalid policy is kept: it still isolates app=web, its bad rule allows nothing.
         let np = &m.policies[&ObjectKey::new("x", "lower")];
         assert!(np.ingress_isolation && np.ingress.is_empty());
@@ -459,20 +546,39 @@ metadata: {name: x}
         d.write("policy.yaml", ALLOW_ALL);
         let mut loader = DirLoader::default();
         let m = loader.load(&d.0).unwrap();
-        assert!(m.problems.is_empty() && m.lockdown.is_empty(), "{:?}", m.problems);
+        assert!(
+            m.problems.is_empty() && m.lockdown.is_empty(),
+            "{:?}",
+            m.problems
+        );
         // A schema error (a string where a list belongs) in the policy: it would vanish,
         // un-isolating nothing here but possibly opening traffic elsewhere; the old one stays.
-        d.write("policy.yaml", &ALLOW_ALL.replace("ingress: [{}]", "ingress: nope"));
+        d.write(
+            "policy.yaml",
+            &ALLOW_ALL.replace("ingress: [{}]", "ingress: nope"),
+        );
         let m = loader.load(&d.0).unwrap();
         assert!(m.policies.contains_key(&ObjectKey::new("x", "open")));
         assert!(m.lockdown.is_empty());
-        assert!(m.problems.iter().any(|p| matches!(p.error, ManifestError::Schema { .. })), "{:?}", m.problems);
+        assert!(
+            m.problems
+                .iter()
+                .any(|p| matches!(p.error, ManifestError::Schema { .. })),
+            "{:?}",
+            m.problems
+        );
         // A Pod whose address is not an address: the good version of good.yaml keeps it.
-        d.write("good.yaml", &GOOD.replace("podIP: 198.18.0.10,", "podIP: nonsense,"));
+        d.write(
+            "good.yaml",
+            &GOOD.replace("podIP: 198.18.0.10,", "podIP: nonsense,"),
+        );
         let m = loader.load(&d.0).unwrap();
         assert_eq!(m.pods[&ObjectKey::new("x", "a")].ips.len(), 2);
         // Fixed: the new text is taken.
-        d.write("policy.yaml", &ALLOW_ALL.replace("name: open", "name: open2"));
+        d.write(
+            "policy.yaml",
+            &ALLOW_ALL.replace("name: open", "name: open2"),
+        );
         let m = loader.load(&d.0).unwrap();
         assert!(m.policies.contains_key(&ObjectKey::new("x", "open2")));
         assert!(!m.policies.contains_key(&ObjectKey::new("x", "open")));
@@ -483,14 +589,26 @@ metadata: {name: x}
         let d = Dir::new("lockdown");
         d.write("good.yaml", GOOD);
         d.write("broken.yaml", "kind: [unclosed\n");
-        d.write("beta.yaml", &ALLOW_ALL.replace("networking.k8s.io/v1", "networking.k8s.io/v1beta1"));
+        d.write(
+            "beta.yaml",
+            &ALLOW_ALL.replace("networking.k8s.io/v1", "networking.k8s.io/v1beta1"),
+        );
         let m = loader_once(&d);
         assert_eq!(m.lockdown.len(), 2, "{:?}", m.problems);
-        assert!(m.problems.iter().any(|p| matches!(p.error, ManifestError::NoGoodVersion)));
+        assert!(
+            m.problems
+                .iter()
+                .any(|p| matches!(p.error, ManifestError::NoGoodVersion))
+        );
         let snap = m.snapshot("node-1", vec![]);
         for ns in ["x", "y"] {
             let np = &snap.policies[&ObjectKey::new(ns, LOCKDOWN_POLICY)];
-            assert!(np.ingress_isolation && np.egress_isolation && np.ingress.is_empty() && np.egress.is_empty());
+            assert!(
+                np.ingress_isolation
+                    && np.egress_isolation
+                    && np.ingress.is_empty()
+                    && np.egress.is_empty()
+            );
             assert_eq!(np.pod_selector, model::LabelSelector::everything());
         }
     }

@@ -63,7 +63,10 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectKey { namespace: namespace.into(), name: name.into() }
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -154,7 +157,9 @@ impl LabelSelector {
 
     /// Whether the selector selects an object with these labels.
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| r.matches(labels))
     }
 }
@@ -176,7 +181,10 @@ impl Requirement {
 pub enum Peer {
     /// `podSelector` and/or `namespaceSelector`. `namespaces: None` = the policy's own
     /// namespace; `pods: None` = every pod of the selected namespaces.
-    Pods { namespaces: Option<LabelSelector>, pods: Option<LabelSelector> },
+    Pods {
+        namespaces: Option<LabelSelector>,
+        pods: Option<LabelSelector>,
+    },
     /// `ipBlock`: `cidr` minus every `except` (each strictly inside `cidr`, same family).
     IpBlock { cidr: IpNet, except: Vec<IpNet> },
 }

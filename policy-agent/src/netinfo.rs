@@ -10,9 +10,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 #[derive(Debug, thiserror::Error)]
 pub enum NetInfoError {
     #[error("reading {path}: {source}")]
-    Read { path: &'static str, source: std::io::Error },
+    Read {
+        path: &'static str,
+        source: std::io::Error,
+    },
     #[error("{path} line {line}: cannot parse {what}")]
-    Parse { path: &'static str, line: usize, what: &'static str },
+    Parse {
+        path: &'static str,
+        line: usize,
+        what: &'static str,
+    },
     #[error("listing interface addresses: {0}")]
     Addrs(std::io::Error),
 }
@@ -29,11 +36,15 @@ impl Route {
     fn covers(&self, ip: IpAddr) -> bool {
         match (self.dst, ip) {
             (IpAddr::V4(d), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
                 u32::from(d) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(d), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
                 u128::from(d) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -78,11 +89,19 @@ fn parse_v4_routes(text: &str) -> Result<Vec<Route>, NetInfoError> {
             continue;
         }
         let hex = |s: &str, what| {
-            u32::from_str_radix(s, 16).map_err(|_| NetInfoError::Parse { path: PATH, line: i + 1, what })
+            u32::from_str_radix(s, 16).map_err(|_| NetInfoError::Parse {
+                path: PATH,
+                line: i + 1,
+                what,
+            })
         };
         let dst = Ipv4Addr::from(hex(f[1], "destination")?.to_ne_bytes());
         let mask = hex(f[7], "mask")?;
-        out.push(Route { dst: IpAddr::V4(dst), prefix_len: mask.count_ones() as u8, iface: f[0].to_string() });
+        out.push(Route {
+            dst: IpAddr::V4(dst),
+            prefix_len: mask.count_ones() as u8,
+            iface: f[0].to_string(),
+        });
     }
     Ok(out)
 }
@@ -96,11 +115,19 @@ fn parse_v6_routes(text: &str) -> Result<Vec<Route>, NetInfoError> {
         if f.len() < 10 {
             continue;
         }
-        let err = |what| NetInfoError::Parse { path: PATH, line: i + 1, what };
+        let err = |what| NetInfoError::Parse {
+            path: PATH,
+            line: i + 1,
+            what,
+        };
         let dst = u128::from_str_radix(f[0], 16).map_err(|_| err("destination"))?;
         let len = u8::from_str_radix(f[1], 16).map_err(|_| err("prefix length"))?;
         let iface = f[9].to_string();
-        out.push(Route { dst: IpAddr::V6(Ipv6Addr::from(dst)), prefix_len: len, iface });
+        out.push(Route {
+            dst: IpAddr::V6(Ipv6Addr::from(dst)),
+            prefix_len: len,
+            iface,
+        });
     }
     Ok(out)
 }

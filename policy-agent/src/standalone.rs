@@ -10,15 +10,14 @@
 //! On the very first start it seeds conntrack from the kernel's connection table.
 //! `policy-agent uninstall` removes everything.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::compiler::{self, CompilerState, MapContents};
 use crate::dataplane::{
-    AttachMode, Attachment, Dataplane, DataplaneError, DataplaneMaps, PinState, UplinkMode,
-    ctseed, pinning, renumber_onto, uplink,
+    AttachMode, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role, UplinkMode,
+    ctseed, links, pinning, renumber_onto, uplink,
 };
 use crate::{manifests, netinfo, writer};
 
@@ -146,10 +145,9 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         state: CompilerState::new(),
         written: maps.read_contents()?,
         resync: false,
-        attached: BTreeMap::new(),
+        attached: LinkSet::new(Role::Pod),
         pins_adopted: false,
-        uplinks: BTreeMap::new(),
-        uplink_failed: BTreeMap::new(),
+        uplinks: LinkSet::new(Role::Uplink),
         last_fingerprint: None,
         last_status: None,
         loader: manifests::DirLoader::default(),
@@ -176,10 +174,8 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
     }
     // Persistent attachments are left to enforce until the next agent takes them over.
-    let uplinks = std::mem::take(&mut agent.uplinks);
-    for (_, (_, a)) in std::mem::take(&mut agent.attached).into_iter().chain(uplinks) {
-        dp.release(a);
-    }
+    agent.attached.release_all(&mut dp);
+    agent.uplinks.release_all(&mut dp);
     tracing::info!(
         "standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)"
     );
@@ -203,12 +199,10 @@ struct Agent {
     pins_adopted: bool,
     adopted: bool,
     migrated: bool,
-    /// Interface name -> (its ifindex when attached, the attachment).
-    attached: BTreeMap<String, (u32, Attachment)>,
-    /// Uplink interface name -> (ifindex, the attachment).
-    uplinks: BTreeMap<String, (u32, Attachment)>,
-    /// Uplinks whose attach failed, by ifindex (not retried until the interface changes).
-    uplink_failed: BTreeMap<String, u32>,
+    /// Local pods' veths with the pod programs.
+    attached: LinkSet,
+    /// Non-pod interfaces with the uplink programs.
+    uplinks: LinkSet,
     last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
     last_status: Option<Status>,
     /// Keeps each manifest file's last good version: a file turning bad never opens traffic.
@@ -227,10 +221,12 @@ impl Agent {
         // Hash before reading: if a file changes while we read, the next tick sees it.
         let generation = manifests::content_hash(&cfg.manifests);
         let m =
-            self.loader.load(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
-                path: cfg.manifests.clone(),
-                source,
-            })?;
+            self.loader
+                .load(&cfg.manifests)
+                .map_err(|source| StandaloneError::ManifestDir {
+                    path: cfg.manifests.clone(),
+                    source,
+                })?;
         let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         let snapshot = m.snapshot(&cfg.node_name, netinfo::local_addrs()?);
         if changed {
@@ -266,98 +262,25 @@ impl Agent {
         }
         // Interfaces can appear after the manifests: look every tick.
         let routes = netinfo::routes()?;
-        let mut wanted = BTreeSet::new();
-        let mut waiting = Vec::new();
-        for pod in snapshot.pods.values().filter(|p| snapshot.is_local(p)) {
-            let ifaces: BTreeSet<&str> = pod
-                .ips
-                .iter()
-                .filter_map(|ip| netinfo::iface_for(&routes, *ip))
-                .collect();
-            if ifaces.is_empty() {
-                waiting.push(pod.key().to_string());
-            }
-            wanted.extend(ifaces.into_iter().map(str::to_string));
-        }
+        let local = snapshot.pods.values().filter(|p| snapshot.is_local(p));
+        let (wanted, waiting) = links::pod_interfaces(
+            &routes,
+            local.map(|p| (p.key().to_string(), p.ips.as_slice())),
+        );
         if !self.pins_adopted {
             // After the maps are right: links an earlier agent pinned get this agent's
             // programs in place (no gap), and those of interfaces gone or no longer wanted
             // are dropped below like any other. Failures are retried next tick.
-            self.pins_adopted = self.adopt_pins(cfg, dp) == 0;
+            self.pins_adopted =
+                links::adopt_pins(dp, cfg.attach_mode, &mut self.attached, &mut self.uplinks) == 0;
         }
-        // An interface deleted (or deleted and re-created: a new ifindex) lost its programs.
-        let (keep, lost): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.attached)
-            .into_iter()
-            .partition(|(iface, (idx, _))| netinfo::ifindex(iface) == Some(*idx));
-        self.attached = keep;
-        let (keep, lost_uplinks): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.uplinks)
-            .into_iter()
-            .partition(|(iface, (idx, _))| netinfo::ifindex(iface) == Some(*idx));
-        self.uplinks = keep;
-        for (iface, (_, a)) in lost.into_iter().chain(lost_uplinks) {
-            // Its links are defunct; unpin them.
-            if let Err(e) = dp.detach(a) {
-                tracing::debug!(interface = %iface, error = %e, "dropping the links of a vanished interface");
-            }
-        }
-        // Uplinks first lose what is now a pod's veth (a pod's interface may have looked like
-        // an uplink before its pod was known).
+        // Detach before attaching, so an interface changing role (a pod's veth that looked
+        // like an uplink before its pod was known) never carries both pairs.
         let uplinks = uplink::select(&cfg.uplinks, &uplink::interfaces(), &wanted);
-        let gone: Vec<String> = self.uplinks.keys().filter(|i| !uplinks.contains(*i)).cloned().collect();
-        for iface in gone {
-            if let Some((_, a)) = self.uplinks.remove(&iface)
-                && let Err(e) = dp.detach(a)
-            {
-                tracing::debug!(interface = %iface, error = %e, "detach uplink");
-            }
-        }
-        for iface in &wanted {
-            if !self.attached.contains_key(iface) {
-                let Some(idx) = netinfo::ifindex(iface) else {
-                    continue;
-                };
-                match dp.attach(iface, cfg.attach_mode) {
-                    Ok(a) => {
-                        tracing::info!(interface = %iface, "programs attached");
-                        self.attached.insert(iface.clone(), (idx, a));
-                    }
-                    Err(e) => tracing::error!(interface = %iface, error = %e, "attach failed"),
-                }
-            }
-        }
-        let gone: Vec<String> = self
-            .attached
-            .keys()
-            .filter(|i| !wanted.contains(*i))
-            .cloned()
-            .collect();
-        for iface in gone {
-            if let Some((_, a)) = self.attached.remove(&iface)
-                && let Err(e) = dp.detach(a)
-            {
-                tracing::debug!(interface = %iface, error = %e, "detach");
-            }
-        }
-        for iface in &uplinks {
-            if self.uplinks.contains_key(iface) {
-                continue;
-            }
-            let Some(idx) = netinfo::ifindex(iface) else { continue };
-            if self.uplink_failed.get(iface) == Some(&idx) {
-                continue;
-            }
-            match dp.attach_uplink(iface, cfg.attach_mode) {
-                Ok(a) => {
-                    tracing::info!(interface = %iface, "uplink programs attached");
-                    self.uplink_failed.remove(iface);
-                    self.uplinks.insert(iface.clone(), (idx, a));
-                }
-                Err(e) => {
-                    tracing::warn!(interface = %iface, error = %e, "uplink attach failed");
-                    self.uplink_failed.insert(iface.clone(), idx);
-                }
-            }
-        }
+        self.uplinks.prune(dp, &uplinks);
+        self.attached.prune(dp, &wanted);
+        self.attached.attach_missing(dp, cfg.attach_mode, &wanted);
+        self.uplinks.attach_missing(dp, cfg.attach_mode, &uplinks);
         if dp.pin_state() == PinState::Migrating && self.pins_adopted {
             // Every pinned link and filter runs the new programs on the new maps now.
             dp.finish_migration()?;
@@ -368,9 +291,9 @@ impl Agent {
         let status = Status {
             generation,
             endpoints: self.written.endpoints.len(),
-            attached: self.attached.keys().cloned().collect(),
+            attached: self.attached.names(),
             waiting,
-            uplinks: self.uplinks.keys().cloned().collect(),
+            uplinks: self.uplinks.names(),
             problems,
             adopted: self.adopted,
             migrated: self.migrated,
@@ -382,45 +305,6 @@ impl Agent {
             self.last_status = Some(status);
         }
         Ok(())
-    }
-}
-
-impl Agent {
-    /// Takes over the links pinned under the pin directory; the number of failures.
-    fn adopt_pins(&mut self, cfg: &Config, dp: &mut Dataplane) -> usize {
-        let mut failures = 0;
-        for p in pinning::pinned_interfaces(&cfg.bpf_dir) {
-            if self.attached.contains_key(&p.ifname) || self.uplinks.contains_key(&p.ifname) {
-                continue;
-            }
-            if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
-                // The interface went away while no agent ran: its links are defunct.
-                if let Err(e) = std::fs::remove_dir_all(&p.dir) {
-                    tracing::warn!(dir = %p.dir.display(), error = %e, "unpinning stale links");
-                }
-                continue;
-            }
-            // An uplink keeps uplink programs; the passes after this sort out which
-            // interfaces are still wanted as what.
-            let is_uplink = p.dir.join(policy_common::PROG_FROM_WORLD).exists();
-            let attached = if is_uplink {
-                dp.attach_uplink(&p.ifname, cfg.attach_mode)
-            } else {
-                dp.attach(&p.ifname, cfg.attach_mode)
-            };
-            match attached {
-                Ok(a) => {
-                    tracing::info!(interface = %p.ifname, uplink = is_uplink, "pinned links taken over");
-                    let into = if is_uplink { &mut self.uplinks } else { &mut self.attached };
-                    into.insert(p.ifname.clone(), (p.ifindex, a));
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed");
-                }
-            }
-        }
-        failures
     }
 }
 

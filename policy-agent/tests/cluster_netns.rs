@@ -101,7 +101,8 @@ fn reconcile_kernel_enforcer_programs_real_pods_in_namespaces() {
             rt.block_on(async {
                 let dp = Dataplane::load(&fs_path)
                     .expect("load the eBPF object (cargo xtask build-ebpf)");
-                let enforcer = KernelEnforcer::new(dp, AttachMode::Auto, &[], UplinkMode::Auto).unwrap();
+                let enforcer =
+                    KernelEnforcer::new(dp, AttachMode::Auto, &[], UplinkMode::Auto).unwrap();
                 let metrics = Arc::new(Metrics::new());
                 let health = Arc::new(Health::new(Duration::from_secs(60)));
                 let mut loop_cfg = test_loop_config();

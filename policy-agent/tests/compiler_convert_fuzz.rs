@@ -14,14 +14,60 @@ fn scalar() -> impl Strategy<Value = Value> {
     prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
-        prop::sample::select(vec![-1i64, 0, 1, 53, 80, 65535, 65536, i64::from(i32::MAX), i64::MIN]).prop_map(Value::from),
         prop::sample::select(vec![
-            "", "TCP", "tcp", "UDP", "SCTP", "ICMP", "In", "NotIn", "Exists", "DoesNotExist", "in",
-            "Ingress", "Egress", "ingress", "http", "HTTP", "a--b", "-x", "80", "app", "web",
-            "example.com/app", "Example.com/app", "a/b/c", "x y", "198.18.0.0/16", "198.18.0.5/24",
-            "198.18.1.0/24", "198.18.0.0/33", "fd00::/64", "fd00::/129", "::ffff:198.18.0.0/112",
-            "0.0.0.0/0", "::/0", "198.18.0.0", "garbage", "\u{0}", "ü", "1.2.3.4/8",
-        ]).prop_map(Value::from),
+            -1i64,
+            0,
+            1,
+            53,
+            80,
+            65535,
+            65536,
+            i64::from(i32::MAX),
+            i64::MIN
+        ])
+        .prop_map(Value::from),
+        prop::sample::select(vec![
+            "",
+            "TCP",
+            "tcp",
+            "UDP",
+            "SCTP",
+            "ICMP",
+            "In",
+            "NotIn",
+            "Exists",
+            "DoesNotExist",
+            "in",
+            "Ingress",
+            "Egress",
+            "ingress",
+            "http",
+            "HTTP",
+            "a--b",
+            "-x",
+            "80",
+            "app",
+            "web",
+            "example.com/app",
+            "Example.com/app",
+            "a/b/c",
+            "x y",
+            "198.18.0.0/16",
+            "198.18.0.5/24",
+            "198.18.1.0/24",
+            "198.18.0.0/33",
+            "fd00::/64",
+            "fd00::/129",
+            "::ffff:198.18.0.0/112",
+            "0.0.0.0/0",
+            "::/0",
+            "198.18.0.0",
+            "garbage",
+            "\u{0}",
+            "ü",
+            "1.2.3.4/8",
+        ])
+        .prop_map(Value::from),
     ]
 }
 
@@ -30,23 +76,65 @@ fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
             prop::collection::btree_map(
-                prop::sample::select(vec!["cidr", "except", "port", "endPort", "protocol", "podSelector",
-                    "namespaceSelector", "ipBlock", "matchLabels", "matchExpressions", "key", "operator",
-                    "values", "from", "to", "ports", "app", "x"]).prop_map(String::from),
-                inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+                prop::sample::select(vec![
+                    "cidr",
+                    "except",
+                    "port",
+                    "endPort",
+                    "protocol",
+                    "podSelector",
+                    "namespaceSelector",
+                    "ipBlock",
+                    "matchLabels",
+                    "matchExpressions",
+                    "key",
+                    "operator",
+                    "values",
+                    "from",
+                    "to",
+                    "ports",
+                    "app",
+                    "x"
+                ])
+                .prop_map(String::from),
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
 
 fn peer() -> impl Strategy<Value = Value> {
-    (prop::option::of(selector()), prop::option::of(selector()),
-     prop::option::weighted(0.3, (mostly(vec![json!("198.18.0.0/16"), json!("fd00::/64"), json!("198.18.0.5/24")]),
-        prop::collection::vec(mostly(vec![json!("198.18.1.0/24"), json!("fd00::/96")]), 0..3))))
+    (
+        prop::option::of(selector()),
+        prop::option::of(selector()),
+        prop::option::weighted(
+            0.3,
+            (
+                mostly(vec![
+                    json!("198.18.0.0/16"),
+                    json!("fd00::/64"),
+                    json!("198.18.0.5/24"),
+                ]),
+                prop::collection::vec(
+                    mostly(vec![json!("198.18.1.0/24"), json!("fd00::/96")]),
+                    0..3,
+                ),
+            ),
+        ),
+    )
         .prop_map(|(ps, ns, ipb)| {
             let mut m = serde_json::Map::new();
-            if let Some(v) = ps { m.insert("podSelector".into(), v); }
-            if let Some(v) = ns { m.insert("namespaceSelector".into(), v); }
-            if let Some((c, e)) = ipb { m.insert("ipBlock".into(), json!({"cidr": c, "except": e})); }
+            if let Some(v) = ps {
+                m.insert("podSelector".into(), v);
+            }
+            if let Some(v) = ns {
+                m.insert("namespaceSelector".into(), v);
+            }
+            if let Some((c, e)) = ipb {
+                m.insert("ipBlock".into(), json!({"cidr": c, "except": e}));
+            }
             Value::Object(m)
         })
 }
@@ -67,20 +155,39 @@ fn selector() -> impl Strategy<Value = Value> {
 }
 
 fn rule(peers_key: &'static str) -> impl Strategy<Value = Value> {
-    (prop::option::of(prop::collection::vec(peer(), 0..3)),
-     prop::option::of(prop::collection::vec((mostly(vec![json!("TCP"), json!("UDP"), json!("SCTP"), Value::Null]), mostly(vec![json!(80), json!("http"), Value::Null]),
-        prop_oneof![3 => Just(Value::Null), 1 => scalar()]).prop_map(|(pr, p, e)| json!({"protocol": pr, "port": p, "endPort": e})), 0..3)))
+    (
+        prop::option::of(prop::collection::vec(peer(), 0..3)),
+        prop::option::of(prop::collection::vec(
+            (
+                mostly(vec![json!("TCP"), json!("UDP"), json!("SCTP"), Value::Null]),
+                mostly(vec![json!(80), json!("http"), Value::Null]),
+                prop_oneof![3 => Just(Value::Null), 1 => scalar()],
+            )
+                .prop_map(|(pr, p, e)| json!({"protocol": pr, "port": p, "endPort": e})),
+            0..3,
+        )),
+    )
         .prop_map(move |(peers, ports)| json!({peers_key: peers, "ports": ports}))
 }
 
 fn policy_json() -> impl Strategy<Value = Value> {
-    (selector(), prop::option::of(prop::collection::vec(mostly(vec![json!("Ingress"), json!("Egress")]), 0..3)),
-     prop::option::of(prop::collection::vec(rule("from"), 0..3)), prop::option::of(prop::collection::vec(rule("to"), 0..3)),
-     mostly(vec![json!("x")]), mostly(vec![json!("p")]))
-        .prop_map(|(ps, types, ing, eg, ns, name)| json!({
-            "metadata": {"namespace": ns, "name": name},
-            "spec": {"podSelector": ps, "policyTypes": types, "ingress": ing, "egress": eg},
-        }))
+    (
+        selector(),
+        prop::option::of(prop::collection::vec(
+            mostly(vec![json!("Ingress"), json!("Egress")]),
+            0..3,
+        )),
+        prop::option::of(prop::collection::vec(rule("from"), 0..3)),
+        prop::option::of(prop::collection::vec(rule("to"), 0..3)),
+        mostly(vec![json!("x")]),
+        mostly(vec![json!("p")]),
+    )
+        .prop_map(|(ps, types, ing, eg, ns, name)| {
+            json!({
+                "metadata": {"namespace": ns, "name": name},
+                "spec": {"podSelector": ps, "policyTypes": types, "ingress": ing, "egress": eg},
+            })
+        })
 }
 
 fn check(p: &NetworkPolicy, errors: &[convert::ConvertError]) {
@@ -101,7 +208,10 @@ fn check(p: &NetworkPolicy, errors: &[convert::ConvertError]) {
             }
         }
     }
-    assert!(p.ingress_isolation || p.egress_isolation, "a policy always isolates something");
+    assert!(
+        p.ingress_isolation || p.egress_isolation,
+        "a policy always isolates something"
+    );
     for e in errors {
         let msg = e.to_string();
         assert!(msg.starts_with("networkpolicy "), "{msg}");
@@ -145,7 +255,11 @@ fn generator_reaches_both_outcomes() {
     for _ in 0..500 {
         let v = policy_json().new_tree(&mut runner).expect("tree").current();
         if let Ok(np) = serde_json::from_value::<net::NetworkPolicy>(v) {
-            if convert::network_policy(&np).errors.is_empty() { ok += 1 } else { bad += 1 }
+            if convert::network_policy(&np).errors.is_empty() {
+                ok += 1
+            } else {
+                bad += 1
+            }
         }
     }
     assert!(ok > 10 && bad > 10, "ok {ok} bad {bad}");

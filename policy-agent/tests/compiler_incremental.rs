@@ -70,14 +70,19 @@ fn apply(snap: &mut Snapshot, s: &Step) -> Vec<Change> {
             .filter(|k| !snap.pods[k].host_network)
             .map(|k| {
                 // Takes over another slot's address (the stale-address case) or a fresh one.
-                snap.pods.get_mut(&k).expect("pod").ips = vec![std::net::IpAddr::from([198, 18, 0, to + 1])];
+                snap.pods.get_mut(&k).expect("pod").ips =
+                    vec![std::net::IpAddr::from([198, 18, 0, to + 1])];
                 vec![Change::Pod(k)]
             })
             .unwrap_or_default(),
         Step::Move(slot) => pod_key(snap, *slot)
             .map(|k| {
                 let p = snap.pods.get_mut(&k).expect("pod");
-                p.node = Some(if p.node.as_deref() == Some("n1") { "n2".into() } else { "n1".into() });
+                p.node = Some(if p.node.as_deref() == Some("n1") {
+                    "n2".into()
+                } else {
+                    "n1".into()
+                });
                 vec![Change::Pod(k)]
             })
             .unwrap_or_default(),
@@ -135,24 +140,56 @@ proptest! {
 /// Numbers stay put: one pod joining costs its own entries, not a rewrite.
 #[test]
 fn a_new_peer_pod_adds_rows_without_renumbering() {
-    let mut snap = Snapshot { node: "n1".into(), ..Default::default() };
+    let mut snap = Snapshot {
+        node: "n1".into(),
+        ..Default::default()
+    };
     for (i, app) in ["web", "db"].iter().enumerate() {
-        let p = Pod { namespace: "a".into(), name: format!("pod{i}"), labels: labels(&[("app", app)]),
-            ips: vec![std::net::IpAddr::from([198, 18, 0, i as u8 + 1])], ports: vec![], host_network: false, node: Some("n1".into()) };
+        let p = Pod {
+            namespace: "a".into(),
+            name: format!("pod{i}"),
+            labels: labels(&[("app", app)]),
+            ips: vec![std::net::IpAddr::from([198, 18, 0, i as u8 + 1])],
+            ports: vec![],
+            host_network: false,
+            node: Some("n1".into()),
+        };
         snap.pods.insert(p.key(), p);
     }
-    let pol = NetworkPolicy { namespace: "a".into(), name: "p".into(), pod_selector: sel(&[("app", "db")]),
-        ingress_isolation: true, egress_isolation: false,
-        ingress: vec![Rule { peers: Some(vec![Peer::Pods { namespaces: None, pods: Some(sel(&[("app", "web")])) }]), ports: vec![] }],
-        egress: vec![] };
+    let pol = NetworkPolicy {
+        namespace: "a".into(),
+        name: "p".into(),
+        pod_selector: sel(&[("app", "db")]),
+        ingress_isolation: true,
+        egress_isolation: false,
+        ingress: vec![Rule {
+            peers: Some(vec![Peer::Pods {
+                namespaces: None,
+                pods: Some(sel(&[("app", "web")])),
+            }]),
+            ports: vec![],
+        }],
+        egress: vec![],
+    };
     snap.policies.insert(pol.key(), pol);
     let mut engine = Engine::new(&snap);
-    let p = Pod { namespace: "a".into(), name: "pod9".into(), labels: labels(&[("app", "web"), ("v", "2")]),
-        ips: vec![ip("198.18.0.9")], ports: vec![], host_network: false, node: Some("n2".into()) };
+    let p = Pod {
+        namespace: "a".into(),
+        name: "pod9".into(),
+        labels: labels(&[("app", "web"), ("v", "2")]),
+        ips: vec![ip("198.18.0.9")],
+        ports: vec![],
+        host_network: false,
+        node: Some("n2".into()),
+    };
     snap.pods.insert(p.key(), p.clone());
     let d = engine.apply(&snap, &Change::Pod(p.key()));
     // One IPCACHE entry and one RULES row; the endpoint keeps its policy-set.
-    assert_eq!((d.ipcache.upserts.len(), d.rules.upserts.len(), d.len()), (1, 1, 2), "{d:?}");
+    assert_eq!(
+        (d.ipcache.upserts.len(), d.rules.upserts.len(), d.len()),
+        (1, 1, 2),
+        "{d:?}"
+    );
 }
 
 /// Full compiles that keep their state between changes (how the standalone agent runs) stay
@@ -161,16 +198,43 @@ fn same_decisions(a: &MapContents, b: &MapContents, snap: &Snapshot) -> Result<(
     use policy_agent::kernel_model::KernelModel;
     use policy_common::Direction;
     let (ka, kb) = (KernelModel::new(a), KernelModel::new(b));
-    let mut peers: Vec<std::net::IpAddr> = snap.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
+    let mut peers: Vec<std::net::IpAddr> = snap
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
     peers.extend(EXTERNAL.iter().map(|s| ip(s)));
     prop_assert_eq!(a.endpoints.len(), b.endpoints.len());
     for k in a.endpoints.keys() {
-        let local = if let Some(o) = k.addr.v4_octets() { std::net::IpAddr::from(o) } else { std::net::IpAddr::from(k.addr.octets()) };
+        let local = if let Some(o) = k.addr.v4_octets() {
+            std::net::IpAddr::from(o)
+        } else {
+            std::net::IpAddr::from(k.addr.octets())
+        };
         for peer in &peers {
             for dir in Direction::ALL {
-                for (proto, port) in [(6u8, 80u16), (6, 8080), (17, 53), (17, 1000), (132, 1050), (1, 0)] {
-                    let (x, y) = (ka.decide_at(local, dir, *peer, proto, port), kb.decide_at(local, dir, *peer, proto, port));
-                    prop_assert_eq!(x.map(|r| r.is_allow()), y.map(|r| r.is_allow()), "{} {:?} {} {}/{}", local, dir, peer, proto, port);
+                for (proto, port) in [
+                    (6u8, 80u16),
+                    (6, 8080),
+                    (17, 53),
+                    (17, 1000),
+                    (132, 1050),
+                    (1, 0),
+                ] {
+                    let (x, y) = (
+                        ka.decide_at(local, dir, *peer, proto, port),
+                        kb.decide_at(local, dir, *peer, proto, port),
+                    );
+                    prop_assert_eq!(
+                        x.map(|r| r.is_allow()),
+                        y.map(|r| r.is_allow()),
+                        "{} {:?} {} {}/{}",
+                        local,
+                        dir,
+                        peer,
+                        proto,
+                        port
+                    );
                 }
             }
         }

@@ -19,8 +19,9 @@ use policy_common::{
     Addr, CidrData, Config, CtKey, Direction, EndpointKey, EndpointValue, FragKey, IDENTITY_HOST,
     IpCacheKey, IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
     MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
-    PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD, PendingKey, PortData, PortRange, Reason, RuleKey, RuleValue, TC_ACT_OK,
-    TC_ACT_SHOT, cidr_prefixlen, ct, ct_flags, ep_flags, port_prefixlen, rule_flags,
+    PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD, PendingKey, PortData, PortRange,
+    Reason, RuleKey, RuleValue, TC_ACT_OK, TC_ACT_SHOT, cidr_prefixlen, ct, ct_flags, ep_flags,
+    port_prefixlen, rule_flags,
 };
 
 use Direction::{Egress, Ingress};
@@ -95,7 +96,11 @@ impl Fixture {
     /// [`Self::verdict`] through any program; the counter must move in the program's
     /// direction (packets leaving local pods count as egress).
     fn verdict_at(&self, name: &'static str, frame: &[u8]) -> Reason {
-        let hook_dir = if name == PROG_FROM_POD || name == PROG_TO_WORLD { Egress } else { Ingress };
+        let hook_dir = if name == PROG_FROM_POD || name == PROG_TO_WORLD {
+            Egress
+        } else {
+            Ingress
+        };
         let (d, r) = self.verdict_by(name, frame);
         // A policy deny is counted in the direction of the policy that refused, which at a
         // client's hook may be the destination's ingress.
@@ -281,7 +286,13 @@ fn object_has_every_contract_map_and_program() {
         );
         assert!(fs.path().join(m).exists(), "map {m} pinned by name");
     }
-    for p in [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_WORLD, PROG_TO_WORLD, policy_common::PROG_BENCH_EMPTY] {
+    for p in [
+        PROG_FROM_POD,
+        PROG_TO_POD,
+        PROG_FROM_WORLD,
+        PROG_TO_WORLD,
+        policy_common::PROG_BENCH_EMPTY,
+    ] {
         dp.program(p).expect("program present and loaded");
     }
     drop(f);
@@ -423,7 +434,11 @@ fn not_isolated_egress_records_an_entry_for_replies_of_ingress_isolated_pod() {
     // Neither end needs a grant for this connection: A is not isolated for egress, B is
     // not a local endpoint.
     assert_eq!(ct::stored_required(&e), 0);
-    assert_ne!(e.flags & ct_flags::ORIG_IS_A, 0, "A (the lower address) originated it");
+    assert_ne!(
+        e.flags & ct_flags::ORIG_IS_A,
+        0,
+        "A (the lower address) originated it"
+    );
     // The reply reaches the ingress-isolated pod as established.
     assert_eq!(
         f.verdict(Ingress, &tcp4(B4, A4, 80, 40000, SYN | ACK)),
@@ -1549,7 +1564,12 @@ const SERVICE_RANGES: [&str; 2] = ["198.18.128.0/17", "fd00:18::2:0/112"];
 
 fn pending(f: &Fixture, src: Addr, sport: u16, proto: u8) -> Option<(Addr, u16)> {
     f.maps
-        .pending_get(&PendingKey { src, sport, proto, _pad: 0 })
+        .pending_get(&PendingKey {
+            src,
+            sport,
+            proto,
+            _pad: 0,
+        })
         .map(|v| (v.vip, v.vport))
 }
 
@@ -1566,19 +1586,37 @@ fn from_pod_judges_a_local_destinations_ingress() {
         f.verdict_by(PROG_FROM_POD, &tcp4(A4, B4, 40000, 80, SYN)),
         (Ingress, Reason::DenyPolicy)
     );
-    assert!(f.ct(a4(A4), a4(B4), 40000, 80, TCP).is_none(), "a denied flow leaves no entry");
+    assert!(
+        f.ct(a4(A4), a4(B4), 40000, 80, TCP).is_none(),
+        "a denied flow leaves no entry"
+    );
     // A rule admits A: the grant is decided and recorded at A's hook.
     f.rule(SET_IN, ID_A, ranges(&[(TCP, 80, 80)]));
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
     let e = f.ct(a4(A4), a4(B4), 40000, 80, TCP).expect("entry");
     assert_eq!(e.flags & ct_flags::GRANTS, ct_flags::INGRESS_OK);
     assert_eq!(ct::stored_required(&e), ct_flags::INGRESS_OK);
     // B's hook finds the grant; B's reply and A's later packets are established.
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
     // Another port is still refused at A's hook.
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40001, 81, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 40001, 81, SYN)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1600,15 +1638,32 @@ fn a_connection_between_two_isolated_pods_needs_both_grants() {
     );
     // Both admit: every hook passes it, replies too.
     f.rule(SET_IN, ID_A, all());
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
     let e = f.ct(a4(A4), a4(B4), 40000, 80, TCP).expect("entry");
     assert_eq!(e.flags & ct_flags::GRANTS, ct_flags::GRANTS);
     assert_eq!(ct::stored_required(&e), ct_flags::GRANTS);
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 80, 40000, ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 80, 40000, ACK)),
+        Reason::AllowEstablished
+    );
     // B's ingress alone (A's egress revoked): a new SYN is refused at A's hook.
-    f.maps.delete_rule(&RuleKey { policy_set: SET_EG, identity: ID_B }).expect("delete");
+    f.maps
+        .delete_rule(&RuleKey {
+            policy_set: SET_EG,
+            identity: ID_B,
+        })
+        .expect("delete");
     assert_eq!(
         f.verdict_by(PROG_TO_POD, &tcp4(A4, B4, 40001, 80, SYN)),
         (Egress, Reason::DenyPolicy),
@@ -1628,10 +1683,16 @@ fn to_pod_decides_the_egress_a_sources_hook_never_saw() {
         (Egress, Reason::DenyPolicy)
     );
     f.rule(SET_EG, ID_B, ranges(&[(TCP, 80, 80)]));
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
     let e = f.ct(a4(A4), a4(B4), 40000, 80, TCP).expect("entry");
     assert_eq!(e.flags & ct_flags::GRANTS, ct_flags::EGRESS_OK);
-    assert_eq!(f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
 }
 
 #[test]
@@ -1647,41 +1708,103 @@ fn egress_to_a_service_is_deferred_and_judged_on_the_backend() {
     f.rule(SET_EG, ID_B, all());
 
     // A's hook sees the virtual IP: deferred, remembered.
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)), Reason::AllowServicePending);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
+        Reason::AllowServicePending
+    );
     assert_eq!(pending(&f, a4(A4), 40000, TCP), Some((a4(VIP4), 8080)));
-    let v = f.ct(a4(A4), a4(VIP4), 40000, 8080, TCP).expect("virtual entry");
-    assert_eq!(v.flags & ct_flags::EGRESS_OK, 0, "not granted before the backend is known");
+    let v = f
+        .ct(a4(A4), a4(VIP4), 40000, 8080, TCP)
+        .expect("virtual entry");
+    assert_eq!(
+        v.flags & ct_flags::EGRESS_OK,
+        0,
+        "not granted before the backend is known"
+    );
     assert_eq!(ct::stored_required(&v), ct_flags::EGRESS_OK);
     // Until then a reply from the virtual IP is no reply of a granted connection... but A is
     // not isolated for ingress, so it would pass as new; what matters is the grant:
     // B's hook sees the DNATed packet and judges A's egress on B.
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
-    let v = f.ct(a4(A4), a4(VIP4), 40000, 8080, TCP).expect("virtual entry");
-    assert_ne!(v.flags & ct_flags::EGRESS_OK, 0, "the virtual tuple was granted too");
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
+    let v = f
+        .ct(a4(A4), a4(VIP4), 40000, 8080, TCP)
+        .expect("virtual entry");
+    assert_ne!(
+        v.flags & ct_flags::EGRESS_OK,
+        0,
+        "the virtual tuple was granted too"
+    );
     // Replies: B's hook (real tuple), then A's hook after reverse NAT (virtual tuple).
-    assert_eq!(f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(B4, A4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, ACK)),
+        Reason::AllowEstablished
+    );
 
     // Another Service whose backend is C: deferred at A, refused at C's hook; the virtual
     // tuple is never granted.
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4_OTHER, 40001, 8080, SYN)), Reason::AllowServicePending);
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, C4, 40001, 80, SYN)), Reason::DenyPolicy);
-    let v = f.ct(a4(A4), a4(VIP4_OTHER), 40001, 8080, TCP).expect("virtual entry");
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4_OTHER, 40001, 8080, SYN)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, C4, 40001, 80, SYN)),
+        Reason::DenyPolicy
+    );
+    let v = f
+        .ct(a4(A4), a4(VIP4_OTHER), 40001, 8080, TCP)
+        .expect("virtual entry");
     assert_eq!(v.flags & ct_flags::EGRESS_OK, 0);
     // Still deferred (not established) on A's next packet, and still refused at C.
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4_OTHER, 40001, 8080, ACK)), Reason::AllowServicePending);
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, C4, 40001, 80, ACK)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4_OTHER, 40001, 8080, ACK)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, C4, 40001, 80, ACK)),
+        Reason::DenyPolicy
+    );
 
     // UDP the same way.
     let u = |src, dst, sp, dp| udp4(src, dst, sp, dp);
-    assert_eq!(f.verdict(Egress, &u(A4, VIP4, 5000, 53)), Reason::AllowServicePending);
-    assert_eq!(f.verdict(Ingress, &u(A4, B4, 5000, 5353)), Reason::AllowIdentity);
-    assert_eq!(f.verdict(Egress, &u(B4, A4, 5353, 5000)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Ingress, &u(VIP4, A4, 53, 5000)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &u(A4, VIP4, 5000, 53)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &u(A4, VIP4_OTHER, 5001, 53)), Reason::AllowServicePending);
-    assert_eq!(f.verdict(Ingress, &u(A4, C4, 5001, 5353)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &u(A4, VIP4, 5000, 53)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &u(A4, B4, 5000, 5353)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Egress, &u(B4, A4, 5353, 5000)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &u(VIP4, A4, 53, 5000)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &u(A4, VIP4, 5000, 53)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &u(A4, VIP4_OTHER, 5001, 53)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &u(A4, C4, 5001, 5353)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1690,15 +1813,27 @@ fn without_service_ranges_a_virtual_ip_is_judged_as_it_is() {
     f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID);
     f.ipcache(a4(B4), ID_B);
     f.rule(SET_EG, ID_B, all());
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
+        Reason::DenyPolicy
+    );
     assert_eq!(pending(&f, a4(A4), 40000, TCP), None);
     // A pod address is never deferred, even with ranges configured.
     f.service_cidrs(&SERVICE_RANGES);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, EXT4, 40000, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 40000, 80, SYN)),
+        Reason::DenyPolicy
+    );
     // Ranges are replaced, not added to.
     f.service_cidrs(&[]);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40001, 8080, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40001, 8080, SYN)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1709,12 +1844,27 @@ fn ipv6_service_egress_is_deferred_too() {
     f.endpoint_id(a6(B6), 2, 0);
     f.ipcache(a6(B6), ID_B);
     f.rule(SET_EG, ID_B, ranges(&[(TCP, 80, 80)]));
-    assert_eq!(f.verdict(Egress, &tcp6(A6, VIP6, 40000, 8080, SYN)), Reason::AllowServicePending);
-    assert_eq!(f.verdict(Ingress, &tcp6(A6, B6, 40000, 80, SYN)), Reason::AllowIdentity);
-    assert_eq!(f.verdict(Ingress, &tcp6(VIP6, A6, 8080, 40000, SYN | ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict(Egress, &tcp6(A6, VIP6, 40000, 8080, SYN)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp6(A6, B6, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp6(VIP6, A6, 8080, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
     // The backend port is what egress rules name.
-    assert_eq!(f.verdict(Egress, &tcp6(A6, VIP6, 40001, 8080, SYN)), Reason::AllowServicePending);
-    assert_eq!(f.verdict(Ingress, &tcp6(A6, B6, 40001, 81, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp6(A6, VIP6, 40001, 8080, SYN)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp6(A6, B6, 40001, 81, SYN)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1723,14 +1873,32 @@ fn a_service_with_a_remote_backend_is_judged_at_the_uplink() {
     f.service_cidrs(&SERVICE_RANGES);
     f.endpoint_id(a4(A4), 1, ISO_EG | EG_CIDR);
     f.cidr(SET_EG, a4(EXT4), 32, ranges(&[(TCP, 80, 80)]));
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)), Reason::AllowServicePending);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
+        Reason::AllowServicePending
+    );
     // DNAT sent it out of the node: the uplink's egress program judges A on the backend.
-    assert_eq!(f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 40000, 80, SYN)), Reason::AllowCidr);
-    assert_eq!(f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, A4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 40000, 80, SYN)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, A4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
     // A backend port the rule does not name: dropped on the way out.
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40001, 8080, SYN)), Reason::AllowServicePending);
-    assert_eq!(f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 40001, 81, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40001, 8080, SYN)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 40001, 81, SYN)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1740,16 +1908,31 @@ fn uplinks_pass_traffic_that_involves_no_local_endpoint() {
     f.endpoint_id(a4(A4), 1, ISO_IN | ISO_EG);
     f.endpoint_id(a6(A6), 1, ISO_IN | ISO_EG);
     for prog in [PROG_FROM_WORLD, PROG_TO_WORLD] {
-        assert_eq!(f.verdict_at(prog, &tcp4(EXT4, NODE4, 40000, 22, SYN)), Reason::AllowNoEndpoint);
-        assert_eq!(f.verdict_at(prog, &tcp4(NODE4, EXT4, 22, 40000, SYN | ACK)), Reason::AllowNoEndpoint);
-        assert_eq!(f.verdict_at(prog, &udp4(ROUTER4, B4, 53, 5000)), Reason::AllowNoEndpoint);
-        assert_eq!(f.verdict_at(prog, &tcp6(EXT6, B6, 40000, 443, SYN)), Reason::AllowNoEndpoint);
+        assert_eq!(
+            f.verdict_at(prog, &tcp4(EXT4, NODE4, 40000, 22, SYN)),
+            Reason::AllowNoEndpoint
+        );
+        assert_eq!(
+            f.verdict_at(prog, &tcp4(NODE4, EXT4, 22, 40000, SYN | ACK)),
+            Reason::AllowNoEndpoint
+        );
+        assert_eq!(
+            f.verdict_at(prog, &udp4(ROUTER4, B4, 53, 5000)),
+            Reason::AllowNoEndpoint
+        );
+        assert_eq!(
+            f.verdict_at(prog, &tcp6(EXT6, B6, 40000, 443, SYN)),
+            Reason::AllowNoEndpoint
+        );
         // Even what a pod hook would call malformed is not the uplink's business.
         let bad = truncate_consistent(tcp4(EXT4, NODE4, 40000, 22, SYN), 14 + 20 + 8);
         assert_eq!(f.verdict_at(prog, &bad), Reason::AllowNoEndpoint);
         assert_eq!(f.verdict_at(prog, &arp()), Reason::AllowNonIp);
     }
-    assert!(f.ct(a4(EXT4), a4(NODE4), 40000, 22, TCP).is_none(), "no conntrack for the node's traffic");
+    assert!(
+        f.ct(a4(EXT4), a4(NODE4), 40000, 22, TCP).is_none(),
+        "no conntrack for the node's traffic"
+    );
 }
 
 #[test]
@@ -1757,15 +1940,36 @@ fn from_world_judges_a_local_destinations_ingress() {
     let mut f = fixture();
     f.endpoint_id(a4(A4), 1, ISO_IN | IN_CIDR);
     f.cidr(SET_IN, a4(EXT4), 32, ranges(&[(TCP, 80, 80)]));
-    assert_eq!(f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, A4, 40000, 80, SYN)), Reason::AllowCidr);
-    assert_eq!(f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 80, ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, EXT4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 80, 40000, SYN | ACK)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, A4, 40000, 80, SYN)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
     // A port the rule does not name, and another host: refused at the uplink already.
-    assert_eq!(f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, A4, 40001, 81, SYN)), Reason::DenyPolicy);
-    assert_eq!(f.verdict_at(PROG_FROM_WORLD, &tcp4(ROUTER4, A4, 40001, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, A4, 40001, 81, SYN)),
+        Reason::DenyPolicy
+    );
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp4(ROUTER4, A4, 40001, 80, SYN)),
+        Reason::DenyPolicy
+    );
     // Counted against the local endpoint in the ingress direction.
-    assert_eq!(f.verdict_at(PROG_FROM_WORLD, &udp4(EXT4, A4, 5000, 80)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &udp4(EXT4, A4, 5000, 80)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1774,12 +1978,27 @@ fn to_world_judges_egress_not_granted_yet() {
     f.endpoint_id(a4(A4), 1, ISO_EG | EG_CIDR);
     f.cidr(SET_EG, a4(EXT4), 32, ranges(&[(UDP, 53, 53)]));
     // Granted at A's hook: the uplink finds the grant.
-    assert_eq!(f.verdict(Egress, &udp4(A4, EXT4, 5000, 53)), Reason::AllowCidr);
-    assert_eq!(f.verdict_at(PROG_TO_WORLD, &udp4(A4, EXT4, 5000, 53)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, EXT4, 5000, 53)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &udp4(A4, EXT4, 5000, 53)),
+        Reason::AllowEstablished
+    );
     // Never seen by A's hook (no program on its veth yet): judged at the uplink.
-    assert_eq!(f.verdict_at(PROG_TO_WORLD, &udp4(A4, EXT4, 5001, 54)), Reason::DenyPolicy);
-    assert_eq!(f.verdict_at(PROG_TO_WORLD, &udp4(A4, EXT4, 5002, 53)), Reason::AllowCidr);
-    assert_eq!(f.verdict_at(PROG_FROM_WORLD, &udp4(EXT4, A4, 53, 5002)), Reason::AllowEstablished);
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &udp4(A4, EXT4, 5001, 54)),
+        Reason::DenyPolicy
+    );
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &udp4(A4, EXT4, 5002, 53)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &udp4(EXT4, A4, 53, 5002)),
+        Reason::AllowEstablished
+    );
 }
 
 #[test]
@@ -1792,9 +2011,15 @@ fn icmp_error_about_a_deferred_service_flow_is_unrelated_until_granted() {
     f.rule(SET_EG, ID_B, all());
     let quoted = V4::new(A4, VIP4).packet(&tcp(40000, 8080, SYN));
     let err = V4::new(ROUTER4, A4).frame(&icmp_error(false, 3, 1, &quoted));
-    assert_eq!(f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)), Reason::AllowServicePending);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
+        Reason::AllowServicePending
+    );
     assert_eq!(f.verdict(Ingress, &err), Reason::DenyUnrelated);
-    assert_eq!(f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)), Reason::AllowIdentity);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
     assert_eq!(f.verdict(Ingress, &err), Reason::AllowRelated);
 }
 
@@ -1805,16 +2030,31 @@ fn isolation_added_later_applies_to_new_connections() {
     f.endpoint_id(a4(B4), 2, ISO_IN);
     // A connection into A while A is open: recorded (B is isolated for ingress, which this
     // direction does not involve: it needs no grant).
-    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)), Reason::AllowNotIsolated);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)),
+        Reason::AllowNotIsolated
+    );
     let e = f.ct(a4(B4), a4(A4), 40000, 80, TCP).expect("entry");
     assert_eq!(ct::stored_required(&e), 0);
     // A becomes isolated for ingress with no rule: the open connection keeps flowing (its
     // entry settles it), a new one is refused, and a new SYN on the old tuple too.
     f.endpoint_id(a4(A4), 1, ISO_IN);
-    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, B4, 80, 40000, ACK)), Reason::AllowEstablished);
-    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40001, 80, SYN)), Reason::DenyPolicy);
-    assert_eq!(f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 80, 40000, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40001, 80, SYN)),
+        Reason::DenyPolicy
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)),
+        Reason::DenyPolicy
+    );
 }
 
 #[test]
@@ -1825,6 +2065,9 @@ fn the_nodes_own_address_is_never_deferred_as_a_service() {
     f.service_cidrs(&SERVICE_RANGES);
     f.endpoint_id(a4(A4), 1, ISO_EG);
     f.ipcache(a4(NODE4), IDENTITY_HOST);
-    assert_eq!(f.verdict(Egress, &tcp4(A4, NODE4, 40000, 80, SYN)), Reason::DenyPolicy);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, NODE4, 40000, 80, SYN)),
+        Reason::DenyPolicy
+    );
     assert_eq!(pending(&f, a4(A4), 40000, TCP), None);
 }

@@ -45,20 +45,31 @@ fn endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32) {
     for ip in ips {
         maps.set_endpoint(
             EndpointKey { addr: addr(ip) },
-            EndpointValue { endpoint_id: id, ingress_policy_set: SET_IN, egress_policy_set: SET_EG, flags },
+            EndpointValue {
+                endpoint_id: id,
+                ingress_policy_set: SET_IN,
+                egress_policy_set: SET_EG,
+                flags,
+            },
         )
         .expect("endpoint");
     }
 }
 
 fn all() -> RuleValue {
-    RuleValue { flags: rule_flags::ALL, ..Default::default() }
+    RuleValue {
+        flags: rule_flags::ALL,
+        ..Default::default()
+    }
 }
 
 fn cidr_key(set: u32, net: &str) -> LpmKey<CidrData> {
     let net: ipnet::IpNet = net.parse().expect("cidr");
     let a = addr(net.network());
-    LpmKey { prefixlen: cidr_prefixlen(a.is_v4(), net.prefix_len()), data: CidrData::new(set, a) }
+    LpmKey {
+        prefixlen: cidr_prefixlen(a.is_v4(), net.prefix_len()),
+        data: CidrData::new(set, a),
+    }
 }
 
 fn assert_no_namespaces_left(names: Vec<String>) {
@@ -71,14 +82,32 @@ fn assert_no_namespaces_left(names: Vec<String>) {
 /// PREROUTING (packets from pods) and OUTPUT (the node's own).
 fn dnat(node: &Netns, v6: bool, vip: IpAddr, backend: IpAddr) {
     let tool = if v6 { "ip6tables" } else { "iptables" };
-    let to = if v6 { format!("[{backend}]:{PORT}") } else { format!("{backend}:{PORT}") };
+    let to = if v6 {
+        format!("[{backend}]:{PORT}")
+    } else {
+        format!("{backend}:{PORT}")
+    };
     for chain in ["PREROUTING", "OUTPUT"] {
         for proto in ["tcp", "udp"] {
             node.exec(
                 tool,
                 &[
-                    "-w", "5", "-t", "nat", "-A", chain, "-d", &vip.to_string(), "-p", proto, "--dport",
-                    &PORT.to_string(), "-j", "DNAT", "--to-destination", &to,
+                    "-w",
+                    "5",
+                    "-t",
+                    "nat",
+                    "-A",
+                    chain,
+                    "-d",
+                    &vip.to_string(),
+                    "-p",
+                    proto,
+                    "--dport",
+                    &PORT.to_string(),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to,
                 ],
             )
             .expect("iptables DNAT rule (needs iptables)");
@@ -108,11 +137,18 @@ fn service_scenario(bed: &Testbed, a: usize, b: usize, c: usize) {
         .flat_map(|h| [false, true].map(|v6| (h, v6)))
         .map(|(h, v6)| {
             let at = SocketAddr::new(h.ip(v6), PORT);
-            (TcpEchoServer::start(&h.ns, at).expect("tcp server"), UdpEchoServer::start(&h.ns, at).expect("udp server"))
+            (
+                TcpEchoServer::start(&h.ns, at).expect("tcp server"),
+                UdpEchoServer::start(&h.ns, at).expect("udp server"),
+            )
         })
         .collect();
     for v6 in [false, true] {
-        let (vb, vc): (IpAddr, IpAddr) = if v6 { (VIP_B6.into(), VIP_C6.into()) } else { (VIP_B4.into(), VIP_C4.into()) };
+        let (vb, vc): (IpAddr, IpAddr) = if v6 {
+            (VIP_B6.into(), VIP_C6.into())
+        } else {
+            (VIP_B4.into(), VIP_C4.into())
+        };
         dnat(&bed.node, v6, vb, hb.ip(v6));
         dnat(&bed.node, v6, vc, hc.ip(v6));
     }
@@ -145,22 +181,41 @@ fn service_scenario(bed: &Testbed, a: usize, b: usize, c: usize) {
             }
         })
         .expect("enter node namespace");
-    maps.set_service_cidrs(&[SERVICE_V4.parse().expect("v4"), SERVICE_V6.parse().expect("v6")])
-        .expect("service ranges");
+    maps.set_service_cidrs(&[
+        SERVICE_V4.parse().expect("v4"),
+        SERVICE_V6.parse().expect("v6"),
+    ])
+    .expect("service ranges");
     endpoint(&mut maps, [hb.ip(false), hb.ip(true)], 2, 0);
     endpoint(&mut maps, [hc.ip(false), hc.ip(true)], 3, 0);
     // A's egress admits the whole ClusterIP range and B's addresses, not C's.
-    endpoint(&mut maps, [ha.ip(false), ha.ip(true)], 1, ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES);
-    for net in [SERVICE_V4.to_string(), SERVICE_V6.to_string(), format!("{}/32", hb.ip(false)), format!("{}/128", hb.ip(true))] {
-        maps.set_cidr_rule(cidr_key(SET_EG, &net), all()).expect("cidr rule");
+    endpoint(
+        &mut maps,
+        [ha.ip(false), ha.ip(true)],
+        1,
+        ep_flags::ISOLATED_EGRESS | ep_flags::EGRESS_HAS_CIDR_RULES,
+    );
+    for net in [
+        SERVICE_V4.to_string(),
+        SERVICE_V6.to_string(),
+        format!("{}/32", hb.ip(false)),
+        format!("{}/128", hb.ip(true)),
+    ] {
+        maps.set_cidr_rule(cidr_key(SET_EG, &net), all())
+            .expect("cidr rule");
     }
     probe(true, true, "backend B admitted");
-    probe(false, false, "backend C refused though its ClusterIP's range is admitted");
+    probe(
+        false,
+        false,
+        "backend C refused though its ClusterIP's range is admitted",
+    );
 
     // A rule naming only the backend (as a podSelector egress rule would): still admitted
     // through the Service, since the decision waits for the backend.
     for net in [SERVICE_V4, SERVICE_V6] {
-        maps.delete_cidr_rule(cidr_key(SET_EG, net)).expect("delete cidr rule");
+        maps.delete_cidr_rule(cidr_key(SET_EG, net))
+            .expect("delete cidr rule");
     }
     probe(true, true, "only backend B named");
     probe(false, false, "only backend B named");
@@ -168,12 +223,19 @@ fn service_scenario(bed: &Testbed, a: usize, b: usize, c: usize) {
     // the ranges are what lets a backend-only rule work.
     maps.set_service_cidrs(&[]).expect("no ranges");
     probe(true, false, "no service ranges: judged on the ClusterIP");
-    maps.set_service_cidrs(&[SERVICE_V4.parse().expect("v4"), SERVICE_V6.parse().expect("v6")])
-        .expect("service ranges");
+    maps.set_service_cidrs(&[
+        SERVICE_V4.parse().expect("v4"),
+        SERVICE_V6.parse().expect("v6"),
+    ])
+    .expect("service ranges");
     probe(true, true, "ranges back");
     // An egress rule naming C admits it through its Service.
-    for net in [format!("{}/32", hc.ip(false)), format!("{}/128", hc.ip(true))] {
-        maps.set_cidr_rule(cidr_key(SET_EG, &net), all()).expect("cidr rule");
+    for net in [
+        format!("{}/32", hc.ip(false)),
+        format!("{}/128", hc.ip(true)),
+    ] {
+        maps.set_cidr_rule(cidr_key(SET_EG, &net), all())
+            .expect("cidr rule");
     }
     probe(false, true, "backend C admitted");
     drop(dp);
@@ -192,7 +254,13 @@ fn a_known_pod_is_isolated_from_its_first_packet() {
 }
 
 /// Connects from `ns` to `to` in `threads` threads for `dur`; the number of successes.
-fn hammer(ns: &Netns, to: &[SocketAddr], threads: usize, dur: Duration, wait: Duration) -> (usize, usize) {
+fn hammer(
+    ns: &Netns,
+    to: &[SocketAddr],
+    threads: usize,
+    dur: Duration,
+    wait: Duration,
+) -> (usize, usize) {
     let ok = AtomicUsize::new(0);
     let tries = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -219,8 +287,13 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
     let mut dp = Dataplane::load(fs.path()).expect("load the eBPF object");
     let mut maps = dp.take_maps().expect("maps");
     let (hc, hs, he) = (&bed.hosts[client], &bed.hosts[server], &bed.hosts[ext]);
-    let targets: Vec<SocketAddr> = [false, true].map(|v6| SocketAddr::new(hs.ip(v6), PORT)).to_vec();
-    let _servers: Vec<_> = targets.iter().map(|t| TcpEchoServer::start(&hs.ns, *t).expect("tcp server")).collect();
+    let targets: Vec<SocketAddr> = [false, true]
+        .map(|v6| SocketAddr::new(hs.ip(v6), PORT))
+        .to_vec();
+    let _servers: Vec<_> = targets
+        .iter()
+        .map(|t| TcpEchoServer::start(&hs.ns, *t).expect("tcp server"))
+        .collect();
     for t in &targets {
         tcp_echo(&hc.ns, *t, OK_WAIT).expect("reachable before enforcement");
         tcp_echo(&he.ns, *t, OK_WAIT).expect("reachable from outside before enforcement");
@@ -228,41 +301,86 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
     // The server is in the maps, isolated for ingress with no rule, but its veth has NO
     // program: only the client's hook and the uplink's stand between.
     endpoint(&mut maps, [hc.ip(false), hc.ip(true)], 1, 0);
-    endpoint(&mut maps, [hs.ip(false), hs.ip(true)], 2, ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES);
+    endpoint(
+        &mut maps,
+        [hs.ip(false), hs.ip(true)],
+        2,
+        ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES,
+    );
     for ip in [hc.ip(false), hc.ip(true)] {
-        maps.set_ipcache(IpCacheKey { addr: addr(ip) }, IpCacheValue { identity: ID_CLIENT, _pad: 0 }).expect("ipcache");
+        maps.set_ipcache(
+            IpCacheKey { addr: addr(ip) },
+            IpCacheValue {
+                identity: ID_CLIENT,
+                _pad: 0,
+            },
+        )
+        .expect("ipcache");
     }
     let (uplink, pod) = bed
         .node
         .enter(|| {
-            let u = dp.attach_uplink(&he.host_if, AttachMode::Auto).expect("attach uplink");
-            let p = dp.attach(&hc.host_if, AttachMode::Auto).expect("attach client");
+            let u = dp
+                .attach_uplink(&he.host_if, AttachMode::Auto)
+                .expect("attach uplink");
+            let p = dp
+                .attach(&hc.host_if, AttachMode::Auto)
+                .expect("attach client");
             (u, p)
         })
         .expect("enter node namespace");
-    assert!(!bed.node.ip(&["link", "show", &hs.host_if]).is_err(), "server veth exists");
+    assert!(
+        !bed.node.ip(&["link", "show", &hs.host_if]).is_err(),
+        "server veth exists"
+    );
 
     let dur = Duration::from_millis(1500);
-    let ((c_ok, c_tries), (e_ok, e_tries)) =
-        std::thread::scope(|s| {
-            let c = s.spawn(|| hammer(&hc.ns, &targets, 4, dur, Duration::from_millis(300)));
-            let e = s.spawn(|| hammer(&he.ns, &targets, 4, dur, Duration::from_millis(300)));
-            (c.join().expect("client hammer"), e.join().expect("external hammer"))
-        });
+    let ((c_ok, c_tries), (e_ok, e_tries)) = std::thread::scope(|s| {
+        let c = s.spawn(|| hammer(&hc.ns, &targets, 4, dur, Duration::from_millis(300)));
+        let e = s.spawn(|| hammer(&he.ns, &targets, 4, dur, Duration::from_millis(300)));
+        (
+            c.join().expect("client hammer"),
+            e.join().expect("external hammer"),
+        )
+    });
     assert!(c_tries > 0 && e_tries > 0);
-    assert_eq!(c_ok, 0, "client connects to a pod isolated from its first packet ({c_tries} tries)");
-    assert_eq!(e_ok, 0, "external connects to a pod isolated from its first packet ({e_tries} tries)");
+    assert_eq!(
+        c_ok, 0,
+        "client connects to a pod isolated from its first packet ({c_tries} tries)"
+    );
+    assert_eq!(
+        e_ok, 0,
+        "external connects to a pod isolated from its first packet ({e_tries} tries)"
+    );
 
     // A rule admits the client: its connects succeed, the external host stays out.
-    maps.set_rule(RuleKey { policy_set: SET_IN, identity: ID_CLIENT }, all()).expect("rule");
+    maps.set_rule(
+        RuleKey {
+            policy_set: SET_IN,
+            identity: ID_CLIENT,
+        },
+        all(),
+    )
+    .expect("rule");
     let (c_ok, c_tries) = hammer(&hc.ns, &targets, 2, Duration::from_millis(600), OK_WAIT);
-    assert!(c_ok > 0 && c_ok == c_tries, "client admitted: {c_ok}/{c_tries} connects succeeded");
+    assert!(
+        c_ok > 0 && c_ok == c_tries,
+        "client admitted: {c_ok}/{c_tries} connects succeeded"
+    );
     for t in &targets {
-        assert!(tcp_echo(&he.ns, *t, DENY_WAIT).is_err(), "external still refused");
+        assert!(
+            tcp_echo(&he.ns, *t, DENY_WAIT).is_err(),
+            "external still refused"
+        );
     }
     // The node's own traffic through the uplink is untouched (no endpoint involved).
-    let ext_targets: Vec<SocketAddr> = [false, true].map(|v6| SocketAddr::new(he.ip(v6), PORT + 1)).to_vec();
-    let _ext_servers: Vec<_> = ext_targets.iter().map(|t| TcpEchoServer::start(&he.ns, *t).expect("tcp server")).collect();
+    let ext_targets: Vec<SocketAddr> = [false, true]
+        .map(|v6| SocketAddr::new(he.ip(v6), PORT + 1))
+        .to_vec();
+    let _ext_servers: Vec<_> = ext_targets
+        .iter()
+        .map(|t| TcpEchoServer::start(&he.ns, *t).expect("tcp server"))
+        .collect();
     for t in &ext_targets {
         tcp_echo(&bed.node, *t, OK_WAIT).expect("node -> external through the uplink");
     }
@@ -271,7 +389,10 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
         SocketAddr::new(policy_agent::testbed::NODE_IPV6.into(), PORT + 2),
     ]
     .to_vec();
-    let _node_servers: Vec<_> = node_targets.iter().map(|t| TcpEchoServer::start(&bed.node, *t).expect("tcp server")).collect();
+    let _node_servers: Vec<_> = node_targets
+        .iter()
+        .map(|t| TcpEchoServer::start(&bed.node, *t).expect("tcp server"))
+        .collect();
     for t in &node_targets {
         tcp_echo(&he.ns, *t, OK_WAIT).expect("external -> node through the uplink");
     }

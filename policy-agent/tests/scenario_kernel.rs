@@ -18,7 +18,9 @@ use policy_agent::scenario::apply::State;
 use policy_agent::scenario::format::Via;
 use policy_agent::scenario::kernel::{KernelConfig, KernelOracle, cleanup};
 use policy_agent::scenario::narrate::Narration;
-use policy_agent::scenario::{Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated};
+use policy_agent::scenario::{
+    Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated,
+};
 
 /// One scenario set at a time: probes time out after a second, so parallel sets on a small
 /// machine would only make timing noisier.
@@ -32,7 +34,9 @@ fn files(dir: &str) -> Vec<PathBuf> {
 /// the kernel (every step is still applied: each carries the full state) and asserts that all
 /// passed, reporting the matrices of the files that did not.
 fn run_sets(dirs: &[&str], via: Via) {
-    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
     cfg.reuse_hosts = true;
     let mut oracle = KernelOracle::new(cfg);
@@ -146,32 +150,51 @@ impl Oracle for Tally<'_> {
 /// Every file of the directories, every step and both `via`s, on one kernel runner that
 /// reuses hosts across files of the same topology.
 fn run_all(dirs: &[&str]) -> SetResult {
-    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
     cfg.reuse_hosts = true;
     let mut oracle = KernelOracle::new(cfg);
-    let mut res = SetResult { by_via: BTreeMap::new(), errors: Vec::new(), files: 0, secs: 0.0 };
+    let mut res = SetResult {
+        by_via: BTreeMap::new(),
+        errors: Vec::new(),
+        files: 0,
+        secs: 0.0,
+    };
     let t_all = Instant::now();
     for f in dirs.iter().flat_map(|d| files(d)) {
         assert!(!cleanup::interrupted(), "interrupted");
         let plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
-        let mut tally = Tally { inner: &mut oracle, seen: BTreeMap::new() };
+        let mut tally = Tally {
+            inner: &mut oracle,
+            seen: BTreeMap::new(),
+        };
         let mut out = Vec::new();
         let t0 = Instant::now();
         let result = run_plan(&plan, &mut tally, &mut out);
         let report = String::from_utf8_lossy(&out).to_string();
         res.files += 1;
-        eprintln!("{}: {:?} in {:.1} s", f.display(), tally.seen, t0.elapsed().as_secs_f64());
+        eprintln!(
+            "{}: {:?} in {:.1} s",
+            f.display(),
+            tally.seen,
+            t0.elapsed().as_secs_f64()
+        );
         for (via, (p, fl)) in tally.seen {
             let r = res.by_via.entry(via).or_default();
             r.passed += p;
             r.failed += fl;
             if fl > 0 {
-                r.bad.push(format!("{}: {fl} failed via {via:?}\n{report}", f.display()));
+                r.bad.push(format!(
+                    "{}: {fl} failed via {via:?}\n{report}",
+                    f.display()
+                ));
             }
         }
         if let Err(e) = result {
-            res.errors.push(format!("{}: run error: {e}\n{report}", f.display()));
+            res.errors
+                .push(format!("{}: run error: {e}\n{report}", f.display()));
         }
     }
     if let Err(e) = oracle.close() {
@@ -179,15 +202,25 @@ fn run_all(dirs: &[&str]) -> SetResult {
     }
     res.secs = t_all.elapsed().as_secs_f64();
     for (via, r) in &res.by_via {
-        eprintln!("{dirs:?} via {via:?}: {} passed, {} failed", r.passed, r.failed);
+        eprintln!(
+            "{dirs:?} via {via:?}: {} passed, {} failed",
+            r.passed, r.failed
+        );
     }
     eprintln!("{dirs:?}: {} files in {:.1} s", res.files, res.secs);
     res
 }
 
 fn check(res: &SetResult, via: Via) {
-    assert!(res.errors.is_empty(), "run errors:\n{}", res.errors.join("\n"));
-    let r = res.by_via.get(&via).unwrap_or_else(|| panic!("no probe via {via:?} ran"));
+    assert!(
+        res.errors.is_empty(),
+        "run errors:\n{}",
+        res.errors.join("\n")
+    );
+    let r = res
+        .by_via
+        .get(&via)
+        .unwrap_or_else(|| panic!("no probe via {via:?} ran"));
     assert!(r.passed > 0, "no probe via {via:?} passed");
     assert!(
         r.bad.is_empty(),
@@ -218,23 +251,43 @@ fn upstream_scenarios_on_the_kernel_via_service() {
 /// the narration a newcomer reads (each step's title and description, what changed).
 #[test]
 fn demo_runs_on_the_kernel_with_its_narration() {
-    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_policy-agent"));
     for f in files("demo") {
         let plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
-        assert!(plan.steps.len() >= 6, "{}: a demo tells 6-10 steps", f.display());
+        assert!(
+            plan.steps.len() >= 6,
+            "{}: a demo tells 6-10 steps",
+            f.display()
+        );
         let mut oracle = KernelOracle::new(KernelConfig::new(agent.clone()));
         let mut out = Vec::new();
         let counts = run_plan_narrated(&plan, &mut oracle, &mut out, &Narration { color: false })
             .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let text = String::from_utf8_lossy(&out);
-        assert!(counts.passed > 0 && counts.failed == 0, "{}: {counts:?}\n{text}", f.display());
+        assert!(
+            counts.passed > 0 && counts.failed == 0,
+            "{}: {counts:?}\n{text}",
+            f.display()
+        );
         for step in &plan.steps {
-            let title = step.title.as_deref().unwrap_or_else(|| panic!("step {} has no title", step.index + 1));
+            let title = step
+                .title
+                .as_deref()
+                .unwrap_or_else(|| panic!("step {} has no title", step.index + 1));
             assert!(text.contains(title), "missing title {title:?}");
-            assert!(step.description.is_some(), "step {} has no description", step.index + 1);
+            assert!(
+                step.description.is_some(),
+                "step {} has no description",
+                step.index + 1
+            );
         }
-        assert!(text.matches("What changed:").count() >= plan.steps.len() - 1, "{text}");
+        assert!(
+            text.matches("What changed:").count() >= plan.steps.len() - 1,
+            "{text}"
+        );
         assert!(!text.contains('\x1b'), "colour written to a non-terminal");
     }
 }
@@ -244,19 +297,27 @@ fn demo_runs_on_the_kernel_with_its_narration() {
 #[test]
 fn leftovers_of_dead_runs_are_swept_and_nothing_else() {
     use std::process::Command;
-    let _guard = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // A pid that is certainly dead: a child that exited and was reaped.
     let mut child = Command::new("true").spawn().expect("spawn true");
     let dead = child.id();
     child.wait().expect("wait");
-    assert!(!Path::new(&format!("/proc/{dead}")).exists(), "pid {dead} reused already");
+    assert!(
+        !Path::new(&format!("/proc/{dead}")).exists(),
+        "pid {dead} reused already"
+    );
     let dead_tag = cleanup::make_tag(dead, 5);
     let live_tag = cleanup::make_tag(std::process::id(), 1000);
     let ns_dead = [format!("ksn-{dead_tag}"), format!("ksp3-{dead_tag}")];
     let ns_live = format!("ksn-{live_tag}");
     let ns_other = format!("ksx-{dead_tag}");
     for n in ns_dead.iter().chain([&ns_live, &ns_other]) {
-        let st = Command::new("ip").args(["netns", "add", n]).status().expect("ip netns add");
+        let st = Command::new("ip")
+            .args(["netns", "add", n])
+            .status()
+            .expect("ip netns add");
         assert!(st.success(), "ip netns add {n}");
     }
     let dir_dead = std::env::temp_dir().join(format!("policy-scenario-{dead_tag}"));
@@ -277,5 +338,8 @@ fn leftovers_of_dead_runs_are_swept_and_nothing_else() {
     }
     assert!(!dir_dead.exists(), "{} not swept", dir_dead.display());
     assert!(live_kept, "the namespace of a live run was removed");
-    assert!(other_kept, "a namespace of another naming scheme was removed");
+    assert!(
+        other_kept,
+        "a namespace of another naming scheme was removed"
+    );
 }

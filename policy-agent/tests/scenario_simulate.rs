@@ -12,7 +12,6 @@ use policy_agent::scenario::{Oracle, Plan, ScenarioError, run_plan};
 mod scenario_common;
 use scenario_common::{workspace, yaml_files};
 
-
 /// `scenarios/**` of the workspace, then ../shared/scenarios when it exists.
 fn scenario_files() -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -566,7 +565,10 @@ fn binary_reports_invalid_files_and_usage() {
     // The kernel runner checks the file before building anything.
     let (code, _, err) = scenario_bin(&[f.to_str().expect("path")]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("bad.yaml: step 2 (steps[1]), field expect.via"), "{err}");
+    assert!(
+        err.contains("bad.yaml: step 2 (steps[1]), field expect.via"),
+        "{err}"
+    );
 
     let (code, _, _) = scenario_bin(&["--simulate"]);
     assert_eq!(code, 2);

@@ -58,6 +58,10 @@ impl Addr {
 
     /// The IPv4 octets when this is a mapped IPv4 address.
     pub const fn v4_octets(&self) -> Option<[u8; 4]> {
-        if self.is_v4() { Some(self.0[3].to_ne_bytes()) } else { None }
+        if self.is_v4() {
+            Some(self.0[3].to_ne_bytes())
+        } else {
+            None
+        }
     }
 }

@@ -30,9 +30,23 @@ pub fn normalize(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> (Ct
         core::cmp::Ordering::Equal => sport <= dport,
     };
     let key = if src_first {
-        CtKey { addr_a: src, addr_b: dst, port_a: sport, port_b: dport, proto, _pad: [0; 3] }
+        CtKey {
+            addr_a: src,
+            addr_b: dst,
+            port_a: sport,
+            port_b: dport,
+            proto,
+            _pad: [0; 3],
+        }
     } else {
-        CtKey { addr_a: dst, addr_b: src, port_a: dport, port_b: sport, proto, _pad: [0; 3] }
+        CtKey {
+            addr_a: dst,
+            addr_b: src,
+            port_a: dport,
+            port_b: sport,
+            proto,
+            _pad: [0; 3],
+        }
     };
     (key, src_first)
 }
@@ -45,7 +59,11 @@ fn cmp_addr(x: &Addr, y: &Addr) -> core::cmp::Ordering {
         let a = u32::from_be(x.0[i]);
         let b = u32::from_be(y.0[i]);
         if a != b {
-            return if a < b { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+            return if a < b {
+                core::cmp::Ordering::Less
+            } else {
+                core::cmp::Ordering::Greater
+            };
         }
         i += 1;
     }
@@ -62,7 +80,10 @@ pub const fn is_original(v: &CtValue, src_is_a: bool) -> bool {
 /// endpoint): `EGRESS_OK` when the originator is isolated for egress, `INGRESS_OK` when the
 /// responder is isolated for ingress. Any hook may decide either grant.
 #[inline(always)]
-pub const fn required_grants(orig_src: Option<&EndpointValue>, orig_dst: Option<&EndpointValue>) -> u32 {
+pub const fn required_grants(
+    orig_src: Option<&EndpointValue>,
+    orig_dst: Option<&EndpointValue>,
+) -> u32 {
     let mut r = 0;
     if let Some(e) = orig_src {
         if e.flags & ep_flags::ISOLATED_EGRESS != 0 {
@@ -135,7 +156,11 @@ pub const fn tcp_state_flags(tcp_flags: u8, original: bool) -> u32 {
         f |= ct_flags::RST;
     }
     if tcp_flags & tcp::FIN != 0 {
-        f |= if original { ct_flags::FIN_ORIG } else { ct_flags::FIN_REPLY };
+        f |= if original {
+            ct_flags::FIN_ORIG
+        } else {
+            ct_flags::FIN_REPLY
+        };
     }
     f
 }
@@ -156,16 +181,29 @@ mod tests {
 
     #[test]
     fn required_grants_follow_the_isolated_ends() {
-        let ep = |flags| EndpointValue { endpoint_id: 1, ingress_policy_set: 0, egress_policy_set: 0, flags };
+        let ep = |flags| EndpointValue {
+            endpoint_id: 1,
+            ingress_policy_set: 0,
+            egress_policy_set: 0,
+            flags,
+        };
         let eg = ep(ep_flags::ISOLATED_EGRESS);
         let ing = ep(ep_flags::ISOLATED_INGRESS);
         let both = ep(ep_flags::ISOLATED_EGRESS | ep_flags::ISOLATED_INGRESS);
         assert_eq!(required_grants(None, None), 0);
         assert_eq!(required_grants(Some(&eg), None), ct_flags::EGRESS_OK);
-        assert_eq!(required_grants(Some(&ing), None), 0, "the originator's ingress is irrelevant");
+        assert_eq!(
+            required_grants(Some(&ing), None),
+            0,
+            "the originator's ingress is irrelevant"
+        );
         assert_eq!(required_grants(None, Some(&ing)), ct_flags::INGRESS_OK);
         assert_eq!(required_grants(Some(&both), Some(&both)), ct_flags::GRANTS);
-        let v = CtValue { last_seen_ns: 0, flags: ct_flags::REQ_EGRESS | ct_flags::INGRESS_OK, _pad: 0 };
+        let v = CtValue {
+            last_seen_ns: 0,
+            flags: ct_flags::REQ_EGRESS | ct_flags::INGRESS_OK,
+            _pad: 0,
+        };
         assert_eq!(stored_required(&v), ct_flags::EGRESS_OK);
         assert!(!has_grants(&v, stored_required(&v)));
     }

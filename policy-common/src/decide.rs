@@ -42,8 +42,10 @@ pub fn decide<M: PolicyMaps>(
                     return Reason::AllowHost;
                 }
             } else if ep.has_identity_rules(dir) {
-                if let Some(rule) = maps.rule(&RuleKey { policy_set: set, identity: id.identity })
-                {
+                if let Some(rule) = maps.rule(&RuleKey {
+                    policy_set: set,
+                    identity: id.identity,
+                }) {
                     if rule_allows(maps, &rule, proto_nr, port) {
                         return Reason::AllowIdentity;
                     }
@@ -52,7 +54,10 @@ pub fn decide<M: PolicyMaps>(
         }
     }
     if ep.has_cidr_rules(dir) {
-        let key = LpmKey { prefixlen: CIDR_LOOKUP_PREFIXLEN, data: CidrData::new(set, *peer) };
+        let key = LpmKey {
+            prefixlen: CIDR_LOOKUP_PREFIXLEN,
+            data: CidrData::new(set, *peer),
+        };
         if let Some(rule) = maps.cidr_rule(&key) {
             if rule_allows(maps, &rule, proto_nr, port) {
                 return Reason::AllowCidr;

@@ -213,7 +213,10 @@ impl CidrData {
     #[inline(always)]
     pub const fn new(policy_set: u32, addr: Addr) -> Self {
         let fam = if addr.is_v4() { 0 } else { CIDR_FAMILY_V6 };
-        CidrData { set_family_be: (policy_set | fam).to_be(), addr }
+        CidrData {
+            set_family_be: (policy_set | fam).to_be(),
+            addr,
+        }
     }
 }
 
@@ -236,7 +239,12 @@ pub struct PortData {
 impl PortData {
     #[inline(always)]
     pub const fn new(port_set: u32, proto: u8, port: u16) -> Self {
-        PortData { port_set_be: port_set.to_be(), proto, _pad: 0, port_be: port.to_be() }
+        PortData {
+            port_set_be: port_set.to_be(),
+            proto,
+            _pad: 0,
+            port_be: port.to_be(),
+        }
     }
 }
 
@@ -310,7 +318,11 @@ pub type ServiceCidrKey = LpmKey<Addr>;
 /// The LPM prefix length of a service range of `addr_prefix` bits.
 #[inline(always)]
 pub const fn service_prefixlen(v4: bool, addr_prefix: u8) -> u32 {
-    if v4 { 96 + addr_prefix as u32 } else { addr_prefix as u32 }
+    if v4 {
+        96 + addr_prefix as u32
+    } else {
+        addr_prefix as u32
+    }
 }
 
 /// `SERVICE_PENDING` key (LRU hash): a client socket whose egress to a virtual IP was

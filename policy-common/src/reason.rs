@@ -91,7 +91,11 @@ impl Reason {
     }
 
     pub const fn from_u8(v: u8) -> Option<Reason> {
-        if (v as usize) < Reason::COUNT { Some(Reason::ALL[v as usize]) } else { None }
+        if (v as usize) < Reason::COUNT {
+            Some(Reason::ALL[v as usize])
+        } else {
+            None
+        }
     }
 
     pub const fn as_str(self) -> &'static str {

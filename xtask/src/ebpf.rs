@@ -14,7 +14,13 @@ pub fn build(root: &Path, tools: &Tools) -> Result<()> {
     paths.extend(std::env::split_paths(&path));
     let st = Command::new("cargo")
         .current_dir(root.join("policy-ebpf"))
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none"])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(root.join("target/ebpf"))
         .env("PATH", std::env::join_paths(paths)?)

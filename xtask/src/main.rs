@@ -61,6 +61,10 @@ fn main() -> Result<()> {
         Task::Demo => demo::demo(&root),
         Task::Test => run::test(&root),
         Task::Bench { which } => run::bench(&root, &which),
-        Task::Scenario { simulate, narrate, files } => run::scenario(&root, simulate, narrate, &files),
+        Task::Scenario {
+            simulate,
+            narrate,
+            files,
+        } => run::scenario(&root, simulate, narrate, &files),
     }
 }

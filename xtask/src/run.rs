@@ -10,7 +10,9 @@ use crate::{ebpf, setup};
 
 pub fn workspace_root() -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    dir.parent().map(Path::to_path_buf).context("xtask has no parent directory")
+    dir.parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
 }
 
 pub(crate) fn cargo(root: &Path) -> Command {
@@ -43,7 +45,10 @@ pub fn test(root: &Path) -> Result<()> {
         eprintln!("test: not running as root: the kernel and namespace tests will fail");
     }
     let totals = cargo_test(root)?;
-    eprintln!("test: all layers ran in {:.0} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "test: all layers ran in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
     // One closing line over every test binary (cargo prints one `test result` per binary).
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     if totals.failed > 0 || !totals.ok {
@@ -63,7 +68,14 @@ struct Totals {
 fn cargo_test(root: &Path) -> Result<Totals> {
     use std::io::{BufRead, BufReader};
     let mut child = cargo(root)
-        .args(["test", "--workspace", "--no-fail-fast", "--", "--color", "never"])
+        .args([
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+            "--color",
+            "never",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -84,7 +96,12 @@ fn cargo_test(root: &Path) -> Result<Totals> {
 /// The number before `what` in a `test result:` line ("ok. 3 passed; 0 failed; ...").
 fn count(line: &str, what: &str) -> u64 {
     line.split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(what)
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -117,7 +134,14 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
         // The kernel runner starts the agent binary it finds beside itself.
         status(
             "cargo build policy-agent",
-            cargo(root).args(["build", "--quiet", "--release", "-p", "policy-agent", "--bins"]),
+            cargo(root).args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "policy-agent",
+                "--bins",
+            ]),
         )?;
     }
     let cwd = std::env::current_dir()?;
@@ -125,7 +149,15 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
     if simulate {
         status(
             "cargo build policy-scenario",
-            cargo(root).args(["build", "--quiet", "--release", "-p", "policy-agent", "--bin", "policy-scenario"]),
+            cargo(root).args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "policy-agent",
+                "--bin",
+                "policy-scenario",
+            ]),
         )?;
     }
     let mut cmd = Command::new(bin.join("policy-scenario"));
@@ -138,7 +170,13 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
         cmd.arg("--agent").arg(bin.join("policy-agent"));
     }
     // Paths are relative to where the user ran `cargo xtask`, not the workspace root.
-    cmd.args(files.iter().map(|f| if f.is_absolute() { f.clone() } else { cwd.join(f) }));
+    cmd.args(files.iter().map(|f| {
+        if f.is_absolute() {
+            f.clone()
+        } else {
+            cwd.join(f)
+        }
+    }));
     // Generous: the whole upstream set takes about two minutes.
     let limit = std::time::Duration::from_secs(120 + 60 * files.len() as u64);
     let st = crate::demo::run_runner(&mut cmd, limit)?;

@@ -12,8 +12,11 @@ use anyhow::{Context, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: `ip` (namespaces, veth), `iptables` (kube-proxy-style DNAT
 /// for `via: service` scenarios), `bpftool` (inspecting maps when a test fails).
-const DEBIAN_PACKAGES: &[(&str, &str)] =
-    &[("iproute2", "ip"), ("iptables", "iptables"), ("bpftool", "bpftool")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("iptables", "iptables"),
+    ("bpftool", "bpftool"),
+];
 
 /// What later steps need from setup.
 pub struct Tools {
@@ -42,13 +45,18 @@ fn cache_dir() -> PathBuf {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    Ok(PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?))
+    Ok(PathBuf::from(output(
+        Command::new("rustc").args(["+nightly", "--print", "sysroot"]),
+    )?))
 }
 
 fn check_nightly() -> Result<()> {
@@ -89,12 +97,18 @@ fn nightly_libllvm() -> Result<PathBuf> {
             return Ok(e.path());
         }
     }
-    bail!("no libLLVM.so.* in {}: is the nightly toolchain complete?", lib.display())
+    bail!(
+        "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+        lib.display()
+    )
 }
 
 fn ensure_bpf_linker() -> Result<PathBuf> {
     let llvm = nightly_libllvm()?;
-    let llvm_name = llvm.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let llvm_name = llvm
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     // Keyed by the LLVM file name: the binary is tied to that exact nightly.
     let root = cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-{llvm_name}"));
     let bin_dir = root.join("bin");
@@ -115,7 +129,13 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
             .with_context(|| format!("symlinking {}", link.display()))?;
     }
     let st = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
         .args(["--no-default-features", "--features", "llvm-22", "--root"])
         .arg(&root)
         .env("LLVM_PREFIX", &prefix)
@@ -135,7 +155,10 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
 }
 
 fn works(bin: &Path) -> bool {
-    Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn has_package(pkg: &str) -> bool {
@@ -146,8 +169,11 @@ fn has_package(pkg: &str) -> bool {
 }
 
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        DEBIAN_PACKAGES.iter().filter(|(p, _)| !has_package(p)).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(p, _)| !has_package(p))
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -172,7 +198,11 @@ fn ensure_debian_packages() -> Result<()> {
     args.extend(&missing);
     apt(&args)?;
     for (pkg, cmd) in DEBIAN_PACKAGES {
-        if Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map_or(true, |o| !o.status.success()) {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {cmd}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
             bail!("package {pkg} is installed but `{cmd}` is not on PATH");
         }
     }

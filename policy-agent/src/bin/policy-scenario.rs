@@ -10,10 +10,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use policy_agent::scenario::report::{Counts, LEGEND};
-use policy_agent::scenario::kernel::{KernelConfig, KernelOracle};
 use policy_agent::scenario::kernel::cleanup;
+use policy_agent::scenario::kernel::{KernelConfig, KernelOracle};
 use policy_agent::scenario::narrate::Narration;
+use policy_agent::scenario::report::{Counts, LEGEND};
 use policy_agent::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simulate};
 
 fn usage() -> ExitCode {
@@ -64,7 +64,9 @@ fn main() -> ExitCode {
         None => match std::env::current_exe() {
             Ok(exe) => exe.with_file_name("policy-agent"),
             Err(e) => {
-                eprintln!("policy-scenario: cannot locate the agent binary ({e}); give --agent PATH");
+                eprintln!(
+                    "policy-scenario: cannot locate the agent binary ({e}); give --agent PATH"
+                );
                 return ExitCode::from(2);
             }
         },
@@ -157,7 +159,10 @@ fn main() -> ExitCode {
     if narrate {
         let _ = writeln!(out, "total time {:.0} s", t_start.elapsed().as_secs_f64());
         if !simulate {
-            let _ = writeln!(out, "every namespace, process and mount the run made is removed");
+            let _ = writeln!(
+                out,
+                "every namespace, process and mount the run made is removed"
+            );
         }
     }
     if cleanup::interrupted() {

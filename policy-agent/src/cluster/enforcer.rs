@@ -5,15 +5,13 @@
 //! [`RecordingEnforcer`] keeps the "kernel" in memory and records every call, for tests of
 //! the loop that need no kernel.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
-    AttachMode, Attachment, Counters, Dataplane, DataplaneError, DataplaneMaps, PinState,
-    UplinkMode, Uplinks,
-    adopt_kernel_state, ctseed, pinning, renumber_onto,
+    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role,
+    UplinkMode, adopt_kernel_state, ctseed, links, renumber_onto, uplink,
 };
 use crate::model::ObjectKey;
 use crate::{netinfo, writer};
@@ -104,9 +102,9 @@ pub struct KernelEnforcer {
     pins_adopted: bool,
     /// Which non-pod interfaces get the uplink programs, and those that have them.
     uplink_mode: UplinkMode,
-    uplinks: Uplinks,
-    /// Interface name -> (ifindex when attached, the attachment).
-    attached: BTreeMap<String, (u32, Attachment)>,
+    uplinks: LinkSet,
+    /// Local pods' veths with the pod programs.
+    attached: LinkSet,
 }
 
 impl KernelEnforcer {
@@ -128,8 +126,13 @@ impl KernelEnforcer {
             let seeded = ctseed::kernel_table()
                 .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
             match seeded {
-                Ok(s) => tracing::info!(connections = s.connections, "conntrack seeded from the kernel's table"),
-                Err(e) => tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded"),
+                Ok(s) => tracing::info!(
+                    connections = s.connections,
+                    "conntrack seeded from the kernel's table"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
+                }
             }
         }
         maps.set_service_cidrs(service_cidrs)?;
@@ -139,10 +142,10 @@ impl KernelEnforcer {
             maps,
             mode,
             uplink_mode,
-            uplinks: Uplinks::default(),
+            uplinks: LinkSet::new(Role::Uplink),
             written,
             pins_adopted: false,
-            attached: BTreeMap::new(),
+            attached: LinkSet::new(Role::Pod),
         })
     }
 
@@ -153,53 +156,14 @@ impl KernelEnforcer {
     /// Leaves every attachment in place for the next agent (restart without a gap);
     /// `policy-agent uninstall` removes them.
     pub fn release_all(&mut self) {
-        for (_, (_, a)) in std::mem::take(&mut self.attached) {
-            self.dp.release(a);
-        }
+        self.attached.release_all(&mut self.dp);
         self.uplinks.release_all(&mut self.dp);
     }
 
     /// Detaches (and unpins) every attachment: a test or an uninstall, not a restart.
     pub fn detach_all(&mut self) {
-        for (iface, (_, a)) in std::mem::take(&mut self.attached) {
-            if let Err(e) = self.dp.detach(a) {
-                tracing::debug!(interface = %iface, error = %e, "detach");
-            }
-        }
+        self.attached.detach_all(&mut self.dp);
         self.uplinks.detach_all(&mut self.dp);
-    }
-
-    /// Takes over the links an earlier agent pinned (its programs are replaced in place);
-    /// those no pod wants any more are detached by the next interface pass.
-    fn adopt_pins(&mut self) -> bool {
-        let mut ok = true;
-        for p in pinning::pinned_interfaces(self.dp.pin_dir()) {
-            if self.attached.contains_key(&p.ifname) || self.uplinks.contains(&p.ifname) {
-                continue;
-            }
-            if netinfo::ifindex(&p.ifname) != Some(p.ifindex) {
-                // The interface went away while no agent ran: its links are defunct.
-                let _ = std::fs::remove_dir_all(&p.dir);
-                continue;
-            }
-            let is_uplink = p.dir.join(policy_common::PROG_FROM_WORLD).exists();
-            let r = if is_uplink {
-                self.dp.attach_uplink(&p.ifname, self.mode)
-            } else {
-                self.dp.attach(&p.ifname, self.mode)
-            };
-            match r {
-                Ok(a) if is_uplink => self.uplinks.adopt(p.ifname.clone(), p.ifindex, a),
-                Ok(a) => {
-                    self.attached.insert(p.ifname.clone(), (p.ifindex, a));
-                }
-                Err(e) => {
-                    ok = false;
-                    tracing::error!(interface = %p.ifname, error = %e, "taking over pinned links failed");
-                }
-            }
-        }
-        ok
     }
 }
 
@@ -227,63 +191,34 @@ impl Enforcer for KernelEnforcer {
             Err(e) => {
                 // Keep what is attached: a pod losing its programs would fail open.
                 tracing::warn!(error = %e, "reading routes failed");
-                report.attached = self.attached.keys().cloned().collect();
+                report.attached = self.attached.names();
                 report.failed.push(("<routes>".into(), e.to_string()));
                 return report;
             }
         };
-        let mut wanted = BTreeSet::new();
-        for pod in local {
-            let ifaces: BTreeSet<&str> = pod
-                .ips
-                .iter()
-                .filter_map(|ip| netinfo::iface_for(&routes, *ip))
-                .collect();
-            if ifaces.is_empty() {
-                report.waiting.push(pod.key.clone());
-            }
-            wanted.extend(ifaces.into_iter().map(str::to_string));
-        }
+        let (wanted, waiting) = links::pod_interfaces(
+            &routes,
+            local.iter().map(|p| (p.key.clone(), p.ips.as_slice())),
+        );
+        report.waiting = waiting;
         if !self.pins_adopted {
-            self.pins_adopted = self.adopt_pins();
+            self.pins_adopted = links::adopt_pins(
+                &mut self.dp,
+                self.mode,
+                &mut self.attached,
+                &mut self.uplinks,
+            ) == 0;
         }
-        // An interface deleted (or re-created: a new ifindex) lost its programs.
-        self.attached
-            .retain(|iface, (idx, _)| netinfo::ifindex(iface) == Some(*idx));
-        for iface in &wanted {
-            if self.attached.contains_key(iface) {
-                continue;
-            }
-            let Some(idx) = netinfo::ifindex(iface) else {
-                continue;
-            };
-            match self.dp.attach(iface, self.mode) {
-                Ok(a) => {
-                    tracing::info!(interface = %iface, mode = ?a.mode, "programs attached");
-                    self.attached.insert(iface.clone(), (idx, a));
-                }
-                Err(e) => {
-                    tracing::error!(interface = %iface, error = %e, "attach failed");
-                    report.failed.push((iface.clone(), e.to_string()));
-                }
-            }
-        }
-        let gone: Vec<String> = self
+        // Detach before attaching, so an interface changing role never carries both pairs.
+        let uplinks = uplink::select(&self.uplink_mode, &uplink::interfaces(), &wanted);
+        self.uplinks.prune(&mut self.dp, &uplinks);
+        self.attached.prune(&mut self.dp, &wanted);
+        report.failed = self
             .attached
-            .keys()
-            .filter(|i| !wanted.contains(*i))
-            .cloned()
-            .collect();
-        for iface in gone {
-            if let Some((_, a)) = self.attached.remove(&iface) {
-                tracing::info!(interface = %iface, "programs detached (no local pod)");
-                if let Err(e) = self.dp.detach(a) {
-                    tracing::debug!(interface = %iface, error = %e, "detach");
-                }
-            }
-        }
-        self.uplinks.sync(&mut self.dp, &self.uplink_mode, self.mode, &wanted);
-        report.attached = self.attached.keys().cloned().collect();
+            .attach_missing(&mut self.dp, self.mode, &wanted);
+        self.uplinks
+            .attach_missing(&mut self.dp, self.mode, &uplinks);
+        report.attached = self.attached.names();
         report
     }
 

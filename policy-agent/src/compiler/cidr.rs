@@ -22,8 +22,12 @@ pub struct CidrRule {
 
 fn contains(outer: &IpNet, inner: &IpNet) -> bool {
     match (outer, inner) {
-        (IpNet::V4(o), IpNet::V4(i)) => o.prefix_len() <= i.prefix_len() && o.contains(&i.network()),
-        (IpNet::V6(o), IpNet::V6(i)) => o.prefix_len() <= i.prefix_len() && o.contains(&i.network()),
+        (IpNet::V4(o), IpNet::V4(i)) => {
+            o.prefix_len() <= i.prefix_len() && o.contains(&i.network())
+        }
+        (IpNet::V6(o), IpNet::V6(i)) => {
+            o.prefix_len() <= i.prefix_len() && o.contains(&i.network())
+        }
         _ => false,
     }
 }
@@ -76,7 +80,10 @@ mod tests {
     }
 
     fn lookup(t: &BTreeMap<IpNet, PortSet>, a: std::net::IpAddr) -> Option<&PortSet> {
-        t.iter().filter(|(p, _)| p.contains(&a)).max_by_key(|(p, _)| p.prefix_len()).map(|(_, v)| v)
+        t.iter()
+            .filter(|(p, _)| p.contains(&a))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map(|(_, v)| v)
     }
 
     #[test]
@@ -84,10 +91,22 @@ mod tests {
         let tcp80 = PortSet::from_ranges(vec![(6, 80, 80)]);
         let udp53 = PortSet::from_ranges(vec![(17, 53, 53)]);
         let t = table(&[
-            CidrRule { cidr: n("198.18.0.0/16"), except: vec![n("198.18.1.0/24")], ports: tcp80.clone() },
-            CidrRule { cidr: n("198.18.1.0/25"), except: vec![n("198.18.1.0/26")], ports: udp53.clone() },
+            CidrRule {
+                cidr: n("198.18.0.0/16"),
+                except: vec![n("198.18.1.0/24")],
+                ports: tcp80.clone(),
+            },
+            CidrRule {
+                cidr: n("198.18.1.0/25"),
+                except: vec![n("198.18.1.0/26")],
+                ports: udp53.clone(),
+            },
         ]);
-        let at = |s: &str| lookup(&t, s.parse().expect("ip")).cloned().unwrap_or_default();
+        let at = |s: &str| {
+            lookup(&t, s.parse().expect("ip"))
+                .cloned()
+                .unwrap_or_default()
+        };
         assert_eq!(at("198.18.0.1"), tcp80);
         assert_eq!(at("198.18.1.1"), PortSet::default());
         assert_eq!(at("198.18.1.65"), udp53);

@@ -15,10 +15,12 @@ use policy_common::maps::*;
 use super::cidr::{self, CidrRule};
 use super::portset::{self, PortSet};
 use super::{
-    ALL_V4, ALL_V6, CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData, addr_of,
-    cidr_key, resolve_named, split_ports, uses_named_ports,
+    ALL_V4, ALL_V6, CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData,
+    addr_of, cidr_key, resolve_named, split_ports, uses_named_ports,
 };
-use crate::model::{LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot};
+use crate::model::{
+    LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot,
+};
 
 /// One change of the snapshot, named by the object it concerns (the snapshot passed with it
 /// holds the object's new version, or lacks it when deleted).
@@ -57,7 +59,9 @@ struct Tracker<K, V> {
 
 impl<K: Ord + Copy, V: Copy + PartialEq> Tracker<K, V> {
     fn new() -> Self {
-        Tracker { old: BTreeMap::new() }
+        Tracker {
+            old: BTreeMap::new(),
+        }
     }
     fn set(&mut self, map: &mut BTreeMap<K, V>, k: K, v: Option<V>) {
         let prev = match v {
@@ -184,7 +188,9 @@ impl Engine {
     fn pod_changed(&mut self, snap: &Snapshot, key: &ObjectKey, w: &mut Work) {
         let pod = snap.pods.get(key);
         // Identity.
-        let new_ident = pod.filter(|p| !p.host_network && !p.ips.is_empty()).map(IdentityKey::of);
+        let new_ident = pod
+            .filter(|p| !p.host_network && !p.ips.is_empty())
+            .map(IdentityKey::of);
         let old = self.pod_ident.remove(key);
         if let Some((id, ips)) = &old {
             for ip in ips {
@@ -196,13 +202,18 @@ impl Engine {
                 }
                 w.ips.insert(*ip);
             }
-            let same = new_ident.as_ref().is_some_and(|k| self.ident_key.get(id) == Some(k));
+            let same = new_ident
+                .as_ref()
+                .is_some_and(|k| self.ident_key.get(id) == Some(k));
             if !same {
                 self.release_ident(*id, w);
             }
         }
         if let (Some(p), Some(k)) = (pod, new_ident) {
-            let id = match old.as_ref().filter(|(id, _)| self.ident_key.get(id) == Some(&k)) {
+            let id = match old
+                .as_ref()
+                .filter(|(id, _)| self.ident_key.get(id) == Some(&k))
+            {
                 Some((id, _)) => *id,
                 None => match self.acquire_ident(&k, w) {
                     Some(id) => id,
@@ -210,7 +221,10 @@ impl Engine {
                 },
             };
             for ip in &p.ips {
-                self.ip_owners.entry(*ip).or_default().insert(key.clone(), id);
+                self.ip_owners
+                    .entry(*ip)
+                    .or_default()
+                    .insert(key.clone(), id);
                 w.ips.insert(*ip);
             }
             self.pod_ident.insert(key.clone(), (id, p.ips.clone()));
@@ -235,12 +249,24 @@ impl Engine {
         match local {
             Some(p) => {
                 for ip in &p.ips {
-                    self.ep_ip_owners.entry(*ip).or_default().insert(key.clone());
+                    self.ep_ip_owners
+                        .entry(*ip)
+                        .or_default()
+                        .insert(key.clone());
                     w.ep_ips.insert(*ip);
                 }
-                self.eps_by_ns.entry(key.namespace.clone()).or_default().insert(key.clone());
+                self.eps_by_ns
+                    .entry(key.namespace.clone())
+                    .or_default()
+                    .insert(key.clone());
                 let specs = old_ep.map(|e| e.specs).unwrap_or_default();
-                self.eps.insert(key.clone(), Ep { ips: p.ips.clone(), specs });
+                self.eps.insert(
+                    key.clone(),
+                    Ep {
+                        ips: p.ips.clone(),
+                        specs,
+                    },
+                );
                 self.numbers.endpoints.insert(key);
                 w.dirty_eps.insert(key.clone());
             }
@@ -258,7 +284,9 @@ impl Engine {
     }
 
     fn release_ident(&mut self, id: u32, w: &mut Work) {
-        let Some(r) = self.ident_refs.get_mut(&id) else { return };
+        let Some(r) = self.ident_refs.get_mut(&id) else {
+            return;
+        };
         *r -= 1;
         if *r > 0 {
             return;
@@ -279,14 +307,19 @@ impl Engine {
         *r += 1;
         if *r == 1 {
             self.ident_key.insert(id, k.clone());
-            self.ident_by_ns.entry(k.namespace.clone()).or_default().insert(id);
+            self.ident_by_ns
+                .entry(k.namespace.clone())
+                .or_default()
+                .insert(id);
             w.idents_changed.insert(id);
         }
         Some(id)
     }
 
     fn unref_spec(&mut self, s: &Spec, ep: &ObjectKey, _dir: usize, w: &mut Work) {
-        let Some(e) = self.specs.get_mut(s) else { return };
+        let Some(e) = self.specs.get_mut(s) else {
+            return;
+        };
         e.eps.remove(ep);
         if !e.eps.is_empty() {
             return;
@@ -329,7 +362,13 @@ impl Engine {
             .range(lo..)
             .take_while(|(k, _)| k.namespace == pod.namespace)
             .map(|(_, p)| p)
-            .filter(|p| if ingress { p.ingress_isolation } else { p.egress_isolation })
+            .filter(|p| {
+                if ingress {
+                    p.ingress_isolation
+                } else {
+                    p.egress_isolation
+                }
+            })
             .filter(|p| p.pod_selector.matches(&pod.labels))
             .collect();
         if policies.is_empty() {
@@ -342,14 +381,20 @@ impl Engine {
         } else {
             Vec::new()
         };
-        Some(Spec { ingress, policies: policies.iter().map(|p| p.key()).collect(), local_ports })
+        Some(Spec {
+            ingress,
+            policies: policies.iter().map(|p| p.key()).collect(),
+            local_ports,
+        })
     }
 
     fn propagate(&mut self, snap: &Snapshot, mut w: Work) -> MapDiff {
         // 1. Endpoints whose specs may have changed.
         let dirty: Vec<ObjectKey> = w.dirty_eps.iter().cloned().collect();
         for key in &dirty {
-            let Some(pod) = snap.pods.get(key) else { continue };
+            let Some(pod) = snap.pods.get(key) else {
+                continue;
+            };
             if !self.eps.contains_key(key) {
                 continue;
             }
@@ -369,9 +414,18 @@ impl Engine {
                             self.table_ref(t, &mut w);
                         }
                         for p in &n.policies {
-                            self.specs_by_policy.entry(p.clone()).or_default().insert(n.clone());
+                            self.specs_by_policy
+                                .entry(p.clone())
+                                .or_default()
+                                .insert(n.clone());
                         }
-                        self.specs.insert(n.clone(), SpecEntry { table, eps: BTreeSet::new() });
+                        self.specs.insert(
+                            n.clone(),
+                            SpecEntry {
+                                table,
+                                eps: BTreeSet::new(),
+                            },
+                        );
                     }
                     if let Some(e) = self.specs.get_mut(n) {
                         e.eps.insert(key.clone());
@@ -398,13 +452,18 @@ impl Engine {
             self.specs.keys().cloned().collect()
         };
         for s in all_specs {
-            let Some(entry) = self.specs.get(&s) else { continue };
+            let Some(entry) = self.specs.get(&s) else {
+                continue;
+            };
             let old = &entry.table;
             let new = if recompile.contains(&s) {
                 self.compile_spec(snap, &s)
             } else {
-                let pols: Vec<&NetworkPolicy> =
-                    s.policies.iter().filter_map(|k| snap.policies.get(k)).collect();
+                let pols: Vec<&NetworkPolicy> = s
+                    .policies
+                    .iter()
+                    .filter_map(|k| snap.policies.get(k))
+                    .collect();
                 // Rows first: most specs are untouched by an identity, and then the table is
                 // neither cloned nor compared.
                 let mut patch: Vec<(u32, Option<PortSet>)> = Vec::new();
@@ -428,7 +487,11 @@ impl Engine {
                         None => t.rules.remove(&id),
                     };
                 }
-                if t.rules.is_empty() && t.cidrs.is_empty() { None } else { Some(Table::new(t)) }
+                if t.rules.is_empty() && t.cidrs.is_empty() {
+                    None
+                } else {
+                    Some(Table::new(t))
+                }
             };
             if new == *old {
                 continue;
@@ -473,20 +536,26 @@ impl Engine {
                 self.numbers.policy_sets.rename(o, n.clone());
                 dead.remove(o);
                 born.remove(n);
-                old_tables.entry(num).or_insert_with(|| self.set_tables.get(&num).cloned());
+                old_tables
+                    .entry(num)
+                    .or_insert_with(|| self.set_tables.get(&num).cloned());
                 self.set_tables.insert(num, n.clone());
             }
         }
         for t in &dead {
             if let Some(num) = self.numbers.policy_sets.get(t) {
                 self.numbers.policy_sets.remove(t);
-                old_tables.entry(num).or_insert_with(|| self.set_tables.get(&num).cloned());
+                old_tables
+                    .entry(num)
+                    .or_insert_with(|| self.set_tables.get(&num).cloned());
                 self.set_tables.remove(&num);
             }
         }
         for t in &born {
             if let Some(num) = self.numbers.policy_sets.insert(t) {
-                old_tables.entry(num).or_insert_with(|| self.set_tables.get(&num).cloned());
+                old_tables
+                    .entry(num)
+                    .or_insert_with(|| self.set_tables.get(&num).cloned());
                 self.set_tables.insert(num, t.clone());
             }
         }
@@ -550,7 +619,14 @@ impl Engine {
             if let Some(o) = old {
                 for id in o.rules.keys() {
                     if new.is_none_or(|n| !n.rules.contains_key(id)) {
-                        rules_tr.set(&mut self.contents.rules, RuleKey { policy_set: *num, identity: *id }, None);
+                        rules_tr.set(
+                            &mut self.contents.rules,
+                            RuleKey {
+                                policy_set: *num,
+                                identity: *id,
+                            },
+                            None,
+                        );
                     }
                 }
                 for net in o.cidrs.keys() {
@@ -562,7 +638,10 @@ impl Engine {
             if let Some(n) = new {
                 for (id, ps) in &n.rules {
                     let v = value_of(ps, &self.numbers);
-                    let k = RuleKey { policy_set: *num, identity: *id };
+                    let k = RuleKey {
+                        policy_set: *num,
+                        identity: *id,
+                    };
                     if self.contents.rules.get(&k) != Some(&v) {
                         rules_tr.set(&mut self.contents.rules, k, Some(v));
                     }
@@ -587,21 +666,35 @@ impl Engine {
         for ip in &w.ep_ips {
             let owner = self.ep_ip_owners.get(ip).and_then(|o| o.first());
             let v = owner.and_then(|k| self.endpoint_value(k));
-            ep_tr.set(&mut self.contents.endpoints, EndpointKey { addr: addr_of(*ip) }, v);
+            ep_tr.set(
+                &mut self.contents.endpoints,
+                EndpointKey { addr: addr_of(*ip) },
+                v,
+            );
         }
 
         // 7. IPCACHE of every address touched.
         let mut ipc_tr = Tracker::new();
         for ip in &w.ips {
             let v = if self.node_addrs.contains(ip) {
-                Some(IpCacheValue { identity: IDENTITY_HOST, _pad: 0 })
+                Some(IpCacheValue {
+                    identity: IDENTITY_HOST,
+                    _pad: 0,
+                })
             } else {
                 self.ip_owners
                     .get(ip)
                     .and_then(|o| o.values().next())
-                    .map(|id| IpCacheValue { identity: *id, _pad: 0 })
+                    .map(|id| IpCacheValue {
+                        identity: *id,
+                        _pad: 0,
+                    })
             };
-            ipc_tr.set(&mut self.contents.ipcache, IpCacheKey { addr: addr_of(*ip) }, v);
+            ipc_tr.set(
+                &mut self.contents.ipcache,
+                IpCacheKey { addr: addr_of(*ip) },
+                v,
+            );
         }
 
         MapDiff {
@@ -622,15 +715,25 @@ impl Engine {
         for (d, spec) in ep.specs.iter().enumerate() {
             let Some(spec) = spec else { continue };
             let table = self.specs.get(spec).and_then(|e| e.table.as_ref());
-            let set = table.and_then(|t| self.numbers.policy_sets.get(t)).unwrap_or(POLICY_SET_EMPTY);
+            let set = table
+                .and_then(|t| self.numbers.policy_sets.get(t))
+                .unwrap_or(POLICY_SET_EMPTY);
             let has_id = table.is_some_and(|t| !t.rules.is_empty());
             let has_cidr = table.is_some_and(|t| !t.cidrs.is_empty());
             let (iso, idf, cf) = if d == 0 {
                 v.ingress_policy_set = set;
-                (ep_flags::ISOLATED_INGRESS, ep_flags::INGRESS_HAS_IDENTITY_RULES, ep_flags::INGRESS_HAS_CIDR_RULES)
+                (
+                    ep_flags::ISOLATED_INGRESS,
+                    ep_flags::INGRESS_HAS_IDENTITY_RULES,
+                    ep_flags::INGRESS_HAS_CIDR_RULES,
+                )
             } else {
                 v.egress_policy_set = set;
-                (ep_flags::ISOLATED_EGRESS, ep_flags::EGRESS_HAS_IDENTITY_RULES, ep_flags::EGRESS_HAS_CIDR_RULES)
+                (
+                    ep_flags::ISOLATED_EGRESS,
+                    ep_flags::EGRESS_HAS_IDENTITY_RULES,
+                    ep_flags::EGRESS_HAS_CIDR_RULES,
+                )
             };
             v.flags |= iso;
             if has_id {
@@ -645,7 +748,11 @@ impl Engine {
 
     /// The table of a spec from scratch: rows of every candidate identity, and ipBlocks.
     fn compile_spec(&self, snap: &Snapshot, s: &Spec) -> Option<Table> {
-        let pols: Vec<&NetworkPolicy> = s.policies.iter().filter_map(|k| snap.policies.get(k)).collect();
+        let pols: Vec<&NetworkPolicy> = s
+            .policies
+            .iter()
+            .filter_map(|k| snap.policies.get(k))
+            .collect();
         let mut candidates: BTreeSet<u32> = BTreeSet::new();
         let mut cidr_rules = Vec::new();
         let mut all_idents = false;
@@ -655,7 +762,9 @@ impl Engine {
                 let (numeric, named) = split_ports(&rule.ports);
                 let base = if s.ingress {
                     let mut b = numeric;
-                    b.union_with(&resolve_named(&named, |n, p| local_port(&s.local_ports, n, p)));
+                    b.union_with(&resolve_named(&named, |n, p| {
+                        local_port(&s.local_ports, n, p)
+                    }));
                     b
                 } else {
                     numeric
@@ -664,7 +773,11 @@ impl Engine {
                     None => {
                         if !base.is_empty() {
                             for all in [ALL_V4, ALL_V6] {
-                                cidr_rules.push(CidrRule { cidr: all, except: Vec::new(), ports: base.clone() });
+                                cidr_rules.push(CidrRule {
+                                    cidr: all,
+                                    except: Vec::new(),
+                                    ports: base.clone(),
+                                });
                             }
                         }
                         if !s.ingress && !named.is_empty() {
@@ -674,12 +787,17 @@ impl Engine {
                     Some(peers) => {
                         for peer in peers {
                             match peer {
-                                Peer::Pods { namespaces: None, .. } => {
+                                Peer::Pods {
+                                    namespaces: None, ..
+                                } => {
                                     if let Some(ids) = self.ident_by_ns.get(&pol.namespace) {
                                         candidates.extend(ids.iter().copied());
                                     }
                                 }
-                                Peer::Pods { namespaces: Some(nsel), .. } => {
+                                Peer::Pods {
+                                    namespaces: Some(nsel),
+                                    ..
+                                } => {
                                     for (ns, ids) in &self.ident_by_ns {
                                         if ns_matches(snap, nsel, ns) {
                                             candidates.extend(ids.iter().copied());
@@ -688,7 +806,11 @@ impl Engine {
                                 }
                                 Peer::IpBlock { cidr, except } => {
                                     if !base.is_empty() {
-                                        cidr_rules.push(CidrRule { cidr: *cidr, except: except.clone(), ports: base.clone() });
+                                        cidr_rules.push(CidrRule {
+                                            cidr: *cidr,
+                                            except: except.clone(),
+                                            ports: base.clone(),
+                                        });
                                     }
                                 }
                             }
@@ -697,17 +819,29 @@ impl Engine {
                 }
             }
         }
-        let mut t = TableData { rules: BTreeMap::new(), cidrs: cidr::table(&cidr_rules) };
-        let ids: Box<dyn Iterator<Item = &u32>> =
-            if all_idents { Box::new(self.ident_key.keys()) } else { Box::new(candidates.iter()) };
+        let mut t = TableData {
+            rules: BTreeMap::new(),
+            cidrs: cidr::table(&cidr_rules),
+        };
+        let ids: Box<dyn Iterator<Item = &u32>> = if all_idents {
+            Box::new(self.ident_key.keys())
+        } else {
+            Box::new(candidates.iter())
+        };
         for id in ids {
-            let Some(k) = self.ident_key.get(id) else { continue };
+            let Some(k) = self.ident_key.get(id) else {
+                continue;
+            };
             let r = row(snap, &pols, s.ingress, &s.local_ports, k);
             if !r.is_empty() {
                 t.rules.insert(*id, r);
             }
         }
-        if t.rules.is_empty() && t.cidrs.is_empty() { None } else { Some(Table::new(t)) }
+        if t.rules.is_empty() && t.cidrs.is_empty() {
+            None
+        } else {
+            Some(Table::new(t))
+        }
     }
 }
 
@@ -723,7 +857,10 @@ struct Work {
 }
 
 fn local_port(ports: &[(String, Protocol, u16)], name: &str, proto: Protocol) -> Option<u16> {
-    ports.iter().find(|(n, p, _)| n == name && *p == proto).map(|x| x.2)
+    ports
+        .iter()
+        .find(|(n, p, _)| n == name && *p == proto)
+        .map(|x| x.2)
 }
 
 fn ns_matches(snap: &Snapshot, sel: &LabelSelector, ns: &str) -> bool {

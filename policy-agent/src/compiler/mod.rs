@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use policy_common::maps::*;
 use policy_common::Addr;
+use policy_common::maps::*;
 
 use crate::model::{
     LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, PortRef, PortSpec, Protocol,
@@ -57,7 +57,10 @@ pub struct MapChanges<K, V> {
 
 impl<K, V> Default for MapChanges<K, V> {
     fn default() -> Self {
-        MapChanges { upserts: Vec::new(), deletes: Vec::new() }
+        MapChanges {
+            upserts: Vec::new(),
+            deletes: Vec::new(),
+        }
     }
 }
 
@@ -145,7 +148,13 @@ impl MapContents {
     /// Maps holding more entries than their kernel capacity: (map name, entries, capacity).
     /// The writer must refuse such contents rather than apply them partly.
     pub fn over_capacity(&self) -> Vec<(&'static str, usize, u32)> {
-        let caps = [MAX_ENDPOINTS, MAX_IPCACHE, MAX_RULES, MAX_CIDR_RULES, MAX_PORTS];
+        let caps = [
+            MAX_ENDPOINTS,
+            MAX_IPCACHE,
+            MAX_RULES,
+            MAX_CIDR_RULES,
+            MAX_PORTS,
+        ];
         self.sizes()
             .iter()
             .zip(caps)
@@ -193,7 +202,10 @@ impl IdentityKey {
     }
 
     fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
-        self.named_ports.iter().find(|(n, p, _)| n == name && *p == protocol).map(|x| x.2)
+        self.named_ports
+            .iter()
+            .find(|(n, p, _)| n == name && *p == protocol)
+            .map(|x| x.2)
     }
 }
 
@@ -219,7 +231,10 @@ impl Table {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         data.hash(&mut h);
-        Table { hash: h.finish(), data: std::sync::Arc::new(data) }
+        Table {
+            hash: h.finish(),
+            data: std::sync::Arc::new(data),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -354,7 +369,11 @@ struct Ident<'a> {
 }
 
 /// (namespaceSelector, policy namespace when it has none, podSelector) of a pod peer.
-type PeerKey<'a> = (Option<&'a LabelSelector>, &'a str, Option<&'a LabelSelector>);
+type PeerKey<'a> = (
+    Option<&'a LabelSelector>,
+    &'a str,
+    Option<&'a LabelSelector>,
+);
 
 /// Per-compile lookup structures over identities and namespaces.
 struct Universe<'a> {
@@ -385,21 +404,34 @@ impl<'a> Universe<'a> {
         policy_ns: &'a str,
         pods: Option<&'a LabelSelector>,
     ) -> &[usize] {
-        let key = (namespaces, if namespaces.is_none() { policy_ns } else { "" }, pods);
+        let key = (
+            namespaces,
+            if namespaces.is_none() { policy_ns } else { "" },
+            pods,
+        );
         if !self.peer_cache.contains_key(&key) {
             let mut out = Vec::new();
             let pod_ok = |i: &Ident<'_>| pods.is_none_or(|s| s.matches(&i.key.labels));
             match namespaces {
                 None => {
-                    for &i in self.by_ns.get(policy_ns).map(Vec::as_slice).unwrap_or_default() {
+                    for &i in self
+                        .by_ns
+                        .get(policy_ns)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                    {
                         if pod_ok(&self.idents[i]) {
                             out.push(i);
                         }
                     }
                 }
                 Some(nsel) => {
-                    let mut nss: Vec<&str> =
-                        self.by_ns.keys().copied().filter(|ns| self.ns_labels_match(nsel, ns)).collect();
+                    let mut nss: Vec<&str> = self
+                        .by_ns
+                        .keys()
+                        .copied()
+                        .filter(|ns| self.ns_labels_match(nsel, ns))
+                        .collect();
                     nss.sort_unstable();
                     for ns in nss {
                         for &i in &self.by_ns[ns] {
@@ -433,7 +465,11 @@ struct Spec {
 }
 
 fn uses_named_ports(rules: &[crate::model::Rule]) -> bool {
-    rules.iter().any(|r| r.ports.iter().any(|p| matches!(p.port, Some(PortRef::Name(_)))))
+    rules.iter().any(|r| {
+        r.ports
+            .iter()
+            .any(|p| matches!(p.port, Some(PortRef::Name(_))))
+    })
 }
 
 /// Port ranges of numbered ports, plus the named ones left to resolve.
@@ -465,28 +501,39 @@ fn resolve_named(
     PortSet::from_ranges(ranges)
 }
 
-const ALL_V4: IpNet = IpNet::V4(match ipnet::Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, 0) {
-    Ok(n) => n,
-    Err(_) => unreachable!(),
-});
-const ALL_V6: IpNet = IpNet::V6(match ipnet::Ipv6Net::new(std::net::Ipv6Addr::UNSPECIFIED, 0) {
-    Ok(n) => n,
-    Err(_) => unreachable!(),
-});
+const ALL_V4: IpNet = IpNet::V4(
+    match ipnet::Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, 0) {
+        Ok(n) => n,
+        Err(_) => unreachable!(),
+    },
+);
+const ALL_V6: IpNet = IpNet::V6(
+    match ipnet::Ipv6Net::new(std::net::Ipv6Addr::UNSPECIFIED, 0) {
+        Ok(n) => n,
+        Err(_) => unreachable!(),
+    },
+);
 
 fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Universe<'a>) -> Table {
     let mut rules: BTreeMap<u32, PortSet> = BTreeMap::new();
     let mut cidr_rules: Vec<CidrRule> = Vec::new();
     for &pi in &spec.policies {
         let pol = policies[pi];
-        let list = if spec.ingress { &pol.ingress } else { &pol.egress };
+        let list = if spec.ingress {
+            &pol.ingress
+        } else {
+            &pol.egress
+        };
         for rule in list {
             let (numeric, named) = split_ports(&rule.ports);
             // Ingress: names resolve on the endpoint itself, the same for every peer.
             let (base, per_peer_named) = if spec.ingress {
                 let mut b = numeric;
                 b.union_with(&resolve_named(&named, |n, p| {
-                    spec.local_ports.iter().find(|(ln, lp, _)| ln == n && *lp == p).map(|x| x.2)
+                    spec.local_ports
+                        .iter()
+                        .find(|(ln, lp, _)| ln == n && *lp == p)
+                        .map(|x| x.2)
                 }));
                 (b, false)
             } else {
@@ -507,7 +554,11 @@ fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Univer
                     // ports resolve on each pod peer (never on non-pod addresses).
                     if !base.is_empty() {
                         for all in [ALL_V4, ALL_V6] {
-                            cidr_rules.push(CidrRule { cidr: all, except: Vec::new(), ports: base.clone() });
+                            cidr_rules.push(CidrRule {
+                                cidr: all,
+                                except: Vec::new(),
+                                ports: base.clone(),
+                            });
                         }
                     }
                     if per_peer_named {
@@ -523,8 +574,9 @@ fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Univer
                     for peer in peers {
                         match peer {
                             Peer::Pods { namespaces, pods } => {
-                                let idx: Vec<usize> =
-                                    u.peer_idents(namespaces.as_ref(), &pol.namespace, pods.as_ref()).to_vec();
+                                let idx: Vec<usize> = u
+                                    .peer_idents(namespaces.as_ref(), &pol.namespace, pods.as_ref())
+                                    .to_vec();
                                 for i in idx {
                                     add_ident(&mut rules, &u.idents[i]);
                                 }
@@ -544,7 +596,10 @@ fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Univer
             }
         }
     }
-    Table::new(TableData { rules, cidrs: cidr::table(&cidr_rules) })
+    Table::new(TableData {
+        rules,
+        cidrs: cidr::table(&cidr_rules),
+    })
 }
 
 /// Compiles a snapshot into the content of every policy map. Numbers are taken from and
@@ -564,20 +619,33 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     let mut idents: Vec<Ident<'_>> = Vec::with_capacity(live.len());
     let mut by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
     for k in &live {
-        let Some(id) = state.identities.get(k) else { continue };
-        by_ns.entry(k.namespace.as_str()).or_default().push(idents.len());
+        let Some(id) = state.identities.get(k) else {
+            continue;
+        };
+        by_ns
+            .entry(k.namespace.as_str())
+            .or_default()
+            .push(idents.len());
         idents.push(Ident { id, key: k });
     }
     for (pod, key) in &pod_keys {
-        let Some(id) = state.identities.get(key) else { continue };
+        let Some(id) = state.identities.get(key) else {
+            continue;
+        };
         for ip in &pod.ips {
             // Two pods claiming one address (a stale one): the first by name wins.
             out.ipcache
                 .entry(IpCacheKey { addr: addr_of(*ip) })
-                .or_insert(IpCacheValue { identity: id, _pad: 0 });
+                .or_insert(IpCacheValue {
+                    identity: id,
+                    _pad: 0,
+                });
         }
     }
-    let host = IpCacheValue { identity: IDENTITY_HOST, _pad: 0 };
+    let host = IpCacheValue {
+        identity: IDENTITY_HOST,
+        _pad: 0,
+    };
     for ip in &snap.node_addrs {
         out.ipcache.insert(IpCacheKey { addr: addr_of(*ip) }, host);
     }
@@ -585,8 +653,11 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     // nodes' are outside the cluster's identities (only ipBlocks match them).
 
     // 2. local endpoints and the policies selecting them.
-    let local: Vec<&Pod> =
-        snap.pods.values().filter(|p| snap.is_local(p) && !p.ips.is_empty()).collect();
+    let local: Vec<&Pod> = snap
+        .pods
+        .values()
+        .filter(|p| snap.is_local(p) && !p.ips.is_empty())
+        .collect();
     let mut local_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, p) in local.iter().enumerate() {
         local_by_ns.entry(p.namespace.as_str()).or_default().push(i);
@@ -594,7 +665,11 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     let policies: Vec<&NetworkPolicy> = snap.policies.values().collect();
     let mut selecting: Vec<[Vec<usize>; 2]> = vec![[Vec::new(), Vec::new()]; local.len()];
     for (pi, pol) in policies.iter().enumerate() {
-        for &li in local_by_ns.get(pol.namespace.as_str()).map(Vec::as_slice).unwrap_or_default() {
+        for &li in local_by_ns
+            .get(pol.namespace.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             if pol.pod_selector.matches(&local[li].labels) {
                 if pol.ingress_isolation {
                     selecting[li][0].push(pi);
@@ -607,7 +682,12 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     }
 
     // 3. specs and their tables.
-    let mut u = Universe { snap, idents, by_ns, peer_cache: HashMap::new() };
+    let mut u = Universe {
+        snap,
+        idents,
+        by_ns,
+        peer_cache: HashMap::new(),
+    };
     let mut spec_tables: HashMap<Spec, Option<Table>> = HashMap::new();
     let mut ep_specs: Vec<[Option<Spec>; 2]> = Vec::with_capacity(local.len());
     for (li, pod) in local.iter().enumerate() {
@@ -618,14 +698,22 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                 continue;
             }
             let ingress = dir == Dir::Ingress;
-            let local_ports = if ingress && pols.iter().any(|&pi| uses_named_ports(&policies[pi].ingress)) {
+            let local_ports = if ingress
+                && pols
+                    .iter()
+                    .any(|&pi| uses_named_ports(&policies[pi].ingress))
+            {
                 let mut v: Vec<_> = IdentityKey::of(pod).named_ports.into_iter().collect();
                 v.sort();
                 v
             } else {
                 Vec::new()
             };
-            let spec = Spec { ingress, policies: pols.clone(), local_ports };
+            let spec = Spec {
+                ingress,
+                policies: pols.clone(),
+                local_ports,
+            };
             if !spec_tables.contains_key(&spec) {
                 let t = compile_table(&spec, &policies, &mut u);
                 spec_tables.insert(spec.clone(), if t.is_empty() { None } else { Some(t) });
@@ -645,10 +733,15 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         }
     }
     // A spec whose table changed passes its number on, when nothing else still uses it.
-    let mut born: BTreeSet<&Table> =
-        tables.iter().copied().filter(|t| state.policy_sets.get(t).is_none()).collect();
+    let mut born: BTreeSet<&Table> = tables
+        .iter()
+        .copied()
+        .filter(|t| state.policy_sets.get(t).is_none())
+        .collect();
     for (spec, new) in &now {
-        let Some(old) = state.last_tables.get(spec) else { continue };
+        let Some(old) = state.last_tables.get(spec) else {
+            continue;
+        };
         if old != new
             && !tables.contains(old)
             && born.contains(new)
@@ -689,17 +782,28 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         ps.rule_value(n)
     };
     for t in &tables {
-        let Some(set) = state.policy_sets.get(t) else { continue };
+        let Some(set) = state.policy_sets.get(t) else {
+            continue;
+        };
         for (id, ps) in &t.rules {
-            out.rules.insert(RuleKey { policy_set: set, identity: *id }, value_of(ps, state));
+            out.rules.insert(
+                RuleKey {
+                    policy_set: set,
+                    identity: *id,
+                },
+                value_of(ps, state),
+            );
         }
         for (net, ps) in &t.cidrs {
-            out.cidr_rules.insert(cidr_key(set, net), value_of(ps, state));
+            out.cidr_rules
+                .insert(cidr_key(set, net), value_of(ps, state));
         }
     }
 
     // 5. endpoints.
-    state.endpoints.sync(local.iter().map(|p| p.key()).collect::<Vec<_>>().iter());
+    state
+        .endpoints
+        .sync(local.iter().map(|p| p.key()).collect::<Vec<_>>().iter());
     for (li, pod) in local.iter().enumerate() {
         let mut v = EndpointValue {
             endpoint_id: state.endpoints.get(&pod.key()).unwrap_or(0),
@@ -708,7 +812,9 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         for (d, spec) in ep_specs[li].iter().enumerate() {
             let Some(spec) = spec else { continue };
             let table = spec_tables.get(spec).and_then(Option::as_ref);
-            let set = table.and_then(|t| state.policy_sets.get(t)).unwrap_or(POLICY_SET_EMPTY);
+            let set = table
+                .and_then(|t| state.policy_sets.get(t))
+                .unwrap_or(POLICY_SET_EMPTY);
             let has_id = table.is_some_and(|t| !t.rules.is_empty());
             let has_cidr = table.is_some_and(|t| !t.cidrs.is_empty());
             if d == 0 {
@@ -732,7 +838,9 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
             }
         }
         for ip in &pod.ips {
-            out.endpoints.entry(EndpointKey { addr: addr_of(*ip) }).or_insert(v);
+            out.endpoints
+                .entry(EndpointKey { addr: addr_of(*ip) })
+                .or_insert(v);
         }
     }
     out

@@ -14,7 +14,12 @@ pub struct Numbering<K: Ord> {
 impl<K: Ord + Clone> Numbering<K> {
     /// Numbers in `first..limit`.
     pub fn new(first: u32, limit: u32) -> Self {
-        Numbering { by_key: BTreeMap::new(), free: BTreeSet::new(), next: first, limit }
+        Numbering {
+            by_key: BTreeMap::new(),
+            free: BTreeSet::new(),
+            next: first,
+            limit,
+        }
     }
 
     pub fn get(&self, k: &K) -> Option<u32> {
@@ -32,7 +37,12 @@ impl<K: Ord + Clone> Numbering<K> {
         K: 'a,
     {
         let keep: BTreeSet<&K> = live.clone().collect();
-        let dead: Vec<K> = self.by_key.keys().filter(|k| !keep.contains(k)).cloned().collect();
+        let dead: Vec<K> = self
+            .by_key
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
         for k in dead {
             if let Some(n) = self.by_key.remove(&k) {
                 self.free.insert(n);

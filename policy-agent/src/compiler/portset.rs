@@ -53,7 +53,12 @@ impl PortSet {
             PortSet::All => v.flags = rule_flags::ALL,
             PortSet::Ranges(r) if r.len() <= INLINE_PORT_RANGES => {
                 for (slot, &(proto, first, last)) in v.ranges.iter_mut().zip(r) {
-                    *slot = PortRange { first, last, proto, _pad: [0; 3] };
+                    *slot = PortRange {
+                        first,
+                        last,
+                        proto,
+                        _pad: [0; 3],
+                    };
                 }
             }
             PortSet::Ranges(_) => {
@@ -95,7 +100,11 @@ pub fn trie_keys(port_set: u32, ranges: &[(u8, u16, u16)], out: &mut Vec<LpmKey<
         let (mut lo, hi) = (u32::from(first), u32::from(last));
         while lo <= hi {
             // Largest aligned block starting at lo that stays within hi.
-            let mut bits = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+            let mut bits = if lo == 0 {
+                16
+            } else {
+                lo.trailing_zeros().min(16)
+            };
             while bits > 0 && lo + (1 << bits) - 1 > hi {
                 bits -= 1;
             }
@@ -123,7 +132,14 @@ mod tests {
 
     #[test]
     fn prefixes_cover_exactly() {
-        for &(f, l) in &[(0u16, 65535u16), (1, 65535), (80, 80), (1000, 2000), (65535, 65535), (3, 4)] {
+        for &(f, l) in &[
+            (0u16, 65535u16),
+            (1, 65535),
+            (80, 80),
+            (1000, 2000),
+            (65535, 65535),
+            (3, 4),
+        ] {
             let mut keys = Vec::new();
             trie_keys(7, &[(6, f, l)], &mut keys);
             let mut covered = 0u32;

@@ -8,15 +8,27 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn snap() -> Snapshot {
-    let mut s = Snapshot { node: "n1".into(), node_addrs: vec![ip("198.18.255.1")], ..Default::default() };
+    let mut s = Snapshot {
+        node: "n1".into(),
+        node_addrs: vec![ip("198.18.255.1")],
+        ..Default::default()
+    };
     for ns in ["a", "b"] {
         let mut l = labels(&[("team", ns)]);
         l.insert("kubernetes.io/metadata.name".into(), ns.into());
-        s.namespaces.insert(ns.into(), Namespace { name: ns.into(), labels: l });
+        s.namespaces.insert(
+            ns.into(),
+            Namespace {
+                name: ns.into(),
+                labels: l,
+            },
+        );
     }
     let pods = [
         ("a", "web", "web", "198.18.0.1", "n1"),
@@ -24,15 +36,22 @@ fn snap() -> Snapshot {
         ("b", "cli", "cli", "198.18.0.3", "n2"),
     ];
     for (ns, name, app, addr, node) in pods {
-        s.pods.insert(ObjectKey::new(ns, name), Pod {
-            namespace: ns.into(),
-            name: name.into(),
-            labels: labels(&[("app", app)]),
-            ips: vec![ip(addr)],
-            ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }],
-            host_network: false,
-            node: Some(node.into()),
-        });
+        s.pods.insert(
+            ObjectKey::new(ns, name),
+            Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: labels(&[("app", app)]),
+                ips: vec![ip(addr)],
+                ports: vec![ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                }],
+                host_network: false,
+                node: Some(node.into()),
+            },
+        );
     }
     s
 }
@@ -50,7 +69,10 @@ fn policy(ns: &str, name: &str, sel: LabelSelector, ingress: Vec<Rule>) -> Netwo
 }
 
 fn sel(kv: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector { match_labels: labels(kv), match_expressions: Vec::new() }
+    LabelSelector {
+        match_labels: labels(kv),
+        match_expressions: Vec::new(),
+    }
 }
 
 #[test]
@@ -67,8 +89,15 @@ fn unselected_pods_are_open_and_no_policy_costs_nothing() {
 fn named_port_resolves_on_local_pod_for_ingress() {
     let mut s = snap();
     let rule = Rule {
-        peers: Some(vec![Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: None }]),
-        ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Name("http".into())), end_port: None }],
+        peers: Some(vec![Peer::Pods {
+            namespaces: Some(LabelSelector::everything()),
+            pods: None,
+        }]),
+        ports: vec![PortSpec {
+            protocol: Protocol::Tcp,
+            port: Some(PortRef::Name("http".into())),
+            end_port: None,
+        }],
     };
     let p = policy("a", "p", sel(&[("app", "web")]), vec![rule]);
     s.policies.insert(p.key(), p);
@@ -84,18 +113,34 @@ fn named_port_resolves_on_local_pod_for_ingress() {
 #[test]
 fn numbers_are_stable_across_recompiles() {
     let mut s = snap();
-    let p = policy("a", "deny", LabelSelector::everything(), vec![Rule {
-        peers: Some(vec![Peer::Pods { namespaces: None, pods: Some(sel(&[("app", "web")])) }]),
-        ports: Vec::new(),
-    }]);
+    let p = policy(
+        "a",
+        "deny",
+        LabelSelector::everything(),
+        vec![Rule {
+            peers: Some(vec![Peer::Pods {
+                namespaces: None,
+                pods: Some(sel(&[("app", "web")])),
+            }]),
+            ports: Vec::new(),
+        }],
+    );
     s.policies.insert(p.key(), p);
     let mut st = CompilerState::new();
     let m1 = compile(&s, &mut st);
     let mut s2 = s.clone();
-    s2.pods.insert(ObjectKey::new("b", "new"), Pod {
-        namespace: "b".into(), name: "new".into(), labels: labels(&[("app", "new")]),
-        ips: vec![ip("198.18.0.9")], ports: Vec::new(), host_network: false, node: Some("n2".into()),
-    });
+    s2.pods.insert(
+        ObjectKey::new("b", "new"),
+        Pod {
+            namespace: "b".into(),
+            name: "new".into(),
+            labels: labels(&[("app", "new")]),
+            ips: vec![ip("198.18.0.9")],
+            ports: Vec::new(),
+            host_network: false,
+            node: Some("n2".into()),
+        },
+    );
     let m2 = compile(&s2, &mut st);
     let d = MapContents::diff(&m1, &m2);
     assert_eq!(d.len(), 1, "{d:?}");
@@ -107,15 +152,30 @@ fn numbers_are_stable_across_recompiles() {
 #[test]
 fn many_ports_go_to_the_trie() {
     let mut s = snap();
-    let ports = (0..6).map(|i| PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(1000 + 10 * i)), end_port: Some(1003 + 10 * i) }).collect();
-    let p = policy("a", "p", LabelSelector::everything(), vec![Rule { peers: None, ports }]);
+    let ports = (0..6)
+        .map(|i| PortSpec {
+            protocol: Protocol::Udp,
+            port: Some(PortRef::Number(1000 + 10 * i)),
+            end_port: Some(1003 + 10 * i),
+        })
+        .collect();
+    let p = policy(
+        "a",
+        "p",
+        LabelSelector::everything(),
+        vec![Rule { peers: None, ports }],
+    );
     s.policies.insert(p.key(), p);
     let m = compile(&s, &mut CompilerState::new());
     assert!(!m.ports.is_empty());
     let k = KernelModel::new(&m);
     for port in 990..1070u16 {
         let want = (1000..1060).contains(&port) && (port - 1000) % 10 <= 3;
-        assert_eq!(k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::UDP, port), want, "{port}");
+        assert_eq!(
+            k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::UDP, port),
+            want,
+            "{port}"
+        );
     }
     assert!(!k.allowed(ip("203.0.113.1"), ip("198.18.0.2"), proto::TCP, 1000));
 }
@@ -126,27 +186,51 @@ fn capacity_is_checked() {
     assert!(m.over_capacity().is_empty());
     for i in 0..=MAX_ENDPOINTS {
         let a = Addr::from_v4_octets((0x0a00_0000u32 + i).to_be_bytes());
-        m.endpoints.insert(EndpointKey { addr: a }, EndpointValue::default());
+        m.endpoints
+            .insert(EndpointKey { addr: a }, EndpointValue::default());
     }
-    assert_eq!(m.over_capacity(), vec![(MAP_ENDPOINTS, MAX_ENDPOINTS as usize + 1, MAX_ENDPOINTS)]);
+    assert_eq!(
+        m.over_capacity(),
+        vec![(MAP_ENDPOINTS, MAX_ENDPOINTS as usize + 1, MAX_ENDPOINTS)]
+    );
 }
 
 #[test]
 fn a_changed_table_keeps_its_number_in_full_recompiles() {
     let mut s = snap();
-    let p = policy("a", "p", sel(&[("app", "db")]), vec![Rule {
-        peers: Some(vec![Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: None }]),
-        ports: Vec::new(),
-    }]);
+    let p = policy(
+        "a",
+        "p",
+        sel(&[("app", "db")]),
+        vec![Rule {
+            peers: Some(vec![Peer::Pods {
+                namespaces: Some(LabelSelector::everything()),
+                pods: None,
+            }]),
+            ports: Vec::new(),
+        }],
+    );
     s.policies.insert(p.key(), p);
     let mut st = CompilerState::new();
     let m1 = compile(&s, &mut st);
-    s.pods.insert(ObjectKey::new("b", "new"), Pod {
-        namespace: "b".into(), name: "new".into(), labels: labels(&[("app", "new")]),
-        ips: vec![ip("198.18.0.9")], ports: Vec::new(), host_network: false, node: Some("n2".into()),
-    });
+    s.pods.insert(
+        ObjectKey::new("b", "new"),
+        Pod {
+            namespace: "b".into(),
+            name: "new".into(),
+            labels: labels(&[("app", "new")]),
+            ips: vec![ip("198.18.0.9")],
+            ports: Vec::new(),
+            host_network: false,
+            node: Some("n2".into()),
+        },
+    );
     let m2 = compile(&s, &mut st);
     let d = MapContents::diff(&m1, &m2);
     // The new pod's address and one row in the one policy-set: nothing renumbered.
-    assert_eq!((d.ipcache.len(), d.rules.upserts.len(), d.len()), (1, 1, 2), "{d:?}");
+    assert_eq!(
+        (d.ipcache.len(), d.rules.upserts.len(), d.len()),
+        (1, 1, 2),
+        "{d:?}"
+    );
 }

@@ -241,7 +241,10 @@ ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.0.1 type=8 code=0 id=7 src=19
             // The first view is the original direction; whatever a hook needs, both grants
             // are there (at any hook, for either side).
             assert_eq!(ct::is_original(&v, s_is_a), sp == 40000);
-            assert!(ct::has_grants(&v, ct_flags::EGRESS_OK | ct_flags::INGRESS_OK));
+            assert!(ct::has_grants(
+                &v,
+                ct_flags::EGRESS_OK | ct_flags::INGRESS_OK
+            ));
             assert!(ct::has_grants(&v, ct::stored_required(&v)));
         }
         assert!(!ct::expired(&v, proto::TCP, 5 + ct::TIMEOUT_TCP_SYN_NS * 2));

@@ -30,8 +30,13 @@ use super::{DataplaneError, maps::DataplaneMaps};
 
 /// Every program of the object, loaded (verified) at load time. Adding a program is one
 /// line here (and one hook list below if it is attached somewhere).
-pub const PROGRAMS: &[&str] =
-    &[PROG_FROM_POD, PROG_TO_POD, PROG_FROM_WORLD, PROG_TO_WORLD, PROG_BENCH_EMPTY];
+pub const PROGRAMS: &[&str] = &[
+    PROG_FROM_POD,
+    PROG_TO_POD,
+    PROG_FROM_WORLD,
+    PROG_TO_WORLD,
+    PROG_BENCH_EMPTY,
+];
 
 /// The hooks of a pod's host-side veth: TC ingress sees what the pod sends.
 pub const POD_HOOKS: &[(&str, TcAttachType)] = &[

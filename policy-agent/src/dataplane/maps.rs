@@ -5,12 +5,12 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, Direction,
-    EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
-    MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET,
-    MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS,
-    MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey, RuleValue,
-    reason::COUNTERS_LEN, service_prefixlen, Addr,
+    Addr, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
+    Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey,
+    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS,
+    MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
+    MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey,
+    RuleValue, reason::COUNTERS_LEN, service_prefixlen,
 };
 
 use super::{DataplaneError, events::DenyEvents};
@@ -186,7 +186,10 @@ impl DataplaneMaps {
             .collect();
         let have: Vec<Key<Addr>> = self.service_cidrs.keys().filter_map(Result::ok).collect();
         for k in &have {
-            if !want.iter().any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data()) {
+            if !want
+                .iter()
+                .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+            {
                 absent_ok(MAP_SERVICE_CIDRS, self.service_cidrs.remove(k))?;
             }
         }

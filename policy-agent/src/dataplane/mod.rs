@@ -5,6 +5,7 @@ pub mod ctnetlink;
 pub mod ctseed;
 mod error;
 pub mod events;
+pub mod links;
 pub mod loader;
 pub mod maps;
 pub mod pinning;
@@ -14,8 +15,9 @@ pub mod uplink;
 
 pub use error::DataplaneError;
 pub use events::DenyEvents;
+pub use links::{LinkSet, Role};
 pub use loader::{AttachMode, Attachment, Dataplane};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};
 pub use pinning::PinState;
 pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};
-pub use uplink::{UplinkMode, Uplinks};
+pub use uplink::UplinkMode;

@@ -3,10 +3,8 @@
 //! backend). They pass everything that involves no local endpoint, so the node's own
 //! traffic is never affected.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::str::FromStr;
-
-use super::{AttachMode, Attachment, Dataplane};
 
 /// Which interfaces get the uplink programs.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -22,7 +20,9 @@ pub enum UplinkMode {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("--uplink {value:?}: expected auto, none or a comma-separated list of interface names ({reason})")]
+#[error(
+    "--uplink {value:?}: expected auto, none or a comma-separated list of interface names ({reason})"
+)]
 pub struct UplinkParseError {
     pub value: String,
     pub reason: &'static str,
@@ -32,7 +32,10 @@ impl FromStr for UplinkMode {
     type Err = UplinkParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| UplinkParseError { value: s.to_string(), reason };
+        let err = |reason| UplinkParseError {
+            value: s.to_string(),
+            reason,
+        };
         match s.trim() {
             "auto" => Ok(UplinkMode::Auto),
             "none" => Ok(UplinkMode::None),
@@ -64,7 +67,11 @@ pub fn interfaces() -> Vec<String> {
         }
         let mut p = head;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             p = p.add(1);
         }
         libc::if_freenameindex(head);
@@ -73,7 +80,11 @@ pub fn interfaces() -> Vec<String> {
 }
 
 /// The uplinks among `present` interfaces, given the local pods' interfaces.
-pub fn select(mode: &UplinkMode, present: &[String], pod_ifaces: &BTreeSet<String>) -> BTreeSet<String> {
+pub fn select(
+    mode: &UplinkMode,
+    present: &[String],
+    pod_ifaces: &BTreeSet<String>,
+) -> BTreeSet<String> {
     match mode {
         UplinkMode::None => BTreeSet::new(),
         UplinkMode::Auto => present
@@ -90,94 +101,6 @@ pub fn select(mode: &UplinkMode, present: &[String], pod_ifaces: &BTreeSet<Strin
     }
 }
 
-/// The uplink attachments of one agent, kept in step with the interfaces present.
-#[derive(Debug, Default)]
-pub struct Uplinks {
-    /// Interface name -> (ifindex when attached, the attachment).
-    attached: BTreeMap<String, (u32, Attachment)>,
-    /// Attach failures by ifindex: not retried until the interface changes.
-    failed: BTreeMap<String, u32>,
-}
-
-impl Uplinks {
-    /// Interfaces with the uplink programs attached.
-    pub fn names(&self) -> Vec<String> {
-        self.attached.keys().cloned().collect()
-    }
-
-    pub fn contains(&self, iface: &str) -> bool {
-        self.attached.contains_key(iface)
-    }
-
-    /// Records an attachment taken over from an earlier agent's pins.
-    pub fn adopt(&mut self, iface: String, ifindex: u32, a: Attachment) {
-        self.attached.insert(iface, (ifindex, a));
-    }
-
-    /// Attaches the uplink programs where `mode` wants them now and detaches them where
-    /// not (gone interfaces, or ones that turned out to be a pod's veth).
-    pub fn sync(
-        &mut self,
-        dp: &mut Dataplane,
-        mode: &UplinkMode,
-        attach: AttachMode,
-        pod_ifaces: &BTreeSet<String>,
-    ) {
-        let want = select(mode, &interfaces(), pod_ifaces);
-        let drop: Vec<String> = self
-            .attached
-            .iter()
-            .filter(|(iface, (idx, _))| {
-                !want.contains(*iface) || crate::netinfo::ifindex(iface) != Some(*idx)
-            })
-            .map(|(iface, _)| iface.clone())
-            .collect();
-        for iface in drop {
-            if let Some((_, a)) = self.attached.remove(&iface)
-                && let Err(e) = dp.detach(a)
-            {
-                tracing::debug!(interface = %iface, error = %e, "detach uplink");
-            }
-        }
-        for iface in &want {
-            if self.attached.contains_key(iface) {
-                continue;
-            }
-            let Some(idx) = crate::netinfo::ifindex(iface) else { continue };
-            if self.failed.get(iface) == Some(&idx) {
-                continue;
-            }
-            match dp.attach_uplink(iface, attach) {
-                Ok(a) => {
-                    tracing::info!(interface = %iface, "uplink programs attached");
-                    self.failed.remove(iface);
-                    self.attached.insert(iface.clone(), (idx, a));
-                }
-                Err(e) => {
-                    tracing::warn!(interface = %iface, error = %e, "uplink attach failed");
-                    self.failed.insert(iface.clone(), idx);
-                }
-            }
-        }
-    }
-
-    /// Leaves every attachment in place for the next agent.
-    pub fn release_all(&mut self, dp: &mut Dataplane) {
-        for (_, (_, a)) in std::mem::take(&mut self.attached) {
-            dp.release(a);
-        }
-    }
-
-    /// Detaches (and unpins) every attachment.
-    pub fn detach_all(&mut self, dp: &mut Dataplane) {
-        for (iface, (_, a)) in std::mem::take(&mut self.attached) {
-            if let Err(e) = dp.detach(a) {
-                tracing::debug!(interface = %iface, error = %e, "detach uplink");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,7 +109,10 @@ mod tests {
     fn parses_the_flag() {
         assert_eq!("auto".parse(), Ok(UplinkMode::Auto));
         assert_eq!("none".parse(), Ok(UplinkMode::None));
-        assert_eq!("eth0, bond0".parse(), Ok(UplinkMode::List(vec!["eth0".into(), "bond0".into()])));
+        assert_eq!(
+            "eth0, bond0".parse(),
+            Ok(UplinkMode::List(vec!["eth0".into(), "bond0".into()]))
+        );
         assert!("".parse::<UplinkMode>().is_err());
         assert!("eth0,,eth1".parse::<UplinkMode>().is_err());
         assert!("averyveryverylongname".parse::<UplinkMode>().is_err());
@@ -205,6 +131,9 @@ mod tests {
 
     #[test]
     fn lists_this_namespaces_interfaces() {
-        assert!(interfaces().iter().any(|i| i == "lo"), "every namespace has lo");
+        assert!(
+            interfaces().iter().any(|i| i == "lo"),
+            "every namespace has lo"
+        );
     }
 }

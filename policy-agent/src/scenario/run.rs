@@ -135,7 +135,11 @@ fn run_steps(
         total.add(&counts);
     }
     match narration {
-        None => writeln!(out, "{}: {} passed, {} failed", plan.name, total.passed, total.failed)?,
+        None => writeln!(
+            out,
+            "{}: {} passed, {} failed",
+            plan.name, total.passed, total.failed
+        )?,
         Some(nar) => nar.summary(out, plan, &total)?,
     }
     Ok(total)

@@ -86,4 +86,3 @@ pub fn tag_pid(tag: &str) -> Option<u32> {
     }
     u32::try_from(v >> 10).ok()
 }
-

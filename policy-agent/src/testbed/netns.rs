@@ -28,7 +28,11 @@ impl Netns {
 
     /// Creates a node namespace: loopback up holding the node's own addresses, forwarding on,
     /// no duplicate address detection (addresses are usable at once).
-    pub fn create_node(name: &str, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> io::Result<Self> {
+    pub fn create_node(
+        name: &str,
+        v4: std::net::Ipv4Addr,
+        v6: std::net::Ipv6Addr,
+    ) -> io::Result<Self> {
         let node = Netns::create(name)?;
         node.ip(&["link", "set", "lo", "up"])?;
         node.ip(&["addr", "add", &format!("{v4}/32"), "dev", "lo"])?;

@@ -31,17 +31,39 @@ pub struct Hosts {
 impl Hosts {
     pub fn build(topo: &Topology, tag: &str) -> io::Result<Hosts> {
         let node = Netns::create_node(&format!("ksn-{tag}"), topo.node_v4, topo.node_v6)?;
-        let mut hosts = Hosts { pods: Vec::new(), externals: Vec::new(), node };
+        let mut hosts = Hosts {
+            pods: Vec::new(),
+            externals: Vec::new(),
+            node,
+        };
         let node = &hosts.node;
         // A veth pair inside the node (no dummy driver needed): the route target of the
         // ClusterIPs, like kube-proxy's kube-ipvs0; DNAT reroutes before anything is sent.
-        node.ip(&["link", "add", "ksvc", "type", "veth", "peer", "name", "ksvc-peer"])?;
+        node.ip(&[
+            "link",
+            "add",
+            "ksvc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ksvc-peer",
+        ])?;
         node.ip(&["link", "set", "ksvc-peer", "up"])?;
         node.ip(&["link", "set", "ksvc", "up"])?;
         let v4 = topo.node_v4.to_string();
         let v6 = topo.node_v6.to_string();
         node.ip(&["route", "add", SERVICE_NET_V4, "dev", "ksvc", "src", &v4])?;
-        node.ip(&["-6", "route", "add", SERVICE_NET_V6, "dev", "ksvc", "src", &v6])?;
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            SERVICE_NET_V6,
+            "dev",
+            "ksvc",
+            "src",
+            &v6,
+        ])?;
         for pod in &topo.pods {
             if pod.host_network {
                 hosts.pods.push(None);
@@ -50,7 +72,11 @@ impl Hosts {
             let ns = Netns::create(&format!("ksp{}-{tag}", pod.index))?;
             let hif = format!("k{tag}p{}", pod.index);
             hosts.pods.push(Some(ns));
-            let ns = hosts.pods.last().and_then(Option::as_ref).ok_or_else(|| io::Error::other("pod"))?;
+            let ns = hosts
+                .pods
+                .last()
+                .and_then(Option::as_ref)
+                .ok_or_else(|| io::Error::other("pod"))?;
             plumb(&hosts.node, ns, &hif, Some(pod.v4), Some(pod.v6), topo)?;
         }
         for (i, e) in topo.externals.iter().enumerate() {
@@ -64,7 +90,10 @@ impl Hosts {
 
     /// The namespace a pod's traffic starts and ends in.
     pub fn pod_ns(&self, index: usize) -> &Netns {
-        self.pods.get(index).and_then(Option::as_ref).unwrap_or(&self.node)
+        self.pods
+            .get(index)
+            .and_then(Option::as_ref)
+            .unwrap_or(&self.node)
     }
 }
 
@@ -76,23 +105,80 @@ fn plumb(
     v6: Option<Ipv6Addr>,
     topo: &Topology,
 ) -> io::Result<()> {
-    ns.sysctl(&["net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"])?;
-    node.ip(&["link", "add", hif, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
-    node.ip(&["addr", "add", &format!("{GATEWAY_V4}/32"), "dev", hif, "scope", "link"])?;
-    node.ip(&["-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", hif, "nodad"])?;
+    ns.sysctl(&[
+        "net.ipv6.conf.default.accept_dad=0",
+        "net.ipv6.conf.all.accept_dad=0",
+    ])?;
+    node.ip(&[
+        "link",
+        "add",
+        hif,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{GATEWAY_V4}/32"),
+        "dev",
+        hif,
+        "scope",
+        "link",
+    ])?;
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{GATEWAY_V6}/64"),
+        "dev",
+        hif,
+        "nodad",
+    ])?;
     node.ip(&["link", "set", hif, "up"])?;
     ns.ip(&["link", "set", "lo", "up"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     if let Some(a) = v4 {
-        node.ip(&["route", "add", &format!("{a}/32"), "dev", hif, "src", &topo.node_v4.to_string()])?;
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            hif,
+            "src",
+            &topo.node_v4.to_string(),
+        ])?;
         ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
         ns.ip(&["route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
         ns.ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
     }
     if let Some(a) = v6 {
-        node.ip(&["-6", "route", "add", &format!("{a}/128"), "dev", hif, "src", &topo.node_v6.to_string()])?;
-        ns.ip(&["-6", "addr", "add", &format!("{a}/128"), "dev", "eth0", "nodad"])?;
-        ns.ip(&["-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0"])?;
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            hif,
+            "src",
+            &topo.node_v6.to_string(),
+        ])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.ip(&[
+            "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
+        ])?;
     }
     Ok(())
 }
@@ -112,23 +198,40 @@ pub fn service_rules(topo: &Topology, v6: bool) -> String {
                 Protocol::Sctp => "sctp",
             };
             let (cluster_ip, backend) = if v6 {
-                (format!("{}/128", pod.service_v6), format!("[{}]:{}", pod.v6, p.port))
+                (
+                    format!("{}/128", pod.service_v6),
+                    format!("[{}]:{}", pod.v6, p.port),
+                )
             } else {
-                (format!("{}/32", pod.service_v4), format!("{}:{}", pod.v4, p.port))
+                (
+                    format!("{}/32", pod.service_v4),
+                    format!("{}:{}", pod.v4, p.port),
+                )
             };
             // kube-proxy hashes the service port name into the chain name; an index does here.
             let id = format!("{}{}{}", pod.index, proto.to_uppercase(), p.port);
             let svc = format!("KUBE-SVC-{id}");
             let sep = format!("KUBE-SEP-{id}");
-            let comment = format!("{}/{}:{}", pod.key.namespace, pod.key.name, p.name.as_deref().unwrap_or(proto));
+            let comment = format!(
+                "{}/{}:{}",
+                pod.key.namespace,
+                pod.key.name,
+                p.name.as_deref().unwrap_or(proto)
+            );
             let _ = writeln!(chains, ":{svc} - [0:0]\n:{sep} - [0:0]");
             let _ = writeln!(
                 rules,
                 "-A KUBE-SERVICES -d {cluster_ip} -p {proto} -m comment --comment \"{comment} cluster IP\" -m {proto} --dport {} -j {svc}",
                 p.port
             );
-            let _ = writeln!(rules, "-A {svc} -m comment --comment \"{comment} -> {backend}\" -j {sep}");
-            let _ = writeln!(rules, "-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {backend}");
+            let _ = writeln!(
+                rules,
+                "-A {svc} -m comment --comment \"{comment} -> {backend}\" -j {sep}"
+            );
+            let _ = writeln!(
+                rules,
+                "-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {backend}"
+            );
         }
     }
     format!(
@@ -142,7 +245,11 @@ pub fn service_rules(topo: &Topology, v6: bool) -> String {
 /// Installs [`service_rules`] for both families in the node namespace.
 pub fn install_services(node: &Netns, topo: &Topology, dir: &Path) -> io::Result<()> {
     for (v6, tool) in [(false, "iptables-restore"), (true, "ip6tables-restore")] {
-        let file = dir.join(if v6 { "services6.rules" } else { "services4.rules" });
+        let file = dir.join(if v6 {
+            "services6.rules"
+        } else {
+            "services4.rules"
+        });
         std::fs::write(&file, service_rules(topo, v6))?;
         let path = file.to_string_lossy().to_string();
         node.exec(tool, &["--noflush", &path])?;

@@ -16,8 +16,8 @@ pub mod sctp;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -129,7 +129,8 @@ impl KernelOracle {
             )));
         }
         let tag = crate::testbed::pid_tag();
-        let dir = TempDir::create(&format!("policy-scenario-{tag}")).map_err(|e| fail("temp dir", e))?;
+        let dir =
+            TempDir::create(&format!("policy-scenario-{tag}")).map_err(|e| fail("temp dir", e))?;
         let manifests = dir.0.join("manifests");
         std::fs::create_dir(&manifests).map_err(|e| fail("manifest dir", e))?;
         let bpffs = PrivateBpffs::mount().map_err(|e| fail("bpffs", e))?;
@@ -165,7 +166,17 @@ impl KernelOracle {
                 for addr in [IpAddr::from(p.v4), IpAddr::from(p.v6)] {
                     servers
                         .ensure(ns, addr, port.protocol, port.port)
-                        .map_err(|e| fail(&format!("server {} {addr} {}/{}", p.key, port.protocol.as_str(), port.port), e))?;
+                        .map_err(|e| {
+                            fail(
+                                &format!(
+                                    "server {} {addr} {}/{}",
+                                    p.key,
+                                    port.protocol.as_str(),
+                                    port.port
+                                ),
+                                e,
+                            )
+                        })?;
                 }
             }
         }
@@ -227,13 +238,17 @@ impl Oracle for KernelOracle {
     }
 
     fn apply(&mut self, topology: &Topology, state: &State) -> Result<(), OracleError> {
-        let run = self.run.as_mut().ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let run = self
+            .run
+            .as_mut()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
         let manifests = run.dir.0.join("manifests");
         let text = render(topology, state)?;
         // Atomic: the agent ignores dot files, and rename replaces the file in one step.
         let tmp = manifests.join(".cluster.yaml.tmp");
         std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
-        std::fs::rename(&tmp, manifests.join("cluster.yaml")).map_err(|e| fail("writing manifests", e))?;
+        std::fs::rename(&tmp, manifests.join("cluster.yaml"))
+            .map_err(|e| fail("writing manifests", e))?;
         let want = crate::manifests::content_hash(&manifests);
         let status_file = run.dir.0.join("status.json");
         let deadline = Instant::now() + self.cfg.apply_timeout;
@@ -265,7 +280,10 @@ impl Oracle for KernelOracle {
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
         check_interrupt()?;
-        let run = self.run.as_mut().ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let run = self
+            .run
+            .as_mut()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
         let mut jobs = Vec::with_capacity(probes.len());
         for p in probes {
             let ns = match &p.src {
@@ -286,7 +304,12 @@ impl Oracle for KernelOracle {
                 protocol: p.port.protocol,
             });
         }
-        Ok(probe::run(&run.ns_files, &jobs, self.cfg.probe_timeout, self.cfg.parallel))
+        Ok(probe::run(
+            &run.ns_files,
+            &jobs,
+            self.cfg.probe_timeout,
+            self.cfg.parallel,
+        ))
     }
 
     fn teardown(&mut self) -> Result<(), OracleError> {
@@ -297,7 +320,9 @@ impl Oracle for KernelOracle {
             {
                 let msg = tail(&run.dir.0.join("agent.log"));
                 self.run = None;
-                return Err(OracleError::Failed(format!("the agent exited with {exit}: {msg}")));
+                return Err(OracleError::Failed(format!(
+                    "the agent exited with {exit}: {msg}"
+                )));
             }
             return Ok(());
         }
@@ -316,7 +341,9 @@ impl KernelOracle {
             {
                 let msg = tail(&run.dir.0.join("agent.log"));
                 drop(run);
-                return Err(OracleError::Failed(format!("the agent exited with {exit}: {msg}")));
+                return Err(OracleError::Failed(format!(
+                    "the agent exited with {exit}: {msg}"
+                )));
             }
         }
         Ok(())
@@ -325,11 +352,17 @@ impl KernelOracle {
 
 impl Run {
     fn pod(&self, key: &ObjectKey) -> Result<usize, OracleError> {
-        self.pod_ns.get(key).copied().ok_or_else(|| OracleError::Failed(format!("no pod {key}")))
+        self.pod_ns
+            .get(key)
+            .copied()
+            .ok_or_else(|| OracleError::Failed(format!("no pod {key}")))
     }
 
     fn external(&self, name: &str) -> Result<(usize, usize), OracleError> {
-        self.external_ns.get(name).copied().ok_or_else(|| OracleError::Failed(format!("no external {name}")))
+        self.external_ns
+            .get(name)
+            .copied()
+            .ok_or_else(|| OracleError::Failed(format!("no external {name}")))
     }
 }
 
@@ -337,7 +370,9 @@ impl Run {
 /// ports, hostNetwork, node, addresses) and the NetworkPolicies as the file wrote them.
 pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
     let mut docs = Vec::new();
-    let yaml = |v: &serde_json::Value| serde_yaml::to_string(v).map_err(|e| fail("rendering manifests", e));
+    let yaml = |v: &serde_json::Value| {
+        serde_yaml::to_string(v).map_err(|e| fail("rendering manifests", e))
+    };
     for (name, ns) in &state.snapshot.namespaces {
         docs.push(yaml(&json!({
             "apiVersion": "v1",
@@ -346,11 +381,9 @@ pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
         }))?);
     }
     for host in &topo.pods {
-        let pod = state
-            .snapshot
-            .pods
-            .get(&host.key)
-            .ok_or_else(|| OracleError::Failed(format!("pod {} missing from the state", host.key)))?;
+        let pod = state.snapshot.pods.get(&host.key).ok_or_else(|| {
+            OracleError::Failed(format!("pod {} missing from the state", host.key))
+        })?;
         let ports: Vec<serde_json::Value> = pod
             .ports
             .iter()
@@ -362,7 +395,10 @@ pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
                 v
             })
             .collect();
-        let ips: Vec<String> = [IpFamily::V4, IpFamily::V6].iter().map(|f| host.addr(*f).to_string()).collect();
+        let ips: Vec<String> = [IpFamily::V4, IpFamily::V6]
+            .iter()
+            .map(|f| host.addr(*f).to_string())
+            .collect();
         docs.push(yaml(&json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -376,7 +412,12 @@ pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
         }))?);
     }
     docs.extend(state.policy_docs.values().cloned());
-    Ok(docs.iter().map(|d| d.trim_end()).collect::<Vec<_>>().join("\n---\n") + "\n")
+    Ok(docs
+        .iter()
+        .map(|d| d.trim_end())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        + "\n")
 }
 
 fn tail(path: &Path) -> String {
@@ -431,7 +472,6 @@ impl Drop for TempDir {
     }
 }
 
-
 fn check_interrupt() -> Result<(), OracleError> {
     if cleanup::interrupted() {
         return Err(OracleError::Failed("interrupted".into()));
@@ -462,18 +502,32 @@ impl PdeathSignal for Command {
 
 #[cfg(test)]
 mod service_range_tests {
-    use super::super::topology::{MAX_PODS, NODE_V4, NODE_V6, pod_v4, pod_v6, service_v4, service_v6};
+    use super::super::topology::{
+        MAX_PODS, NODE_V4, NODE_V6, pod_v4, pod_v6, service_v4, service_v6,
+    };
     use super::SERVICE_CIDRS;
     use std::net::IpAddr;
 
     #[test]
     fn service_ranges_cover_every_cluster_ip_and_no_pod() {
-        let nets: Vec<ipnet::IpNet> = SERVICE_CIDRS.iter().map(|c| c.parse().expect("cidr")).collect();
+        let nets: Vec<ipnet::IpNet> = SERVICE_CIDRS
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
         let covered = |ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
         for i in [0, 1, MAX_PODS / 2, MAX_PODS - 1] {
-            assert!(covered(service_v4(i).into()) && covered(service_v6(i).into()), "service {i}");
-            assert!(!covered(pod_v4(i).into()) && !covered(pod_v6(i).into()), "pod {i}");
+            assert!(
+                covered(service_v4(i).into()) && covered(service_v6(i).into()),
+                "service {i}"
+            );
+            assert!(
+                !covered(pod_v4(i).into()) && !covered(pod_v6(i).into()),
+                "pod {i}"
+            );
         }
-        assert!(!covered(NODE_V4.into()) && !covered(NODE_V6.into()), "the node's own addresses");
+        assert!(
+            !covered(NODE_V4.into()) && !covered(NODE_V6.into()),
+            "the node's own addresses"
+        );
     }
 }

@@ -33,8 +33,17 @@ pub struct Servers {
 
 impl Servers {
     /// Makes `ns` serve `protocol`/`port` on `addr` (once).
-    pub fn ensure(&mut self, ns: &Netns, addr: IpAddr, protocol: Protocol, port: u16) -> io::Result<()> {
-        if !self.started.insert((ns.name().to_string(), addr, protocol, port)) {
+    pub fn ensure(
+        &mut self,
+        ns: &Netns,
+        addr: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> io::Result<()> {
+        if !self
+            .started
+            .insert((ns.name().to_string(), addr, protocol, port))
+        {
             return Ok(());
         }
         let sa = SocketAddr::new(addr, port);
@@ -121,7 +130,9 @@ pub fn run(namespaces: &[File], jobs: &[Job], timeout: Duration, parallel: usize
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { return };
                     if current != Some(job.ns) {
-                        let Some(f) = namespaces.get(job.ns) else { continue };
+                        let Some(f) = namespaces.get(job.ns) else {
+                            continue;
+                        };
                         // SAFETY: a valid namespace fd; only this worker thread changes namespace.
                         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                             tracing::error!(error = %io::Error::last_os_error(), "setns");

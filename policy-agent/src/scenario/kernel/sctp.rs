@@ -20,7 +20,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ POLY
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -49,8 +53,16 @@ fn packet(src: u16, dst: u16, vtag: u32, kind: u8, init_tag: u32) -> Vec<u8> {
     p.extend_from_slice(&dst.to_be_bytes());
     p.extend_from_slice(&vtag.to_be_bytes());
     p.extend_from_slice(&[0; 4]);
-    let cookie: &[u8] = if kind == CHUNK_INIT_ACK { b"netpolck" } else { b"" };
-    let params = if cookie.is_empty() { 0 } else { 4 + cookie.len() };
+    let cookie: &[u8] = if kind == CHUNK_INIT_ACK {
+        b"netpolck"
+    } else {
+        b""
+    };
+    let params = if cookie.is_empty() {
+        0
+    } else {
+        4 + cookie.len()
+    };
     let len = (20 + params) as u16;
     p.extend_from_slice(&[kind, 0]);
     p.extend_from_slice(&len.to_be_bytes());
@@ -124,7 +136,11 @@ pub struct RawSctp {
 
 impl RawSctp {
     pub fn bind(local: IpAddr) -> io::Result<RawSctp> {
-        let domain = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        let domain = if local.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
         // SAFETY: plain socket(2) call; the fd is owned below.
         let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, IPPROTO_SCTP) };
         if fd < 0 {
@@ -134,17 +150,34 @@ impl RawSctp {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let (ss, len) = sockaddr(local);
         // SAFETY: ss is a valid sockaddr of length len.
-        if unsafe { libc::bind(fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &ss as *const _ as *const libc::sockaddr,
+                len,
+            )
+        } != 0
+        {
             return Err(io::Error::last_os_error());
         }
-        Ok(RawSctp { fd, v4: local.is_ipv4() })
+        Ok(RawSctp {
+            fd,
+            v4: local.is_ipv4(),
+        })
     }
 
     /// Only packets from `peer` are received afterwards.
     pub fn connect(&self, peer: IpAddr) -> io::Result<()> {
         let (ss, len) = sockaddr(peer);
         // SAFETY: ss is a valid sockaddr of length len.
-        if unsafe { libc::connect(self.fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+        if unsafe {
+            libc::connect(
+                self.fd.as_raw_fd(),
+                &ss as *const _ as *const libc::sockaddr,
+                len,
+            )
+        } != 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -225,7 +258,13 @@ impl RawSctp {
 
 /// Sends an INIT from `local:src_port` to `to` and waits up to `timeout` for the matching
 /// INIT-ACK. Call on a thread inside the source's namespace.
-pub fn probe(local: IpAddr, src_port: u16, to: SocketAddr, tag: u32, timeout: Duration) -> io::Result<()> {
+pub fn probe(
+    local: IpAddr,
+    src_port: u16,
+    to: SocketAddr,
+    tag: u32,
+    timeout: Duration,
+) -> io::Result<()> {
     let sock = RawSctp::bind(local)?;
     sock.connect(to.ip())?;
     sock.send_to(&packet(src_port, to.port(), 0, CHUNK_INIT, tag), to.ip())?;
@@ -239,7 +278,12 @@ pub fn probe(local: IpAddr, src_port: u16, to: SocketAddr, tag: u32, timeout: Du
         sock.set_timeout(left)?;
         let (from, range) = match sock.recv(&mut buf) {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no INIT-ACK"));
             }
             Err(e) => return Err(e),
@@ -271,10 +315,19 @@ pub fn respond(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let (from, range) = match sock.recv(&mut buf) {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) => return Err(e),
         };
-        let Some((sp, dp, vtag, kind, init_tag)) = parse(&buf[range]) else { continue };
+        let Some((sp, dp, vtag, kind, init_tag)) = parse(&buf[range]) else {
+            continue;
+        };
         if kind != CHUNK_INIT || vtag != 0 || !serves(dp) {
             continue;
         }
