@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::run::{cargo, prepare, status};
+use crate::run::prepare;
 
 /// Signals received while the demo runs; each is passed on to the runner once.
 static SIGNALS: AtomicU32 = AtomicU32::new(0);
@@ -47,17 +47,7 @@ pub fn demo(root: &Path) -> Result<()> {
     }
     heading("[1/3] Preparing the machine and building (the first run takes a few minutes)");
     prepare(root)?;
-    status(
-        "cargo build policy-agent",
-        cargo(root).args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "policy-agent",
-            "--bins",
-        ]),
-    )?;
+    crate::run::build_agent_release(root)?;
     let bin = target_dir(root).join("release");
     let files = demo_files(root)?;
 

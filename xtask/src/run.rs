@@ -132,17 +132,7 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
     }
     if !simulate {
         // The kernel runner starts the agent binary it finds beside itself.
-        status(
-            "cargo build policy-agent",
-            cargo(root).args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "policy-agent",
-                "--bins",
-            ]),
-        )?;
+        build_agent_release(root)?;
     }
     let cwd = std::env::current_dir()?;
     let bin = crate::demo::target_dir(root).join("release");
@@ -187,4 +177,19 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
         bail!("policy-scenario failed ({st})");
     }
     Ok(())
+}
+
+/// Builds the agent's binaries (release): the scenario runner and the demo start them.
+pub fn build_agent_release(root: &Path) -> Result<()> {
+    status(
+        "cargo build policy-agent",
+        cargo(root).args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "policy-agent",
+            "--bins",
+        ]),
+    )
 }

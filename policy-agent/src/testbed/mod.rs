@@ -34,7 +34,7 @@ pub mod traffic;
 pub use bpffs::PrivateBpffs;
 pub use netns::Netns;
 pub use sctp::{SctpResponder, sctp_probe};
-pub use topology::{Host, HostKind, NODE_IPV4, NODE_IPV6, Testbed};
+pub use topology::{Host, HostKind, NODE_IPV4, NODE_IPV6, Testbed, plumb_host};
 pub use traffic::{TcpClient, TcpEchoServer, UdpEchoServer, tcp_echo, udp_echo};
 
 use std::sync::atomic::{AtomicU32, Ordering};

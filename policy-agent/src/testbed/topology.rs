@@ -103,87 +103,16 @@ impl Testbed {
             ipv6: v6,
             host_if,
         };
-        self.plumb(&host)?;
+        plumb_host(
+            &self.node,
+            &host.ns,
+            &host.host_if,
+            Some(host.ipv4),
+            Some(host.ipv6),
+            (NODE_IPV4, NODE_IPV6),
+        )?;
         self.hosts.push(host);
         Ok(self.hosts.len() - 1)
-    }
-
-    fn plumb(&self, h: &Host) -> io::Result<()> {
-        let node = &self.node;
-        let hif = h.host_if.as_str();
-        h.ns.sysctl(&[
-            "net.ipv6.conf.default.accept_dad=0",
-            "net.ipv6.conf.all.accept_dad=0",
-        ])?;
-        node.ip(&[
-            "link",
-            "add",
-            hif,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            h.ns.name(),
-        ])?;
-        node.ip(&[
-            "addr",
-            "add",
-            &format!("{GATEWAY_V4}/32"),
-            "dev",
-            hif,
-            "scope",
-            "link",
-        ])?;
-        node.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{GATEWAY_V6}/64"),
-            "dev",
-            hif,
-            "nodad",
-        ])?;
-        node.ip(&["link", "set", hif, "up"])?;
-        node.ip(&[
-            "route",
-            "add",
-            &format!("{}/32", h.ipv4),
-            "dev",
-            hif,
-            "src",
-            &NODE_IPV4.to_string(),
-        ])?;
-        node.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{}/128", h.ipv6),
-            "dev",
-            hif,
-            "src",
-            &NODE_IPV6.to_string(),
-        ])?;
-        let ns = &h.ns;
-        ns.ip(&["link", "set", "lo", "up"])?;
-        ns.ip(&["addr", "add", &format!("{}/32", h.ipv4), "dev", "eth0"])?;
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/128", h.ipv6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
-        ns.ip(&[
-            "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
-        ])?;
-        Ok(())
     }
 
     /// Names of every namespace of the bed (node last).
@@ -199,4 +128,93 @@ impl Drop for Testbed {
         // Hosts first (their Drop deletes each namespace), then the node (field drop).
         self.hosts.clear();
     }
+}
+
+/// Connects host namespace `ns` to the node by a veth pair (`hif` on the node side, `eth0`
+/// inside), routed like a CNI plugin does: a /32 and /128 route per address on the node,
+/// a link-local gateway and default routes inside.
+pub fn plumb_host(
+    node: &Netns,
+    ns: &Netns,
+    hif: &str,
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+    (node_v4, node_v6): (Ipv4Addr, Ipv6Addr),
+) -> io::Result<()> {
+    ns.sysctl(&[
+        "net.ipv6.conf.default.accept_dad=0",
+        "net.ipv6.conf.all.accept_dad=0",
+    ])?;
+    node.ip(&[
+        "link",
+        "add",
+        hif,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{GATEWAY_V4}/32"),
+        "dev",
+        hif,
+        "scope",
+        "link",
+    ])?;
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{GATEWAY_V6}/64"),
+        "dev",
+        hif,
+        "nodad",
+    ])?;
+    node.ip(&["link", "set", hif, "up"])?;
+    ns.ip(&["link", "set", "lo", "up"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    if let Some(a) = v4 {
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            hif,
+            "src",
+            &node_v4.to_string(),
+        ])?;
+        ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
+    }
+    if let Some(a) = v6 {
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            hif,
+            "src",
+            &node_v6.to_string(),
+        ])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.ip(&[
+            "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
+        ])?;
+    }
+    Ok(())
 }

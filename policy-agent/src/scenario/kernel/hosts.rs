@@ -5,15 +5,12 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use crate::model::Protocol;
 use crate::scenario::topology::Topology;
-use crate::testbed::Netns;
+use crate::testbed::{Netns, plumb_host};
 
-const GATEWAY_V4: &str = "169.254.1.1";
-const GATEWAY_V6: &str = "fe80::1";
 /// Where the ClusterIPs live (`topology::service_v4` / `service_v6`): routed in the node to a
 /// placeholder interface so node-originated connections reach the OUTPUT DNAT.
 pub const SERVICE_NET_V4: &str = "198.18.128.0/17";
@@ -77,13 +74,27 @@ impl Hosts {
                 .last()
                 .and_then(Option::as_ref)
                 .ok_or_else(|| io::Error::other("pod"))?;
-            plumb(&hosts.node, ns, &hif, Some(pod.v4), Some(pod.v6), topo)?;
+            plumb_host(
+                &hosts.node,
+                ns,
+                &hif,
+                Some(pod.v4),
+                Some(pod.v6),
+                (topo.node_v4, topo.node_v6),
+            )?;
         }
         for (i, e) in topo.externals.iter().enumerate() {
             let ns = Netns::create(&format!("kse{i}-{tag}"))?;
             hosts.externals.push(ns);
             let hif = format!("k{tag}e{i}");
-            plumb(&hosts.node, &hosts.externals[i], &hif, e.v4, e.v6, topo)?;
+            plumb_host(
+                &hosts.node,
+                &hosts.externals[i],
+                &hif,
+                e.v4,
+                e.v6,
+                (topo.node_v4, topo.node_v6),
+            )?;
         }
         Ok(hosts)
     }
@@ -95,92 +106,6 @@ impl Hosts {
             .and_then(Option::as_ref)
             .unwrap_or(&self.node)
     }
-}
-
-fn plumb(
-    node: &Netns,
-    ns: &Netns,
-    hif: &str,
-    v4: Option<Ipv4Addr>,
-    v6: Option<Ipv6Addr>,
-    topo: &Topology,
-) -> io::Result<()> {
-    ns.sysctl(&[
-        "net.ipv6.conf.default.accept_dad=0",
-        "net.ipv6.conf.all.accept_dad=0",
-    ])?;
-    node.ip(&[
-        "link",
-        "add",
-        hif,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ns.name(),
-    ])?;
-    node.ip(&[
-        "addr",
-        "add",
-        &format!("{GATEWAY_V4}/32"),
-        "dev",
-        hif,
-        "scope",
-        "link",
-    ])?;
-    node.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{GATEWAY_V6}/64"),
-        "dev",
-        hif,
-        "nodad",
-    ])?;
-    node.ip(&["link", "set", hif, "up"])?;
-    ns.ip(&["link", "set", "lo", "up"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    if let Some(a) = v4 {
-        node.ip(&[
-            "route",
-            "add",
-            &format!("{a}/32"),
-            "dev",
-            hif,
-            "src",
-            &topo.node_v4.to_string(),
-        ])?;
-        ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
-        ns.ip(&["route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
-    }
-    if let Some(a) = v6 {
-        node.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{a}/128"),
-            "dev",
-            hif,
-            "src",
-            &topo.node_v6.to_string(),
-        ])?;
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{a}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns.ip(&[
-            "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
-        ])?;
-    }
-    Ok(())
 }
 
 /// kube-proxy's iptables rules for one ClusterIP Service per pod (its container ports as
