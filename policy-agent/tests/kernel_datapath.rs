@@ -1562,7 +1562,8 @@ const ID_A: u32 = 301;
 const ID_C: u32 = 302;
 const SERVICE_RANGES: [&str; 2] = ["198.18.128.0/17", "fd00:18::2:0/112"];
 
-fn pending(f: &Fixture, src: Addr, sport: u16, proto: u8) -> Option<(Addr, u16)> {
+/// The client socket's pending virtual tuples (occupied slots).
+fn pending(f: &Fixture, src: Addr, sport: u16, proto: u8) -> Vec<(Addr, u16)> {
     f.maps
         .pending_get(&PendingKey {
             src,
@@ -1570,7 +1571,14 @@ fn pending(f: &Fixture, src: Addr, sport: u16, proto: u8) -> Option<(Addr, u16)>
             proto,
             _pad: 0,
         })
-        .map(|v| (v.vip, v.vport))
+        .map(|v| {
+            v.slots
+                .iter()
+                .filter(|s| s.seen_ns != 0)
+                .map(|s| (s.vip, s.vport))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -1712,7 +1720,7 @@ fn egress_to_a_service_is_deferred_and_judged_on_the_backend() {
         f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
         Reason::AllowServicePending
     );
-    assert_eq!(pending(&f, a4(A4), 40000, TCP), Some((a4(VIP4), 8080)));
+    assert_eq!(pending(&f, a4(A4), 40000, TCP), vec![(a4(VIP4), 8080)]);
     let v = f
         .ct(a4(A4), a4(VIP4), 40000, 8080, TCP)
         .expect("virtual entry");
@@ -1807,6 +1815,120 @@ fn egress_to_a_service_is_deferred_and_judged_on_the_backend() {
     );
 }
 
+fn tcp4_seq(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, seq: u32) -> Vec<u8> {
+    V4::new(src, dst).frame(&tcp_seq(sport, dport, flags, seq))
+}
+
+/// The kernel keeps only the whole 4-tuple unique: one client port may address two Services
+/// at once. Each backend's hook must grant its own virtual tuple, not the other's (found as
+/// a flake: an allowed Service connection whose SYN-ACK was dropped at the client).
+#[test]
+fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
+    let mut f = fixture();
+    f.service_cidrs(&SERVICE_RANGES);
+    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID | ISO_IN);
+    f.endpoint_id(a4(B4), 2, 0);
+    f.endpoint_id(a4(C4), 3, 0);
+    f.ipcache(a4(B4), ID_B);
+    f.ipcache(a4(C4), ID_C);
+    f.rule(SET_EG, ID_B, all());
+    for (vip, seq) in [(VIP4, 100), (VIP4_OTHER, 200)] {
+        assert_eq!(
+            f.verdict(Egress, &tcp4_seq(A4, vip, 40000, 8080, SYN, seq)),
+            Reason::AllowServicePending
+        );
+    }
+    assert_eq!(
+        pending(&f, a4(A4), 40000, TCP),
+        vec![(a4(VIP4), 8080), (a4(VIP4_OTHER), 8080)]
+    );
+    // VIP4 -> B (allowed) is judged first, then VIP4_OTHER -> C (refused).
+    assert_eq!(
+        f.verdict(Ingress, &tcp4_seq(A4, B4, 40000, 80, SYN, 100)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4_seq(A4, C4, 40000, 80, SYN, 200)),
+        Reason::DenyPolicy
+    );
+    let granted = |f: &Fixture, vip| {
+        f.ct(a4(A4), a4(vip), 40000, 8080, TCP)
+            .expect("virtual entry")
+            .flags
+            & ct_flags::EGRESS_OK
+            != 0
+    };
+    assert!(granted(&f, VIP4), "B's hook grants the tuple of B's Service");
+    assert!(!granted(&f, VIP4_OTHER), "and not the other Service's");
+    assert_eq!(
+        pending(&f, a4(A4), 40000, TCP),
+        vec![(a4(VIP4_OTHER), 8080)],
+        "the used slot is freed, the refused one waits"
+    );
+    // The reverse-NATed SYN-ACK from VIP4 reaches A as the reply it is.
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    // A retransmitted SYN towards VIP4_OTHER is deferred again and refused at C again.
+    assert_eq!(
+        f.verdict(Egress, &tcp4_seq(A4, VIP4_OTHER, 40000, 8080, SYN, 200)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4_seq(A4, C4, 40000, 80, SYN, 200)),
+        Reason::DenyPolicy
+    );
+    assert!(!granted(&f, VIP4_OTHER));
+
+    // Five Services from one port: the oldest slot gives way, the newest four are kept.
+    for (i, port) in (9001..=9005).enumerate() {
+        assert_eq!(
+            f.verdict(Egress, &tcp4_seq(A4, VIP4, 41000, port, SYN, 1000 + i as u32)),
+            Reason::AllowServicePending
+        );
+    }
+    let mut ports: Vec<u16> = pending(&f, a4(A4), 41000, TCP).iter().map(|s| s.1).collect();
+    ports.sort();
+    assert_eq!(ports, vec![9002, 9003, 9004, 9005]);
+}
+
+/// A UDP socket addressing two Services: after DNAT nothing tells its datagrams apart, so the
+/// first allowed backend grants both virtual tuples (replies only); the refused backend still
+/// drops every datagram sent to it.
+#[test]
+fn one_udp_socket_towards_two_services_still_meets_each_backends_verdict() {
+    let mut f = fixture();
+    f.service_cidrs(&SERVICE_RANGES);
+    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID);
+    f.endpoint_id(a4(B4), 2, 0);
+    f.endpoint_id(a4(C4), 3, 0);
+    f.ipcache(a4(B4), ID_B);
+    f.ipcache(a4(C4), ID_C);
+    f.rule(SET_EG, ID_B, all());
+    for vip in [VIP4, VIP4_OTHER] {
+        assert_eq!(
+            f.verdict(Egress, &udp4(A4, vip, 5000, 53)),
+            Reason::AllowServicePending
+        );
+    }
+    assert_eq!(
+        f.verdict(Ingress, &udp4(A4, B4, 5000, 5353)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Ingress, &udp4(VIP4, A4, 53, 5000)),
+        Reason::AllowEstablished
+    );
+    for _ in 0..2 {
+        f.verdict(Egress, &udp4(A4, VIP4_OTHER, 5000, 53));
+        assert_eq!(
+            f.verdict(Ingress, &udp4(A4, C4, 5000, 5353)),
+            Reason::DenyPolicy
+        );
+    }
+}
+
 #[test]
 fn without_service_ranges_a_virtual_ip_is_judged_as_it_is() {
     let mut f = fixture();
@@ -1817,7 +1939,7 @@ fn without_service_ranges_a_virtual_ip_is_judged_as_it_is() {
         f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
         Reason::DenyPolicy
     );
-    assert_eq!(pending(&f, a4(A4), 40000, TCP), None);
+    assert_eq!(pending(&f, a4(A4), 40000, TCP), vec![]);
     // A pod address is never deferred, even with ranges configured.
     f.service_cidrs(&SERVICE_RANGES);
     assert_eq!(
@@ -2069,5 +2191,5 @@ fn the_nodes_own_address_is_never_deferred_as_a_service() {
         f.verdict(Egress, &tcp4(A4, NODE4, 40000, 80, SYN)),
         Reason::DenyPolicy
     );
-    assert_eq!(pending(&f, a4(A4), 40000, TCP), None);
+    assert_eq!(pending(&f, a4(A4), 40000, TCP), vec![]);
 }

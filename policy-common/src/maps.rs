@@ -49,7 +49,7 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 pub const MAX_SERVICE_CIDRS: u32 = 64;
-pub const MAX_SERVICE_PENDING: u32 = 65_536;
+pub const MAX_SERVICE_PENDING: u32 = 32_768;
 
 // ---- identities and policy-sets ----
 /// Peer address not in `IPCACHE`: outside the cluster; only ipBlocks can match it.
@@ -336,14 +336,41 @@ pub struct PendingKey {
     pub _pad: u8,
 }
 
-/// `SERVICE_PENDING` value: the virtual IP and port the client addressed, so the hook that
+/// How many virtual tuples one client socket may have pending at once: a client may reuse
+/// one source port towards several virtual IPs at the same time (the kernel only keeps the
+/// whole 4-tuple unique), so one slot per key would let one connection's grant land on
+/// another's virtual tuple.
+pub const PENDING_SLOTS: usize = 4;
+
+/// A slot's TCP initial sequence number is set (the deferred packet was a SYN).
+pub const PENDING_SYN: u8 = 1;
+
+/// How long a deferred virtual tuple may wait for its DNATed packet to be judged: a packet
+/// crosses the node in microseconds; a retransmission defers again and refreshes the slot.
+pub const PENDING_WINDOW_NS: u64 = 2_000_000_000;
+
+/// One deferred virtual tuple of a client socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PendingSlot {
+    pub vip: Addr,
+    pub vport: u16,
+    /// `PENDING_SYN` or 0.
+    pub flags: u8,
+    pub _pad: u8,
+    /// The SYN's sequence number: DNAT keeps it, so the backend's hook can tell which of the
+    /// socket's virtual tuples the SYN in front of it belongs to.
+    pub seq: u32,
+    /// `bpf_ktime_get_coarse_ns` when deferred; 0 = empty slot.
+    pub seen_ns: u64,
+}
+
+/// `SERVICE_PENDING` value: the virtual tuples the client socket addressed, so the hook that
 /// judges the DNATed packet can grant the client's conntrack entry of the virtual tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PendingValue {
-    pub vip: Addr,
-    pub vport: u16,
-    pub _pad: u16,
+    pub slots: [PendingSlot; PENDING_SLOTS],
 }
 
 /// `FRAGMENTS` key: a fragmented datagram.
@@ -434,7 +461,10 @@ const _: () = {
     assert!(size_of::<EventBudget>() == 16);
     assert!(size_of::<Config>() == 8);
     assert!(size_of::<PendingKey>() == 20);
-    assert!(size_of::<PendingValue>() == 20);
+    assert!(size_of::<PendingSlot>() == 32);
+    assert!(offset_of!(PendingSlot, seq) == 20);
+    assert!(offset_of!(PendingSlot, seen_ns) == 24);
+    assert!(size_of::<PendingValue>() == 128);
     assert!(size_of::<LpmKey<Addr>>() == 20);
 };
 

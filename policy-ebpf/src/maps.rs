@@ -46,6 +46,11 @@ pub static SERVICE_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS,
 pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
     LruHashMap::pinned(MAX_SERVICE_PENDING, 0);
 
+/// All zeros, never written: the initial value of a new `SERVICE_PENDING` entry, inserted
+/// from here because the BPF stack has no room for it. Private, not pinned.
+#[map]
+pub static PENDING_ZERO: Array<PendingValue> = Array::with_max_entries(1, 0);
+
 /// Per-CPU scratch for the parsed packet: the BPF stack (512 bytes) cannot hold it beside
 /// the lookup keys. Private to the object, not pinned, not part of the contract.
 #[map]

@@ -45,6 +45,9 @@ pub struct Pkt {
     pub inner_dst: Addr,
     /// Fragment identification (IPv4: 16 bits).
     pub frag_id: u32,
+    /// TCP sequence number (0 for other protocols): ties a SYN seen before DNAT to the same
+    /// SYN after it.
+    pub tcp_seq: u32,
     pub sport: u16,
     pub dport: u16,
     pub inner_sport: u16,
@@ -114,6 +117,7 @@ fn reset(p: &mut Pkt, proto_nr: u8) {
         w(&mut p.proto, proto_nr);
         w(&mut p.frag_proto, proto_nr);
         w(&mut p.tcp_flags, 0);
+        w(&mut p.tcp_seq, 0);
         w(&mut p.icmp_type, 0);
         w(&mut p.kind, Kind::Normal);
         w(&mut p.first_fragment, false);
@@ -279,6 +283,7 @@ fn parse_l4(ctx: &TcContext, p: &mut Pkt, off: usize, v6: bool) {
         p.dport = be16(t[2], t[3]);
         p.policy_port = p.dport;
         p.tcp_flags = t[13];
+        p.tcp_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
     } else if p.proto == proto::UDP {
         let Ok(u) = ld::<[u8; 8]>(ctx, off) else {
             p.malformed = true;
@@ -459,6 +464,7 @@ fn parse_fast(ctx: &TcContext, p: &mut Pkt) -> bool {
         p.dport = u16::from_be(unsafe { at(data, l4 + 2) });
         p.policy_port = p.dport;
         p.tcp_flags = unsafe { at(data, l4 + 13) };
+        p.tcp_seq = u32::from_be(unsafe { at(data, l4 + 4) });
     } else if p.proto == proto::UDP || p.proto == proto::SCTP {
         // 8 bytes of UDP header; SCTP's common header is 12.
         let need = if p.proto == proto::UDP { 8 } else { 12 };

@@ -9,12 +9,12 @@ use aya_ebpf::{
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
-    PendingKey, PendingValue, Reason, ct, ct_flags, decide::decide, ep_flags, proto,
+    PENDING_SLOTS, PENDING_SYN, PENDING_WINDOW_NS, PendingKey, PendingSlot, Reason, ct, ct_flags, decide::decide, ep_flags, proto,
 };
 
 use crate::maps::{
-    BpfMaps, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS, SCRATCH,
-    SERVICE_CIDRS, SERVICE_PENDING,
+    BpfMaps, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS,
+    PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 
@@ -430,18 +430,7 @@ fn flow_verdict(
     }
     if ok {
         if deferred {
-            let k = PendingKey {
-                src: pkt.src,
-                sport: pkt.sport,
-                proto: pkt.proto,
-                _pad: 0,
-            };
-            let v = PendingValue {
-                vip: pkt.dst,
-                vport: pkt.dport,
-                _pad: 0,
-            };
-            let _ = SERVICE_PENDING.insert(&k, &v, 0);
+            defer_virtual_tuple(pkt, now);
         } else if granted & ct_flags::EGRESS_OK != 0 && hook != Hook::FromPod {
             grant_virtual_tuple(pkt, now);
         }
@@ -524,10 +513,65 @@ fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
     true
 }
 
+/// Remembers, for the client socket, the virtual tuple whose egress this `from_pod` deferred:
+/// a slot of its `SERVICE_PENDING` entry (the same virtual tuple's slot, else an empty or the
+/// oldest one).
+#[inline(always)]
+fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
+    let k = PendingKey {
+        src: pkt.src,
+        sport: pkt.sport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    let mut entry = SERVICE_PENDING.get_ptr_mut(&k);
+    if entry.is_none() {
+        let Some(zero) = PENDING_ZERO.get(0) else {
+            return;
+        };
+        let _ = SERVICE_PENDING.insert(&k, zero, 0);
+        entry = SERVICE_PENDING.get_ptr_mut(&k);
+    }
+    let Some(p) = entry else {
+        return;
+    };
+    let mut pick = 0;
+    let mut oldest = u64::MAX;
+    for i in 0..PENDING_SLOTS {
+        // SAFETY: `i` is in bounds; LRU values stay valid for the program's run (a race with
+        // another CPU may at worst mix two slots' fields, which grants nothing that exists).
+        let s = unsafe { &(*p).slots[i] };
+        if s.seen_ns != 0 && s.vport == pkt.dport && same_addr(&s.vip, &pkt.dst) {
+            pick = i;
+            break;
+        }
+        if s.seen_ns < oldest {
+            oldest = s.seen_ns;
+            pick = i;
+        }
+    }
+    let syn = is_syn(pkt);
+    // SAFETY: as above.
+    unsafe {
+        let s = &mut (*p).slots[pick];
+        s.vip = pkt.dst;
+        s.vport = pkt.dport;
+        s.flags = if syn { PENDING_SYN } else { 0 };
+        s.seq = if syn { pkt.tcp_seq } else { 0 };
+        s.seen_ns = now;
+    }
+}
+
 /// The client's egress was allowed on the real backend, at a hook after DNAT: grant the
 /// client's entry of the virtual tuple too, so the reverse-NATed replies (from the virtual
 /// IP) pass its pod's hook. Only a source whose egress its own hook did not grant gets here:
 /// a tuple translated after that hook, or a pod whose veth has no program yet.
+///
+/// After DNAT the virtual tuple is gone from the packet; what survives is the client socket
+/// and, for a SYN, its sequence number. A SYN grants the slot it matches; any other packet
+/// grants every fresh slot of the socket (a UDP socket addressing several Services at once):
+/// an over-grant that only admits replies from those virtual IPs, whose own backends are
+/// still judged when the client's packets reach them.
 #[inline(always)]
 fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
     let k = PendingKey {
@@ -536,18 +580,44 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
         proto: pkt.proto,
         _pad: 0,
     };
-    // SAFETY: copied at once.
-    let Some(pv) = (unsafe { SERVICE_PENDING.get(&k) }).copied() else {
+    let Some(p) = SERVICE_PENDING.get_ptr_mut(&k) else {
         return;
     };
-    let (vkey, _) = ct_key(pkt.src, pv.vip, pkt.sport, pv.vport, pkt.proto);
-    if let Some(p) = CONNTRACK.get_ptr_mut(&vkey) {
-        // SAFETY: see flow_verdict.
-        unsafe {
-            (*p).flags |= ct_flags::EGRESS_OK;
-            (*p).last_seen_ns = now;
+    let fresh = |s: &PendingSlot| s.seen_ns != 0 && now.wrapping_sub(s.seen_ns) < PENDING_WINDOW_NS;
+    let syn = is_syn(pkt);
+    let mut exact = false;
+    if syn {
+        for i in 0..PENDING_SLOTS {
+            // SAFETY: see defer_virtual_tuple.
+            let s = unsafe { &(*p).slots[i] };
+            if fresh(s) && s.flags & PENDING_SYN != 0 && s.seq == pkt.tcp_seq {
+                exact = true;
+            }
         }
     }
+    for i in 0..PENDING_SLOTS {
+        // SAFETY: see defer_virtual_tuple.
+        let s = unsafe { &mut (*p).slots[i] };
+        if !fresh(s) || (exact && !(s.flags & PENDING_SYN != 0 && s.seq == pkt.tcp_seq)) {
+            continue;
+        }
+        let (vkey, _) = ct_key(pkt.src, s.vip, pkt.sport, s.vport, pkt.proto);
+        if let Some(c) = CONNTRACK.get_ptr_mut(&vkey) {
+            // SAFETY: see flow_verdict.
+            unsafe {
+                (*c).flags |= ct_flags::EGRESS_OK;
+                (*c).last_seen_ns = now;
+            }
+        }
+        // Used: a later packet of the socket cannot take it for another tuple.
+        s.seen_ns = 0;
+    }
+}
+
+#[inline(always)]
+fn same_addr(a: &Addr, b: &Addr) -> bool {
+    // Word by word: a derived comparison may become a `bcmp` call, which BPF lacks.
+    a.0[0] == b.0[0] && a.0[1] == b.0[1] && a.0[2] == b.0[2] && a.0[3] == b.0[3]
 }
 
 /// The node's own address: delivered locally, no later hook would judge it, so never

@@ -25,10 +25,15 @@ pub struct L4 {
 }
 
 pub fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
+    tcp_seq(sport, dport, flags, 1)
+}
+
+/// TCP with a given sequence number.
+pub fn tcp_seq(sport: u16, dport: u16, flags: u8, seq: u32) -> L4 {
     let mut b = vec![0u8; 20];
     b[0..2].copy_from_slice(&sport.to_be_bytes());
     b[2..4].copy_from_slice(&dport.to_be_bytes());
-    b[4..8].copy_from_slice(&1u32.to_be_bytes());
+    b[4..8].copy_from_slice(&seq.to_be_bytes());
     b[12] = 5 << 4;
     b[13] = flags;
     b[14..16].copy_from_slice(&65535u16.to_be_bytes());
