@@ -35,7 +35,9 @@ pub use bpffs::PrivateBpffs;
 pub use netns::Netns;
 pub use sctp::{SctpResponder, sctp_probe};
 pub use topology::{Host, HostKind, NODE_IPV4, NODE_IPV6, Testbed, plumb_host};
-pub use traffic::{TcpClient, TcpEchoServer, UdpEchoServer, tcp_echo, udp_echo};
+pub use traffic::{
+    TcpClient, TcpEchoServer, UdpEchoServer, bind_fresh_udp_port, tcp_echo, udp_echo,
+};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

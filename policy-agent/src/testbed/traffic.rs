@@ -2,10 +2,10 @@
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -125,12 +125,35 @@ pub fn tcp_echo(ns: &Netns, to: SocketAddr, timeout: Duration) -> io::Result<()>
     conn.round_trip(b"netpol-probe")
 }
 
+/// A UDP socket on a source port no recent probe used (call it inside the namespace). Connections outlive policy changes
+/// (conntrack, as in Cilium and Calico): a datagram whose 5-tuple repeats an earlier probe
+/// within the UDP idle timeout would get that probe's verdict, and a random ephemeral port
+/// repeats often enough over thousands of probes. So ports rotate through the ephemeral range
+/// (28k ports before any repeats), skipping ports in use.
+pub fn bind_fresh_udp_port(src: IpAddr) -> io::Result<UdpSocket> {
+    const FIRST: u16 = 32768;
+    const COUNT: u16 = 28000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let mut last = None;
+    for _ in 0..64 {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        match UdpSocket::bind(SocketAddr::new(src, port)) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free UDP port")))
+}
+
 /// Sends a datagram from `ns` to `to` and waits `timeout` for its echo.
 pub fn udp_echo(ns: &Netns, to: SocketAddr, timeout: Duration) -> io::Result<()> {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .map_err(io::Error::other)?;
-    let sock = ns.enter(|| UdpSocket::bind(bind))??;
+    let any = if to.is_ipv4() {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
+    let sock = ns.enter(|| bind_fresh_udp_port(any))??;
     sock.set_read_timeout(Some(timeout))?;
     let msg = b"netpol-probe";
     sock.send_to(msg, to)?;

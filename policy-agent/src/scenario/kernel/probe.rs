@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -168,7 +168,7 @@ fn one(job: &Job, timeout: Duration) -> io::Result<()> {
             Ok(())
         }
         Protocol::Udp => {
-            let sock = UdpSocket::bind(SocketAddr::new(job.src, 0))?;
+            let sock = crate::testbed::bind_fresh_udp_port(job.src)?;
             sock.connect(job.to)?;
             sock.set_read_timeout(Some(timeout))?;
             sock.send(MESSAGE)?;
