@@ -36,9 +36,13 @@
 //!   backend; its virtual tuple stays ungranted, and the replies (from the virtual IP) are
 //!   judged as new flows into the client: the connection works whenever the client's
 //!   ingress admits the virtual IP. Hairpin without SNAT is judged like any local backend;
-//! - `SERVICE_PENDING` is keyed by the client socket (address, port, protocol): a grant is
-//!   propagated only by a hook that itself decided the client's egress, i.e. for a tuple
-//!   the client's own hook did not see (DNATed after it, or no program on the client's veth);
+//! - `SERVICE_PENDING` is keyed by the client socket (address, port, protocol) and holds up
+//!   to 4 virtual tuples of it; after DNAT a SYN finds its own by sequence number, but a UDP
+//!   socket addressing several Services at once has all its pending virtual tuples granted
+//!   by the first allowed backend (replies only: each backend still judges what reaches it).
+//!   A grant is propagated only by a hook that itself decided the client's egress, i.e. for
+//!   a tuple the client's own hook did not see (DNATed after it, or no program on the
+//!   client's veth);
 //! - conntrack hits at pod hooks are judged on the entry alone (no `ENDPOINTS` lookup):
 //!   isolation and policy changes apply to new connections; a packet spoofing a live tuple
 //!   exactly passes its hook as that connection would;
