@@ -1858,7 +1858,10 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
             & ct_flags::EGRESS_OK
             != 0
     };
-    assert!(granted(&f, VIP4), "B's hook grants the tuple of B's Service");
+    assert!(
+        granted(&f, VIP4),
+        "B's hook grants the tuple of B's Service"
+    );
     assert!(!granted(&f, VIP4_OTHER), "and not the other Service's");
     assert_eq!(
         pending(&f, a4(A4), 40000, TCP),
@@ -1884,11 +1887,17 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
     // Five Services from one port: the oldest slot gives way, the newest four are kept.
     for (i, port) in (9001..=9005).enumerate() {
         assert_eq!(
-            f.verdict(Egress, &tcp4_seq(A4, VIP4, 41000, port, SYN, 1000 + i as u32)),
+            f.verdict(
+                Egress,
+                &tcp4_seq(A4, VIP4, 41000, port, SYN, 1000 + i as u32)
+            ),
             Reason::AllowServicePending
         );
     }
-    let mut ports: Vec<u16> = pending(&f, a4(A4), 41000, TCP).iter().map(|s| s.1).collect();
+    let mut ports: Vec<u16> = pending(&f, a4(A4), 41000, TCP)
+        .iter()
+        .map(|s| s.1)
+        .collect();
     ports.sort();
     assert_eq!(ports, vec![9002, 9003, 9004, 9005]);
 }

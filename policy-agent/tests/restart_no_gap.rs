@@ -1,9 +1,12 @@
 //! The agent killed with SIGKILL under continuous traffic, a policy changed while it is
 //! down, the agent restarted: not one connection may be decided against the policy that was
 //! enforced, the long-lived connection survives, and the change is enforced once the
-//! restarted agent reports it. Network namespaces, the real `policy-agent standalone`
-//! binary, real sockets. Needs root, BPF and namespaces: fails without.
+//! restarted agent reports it. Network namespaces, the real `policy-agent` binary in
+//! standalone mode (a manifest directory) and in cluster mode (a fake API server over HTTP
+//! on the node namespace's loopback), real sockets. Needs root, BPF and namespaces: fails
+//! without.
 
+mod kube_support;
 mod restart_common;
 
 use std::net::SocketAddr;
@@ -11,10 +14,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use kube_support::{FakeApi, Kind};
 use policy_agent::testbed::{
     PrivateBpffs, TcpClient, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo,
 };
-use restart_common::{Agent, TempDir, files_under, ingress_from, pod, uninstall, write_manifests};
+use restart_common::{
+    Agent, TempDir, files_under, ingress_from, pod, uninstall, write_kubeconfig, write_manifests,
+};
+use serde_json::Value;
 
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 9090;
@@ -69,12 +76,132 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied_tcx() {
-    restart_under_traffic("tcx");
+    restart_under_traffic("tcx", Plane::Standalone);
 }
 
 #[test]
 fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied_clsact() {
-    restart_under_traffic("clsact");
+    restart_under_traffic("clsact", Plane::Standalone);
+}
+
+#[test]
+fn restart_kill9_cluster_agent_under_traffic_no_wrong_verdicts_and_change_applied() {
+    restart_under_traffic("tcx", Plane::Cluster);
+}
+
+/// Where the agent reads the cluster from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plane {
+    Standalone,
+    Cluster,
+}
+
+/// The cluster's state as the agent sees it: a manifest directory, or a fake API server.
+struct Control<'a> {
+    plane: Plane,
+    bed: &'a Testbed,
+    dir: &'a TempDir,
+    fs: &'a PrivateBpffs,
+    api: FakeApi,
+    kubeconfig: std::path::PathBuf,
+    /// Serves the fake API server while the test runs.
+    _rt: Option<tokio::runtime::Runtime>,
+}
+
+/// /readyz of the cluster agent, on the node namespace's loopback.
+const METRICS_PORT: u16 = 9090;
+
+impl<'a> Control<'a> {
+    fn new(plane: Plane, bed: &'a Testbed, dir: &'a TempDir, fs: &'a PrivateBpffs) -> Self {
+        let api = FakeApi::default();
+        let (rt, kubeconfig) = match plane {
+            Plane::Standalone => (None, std::path::PathBuf::new()),
+            Plane::Cluster => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                // Bound inside the node namespace: the agent there reaches it on 127.0.0.1.
+                let listener = bed
+                    .node
+                    .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
+                    .expect("enter node")
+                    .expect("bind the fake API server");
+                let port = listener.local_addr().expect("port").port();
+                {
+                    let _in_rt = rt.enter();
+                    api.serve_http(listener);
+                }
+                (Some(rt), write_kubeconfig(dir, port))
+            }
+        };
+        Control {
+            plane,
+            bed,
+            dir,
+            fs,
+            api,
+            kubeconfig,
+            _rt: rt,
+        }
+    }
+
+    /// Makes `docs` (Pods and NetworkPolicies of namespace default) the cluster's state;
+    /// returns the standalone generation to wait for (0 in cluster mode).
+    fn publish(&self, docs: &[Value]) -> u64 {
+        match self.plane {
+            Plane::Standalone => write_manifests(&self.dir.manifests(), docs),
+            Plane::Cluster => {
+                self.api.apply(
+                    Kind::Namespaces,
+                    kube_support::namespace("default", serde_json::json!({})),
+                );
+                for d in docs {
+                    let kind = match d["kind"].as_str() {
+                        Some("Pod") => Kind::Pods,
+                        Some("NetworkPolicy") => Kind::Policies,
+                        other => panic!("unexpected kind {other:?}"),
+                    };
+                    self.api.apply(kind, d.clone());
+                }
+                0
+            }
+        }
+    }
+
+    fn start(&self, mode: &str, n: u32) -> Agent {
+        match self.plane {
+            Plane::Standalone => Agent::start(self.bed, self.dir, self.fs, &["--attach", mode], n),
+            Plane::Cluster => Agent::start_cluster(
+                self.bed,
+                self.dir,
+                self.fs,
+                &self.kubeconfig,
+                METRICS_PORT,
+                &["--attach", mode],
+                n,
+            ),
+        }
+    }
+
+    /// Waits until `agent` enforces `generation` on the 4 pods; says whether it adopted
+    /// pinned maps (a restart) rather than creating them.
+    fn wait_enforced(&self, agent: &mut Agent, generation: u64) -> bool {
+        match self.plane {
+            Plane::Standalone => {
+                agent
+                    .wait_generation(&self.dir.status(), generation, 4)
+                    .adopted
+            }
+            Plane::Cluster => {
+                agent.wait_ready(self.bed, METRICS_PORT);
+                agent
+                    .log_text()
+                    .contains("adopted the maps and links an earlier agent pinned")
+            }
+        }
+    }
 }
 
 /// The programs attached at each hook of `iface` (TCX only; clsact filters: by `tc`).
@@ -109,7 +236,7 @@ fn attached_programs(bed: &Testbed, iface: &str, mode: &str) -> Vec<String> {
     }
 }
 
-fn restart_under_traffic(mode: &str) {
+fn restart_under_traffic(mode: &str, plane: Plane) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -155,12 +282,22 @@ fn restart_under_traffic(mode: &str) {
     ]
     .concat();
 
-    let gen1 = write_manifests(&dir.manifests(), &gen1_docs);
-    let mut agent1 = Agent::start(&bed, &dir, &fs, &["--attach", mode], 1);
-    let s1 = agent1.wait_generation(&dir.status(), gen1, 4);
-    assert!(!s1.adopted, "a first start creates the maps: {s1:?}");
+    let control = Control::new(plane, &bed, &dir, &fs);
+    let gen1 = control.publish(&gen1_docs);
+    let mut agent1 = control.start(mode, 1);
+    let adopted1 = control.wait_enforced(&mut agent1, gen1);
+    assert!(
+        !adopted1,
+        "a first start creates the maps: {}",
+        agent1.log_tail()
+    );
     let progs1 = attached_programs(&bed, &bed.hosts[B].host_if, mode);
-    assert_eq!(progs1.len(), 2, "one program per hook: {progs1:?}");
+    assert_eq!(
+        progs1.len(),
+        2,
+        "one program per hook: {progs1:?}; {}",
+        agent1.log_tail()
+    );
 
     let to = |dst: usize, port: u16| SocketAddr::new(bed.hosts[dst].ip(false), port);
     // The long-lived connection, through an isolated endpoint, allowed in both generations.
@@ -173,6 +310,7 @@ fn restart_under_traffic(mode: &str) {
     let long_trips = AtomicU64::new(0);
     let long_failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let bed_ref = &bed;
+    let control = &control;
     let (t_kill, t_restart, t_switch, s2) = std::thread::scope(|sc| {
         let _stop_guard = restart_common::StopOnDrop(&stop);
         for (i, pair) in PAIRS.into_iter().enumerate() {
@@ -239,11 +377,11 @@ fn restart_under_traffic(mode: &str) {
         let t_kill = Instant::now();
         std::thread::sleep(Duration::from_millis(1000));
         // The policy changes while no agent runs.
-        let gen2 = write_manifests(&dir.manifests(), &gen2_docs);
+        let gen2 = control.publish(&gen2_docs);
         std::thread::sleep(Duration::from_millis(1500));
         let t_restart = Instant::now();
-        let mut agent2 = Agent::start(bed_ref, &dir, &fs, &["--attach", mode], 2);
-        let s2 = agent2.wait_generation(&dir.status(), gen2, 4);
+        let mut agent2 = control.start(mode, 2);
+        let s2 = control.wait_enforced(&mut agent2, gen2);
         let t_switch = Instant::now();
         std::thread::sleep(Duration::from_millis(3000));
         stop.store(true, Ordering::Relaxed);
@@ -252,8 +390,9 @@ fn restart_under_traffic(mode: &str) {
         (t_kill, t_restart, t_switch, s2)
     });
     assert!(
-        s2.adopted,
-        "the restarted agent adopts the pinned maps: {s2:?}"
+        s2,
+        "the restarted agent adopts the pinned maps: {}",
+        agent1.log_tail()
     );
     // The restarted agent's programs replaced the old ones in place: still one per hook.
     let progs2 = attached_programs(&bed, &bed.hosts[B].host_if, mode);
@@ -302,7 +441,7 @@ fn restart_under_traffic(mode: &str) {
     let long_failures = long_failures.into_inner().expect("lock");
     let udp = probes.iter().filter(|p| p.proto == Proto::Udp).count();
     eprintln!(
-        "restart under traffic ({mode}): {} probes ({udp} UDP), downtime {:?}, restart to new generation {:?}, \
+        "restart under traffic ({mode}, {plane:?}): {} probes ({udp} UDP), downtime {:?}, restart to new generation {:?}, \
          wrongly allowed {}, wrongly dropped {}, long-lived round trips {long_trips}, per (pair, phase) {counts:?}",
         probes.len(),
         t_restart - t_kill,

@@ -134,6 +134,8 @@ impl KernelEnforcer {
                     tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
                 }
             }
+        } else {
+            tracing::info!("adopted the maps and links an earlier agent pinned");
         }
         maps.set_service_cidrs(service_cidrs)?;
         let written = maps.read_contents()?;

@@ -260,7 +260,6 @@ impl<E: Enforcer> Reconciler<E> {
             Ok((changes, repaired)) => {
                 self.needs_repair = false;
                 self.written = contents;
-                self.health.set_programmed();
                 if let Some(seen) = seen {
                     self.metrics.observe_programming(seen.elapsed());
                 }
@@ -304,6 +303,10 @@ impl<E: Enforcer> Reconciler<E> {
         self.prev = Some(snap);
         // Attach to new pods' interfaces now rather than at the next poll.
         self.poll();
+        if ok {
+            // Ready means enforcing: maps written and the programs on the pods' veths.
+            self.health.set_programmed();
+        }
         ok
     }
 

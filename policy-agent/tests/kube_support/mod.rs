@@ -77,12 +77,11 @@ struct KindState {
     watches: usize,
 }
 
+/// Where a response goes: the tower-test mock's responder or a real HTTP connection.
+pub type Respond = Box<dyn FnOnce(Response<RespBody>) + Send>;
+
 /// A request held back by [`FakeApi::hold`], with its responder and body.
-type Held = (
-    Request<Body>,
-    tower_test::mock::SendResponse<Response<RespBody>>,
-    Option<Value>,
-);
+type Held = (Request<Body>, Respond, Option<Value>);
 
 #[derive(Default)]
 struct State {
@@ -138,18 +137,57 @@ impl FakeApi {
                 let bytes = body.collect_bytes().await.unwrap_or_default();
                 let json: Option<Value> = serde_json::from_slice(&bytes).ok();
                 let req = Request::from_parts(parts, Body::empty());
-                me.handle(req, send, json);
+                me.handle(req, Box::new(move |r| send.send_response(r)), json);
             }
         });
         kube::Client::new(svc, "default")
     }
 
-    fn handle(
-        &self,
-        req: Request<Body>,
-        send: tower_test::mock::SendResponse<Response<RespBody>>,
-        body: Option<Value>,
-    ) {
+    /// Serves the same fake over real HTTP/1.1 on `listener` (bound by the caller, e.g. on a
+    /// test namespace's loopback), for an agent running as its own process. Runs on the
+    /// current tokio runtime until the runtime stops.
+    pub fn serve_http(&self, listener: std::net::TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let me = me.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let bytes = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let json: Option<Value> = serde_json::from_slice(&bytes).ok();
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                me.handle(
+                                    Request::from_parts(parts, Body::empty()),
+                                    Box::new(move |r| {
+                                        let _ = tx.send(r);
+                                    }),
+                                    json,
+                                );
+                                Ok::<_, Infallible>(rx.await.unwrap_or_else(|_| {
+                                    full(StatusCode::SERVICE_UNAVAILABLE, &json!({}))
+                                }))
+                            }
+                        });
+                    let io = hyper_util::rt::TokioIo::new(conn);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        });
+    }
+
+    fn handle(&self, req: Request<Body>, send: Respond, body: Option<Value>) {
         let mut st = self.lock();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
@@ -196,7 +234,7 @@ impl FakeApi {
                 }
                 let stream = rx.map(|b| Ok::<_, Infallible>(Frame::data(b)));
                 let body = BodyExt::boxed(StreamBody::new(stream));
-                send.send_response(
+                send(
                     Response::builder()
                         .status(200)
                         .header("content-type", "application/json")
@@ -211,7 +249,7 @@ impl FakeApi {
                     "metadata": {"resourceVersion": rv_now.to_string()},
                     "items": items,
                 });
-                send.send_response(full(StatusCode::OK, &list));
+                send(full(StatusCode::OK, &list));
             }
             return;
         }
@@ -221,14 +259,14 @@ impl FakeApi {
         {
             let mut b = body.unwrap_or(json!({}));
             b["metadata"]["resourceVersion"] = json!("1");
-            send.send_response(full(StatusCode::CREATED, &b));
+            send(full(StatusCode::CREATED, &b));
             return;
         }
         if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && req.method() == "PATCH" {
-            send.send_response(full(StatusCode::OK, &body.unwrap_or(json!({}))));
+            send(full(StatusCode::OK, &body.unwrap_or(json!({}))));
             return;
         }
-        send.send_response(full(
+        send(full(
             StatusCode::NOT_FOUND,
             &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": path}),
         ));
@@ -353,12 +391,7 @@ impl FakeApi {
         }
     }
 
-    fn handle_again(
-        &self,
-        req: Request<Body>,
-        send: tower_test::mock::SendResponse<Response<RespBody>>,
-        body: Option<Value>,
-    ) {
+    fn handle_again(&self, req: Request<Body>, send: Respond, body: Option<Value>) {
         // `handle` records requests; drop the duplicate record.
         self.handle(req, send, body);
         self.lock().requests.pop();

@@ -68,6 +68,19 @@ pub fn ingress_from(name: &str, target: &str, from: &str, tcp: u16, udp: u16) ->
 
 /// Writes the manifests atomically (the agent ignores dot files) and returns the
 /// generation the agent will report for them.
+/// A kubeconfig for a plain-HTTP API server on 127.0.0.1:`port` (no credentials).
+pub fn write_kubeconfig(dir: &TempDir, port: u16) -> PathBuf {
+    let path = dir.0.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+         clusters: [{{name: test, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
+         users: [{{name: test, user: {{}}}}]\n\
+         contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n"
+    );
+    std::fs::write(&path, text).expect("kubeconfig");
+    path
+}
+
 pub fn write_manifests(dir: &Path, docs: &[Value]) -> u64 {
     let mut all = vec![json!({"apiVersion": "v1", "kind": "Namespace",
                               "metadata": {"name": "default", "labels": {}}})];
@@ -90,38 +103,119 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(bed: &Testbed, dir: &TempDir, fs: &PrivateBpffs, extra: &[&str], n: u32) -> Agent {
-        // A status left by an earlier agent must not be taken for this one's.
         let _ = std::fs::remove_file(dir.status());
+        let manifests = dir.manifests();
+        let status = dir.status();
+        let args: [&std::ffi::OsStr; 7] = [
+            "standalone".as_ref(),
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--status-file".as_ref(),
+            status.as_os_str(),
+            "--poll-ms".as_ref(),
+            "20".as_ref(),
+        ];
+        Self::spawn(bed, dir, fs, &args, extra, &[], n)
+    }
+
+    /// `policy-agent cluster` against the API server named in `kubeconfig`, serving its
+    /// health endpoints on the node namespace's 127.0.0.1:`metrics_port`.
+    pub fn start_cluster(
+        bed: &Testbed,
+        dir: &TempDir,
+        fs: &PrivateBpffs,
+        kubeconfig: &Path,
+        metrics_port: u16,
+        extra: &[&str],
+        n: u32,
+    ) -> Agent {
+        let addr = format!("127.0.0.1:{metrics_port}");
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "cluster".as_ref(),
+            "--metrics-addr".as_ref(),
+            addr.as_ref(),
+            "--debounce-ms".as_ref(),
+            "10".as_ref(),
+        ];
+        Self::spawn(bed, dir, fs, &args, extra, &[("KUBECONFIG", kubeconfig)], n)
+    }
+
+    fn spawn(
+        bed: &Testbed,
+        dir: &TempDir,
+        fs: &PrivateBpffs,
+        args: &[&std::ffi::OsStr],
+        extra: &[&str],
+        env: &[(&str, &Path)],
+        n: u32,
+    ) -> Agent {
         let log = dir.0.join(format!("agent-{n}.log"));
         let out = File::create(&log).expect("agent log");
         let err = out.try_clone().expect("agent log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", bed.node.name()])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", bed.node.name()])
             .arg(env!("CARGO_BIN_EXE_policy-agent"))
-            .arg("standalone")
-            .arg("--manifests")
-            .arg(dir.manifests())
+            .args(args)
             .args(["--node-name", NODE])
             .arg("--bpf-dir")
             .arg(fs.path())
-            .arg("--status-file")
-            .arg(dir.status())
-            .args(["--poll-ms", "20"])
             .args(extra)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start the agent");
+            .stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the agent");
         Agent {
             child: Some(child),
             log,
         }
     }
 
-    /// SIGKILL, as a crash or an OOM kill would.
+    /// Waits until the agent's /readyz answers 200 (stores listed and the first write done).
+    pub fn wait_ready(&mut self, bed: &Testbed, metrics_port: u16) {
+        use std::io::{Read as _, Write as _};
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = bed
+                .node
+                .enter(|| {
+                    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
+                    let mut text = String::new();
+                    s.read_to_string(&mut text)?;
+                    Ok::<_, std::io::Error>(
+                        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+                    )
+                })
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false);
+            if ready {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(exit)) = c.try_wait()
+            {
+                panic!("the agent exited ({exit}): {}", self.log_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent was not ready within 30 s: {}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             // `ip netns exec` execs the agent: the child's pid is the agent's.
