@@ -63,7 +63,8 @@ impl Cluster {
 
     fn meta(&mut self, ns: Option<&str>, name: &str, uid: u64) -> serde_json::Value {
         self.rv += 1;
-        let mut m = json!({"name": name, "resourceVersion": self.rv.to_string(), "uid": format!("u{uid}")});
+        let mut m =
+            json!({"name": name, "resourceVersion": self.rv.to_string(), "uid": format!("u{uid}")});
         if let Some(ns) = ns {
             m["namespace"] = json!(ns);
         }
@@ -96,7 +97,12 @@ impl Cluster {
         if let Some(i) = lose
             && !self.pod_objs.is_empty()
         {
-            let k = self.pod_objs.keys().nth(i % self.pod_objs.len()).cloned().unwrap();
+            let k = self
+                .pod_objs
+                .keys()
+                .nth(i % self.pod_objs.len())
+                .cloned()
+                .unwrap();
             self.pod_objs.remove(&k);
         }
         self.pods.apply_watcher_event(&Event::Init);
@@ -253,7 +259,10 @@ fn run_seed(seed: u64) {
             // A failed write: the next pass repairs.
             l.enforcer.state().lock().unwrap().fail_applies = 1;
             if !l.reconciler.pass_now(&c.stores()) {
-                assert!(l.reconciler.pass_now(&c.stores()), "repair after a failed write");
+                assert!(
+                    l.reconciler.pass_now(&c.stores()),
+                    "repair after a failed write"
+                );
             }
             // Nothing to write leaves the injected failure unused.
             l.enforcer.state().lock().unwrap().fail_applies = 0;

@@ -91,7 +91,7 @@ impl<G: Resource, K: Ord + Clone + Hash> Tracked<G, K> {
         let mut fresh = Vec::new();
         let mut hits = 0;
         for o in state {
-            match self.by_addr.get_mut(&addr(&o)) {
+            match self.by_addr.get_mut(&addr(o)) {
                 Some(e) => {
                     e.seen = pass;
                     hits += 1;
@@ -244,7 +244,9 @@ impl SnapshotCache {
         out.converted += n;
         out.changes.extend(keys.into_iter().map(Change::Namespace));
 
-        let (keys, n) = self.pods.sync(&objects.pods, pass, &mut PodSink(&mut self.snap.pods));
+        let (keys, n) = self
+            .pods
+            .sync(&objects.pods, pass, &mut PodSink(&mut self.snap.pods));
         out.converted += n;
         out.changes.extend(keys.into_iter().map(Change::Pod));
 

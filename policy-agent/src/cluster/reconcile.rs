@@ -291,9 +291,8 @@ impl<E: Enforcer> Reconciler<E> {
                 Some(fitted)
             }
         };
-        self.metrics.set_failclosed_endpoints(
-            fitted.as_ref().map_or(0, |f| f.failclosed.len()),
-        );
+        self.metrics
+            .set_failclosed_endpoints(fitted.as_ref().map_or(0, |f| f.failclosed.len()));
         let enforcer = &mut self.enforcer;
         let written = &self.written;
         let result = blocking(|| match (&fast, &fitted) {
@@ -309,7 +308,9 @@ impl<E: Enforcer> Reconciler<E> {
                 if diff.is_empty() {
                     return Ok((0, false));
                 }
-                enforcer.apply(&f.contents, &diff).map(|()| (diff.len(), false))
+                enforcer
+                    .apply(&f.contents, &diff)
+                    .map(|()| (diff.len(), false))
             }
             (None, None) => Ok((0, false)), // not reached: one of the two is always set
         });
@@ -359,10 +360,7 @@ impl<E: Enforcer> Reconciler<E> {
                 false
             }
         };
-        let pods_changed = update
-            .changes
-            .iter()
-            .any(|c| matches!(c, Change::Pod(_)));
+        let pods_changed = update.changes.iter().any(|c| matches!(c, Change::Pod(_)));
         if pods_changed || update.changes.contains(&Change::NodeAddrs) {
             self.local = snap
                 .pods
@@ -412,7 +410,11 @@ fn compile<'e>(
 /// Whether `c` fits the maps as is (what [`capacity::fit`] would return unchanged).
 fn fits(c: &MapContents, cap: Capacity) -> bool {
     let [e, i, r, cr, p] = c.sizes().map(|(_, n, _)| n);
-    e <= cap.endpoints && i <= cap.ipcache && r <= cap.rules && cr <= cap.cidr_rules && p <= cap.ports
+    e <= cap.endpoints
+        && i <= cap.ipcache
+        && r <= cap.rules
+        && cr <= cap.cidr_rules
+        && p <= cap.ports
 }
 
 /// Logs, counts and publishes the problems of policies not reported in this form before.

@@ -43,7 +43,8 @@ struct Check {
 }
 
 fn meta(ns: Option<&str>, name: &str, rv: u64, uid: u64) -> serde_json::Value {
-    let mut m = json!({"name": name, "resourceVersion": rv.to_string(), "uid": format!("uid-{uid}")});
+    let mut m =
+        json!({"name": name, "resourceVersion": rv.to_string(), "uid": format!("uid-{uid}")});
     if let Some(ns) = ns {
         m["namespace"] = json!(ns);
     }
@@ -85,7 +86,12 @@ impl World {
     }
 
     /// The uid of the object under `key` now, or a new one (`recreate` always a new one).
-    fn uid_for<K>(&mut self, objs: &BTreeMap<Key, DeserializeGuard<K>>, key: &Key, recreate: bool) -> u64
+    fn uid_for<K>(
+        &mut self,
+        objs: &BTreeMap<Key, DeserializeGuard<K>>,
+        key: &Key,
+        recreate: bool,
+    ) -> u64
     where
         K: kube::Resource,
     {
@@ -102,7 +108,15 @@ impl World {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn pod(&mut self, ns: &str, name: &str, app: &str, ip: Option<&str>, node: &str, recreate: bool) {
+    fn pod(
+        &mut self,
+        ns: &str,
+        name: &str,
+        app: &str,
+        ip: Option<&str>,
+        node: &str,
+        recreate: bool,
+    ) {
         let spec = PodSpec {
             app: app.into(),
             ip: ip.map(Into::into),
@@ -148,10 +162,12 @@ impl World {
         if let Some(t) = team {
             m["labels"] = json!({"team": t});
         }
-        let obj = DeserializeGuard(Ok(
-            serde_json::from_value::<core::Namespace>(json!({"metadata": m})).unwrap()
-        ));
-        self.namespaces.apply_watcher_event(&Event::Apply(obj.clone()));
+        let obj = DeserializeGuard(Ok(serde_json::from_value::<core::Namespace>(
+            json!({"metadata": m}),
+        )
+        .unwrap()));
+        self.namespaces
+            .apply_watcher_event(&Event::Apply(obj.clone()));
         self.ns_objs.insert(key, obj);
     }
 
@@ -185,7 +201,8 @@ impl World {
             )
             .unwrap()))
         };
-        self.policies.apply_watcher_event(&Event::Apply(obj.clone()));
+        self.policies
+            .apply_watcher_event(&Event::Apply(obj.clone()));
         self.policy_objs.insert(key, obj);
     }
 
@@ -311,7 +328,11 @@ impl Check {
                 let mut before = engine.contents().clone();
                 let diff = engine.apply_all(self.cache.snapshot(), &up.changes);
                 diff.apply(&mut before);
-                assert_eq!(&before, engine.contents(), "the engine's diff is its change");
+                assert_eq!(
+                    &before,
+                    engine.contents(),
+                    "the engine's diff is its change"
+                );
                 let full = compiler::compile(&built.snapshot, &mut engine.numbers().clone());
                 assert_eq!(&full, engine.contents(), "incremental == full compile");
             }
@@ -355,7 +376,11 @@ fn cache_relist_with_same_versions_converts_nothing() {
         w.relist(kind, None);
     }
     let up = c.pass(&w);
-    assert_eq!(up, Update::default(), "same versions re-listed: nothing to redo");
+    assert_eq!(
+        up,
+        Update::default(),
+        "same versions re-listed: nothing to redo"
+    );
 }
 
 #[test]
@@ -368,7 +393,12 @@ fn cache_relist_repairs_a_lost_delete() {
     let up = c.pass(&w);
     assert_eq!(up.changes, vec![Change::Pod(ObjectKey::new("a", "client"))]);
     assert_eq!(up.converted, 0);
-    assert!(!c.cache.snapshot().pods.contains_key(&ObjectKey::new("a", "client")));
+    assert!(
+        !c.cache
+            .snapshot()
+            .pods
+            .contains_key(&ObjectKey::new("a", "client"))
+    );
 }
 
 #[test]
@@ -418,7 +448,11 @@ fn cache_malformed_policy_and_problems_follow_versions() {
     let mut w = seeded();
     let mut c = Check::new();
     c.pass(&w);
-    assert!(c.cache.problems().contains_key(&ObjectKey::new("b", "bad-port")));
+    assert!(
+        c.cache
+            .problems()
+            .contains_key(&ObjectKey::new("b", "bad-port"))
+    );
     w.policy("b", "bad-port", 5); // fixed
     c.pass(&w);
     assert!(c.cache.problems().is_empty());
@@ -544,7 +578,9 @@ fn run(ops: &[Op]) {
             }
             Op::Reapply { kind, idx } => w.reapply(kind, usize::from(idx)),
             Op::Relist { kind, lose } => w.relist(kind, lose.map(usize::from)),
-            Op::NodeAddr(i) => c.node_addrs = vec![format!("198.18.255.{}", 250 + i).parse().unwrap()],
+            Op::NodeAddr(i) => {
+                c.node_addrs = vec![format!("198.18.255.{}", 250 + i).parse().unwrap()]
+            }
             Op::Pass => {
                 c.pass(&w);
             }
