@@ -215,6 +215,13 @@ fn run(pods: usize, rounds: u32) {
         MapContents::diff(&kernel, &renumber_onto(&kernel, &fresh)).is_empty(),
         "the loop's maps mean what a full compile means"
     );
+    let fits = capacity::fit(new_engine.contents(), cap)
+        .overflowed
+        .is_empty();
+    println!(
+        "{pods:>6} pods: map entries {:?}, within capacity: {fits}",
+        new_engine.contents().sizes().map(|(n, e, _)| (n, e))
+    );
     // What the kernel enforcer adds per write.
     let t_renumber = time(3, || {
         let target = renumber_onto(&new_written, new_engine.contents());
