@@ -277,6 +277,12 @@ impl SnapshotCache {
         self.counts
     }
 
+    /// Damages the kept snapshot as a bug would (tests of the resync's self-check).
+    #[cfg(test)]
+    pub(crate) fn snapshot_mut(&mut self) -> &mut Snapshot {
+        &mut self.snap
+    }
+
     /// Whether the cache holds what a from-scratch build of the same stores gives.
     pub fn matches(&self, built: &snapshot::Built) -> bool {
         built.snapshot == self.snap && built.policy_problems == self.problems

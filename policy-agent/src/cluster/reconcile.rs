@@ -484,3 +484,68 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
         _ => f(),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::api::core::v1 as core;
+    use k8s_openapi::api::networking::v1 as net;
+    use kube::core::DeserializeGuard;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::cluster::RecordingEnforcer;
+    use crate::dataplane::reconcile::renumber_onto;
+
+    #[test]
+    fn reconcile_resync_rebuilds_a_damaged_kept_snapshot() {
+        let mut wp = Writer::<DeserializeGuard<core::Pod>>::default();
+        let wn = Writer::<DeserializeGuard<core::Namespace>>::default();
+        let wnp = Writer::<DeserializeGuard<net::NetworkPolicy>>::default();
+        for (name, ip) in [("web", "198.18.0.1"), ("db", "198.18.0.2")] {
+            let pod: core::Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "a", "name": name, "resourceVersion": "1", "labels": {"app": name}},
+                "spec": {"nodeName": "n0", "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+            }))
+            .unwrap();
+            wp.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(pod))));
+        }
+        let stores = Stores {
+            pods: wp.as_reader(),
+            namespaces: wn.as_reader(),
+            policies: wnp.as_reader(),
+        };
+        let enforcer = RecordingEnforcer::new();
+        let metrics = Arc::new(Metrics::new());
+        let mut r = Reconciler::new(
+            LoopConfig::new("n0"),
+            enforcer.clone(),
+            metrics.clone(),
+            Arc::new(Health::new(Duration::from_secs(60))),
+            None,
+        );
+        assert!(r.pass_now(&stores));
+        let good = enforcer.state().lock().unwrap().kernel.clone();
+        assert_eq!(good.endpoints.len(), 2);
+
+        // A bug drops a pod from the kept snapshot; the caches did not change, so a change
+        // pass has nothing to convert and keeps it lost.
+        r.cache
+            .snapshot_mut()
+            .pods
+            .remove(&ObjectKey::new("a", "db"));
+        assert!(r.pass_now(&stores));
+        assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 0);
+        // The resync compares with a from-scratch build, rebuilds, and repairs the maps.
+        assert!(r.pass(&stores, Trigger::Resync, None));
+        assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
+        assert_eq!(r.cache.snapshot().pods.len(), 2);
+        let kernel = enforcer.state().lock().unwrap().kernel.clone();
+        assert_eq!(renumber_onto(&good, &kernel), good);
+        // And stays quiet once repaired.
+        assert!(r.pass(&stores, Trigger::Resync, None));
+        assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
+    }
+}
