@@ -8,6 +8,7 @@
 //!     └─> Stores ─────────────┘    └──> Event publisher ──> API server
 //! ```
 
+pub mod cache;
 pub mod capacity;
 pub mod enforcer;
 pub mod events;

@@ -1,12 +1,15 @@
 //! The one writer: waits for the caches, then on every (debounced) change and every resync
-//! builds a snapshot of all caches, compiles it, fits it to the maps and writes the
-//! difference. Nothing else writes the maps.
+//! brings its snapshot of all caches up to date, compiles the changed objects, fits the
+//! result to the maps and writes the difference. Nothing else writes the maps.
 //!
-//! - Snapshots, never events: a deleted object is simply absent from the next snapshot, so a
-//!   lost delete event (or a re-list after a dropped watch) is repaired by construction.
+//! - Snapshots, never events: every pass walks the whole caches (a deleted object is simply
+//!   absent), so a lost delete event (or a re-list after a dropped watch) is repaired by
+//!   construction. Only objects whose version changed are converted again
+//!   ([`SnapshotCache`]), and only they are recompiled ([`Engine::apply_all`]).
 //! - Bursts coalesce: after a change wakes the loop it waits `debounce`, then compiles once.
 //! - Resync: every `resync` the maps are repaired against the desired state (drift from
-//!   failed or foreign writes), and the incremental compile is checked against a full one.
+//!   failed or foreign writes), the kept snapshot is checked against one built from scratch,
+//!   and the incremental compile against a full one.
 //! - A failed write leaves the maps unknown: the next pass repairs instead of diffing.
 
 use std::collections::BTreeMap;
@@ -15,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::cache::SnapshotCache;
 use super::capacity::{self, Capacity};
 use super::enforcer::{Enforcer, LocalPod};
-use super::snapshot::{self, PolicyProblems};
+use super::snapshot::{self, Objects, PolicyProblems};
 use super::watch::{Changes, Stores};
-use crate::compiler::{self, Change, Engine, MapContents};
+use crate::compiler::{self, Change, Engine, MapContents, MapDiff};
 use crate::metrics::{ErrorKind, Health, Metrics};
 use crate::model::{ObjectKey, Snapshot};
 
@@ -63,9 +67,13 @@ pub struct Reconciler<E: Enforcer> {
     health: Arc<Health>,
     events: Option<mpsc::UnboundedSender<PolicyProblems>>,
     engine: Option<Engine>,
-    prev: Option<Snapshot>,
+    /// The caches' model snapshot, kept across passes.
+    cache: SnapshotCache,
     /// What the maps hold, as far as this process knows.
     written: MapContents,
+    /// `written` equals the engine's contents (nothing fitted away, nothing failed): the
+    /// engine's own diff is then the diff to write.
+    written_is_engine: bool,
     /// The maps may differ from `written` (a failed write): repair on the next pass.
     needs_repair: bool,
     /// Problems already reported, per policy (so a resync does not repeat Events).
@@ -83,19 +91,20 @@ impl<E: Enforcer> Reconciler<E> {
         events: Option<mpsc::UnboundedSender<PolicyProblems>>,
     ) -> Self {
         Reconciler {
-            cfg,
             enforcer,
             metrics,
             health,
             events,
             engine: None,
-            prev: None,
+            cache: SnapshotCache::new(&cfg.node),
             written: MapContents::default(),
+            written_is_engine: false,
             // Until restart adoption reads the pinned maps, assume nothing about them.
             needs_repair: true,
             reported: BTreeMap::new(),
             local: Vec::new(),
             failures: 0,
+            cfg,
         }
     }
 
@@ -201,6 +210,12 @@ impl<E: Enforcer> Reconciler<E> {
         }
     }
 
+    /// One change-triggered pass now, outside the loop (benchmarks and tests drive it);
+    /// `false` when the maps could not be written.
+    pub fn pass_now(&mut self, stores: &Stores) -> bool {
+        self.pass(stores, Trigger::Change, None)
+    }
+
     /// One compile-and-write pass; `false` when the maps could not be written.
     fn pass(&mut self, stores: &Stores, trigger: Trigger, seen: Option<Instant>) -> bool {
         let t0 = Instant::now();
@@ -209,57 +224,108 @@ impl<E: Enforcer> Reconciler<E> {
             Err(e) => {
                 self.metrics.error(ErrorKind::NetInfo);
                 tracing::warn!(error = %e, "reading the node addresses failed; keeping the last ones");
-                self.prev
-                    .as_ref()
-                    .map(|p| p.node_addrs.clone())
-                    .unwrap_or_default()
+                self.cache.snapshot().node_addrs.clone()
             }
         };
-        let built = snapshot::build(stores, &self.cfg.node, node_addrs);
+        let resync = trigger == Trigger::Resync;
+        // One read of the caches serves both the kept snapshot and the resync's reference.
+        let objects = Objects::read(stores);
+        let mut update = self.cache.update(&objects, node_addrs.clone());
+        if resync {
+            let built = snapshot::build_from(&objects, &self.cfg.node, node_addrs.clone());
+            if !self.cache.matches(&built) {
+                self.metrics.error(ErrorKind::CompileMismatch);
+                tracing::error!("kept snapshot differs from one built from scratch; rebuilding it");
+                self.cache = SnapshotCache::new(&self.cfg.node);
+                update = self.cache.update(&objects, node_addrs);
+                self.engine = None;
+            }
+        }
+        drop(objects);
         for (kind, n) in ["pods", "namespaces", "networkpolicies"]
             .into_iter()
-            .zip(built.counts)
+            .zip(self.cache.counts())
         {
             self.metrics.set_objects(kind, n);
         }
-        self.report_problems(&built.policy_problems);
-        let snap = built.snapshot;
+        report_problems(
+            &mut self.reported,
+            &self.metrics,
+            self.events.as_ref(),
+            self.cache.problems(),
+        );
+        let snap = self.cache.snapshot();
 
-        let resync = trigger == Trigger::Resync;
-        let desired = blocking(|| self.compile(&snap, resync));
-        let fitted = capacity::fit(&desired, self.cfg.capacity);
-        if !fitted.overflowed.is_empty() {
-            self.metrics.error(ErrorKind::MapFull);
-            tracing::error!(
-                overflowed = ?fitted.overflowed,
-                dropped_policy_sets = fitted.dropped_sets.len(),
-                failclosed_endpoints = fitted.failclosed.len(),
-                "policy maps full: affected endpoints deny everything in the affected direction"
-            );
-        }
-        self.metrics
-            .set_failclosed_endpoints(fitted.failclosed.len());
-        let contents = fitted.contents;
-
+        let (engine, engine_diff) = blocking(|| {
+            compile(
+                &mut self.engine,
+                snap,
+                &update.changes,
+                resync,
+                &self.metrics,
+            )
+        });
+        let desired = engine.contents();
         let repair = self.needs_repair || resync;
-        let result = blocking(|| {
-            if repair {
-                self.enforcer.repair(&contents).map(|n| (n, true))
-            } else {
-                let diff = MapContents::diff(&self.written, &contents);
+        // The common case: everything fits and the maps hold the engine's last contents, so
+        // the engine's diff is the write and nothing is copied or compared whole.
+        let fast = match engine_diff {
+            Some(d) if !repair && self.written_is_engine && fits(desired, self.cfg.capacity) => {
+                Some(d)
+            }
+            _ => None,
+        };
+        let fitted = match fast {
+            Some(_) => None,
+            None => {
+                let fitted = capacity::fit(desired, self.cfg.capacity);
+                if !fitted.overflowed.is_empty() {
+                    self.metrics.error(ErrorKind::MapFull);
+                    tracing::error!(
+                        overflowed = ?fitted.overflowed,
+                        dropped_policy_sets = fitted.dropped_sets.len(),
+                        failclosed_endpoints = fitted.failclosed.len(),
+                        "policy maps full: affected endpoints deny everything in the affected direction"
+                    );
+                }
+                Some(fitted)
+            }
+        };
+        self.metrics
+            .set_failclosed_endpoints(fitted.as_ref().map_or(0, |f| f.failclosed.len()));
+        let enforcer = &mut self.enforcer;
+        let written = &self.written;
+        let result = blocking(|| match (&fast, &fitted) {
+            (Some(diff), _) => {
                 if diff.is_empty() {
                     return Ok((0, false));
                 }
-                self.enforcer
-                    .apply(&contents, &diff)
+                enforcer.apply(desired, diff).map(|()| (diff.len(), false))
+            }
+            (None, Some(f)) if repair => enforcer.repair(&f.contents).map(|n| (n, true)),
+            (None, Some(f)) => {
+                let diff = MapContents::diff(written, &f.contents);
+                if diff.is_empty() {
+                    return Ok((0, false));
+                }
+                enforcer
+                    .apply(&f.contents, &diff)
                     .map(|()| (diff.len(), false))
             }
+            (None, None) => Ok((0, false)), // not reached: one of the two is always set
         });
         self.metrics.reconciled(resync);
         let ok = match result {
             Ok((changes, repaired)) => {
                 self.needs_repair = false;
-                self.written = contents;
+                match (fast, fitted) {
+                    (Some(diff), _) => diff.apply(&mut self.written),
+                    (None, Some(f)) => {
+                        self.written_is_engine = f.overflowed.is_empty();
+                        self.written = f.contents;
+                    }
+                    (None, None) => {}
+                }
                 if let Some(seen) = seen {
                     self.metrics.observe_programming(seen.elapsed());
                 }
@@ -271,6 +337,7 @@ impl<E: Enforcer> Reconciler<E> {
                     trigger = ?trigger,
                     changes,
                     repaired,
+                    converted = update.converted,
                     pods = snap.pods.len(),
                     policies = snap.policies.len(),
                     endpoints = self.written.endpoints.len(),
@@ -281,6 +348,7 @@ impl<E: Enforcer> Reconciler<E> {
             }
             Err(e) => {
                 self.needs_repair = true;
+                self.written_is_engine = false;
                 let kind = if e.is_map_full() {
                     ErrorKind::MapFull
                 } else {
@@ -291,16 +359,18 @@ impl<E: Enforcer> Reconciler<E> {
                 false
             }
         };
-        self.local = snap
-            .pods
-            .values()
-            .filter(|p| snap.is_local(p) && !p.ips.is_empty())
-            .map(|p| LocalPod {
-                key: p.key(),
-                ips: p.ips.clone(),
-            })
-            .collect();
-        self.prev = Some(snap);
+        let pods_changed = update.changes.iter().any(|c| matches!(c, Change::Pod(_)));
+        if pods_changed || update.changes.contains(&Change::NodeAddrs) {
+            self.local = snap
+                .pods
+                .values()
+                .filter(|p| snap.is_local(p) && !p.ips.is_empty())
+                .map(|p| LocalPod {
+                    key: p.key(),
+                    ips: p.ips.clone(),
+                })
+                .collect();
+        }
         // Attach to new pods' interfaces now rather than at the next poll.
         self.poll();
         if ok {
@@ -309,47 +379,68 @@ impl<E: Enforcer> Reconciler<E> {
         }
         ok
     }
+}
 
-    /// The desired contents of `snap`: incremental from the last snapshot, checked against
-    /// a full compile on resync.
-    fn compile(&mut self, snap: &Snapshot, check: bool) -> MapContents {
-        let engine = match (self.engine.as_mut(), self.prev.as_ref()) {
-            (Some(engine), Some(prev)) => {
-                let changes = changes_between(prev, snap);
-                if !changes.is_empty() {
-                    engine.apply_all(snap, &changes);
-                }
-                engine
-            }
-            _ => self.engine.insert(Engine::new(snap)),
-        };
-        if check {
-            let full = compiler::compile(snap, &mut engine.numbers().clone());
-            if &full != engine.contents() {
-                self.metrics.error(ErrorKind::CompileMismatch);
-                tracing::error!("incremental compile differs from a full compile; rebuilding it");
-                *engine = Engine::new(snap);
-            }
+/// The engine holding `snap`: incremental from the last pass, checked against a full compile
+/// when `check`. The diff is the engine's own when it was applied incrementally and passed
+/// the check; `None` when the engine was (re)built.
+fn compile<'e>(
+    slot: &'e mut Option<Engine>,
+    snap: &Snapshot,
+    changes: &[Change],
+    check: bool,
+    metrics: &Metrics,
+) -> (&'e Engine, Option<MapDiff>) {
+    let (engine, mut diff) = match slot {
+        Some(engine) => {
+            let diff = engine.apply_all(snap, changes);
+            (engine, Some(diff))
         }
-        engine.contents().clone()
+        None => (slot.insert(Engine::new(snap)), None),
+    };
+    if check {
+        let full = compiler::compile(snap, &mut engine.numbers().clone());
+        if &full != engine.contents() {
+            metrics.error(ErrorKind::CompileMismatch);
+            tracing::error!("incremental compile differs from a full compile; rebuilding it");
+            *engine = Engine::new(snap);
+            diff = None;
+        }
     }
+    (engine, diff)
+}
 
-    fn report_problems(&mut self, now: &BTreeMap<ObjectKey, PolicyProblems>) {
-        self.reported.retain(|k, _| now.contains_key(k));
-        for (key, pp) in now {
-            if self.reported.get(key) == Some(&pp.problems) {
-                continue;
-            }
-            for p in &pp.problems {
-                self.metrics.error(ErrorKind::InvalidPolicy);
-                tracing::warn!(policy = %key, field = %p.field, problem = %p.message, "invalid NetworkPolicy");
-            }
-            if let Some(tx) = &self.events {
-                // The publisher outlives the loop; a closed channel only loses Events.
-                let _ = tx.send(pp.clone());
-            }
-            self.reported.insert(key.clone(), pp.problems.clone());
+/// Whether `c` fits the maps as is (what [`capacity::fit`] would return unchanged).
+fn fits(c: &MapContents, cap: Capacity) -> bool {
+    let [e, i, r, cr, p] = c.sizes().map(|(_, n, _)| n);
+    e <= cap.endpoints
+        && i <= cap.ipcache
+        && r <= cap.rules
+        && cr <= cap.cidr_rules
+        && p <= cap.ports
+}
+
+/// Logs, counts and publishes the problems of policies not reported in this form before.
+fn report_problems(
+    reported: &mut BTreeMap<ObjectKey, Vec<snapshot::Problem>>,
+    metrics: &Metrics,
+    events: Option<&mpsc::UnboundedSender<PolicyProblems>>,
+    now: &BTreeMap<ObjectKey, PolicyProblems>,
+) {
+    reported.retain(|k, _| now.contains_key(k));
+    for (key, pp) in now {
+        if reported.get(key) == Some(&pp.problems) {
+            continue;
         }
+        for p in &pp.problems {
+            metrics.error(ErrorKind::InvalidPolicy);
+            tracing::warn!(policy = %key, field = %p.field, problem = %p.message, "invalid NetworkPolicy");
+        }
+        if let Some(tx) = events {
+            // The publisher outlives the loop; a closed channel only loses Events.
+            let _ = tx.send(pp.clone());
+        }
+        reported.insert(key.clone(), pp.problems.clone());
     }
 }
 
@@ -394,5 +485,70 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::api::core::v1 as core;
+    use k8s_openapi::api::networking::v1 as net;
+    use kube::core::DeserializeGuard;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::cluster::RecordingEnforcer;
+    use crate::dataplane::reconcile::renumber_onto;
+
+    #[test]
+    fn reconcile_resync_rebuilds_a_damaged_kept_snapshot() {
+        let mut wp = Writer::<DeserializeGuard<core::Pod>>::default();
+        let wn = Writer::<DeserializeGuard<core::Namespace>>::default();
+        let wnp = Writer::<DeserializeGuard<net::NetworkPolicy>>::default();
+        for (name, ip) in [("web", "198.18.0.1"), ("db", "198.18.0.2")] {
+            let pod: core::Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "a", "name": name, "resourceVersion": "1", "labels": {"app": name}},
+                "spec": {"nodeName": "n0", "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+            }))
+            .unwrap();
+            wp.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(pod))));
+        }
+        let stores = Stores {
+            pods: wp.as_reader(),
+            namespaces: wn.as_reader(),
+            policies: wnp.as_reader(),
+        };
+        let enforcer = RecordingEnforcer::new();
+        let metrics = Arc::new(Metrics::new());
+        let mut r = Reconciler::new(
+            LoopConfig::new("n0"),
+            enforcer.clone(),
+            metrics.clone(),
+            Arc::new(Health::new(Duration::from_secs(60))),
+            None,
+        );
+        assert!(r.pass_now(&stores));
+        let good = enforcer.state().lock().unwrap().kernel.clone();
+        assert_eq!(good.endpoints.len(), 2);
+
+        // A bug drops a pod from the kept snapshot; the caches did not change, so a change
+        // pass has nothing to convert and keeps it lost.
+        r.cache
+            .snapshot_mut()
+            .pods
+            .remove(&ObjectKey::new("a", "db"));
+        assert!(r.pass_now(&stores));
+        assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 0);
+        // The resync compares with a from-scratch build, rebuilds, and repairs the maps.
+        assert!(r.pass(&stores, Trigger::Resync, None));
+        assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
+        assert_eq!(r.cache.snapshot().pods.len(), 2);
+        let kernel = enforcer.state().lock().unwrap().kernel.clone();
+        assert_eq!(renumber_onto(&good, &kernel), good);
+        // And stays quiet once repaired.
+        assert!(r.pass(&stores, Trigger::Resync, None));
+        assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
     }
 }

@@ -8,9 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use kube::core::DeserializeGuard;
 
 use super::watch::Stores;
 use crate::convert;
@@ -45,42 +48,57 @@ pub struct Built {
     pub counts: [usize; 3],
 }
 
-/// Builds the snapshot the compiler sees from the current cache contents.
+/// The caches' objects at one moment.
+pub struct Objects {
+    pub pods: Vec<Arc<DeserializeGuard<Pod>>>,
+    pub namespaces: Vec<Arc<DeserializeGuard<Namespace>>>,
+    pub policies: Vec<Arc<DeserializeGuard<NetworkPolicy>>>,
+}
+
+impl Objects {
+    pub fn read(stores: &Stores) -> Self {
+        Objects {
+            pods: stores.pods.state(),
+            namespaces: stores.namespaces.state(),
+            policies: stores.policies.state(),
+        }
+    }
+
+    /// Objects of each kind (pods, namespaces, networkpolicies).
+    pub fn counts(&self) -> [usize; 3] {
+        [self.pods.len(), self.namespaces.len(), self.policies.len()]
+    }
+}
+
+/// Builds the snapshot the compiler sees from the current cache contents, converting every
+/// object. The reconcile loop keeps a [`super::cache::SnapshotCache`] instead (same result,
+/// converting only what changed) and uses this one as the reference on resync.
 pub fn build(stores: &Stores, node: &str, node_addrs: Vec<IpAddr>) -> Built {
+    build_from(&Objects::read(stores), node, node_addrs)
+}
+
+/// [`build`] over objects already read.
+pub fn build_from(objects: &Objects, node: &str, node_addrs: Vec<IpAddr>) -> Built {
     let mut snap = Snapshot {
         node: node.to_owned(),
         node_addrs,
         ..Default::default()
     };
-    let pods = stores.pods.state();
-    let namespaces = stores.namespaces.state();
-    let policies = stores.policies.state();
-    for p in &pods {
-        // Undecodable objects were reported by the watcher.
-        let Ok(p) = &p.0 else { continue };
-        match convert::pod(p) {
-            Ok(m) => {
-                snap.pods.insert(m.key(), m);
-            }
-            Err(e) => tracing::warn!(error = %e, "pod skipped"),
+    for p in &objects.pods {
+        if let Some(m) = pod(p) {
+            snap.pods.insert(m.key(), m);
         }
     }
-    for n in &namespaces {
-        let Ok(n) = &n.0 else { continue };
-        match convert::namespace(n) {
-            Ok(m) => {
-                snap.namespaces.insert(m.name.clone(), m);
-            }
-            Err(e) => tracing::warn!(error = %e, "namespace skipped"),
+    for n in &objects.namespaces {
+        if let Some(m) = namespace(n) {
+            snap.namespaces.insert(m.name.clone(), m);
         }
     }
     let mut policy_problems = BTreeMap::new();
-    for np in &policies {
-        let (value, problems) = match &np.0 {
-            Ok(np) => policy(np),
-            Err(bad) => malformed_policy(&bad.metadata, &bad.error),
+    for np in &objects.policies {
+        let Some((value, problems)) = network_policy(np) else {
+            continue;
         };
-        let Some(value) = value else { continue };
         if let Some(pp) = problems {
             policy_problems.insert(pp.key.clone(), pp);
         }
@@ -89,8 +107,37 @@ pub fn build(stores: &Stores, node: &str, node_addrs: Vec<IpAddr>) -> Built {
     Built {
         snapshot: snap,
         policy_problems,
-        counts: [pods.len(), namespaces.len(), policies.len()],
+        counts: objects.counts(),
     }
+}
+
+/// The model form of one cached pod; `None`: left out of the snapshot.
+pub(super) fn pod(p: &DeserializeGuard<Pod>) -> Option<model::Pod> {
+    // Undecodable objects were reported by the watcher.
+    let Ok(p) = &p.0 else { return None };
+    convert::pod(p)
+        .inspect_err(|e| tracing::warn!(error = %e, "pod skipped"))
+        .ok()
+}
+
+/// The model form of one cached namespace; `None`: left out of the snapshot.
+pub(super) fn namespace(n: &DeserializeGuard<Namespace>) -> Option<model::Namespace> {
+    let Ok(n) = &n.0 else { return None };
+    convert::namespace(n)
+        .inspect_err(|e| tracing::warn!(error = %e, "namespace skipped"))
+        .ok()
+}
+
+/// The enforced form of one cached NetworkPolicy and its problems; `None` only without a
+/// namespace or name (nothing to key it by).
+pub(super) fn network_policy(
+    np: &DeserializeGuard<NetworkPolicy>,
+) -> Option<(model::NetworkPolicy, Option<PolicyProblems>)> {
+    let (value, problems) = match &np.0 {
+        Ok(np) => policy(np),
+        Err(bad) => malformed_policy(&bad.metadata, &bad.error),
+    };
+    Some((value?, problems))
 }
 
 fn reference(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectReference {
