@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
-use policy_agent::standalone;
+use policy_agent::{observe, standalone};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +19,9 @@ struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Where the agent's monitor socket lives (tmpfs; root only).
+    #[arg(long, default_value = observe::DEFAULT_RUN_DIR, global = true)]
+    run_dir: PathBuf,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -112,6 +115,30 @@ enum Mode {
         #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
         uplink: UplinkMode,
     },
+    /// What the pinned datapath holds and has decided: attached programs, endpoints and their
+    /// isolation, map use, verdict counters. Reads the pinned maps read-only; no agent needed.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpf_dir: PathBuf,
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny events as they happen, one line each (through the running agent, or straight
+    /// from the pinned ring buffer when none runs).
+    Monitor {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpf_dir: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events (exit code 1 if the timeout comes first).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -128,7 +155,45 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
+    let run_dir = cli.run_dir;
     match cli.mode {
+        Mode::Status { bpf_dir, json } => {
+            let s = observe::status::collect(&bpf_dir, &run_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", observe::status::render(&s));
+            }
+            Ok(())
+        }
+        Mode::Monitor {
+            bpf_dir,
+            json,
+            count,
+            timeout,
+        } => {
+            let timeout = timeout
+                .map(|t| Duration::try_from_secs_f64(t).context("--timeout must be >= 0"))
+                .transpose()?;
+            let opts = observe::monitor::Options {
+                bpf_dir,
+                run_dir,
+                json,
+                count,
+                timeout,
+            };
+            let mut out = std::io::stdout().lock();
+            let n = observe::monitor::run(&opts, &STOP, &mut out, &mut |_, note| {
+                tracing::info!("{note}")
+            })?;
+            if let Some(c) = count
+                && n < c
+                && !STOP.load(Ordering::Relaxed)
+            {
+                anyhow::bail!("timed out with {n} of {c} events");
+            }
+            Ok(())
+        }
         Mode::Uninstall { bpf_dir } => {
             let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;
             tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, "uninstalled");
@@ -168,6 +233,8 @@ fn main() -> Result<()> {
                 service_cidrs,
                 uplinks: uplink,
             };
+            // Serves `policy-agent monitor` while the agent runs (see observe::broker).
+            let _broker = observe::broker::Broker::spawn(cfg.bpf_dir.clone(), run_dir);
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
         Mode::Cluster {
@@ -185,6 +252,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            let _broker = observe::broker::Broker::spawn(bpf_dir.clone(), run_dir);
             rt.block_on(run_cluster(
                 node_name,
                 metrics_addr,

@@ -1,0 +1,273 @@
+//! The agent's side of `monitor`: the single consumer of the `EVENTS` ring while an agent
+//! runs, republishing each deny event as a JSON line ([`super::event::MonitorEvent`]) to
+//! every client of the monitor socket. See the module doc of [`super`] for why.
+//!
+//! It runs on its own thread so neither a burst of events nor a slow client ever delays the
+//! map writer, and a failure here is logged, never fatal to enforcement.
+
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aya::maps::{Map, MapData, MapInfo, RingBuf};
+use policy_common::{DenyEvent, MAP_EVENTS};
+
+use super::event::Resolver;
+use super::{ConsumerLock, ObserveError};
+
+/// A client whose unsent output exceeds this is cut off (it is not reading).
+const MAX_BACKLOG: usize = 1 << 20;
+/// How often a replaced `EVENTS` pin (an upgrade migrated the maps) is looked for.
+const REPIN_CHECK: Duration = Duration::from_secs(2);
+
+/// The running broker; stops (and removes its socket) when dropped.
+pub struct Broker {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Starts serving `monitor` for the maps pinned in `bpf_dir` once they exist, with the
+    /// socket under `run_dir`.
+    pub fn spawn(bpf_dir: PathBuf, run_dir: PathBuf) -> Broker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("event-broker".into())
+            .spawn(move || run(&bpf_dir, &run_dir, &flag))
+            .map_err(|e| tracing::error!(error = %e, "cannot start the event broker"))
+            .ok();
+        Broker { stop, handle }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) {
+    let mut told_busy = false;
+    while !stop.load(Ordering::Relaxed) {
+        if !bpf_dir.join(MAP_EVENTS).exists() {
+            // The agent has not loaded its object yet.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let lock = match ConsumerLock::try_take(bpf_dir) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                if !told_busy {
+                    tracing::warn!(
+                        holder = %super::lock_holder(bpf_dir),
+                        "a monitor reads the deny events directly; the agent takes over when it exits"
+                    );
+                    told_busy = true;
+                }
+                sleep_unless(stop, Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event broker: taking the consumer lock");
+                sleep_unless(stop, Duration::from_secs(5));
+                continue;
+            }
+        };
+        told_busy = false;
+        if let Err(e) = serve(bpf_dir, run_dir, stop) {
+            tracing::error!(error = %e, "event broker failed; retrying");
+            sleep_unless(stop, Duration::from_secs(1));
+        }
+        drop(lock);
+    }
+}
+
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Opens the pinned ring for consuming (read-write: the consumer position is written).
+pub(crate) fn open_ring(bpf_dir: &Path) -> Result<(RingBuf<MapData>, u32), ObserveError> {
+    let path = bpf_dir.join(MAP_EVENTS);
+    let data = MapData::from_pin(&path).map_err(|e| ObserveError::map(MAP_EVENTS, e))?;
+    let id = data
+        .info()
+        .map_err(|e| ObserveError::map(MAP_EVENTS, e))?
+        .id();
+    let ring =
+        RingBuf::try_from(Map::RingBuf(data)).map_err(|e| ObserveError::map(MAP_EVENTS, e))?;
+    Ok((ring, id))
+}
+
+/// Whether the map pinned as `EVENTS` is no longer the one with `id` (replaced by a
+/// migration, or unpinned by an uninstall).
+pub(crate) fn ring_replaced(bpf_dir: &Path, id: u32) -> bool {
+    MapInfo::from_pin(bpf_dir.join(MAP_EVENTS)).map_or(true, |i| i.id() != id)
+}
+
+/// The next record of the ring as a `DenyEvent` (records of another size are skipped).
+pub(crate) fn next_event(ring: &mut RingBuf<MapData>) -> Option<Option<DenyEvent>> {
+    let item = ring.next()?;
+    if item.len() < std::mem::size_of::<DenyEvent>() {
+        return Some(None);
+    }
+    // SAFETY: DenyEvent is plain old data of this size; ring records are only 8-byte
+    // aligned, hence the unaligned read.
+    Some(Some(unsafe {
+        std::ptr::read_unaligned(item.as_ptr().cast::<DenyEvent>())
+    }))
+}
+
+struct Client {
+    stream: UnixStream,
+    out: Vec<u8>,
+}
+
+impl Client {
+    /// Writes what it can without blocking; false when the client is gone or too slow.
+    fn flush(&mut self) -> bool {
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        self.out.len() <= MAX_BACKLOG
+    }
+}
+
+fn serve(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) -> Result<(), ObserveError> {
+    let (mut ring, id) = open_ring(bpf_dir)?;
+    let sock = super::socket_path(run_dir, bpf_dir);
+    let listener = bind(run_dir, &sock)?;
+    // Removes the socket when serving ends (a stale one after a crash is harmless:
+    // connecting to it is refused, and the next agent replaces it).
+    struct Unlink<'a>(&'a Path);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _unlink = Unlink(&sock);
+    tracing::info!(socket = %sock.display(), "deny events served to `policy-agent monitor`");
+    let mut resolver = Resolver::new(bpf_dir);
+    let mut clients: Vec<Client> = Vec::new();
+    let mut last_check = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [
+            libc::pollfd {
+                fd: ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 200) };
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(true).is_ok() {
+                        tracing::debug!(clients = clients.len() + 1, "monitor connected");
+                        clients.push(Client {
+                            stream: s,
+                            out: Vec::new(),
+                        });
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        // Drained whether or not anyone listens, so the ring never holds stale events.
+        let mut lines = Vec::new();
+        while let Some(rec) = next_event(&mut ring) {
+            if let Some(e) = rec
+                && !clients.is_empty()
+            {
+                lines.extend_from_slice(resolver.decode(&e).json().as_bytes());
+                lines.push(b'\n');
+            }
+        }
+        if !lines.is_empty() || clients.iter().any(|c| !c.out.is_empty()) {
+            clients.retain_mut(|c| {
+                c.out.extend_from_slice(&lines);
+                let keep = c.flush();
+                if !keep {
+                    tracing::debug!("monitor disconnected (gone, or not reading)");
+                }
+                keep
+            });
+        }
+        if last_check.elapsed() > REPIN_CHECK {
+            last_check = Instant::now();
+            // Clients that hung up are noticed here at the latest (a zero-length probe
+            // cannot tell; peek for EOF instead).
+            clients.retain(|c| !hung_up(&c.stream));
+            if ring_replaced(bpf_dir, id) {
+                tracing::info!("the EVENTS map was replaced; reopening it");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the peer closed its end (a monitor never sends anything).
+fn hung_up(s: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: a valid socket and a one-byte buffer.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
+fn bind(run_dir: &Path, sock: &Path) -> Result<UnixListener, ObserveError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let err = |source| ObserveError::Socket {
+        path: sock.to_path_buf(),
+        source,
+    };
+    // Deny events name addresses of the node's workloads: root only.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)
+        .map_err(err)?;
+    // We hold the consumer lock, so a socket left here belongs to a dead broker.
+    match std::fs::remove_file(sock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let l = UnixListener::bind(sock).map_err(err)?;
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
