@@ -185,18 +185,13 @@ fn serve(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) -> Result<(), Observ
         ];
         // SAFETY: two valid pollfd entries.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 200) };
-        loop {
-            match listener.accept() {
-                Ok((s, _)) => {
-                    if s.set_nonblocking(true).is_ok() {
-                        tracing::debug!(clients = clients.len() + 1, "monitor connected");
-                        clients.push(Client {
-                            stream: s,
-                            out: Vec::new(),
-                        });
-                    }
-                }
-                Err(_) => break,
+        while let Ok((s, _)) = listener.accept() {
+            if s.set_nonblocking(true).is_ok() {
+                tracing::debug!(clients = clients.len() + 1, "monitor connected");
+                clients.push(Client {
+                    stream: s,
+                    out: Vec::new(),
+                });
             }
         }
         // Drained whether or not anyone listens, so the ring never holds stale events.

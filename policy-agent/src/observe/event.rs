@@ -260,14 +260,27 @@ mod tests {
             j,
             r#"{"time":"1970-01-01T00:00:00.000000Z","timestamp_ns":5000000000,"direction":"ingress","reason":"policy","protocol":"tcp","src":"198.18.0.2","src_port":40000,"dst":"198.18.0.1","dst_port":8080,"endpoint_id":3,"endpoint":[],"ifindex":7,"interface":null}"#
         );
-        assert_eq!(serde_json::from_str::<MonitorEvent>(&j).unwrap(), m);
+        assert_eq!(
+            serde_json::from_str::<MonitorEvent>(&j).expect("test value"),
+            m
+        );
     }
 
     #[test]
     fn v6_icmp_and_unknown_values() {
         let mut e = ev();
-        e.src = Addr::from_v6_octets("fd00:18::2".parse::<Ipv6Addr>().unwrap().octets());
-        e.dst = Addr::from_v6_octets("fd00:18::1".parse::<Ipv6Addr>().unwrap().octets());
+        e.src = Addr::from_v6_octets(
+            "fd00:18::2"
+                .parse::<Ipv6Addr>()
+                .expect("test value")
+                .octets(),
+        );
+        e.dst = Addr::from_v6_octets(
+            "fd00:18::1"
+                .parse::<Ipv6Addr>()
+                .expect("test value")
+                .octets(),
+        );
         let m = decode(&e, &(0, 0), None, None);
         assert!(
             m.line()

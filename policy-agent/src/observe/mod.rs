@@ -199,14 +199,14 @@ mod tests {
 
     #[test]
     fn a_missing_pin_dir_is_nothing_pinned() {
-        let e = check_pin_dir(Path::new("/nonexistent/netpol-observe")).unwrap_err();
+        let e = check_pin_dir(Path::new("/nonexistent/netpol-observe")).expect_err("must fail");
         assert!(matches!(e, ObserveError::NothingPinned { .. }), "{e}");
         assert!(e.to_string().contains("nothing is pinned under"));
     }
 
     #[test]
     fn a_plain_directory_is_not_bpffs() {
-        let e = check_pin_dir(&std::env::temp_dir()).unwrap_err();
+        let e = check_pin_dir(&std::env::temp_dir()).expect_err("must fail");
         assert!(matches!(e, ObserveError::NotBpffs { .. }), "{e}");
     }
 }

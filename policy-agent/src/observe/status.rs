@@ -407,7 +407,12 @@ mod tests {
 
     fn sample() -> NodeStatus {
         let a4 = Addr::from_v4_octets([198, 18, 0, 10]);
-        let a6 = Addr::from_v6_octets("fd00:18::a".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let a6 = Addr::from_v6_octets(
+            "fd00:18::a"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("test value")
+                .octets(),
+        );
         let b4 = Addr::from_v4_octets([198, 18, 0, 9]);
         let va = EndpointValue {
             endpoint_id: 2,
@@ -472,7 +477,12 @@ mod tests {
         assert_eq!(e.addresses, vec!["198.18.0.10", "fd00:18::a"]);
         assert!(e.isolated_ingress && !e.isolated_egress);
         assert_eq!(e.ingress_policy_set, 5);
-        assert!(e.interface.as_deref().unwrap().starts_with("veth-"));
+        assert!(
+            e.interface
+                .as_deref()
+                .expect("test value")
+                .starts_with("veth-")
+        );
         assert!(!s.endpoints[0].isolated_ingress);
     }
 
@@ -482,7 +492,11 @@ mod tests {
         assert_eq!(s.counters.len(), COUNTERS_LEN as usize);
         let deny: Vec<_> = s.counters.iter().filter(|c| c.packets > 0).collect();
         assert_eq!(deny.len(), 2);
-        let d = s.counters.iter().find(|c| c.packets == 3).unwrap();
+        let d = s
+            .counters
+            .iter()
+            .find(|c| c.packets == 3)
+            .expect("test value");
         assert_eq!(
             (d.direction.as_str(), d.verdict.as_str(), d.reason.as_str()),
             ("ingress", "deny", "policy")
@@ -500,8 +514,13 @@ mod tests {
     #[test]
     fn json_shape_is_stable() {
         let s = sample();
-        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
-        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let v: serde_json::Value = serde_json::to_value(&s).expect("test value");
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("test value")
+            .keys()
+            .map(String::as_str)
+            .collect();
         let mut want = vec![
             "bpf_dir",
             "agent_running",
@@ -516,7 +535,7 @@ mod tests {
         let mut got = keys.clone();
         got.sort();
         assert_eq!(got, want);
-        let text = serde_json::to_string(&s).unwrap();
+        let text = serde_json::to_string(&s).expect("test value");
         assert!(text.starts_with(r#"{"bpf_dir":"/sys/fs/bpf/netpol","agent_running":true,"interfaces":[{"name":"veth1","ifindex":7,"role":"pod","programs":["from_pod","to_pod"],"present":true}],"endpoint_count":2,"#), "{text}");
         assert!(
             text.contains(
@@ -528,7 +547,10 @@ mod tests {
                 r#"{"name":"EVENTS","kind":"ringbuf","entries":null,"capacity":1048576}"#
             )
         );
-        assert_eq!(serde_json::from_str::<NodeStatus>(&text).unwrap(), s);
+        assert_eq!(
+            serde_json::from_str::<NodeStatus>(&text).expect("test value"),
+            s
+        );
     }
 
     #[test]
