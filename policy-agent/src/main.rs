@@ -183,9 +183,17 @@ fn main() -> Result<()> {
                 timeout,
             };
             let mut out = std::io::stdout().lock();
-            let n = observe::monitor::run(&opts, &STOP, &mut out, &mut |_, note| {
+            let n = match observe::monitor::run(&opts, &STOP, &mut out, &mut |_, note| {
                 tracing::info!("{note}")
-            })?;
+            }) {
+                // `monitor | head -3`: the reader has all it wanted.
+                Err(observe::ObserveError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    return Ok(());
+                }
+                r => r?,
+            };
             if let Some(c) = count
                 && n < c
                 && !STOP.load(Ordering::Relaxed)

@@ -328,8 +328,10 @@ pub fn render(s: &NodeStatus) -> String {
         .maps
         .iter()
         .map(|m| {
+            // Arrays are always full: a percentage would only alarm.
+            let array = m.kind.ends_with("array");
             let (entries, used) = match m.entries {
-                Some(n) if m.capacity > 0 => (
+                Some(n) if m.capacity > 0 && !array => (
                     n.to_string(),
                     format!("{:.1}%", n as f64 * 100.0 / m.capacity as f64),
                 ),
@@ -454,6 +456,12 @@ mod tests {
                     capacity: 16_384,
                 },
                 MapStatus {
+                    name: "COUNTERS".into(),
+                    kind: "percpu_array".into(),
+                    entries: Some(32),
+                    capacity: 32,
+                },
+                MapStatus {
                     name: "EVENTS".into(),
                     kind: "ringbuf".into(),
                     entries: None,
@@ -570,9 +578,10 @@ ENDPOINTS (2)
   2   isolated  open    veth-198.18.0.10  198.18.0.10, fd00:18::a
 
 MAPS
-  NAME       KIND     ENTRIES  CAPACITY   USED
-  ENDPOINTS  hash     3        16384      0.0%
-  EVENTS     ringbuf  -        1048576 B  -
+  NAME       KIND          ENTRIES  CAPACITY   USED
+  ENDPOINTS  hash          3        16384      0.0%
+  COUNTERS   percpu_array  32       32         -
+  EVENTS     ringbuf       -        1048576 B  -
 
 VERDICTS (packets since the maps were created, all CPUs)
   DIRECTION  VERDICT  REASON       PACKETS
