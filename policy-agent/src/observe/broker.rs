@@ -266,3 +266,62 @@ fn bind(run_dir: &Path, sock: &Path) -> Result<UnixListener, ObserveError> {
     l.set_nonblocking(true).map_err(err)?;
     Ok(l)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_that_does_not_read_is_cut_off_not_waited_for() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let mut c = Client {
+            stream: ours,
+            out: Vec::new(),
+        };
+        let line = vec![b'x'; 4096];
+        let t0 = Instant::now();
+        let mut kept = true;
+        for _ in 0..(2 * MAX_BACKLOG / line.len()) {
+            c.out.extend_from_slice(&line);
+            kept = c.flush();
+            if !kept {
+                break;
+            }
+        }
+        assert!(!kept, "a peer that never reads must be dropped");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "flush must never block"
+        );
+        drop(theirs);
+    }
+
+    #[test]
+    fn a_reading_client_gets_whole_lines() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let mut c = Client {
+            stream: ours,
+            out: b"{\"a\":1}\n{\"b\":2}\n".to_vec(),
+        };
+        assert!(c.flush());
+        assert!(c.out.is_empty());
+        let mut r = std::io::BufReader::new(theirs);
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut r, &mut l).expect("read");
+        assert_eq!(l, "{\"a\":1}\n");
+        drop(c);
+        l.clear();
+        std::io::BufRead::read_line(&mut r, &mut l).expect("read");
+        assert_eq!(l, "{\"b\":2}\n");
+    }
+
+    #[test]
+    fn hung_up_sees_a_closed_peer() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        assert!(!hung_up(&ours));
+        drop(theirs);
+        assert!(hung_up(&ours));
+    }
+}

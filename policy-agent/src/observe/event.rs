@@ -60,11 +60,13 @@ impl Resolver {
     }
 
     pub fn decode(&mut self, e: &DenyEvent) -> MonitorEvent {
-        if !self.by_id.contains_key(&e.endpoint_id)
-            && self
-                .refreshed
-                .is_none_or(|t| t.elapsed() > Duration::from_millis(500))
-        {
+        // Unknown ids are looked up at most twice a second (a flood of events from spoofed
+        // sources must not turn into map walks); known ones are re-read every few seconds,
+        // since a number freed by a deleted pod may be given to another.
+        let age = self.refreshed.map(|t| t.elapsed());
+        let stale = age.is_none_or(|a| a > Duration::from_secs(5));
+        let may = age.is_none_or(|a| a > Duration::from_millis(500));
+        if stale || (may && !self.by_id.contains_key(&e.endpoint_id)) {
             self.refresh();
         }
         let ifindex = e.ifindex;
