@@ -19,9 +19,6 @@ struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
-    /// Where the agent's monitor socket lives (tmpfs; root only).
-    #[arg(long, default_value = observe::DEFAULT_RUN_DIR, global = true)]
-    run_dir: PathBuf,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -155,10 +152,9 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    let run_dir = cli.run_dir;
     match cli.mode {
         Mode::Status { bpf_dir, json } => {
-            let s = observe::status::collect(&bpf_dir, &run_dir)?;
+            let s = observe::status::collect(&bpf_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -177,7 +173,6 @@ fn main() -> Result<()> {
                 .transpose()?;
             let opts = observe::monitor::Options {
                 bpf_dir,
-                run_dir,
                 json,
                 count,
                 timeout,
@@ -242,7 +237,7 @@ fn main() -> Result<()> {
                 uplinks: uplink,
             };
             // Serves `policy-agent monitor` while the agent runs (see observe::broker).
-            let _broker = observe::broker::Broker::spawn(cfg.bpf_dir.clone(), run_dir);
+            let _broker = observe::broker::Broker::spawn(cfg.bpf_dir.clone());
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
         Mode::Cluster {
@@ -260,7 +255,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let _broker = observe::broker::Broker::spawn(bpf_dir.clone(), run_dir);
+            let _broker = observe::broker::Broker::spawn(bpf_dir.clone());
             rt.block_on(run_cluster(
                 node_name,
                 metrics_addr,

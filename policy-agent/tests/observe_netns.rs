@@ -36,14 +36,13 @@ fn agent_cmd(bed: &Testbed, args: &[&str]) -> Command {
 struct Ctx<'a> {
     bed: &'a Testbed,
     bpf: String,
-    run: String,
     dir: &'a TempDir,
 }
 
 impl Ctx<'_> {
     fn run(&self, args: &[&str]) -> Output {
         let mut all = args.to_vec();
-        all.extend(["--bpf-dir", &self.bpf, "--run-dir", &self.run]);
+        all.extend(["--bpf-dir", &self.bpf]);
         agent_cmd(self.bed, &all)
             .output()
             .expect("run policy-agent")
@@ -70,14 +69,7 @@ impl Ctx<'_> {
             self.dir.0.join(format!("monitor-{n}.out")),
             self.dir.0.join(format!("monitor-{n}.err")),
         );
-        let mut args = vec![
-            "monitor",
-            "--json",
-            "--bpf-dir",
-            &self.bpf,
-            "--run-dir",
-            &self.run,
-        ];
+        let mut args = vec!["monitor", "--json", "--bpf-dir", &self.bpf];
         args.extend(extra);
         let child = agent_cmd(self.bed, &args)
             .env("RUST_LOG", "info")
@@ -171,11 +163,9 @@ fn observe_status_and_monitor_show_a_real_deny() {
     assert_eq!((server, client), (SERVER, CLIENT));
     let fs = PrivateBpffs::mount().expect("bpffs (needs root)");
     let dir = TempDir::new("observe");
-    let run_dir = dir.0.join("run");
     let ctx = Ctx {
         bed: &bed,
         bpf: fs.path().display().to_string(),
-        run: run_dir.display().to_string(),
         dir: &dir,
     };
     let to = SocketAddr::new(bed.hosts[SERVER].ip(false), PORT);
@@ -190,13 +180,16 @@ fn observe_status_and_monitor_show_a_real_deny() {
             ingress_from("only-nobody", "server", "nobody", PORT, 9090),
         ],
     );
-    let mut agent = Agent::start(&bed, &dir, &fs, &["--run-dir", &ctx.run], 1);
+    let mut agent = Agent::start(&bed, &dir, &fs, &[], 1);
     agent.wait_generation(&dir.status(), generation, 2);
 
     // --- through the agent: two monitors at once both see the whole stream ---
-    let sock = policy_agent::observe::socket_path(&run_dir, fs.path());
     let t0 = Instant::now();
-    while !sock.exists() {
+    while !bed
+        .node
+        .enter(|| policy_agent::observe::connect(fs.path()).is_ok())
+        .expect("enter the node namespace")
+    {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "no monitor socket: {}",
@@ -204,6 +197,8 @@ fn observe_status_and_monitor_show_a_real_deny() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Not from the test's own namespace: the socket belongs to the agent's.
+    assert!(policy_agent::observe::connect(fs.path()).is_err());
     let (m1, o1, e1) = ctx.monitor(1, &["--count", "1", "--timeout", "30"]);
     let (m2, o2, e2) = ctx.monitor(2, &["--count", "1", "--timeout", "30"]);
     let mut reap = Reap(vec![m1, m2]);

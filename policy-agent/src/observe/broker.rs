@@ -32,14 +32,14 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts serving `monitor` for the maps pinned in `bpf_dir` once they exist, with the
-    /// socket under `run_dir`.
-    pub fn spawn(bpf_dir: PathBuf, run_dir: PathBuf) -> Broker {
+    /// Starts serving `monitor` for the maps pinned in `bpf_dir` once they exist, on an
+    /// abstract socket of the calling thread's network namespace.
+    pub fn spawn(bpf_dir: PathBuf) -> Broker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("event-broker".into())
-            .spawn(move || run(&bpf_dir, &run_dir, &flag))
+            .spawn(move || run(&bpf_dir, &flag))
             .map_err(|e| tracing::error!(error = %e, "cannot start the event broker"))
             .ok();
         Broker { stop, handle }
@@ -55,7 +55,7 @@ impl Drop for Broker {
     }
 }
 
-fn run(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) {
+fn run(bpf_dir: &Path, stop: &AtomicBool) {
     let mut told_busy = false;
     while !stop.load(Ordering::Relaxed) {
         if !bpf_dir.join(MAP_EVENTS).exists() {
@@ -83,7 +83,7 @@ fn run(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) {
             }
         };
         told_busy = false;
-        if let Err(e) = serve(bpf_dir, run_dir, stop) {
+        if let Err(e) = serve(bpf_dir, stop) {
             tracing::error!(error = %e, "event broker failed; retrying");
             sleep_unless(stop, Duration::from_secs(1));
         }
@@ -153,20 +153,11 @@ impl Client {
     }
 }
 
-fn serve(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) -> Result<(), ObserveError> {
+fn serve(bpf_dir: &Path, stop: &AtomicBool) -> Result<(), ObserveError> {
     let (mut ring, id) = open_ring(bpf_dir)?;
-    let sock = super::socket_path(run_dir, bpf_dir);
-    let listener = bind(run_dir, &sock)?;
-    // Removes the socket when serving ends (a stale one after a crash is harmless:
-    // connecting to it is refused, and the next agent replaces it).
-    struct Unlink<'a>(&'a Path);
-    impl Drop for Unlink<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(self.0);
-        }
-    }
-    let _unlink = Unlink(&sock);
-    tracing::info!(socket = %sock.display(), "deny events served to `policy-agent monitor`");
+    let name = super::socket_name(bpf_dir);
+    let listener = bind(&name)?;
+    tracing::info!(socket = %format!("@{name}"), "deny events served to `policy-agent monitor`");
     let mut resolver = Resolver::new(bpf_dir);
     let mut clients: Vec<Client> = Vec::new();
     let mut last_check = Instant::now();
@@ -186,6 +177,10 @@ fn serve(bpf_dir: &Path, run_dir: &Path, stop: &AtomicBool) -> Result<(), Observ
         // SAFETY: two valid pollfd entries.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 200) };
         while let Ok((s, _)) = listener.accept() {
+            if !trusted_peer(&s) {
+                tracing::warn!("monitor connection refused: only root may read deny events");
+                continue;
+            }
             if s.set_nonblocking(true).is_ok() {
                 tracing::debug!(clients = clients.len() + 1, "monitor connected");
                 clients.push(Client {
@@ -243,28 +238,42 @@ fn hung_up(s: &UnixStream) -> bool {
     n == 0
 }
 
-fn bind(run_dir: &Path, sock: &Path) -> Result<UnixListener, ObserveError> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+fn bind(name: &str) -> Result<UnixListener, ObserveError> {
+    use std::os::linux::net::SocketAddrExt as _;
     let err = |source| ObserveError::Socket {
-        path: sock.to_path_buf(),
+        name: name.to_string(),
         source,
     };
-    // Deny events name addresses of the node's workloads: root only.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(run_dir)
-        .map_err(err)?;
-    // We hold the consumer lock, so a socket left here belongs to a dead broker.
-    match std::fs::remove_file(sock) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let l = UnixListener::bind(sock).map_err(err)?;
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    // We hold the consumer lock of this pin directory, so no other broker serves it; an
+    // abstract name dies with its socket, so there is nothing stale to remove first.
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(err)?;
+    let l = UnixListener::bind_addr(&addr).map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;
     Ok(l)
+}
+
+/// Deny events name the node's workloads and their peers: only root (or the agent's own
+/// user) may read them. An abstract socket has no file mode, so the peer's credentials
+/// decide.
+fn trusted_peer(s: &UnixStream) -> bool {
+    let mut cred: libc::ucred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid cannot fail.
+    rc == 0 && (cred.uid == 0 || cred.uid == unsafe { libc::geteuid() })
 }
 
 #[cfg(test)]
@@ -315,6 +324,12 @@ mod tests {
         l.clear();
         std::io::BufRead::read_line(&mut r, &mut l).expect("read");
         assert_eq!(l, "{\"b\":2}\n");
+    }
+
+    #[test]
+    fn our_own_user_is_trusted() {
+        let (ours, _theirs) = UnixStream::pair().expect("socketpair");
+        assert!(trusted_peer(&ours));
     }
 
     #[test]

@@ -10,17 +10,20 @@
 //!
 //! - while an agent runs, its [`broker`] holds the lock, drains the ring continuously (so the
 //!   ring never fills up with stale events) and republishes each event as a JSON line to every
-//!   client of a unix socket in the run directory ([`socket_path`]): any number of
-//!   `monitor`s see the whole stream, and a slow one is cut off instead of slowing the drain;
+//!   client of its unix socket ([`socket_name`]): any number of `monitor`s see the whole
+//!   stream, and a slow one is cut off instead of slowing the drain;
 //! - with no agent (stopped, crashed: the pinned programs keep enforcing and reporting), a
 //!   `monitor` takes the lock and reads the ring itself; a second one is told who holds it.
 //!   An agent starting meanwhile retries the lock every second and takes over when that
 //!   monitor exits.
 //!
-//! Userspace only: the kernel programs and `policy-common` are unchanged. The socket is not in
-//! bpffs (bpffs holds no sockets); its name is derived from the pin directory, so the agent
-//! and the monitor of one `--bpf-dir` meet without extra configuration and agents of other
-//! pin directories (tests running side by side) never collide.
+//! Userspace only: the kernel programs and `policy-common` are unchanged. The socket is in
+//! the abstract namespace (bpffs holds no sockets): it vanishes with the agent, so a crash
+//! leaves no stale file and nothing to clean up; it belongs to the network namespace the
+//! agent enforces, where `monitor` runs too; its name is derived from the pin directory, so
+//! the agent and the monitor of one `--bpf-dir` meet without configuration and agents of
+//! other pin directories (tests side by side) never collide. With no file permissions to
+//! guard it, the agent accepts only root (or its own user) by the peer's credentials.
 
 pub mod broker;
 pub mod event;
@@ -31,9 +34,6 @@ pub mod timefmt;
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
-
-/// Default directory of the monitor socket (a tmpfs that does not outlive a reboot).
-pub const DEFAULT_RUN_DIR: &str = "/run/netpol";
 
 /// Errors of the observation commands.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +56,12 @@ pub enum ObserveError {
     #[error(
         "another process (pid {holder}) is reading the deny events of {dir} directly; with \
          no agent running only one reader is possible: stop it, or start the agent, which \
-         shares the stream"
+         shares the stream (if the agent runs, run monitor in its network namespace)"
     )]
     Busy { dir: PathBuf, holder: String },
-    #[error("monitor socket {path}: {source}")]
+    #[error("monitor socket @{name}: {source}")]
     Socket {
-        path: PathBuf,
+        name: String,
         #[source]
         source: std::io::Error,
     },
@@ -82,15 +82,21 @@ impl ObserveError {
     }
 }
 
-/// The monitor socket of pin directory `bpf_dir` under `run_dir`: named by a hash of the
-/// pin directory's canonical path (unix socket paths are limited to 107 bytes, so the path
-/// itself cannot be the name).
-pub fn socket_path(run_dir: &Path, bpf_dir: &Path) -> PathBuf {
+/// The abstract socket name of pin directory `bpf_dir`'s monitor socket: a hash of the
+/// canonical path (names are limited to 107 bytes, so the path itself cannot be the name).
+pub fn socket_name(bpf_dir: &Path) -> String {
     let canon = std::fs::canonicalize(bpf_dir).unwrap_or_else(|_| bpf_dir.to_path_buf());
-    run_dir.join(format!(
-        "monitor-{:016x}.sock",
+    format!(
+        "netpol-monitor-{:016x}",
         fnv1a(canon.as_os_str().as_encoded_bytes())
-    ))
+    )
+}
+
+/// Connects to the monitor socket of the agent of `bpf_dir` (this network namespace).
+pub fn connect(bpf_dir: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::linux::net::SocketAddrExt as _;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(bpf_dir))?;
+    std::os::unix::net::UnixStream::connect_addr(&addr)
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -185,16 +191,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn socket_path_is_short_and_per_pin_dir() {
-        let a = socket_path(Path::new("/run/netpol"), Path::new("/nonexistent/a"));
-        let b = socket_path(Path::new("/run/netpol"), Path::new("/nonexistent/b"));
+    fn socket_name_is_short_and_per_pin_dir() {
+        let a = socket_name(Path::new("/nonexistent/a"));
+        let b = socket_name(Path::new("/nonexistent/b"));
         assert_ne!(a, b);
-        assert_eq!(
-            a,
-            socket_path(Path::new("/run/netpol"), Path::new("/nonexistent/a"))
-        );
-        assert!(a.as_os_str().len() < 108);
-        assert!(a.to_string_lossy().starts_with("/run/netpol/monitor-"));
+        assert_eq!(a, socket_name(Path::new("/nonexistent/a")));
+        assert!(a.len() < 108);
+        assert!(a.starts_with("netpol-monitor-"));
     }
 
     #[test]

@@ -14,7 +14,6 @@ use super::{ConsumerLock, ObserveError, broker, timefmt};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub bpf_dir: PathBuf,
-    pub run_dir: PathBuf,
     /// One JSON object per line instead of text.
     pub json: bool,
     /// Stop after this many events.
@@ -61,14 +60,14 @@ pub fn run(
         *printed += 1;
         Ok(())
     };
-    let sock = super::socket_path(&opts.run_dir, &opts.bpf_dir);
+    let sock = super::socket_name(&opts.bpf_dir);
     let mut busy_since: Option<Instant> = None;
     while !done(printed) {
-        if let Ok(stream) = UnixStream::connect(&sock) {
+        if let Ok(stream) = super::connect(&opts.bpf_dir) {
             busy_since = None;
             note(
                 Source::Agent,
-                &format!("deny events from the agent ({})", sock.display()),
+                &format!("deny events from the agent (socket @{sock})"),
             );
             from_agent(stream, &mut printed, &done, &mut emit)?;
             // The agent went away (stopped or restarting): look again.

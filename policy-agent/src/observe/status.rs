@@ -38,7 +38,8 @@ pub const MAPS: &[&str] = &[
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub bpf_dir: String,
-    /// Whether an agent answers on the monitor socket of this pin directory.
+    /// Whether an agent answers on the monitor socket of this pin directory (in the caller's
+    /// network namespace).
     pub agent_running: bool,
     /// Interfaces with pinned TCX links (clsact filters are not pinned: `tc filter show`).
     pub interfaces: Vec<InterfaceStatus>,
@@ -102,8 +103,8 @@ pub struct EventSettings {
     pub burst: u32,
 }
 
-/// Reads everything from the maps pinned in `bpf_dir`; `run_dir` locates the agent's socket.
-pub fn collect(bpf_dir: &Path, run_dir: &Path) -> Result<NodeStatus, ObserveError> {
+/// Reads everything from the maps pinned in `bpf_dir`.
+pub fn collect(bpf_dir: &Path) -> Result<NodeStatus, ObserveError> {
     super::check_pin_dir(bpf_dir)?;
     let ep = pinned::open_ro(bpf_dir, MAP_ENDPOINTS)?;
     let ep_map: HashMap<&MapData, EndpointKey, EndpointValue> =
@@ -158,10 +159,9 @@ pub fn collect(bpf_dir: &Path, run_dir: &Path) -> Result<NodeStatus, ObserveErro
         .get(&0, 0)
         .map_err(|e| ObserveError::map(MAP_CONFIG, e))?;
 
-    let sock = super::socket_path(run_dir, bpf_dir);
     Ok(NodeStatus {
         bpf_dir: bpf_dir.display().to_string(),
-        agent_running: std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        agent_running: super::connect(bpf_dir).is_ok(),
         interfaces: interfaces(bpf_dir),
         endpoint_count: endpoints.len(),
         endpoints,
