@@ -39,6 +39,7 @@ pub struct MonitorEvent {
 
 /// Decodes `DenyEvent` fields and names the endpoint and interface.
 pub struct Resolver {
+    bpf_dir: std::path::PathBuf,
     endpoints: Option<super::pinned::PinnedMap>,
     by_id: BTreeMap<u32, Vec<String>>,
     ifnames: BTreeMap<u32, Option<String>>,
@@ -51,6 +52,7 @@ impl Resolver {
     /// Resolves endpoints through the `ENDPOINTS` map pinned in `bpf_dir` (when readable).
     pub fn new(bpf_dir: &std::path::Path) -> Self {
         Resolver {
+            bpf_dir: bpf_dir.to_path_buf(),
             endpoints: super::pinned::open_ro(bpf_dir, policy_common::MAP_ENDPOINTS).ok(),
             by_id: BTreeMap::new(),
             ifnames: BTreeMap::new(),
@@ -82,6 +84,11 @@ impl Resolver {
         self.refreshed = Some(Instant::now());
         self.clocks = (timefmt::monotonic_ns(), timefmt::realtime_ns());
         self.ifnames.clear();
+        if self.endpoints.is_none() {
+            // The agent pins its maps one by one: EVENTS may have been there before ENDPOINTS.
+            self.endpoints =
+                super::pinned::open_ro(&self.bpf_dir, policy_common::MAP_ENDPOINTS).ok();
+        }
         let Some(m) = &self.endpoints else {
             return;
         };
