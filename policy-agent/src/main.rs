@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
-use policy_agent::standalone;
+use policy_agent::{observe, standalone};
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +112,30 @@ enum Mode {
         #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
         uplink: UplinkMode,
     },
+    /// What the pinned datapath holds and has decided: attached programs, endpoints and their
+    /// isolation, map use, verdict counters. Reads the pinned maps read-only; no agent needed.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpf_dir: PathBuf,
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny events as they happen, one line each (through the running agent, or straight
+    /// from the pinned ring buffer when none runs).
+    Monitor {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpf_dir: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events (exit code 1 if the timeout comes first).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -129,6 +153,50 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     match cli.mode {
+        Mode::Status { bpf_dir, json } => {
+            let s = observe::status::collect(&bpf_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", observe::status::render(&s));
+            }
+            Ok(())
+        }
+        Mode::Monitor {
+            bpf_dir,
+            json,
+            count,
+            timeout,
+        } => {
+            let timeout = timeout
+                .map(|t| Duration::try_from_secs_f64(t).context("--timeout must be >= 0"))
+                .transpose()?;
+            let opts = observe::monitor::Options {
+                bpf_dir,
+                json,
+                count,
+                timeout,
+            };
+            let mut out = std::io::stdout().lock();
+            let n = match observe::monitor::run(&opts, &STOP, &mut out, &mut |_, note| {
+                tracing::info!("{note}")
+            }) {
+                // `monitor | head -3`: the reader has all it wanted.
+                Err(observe::ObserveError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    return Ok(());
+                }
+                r => r?,
+            };
+            if let Some(c) = count
+                && n < c
+                && !STOP.load(Ordering::Relaxed)
+            {
+                anyhow::bail!("timed out with {n} of {c} events");
+            }
+            Ok(())
+        }
         Mode::Uninstall { bpf_dir } => {
             let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;
             tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, "uninstalled");
@@ -168,6 +236,8 @@ fn main() -> Result<()> {
                 service_cidrs,
                 uplinks: uplink,
             };
+            // Serves `policy-agent monitor` while the agent runs (see observe::broker).
+            let _broker = observe::broker::Broker::spawn(cfg.bpf_dir.clone());
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
         Mode::Cluster {
@@ -185,6 +255,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            let _broker = observe::broker::Broker::spawn(bpf_dir.clone());
             rt.block_on(run_cluster(
                 node_name,
                 metrics_addr,
