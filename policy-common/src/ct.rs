@@ -24,11 +24,7 @@ pub const TIMEOUT_FRAGMENT_NS: u64 = 30 * SEC;
 /// Builds the normalised key of a packet and tells whether the packet's source is side `a`.
 #[inline(always)]
 pub fn normalize(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> (CtKey, bool) {
-    let src_first = match cmp_addr(&src, &dst) {
-        core::cmp::Ordering::Less => true,
-        core::cmp::Ordering::Greater => false,
-        core::cmp::Ordering::Equal => sport <= dport,
-    };
+    let src_first = src_is_a(&src, &dst, sport, dport);
     let key = if src_first {
         CtKey {
             addr_a: src,
@@ -49,6 +45,16 @@ pub fn normalize(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> (Ct
         }
     };
     (key, src_first)
+}
+
+/// Whether a packet's source is side `a` of its normalised key (see [`normalize`]).
+#[inline(always)]
+pub fn src_is_a(src: &Addr, dst: &Addr, sport: u16, dport: u16) -> bool {
+    match cmp_addr(src, dst) {
+        core::cmp::Ordering::Less => true,
+        core::cmp::Ordering::Greater => false,
+        core::cmp::Ordering::Equal => sport <= dport,
+    }
 }
 
 /// Byte-order comparison of two addresses (words hold network-order bytes).

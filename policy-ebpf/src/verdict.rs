@@ -8,12 +8,12 @@ use aya_ebpf::{
 };
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
-    Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
+    Addr, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
     PendingKey, PendingValue, Reason, ct, ct_flags, decide::decide, ep_flags, proto,
 };
 
 use crate::maps::{
-    BpfMaps, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS, SCRATCH,
+    BpfMaps, CONFIG, CONNTRACK, CONNTRACK4, CtKeys, Scratch, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS, SCRATCH,
     SERVICE_CIDRS, SERVICE_PENDING,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
@@ -45,12 +45,12 @@ impl Hook {
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     let dir = hook.dir();
-    let Some(pkt) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
     // SAFETY: this CPU's slot, used by one program run at a time (TC programs do not nest
     // on a CPU: softirq and process context each run to completion with preemption off).
-    let pkt = unsafe { &mut *pkt };
+    let Scratch { pkt, keys } = unsafe { &mut *scratch };
     match parse(ctx, pkt) {
         Ok(()) => {}
         Err(NoPkt::NotIp) => {
@@ -64,12 +64,13 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
                 return TC_ACT_OK;
             }
             count(Reason::DenyMalformed, dir);
-            report(ctx, dir, Reason::DenyMalformed, None, 0);
+            report(ctx, dir, Reason::DenyMalformed, None, 0, 0);
             return TC_ACT_SHOT;
         }
     };
     let pkt: &Pkt = pkt;
-    let (reason, ep_id, decider) = judge(pkt, hook);
+    let mut now = 0;
+    let (reason, ep_id, decider) = judge(pkt, keys, hook, &mut now);
     // A policy deny is counted and reported in the direction of the endpoint whose policy
     // refused (at a client's hook that may be the destination's ingress).
     let dir = match decider {
@@ -84,7 +85,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         }
         TC_ACT_OK
     } else {
-        report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0));
+        report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0), now);
         TC_ACT_SHOT
     }
 }
@@ -107,9 +108,10 @@ enum Decider {
 }
 
 /// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
-/// first, else the endpoint whose policy refused), and whose policy settled it.
+/// first, else the endpoint whose policy refused), and whose policy settled it. `now`: set
+/// to the coarse clock when the judgement read it.
 #[inline(always)]
-fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
+fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook, now: &mut u64) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
@@ -120,7 +122,8 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // the node's own traffic costs two hash misses and nothing more.)
     let mut ct = Ct::none();
     if matches!(hook, Hook::FromPod | Hook::ToPod) && pkt.kind == Kind::Normal && !pkt.malformed {
-        ct = ct_lookup(pkt);
+        ct = ct_lookup(pkt, keys);
+        *now = ct.now;
         if ct_fast_hit(pkt, &ct) {
             return (Reason::AllowEstablished, None, Decider::Hook);
         }
@@ -182,9 +185,10 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
         Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
         _ => {
             if !ct.done {
-                ct = ct_lookup(pkt);
+                ct = ct_lookup(pkt, keys);
+                *now = ct.now;
             }
-            let (r, by) = flow_verdict(pkt, hook, &src, &dst, &ct);
+            let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct);
             let id = match by {
                 Decider::Egress => src.endpoint_id,
                 Decider::Ingress => dst.endpoint_id,
@@ -255,8 +259,9 @@ fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
         pkt.inner_proto,
     );
     // SAFETY: copied at once.
-    if let Some(v) = unsafe { CONNTRACK.get(&key) } {
-        let v = *v;
+    if let Some(p) = ct_get(&key) {
+        // SAFETY: copied at once.
+        let v = unsafe { *p };
         if !ct::expired(&v, key.proto, now_coarse()) && ct::has_grants(&v, ct::stored_required(&v)) {
             return Reason::AllowRelated;
         }
@@ -290,6 +295,86 @@ fn ct_key(src: Addr, dst: Addr, sport: u16, dport: u16, proto_nr: u8) -> (CtKey,
     }
 }
 
+/// [`ct_key`] written in place, every byte, straight from the packet's fields (no
+/// normalised copy in registers spilled to the stack first).
+#[inline(always)]
+fn ct_key_into(out: &mut CtKey, pkt: &Pkt) -> bool {
+    let src_is_a = ct::src_is_a(&pkt.src, &pkt.dst, pkt.sport, pkt.dport);
+    let (a, b, pa, pb) = if src_is_a {
+        (&pkt.src, &pkt.dst, pkt.sport, pkt.dport)
+    } else {
+        (&pkt.dst, &pkt.src, pkt.dport, pkt.sport)
+    };
+    let p: *mut CtKey = out;
+    // SAFETY: plain stores into a valid &mut; `proto` and `_pad` as one little-endian word
+    // (proto in the first byte, zeros after), as in `ct_key`.
+    unsafe {
+        (*p).addr_a = *a;
+        (*p).addr_b = *b;
+        (*p).port_a = pa;
+        (*p).port_b = pb;
+        core::ptr::write_volatile(
+            (p as *mut u8).add(core::mem::offset_of!(CtKey, proto)) as *mut u32,
+            u32::from_le_bytes([pkt.proto, 0, 0, 0]),
+        );
+    }
+    src_is_a
+}
+
+/// The compact key of an IPv4 packet, written in place (every byte). The same order as
+/// `ct::normalize`: the mapped prefixes are equal, so the last word decides.
+#[inline(always)]
+fn ct_key4_into(out: &mut CtKey4, pkt: &Pkt) -> bool {
+    let (s, d) = (pkt.src.0[3], pkt.dst.0[3]);
+    let (sh, dh) = (u32::from_be(s), u32::from_be(d));
+    let src_is_a = sh < dh || (sh == dh && pkt.sport <= pkt.dport);
+    let p: *mut CtKey4 = out;
+    // SAFETY: plain stores into a valid &mut; `proto` and `_pad` as one word (see `ct_key`).
+    unsafe {
+        if src_is_a {
+            (*p).addr_a = s;
+            (*p).addr_b = d;
+            (*p).port_a = pkt.sport;
+            (*p).port_b = pkt.dport;
+        } else {
+            (*p).addr_a = d;
+            (*p).addr_b = s;
+            (*p).port_a = pkt.dport;
+            (*p).port_b = pkt.sport;
+        }
+        core::ptr::write_volatile(
+            (p as *mut u8).add(core::mem::offset_of!(CtKey4, proto)) as *mut u32,
+            u32::from_le_bytes([pkt.proto, 0, 0, 0]),
+        );
+    }
+    src_is_a
+}
+
+/// The entry of a normalised key built on the stack (ICMP errors, virtual tuples), from the
+/// map of its family.
+#[inline(always)]
+fn ct_get(k: &CtKey) -> Option<*mut CtValue> {
+    if k.addr_a.is_v4() && k.addr_b.is_v4() {
+        let mut out = core::mem::MaybeUninit::<CtKey4>::uninit();
+        let p = out.as_mut_ptr();
+        // SAFETY: every byte of `out` is written, proto and padding as one word.
+        let k4 = unsafe {
+            (*p).addr_a = k.addr_a.0[3];
+            (*p).addr_b = k.addr_b.0[3];
+            (*p).port_a = k.port_a;
+            (*p).port_b = k.port_b;
+            core::ptr::write_volatile(
+                (p as *mut u8).add(core::mem::offset_of!(CtKey4, proto)) as *mut u32,
+                u32::from_le_bytes([k.proto, 0, 0, 0]),
+            );
+            out.assume_init()
+        };
+        CONNTRACK4.get_ptr_mut(&k4)
+    } else {
+        CONNTRACK.get_ptr_mut(k)
+    }
+}
+
 #[inline(always)]
 fn closing(flags: u32) -> bool {
     flags & ct_flags::RST != 0
@@ -304,9 +389,9 @@ fn flow_verdict(
     hook: Hook,
     src: &EndpointValue,
     dst: &EndpointValue,
+    keys: &CtKeys,
     ct: &Ct,
 ) -> (Reason, Decider) {
-    let key = &ct.key;
     let src_is_a = ct.src_is_a;
     let now = ct.now;
     let syn = is_syn(pkt);
@@ -410,7 +495,11 @@ fn flow_verdict(
                     flags,
                     _pad: 0,
                 };
-                let _ = CONNTRACK.insert(key, &v, 0);
+                let _ = if ct.v4 {
+                    CONNTRACK4.insert(&keys.key4, &v, 0)
+                } else {
+                    CONNTRACK.insert(&keys.key, &v, 0)
+                };
             }
         }
         Some(p) => {
@@ -449,9 +538,11 @@ fn flow_verdict(
     (reason, by)
 }
 
-/// A packet's conntrack lookup, done once per packet.
+/// A packet's conntrack lookup, done once per packet (its key is in the scratch map: a
+/// 40-byte key on the stack would be zeroed by a `memset` byte loop before every lookup).
 struct Ct {
-    key: CtKey,
+    /// Both addresses IPv4: the entry is in `CONNTRACK4` under `CtKeys::key4`.
+    v4: bool,
     src_is_a: bool,
     entry: Option<*mut CtValue>,
     now: u64,
@@ -462,7 +553,7 @@ impl Ct {
     #[inline(always)]
     fn none() -> Ct {
         Ct {
-            key: CtKey::default(),
+            v4: false,
             src_is_a: false,
             entry: None,
             now: 0,
@@ -472,11 +563,18 @@ impl Ct {
 }
 
 #[inline(always)]
-fn ct_lookup(pkt: &Pkt) -> Ct {
-    let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let entry = CONNTRACK.get_ptr_mut(&key);
+fn ct_lookup(pkt: &Pkt, keys: &mut CtKeys) -> Ct {
+    // (An IPv6 packet never carries IPv4-mapped addresses: the parser refuses them.)
+    let v4 = pkt.src.is_v4() && pkt.dst.is_v4();
+    let (src_is_a, entry) = if v4 {
+        let src_is_a = ct_key4_into(&mut keys.key4, pkt);
+        (src_is_a, CONNTRACK4.get_ptr_mut(&keys.key4))
+    } else {
+        let src_is_a = ct_key_into(&mut keys.key, pkt);
+        (src_is_a, CONNTRACK.get_ptr_mut(&keys.key))
+    };
     Ct {
-        key,
+        v4,
         src_is_a,
         entry,
         now: now_coarse(),
@@ -541,7 +639,7 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
         return;
     };
     let (vkey, _) = ct_key(pkt.src, pv.vip, pkt.sport, pv.vport, pkt.proto);
-    if let Some(p) = CONNTRACK.get_ptr_mut(&vkey) {
+    if let Some(p) = ct_get(&vkey) {
         // SAFETY: see flow_verdict.
         unsafe {
             (*p).flags |= ct_flags::EGRESS_OK;
@@ -578,12 +676,28 @@ fn count(reason: Reason, dir: Direction) {
 }
 
 /// Emits a deny event when the per-CPU token bucket has a token.
+/// `coarse_now`: the packet's coarse clock reading when it has one (0: none yet). The bucket
+/// runs on the coarse clock; the fine clock is read only for an event actually sent, so a
+/// flood of denies costs no extra helper call per packet.
 #[inline(always)]
-fn report(ctx: &TcContext, dir: Direction, reason: Reason, pkt: Option<&Pkt>, ep_id: u32) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(now) {
+fn report(
+    ctx: &TcContext,
+    dir: Direction,
+    reason: Reason,
+    pkt: Option<&Pkt>,
+    ep_id: u32,
+    coarse_now: u64,
+) {
+    let coarse_now = if coarse_now == 0 {
+        now_coarse()
+    } else {
+        coarse_now
+    };
+    if !take_token(coarse_now) {
         return;
     }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut e) = EVENTS.reserve::<DenyEvent>(0) else {
         return;
     };
