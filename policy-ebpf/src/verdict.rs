@@ -64,13 +64,12 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
                 return TC_ACT_OK;
             }
             count(Reason::DenyMalformed, dir);
-            report(ctx, dir, Reason::DenyMalformed, None, 0, 0);
+            report(ctx, dir, Reason::DenyMalformed, None, 0);
             return TC_ACT_SHOT;
         }
     };
     let pkt: &Pkt = pkt;
-    let mut now = 0;
-    let (reason, ep_id, decider) = judge(pkt, keys, hook, &mut now);
+    let (reason, ep_id, decider) = judge(pkt, keys, hook);
     // A policy deny is counted and reported in the direction of the endpoint whose policy
     // refused (at a client's hook that may be the destination's ingress).
     let dir = match decider {
@@ -85,7 +84,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         }
         TC_ACT_OK
     } else {
-        report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0), now);
+        report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0));
         TC_ACT_SHOT
     }
 }
@@ -108,10 +107,9 @@ enum Decider {
 }
 
 /// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
-/// first, else the endpoint whose policy refused), and whose policy settled it. `now`: set
-/// to the coarse clock when the judgement read it.
+/// first, else the endpoint whose policy refused), and whose policy settled it.
 #[inline(always)]
-fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook, now: &mut u64) -> (Reason, Option<u32>, Decider) {
+fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
@@ -123,7 +121,6 @@ fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook, now: &mut u64) -> (Reason, Op
     let mut ct = Ct::none();
     if matches!(hook, Hook::FromPod | Hook::ToPod) && pkt.kind == Kind::Normal && !pkt.malformed {
         ct = ct_lookup(pkt, keys);
-        *now = ct.now;
         if ct_fast_hit(pkt, &ct) {
             return (Reason::AllowEstablished, None, Decider::Hook);
         }
@@ -186,7 +183,6 @@ fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook, now: &mut u64) -> (Reason, Op
         _ => {
             if !ct.done {
                 ct = ct_lookup(pkt, keys);
-                *now = ct.now;
             }
             let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct);
             let id = match by {
@@ -479,6 +475,15 @@ fn flow_verdict(
         return (reason, by);
     }
     let ok = reason.is_allow();
+    // The lookup read the clock only when it found an entry; a new one needs it now, a
+    // refused packet never does.
+    let now = if entry.is_some() {
+        now
+    } else if ok {
+        now_coarse()
+    } else {
+        0
+    };
     let req_bits = fwd_req << ct_flags::REQ_SHIFT;
     match live {
         None => {
@@ -577,7 +582,8 @@ fn ct_lookup(pkt: &Pkt, keys: &mut CtKeys) -> Ct {
         v4,
         src_is_a,
         entry,
-        now: now_coarse(),
+        // Only an entry's age needs the time: a miss reads it if and when it inserts.
+        now: if entry.is_some() { now_coarse() } else { 0 },
         done: true,
     }
 }
@@ -675,29 +681,15 @@ fn count(reason: Reason, dir: Direction) {
     }
 }
 
-/// Emits a deny event when the per-CPU token bucket has a token.
-/// `coarse_now`: the packet's coarse clock reading when it has one (0: none yet). The bucket
-/// runs on the coarse clock; the fine clock is read only for an event actually sent, so a
-/// flood of denies costs no extra helper call per packet.
+/// Emits a deny event when the per-CPU token bucket has a token. (The bucket needs the
+/// fine clock: on the coarse one, a tick boundary refills several tokens at once.)
 #[inline(always)]
-fn report(
-    ctx: &TcContext,
-    dir: Direction,
-    reason: Reason,
-    pkt: Option<&Pkt>,
-    ep_id: u32,
-    coarse_now: u64,
-) {
-    let coarse_now = if coarse_now == 0 {
-        now_coarse()
-    } else {
-        coarse_now
-    };
-    if !take_token(coarse_now) {
-        return;
-    }
+fn report(ctx: &TcContext, dir: Direction, reason: Reason, pkt: Option<&Pkt>, ep_id: u32) {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if !take_token(now) {
+        return;
+    }
     let Some(mut e) = EVENTS.reserve::<DenyEvent>(0) else {
         return;
     };
