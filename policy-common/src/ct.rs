@@ -186,6 +186,23 @@ mod tests {
     }
 
     #[test]
+    fn the_compact_ipv4_key_keeps_the_normalised_order() {
+        let a = Addr::from_v4_octets([198, 18, 0, 1]);
+        let b = Addr::from_v4_octets([198, 19, 0, 2]);
+        let v6 = Addr::from_v6_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        for (s, d, sp, dp) in [(a, b, 40000, 80), (b, a, 80, 40000), (a, a, 5, 4), (a, a, 4, 5)] {
+            let (k, src_is_a) = normalize(s, d, sp, dp, proto::UDP);
+            let k4 = k.v4().expect("two IPv4 addresses");
+            assert_eq!(k4.widen(), k);
+            assert_eq!(src_is_a, super::src_is_a(&s, &d, sp, dp));
+            // The compact order is the order of the last word's bytes, then the ports.
+            let (sh, dh) = (u32::from_be(s.0[3]), u32::from_be(d.0[3]));
+            assert_eq!(src_is_a, sh < dh || (sh == dh && sp <= dp));
+        }
+        assert!(normalize(a, v6, 1, 2, proto::TCP).0.v4().is_none());
+    }
+
+    #[test]
     fn required_grants_follow_the_isolated_ends() {
         let ep = |flags| EndpointValue {
             endpoint_id: 1,
