@@ -22,6 +22,9 @@ use policy_common::{
 };
 
 const REPEAT: u32 = 1_000_000;
+/// TC actions (linux/pkt_cls.h).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const ROUNDS: usize = 9;
 const BIG: u32 = 100_000;
 
@@ -156,21 +159,26 @@ struct Figures {
 }
 
 impl Bench<'_> {
-    fn run(&self, c: &Case, repeat: u32) -> f64 {
+    /// ns per iteration, and the program's return value (the TC action).
+    fn run(&self, c: &Case, repeat: u32) -> (f64, u32) {
         let p = self.dp.program(c.prog).expect("program");
         let mut o = TestRunOptions::new();
         o.data_in = Some(&c.frame);
         o.repeat = repeat;
-        p.test_run(o).expect("test run").duration.as_nanos() as f64
+        let r = p.test_run(o).expect("test run");
+        (r.duration.as_nanos() as f64, r.return_value)
     }
 
-    /// Checks each case's verdict once, then measures them interleaved (round r runs every
-    /// case once) so load changes on a shared machine hit all cases alike.
+    /// Checks each case's verdict and action once, then measures them interleaved (round r
+    /// runs every case once) so load changes on a shared machine hit all cases alike, then
+    /// checks that every measured iteration took the path the case is named for (each case
+    /// expects a reason of its own, so the counters tell them apart).
     fn suite(&self, cases: &[Case]) -> Figures {
+        let reasons: Vec<Reason> = cases.iter().filter_map(|c| c.expect).collect();
         for c in cases {
             if let Some(r) = c.expect {
                 let before = self.maps.counters().expect("counters");
-                self.run(c, 1);
+                let (_, action) = self.run(c, 1);
                 let moved = self.maps.counters().expect("counters").since(&before);
                 assert_eq!(
                     moved.get(policy_common::Direction::Ingress, r),
@@ -178,12 +186,31 @@ impl Bench<'_> {
                     "{}: expected {r:?}",
                     c.name
                 );
+                let want = if r.is_allow() { TC_ACT_OK } else { TC_ACT_SHOT };
+                assert_eq!(action, want, "{}: TC action", c.name);
+                assert!(
+                    reasons.iter().filter(|&&x| x as u8 == r as u8).count() == 1,
+                    "{}: reason {r:?} shared with another case",
+                    c.name
+                );
             }
         }
+        let before = self.maps.counters().expect("counters");
         let mut per_case: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         for _ in 0..ROUNDS {
             for (i, c) in cases.iter().enumerate() {
-                per_case[i].push(self.run(c, REPEAT));
+                per_case[i].push(self.run(c, REPEAT).0);
+            }
+        }
+        let moved = self.maps.counters().expect("counters").since(&before);
+        for c in cases {
+            if let Some(r) = c.expect {
+                assert_eq!(
+                    moved.get(policy_common::Direction::Ingress, r),
+                    ROUNDS as u64 * REPEAT as u64,
+                    "{}: every measured iteration must end in {r:?}",
+                    c.name
+                );
             }
         }
         let mut f = Figures {

@@ -24,11 +24,7 @@ pub const TIMEOUT_FRAGMENT_NS: u64 = 30 * SEC;
 /// Builds the normalised key of a packet and tells whether the packet's source is side `a`.
 #[inline(always)]
 pub fn normalize(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> (CtKey, bool) {
-    let src_first = match cmp_addr(&src, &dst) {
-        core::cmp::Ordering::Less => true,
-        core::cmp::Ordering::Greater => false,
-        core::cmp::Ordering::Equal => sport <= dport,
-    };
+    let src_first = src_is_a(&src, &dst, sport, dport);
     let key = if src_first {
         CtKey {
             addr_a: src,
@@ -49,6 +45,16 @@ pub fn normalize(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> (Ct
         }
     };
     (key, src_first)
+}
+
+/// Whether a packet's source is side `a` of its normalised key (see [`normalize`]).
+#[inline(always)]
+pub fn src_is_a(src: &Addr, dst: &Addr, sport: u16, dport: u16) -> bool {
+    match cmp_addr(src, dst) {
+        core::cmp::Ordering::Less => true,
+        core::cmp::Ordering::Greater => false,
+        core::cmp::Ordering::Equal => sport <= dport,
+    }
 }
 
 /// Byte-order comparison of two addresses (words hold network-order bytes).
@@ -177,6 +183,23 @@ mod tests {
         let (k2, s2) = normalize(b, a, 80, 40000, proto::TCP);
         assert_eq!(k1, k2);
         assert!(s1 && !s2);
+    }
+
+    #[test]
+    fn the_compact_ipv4_key_keeps_the_normalised_order() {
+        let a = Addr::from_v4_octets([198, 18, 0, 1]);
+        let b = Addr::from_v4_octets([198, 19, 0, 2]);
+        let v6 = Addr::from_v6_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        for (s, d, sp, dp) in [(a, b, 40000, 80), (b, a, 80, 40000), (a, a, 5, 4), (a, a, 4, 5)] {
+            let (k, src_is_a) = normalize(s, d, sp, dp, proto::UDP);
+            let k4 = k.v4().expect("two IPv4 addresses");
+            assert_eq!(k4.widen(), k);
+            assert_eq!(src_is_a, super::src_is_a(&s, &d, sp, dp));
+            // The compact order is the order of the last word's bytes, then the ports.
+            let (sh, dh) = (u32::from_be(s.0[3]), u32::from_be(d.0[3]));
+            assert_eq!(src_is_a, sh < dh || (sh == dh && sp <= dp));
+        }
+        assert!(normalize(a, v6, 1, 2, proto::TCP).0.v4().is_none());
     }
 
     #[test]

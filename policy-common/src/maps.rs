@@ -1,7 +1,8 @@
 //! Map names, capacities, keys and values.
 //!
-//! Lookup order per packet (see [`crate::decide`]): at a pod hook `CONNTRACK` first (an
-//! entry holding every grant it recorded as needed settles the packet); else `ENDPOINTS` for
+//! Lookup order per packet (see [`crate::decide`]): at a pod hook `CONNTRACK` first
+//! (`CONNTRACK4` for two IPv4 addresses; an entry holding every grant it recorded as needed
+//! settles the packet); else `ENDPOINTS` for
 //! both addresses -> `CONNTRACK` grants -> `IPCACHE` (peer address -> identity) -> `RULES`
 //! (policy-set, identity) and/or `CIDR_RULES` (policy-set, peer prefix) -> `PORTS` only for
 //! rules with more port ranges than fit inline, once per missing grant (source's egress,
@@ -12,7 +13,11 @@ use crate::addr::Addr;
 
 // ---- names (the `static` names in policy-ebpf; a test checks the object has each) ----
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Connections with an IPv6 address (and the agent's view of all of them: see [`CtKey::v4`]).
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Connections between two IPv4 addresses, under the compact [`CtKey4`]: a 16-byte key
+/// hashes and compares in less than half the time of the 40-byte one on every packet.
+pub const MAP_CONNTRACK4: &str = "CONNTRACK4";
 pub const MAP_IPCACHE: &str = "IPCACHE";
 pub const MAP_RULES: &str = "RULES";
 pub const MAP_CIDR_RULES: &str = "CIDR_RULES";
@@ -271,6 +276,54 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+/// `CONNTRACK4` key: a [`CtKey`] whose two addresses are IPv4, compacted (same order, same
+/// normalisation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CtKey4 {
+    /// The IPv4 addresses as network-order words (`Addr::0[3]`).
+    pub addr_a: u32,
+    pub addr_b: u32,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The compact key when both addresses are IPv4: such an entry lives in `CONNTRACK4`.
+    #[inline(always)]
+    pub const fn v4(&self) -> Option<CtKey4> {
+        if self.addr_a.is_v4() && self.addr_b.is_v4() {
+            Some(CtKey4 {
+                addr_a: self.addr_a.0[3],
+                addr_b: self.addr_b.0[3],
+                port_a: self.port_a,
+                port_b: self.port_b,
+                proto: self.proto,
+                _pad: [0; 3],
+            })
+        } else {
+            None
+        }
+    }
+}
+
+impl CtKey4 {
+    /// The full key of the same connection.
+    #[inline(always)]
+    pub const fn widen(&self) -> CtKey {
+        CtKey {
+            addr_a: Addr::from_v4_raw(self.addr_a),
+            addr_b: Addr::from_v4_raw(self.addr_b),
+            port_a: self.port_a,
+            port_b: self.port_b,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// `CtValue::flags`.
 pub mod ct_flags {
     /// The connection was originated by the `a` side of the key (else by `b`).
@@ -454,6 +507,8 @@ const _: () = {
     assert!(size_of::<CtKey>() == 40);
     assert!(offset_of!(CtKey, proto) == 36);
     assert!(size_of::<CtValue>() == 16);
+    assert!(size_of::<CtKey4>() == 16);
+    assert!(offset_of!(CtKey4, proto) == 12);
     assert!(size_of::<FragKey>() == 40);
     assert!(size_of::<FragValue>() == 16);
     assert!(size_of::<DenyEvent>() == 56);
@@ -482,6 +537,7 @@ mod pod_impls {
     unsafe impl aya::Pod for CidrData {}
     unsafe impl aya::Pod for PortData {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}

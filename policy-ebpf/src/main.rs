@@ -15,7 +15,8 @@
 //!    touching conntrack;
 //! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
 //!    verdict (`FRAGMENTS`); ICMP errors pass when the flow they quote would pass a reply;
-//! 4. `CONNTRACK` (one lookup, normalised key): a connection needs EGRESS_OK when its
+//! 4. `CONNTRACK` (one lookup, normalised key; `CONNTRACK4` under a 16-byte key when both
+//!    addresses are IPv4): a connection needs EGRESS_OK when its
 //!    originator is a local endpoint isolated for egress and INGRESS_OK when its responder is
 //!    one isolated for ingress; a live entry holding both -> pass (TCP SYNs in the original
 //!    direction are always re-decided);

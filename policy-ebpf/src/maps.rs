@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    CidrData, Config, CtKey, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue, EventBudget,
+    CidrData, Config, CtKey, CtKey4, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue, EventBudget,
     FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_CIDR_RULES, MAX_CONNTRACK,
     MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES, MAX_SERVICE_CIDRS,
     MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey, RuleValue,
@@ -18,6 +18,9 @@ use policy_common::{
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+/// Connections between two IPv4 addresses (compact key); `CONNTRACK` holds the others.
+#[map]
+pub static CONNTRACK4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 #[map]
 pub static IPCACHE: HashMap<IpCacheKey, IpCacheValue> = HashMap::pinned(MAX_IPCACHE, 0);
 // Not preallocated: the capacity is large and most nodes use a small part of it.
@@ -51,10 +54,25 @@ pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
 #[map]
 pub static PENDING_ZERO: Array<PendingValue> = Array::with_max_entries(1, 0);
 
-/// Per-CPU scratch for the parsed packet: the BPF stack (512 bytes) cannot hold it beside
-/// the lookup keys. Private to the object, not pinned, not part of the contract.
+/// Per-CPU scratch for the parsed packet and its conntrack key: the BPF stack (512 bytes)
+/// cannot hold them beside the other keys, and map memory needs no zeroing before use.
+/// Private to the object, not pinned, not part of the contract.
 #[map]
-pub static SCRATCH: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct Scratch {
+    pub pkt: crate::parse::Pkt,
+    pub keys: CtKeys,
+}
+
+/// The packet's normalised conntrack key, written by its lookup: `key4` for two IPv4
+/// addresses, else `key`.
+#[repr(C)]
+pub struct CtKeys {
+    pub key: CtKey,
+    pub key4: CtKey4,
+}
 
 /// `decide()` over the BPF maps.
 pub struct BpfMaps;

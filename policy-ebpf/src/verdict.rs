@@ -8,13 +8,14 @@ use aya_ebpf::{
 };
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
-    Addr, CtKey, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey, FragValue,
-    PENDING_SLOTS, PENDING_SYN, PENDING_WINDOW_NS, PendingKey, PendingSlot, Reason, ct, ct_flags, decide::decide, ep_flags, proto,
+    Addr, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
+    FragValue, PENDING_SLOTS, PENDING_SYN, PENDING_WINDOW_NS, PendingKey, PendingSlot, Reason, ct,
+    ct_flags, decide::decide, ep_flags, proto,
 };
 
 use crate::maps::{
-    BpfMaps, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENTS, FRAGMENTS,
-    PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING,
+    BpfMaps, CONFIG, CONNTRACK, CONNTRACK4, COUNTERS, CtKeys, ENDPOINTS, EVENT_BUDGET, EVENTS,
+    FRAGMENTS, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 
@@ -45,12 +46,12 @@ impl Hook {
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     let dir = hook.dir();
-    let Some(pkt) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
     // SAFETY: this CPU's slot, used by one program run at a time (TC programs do not nest
     // on a CPU: softirq and process context each run to completion with preemption off).
-    let pkt = unsafe { &mut *pkt };
+    let Scratch { pkt, keys } = unsafe { &mut *scratch };
     match parse(ctx, pkt) {
         Ok(()) => {}
         Err(NoPkt::NotIp) => {
@@ -69,7 +70,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         }
     };
     let pkt: &Pkt = pkt;
-    let (reason, ep_id, decider) = judge(pkt, hook);
+    let (reason, ep_id, decider) = judge(pkt, keys, hook);
     // A policy deny is counted and reported in the direction of the endpoint whose policy
     // refused (at a client's hook that may be the destination's ingress).
     let dir = match decider {
@@ -109,7 +110,7 @@ enum Decider {
 /// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
 /// first, else the endpoint whose policy refused), and whose policy settled it.
 #[inline(always)]
-fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
+fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
@@ -120,7 +121,7 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
     // the node's own traffic costs two hash misses and nothing more.)
     let mut ct = Ct::none();
     if matches!(hook, Hook::FromPod | Hook::ToPod) && pkt.kind == Kind::Normal && !pkt.malformed {
-        ct = ct_lookup(pkt);
+        ct = ct_lookup(pkt, keys);
         if ct_fast_hit(pkt, &ct) {
             return (Reason::AllowEstablished, None, Decider::Hook);
         }
@@ -182,9 +183,9 @@ fn judge(pkt: &Pkt, hook: Hook) -> (Reason, Option<u32>, Decider) {
         Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
         _ => {
             if !ct.done {
-                ct = ct_lookup(pkt);
+                ct = ct_lookup(pkt, keys);
             }
-            let (r, by) = flow_verdict(pkt, hook, &src, &dst, &ct);
+            let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct);
             let id = match by {
                 Decider::Egress => src.endpoint_id,
                 Decider::Ingress => dst.endpoint_id,
@@ -222,14 +223,22 @@ fn fragment_verdict(pkt: &Pkt, isolated: bool) -> Reason {
     }
 }
 
+/// Built with the padding written by one word store (as in `ct_key`): field by field, the
+/// 3 zero bytes become a `memset` call.
 #[inline(always)]
 fn frag_key(pkt: &Pkt) -> FragKey {
-    FragKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        id: pkt.frag_id,
-        proto: pkt.frag_proto,
-        _pad: [0; 3],
+    let mut out = core::mem::MaybeUninit::<FragKey>::uninit();
+    let p = out.as_mut_ptr();
+    // SAFETY: every byte of `out` is written: addresses, id, then proto and `_pad` together.
+    unsafe {
+        (*p).src = pkt.src;
+        (*p).dst = pkt.dst;
+        (*p).id = pkt.frag_id;
+        core::ptr::write_volatile(
+            (p as *mut u8).add(core::mem::offset_of!(FragKey, proto)) as *mut u32,
+            u32::from_le_bytes([pkt.frag_proto, 0, 0, 0]),
+        );
+        out.assume_init()
     }
 }
 
@@ -255,8 +264,9 @@ fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
         pkt.inner_proto,
     );
     // SAFETY: copied at once.
-    if let Some(v) = unsafe { CONNTRACK.get(&key) } {
-        let v = *v;
+    if let Some(p) = ct_get(&key) {
+        // SAFETY: copied at once.
+        let v = unsafe { *p };
         if !ct::expired(&v, key.proto, now_coarse()) && ct::has_grants(&v, ct::stored_required(&v)) {
             return Reason::AllowRelated;
         }
@@ -290,6 +300,86 @@ fn ct_key(src: Addr, dst: Addr, sport: u16, dport: u16, proto_nr: u8) -> (CtKey,
     }
 }
 
+/// [`ct_key`] written in place, every byte, straight from the packet's fields (no
+/// normalised copy in registers spilled to the stack first).
+#[inline(always)]
+fn ct_key_into(out: &mut CtKey, pkt: &Pkt) -> bool {
+    let src_is_a = ct::src_is_a(&pkt.src, &pkt.dst, pkt.sport, pkt.dport);
+    let (a, b, pa, pb) = if src_is_a {
+        (&pkt.src, &pkt.dst, pkt.sport, pkt.dport)
+    } else {
+        (&pkt.dst, &pkt.src, pkt.dport, pkt.sport)
+    };
+    let p: *mut CtKey = out;
+    // SAFETY: plain stores into a valid &mut; `proto` and `_pad` as one little-endian word
+    // (proto in the first byte, zeros after), as in `ct_key`.
+    unsafe {
+        (*p).addr_a = *a;
+        (*p).addr_b = *b;
+        (*p).port_a = pa;
+        (*p).port_b = pb;
+        core::ptr::write_volatile(
+            (p as *mut u8).add(core::mem::offset_of!(CtKey, proto)) as *mut u32,
+            u32::from_le_bytes([pkt.proto, 0, 0, 0]),
+        );
+    }
+    src_is_a
+}
+
+/// The compact key of an IPv4 packet, written in place (every byte). The same order as
+/// `ct::normalize`: the mapped prefixes are equal, so the last word decides.
+#[inline(always)]
+fn ct_key4_into(out: &mut CtKey4, pkt: &Pkt) -> bool {
+    let (s, d) = (pkt.src.0[3], pkt.dst.0[3]);
+    let (sh, dh) = (u32::from_be(s), u32::from_be(d));
+    let src_is_a = sh < dh || (sh == dh && pkt.sport <= pkt.dport);
+    let p: *mut CtKey4 = out;
+    // SAFETY: plain stores into a valid &mut; `proto` and `_pad` as one word (see `ct_key`).
+    unsafe {
+        if src_is_a {
+            (*p).addr_a = s;
+            (*p).addr_b = d;
+            (*p).port_a = pkt.sport;
+            (*p).port_b = pkt.dport;
+        } else {
+            (*p).addr_a = d;
+            (*p).addr_b = s;
+            (*p).port_a = pkt.dport;
+            (*p).port_b = pkt.sport;
+        }
+        core::ptr::write_volatile(
+            (p as *mut u8).add(core::mem::offset_of!(CtKey4, proto)) as *mut u32,
+            u32::from_le_bytes([pkt.proto, 0, 0, 0]),
+        );
+    }
+    src_is_a
+}
+
+/// The entry of a normalised key built on the stack (ICMP errors, virtual tuples), from the
+/// map of its family.
+#[inline(always)]
+fn ct_get(k: &CtKey) -> Option<*mut CtValue> {
+    if k.addr_a.is_v4() && k.addr_b.is_v4() {
+        let mut out = core::mem::MaybeUninit::<CtKey4>::uninit();
+        let p = out.as_mut_ptr();
+        // SAFETY: every byte of `out` is written, proto and padding as one word.
+        let k4 = unsafe {
+            (*p).addr_a = k.addr_a.0[3];
+            (*p).addr_b = k.addr_b.0[3];
+            (*p).port_a = k.port_a;
+            (*p).port_b = k.port_b;
+            core::ptr::write_volatile(
+                (p as *mut u8).add(core::mem::offset_of!(CtKey4, proto)) as *mut u32,
+                u32::from_le_bytes([k.proto, 0, 0, 0]),
+            );
+            out.assume_init()
+        };
+        CONNTRACK4.get_ptr_mut(&k4)
+    } else {
+        CONNTRACK.get_ptr_mut(k)
+    }
+}
+
 #[inline(always)]
 fn closing(flags: u32) -> bool {
     flags & ct_flags::RST != 0
@@ -304,9 +394,9 @@ fn flow_verdict(
     hook: Hook,
     src: &EndpointValue,
     dst: &EndpointValue,
+    keys: &CtKeys,
     ct: &Ct,
 ) -> (Reason, Decider) {
-    let key = &ct.key;
     let src_is_a = ct.src_is_a;
     let now = ct.now;
     let syn = is_syn(pkt);
@@ -394,6 +484,15 @@ fn flow_verdict(
         return (reason, by);
     }
     let ok = reason.is_allow();
+    // The lookup read the clock only when it found an entry; a new one needs it now, a
+    // refused packet never does.
+    let now = if entry.is_some() {
+        now
+    } else if ok {
+        now_coarse()
+    } else {
+        0
+    };
     let req_bits = fwd_req << ct_flags::REQ_SHIFT;
     match live {
         None => {
@@ -410,7 +509,11 @@ fn flow_verdict(
                     flags,
                     _pad: 0,
                 };
-                let _ = CONNTRACK.insert(key, &v, 0);
+                let _ = if ct.v4 {
+                    CONNTRACK4.insert(&keys.key4, &v, 0)
+                } else {
+                    CONNTRACK.insert(&keys.key, &v, 0)
+                };
             }
         }
         Some(p) => {
@@ -438,9 +541,11 @@ fn flow_verdict(
     (reason, by)
 }
 
-/// A packet's conntrack lookup, done once per packet.
+/// A packet's conntrack lookup, done once per packet (its key is in the scratch map: a
+/// 40-byte key on the stack would be zeroed by a `memset` byte loop before every lookup).
 struct Ct {
-    key: CtKey,
+    /// Both addresses IPv4: the entry is in `CONNTRACK4` under `CtKeys::key4`.
+    v4: bool,
     src_is_a: bool,
     entry: Option<*mut CtValue>,
     now: u64,
@@ -451,7 +556,7 @@ impl Ct {
     #[inline(always)]
     fn none() -> Ct {
         Ct {
-            key: CtKey::default(),
+            v4: false,
             src_is_a: false,
             entry: None,
             now: 0,
@@ -461,14 +566,22 @@ impl Ct {
 }
 
 #[inline(always)]
-fn ct_lookup(pkt: &Pkt) -> Ct {
-    let (key, src_is_a) = ct_key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let entry = CONNTRACK.get_ptr_mut(&key);
+fn ct_lookup(pkt: &Pkt, keys: &mut CtKeys) -> Ct {
+    // (An IPv6 packet never carries IPv4-mapped addresses: the parser refuses them.)
+    let v4 = pkt.src.is_v4() && pkt.dst.is_v4();
+    let (src_is_a, entry) = if v4 {
+        let src_is_a = ct_key4_into(&mut keys.key4, pkt);
+        (src_is_a, CONNTRACK4.get_ptr_mut(&keys.key4))
+    } else {
+        let src_is_a = ct_key_into(&mut keys.key, pkt);
+        (src_is_a, CONNTRACK.get_ptr_mut(&keys.key))
+    };
     Ct {
-        key,
+        v4,
         src_is_a,
         entry,
-        now: now_coarse(),
+        // Only an entry's age needs the time: a miss reads it if and when it inserts.
+        now: if entry.is_some() { now_coarse() } else { 0 },
         done: true,
     }
 }
@@ -602,7 +715,7 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
             continue;
         }
         let (vkey, _) = ct_key(pkt.src, s.vip, pkt.sport, s.vport, pkt.proto);
-        if let Some(c) = CONNTRACK.get_ptr_mut(&vkey) {
+        if let Some(c) = ct_get(&vkey) {
             // SAFETY: see flow_verdict.
             unsafe {
                 (*c).flags |= ct_flags::EGRESS_OK;
@@ -647,9 +760,11 @@ fn count(reason: Reason, dir: Direction) {
     }
 }
 
-/// Emits a deny event when the per-CPU token bucket has a token.
+/// Emits a deny event when the per-CPU token bucket has a token. (The bucket needs the
+/// fine clock: on the coarse one, a tick boundary refills several tokens at once.)
 #[inline(always)]
 fn report(ctx: &TcContext, dir: Direction, reason: Reason, pkt: Option<&Pkt>, ep_id: u32) {
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if !take_token(now) {
         return;
@@ -699,8 +814,11 @@ fn take_token(now: u64) -> bool {
     unsafe {
         // Capped so the product cannot overflow.
         let elapsed = now.saturating_sub((*b).last_refill_ns).min(1000 * ct::SEC);
-        let add = elapsed * rate / ct::SEC;
-        if add > 0 {
+        // Divide only when a whole token was earned: in a flood of denies with an empty
+        // bucket most packets earn none, and a 64-bit division is the dearest instruction.
+        let earned = elapsed * rate;
+        if earned >= ct::SEC {
+            let add = earned / ct::SEC;
             let tokens = (*b).tokens + add;
             if tokens >= burst {
                 (*b).tokens = burst;

@@ -173,18 +173,29 @@ pub fn seed(
 }
 
 /// Copies the entries of the conntrack map pinned at `old` (an earlier agent's, in a
-/// migration) when its key and value layouts are this object's. `Ok(None)` when they are
-/// not (the caller seeds from the kernel's table instead).
+/// migration), and of the `CONNTRACK4` beside it when it had one, when their key and value
+/// layouts are this object's. `Ok(None)` when `CONNTRACK`'s is not (the caller seeds from the
+/// kernel's table instead).
 pub fn copy_pinned(maps: &mut DataplaneMaps, old: &Path) -> Result<Option<usize>, DataplaneError> {
     use aya::maps::{HashMap, Map, MapData};
-    let name = policy_common::MAP_CONNTRACK;
-    let data = MapData::from_pin(old).map_err(|e| DataplaneError::map(name, e))?;
-    let map = Map::from_map_data(data).map_err(|e| DataplaneError::map(name, e))?;
+    use policy_common::{CtKey4, MAP_CONNTRACK, MAP_CONNTRACK4};
+    let old4 = old.with_file_name(MAP_CONNTRACK4);
+    let open = |name: &'static str, path: &Path| -> Result<Map, DataplaneError> {
+        let data = MapData::from_pin(path).map_err(|e| DataplaneError::map(name, e))?;
+        Map::from_map_data(data).map_err(|e| DataplaneError::map(name, e))
+    };
     // The typed handle checks the key and value sizes.
-    let Ok(old_ct) = HashMap::<MapData, CtKey, CtValue>::try_from(map) else {
+    let Ok(old_ct) = HashMap::<MapData, CtKey, CtValue>::try_from(open(MAP_CONNTRACK, old)?) else {
         return Ok(None);
     };
-    let entries: Vec<(CtKey, CtValue)> = old_ct.iter().filter_map(Result::ok).collect();
+    let mut entries: Vec<(CtKey, CtValue)> = old_ct.iter().filter_map(Result::ok).collect();
+    // An agent from before the compact IPv4 map kept every connection in `CONNTRACK`.
+    if old4.exists() {
+        let map = open(MAP_CONNTRACK4, &old4)?;
+        if let Ok(old4) = HashMap::<MapData, CtKey4, CtValue>::try_from(map) {
+            entries.extend(old4.iter().filter_map(Result::ok).map(|(k, v)| (k.widen(), v)));
+        }
+    }
     for (k, v) in &entries {
         maps.set_conntrack(*k, *v)?;
     }

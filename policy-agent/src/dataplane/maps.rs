@@ -5,9 +5,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
+    Addr, CidrData, Config, CtKey, CtKey4, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
     Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey,
-    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS,
+    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS,
     MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
     MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey,
     RuleValue, reason::COUNTERS_LEN, service_prefixlen,
@@ -21,7 +21,11 @@ pub const PORT_PRESENT: u8 = 1;
 /// Every map of the object, typed.
 pub struct DataplaneMaps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    /// Connections with an IPv6 address; [`DataplaneMaps::conntrack_get`] and
+    /// [`DataplaneMaps::set_conntrack`] pick the map of a key's family.
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// Connections between two IPv4 addresses (compact key).
+    pub conntrack4: HashMap<MapData, CtKey4, CtValue>,
     pub ipcache: HashMap<MapData, IpCacheKey, IpCacheValue>,
     pub rules: HashMap<MapData, RuleKey, RuleValue>,
     pub cidr_rules: LpmTrie<MapData, CidrData, RuleValue>,
@@ -87,6 +91,7 @@ impl DataplaneMaps {
         Ok(DataplaneMaps {
             endpoints: take(ebpf, MAP_ENDPOINTS)?,
             conntrack: take(ebpf, MAP_CONNTRACK)?,
+            conntrack4: take(ebpf, MAP_CONNTRACK4)?,
             ipcache: take(ebpf, MAP_IPCACHE)?,
             rules: take(ebpf, MAP_RULES)?,
             cidr_rules: take(ebpf, MAP_CIDR_RULES)?,
@@ -205,13 +210,24 @@ impl DataplaneMaps {
         self.service_pending.get(k, 0).ok()
     }
 
+    /// The entry of a normalised key, from the map of its family.
     pub fn conntrack_get(&self, k: &CtKey) -> Option<CtValue> {
-        self.conntrack.get(k, 0).ok()
+        match k.v4() {
+            Some(k4) => self.conntrack4.get(&k4, 0).ok(),
+            None => self.conntrack.get(k, 0).ok(),
+        }
     }
     pub fn set_conntrack(&mut self, k: CtKey, v: CtValue) -> Result<(), DataplaneError> {
-        self.conntrack
-            .insert(k, v, 0)
-            .map_err(|e| DataplaneError::map(MAP_CONNTRACK, e))
+        match k.v4() {
+            Some(k4) => self
+                .conntrack4
+                .insert(k4, v, 0)
+                .map_err(|e| DataplaneError::map(MAP_CONNTRACK4, e)),
+            None => self
+                .conntrack
+                .insert(k, v, 0)
+                .map_err(|e| DataplaneError::map(MAP_CONNTRACK, e)),
+        }
     }
     pub fn fragment_get(&self, k: &FragKey) -> Option<FragValue> {
         self.fragments.get(k, 0).ok()
@@ -256,6 +272,7 @@ impl DataplaneMaps {
         }
         clear(MAP_ENDPOINTS, &mut self.endpoints)?;
         clear(MAP_CONNTRACK, &mut self.conntrack)?;
+        clear(MAP_CONNTRACK4, &mut self.conntrack4)?;
         clear(MAP_IPCACHE, &mut self.ipcache)?;
         clear(MAP_RULES, &mut self.rules)?;
         clear(MAP_FRAGMENTS, &mut self.fragments)?;
