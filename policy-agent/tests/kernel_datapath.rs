@@ -1562,13 +1562,15 @@ const ID_A: u32 = 301;
 const ID_C: u32 = 302;
 const SERVICE_RANGES: [&str; 2] = ["198.18.128.0/17", "fd00:18::2:0/112"];
 
-/// The client socket's pending virtual tuples (occupied slots).
-fn pending(f: &Fixture, src: Addr, sport: u16, proto: u8) -> Vec<(Addr, u16)> {
+/// The virtual tuples pending under a key (occupied slots): a SYN's sequence number
+/// (`by_seq`) or a source port.
+fn pending(f: &Fixture, src: Addr, id: u32, proto: u8, by_seq: bool) -> Vec<(Addr, u16)> {
     f.maps
         .pending_get(&PendingKey {
             src,
-            sport,
+            id,
             proto,
+            by_seq: by_seq as u8,
             _pad: 0,
         })
         .map(|v| {
@@ -1720,7 +1722,7 @@ fn egress_to_a_service_is_deferred_and_judged_on_the_backend() {
         f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
         Reason::AllowServicePending
     );
-    assert_eq!(pending(&f, a4(A4), 40000, TCP), vec![(a4(VIP4), 8080)]);
+    assert_eq!(pending(&f, a4(A4), 1, TCP, true), vec![(a4(VIP4), 8080)]);
     let v = f
         .ct(a4(A4), a4(VIP4), 40000, 8080, TCP)
         .expect("virtual entry");
@@ -1838,10 +1840,8 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
             Reason::AllowServicePending
         );
     }
-    assert_eq!(
-        pending(&f, a4(A4), 40000, TCP),
-        vec![(a4(VIP4), 8080), (a4(VIP4_OTHER), 8080)]
-    );
+    assert_eq!(pending(&f, a4(A4), 100, TCP, true), vec![(a4(VIP4), 8080)]);
+    assert_eq!(pending(&f, a4(A4), 200, TCP, true), vec![(a4(VIP4_OTHER), 8080)]);
     // VIP4 -> B (allowed) is judged first, then VIP4_OTHER -> C (refused).
     assert_eq!(
         f.verdict(Ingress, &tcp4_seq(A4, B4, 40000, 80, SYN, 100)),
@@ -1851,24 +1851,11 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
         f.verdict(Ingress, &tcp4_seq(A4, C4, 40000, 80, SYN, 200)),
         Reason::DenyPolicy
     );
-    let granted = |f: &Fixture, vip| {
-        f.ct(a4(A4), a4(vip), 40000, 8080, TCP)
-            .expect("virtual entry")
-            .flags
-            & ct_flags::EGRESS_OK
-            != 0
-    };
-    assert!(
-        granted(&f, VIP4),
-        "B's hook grants the tuple of B's Service"
-    );
-    assert!(!granted(&f, VIP4_OTHER), "and not the other Service's");
-    assert_eq!(
-        pending(&f, a4(A4), 40000, TCP),
-        vec![(a4(VIP4_OTHER), 8080)],
-        "the used slot is freed, the refused one waits"
-    );
-    // The reverse-NATed SYN-ACK from VIP4 reaches A as the reply it is.
+    assert!(virtual_granted(&f, VIP4, 40000), "B's hook grants the tuple of B's Service");
+    assert!(!virtual_granted(&f, VIP4_OTHER, 40000), "and not the other Service's");
+    assert_eq!(pending(&f, a4(A4), 100, TCP, true), vec![], "a used slot is freed");
+    assert_eq!(pending(&f, a4(A4), 200, TCP, true), vec![(a4(VIP4_OTHER), 8080)]);
+    // The reverse-NATed SYN-ACK from VIP4 reaches A (isolated for ingress) as the reply it is.
     assert_eq!(
         f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
         Reason::AllowEstablished
@@ -1882,24 +1869,60 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
         f.verdict(Ingress, &tcp4_seq(A4, C4, 40000, 80, SYN, 200)),
         Reason::DenyPolicy
     );
-    assert!(!granted(&f, VIP4_OTHER));
+    assert!(!virtual_granted(&f, VIP4_OTHER, 40000));
 
-    // Five Services from one port: the oldest slot gives way, the newest four are kept.
-    for (i, port) in (9001..=9005).enumerate() {
+    // Five Services from one UDP port: the oldest slot gives way, the newest four are kept.
+    for port in 9001..=9005 {
         assert_eq!(
-            f.verdict(
-                Egress,
-                &tcp4_seq(A4, VIP4, 41000, port, SYN, 1000 + i as u32)
-            ),
+            f.verdict(Egress, &udp4(A4, VIP4, 41000, port)),
             Reason::AllowServicePending
         );
     }
-    let mut ports: Vec<u16> = pending(&f, a4(A4), 41000, TCP)
+    let mut ports: Vec<u16> = pending(&f, a4(A4), 41000, UDP, false)
         .iter()
         .map(|s| s.1)
         .collect();
     ports.sort();
     assert_eq!(ports, vec![9002, 9003, 9004, 9005]);
+}
+
+/// Whether A's conntrack entry of the virtual tuple (A:sport -> vip:8080) holds EGRESS_OK.
+fn virtual_granted(f: &Fixture, vip: Ipv4Addr, sport: u16) -> bool {
+    f.ct(a4(A4), a4(vip), sport, 8080, TCP)
+        .expect("virtual entry")
+        .flags
+        & ct_flags::EGRESS_OK
+        != 0
+}
+
+/// DNAT may also move the source port (netfilter does when the translated tuple would clash
+/// with a live one, e.g. a recent direct connection from the same port): the SYN's sequence
+/// number still finds the virtual tuple, which is granted under the client's original port.
+#[test]
+fn a_service_syn_whose_source_port_dnat_moved_still_grants_its_virtual_tuple() {
+    let mut f = fixture();
+    f.service_cidrs(&SERVICE_RANGES);
+    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID | ISO_IN);
+    f.endpoint_id(a4(B4), 2, 0);
+    f.ipcache(a4(B4), ID_B);
+    f.rule(SET_EG, ID_B, all());
+    assert_eq!(
+        f.verdict(Egress, &tcp4_seq(A4, VIP4, 40000, 8080, SYN, 777)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4_seq(A4, B4, 51234, 80, SYN, 777)),
+        Reason::AllowIdentity
+    );
+    assert!(virtual_granted(&f, VIP4, 40000));
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, ACK)),
+        Reason::AllowEstablished
+    );
 }
 
 /// A UDP socket addressing two Services: after DNAT nothing tells its datagrams apart, so the
@@ -1948,7 +1971,7 @@ fn without_service_ranges_a_virtual_ip_is_judged_as_it_is() {
         f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
         Reason::DenyPolicy
     );
-    assert_eq!(pending(&f, a4(A4), 40000, TCP), vec![]);
+    assert_eq!(pending(&f, a4(A4), 1, TCP, true), vec![]);
     // A pod address is never deferred, even with ranges configured.
     f.service_cidrs(&SERVICE_RANGES);
     assert_eq!(
@@ -2200,5 +2223,5 @@ fn the_nodes_own_address_is_never_deferred_as_a_service() {
         f.verdict(Egress, &tcp4(A4, NODE4, 40000, 80, SYN)),
         Reason::DenyPolicy
     );
-    assert_eq!(pending(&f, a4(A4), 40000, TCP), vec![]);
+    assert_eq!(pending(&f, a4(A4), 1, TCP, true), vec![]);
 }

@@ -378,47 +378,44 @@ pub const fn service_prefixlen(v4: bool, addr_prefix: u8) -> u32 {
     }
 }
 
-/// `SERVICE_PENDING` key (LRU hash): a client socket whose egress to a virtual IP was
-/// deferred at its pod's hook.
+/// `SERVICE_PENDING` key (LRU hash): what of a client's deferred packet survives DNAT.
+/// A TCP SYN is keyed by its sequence number (`by_seq` 1, `id` = seq): DNAT may also change
+/// the source port (when the translated tuple would clash with a live one, e.g. a recent
+/// direct connection from the same port), never the sequence number. Anything else is keyed
+/// by its source port (`by_seq` 0, `id` = port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PendingKey {
     pub src: Addr,
-    pub sport: u16,
+    pub id: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub by_seq: u8,
+    pub _pad: u16,
 }
 
-/// How many virtual tuples one client socket may have pending at once: a client may reuse
-/// one source port towards several virtual IPs at the same time (the kernel only keeps the
-/// whole 4-tuple unique), so one slot per key would let one connection's grant land on
-/// another's virtual tuple.
+/// How many virtual tuples one pending key may hold at once: a client may send from one
+/// source port to several virtual IPs at the same time (the kernel only keeps the whole
+/// 4-tuple unique), so one slot per key would let one flow's grant land on another's tuple.
 pub const PENDING_SLOTS: usize = 4;
-
-/// A slot's TCP initial sequence number is set (the deferred packet was a SYN).
-pub const PENDING_SYN: u8 = 1;
 
 /// How long a deferred virtual tuple may wait for its DNATed packet to be judged: a packet
 /// crosses the node in microseconds; a retransmission defers again and refreshes the slot.
 pub const PENDING_WINDOW_NS: u64 = 2_000_000_000;
 
-/// One deferred virtual tuple of a client socket.
+/// One deferred virtual tuple: what the client addressed, from which port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PendingSlot {
     pub vip: Addr,
     pub vport: u16,
-    /// `PENDING_SYN` or 0.
-    pub flags: u8,
-    pub _pad: u8,
-    /// The SYN's sequence number: DNAT keeps it, so the backend's hook can tell which of the
-    /// socket's virtual tuples the SYN in front of it belongs to.
-    pub seq: u32,
+    /// The client's source port before DNAT (which may change it).
+    pub sport: u16,
+    pub _pad: u32,
     /// `bpf_ktime_get_coarse_ns` when deferred; 0 = empty slot.
     pub seen_ns: u64,
 }
 
-/// `SERVICE_PENDING` value: the virtual tuples the client socket addressed, so the hook that
+/// `SERVICE_PENDING` value: the virtual tuples deferred under one key, so the hook that
 /// judges the DNATed packet can grant the client's conntrack entry of the virtual tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -515,9 +512,10 @@ const _: () = {
     assert!(offset_of!(DenyEvent, endpoint_id) == 48);
     assert!(size_of::<EventBudget>() == 16);
     assert!(size_of::<Config>() == 8);
-    assert!(size_of::<PendingKey>() == 20);
+    assert!(size_of::<PendingKey>() == 24);
+    assert!(offset_of!(PendingKey, proto) == 20);
     assert!(size_of::<PendingSlot>() == 32);
-    assert!(offset_of!(PendingSlot, seq) == 20);
+    assert!(offset_of!(PendingSlot, sport) == 18);
     assert!(offset_of!(PendingSlot, seen_ns) == 24);
     assert!(size_of::<PendingValue>() == 128);
     assert!(size_of::<LpmKey<Addr>>() == 20);

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Addr, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
-    FragValue, PENDING_SLOTS, PENDING_SYN, PENDING_WINDOW_NS, PendingKey, PendingSlot, Reason, ct,
-    ct_flags, decide::decide, ep_flags, proto,
+    FragValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, Reason, ct, ct_flags, decide::decide,
+    ep_flags, proto,
 };
 
 use crate::maps::{
@@ -626,17 +626,27 @@ fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
     true
 }
 
-/// Remembers, for the client socket, the virtual tuple whose egress this `from_pod` deferred:
-/// a slot of its `SERVICE_PENDING` entry (the same virtual tuple's slot, else an empty or the
-/// oldest one).
+/// What of a deferred packet survives DNAT: a SYN's sequence number, else its source port.
+#[inline(always)]
+fn pending_key(pkt: &Pkt, by_seq: bool) -> PendingKey {
+    PendingKey {
+        src: pkt.src,
+        id: if by_seq {
+            pkt.tcp_seq
+        } else {
+            pkt.sport as u32
+        },
+        proto: pkt.proto,
+        by_seq: by_seq as u8,
+        _pad: 0,
+    }
+}
+
+/// Remembers the virtual tuple whose egress this `from_pod` deferred: a slot of its
+/// `SERVICE_PENDING` entry (the same tuple's slot, else an empty or the oldest one).
 #[inline(always)]
 fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
-    let k = PendingKey {
-        src: pkt.src,
-        sport: pkt.sport,
-        proto: pkt.proto,
-        _pad: 0,
-    };
+    let k = pending_key(pkt, is_syn(pkt));
     let mut entry = SERVICE_PENDING.get_ptr_mut(&k);
     if entry.is_none() {
         let Some(zero) = PENDING_ZERO.get(0) else {
@@ -654,7 +664,11 @@ fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
         // SAFETY: `i` is in bounds; LRU values stay valid for the program's run (a race with
         // another CPU may at worst mix two slots' fields, which grants nothing that exists).
         let s = unsafe { &(*p).slots[i] };
-        if s.seen_ns != 0 && s.vport == pkt.dport && same_addr(&s.vip, &pkt.dst) {
+        if s.seen_ns != 0
+            && s.vport == pkt.dport
+            && s.sport == pkt.sport
+            && same_addr(&s.vip, &pkt.dst)
+        {
             pick = i;
             break;
         }
@@ -663,14 +677,12 @@ fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
             pick = i;
         }
     }
-    let syn = is_syn(pkt);
     // SAFETY: as above.
     unsafe {
         let s = &mut (*p).slots[pick];
         s.vip = pkt.dst;
         s.vport = pkt.dport;
-        s.flags = if syn { PENDING_SYN } else { 0 };
-        s.seq = if syn { pkt.tcp_seq } else { 0 };
+        s.sport = pkt.sport;
         s.seen_ns = now;
     }
 }
@@ -680,41 +692,30 @@ fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
 /// IP) pass its pod's hook. Only a source whose egress its own hook did not grant gets here:
 /// a tuple translated after that hook, or a pod whose veth has no program yet.
 ///
-/// After DNAT the virtual tuple is gone from the packet; what survives is the client socket
-/// and, for a SYN, its sequence number. A SYN grants the slot it matches; any other packet
-/// grants every fresh slot of the socket (a UDP socket addressing several Services at once):
-/// an over-grant that only admits replies from those virtual IPs, whose own backends are
-/// still judged when the client's packets reach them.
+/// A SYN finds its own virtual tuple by sequence number. Any other packet finds the fresh
+/// tuples its source port was deferred for: a UDP socket addressing several Services at once
+/// has them all granted, an over-grant that only admits replies from those virtual IPs,
+/// whose own backends still judge what the client sends them.
 #[inline(always)]
 fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
-    let k = PendingKey {
-        src: pkt.src,
-        sport: pkt.sport,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    let Some(p) = SERVICE_PENDING.get_ptr_mut(&k) else {
+    let syn = is_syn(pkt);
+    let mut entry = None;
+    if syn {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
+    }
+    if entry.is_none() {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
+    }
+    let Some(p) = entry else {
         return;
     };
-    let fresh = |s: &PendingSlot| s.seen_ns != 0 && now.wrapping_sub(s.seen_ns) < PENDING_WINDOW_NS;
-    let syn = is_syn(pkt);
-    let mut exact = false;
-    if syn {
-        for i in 0..PENDING_SLOTS {
-            // SAFETY: see defer_virtual_tuple.
-            let s = unsafe { &(*p).slots[i] };
-            if fresh(s) && s.flags & PENDING_SYN != 0 && s.seq == pkt.tcp_seq {
-                exact = true;
-            }
-        }
-    }
     for i in 0..PENDING_SLOTS {
         // SAFETY: see defer_virtual_tuple.
         let s = unsafe { &mut (*p).slots[i] };
-        if !fresh(s) || (exact && !(s.flags & PENDING_SYN != 0 && s.seq == pkt.tcp_seq)) {
+        if s.seen_ns == 0 || now.wrapping_sub(s.seen_ns) >= PENDING_WINDOW_NS {
             continue;
         }
-        let (vkey, _) = ct_key(pkt.src, s.vip, pkt.sport, s.vport, pkt.proto);
+        let (vkey, _) = ct_key(pkt.src, s.vip, s.sport, s.vport, pkt.proto);
         if let Some(c) = ct_get(&vkey) {
             // SAFETY: see flow_verdict.
             unsafe {
@@ -722,7 +723,7 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
                 (*c).last_seen_ns = now;
             }
         }
-        // Used: a later packet of the socket cannot take it for another tuple.
+        // Used: a later packet cannot take it for another tuple.
         s.seen_ns = 0;
     }
 }
