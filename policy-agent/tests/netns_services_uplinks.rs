@@ -399,3 +399,172 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
     dp.detach(uplink).expect("detach uplink");
     dp.detach(pod).expect("detach pod");
 }
+
+/// A TCP connection from `src` (SO_REUSEADDR, so a port whose last connection is in
+/// TIME_WAIT can be bound again) to `to`, made inside `ns`.
+fn connect_from(
+    ns: &Netns,
+    src: SocketAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    fn raw(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: all-zero is a valid sockaddr_storage; the family's struct fits in it.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_in fits in sockaddr_storage.
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    }
+    ns.enter(|| {
+        let family = if src.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket calls on a descriptor owned here (wrapped in TcpStream at once).
+        unsafe {
+            let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let stream = std::net::TcpStream::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            let tv = libc::timeval {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+            };
+            let opts = [
+                (libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, size_of_val(&one)),
+                (libc::SO_SNDTIMEO, &tv as *const _ as *const libc::c_void, size_of_val(&tv)),
+            ];
+            for (opt, val, len) in opts {
+                if libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let (s, l) = raw(src);
+            if libc::bind(fd, &s as *const _ as *const libc::sockaddr, l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let (d, l) = raw(to);
+            if libc::connect(fd, &d as *const _ as *const libc::sockaddr, l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            stream.set_read_timeout(Some(timeout))?;
+            Ok(stream)
+        }
+    })?
+}
+
+fn round_trip(s: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    s.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)?;
+    if buf != msg {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// A client port whose direct connection to the backend just ended (its conntrack entry in
+/// TIME_WAIT) is used again towards the backend's ClusterIP: netfilter's DNAT must move the
+/// source port to keep tuples unique, and the backend's hook, seeing a port the client's
+/// hook never saw, must still grant the client's virtual tuple (the SYN's sequence number
+/// survives). The client is isolated both ways, so an ungranted virtual tuple would drop the
+/// reverse-NATed SYN-ACK. Found as a rare failure of the upstream suite via Service.
+#[test]
+fn a_service_connection_from_a_port_just_used_directly_still_gets_its_replies() {
+    let mut bed = Testbed::new().expect("node namespace (needs root)");
+    let a = bed.add_pod().expect("pod a");
+    let b = bed.add_pod().expect("pod b");
+    let names = bed.namespace_names();
+    {
+        let fs = PrivateBpffs::mount().expect("private bpffs");
+        let mut dp = Dataplane::load(fs.path()).expect("load the eBPF object");
+        let mut maps = dp.take_maps().expect("maps");
+        let (ha, hb) = (&bed.hosts[a], &bed.hosts[b]);
+        let _servers: Vec<_> = [false, true]
+            .map(|v6| {
+                TcpEchoServer::start(&hb.ns, SocketAddr::new(hb.ip(v6), PORT)).expect("server")
+            })
+            .into();
+        dnat(&bed.node, false, VIP_B4.into(), hb.ip(false));
+        dnat(&bed.node, true, VIP_B6.into(), hb.ip(true));
+        bed.node
+            .enter(|| {
+                for h in [ha, hb] {
+                    dp.attach(&h.host_if, AttachMode::Auto).expect("attach");
+                }
+            })
+            .expect("enter node namespace");
+        maps.set_service_cidrs(&[
+            SERVICE_V4.parse().expect("v4"),
+            SERVICE_V6.parse().expect("v6"),
+        ])
+        .expect("service ranges");
+        endpoint(&mut maps, [hb.ip(false), hb.ip(true)], 2, 0);
+        // A: isolated both ways; egress admits B's addresses only; no ingress rule at all.
+        endpoint(
+            &mut maps,
+            [ha.ip(false), ha.ip(true)],
+            1,
+            ep_flags::ISOLATED_EGRESS
+                | ep_flags::EGRESS_HAS_CIDR_RULES
+                | ep_flags::ISOLATED_INGRESS,
+        );
+        for net in [
+            format!("{}/32", hb.ip(false)),
+            format!("{}/128", hb.ip(true)),
+        ] {
+            maps.set_cidr_rule(cidr_key(SET_EG, &net), all())
+                .expect("cidr rule");
+        }
+        for (i, v6) in [false, true].into_iter().enumerate() {
+            let src = SocketAddr::new(ha.ip(v6), 47000 + i as u16);
+            let vip: IpAddr = if v6 { VIP_B6.into() } else { VIP_B4.into() };
+            let mut direct = connect_from(&ha.ns, src, SocketAddr::new(hb.ip(v6), PORT), OK_WAIT)
+                .expect("direct connection A -> B");
+            round_trip(&mut direct, b"direct").expect("direct round trip");
+            // A closes first: A's socket and both conntrack entries enter TIME_WAIT.
+            drop(direct);
+            std::thread::sleep(Duration::from_millis(100));
+            let mut via = connect_from(&ha.ns, src, SocketAddr::new(vip, PORT), OK_WAIT)
+                .unwrap_or_else(|e| {
+                    panic!("v6={v6}: the same port towards B's ClusterIP must connect: {e}")
+                });
+            round_trip(&mut via, b"via the ClusterIP")
+                .unwrap_or_else(|e| panic!("v6={v6}: round trip via the ClusterIP: {e}"));
+        }
+    }
+    drop(bed);
+    assert_no_namespaces_left(names);
+}
