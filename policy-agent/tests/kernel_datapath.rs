@@ -268,6 +268,7 @@ fn object_has_every_contract_map_and_program() {
     for m in [
         MAP_ENDPOINTS,
         MAP_CONNTRACK,
+        policy_common::MAP_CONNTRACK4,
         MAP_IPCACHE,
         MAP_RULES,
         MAP_CIDR_RULES,
