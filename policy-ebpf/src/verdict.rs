@@ -680,7 +680,12 @@ fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
     // SAFETY: as above.
     unsafe {
         let s = &mut (*p).slots[pick];
-        s.vip = pkt.dst;
+        // Word by word: a whole-struct copy between two map values becomes a `memmove`
+        // call whose pointer subtraction an unprivileged verifier refuses.
+        s.vip.0[0] = pkt.dst.0[0];
+        s.vip.0[1] = pkt.dst.0[1];
+        s.vip.0[2] = pkt.dst.0[2];
+        s.vip.0[3] = pkt.dst.0[3];
         s.vport = pkt.dport;
         s.sport = pkt.sport;
         s.seen_ns = now;
