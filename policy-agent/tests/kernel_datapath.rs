@@ -1706,17 +1706,23 @@ fn to_pod_decides_the_egress_a_sources_hook_never_saw() {
     );
 }
 
-#[test]
-fn egress_to_a_service_is_deferred_and_judged_on_the_backend() {
+/// Service ranges set; A (plus `a_flags`) isolated for egress with a rule admitting B (any
+/// port), not C; B and C known endpoints, not isolated; no rule names a virtual IP.
+fn service_fixture(a_flags: u32) -> MutexGuard<'static, Fixture> {
     let mut f = fixture();
     f.service_cidrs(&SERVICE_RANGES);
-    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID);
+    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID | a_flags);
     f.endpoint_id(a4(B4), 2, 0);
     f.endpoint_id(a4(C4), 3, 0);
     f.ipcache(a4(B4), ID_B);
     f.ipcache(a4(C4), ID_C);
-    // A may reach B (any port), not C; no rule names the virtual IPs.
     f.rule(SET_EG, ID_B, all());
+    f
+}
+
+#[test]
+fn egress_to_a_service_is_deferred_and_judged_on_the_backend() {
+    let f = service_fixture(0);
 
     // A's hook sees the virtual IP: deferred, remembered.
     assert_eq!(
@@ -1827,14 +1833,7 @@ fn tcp4_seq(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, seq
 /// a flake: an allowed Service connection whose SYN-ACK was dropped at the client).
 #[test]
 fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
-    let mut f = fixture();
-    f.service_cidrs(&SERVICE_RANGES);
-    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID | ISO_IN);
-    f.endpoint_id(a4(B4), 2, 0);
-    f.endpoint_id(a4(C4), 3, 0);
-    f.ipcache(a4(B4), ID_B);
-    f.ipcache(a4(C4), ID_C);
-    f.rule(SET_EG, ID_B, all());
+    let f = service_fixture(ISO_IN);
     for (vip, seq) in [(VIP4, 100), (VIP4_OTHER, 200)] {
         assert_eq!(
             f.verdict(Egress, &tcp4_seq(A4, vip, 40000, 8080, SYN, seq)),
@@ -1842,7 +1841,10 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
         );
     }
     assert_eq!(pending(&f, a4(A4), 100, TCP, true), vec![(a4(VIP4), 8080)]);
-    assert_eq!(pending(&f, a4(A4), 200, TCP, true), vec![(a4(VIP4_OTHER), 8080)]);
+    assert_eq!(
+        pending(&f, a4(A4), 200, TCP, true),
+        vec![(a4(VIP4_OTHER), 8080)]
+    );
     // VIP4 -> B (allowed) is judged first, then VIP4_OTHER -> C (refused).
     assert_eq!(
         f.verdict(Ingress, &tcp4_seq(A4, B4, 40000, 80, SYN, 100)),
@@ -1852,10 +1854,23 @@ fn one_client_port_towards_two_services_grants_each_its_own_virtual_tuple() {
         f.verdict(Ingress, &tcp4_seq(A4, C4, 40000, 80, SYN, 200)),
         Reason::DenyPolicy
     );
-    assert!(virtual_granted(&f, VIP4, 40000), "B's hook grants the tuple of B's Service");
-    assert!(!virtual_granted(&f, VIP4_OTHER, 40000), "and not the other Service's");
-    assert_eq!(pending(&f, a4(A4), 100, TCP, true), vec![], "a used slot is freed");
-    assert_eq!(pending(&f, a4(A4), 200, TCP, true), vec![(a4(VIP4_OTHER), 8080)]);
+    assert!(
+        virtual_granted(&f, VIP4, 40000),
+        "B's hook grants the tuple of B's Service"
+    );
+    assert!(
+        !virtual_granted(&f, VIP4_OTHER, 40000),
+        "and not the other Service's"
+    );
+    assert_eq!(
+        pending(&f, a4(A4), 100, TCP, true),
+        vec![],
+        "a used slot is freed"
+    );
+    assert_eq!(
+        pending(&f, a4(A4), 200, TCP, true),
+        vec![(a4(VIP4_OTHER), 8080)]
+    );
     // The reverse-NATed SYN-ACK from VIP4 reaches A (isolated for ingress) as the reply it is.
     assert_eq!(
         f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
@@ -1931,14 +1946,7 @@ fn a_service_syn_whose_source_port_dnat_moved_still_grants_its_virtual_tuple() {
 /// drops every datagram sent to it.
 #[test]
 fn one_udp_socket_towards_two_services_still_meets_each_backends_verdict() {
-    let mut f = fixture();
-    f.service_cidrs(&SERVICE_RANGES);
-    f.endpoint_id(a4(A4), 1, ISO_EG | EG_ID);
-    f.endpoint_id(a4(B4), 2, 0);
-    f.endpoint_id(a4(C4), 3, 0);
-    f.ipcache(a4(B4), ID_B);
-    f.ipcache(a4(C4), ID_C);
-    f.rule(SET_EG, ID_B, all());
+    let f = service_fixture(0);
     for vip in [VIP4, VIP4_OTHER] {
         assert_eq!(
             f.verdict(Egress, &udp4(A4, vip, 5000, 53)),

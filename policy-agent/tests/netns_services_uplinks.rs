@@ -115,6 +115,27 @@ fn dnat(node: &Netns, v6: bool, vip: IpAddr, backend: IpAddr) {
     }
 }
 
+/// The pod programs on `interfaces` (in the node namespace) and the test's Service ranges.
+fn enforce_with_service_ranges(
+    bed: &Testbed,
+    dp: &mut Dataplane,
+    maps: &mut DataplaneMaps,
+    interfaces: &[&str],
+) {
+    bed.node
+        .enter(|| {
+            for i in interfaces {
+                dp.attach(i, AttachMode::Auto).expect("attach");
+            }
+        })
+        .expect("enter node namespace");
+    maps.set_service_cidrs(&[
+        SERVICE_V4.parse().expect("v4"),
+        SERVICE_V6.parse().expect("v6"),
+    ])
+    .expect("service ranges");
+}
+
 #[test]
 fn service_egress_is_judged_on_the_dnat_backend() {
     let mut bed = Testbed::new().expect("node namespace (needs root)");
@@ -174,18 +195,12 @@ fn service_scenario(bed: &Testbed, a: usize, b: usize, c: usize) {
     probe(true, true, "no programs");
     probe(false, true, "no programs");
 
-    bed.node
-        .enter(|| {
-            for h in [ha, hb, hc] {
-                dp.attach(&h.host_if, AttachMode::Auto).expect("attach");
-            }
-        })
-        .expect("enter node namespace");
-    maps.set_service_cidrs(&[
-        SERVICE_V4.parse().expect("v4"),
-        SERVICE_V6.parse().expect("v6"),
-    ])
-    .expect("service ranges");
+    enforce_with_service_ranges(
+        bed,
+        &mut dp,
+        &mut maps,
+        &[&ha.host_if, &hb.host_if, &hc.host_if],
+    );
     endpoint(&mut maps, [hb.ip(false), hb.ip(true)], 2, 0);
     endpoint(&mut maps, [hc.ip(false), hc.ip(true)], 3, 0);
     // A's egress admits the whole ClusterIP range and B's addresses, not C's.
@@ -462,8 +477,16 @@ fn connect_from(
                 tv_usec: timeout.subsec_micros() as libc::suseconds_t,
             };
             let opts = [
-                (libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, size_of_val(&one)),
-                (libc::SO_SNDTIMEO, &tv as *const _ as *const libc::c_void, size_of_val(&tv)),
+                (
+                    libc::SO_REUSEADDR,
+                    &one as *const _ as *const libc::c_void,
+                    size_of_val(&one),
+                ),
+                (
+                    libc::SO_SNDTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    size_of_val(&tv),
+                ),
             ];
             for (opt, val, len) in opts {
                 if libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) != 0 {
@@ -519,18 +542,7 @@ fn a_service_connection_from_a_port_just_used_directly_still_gets_its_replies() 
             .into();
         dnat(&bed.node, false, VIP_B4.into(), hb.ip(false));
         dnat(&bed.node, true, VIP_B6.into(), hb.ip(true));
-        bed.node
-            .enter(|| {
-                for h in [ha, hb] {
-                    dp.attach(&h.host_if, AttachMode::Auto).expect("attach");
-                }
-            })
-            .expect("enter node namespace");
-        maps.set_service_cidrs(&[
-            SERVICE_V4.parse().expect("v4"),
-            SERVICE_V6.parse().expect("v6"),
-        ])
-        .expect("service ranges");
+        enforce_with_service_ranges(&bed, &mut dp, &mut maps, &[&ha.host_if, &hb.host_if]);
         endpoint(&mut maps, [hb.ip(false), hb.ip(true)], 2, 0);
         // A: isolated both ways; egress admits B's addresses only; no ingress rule at all.
         endpoint(

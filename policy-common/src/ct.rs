@@ -190,7 +190,12 @@ mod tests {
         let a = Addr::from_v4_octets([198, 18, 0, 1]);
         let b = Addr::from_v4_octets([198, 19, 0, 2]);
         let v6 = Addr::from_v6_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-        for (s, d, sp, dp) in [(a, b, 40000, 80), (b, a, 80, 40000), (a, a, 5, 4), (a, a, 4, 5)] {
+        for (s, d, sp, dp) in [
+            (a, b, 40000, 80),
+            (b, a, 80, 40000),
+            (a, a, 5, 4),
+            (a, a, 4, 5),
+        ] {
             let (k, src_is_a) = normalize(s, d, sp, dp, proto::UDP);
             let k4 = k.v4().expect("two IPv4 addresses");
             assert_eq!(k4.widen(), k);

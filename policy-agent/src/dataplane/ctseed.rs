@@ -193,7 +193,11 @@ pub fn copy_pinned(maps: &mut DataplaneMaps, old: &Path) -> Result<Option<usize>
     if old4.exists() {
         let map = open(MAP_CONNTRACK4, &old4)?;
         if let Ok(old4) = HashMap::<MapData, CtKey4, CtValue>::try_from(map) {
-            entries.extend(old4.iter().filter_map(Result::ok).map(|(k, v)| (k.widen(), v)));
+            entries.extend(
+                old4.iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (k.widen(), v)),
+            );
         }
     }
     for (k, v) in &entries {

@@ -7,8 +7,8 @@ use aya::{
 use policy_common::{
     Addr, CidrData, Config, CtKey, CtKey4, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
     Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey,
-    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS,
-    MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
+    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS,
+    MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
     MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey,
     RuleValue, reason::COUNTERS_LEN, service_prefixlen,
 };
