@@ -275,7 +275,16 @@ fn main() {
     let mut dp = Dataplane::load(fs.path()).expect("load the eBPF object");
     let mut maps = dp.take_maps().expect("maps");
     drop(fs);
-    let cases = cases();
+    let mut cases = cases();
+    // For profiling one path (`perf record` on the bench binary): keep the baseline and the
+    // named case only.
+    if let Ok(only) = std::env::var("DATAPATH_BENCH_ONLY") {
+        cases.retain(|c| {
+            c.name == "empty"
+                || c.name == only
+                || (only == "ct_hit" && c.name == "new_flow_identity")
+        });
+    }
     seed_small(&mut maps);
     let small = Bench {
         dp: &dp,
@@ -320,6 +329,9 @@ fn main() {
     json.insert("big_identity_rules".into(), BIG.into());
     json.insert("big_cidr_rules".into(), BIG.into());
 
+    if std::env::var_os("DATAPATH_BENCH_ONLY").is_some() {
+        return; // a partial run: keep the last full figures
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
