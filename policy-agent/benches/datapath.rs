@@ -16,9 +16,9 @@ use policy_agent::{
     testbed::PrivateBpffs,
 };
 use policy_common::{
-    Addr, CidrData, Config, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, EndpointKey,
-    EndpointValue, IpCacheKey, IpCacheValue, LpmKey, PROG_BENCH_EMPTY, PROG_TO_POD, PortRange,
-    Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags,
+    Addr, CidrData, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, EndpointKey, EndpointValue,
+    IpCacheKey, IpCacheValue, LpmKey, PROG_BENCH_EMPTY, PROG_TO_POD, PortRange, Reason, RuleKey,
+    RuleValue, cidr_prefixlen, ep_flags,
 };
 
 const REPEAT: u32 = 1_000_000;
@@ -51,11 +51,8 @@ fn tcp_rule(port: u16) -> RuleValue {
 }
 
 fn seed_small(maps: &mut DataplaneMaps) {
-    maps.set_config(Config {
-        events_per_sec: DEFAULT_EVENTS_PER_SEC,
-        events_burst: DEFAULT_EVENTS_BURST,
-    })
-    .expect("config");
+    maps.set_event_budget(DEFAULT_EVENTS_PER_SEC, DEFAULT_EVENTS_BURST)
+        .expect("config");
     maps.set_endpoint(
         EndpointKey { addr: a4(POD) },
         EndpointValue {

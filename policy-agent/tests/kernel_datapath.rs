@@ -16,7 +16,7 @@ use policy_agent::{
     testbed::PrivateBpffs,
 };
 use policy_common::{
-    Addr, CidrData, Config, CtKey, Direction, EndpointKey, EndpointValue, FragKey, IDENTITY_HOST,
+    Addr, CidrData, CtKey, Direction, EndpointKey, EndpointValue, FragKey, IDENTITY_HOST,
     IpCacheKey, IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
     MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
     PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD, PendingKey, PortData, PortRange,
@@ -65,12 +65,7 @@ fn fixture() -> MutexGuard<'static, Fixture> {
     });
     let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
     g.maps.clear_all().expect("clear maps");
-    g.maps
-        .set_config(Config {
-            events_per_sec: 0,
-            events_burst: 0,
-        })
-        .expect("config");
+    g.maps.set_event_budget(0, 0).expect("config");
     g
 }
 
@@ -309,16 +304,13 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
         egress_policy_set: 2,
         flags: ISO_IN,
     };
-    {
+    let first_clock = {
         let mut dp = Dataplane::load(fs.path()).expect("first load");
         let mut maps = dp.take_maps().expect("maps");
         maps.set_endpoint(key, value).expect("write");
-        maps.set_config(Config {
-            events_per_sec: 5,
-            events_burst: 9,
-        })
-        .expect("config");
-    }
+        maps.set_event_budget(5, 9).expect("config");
+        maps.config().expect("config")
+    };
     // The first agent is gone; its maps live on in the pins. A new one adopts them.
     let mut dp = Dataplane::load(fs.path()).expect("second load");
     let maps = dp.take_maps().expect("maps");
@@ -326,13 +318,12 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
         maps.endpoints.get(&key, 0).expect("endpoint survived"),
         value
     );
-    // Adopted settings are kept, not reset to defaults.
+    // Adopted settings are kept, not reset to defaults; so is the calibrated clock.
+    let c = maps.config().expect("config");
+    assert_eq!((c.events_per_sec, c.events_burst), (5, 9));
     assert_eq!(
-        maps.config.get(&0, 0).expect("config"),
-        Config {
-            events_per_sec: 5,
-            events_burst: 9
-        }
+        (c.jiffy_ns, c.jiffies_base),
+        (first_clock.jiffy_ns, first_clock.jiffies_base)
     );
     // And the adopted maps are the ones the new programs use.
     let mut opts = TestRunOptions::new();
@@ -872,6 +863,43 @@ fn conntrack_timestamps_use_the_agents_coarse_monotonic_clock() {
         v.last_seen_ns + 20_000_000 >= before && v.last_seen_ns <= after + 20_000_000,
         "{before} <= {} <= {after}",
         v.last_seen_ns
+    );
+}
+
+#[test]
+fn the_calibrated_tick_clock_advances_with_the_coarse_monotonic_clock() {
+    let mut f = fixture();
+    let c = f.maps.config().expect("config");
+    // HZ between 100 and 1000.
+    assert!(
+        (1_000_000..=10_000_000).contains(&c.jiffy_ns),
+        "tick of {} ns",
+        c.jiffy_ns
+    );
+    f.endpoint(a4(A4), ISO_IN | ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, a4(EXT4), 32, all());
+    let stamp = |f: &mut Fixture, port: u16| {
+        assert_eq!(
+            f.verdict(Egress, &udp4(A4, EXT4, port, 53)),
+            Reason::AllowCidr
+        );
+        f.ct(a4(A4), a4(EXT4), port, 53, UDP)
+            .expect("entry")
+            .last_seen_ns
+    };
+    let (t0, s0) = (
+        policy_agent::dataplane::monotonic_coarse_ns(),
+        stamp(&mut f, 43200),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (t1, s1) = (
+        policy_agent::dataplane::monotonic_coarse_ns(),
+        stamp(&mut f, 43201),
+    );
+    let (kernel, agent) = (s1 - s0, t1 - t0);
+    assert!(
+        kernel.abs_diff(agent) <= 2 * c.jiffy_ns as u64,
+        "the datapath clock moved {kernel} ns while the agent's moved {agent} ns"
     );
 }
 
@@ -1492,12 +1520,7 @@ fn deny_events_carry_the_tuple_and_are_rate_bounded() {
         .expect("event reader (first and only taker)");
     events.drain();
     // Burst of 3, a refill rate too slow to matter within the test.
-    f.maps
-        .set_config(Config {
-            events_per_sec: 1,
-            events_burst: 3,
-        })
-        .expect("config");
+    f.maps.set_event_budget(1, 3).expect("config");
     for i in 0..10u16 {
         assert_eq!(
             f.verdict(Ingress, &tcp4(B4, A4, 50000 + i, 22, SYN)),
@@ -1519,12 +1542,7 @@ fn deny_events_carry_the_tuple_and_are_rate_bounded() {
     assert_eq!(e.reason, Reason::DenyPolicy as u8);
     assert_eq!(e.endpoint_id, 7);
     // The bucket refills at the configured rate, never above the burst.
-    f.maps
-        .set_config(Config {
-            events_per_sec: 1000,
-            events_burst: 1,
-        })
-        .expect("config");
+    f.maps.set_event_budget(1000, 1).expect("config");
     std::thread::sleep(std::time::Duration::from_millis(20));
     for i in 0..5u16 {
         assert_eq!(
@@ -1540,12 +1558,7 @@ fn deny_events_carry_the_tuple_and_are_rate_bounded() {
     );
     assert_eq!(events.drain().len(), 1, "refilled after 20 ms at 1000/s");
     // Events off: none at all.
-    f.maps
-        .set_config(Config {
-            events_per_sec: 0,
-            events_burst: 0,
-        })
-        .expect("config");
+    f.maps.set_event_budget(0, 0).expect("config");
     assert_eq!(
         f.verdict(Ingress, &tcp4(B4, A4, 51000, 22, SYN)),
         Reason::DenyPolicy

@@ -43,6 +43,8 @@ pub const PROG_FROM_WORLD: &str = "from_world";
 pub const PROG_TO_WORLD: &str = "to_world";
 /// A program that does nothing: the baseline of the datapath benchmark.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
+/// Test-run only: writes a [`ClockSample`] into its packet (clock calibration).
+pub const PROG_CLOCK_PROBE: &str = "clock_probe";
 
 // ---- capacities ----
 pub const MAX_ENDPOINTS: u32 = 16_384;
@@ -480,6 +482,25 @@ pub struct Config {
     pub events_per_sec: u32,
     /// Burst size of the event budget.
     pub events_burst: u32,
+    /// Nanoseconds per kernel tick. The datapath's clock (conntrack and fragment stamps,
+    /// the event budget) is `(jiffies - jiffies_base) * jiffy_ns`: reading `jiffies` is one
+    /// load, where a clock helper is a call chain (the dearest part of a conntrack hit).
+    /// 0 = not calibrated: the datapath reads `bpf_ktime_get_coarse_ns` instead.
+    pub jiffy_ns: u32,
+    pub _pad: u32,
+    /// `jiffies` when `CLOCK_MONOTONIC_COARSE` read 0, so both clocks agree (the agent
+    /// calibrates it; stamps written under the helper clock stay meaningful).
+    pub jiffies_base: u64,
+}
+
+/// What the `clock_probe` program writes over the start of its test packet: the coarse
+/// clock, `jiffies`, the coarse clock again (equal when no tick fell between the reads).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClockSample {
+    pub coarse_ns: u64,
+    pub jiffies: u64,
+    pub coarse_ns_after: u64,
 }
 
 /// Defaults the agent writes into `CONFIG`.
@@ -511,7 +532,9 @@ const _: () = {
     assert!(size_of::<DenyEvent>() == 56);
     assert!(offset_of!(DenyEvent, endpoint_id) == 48);
     assert!(size_of::<EventBudget>() == 16);
-    assert!(size_of::<Config>() == 8);
+    assert!(size_of::<Config>() == 24);
+    assert!(offset_of!(Config, jiffies_base) == 16);
+    assert!(size_of::<ClockSample>() == 24);
     assert!(size_of::<PendingKey>() == 24);
     assert!(offset_of!(PendingKey, proto) == 20);
     assert!(size_of::<PendingSlot>() == 32);

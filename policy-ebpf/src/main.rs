@@ -53,11 +53,16 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod maps;
 mod parse;
 mod verdict;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
 use verdict::Hook;
 
 #[classifier]
@@ -83,6 +88,27 @@ pub fn to_world(ctx: TcContext) -> i32 {
 /// Baseline for the datapath benchmark: the cost of running any TC program at all.
 #[classifier]
 pub fn bench_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Clock calibration (agent, test-run only): writes a `ClockSample` over the start of the
+/// packet. Never attached.
+#[classifier]
+pub fn clock_probe(ctx: TcContext) -> i32 {
+    use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+    let size = core::mem::size_of::<policy_common::ClockSample>();
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + size > end {
+        return TC_ACT_SHOT;
+    }
+    let p = data as *mut policy_common::ClockSample;
+    // SAFETY: bounds checked above; a test run's packet is private and writable. The
+    // helpers take no arguments.
+    unsafe {
+        (*p).coarse_ns = bpf_ktime_get_coarse_ns();
+        (*p).jiffies = bpf_jiffies64();
+        (*p).coarse_ns_after = bpf_ktime_get_coarse_ns();
+    }
     TC_ACT_OK
 }
 

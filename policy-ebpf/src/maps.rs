@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    CidrData, Config, CtKey, CtKey4, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue, EventBudget,
-    FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_CIDR_RULES, MAX_CONNTRACK,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES, MAX_SERVICE_CIDRS,
-    MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey, RuleValue,
-    decide::PolicyMaps, reason::COUNTERS_LEN, Addr,
+    Addr, CidrData, Config, CtKey, CtKey4, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue,
+    EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_CIDR_RULES,
+    MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES,
+    MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey, RuleValue,
+    decide::PolicyMaps, reason::COUNTERS_LEN,
 };
 
 #[map]

@@ -1,18 +1,19 @@
 //! The per-packet decision: endpoint, fragments, conntrack, ICMP errors, policy; then count,
 //! report denies, and record what later packets need (conntrack, fragments).
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Addr, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
     FragValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, Reason, ct, ct_flags, decide::decide,
     ep_flags, proto,
 };
 
+use crate::clock;
 use crate::maps::{
     BpfMaps, CONFIG, CONNTRACK, CONNTRACK4, COUNTERS, CtKeys, ENDPOINTS, EVENT_BUDGET, EVENTS,
     FRAGMENTS, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
@@ -80,7 +81,8 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     };
     count(reason, dir);
     if reason.is_allow() {
-        if pkt.first_fragment && (ep_id.is_some() || reason as u8 == Reason::AllowEstablished as u8) {
+        if pkt.first_fragment && (ep_id.is_some() || reason as u8 == Reason::AllowEstablished as u8)
+        {
             record_fragment(pkt, reason);
         }
         TC_ACT_OK
@@ -216,7 +218,7 @@ fn fragment_verdict(pkt: &Pkt, isolated: bool) -> Reason {
     let key = frag_key(pkt);
     // SAFETY: copied at once.
     match unsafe { FRAGMENTS.get(&key) } {
-        Some(v) if now_coarse().saturating_sub(v.created_ns) <= ct::TIMEOUT_FRAGMENT_NS => {
+        Some(v) if clock::now().saturating_sub(v.created_ns) <= ct::TIMEOUT_FRAGMENT_NS => {
             Reason::AllowFragment
         }
         _ => Reason::DenyFragment,
@@ -245,7 +247,7 @@ fn frag_key(pkt: &Pkt) -> FragKey {
 #[inline(always)]
 fn record_fragment(pkt: &Pkt, reason: Reason) {
     let v = FragValue {
-        created_ns: now_coarse(),
+        created_ns: clock::now(),
         reason: reason as u32,
         _pad: 0,
     };
@@ -267,7 +269,8 @@ fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
     if let Some(p) = ct_get(&key) {
         // SAFETY: copied at once.
         let v = unsafe { *p };
-        if !ct::expired(&v, key.proto, now_coarse()) && ct::has_grants(&v, ct::stored_required(&v)) {
+        if !ct::expired(&v, key.proto, clock::now()) && ct::has_grants(&v, ct::stored_required(&v))
+        {
             return Reason::AllowRelated;
         }
     }
@@ -460,7 +463,14 @@ fn flow_verdict(
             deferred = true;
             reason = Reason::AllowServicePending;
         } else {
-            reason = decide(&BpfMaps, src, Direction::Egress, &pkt.dst, pkt.proto, pkt.policy_port);
+            reason = decide(
+                &BpfMaps,
+                src,
+                Direction::Egress,
+                &pkt.dst,
+                pkt.proto,
+                pkt.policy_port,
+            );
             if reason.is_allow() {
                 granted |= ct_flags::EGRESS_OK;
             } else {
@@ -469,7 +479,14 @@ fn flow_verdict(
         }
     }
     if reason.is_allow() && missing & ct_flags::INGRESS_OK != 0 {
-        let r = decide(&BpfMaps, dst, Direction::Ingress, &pkt.src, pkt.proto, pkt.policy_port);
+        let r = decide(
+            &BpfMaps,
+            dst,
+            Direction::Ingress,
+            &pkt.src,
+            pkt.proto,
+            pkt.policy_port,
+        );
         if r.is_allow() {
             granted |= ct_flags::INGRESS_OK;
             if reason as u8 == Reason::AllowNotIsolated as u8 {
@@ -489,7 +506,7 @@ fn flow_verdict(
     let now = if entry.is_some() {
         now
     } else if ok {
-        now_coarse()
+        clock::now()
     } else {
         0
     };
@@ -520,9 +537,10 @@ fn flow_verdict(
             // SAFETY: see above.
             unsafe {
                 if ok {
-                    (*p).flags = ((*p).flags & !missing & !(ct_flags::GRANTS << ct_flags::REQ_SHIFT))
-                        | granted
-                        | req_bits;
+                    (*p).flags =
+                        ((*p).flags & !missing & !(ct_flags::GRANTS << ct_flags::REQ_SHIFT))
+                            | granted
+                            | req_bits;
                     (*p).last_seen_ns = now;
                 } else if syn {
                     // Today's policy refuses the reused tuple: forget the old grants.
@@ -581,14 +599,16 @@ fn ct_lookup(pkt: &Pkt, keys: &mut CtKeys) -> Ct {
         src_is_a,
         entry,
         // Only an entry's age needs the time: a miss reads it if and when it inserts.
-        now: if entry.is_some() { now_coarse() } else { 0 },
+        now: if entry.is_some() { clock::now() } else { 0 },
         done: true,
     }
 }
 
 #[inline(always)]
 fn is_syn(pkt: &Pkt) -> bool {
-    pkt.proto == proto::TCP && pkt.tcp_flags & ct::tcp::SYN != 0 && pkt.tcp_flags & ct::tcp::ACK == 0
+    pkt.proto == proto::TCP
+        && pkt.tcp_flags & ct::tcp::SYN != 0
+        && pkt.tcp_flags & ct::tcp::ACK == 0
 }
 
 /// A live entry holding every grant its connection needed when last decided: the packet
@@ -753,12 +773,6 @@ fn is_service(a: &Addr) -> bool {
 }
 
 #[inline(always)]
-fn now_coarse() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-#[inline(always)]
 fn count(reason: Reason, dir: Direction) {
     if let Some(c) = COUNTERS.get_ptr_mut(reason.counter_index(dir)) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
@@ -766,15 +780,17 @@ fn count(reason: Reason, dir: Direction) {
     }
 }
 
-/// Emits a deny event when the per-CPU token bucket has a token. (The bucket needs the
-/// fine clock: on the coarse one, a tick boundary refills several tokens at once.)
+/// Emits a deny event when the per-CPU token bucket has a token. The bucket runs on the
+/// tick clock (a tick boundary may refill a few tokens at once, never more than the rate
+/// allows): in a flood of denies it costs no helper call; only an emitted event reads the
+/// fine clock for its stamp.
 #[inline(always)]
 fn report(ctx: &TcContext, dir: Direction, reason: Reason, pkt: Option<&Pkt>, ep_id: u32) {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(now) {
+    if !take_token(clock::now()) {
         return;
     }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut e) = EVENTS.reserve::<DenyEvent>(0) else {
         return;
     };

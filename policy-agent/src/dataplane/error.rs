@@ -54,6 +54,8 @@ pub enum DataplaneError {
     },
     #[error("pinned link {path}: {detail}")]
     Link { path: PathBuf, detail: String },
+    #[error("calibrating the datapath clock: {0}")]
+    Clock(String),
     #[error("I/O on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -23,7 +23,9 @@ use aya::{
         },
     },
 };
-use policy_common::{PROG_BENCH_EMPTY, PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD};
+use policy_common::{
+    PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD,
+};
 
 use super::pinning::{self, PinState};
 use super::{DataplaneError, maps::DataplaneMaps};
@@ -36,6 +38,7 @@ pub const PROGRAMS: &[&str] = &[
     PROG_FROM_WORLD,
     PROG_TO_WORLD,
     PROG_BENCH_EMPTY,
+    PROG_CLOCK_PROBE,
 ];
 
 /// The hooks of a pod's host-side veth: TC ingress sees what the pod sends.
@@ -217,10 +220,11 @@ impl Dataplane {
     }
 
     /// Typed handles to the maps (once: they move out of the object). Writes the default
-    /// `CONFIG` when the map holds none yet (an adopted map keeps its settings).
+    /// `CONFIG` and calibrates the datapath clock when the map holds none yet (an adopted
+    /// map keeps its settings and its clock).
     pub fn take_maps(&mut self) -> Result<DataplaneMaps, DataplaneError> {
         let mut maps = DataplaneMaps::take(&mut self.ebpf)?;
-        maps.init_config()?;
+        maps.init_config(|| super::clock::calibrate(self))?;
         Ok(maps)
     }
 

@@ -106,24 +106,42 @@ impl DataplaneMaps {
         })
     }
 
-    pub(crate) fn init_config(&mut self) -> Result<(), DataplaneError> {
-        let cur = self
-            .config
-            .get(&0, 0)
-            .map_err(|e| DataplaneError::map(MAP_CONFIG, e))?;
-        if cur == Config::default() {
-            self.set_config(Config {
-                events_per_sec: DEFAULT_EVENTS_PER_SEC,
-                events_burst: DEFAULT_EVENTS_BURST,
-            })?;
+    pub(crate) fn init_config(
+        &mut self,
+        calibrate: impl FnOnce() -> Result<super::clock::TickClock, DataplaneError>,
+    ) -> Result<(), DataplaneError> {
+        let mut c = self.config()?;
+        if c.events_per_sec == 0 && c.events_burst == 0 && c.jiffy_ns == 0 {
+            c.events_per_sec = DEFAULT_EVENTS_PER_SEC;
+            c.events_burst = DEFAULT_EVENTS_BURST;
         }
-        Ok(())
+        if c.jiffy_ns == 0 {
+            let t = calibrate()?;
+            tracing::debug!(jiffy_ns = t.jiffy_ns, "datapath clock calibrated");
+            c.jiffy_ns = t.jiffy_ns;
+            c.jiffies_base = t.jiffies_base;
+        }
+        self.set_config(c)
+    }
+
+    pub fn config(&self) -> Result<Config, DataplaneError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| DataplaneError::map(MAP_CONFIG, e))
     }
 
     pub fn set_config(&mut self, c: Config) -> Result<(), DataplaneError> {
         self.config
             .set(0, c, 0)
             .map_err(|e| DataplaneError::map(MAP_CONFIG, e))
+    }
+
+    /// The deny-event budget per CPU (0 = no events); the clock settings stay.
+    pub fn set_event_budget(&mut self, per_sec: u32, burst: u32) -> Result<(), DataplaneError> {
+        let mut c = self.config()?;
+        c.events_per_sec = per_sec;
+        c.events_burst = burst;
+        self.set_config(c)
     }
 
     /// The deny-event reader (once).
