@@ -53,7 +53,7 @@ fn tcp_rule(port: u16) -> RuleValue {
 fn seed_small(maps: &mut DataplaneMaps) {
     maps.set_event_budget(DEFAULT_EVENTS_PER_SEC, DEFAULT_EVENTS_BURST)
         .expect("config");
-    maps.set_endpoint(
+    maps.set_local_endpoint(
         EndpointKey { addr: a4(POD) },
         EndpointValue {
             endpoint_id: 1,
@@ -70,7 +70,7 @@ fn seed_small(maps: &mut DataplaneMaps) {
         IpCacheKey { addr: a4(PEER) },
         IpCacheValue {
             identity: ID_PEER,
-            _pad: 0,
+            flags: 0,
         },
     )
     .expect("ipcache");
@@ -117,7 +117,7 @@ fn seed_big(maps: &mut DataplaneMaps) {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i);
         maps.set_ipcache(
             IpCacheKey { addr: a4(ip) },
-            IpCacheValue { identity, _pad: 0 },
+            IpCacheValue { identity, flags: 0 },
         )
         .expect("ipcache");
         let set = 100 + i % 1000;

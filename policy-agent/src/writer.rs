@@ -5,6 +5,8 @@
 //! Order: ports -> CIDR rules -> identity rules -> ipcache -> endpoints, then deletions in
 //! the reverse order. An endpoint moving to a new policy-set thus finds the new set's rules
 //! complete when it switches, and the old set's rules disappear only once nothing uses them.
+//! An IPCACHE entry marks a local endpoint before its ENDPOINTS entry exists and keeps the
+//! mark until that entry is gone.
 
 use crate::compiler::MapDiff;
 use crate::dataplane::{DataplaneError, DataplaneMaps};
@@ -20,14 +22,26 @@ pub fn apply(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneEr
     for (k, v) in &diff.rules.upserts {
         maps.set_rule(*k, *v)?;
     }
+    // An address losing its endpoint loses its IPCACHE local mark only after the endpoint
+    // is gone (the mark must cover every ENDPOINTS key, see `ipc_flags::LOCAL_ENDPOINT`).
+    let gone: std::collections::HashSet<policy_common::Addr> =
+        diff.endpoints.deletes.iter().map(|e| e.addr).collect();
+    let leaving = |k: &policy_common::IpCacheKey| gone.contains(&k.addr);
     for (k, v) in &diff.ipcache.upserts {
-        maps.set_ipcache(*k, *v)?;
+        if !leaving(k) {
+            maps.set_ipcache(*k, *v)?;
+        }
     }
     for (k, v) in &diff.endpoints.upserts {
         maps.set_endpoint(*k, *v)?;
     }
     for k in &diff.endpoints.deletes {
         maps.delete_endpoint(k)?;
+    }
+    for (k, v) in &diff.ipcache.upserts {
+        if leaving(k) {
+            maps.set_ipcache(*k, *v)?;
+        }
     }
     for k in &diff.ipcache.deletes {
         maps.delete_ipcache(k)?;

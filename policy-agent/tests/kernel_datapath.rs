@@ -16,12 +16,11 @@ use policy_agent::{
     testbed::PrivateBpffs,
 };
 use policy_common::{
-    Addr, CidrData, CtKey, Direction, EndpointKey, EndpointValue, FragKey, IDENTITY_HOST,
-    IpCacheKey, IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
-    PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD, PendingKey, PortData, PortRange,
-    Reason, RuleKey, RuleValue, TC_ACT_OK, TC_ACT_SHOT, cidr_prefixlen, ct, ct_flags, ep_flags,
-    port_prefixlen, rule_flags,
+    Addr, CidrData, CtKey, Direction, EndpointKey, EndpointValue, FragKey, IDENTITY_HOST, LpmKey,
+    MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET,
+    MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, PROG_FROM_POD, PROG_FROM_WORLD,
+    PROG_TO_POD, PROG_TO_WORLD, PendingKey, PortData, PortRange, Reason, RuleKey, RuleValue,
+    TC_ACT_OK, TC_ACT_SHOT, cidr_prefixlen, ct, ct_flags, ep_flags, port_prefixlen, rule_flags,
 };
 
 use Direction::{Egress, Ingress};
@@ -129,7 +128,7 @@ impl Fixture {
 
     fn endpoint(&mut self, addr: Addr, flags: u32) {
         self.maps
-            .set_endpoint(
+            .set_local_endpoint(
                 EndpointKey { addr },
                 EndpointValue {
                     endpoint_id: 7,
@@ -143,7 +142,7 @@ impl Fixture {
 
     fn endpoint_id(&mut self, addr: Addr, id: u32, flags: u32) {
         self.maps
-            .set_endpoint(
+            .set_local_endpoint(
                 EndpointKey { addr },
                 EndpointValue {
                     endpoint_id: id,
@@ -161,9 +160,7 @@ impl Fixture {
     }
 
     fn ipcache(&mut self, addr: Addr, identity: u32) {
-        self.maps
-            .set_ipcache(IpCacheKey { addr }, IpCacheValue { identity, _pad: 0 })
-            .expect("ipcache");
+        self.maps.set_identity(addr, identity).expect("ipcache");
     }
 
     fn rule(&mut self, set: u32, identity: u32, v: RuleValue) {
@@ -307,7 +304,7 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
     let first_clock = {
         let mut dp = Dataplane::load(fs.path()).expect("first load");
         let mut maps = dp.take_maps().expect("maps");
-        maps.set_endpoint(key, value).expect("write");
+        maps.set_local_endpoint(key, value).expect("write");
         maps.set_event_budget(5, 9).expect("config");
         maps.config().expect("config")
     };

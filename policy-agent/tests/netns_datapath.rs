@@ -16,8 +16,8 @@ use policy_agent::{
     },
 };
 use policy_common::{
-    Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, IpCacheKey, IpCacheValue,
-    LpmKey, PortRange, Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
+    Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, LpmKey, PortRange,
+    Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
 };
 
 const OK_WAIT: Duration = Duration::from_secs(3);
@@ -75,7 +75,7 @@ impl Pods<'_> {
 
 fn set_endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32) {
     for ip in ips {
-        maps.set_endpoint(
+        maps.set_local_endpoint(
             EndpointKey { addr: addr(ip) },
             EndpointValue {
                 endpoint_id: id,
@@ -170,14 +170,7 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
 
     // A's identity may reach B on TCP 8080 only.
     for ip in ips_a {
-        maps.set_ipcache(
-            IpCacheKey { addr: addr(ip) },
-            IpCacheValue {
-                identity: ID_A,
-                _pad: 0,
-            },
-        )
-        .expect("ipcache");
+        maps.set_identity(addr(ip), ID_A).expect("ipcache");
     }
     let rule_key = RuleKey {
         policy_set: SET_B_IN,
@@ -208,14 +201,7 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
 
     // The node itself always reaches its pods (kubelet probes).
     for ip in [NODE_IPV4.into(), NODE_IPV6.into()] {
-        maps.set_ipcache(
-            IpCacheKey { addr: addr(ip) },
-            IpCacheValue {
-                identity: IDENTITY_HOST,
-                _pad: 0,
-            },
-        )
-        .expect("ipcache");
+        maps.set_identity(addr(ip), IDENTITY_HOST).expect("ipcache");
     }
     for v6 in [false, true] {
         tcp_echo(&bed.node, pods.to_b(v6, TCP_PORT), OK_WAIT).expect("node to isolated pod");

@@ -16,8 +16,8 @@ use policy_agent::{
     testbed::{Netns, PrivateBpffs, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo, udp_echo},
 };
 use policy_common::{
-    Addr, CidrData, EndpointKey, EndpointValue, IpCacheKey, IpCacheValue, LpmKey, RuleKey,
-    RuleValue, cidr_prefixlen, ep_flags, rule_flags,
+    Addr, CidrData, EndpointKey, EndpointValue, LpmKey, RuleKey, RuleValue, cidr_prefixlen,
+    ep_flags, rule_flags,
 };
 
 const OK_WAIT: Duration = Duration::from_secs(3);
@@ -43,7 +43,7 @@ fn addr(ip: IpAddr) -> Addr {
 
 fn endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32) {
     for ip in ips {
-        maps.set_endpoint(
+        maps.set_local_endpoint(
             EndpointKey { addr: addr(ip) },
             EndpointValue {
                 endpoint_id: id,
@@ -323,14 +323,7 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
         ep_flags::ISOLATED_INGRESS | ep_flags::INGRESS_HAS_IDENTITY_RULES,
     );
     for ip in [hc.ip(false), hc.ip(true)] {
-        maps.set_ipcache(
-            IpCacheKey { addr: addr(ip) },
-            IpCacheValue {
-                identity: ID_CLIENT,
-                _pad: 0,
-            },
-        )
-        .expect("ipcache");
+        maps.set_identity(addr(ip), ID_CLIENT).expect("ipcache");
     }
     let (uplink, pod) = bed
         .node

@@ -142,9 +142,21 @@ pub struct IpCacheKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct IpCacheValue {
-    /// [`IDENTITY_HOST`] or a pod identity (>= [`IDENTITY_FIRST_POD`]).
+    /// [`IDENTITY_HOST`] or a pod identity (>= [`IDENTITY_FIRST_POD`]); [`IDENTITY_WORLD`]
+    /// for a local endpoint the cluster gave no identity (never a rule's peer).
     pub identity: u32,
-    pub _pad: u32,
+    /// [`ipc_flags`].
+    pub flags: u32,
+}
+
+/// `IpCacheValue::flags`.
+pub mod ipc_flags {
+    /// The address is a key of `ENDPOINTS` (a pod on this node). A hook looks the far side
+    /// of a packet up here first (its identity is what the decision needs) and in
+    /// `ENDPOINTS` only when this bit says it is there: one lookup, not two, for every peer
+    /// off the node. The agent writes this bit before the `ENDPOINTS` entry and removes the
+    /// entry before the bit.
+    pub const LOCAL_ENDPOINT: u32 = 1 << 0;
 }
 
 /// `RULES` key: (policy-set, peer identity). Policy-set numbers are unique across directions.

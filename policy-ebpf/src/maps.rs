@@ -64,6 +64,7 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 pub struct Scratch {
     pub pkt: crate::parse::Pkt,
     pub keys: CtKeys,
+    pub known: Known,
 }
 
 /// The packet's normalised conntrack key, written by its lookup: `key4` for two IPv4
@@ -74,12 +75,50 @@ pub struct CtKeys {
     pub key4: CtKey4,
 }
 
-/// `decide()` over the BPF maps.
-pub struct BpfMaps;
+/// `IPCACHE` entries of the packet's own addresses, as the endpoint lookups found them:
+/// the decision reuses them instead of looking the peer up again.
+#[repr(C)]
+pub struct Known {
+    pub src: IpCacheValue,
+    pub dst: IpCacheValue,
+    /// [`Known::UNSEEN`], [`Known::MISS`] or [`Known::HIT`].
+    pub src_state: u32,
+    pub dst_state: u32,
+}
 
-impl PolicyMaps for BpfMaps {
+impl Known {
+    pub const UNSEEN: u32 = 0;
+    pub const MISS: u32 = 1;
+    pub const HIT: u32 = 2;
+}
+
+/// `decide()` over the BPF maps, for one packet.
+pub struct BpfMaps<'a> {
+    pub pkt: &'a crate::parse::Pkt,
+    pub known: &'a Known,
+}
+
+#[inline(always)]
+fn same_addr(a: &Addr, b: &Addr) -> bool {
+    // Word by word: a derived comparison may become a `bcmp` call, which BPF lacks.
+    a.0[0] == b.0[0] && a.0[1] == b.0[1] && a.0[2] == b.0[2] && a.0[3] == b.0[3]
+}
+
+#[inline(always)]
+fn known_value(state: u32, v: &IpCacheValue) -> Option<IpCacheValue> {
+    if state == Known::HIT { Some(*v) } else { None }
+}
+
+impl PolicyMaps for BpfMaps<'_> {
     #[inline(always)]
     fn ipcache(&self, key: &IpCacheKey) -> Option<IpCacheValue> {
+        let k = self.known;
+        if k.src_state != Known::UNSEEN && same_addr(&key.addr, &self.pkt.src) {
+            return known_value(k.src_state, &k.src);
+        }
+        if k.dst_state != Known::UNSEEN && same_addr(&key.addr, &self.pkt.dst) {
+            return known_value(k.dst_state, &k.dst);
+        }
         // SAFETY: the value is copied out at once; a concurrent update may at worst give a
         // value that was valid a moment ago.
         unsafe { IPCACHE.get(key).copied() }

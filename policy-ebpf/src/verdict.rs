@@ -9,14 +9,14 @@ use aya_ebpf::{
 };
 use policy_common::{
     Addr, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
-    FragValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, Reason, ct, ct_flags, decide::decide,
-    ep_flags, proto,
+    FragValue, IpCacheKey, IpCacheValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, Reason, ct,
+    ct_flags, decide::decide, ep_flags, ipc_flags, proto,
 };
 
 use crate::clock;
 use crate::maps::{
     BpfMaps, CONFIG, CONNTRACK, CONNTRACK4, COUNTERS, CtKeys, ENDPOINTS, EVENT_BUDGET, EVENTS,
-    FRAGMENTS, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
+    FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 
@@ -52,7 +52,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     };
     // SAFETY: this CPU's slot, used by one program run at a time (TC programs do not nest
     // on a CPU: softirq and process context each run to completion with preemption off).
-    let Scratch { pkt, keys } = unsafe { &mut *scratch };
+    let Scratch { pkt, keys, known } = unsafe { &mut *scratch };
     match parse(ctx, pkt) {
         Ok(()) => {}
         Err(NoPkt::NotIp) => {
@@ -71,7 +71,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         }
     };
     let pkt: &Pkt = pkt;
-    let (reason, ep_id, decider) = judge(pkt, keys, hook);
+    let (reason, ep_id, decider) = judge(pkt, keys, known, hook);
     // A policy deny is counted and reported in the direction of the endpoint whose policy
     // refused (at a client's hook that may be the destination's ingress).
     let dir = match decider {
@@ -98,6 +98,55 @@ fn endpoint(addr: &Addr) -> Option<EndpointValue> {
     unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
 }
 
+/// The endpoint at the far side of a hook, through `IPCACHE`: its entry (recorded in
+/// `state`/`value` for the decision, which needs the identity anyway) says whether the
+/// address is a local endpoint at all, so a peer off the node costs one lookup.
+#[inline(always)]
+fn far_endpoint(addr: &Addr, state: &mut u32, value: &mut IpCacheValue) -> Option<EndpointValue> {
+    // SAFETY: the value is copied at once.
+    match unsafe { IPCACHE.get(&IpCacheKey { addr: *addr }) } {
+        Some(v) => {
+            *value = *v;
+            *state = Known::HIT;
+            if v.flags & ipc_flags::LOCAL_ENDPOINT != 0 {
+                endpoint(addr)
+            } else {
+                None
+            }
+        }
+        None => {
+            *state = Known::MISS;
+            None
+        }
+    }
+}
+
+/// Both ends' endpoints: the hook's own pod from `ENDPOINTS`, the far side(s) through
+/// `IPCACHE` ([`far_endpoint`]).
+#[inline(always)]
+fn endpoints(
+    pkt: &Pkt,
+    known: &mut Known,
+    hook: Hook,
+) -> (Option<EndpointValue>, Option<EndpointValue>) {
+    known.src_state = Known::UNSEEN;
+    known.dst_state = Known::UNSEEN;
+    match hook {
+        Hook::FromPod => (
+            endpoint(&pkt.src),
+            far_endpoint(&pkt.dst, &mut known.dst_state, &mut known.dst),
+        ),
+        Hook::ToPod => (
+            far_endpoint(&pkt.src, &mut known.src_state, &mut known.src),
+            endpoint(&pkt.dst),
+        ),
+        Hook::FromWorld | Hook::ToWorld => (
+            far_endpoint(&pkt.src, &mut known.src_state, &mut known.src),
+            far_endpoint(&pkt.dst, &mut known.dst_state, &mut known.dst),
+        ),
+    }
+}
+
 /// Whose policy settled a verdict.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Decider {
@@ -112,7 +161,12 @@ enum Decider {
 /// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
 /// first, else the endpoint whose policy refused), and whose policy settled it.
 #[inline(always)]
-fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook) -> (Reason, Option<u32>, Decider) {
+fn judge(
+    pkt: &Pkt,
+    keys: &mut CtKeys,
+    known: &mut Known,
+    hook: Hook,
+) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
@@ -130,8 +184,7 @@ fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook) -> (Reason, Option<u32>, Deci
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
-    let src_ep = endpoint(&pkt.src);
-    let dst_ep = endpoint(&pkt.dst);
+    let (src_ep, dst_ep) = endpoints(pkt, known, hook);
     let src_known = src_ep.is_some();
     let dst_known = dst_ep.is_some();
     let src = src_ep.unwrap_or_default();
@@ -187,7 +240,8 @@ fn judge(pkt: &Pkt, keys: &mut CtKeys, hook: Hook) -> (Reason, Option<u32>, Deci
             if !ct.done {
                 ct = ct_lookup(pkt, keys);
             }
-            let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct);
+            let maps = BpfMaps { pkt, known };
+            let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct, &maps);
             let id = match by {
                 Decider::Egress => src.endpoint_id,
                 Decider::Ingress => dst.endpoint_id,
@@ -399,6 +453,7 @@ fn flow_verdict(
     dst: &EndpointValue,
     keys: &CtKeys,
     ct: &Ct,
+    maps: &BpfMaps,
 ) -> (Reason, Decider) {
     let src_is_a = ct.src_is_a;
     let now = ct.now;
@@ -458,13 +513,13 @@ fn flow_verdict(
     let mut by = Decider::Hook;
     // (A missing grant implies a known, isolated endpoint on that side.)
     if missing & ct_flags::EGRESS_OK != 0 {
-        if hook == Hook::FromPod && is_service(&pkt.dst) && !is_host(&pkt.dst) {
+        if hook == Hook::FromPod && is_service(&pkt.dst) && !is_host(maps, &pkt.dst) {
             // A virtual IP: DNAT picks the real peer after this hook.
             deferred = true;
             reason = Reason::AllowServicePending;
         } else {
             reason = decide(
-                &BpfMaps,
+                maps,
                 src,
                 Direction::Egress,
                 &pkt.dst,
@@ -480,7 +535,7 @@ fn flow_verdict(
     }
     if reason.is_allow() && missing & ct_flags::INGRESS_OK != 0 {
         let r = decide(
-            &BpfMaps,
+            maps,
             dst,
             Direction::Ingress,
             &pkt.src,
@@ -762,9 +817,9 @@ fn same_addr(a: &Addr, b: &Addr) -> bool {
 /// The node's own address: delivered locally, no later hook would judge it, so never
 /// deferred even when a (misconfigured) service range covers it.
 #[inline(always)]
-fn is_host(a: &Addr) -> bool {
+fn is_host(maps: &BpfMaps, a: &Addr) -> bool {
     use policy_common::decide::PolicyMaps as _;
-    matches!(BpfMaps.ipcache(&policy_common::IpCacheKey { addr: *a }), Some(v) if v.identity == policy_common::IDENTITY_HOST)
+    matches!(maps.ipcache(&policy_common::IpCacheKey { addr: *a }), Some(v) if v.identity == policy_common::IDENTITY_HOST)
 }
 
 #[inline(always)]

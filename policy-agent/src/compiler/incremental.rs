@@ -673,13 +673,15 @@ impl Engine {
             );
         }
 
-        // 7. IPCACHE of every address touched.
+        // 7. IPCACHE of every address touched (an endpoint's address is marked local).
         let mut ipc_tr = Tracker::new();
+        let ep_ips: Vec<IpAddr> = w.ep_ips.iter().copied().collect();
+        w.ips.extend(ep_ips);
         for ip in &w.ips {
             let v = if self.node_addrs.contains(ip) {
                 Some(IpCacheValue {
                     identity: IDENTITY_HOST,
-                    _pad: 0,
+                    flags: 0,
                 })
             } else {
                 self.ip_owners
@@ -687,9 +689,14 @@ impl Engine {
                     .and_then(|o| o.values().next())
                     .map(|id| IpCacheValue {
                         identity: *id,
-                        _pad: 0,
+                        flags: 0,
                     })
             };
+            let local = self
+                .contents
+                .endpoints
+                .contains_key(&EndpointKey { addr: addr_of(*ip) });
+            let v = super::ipcache_value(v, local);
             ipc_tr.set(
                 &mut self.contents.ipcache,
                 IpCacheKey { addr: addr_of(*ip) },

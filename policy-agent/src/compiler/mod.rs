@@ -638,13 +638,13 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                 .entry(IpCacheKey { addr: addr_of(*ip) })
                 .or_insert(IpCacheValue {
                     identity: id,
-                    _pad: 0,
+                    flags: 0,
                 });
         }
     }
     let host = IpCacheValue {
         identity: IDENTITY_HOST,
-        _pad: 0,
+        flags: 0,
     };
     for ip in &snap.node_addrs {
         out.ipcache.insert(IpCacheKey { addr: addr_of(*ip) }, host);
@@ -843,7 +843,29 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                 .or_insert(v);
         }
     }
+    // 6. every endpoint address is marked in IPCACHE.
+    for k in out.endpoints.keys() {
+        let key = IpCacheKey { addr: k.addr };
+        let v = ipcache_value(out.ipcache.get(&key).copied(), true);
+        if let Some(v) = v {
+            out.ipcache.insert(key, v);
+        }
+    }
     out
+}
+
+/// An address's `IPCACHE` value from its identity entry (`base`) and whether it is a local
+/// endpoint ([`ipc_flags::LOCAL_ENDPOINT`]; with no identity, [`IDENTITY_WORLD`]).
+pub(crate) fn ipcache_value(base: Option<IpCacheValue>, local: bool) -> Option<IpCacheValue> {
+    if !local {
+        return base;
+    }
+    let mut v = base.unwrap_or(IpCacheValue {
+        identity: IDENTITY_WORLD,
+        flags: 0,
+    });
+    v.flags |= ipc_flags::LOCAL_ENDPOINT;
+    Some(v)
 }
 
 #[cfg(test)]

@@ -234,3 +234,32 @@ fn a_changed_table_keeps_its_number_in_full_recompiles() {
         "{d:?}"
     );
 }
+
+#[test]
+fn every_local_endpoint_and_only_those_are_marked_local_in_ipcache() {
+    let mut s = snap();
+    s.policies.insert(
+        ObjectKey::new("a", "deny"),
+        policy("a", "deny", sel(&[("app", "web")]), vec![]),
+    );
+    let out = compile(&s, &mut CompilerState::new());
+    assert!(!out.endpoints.is_empty());
+    for k in out.endpoints.keys() {
+        let v = out.ipcache[&IpCacheKey { addr: k.addr }];
+        assert_ne!(v.flags & ipc_flags::LOCAL_ENDPOINT, 0, "{k:?}");
+    }
+    for (k, v) in &out.ipcache {
+        let local = out.endpoints.contains_key(&EndpointKey { addr: k.addr });
+        assert_eq!(v.flags & ipc_flags::LOCAL_ENDPOINT != 0, local, "{k:?}");
+    }
+    // The remote pod and the node's address are not local endpoints.
+    let remote = out.ipcache[&IpCacheKey {
+        addr: addr_of(ip("198.18.0.3")),
+    }];
+    assert_eq!(remote.flags, 0);
+    assert!(remote.identity >= IDENTITY_FIRST_POD);
+    let node = out.ipcache[&IpCacheKey {
+        addr: addr_of(ip("198.18.255.1")),
+    }];
+    assert_eq!((node.identity, node.flags), (IDENTITY_HOST, 0));
+}

@@ -6,11 +6,11 @@ use aya::{
 };
 use policy_common::{
     Addr, CidrData, Config, CtKey, CtKey4, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
-    Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey,
-    IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
-    MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey,
-    RuleValue, reason::COUNTERS_LEN, service_prefixlen,
+    Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IDENTITY_WORLD,
+    IpCacheKey, IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE,
+    MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue,
+    PortData, Reason, RuleKey, RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
 };
 
 use super::{DataplaneError, events::DenyEvents};
@@ -156,6 +156,30 @@ impl DataplaneMaps {
     }
     pub fn delete_endpoint(&mut self, k: &EndpointKey) -> Result<(), DataplaneError> {
         absent_ok(MAP_ENDPOINTS, self.endpoints.remove(k))
+    }
+    /// One local endpoint as the writer leaves it: its `IPCACHE` entry marked
+    /// [`ipc_flags::LOCAL_ENDPOINT`] (identity kept, else [`IDENTITY_WORLD`]) first, then its
+    /// `ENDPOINTS` entry. For callers writing maps by hand (tests, benchmarks); the agent
+    /// writes compiled contents, which hold the same.
+    pub fn set_local_endpoint(
+        &mut self,
+        k: EndpointKey,
+        v: EndpointValue,
+    ) -> Result<(), DataplaneError> {
+        let ik = IpCacheKey { addr: k.addr };
+        let mut iv = self.ipcache.get(&ik, 0).unwrap_or(IpCacheValue {
+            identity: IDENTITY_WORLD,
+            flags: 0,
+        });
+        iv.flags |= ipc_flags::LOCAL_ENDPOINT;
+        self.set_ipcache(ik, iv)?;
+        self.set_endpoint(k, v)
+    }
+    /// An address's identity, keeping its [`ipc_flags`] (see [`Self::set_local_endpoint`]).
+    pub fn set_identity(&mut self, addr: Addr, identity: u32) -> Result<(), DataplaneError> {
+        let k = IpCacheKey { addr };
+        let flags = self.ipcache.get(&k, 0).map(|v| v.flags).unwrap_or(0);
+        self.set_ipcache(k, IpCacheValue { identity, flags })
     }
     pub fn set_ipcache(&mut self, k: IpCacheKey, v: IpCacheValue) -> Result<(), DataplaneError> {
         self.ipcache

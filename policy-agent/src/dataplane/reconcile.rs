@@ -393,28 +393,28 @@ mod tests {
             IpCacheKey { addr: ip(1) },
             IpCacheValue {
                 identity: ida,
-                _pad: 0,
+                flags: 0,
             },
         );
         c.ipcache.insert(
             IpCacheKey { addr: ip(2) },
             IpCacheValue {
                 identity: ida,
-                _pad: 0,
+                flags: 0,
             },
         );
         c.ipcache.insert(
             IpCacheKey { addr: ip(3) },
             IpCacheValue {
                 identity: idb,
-                _pad: 0,
+                flags: 0,
             },
         );
         c.ipcache.insert(
             IpCacheKey { addr: ip(254) },
             IpCacheValue {
                 identity: IDENTITY_HOST,
-                _pad: 0,
+                flags: 0,
             },
         );
         c.rules.insert(
