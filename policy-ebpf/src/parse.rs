@@ -39,6 +39,9 @@ pub enum Kind {
 /// Lives in a per-CPU scratch map, not on the 512-byte BPF stack.
 #[repr(C)]
 pub struct Pkt {
+    /// The datapath clock when the packet arrived (`clock::now`), set once after parsing:
+    /// read from here, it is defined on every path.
+    pub now: u64,
     pub src: Addr,
     pub dst: Addr,
     pub inner_src: Addr,

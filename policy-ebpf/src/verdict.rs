@@ -70,6 +70,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
             return TC_ACT_SHOT;
         }
     };
+    pkt.now = clock::now();
     let pkt: &Pkt = pkt;
     let (reason, ep_id, decider) = judge(pkt, keys, known, hook);
     // A policy deny is counted and reported in the direction of the endpoint whose policy
@@ -92,33 +93,35 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     }
 }
 
+/// An endpoint and whether it exists: a missing one reads as all zeros (isolated in no
+/// direction). Plain values, no `Option` payloads: an unset payload spilled to the stack is
+/// uninitialised memory, which the verifier refuses to read back without CAP_SYS_ADMIN.
 #[inline(always)]
-fn endpoint(addr: &Addr) -> Option<EndpointValue> {
+fn endpoint(addr: &Addr) -> (EndpointValue, bool) {
     // SAFETY: the value is copied at once.
-    unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
+    match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
+        Some(v) => (*v, true),
+        None => (EndpointValue::default(), false),
+    }
 }
 
 /// The endpoint at the far side of a hook, through `IPCACHE`: its entry (recorded in
 /// `state`/`value` for the decision, which needs the identity anyway) says whether the
 /// address is a local endpoint at all, so a peer off the node costs one lookup.
 #[inline(always)]
-fn far_endpoint(addr: &Addr, state: &mut u32, value: &mut IpCacheValue) -> Option<EndpointValue> {
+fn far_endpoint(addr: &Addr, state: &mut u32, value: &mut IpCacheValue) -> (EndpointValue, bool) {
     // SAFETY: the value is copied at once.
     match unsafe { IPCACHE.get(&IpCacheKey { addr: *addr }) } {
         Some(v) => {
             *value = *v;
             *state = Known::HIT;
             if v.flags & ipc_flags::LOCAL_ENDPOINT != 0 {
-                endpoint(addr)
-            } else {
-                None
+                return endpoint(addr);
             }
         }
-        None => {
-            *state = Known::MISS;
-            None
-        }
+        None => *state = Known::MISS,
     }
+    (EndpointValue::default(), false)
 }
 
 /// Both ends' endpoints: the hook's own pod from `ENDPOINTS`, the far side(s) through
@@ -128,7 +131,7 @@ fn endpoints(
     pkt: &Pkt,
     known: &mut Known,
     hook: Hook,
-) -> (Option<EndpointValue>, Option<EndpointValue>) {
+) -> ((EndpointValue, bool), (EndpointValue, bool)) {
     known.src_state = Known::UNSEEN;
     known.dst_state = Known::UNSEEN;
     match hook {
@@ -184,11 +187,7 @@ fn judge(
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
-    let (src_ep, dst_ep) = endpoints(pkt, known, hook);
-    let src_known = src_ep.is_some();
-    let dst_known = dst_ep.is_some();
-    let src = src_ep.unwrap_or_default();
-    let dst = dst_ep.unwrap_or_default();
+    let ((src, src_known), (dst, dst_known)) = endpoints(pkt, known, hook);
     let own = match hook {
         Hook::FromPod | Hook::ToWorld => {
             if src_known {
@@ -272,7 +271,7 @@ fn fragment_verdict(pkt: &Pkt, isolated: bool) -> Reason {
     let key = frag_key(pkt);
     // SAFETY: copied at once.
     match unsafe { FRAGMENTS.get(&key) } {
-        Some(v) if clock::now().saturating_sub(v.created_ns) <= ct::TIMEOUT_FRAGMENT_NS => {
+        Some(v) if pkt.now.saturating_sub(v.created_ns) <= ct::TIMEOUT_FRAGMENT_NS => {
             Reason::AllowFragment
         }
         _ => Reason::DenyFragment,
@@ -301,7 +300,7 @@ fn frag_key(pkt: &Pkt) -> FragKey {
 #[inline(always)]
 fn record_fragment(pkt: &Pkt, reason: Reason) {
     let v = FragValue {
-        created_ns: clock::now(),
+        created_ns: pkt.now,
         reason: reason as u32,
         _pad: 0,
     };
@@ -323,8 +322,7 @@ fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
     if let Some(p) = ct_get(&key) {
         // SAFETY: copied at once.
         let v = unsafe { *p };
-        if !ct::expired(&v, key.proto, clock::now()) && ct::has_grants(&v, ct::stored_required(&v))
-        {
+        if !ct::expired(&v, key.proto, pkt.now) && ct::has_grants(&v, ct::stored_required(&v)) {
             return Reason::AllowRelated;
         }
     }
@@ -456,7 +454,7 @@ fn flow_verdict(
     maps: &BpfMaps,
 ) -> (Reason, Decider) {
     let src_is_a = ct.src_is_a;
-    let now = ct.now;
+    let now = pkt.now;
     let syn = is_syn(pkt);
     // The grants this packet needs as a connection's original direction.
     let fwd_req = ct::required_grants(Some(src), Some(dst));
@@ -556,15 +554,6 @@ fn flow_verdict(
         return (reason, by);
     }
     let ok = reason.is_allow();
-    // The lookup read the clock only when it found an entry; a new one needs it now, a
-    // refused packet never does.
-    let now = if entry.is_some() {
-        now
-    } else if ok {
-        clock::now()
-    } else {
-        0
-    };
     let req_bits = fwd_req << ct_flags::REQ_SHIFT;
     match live {
         None => {
@@ -621,7 +610,6 @@ struct Ct {
     v4: bool,
     src_is_a: bool,
     entry: Option<*mut CtValue>,
-    now: u64,
     done: bool,
 }
 
@@ -632,7 +620,6 @@ impl Ct {
             v4: false,
             src_is_a: false,
             entry: None,
-            now: 0,
             done: false,
         }
     }
@@ -653,8 +640,6 @@ fn ct_lookup(pkt: &Pkt, keys: &mut CtKeys) -> Ct {
         v4,
         src_is_a,
         entry,
-        // Only an entry's age needs the time: a miss reads it if and when it inserts.
-        now: if entry.is_some() { clock::now() } else { 0 },
         done: true,
     }
 }
@@ -678,7 +663,7 @@ fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
     let v = unsafe { *p };
     let original = ct::is_original(&v, ct.src_is_a);
     let syn = is_syn(pkt);
-    if ct::expired(&v, pkt.proto, ct.now)
+    if ct::expired(&v, pkt.proto, pkt.now)
         || (syn && (original || closing(v.flags)))
         || !ct::has_grants(&v, ct::stored_required(&v))
     {
@@ -691,11 +676,11 @@ fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
     if pkt.proto == proto::TCP {
         f |= ct::tcp_state_flags(pkt.tcp_flags, original);
     }
-    if f != v.flags || ct.now.wrapping_sub(v.last_seen_ns) >= ct::REFRESH_INTERVAL_NS {
+    if f != v.flags || pkt.now.wrapping_sub(v.last_seen_ns) >= ct::REFRESH_INTERVAL_NS {
         // SAFETY: see flow_verdict.
         unsafe {
             (*p).flags = f;
-            (*p).last_seen_ns = ct.now;
+            (*p).last_seen_ns = pkt.now;
         }
     }
     true
@@ -841,7 +826,11 @@ fn count(reason: Reason, dir: Direction) {
 /// fine clock for its stamp.
 #[inline(always)]
 fn report(ctx: &TcContext, dir: Direction, reason: Reason, pkt: Option<&Pkt>, ep_id: u32) {
-    if !take_token(clock::now()) {
+    let now = match pkt {
+        Some(p) => p.now,
+        None => clock::now(),
+    };
+    if !take_token(now) {
         return;
     }
     // SAFETY: a helper without arguments.
