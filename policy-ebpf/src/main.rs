@@ -9,10 +9,11 @@
 //!    through `bpf_skb_load_bytes` (IPv4 options, up to 6 IPv6 extension headers, fragments,
 //!    ICMP errors and the packet they quote, truncation at any layer);
 //! 2. link-scoped IPv6 control traffic (ND with hop limit 255, link-local/multicast on both
-//!    sides) passes; `ENDPOINTS` for both addresses: at a pod hook a miss on the pod side
-//!    drops (anti-spoofing), at an uplink hook (`from_world`/`to_world`) a miss on both sides
-//!    passes (the node's own traffic); nothing isolated on either side passes without
-//!    touching conntrack;
+//!    sides) passes; `ENDPOINTS` for the hook's own pod, `IPCACHE` for the far side (and its
+//!    `ENDPOINTS` entry only when IPCACHE marks it a local endpoint; the decision reuses the
+//!    identity found): at a pod hook a miss on the pod side drops (anti-spoofing), at an
+//!    uplink hook (`from_world`/`to_world`) no local endpoint on either side passes (the
+//!    node's own traffic); nothing isolated on either side passes without touching conntrack;
 //! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
 //!    verdict (`FRAGMENTS`); ICMP errors pass when the flow they quote would pass a reply;
 //! 4. `CONNTRACK` (one lookup, normalised key; `CONNTRACK4` under a 16-byte key when both
