@@ -1,0 +1,308 @@
+//! `CIDR_RULES` as the agent writes and reads it: an array of maps whose slot
+//! [`cidr_slot`]`(set, v6)` holds that policy-set's own LPM trie of that family, keyed by the
+//! address prefix alone. The agent speaks the compiler's keys ([`LpmKey<CidrData>`]: set,
+//! family, prefix) and splits them here.
+//!
+//! A set's trie is created (not preallocated, the template's exact parameters) with its
+//! first rule and put in its slot once that rule is in it; when its last rule goes, the slot
+//! is emptied and the kernel frees the trie once no program still holds it. The array is
+//! pinned: a restarted agent finds the tries through it (slot -> map id -> fd).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
+
+use aya::maps::{LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya_obj::generated::{BPF_F_NO_PREALLOC, bpf_map_type};
+use policy_common::{
+    Addr, CIDR_SLOTS, CidrData, CidrKey, LpmKey, MAP_CIDR_RULES, MAX_CIDR_RULES_PER_SET,
+    RuleValue,
+};
+
+use super::DataplaneError;
+
+/// One policy-set's trie of one family.
+pub type CidrTrie = LpmTrie<MapData, Addr, RuleValue>;
+
+/// Tries kept open between writes; past this many the handles are closed and reopened on
+/// demand (each holds a file descriptor).
+const OPEN_TRIES: usize = 4096;
+
+/// The `CIDR_RULES` array and handles to the tries it holds.
+pub struct CidrRules {
+    outer: MapData,
+    /// Open tries by slot, with their kernel map id (a slot refilled behind the agent's back
+    /// holds another id).
+    open: BTreeMap<u32, (u32, CidrTrie)>,
+}
+
+fn err(e: MapError) -> DataplaneError {
+    DataplaneError::map(MAP_CIDR_RULES, e)
+}
+
+fn sys(call: &'static str, io_error: std::io::Error) -> DataplaneError {
+    err(MapError::SyscallError(aya::sys::SyscallError { call, io_error }))
+}
+
+/// Deleting a missing key is not an error for the writer.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+impl CidrRules {
+    pub(crate) fn new(map: Map) -> Result<Self, DataplaneError> {
+        let outer = match map {
+            Map::ArrayOfMaps(m) => m,
+            _ => {
+                return Err(err(MapError::InvalidMapType {
+                    map_type: bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS as u32,
+                }));
+            }
+        };
+        let info = outer.info().map_err(err)?;
+        if info.max_entries() != CIDR_SLOTS || info.key_size() != 4 || info.value_size() != 4 {
+            return Err(err(MapError::InvalidValueSize {
+                size: info.max_entries() as usize,
+                expected: CIDR_SLOTS as usize,
+            }));
+        }
+        raise_fd_limit();
+        Ok(CidrRules {
+            outer,
+            open: BTreeMap::new(),
+        })
+    }
+
+    fn outer_fd(&self) -> BorrowedFd<'_> {
+        self.outer.fd().as_fd()
+    }
+
+    /// The id of the trie in `slot`, if any.
+    fn slot_id(&self, slot: u32) -> Result<Option<u32>, DataplaneError> {
+        let mut id = 0u32;
+        match bpf_elem(self.outer_fd(), BPF_MAP_LOOKUP_ELEM, &slot, &mut id) {
+            Ok(()) => Ok(Some(id)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(sys("bpf_map_lookup_elem", e)),
+        }
+    }
+
+    /// The trie in `slot` (opened if needed), checked against the template.
+    fn trie(&mut self, slot: u32) -> Result<Option<&mut CidrTrie>, DataplaneError> {
+        let Some(id) = self.slot_id(slot)? else {
+            self.open.remove(&slot);
+            return Ok(None);
+        };
+        if self.open.get(&slot).is_none_or(|(have, _)| *have != id) {
+            if self.open.len() >= OPEN_TRIES {
+                self.open.clear();
+            }
+            let data = MapData::from_id(id).map_err(err)?;
+            check_template(slot, &data)?;
+            let trie = CidrTrie::try_from(Map::LpmTrie(data)).map_err(err)?;
+            self.open.insert(slot, (id, trie));
+        }
+        Ok(self.open.get_mut(&slot).map(|(_, t)| t))
+    }
+
+    /// Inserts or replaces one rule, creating its set's trie if it has none yet.
+    pub fn insert(&mut self, k: &LpmKey<CidrData>, v: RuleValue) -> Result<(), DataplaneError> {
+        let slot = k.data.slot();
+        if slot >= CIDR_SLOTS {
+            return Err(err(MapError::OutOfBounds {
+                index: slot,
+                max_entries: CIDR_SLOTS,
+            }));
+        }
+        let ik = key(&k.inner_key());
+        if let Some(t) = self.trie(slot)? {
+            return t.insert(&ik, v, 0).map_err(err);
+        }
+        // A new set: its trie gets its first rule before any program can reach it.
+        let name = format!(
+            "cidr_{}_{}",
+            k.data.policy_set(),
+            if k.data.is_v6() { "v6" } else { "v4" }
+        );
+        let obj = aya_obj::Map::new_from_params(
+            bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
+            size_of::<Key<Addr>>() as u32,
+            size_of::<RuleValue>() as u32,
+            MAX_CIDR_RULES_PER_SET,
+            BPF_F_NO_PREALLOC,
+        );
+        if self.open.len() >= OPEN_TRIES {
+            self.open.clear();
+        }
+        let data = MapData::create(obj, &name, None).map_err(err)?;
+        let id = data.info().map_err(err)?.id();
+        // Stays open as long as the trie handle holding it.
+        let fd = data.fd().as_fd().as_raw_fd() as u32;
+        let mut trie = CidrTrie::try_from(Map::LpmTrie(data)).map_err(err)?;
+        trie.insert(&ik, v, 0).map_err(err)?;
+        bpf_elem(self.outer_fd(), BPF_MAP_UPDATE_ELEM, &slot, &fd)
+            .map_err(|e| sys("bpf_map_update_elem", e))?;
+        self.open.insert(slot, (id, trie));
+        Ok(())
+    }
+
+    /// Removes one rule; a set's trie left empty leaves its slot (the kernel frees it).
+    pub fn remove(&mut self, k: &LpmKey<CidrData>) -> Result<(), DataplaneError> {
+        let slot = k.data.slot();
+        if slot >= CIDR_SLOTS {
+            return Ok(());
+        }
+        let ik = key(&k.inner_key());
+        let Some(t) = self.trie(slot)? else {
+            return Ok(());
+        };
+        absent_ok(t.remove(&ik))?;
+        if t.keys().next().is_none() {
+            self.drop_slot(slot)?;
+        }
+        Ok(())
+    }
+
+    fn drop_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        self.open.remove(&slot);
+        match bpf_elem(self.outer_fd(), BPF_MAP_DELETE_ELEM, &slot, &mut ()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(sys("bpf_map_delete_elem", e)),
+        }
+    }
+
+    /// Every rule of every set, as the compiler names them.
+    pub fn read(&mut self) -> Result<BTreeMap<LpmKey<CidrData>, RuleValue>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for slot in 0..CIDR_SLOTS {
+            let Some(t) = self.trie(slot)? else { continue };
+            for r in t.iter() {
+                let (k, v) = r.map_err(err)?;
+                let inner = CidrKey {
+                    prefixlen: k.prefix_len(),
+                    data: k.data(),
+                };
+                out.insert(LpmKey::from_slot(slot, &inner), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rules per set and family: (slot, entries), for the slots holding a trie.
+    pub fn slot_sizes(&mut self) -> Result<Vec<(u32, usize)>, DataplaneError> {
+        let mut out = Vec::new();
+        for slot in 0..CIDR_SLOTS {
+            if let Some(t) = self.trie(slot)? {
+                out.push((slot, t.keys().count()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Empties every slot.
+    pub fn clear(&mut self) -> Result<(), DataplaneError> {
+        for slot in 0..CIDR_SLOTS {
+            if self.slot_id(slot)?.is_some() {
+                self.drop_slot(slot)?;
+            }
+        }
+        self.open.clear();
+        Ok(())
+    }
+}
+
+fn key(k: &CidrKey) -> Key<Addr> {
+    Key::new(k.prefixlen, k.data)
+}
+
+/// A trie found in a slot must be one the programs were verified against (the kernel
+/// checked it against the template when it was put there; this catches a foreign writer
+/// or an agent of another layout).
+fn check_template(slot: u32, data: &MapData) -> Result<(), DataplaneError> {
+    let info = data.info().map_err(err)?;
+    let ok = info.map_type().ok() == Some(aya::maps::MapType::LpmTrie)
+        && info.key_size() as usize == size_of::<Key<Addr>>()
+        && info.value_size() as usize == size_of::<RuleValue>()
+        && info.max_entries() == MAX_CIDR_RULES_PER_SET;
+    if ok {
+        Ok(())
+    } else {
+        Err(DataplaneError::ForeignTrie {
+            slot,
+            detail: format!(
+                "key {} value {} max_entries {}",
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            ),
+        })
+    }
+}
+
+/// Lets the agent keep a few thousand tries open (each handle is a file descriptor): the
+/// soft limit goes up to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+// Raw element syscalls on the array of maps: aya 0.14 has no delete for it, and its lookup
+// opens every inner map it returns (the walk needs only ids).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf_elem<V>(
+    fd: BorrowedFd<'_>,
+    cmd: libc::c_long,
+    key: &u32,
+    value: *const V,
+) -> std::io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const u32 as u64,
+        value: if cmd == BPF_MAP_DELETE_ELEM {
+            0
+        } else {
+            value as u64
+        },
+        flags: 0,
+    };
+    // SAFETY: the kernel reads the 4-byte key and reads (update) or writes (lookup) the
+    // 4-byte value the attributes point to; both outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
