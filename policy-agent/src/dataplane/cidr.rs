@@ -177,10 +177,28 @@ impl CidrRules {
         }
     }
 
+    /// The slots holding a trie, with its map id: one batch walk of the array (empty slots
+    /// are skipped in the kernel), or a slot-by-slot walk where batches are not supported.
+    fn populated(&self) -> Result<Vec<(u32, u32)>, DataplaneError> {
+        match lookup_batch(self.outer_fd()) {
+            Ok(v) => Ok(v),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+                let mut out = Vec::new();
+                for slot in 0..CIDR_SLOTS {
+                    if let Some(id) = self.slot_id(slot)? {
+                        out.push((slot, id));
+                    }
+                }
+                Ok(out)
+            }
+            Err(e) => Err(sys("bpf_map_lookup_batch", e)),
+        }
+    }
+
     /// Every rule of every set, as the compiler names them.
     pub fn read(&mut self) -> Result<BTreeMap<LpmKey<CidrData>, RuleValue>, DataplaneError> {
         let mut out = BTreeMap::new();
-        for slot in 0..CIDR_SLOTS {
+        for (slot, _) in self.populated()? {
             let Some(t) = self.trie(slot)? else { continue };
             for r in t.iter() {
                 let (k, v) = r.map_err(err)?;
@@ -197,7 +215,7 @@ impl CidrRules {
     /// Rules per set and family: (slot, entries), for the slots holding a trie.
     pub fn slot_sizes(&mut self) -> Result<Vec<(u32, usize)>, DataplaneError> {
         let mut out = Vec::new();
-        for slot in 0..CIDR_SLOTS {
+        for (slot, _) in self.populated()? {
             if let Some(t) = self.trie(slot)? {
                 out.push((slot, t.keys().count()));
             }
@@ -207,10 +225,8 @@ impl CidrRules {
 
     /// Empties every slot.
     pub fn clear(&mut self) -> Result<(), DataplaneError> {
-        for slot in 0..CIDR_SLOTS {
-            if self.slot_id(slot)?.is_some() {
-                self.drop_slot(slot)?;
-            }
+        for (slot, _) in self.populated()? {
+            self.drop_slot(slot)?;
         }
         self.open.clear();
         Ok(())
@@ -263,6 +279,7 @@ fn raise_fd_limit() {
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 #[repr(C)]
 struct ElemAttr {
@@ -304,5 +321,63 @@ fn bpf_elem<V>(
         Err(std::io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// (slot, inner map id) of every populated slot, through `BPF_MAP_LOOKUP_BATCH`.
+fn lookup_batch(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(u32, u32)>> {
+    const CHUNK: usize = 4096;
+    let mut out = Vec::new();
+    let (mut keys, mut ids) = (vec![0u32; CHUNK], vec![0u32; CHUNK]);
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token_in as *const u32 as u64
+            },
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: ids.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the kernel writes at most `count` 4-byte keys and values into buffers of
+        // that many, and a 4-byte token; it reads the 4-byte token given back.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(ids[..n].iter().copied()));
+        match err {
+            None => {}
+            // The walk reached the end (with the last elements in this chunk).
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
     }
 }
