@@ -368,6 +368,25 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
             .return_value as i32
     };
     assert_eq!(run(&tcp4(EXT4, A4, 40000, 80, SYN)), TC_ACT_OK, "adopted CIDR rule");
+    // `status` counts the rules of every trie against the total the agent admits.
+    maps.set_cidr_rule(
+        LpmKey {
+            prefixlen: cidr_prefixlen(false, 64),
+            data: CidrData::new(3, a6(EXT6)),
+        },
+        all(),
+    )
+    .expect("cidr");
+    let pinned = policy_agent::observe::pinned::open_ro(fs.path(), MAP_CIDR_RULES).expect("open");
+    assert_eq!(
+        (pinned.kind(), pinned.entries().expect("count"), pinned.capacity()),
+        ("lpm_tries", Some(2), policy_common::MAX_CIDR_RULES as u64)
+    );
+    maps.delete_cidr_rule(LpmKey {
+        prefixlen: cidr_prefixlen(false, 64),
+        data: CidrData::new(3, a6(EXT6)),
+    })
+    .expect("delete");
     // The new agent edits the adopted trie: removing its last rule empties the slot.
     maps.delete_cidr_rule(cidr).expect("delete");
     assert!(maps.cidr_rules.slot_sizes().expect("slots").is_empty());

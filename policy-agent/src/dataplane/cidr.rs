@@ -84,12 +84,7 @@ impl CidrRules {
 
     /// The id of the trie in `slot`, if any.
     fn slot_id(&self, slot: u32) -> Result<Option<u32>, DataplaneError> {
-        let mut id = 0u32;
-        match bpf_elem(self.outer_fd(), BPF_MAP_LOOKUP_ELEM, &slot, &mut id) {
-            Ok(()) => Ok(Some(id)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(sys("bpf_map_lookup_elem", e)),
-        }
+        slot_id(self.outer_fd(), slot).map_err(|e| sys("bpf_map_lookup_elem", e))
     }
 
     /// The trie in `slot` (opened if needed), checked against the template.
@@ -177,22 +172,8 @@ impl CidrRules {
         }
     }
 
-    /// The slots holding a trie, with its map id: one batch walk of the array (empty slots
-    /// are skipped in the kernel), or a slot-by-slot walk where batches are not supported.
     fn populated(&self) -> Result<Vec<(u32, u32)>, DataplaneError> {
-        match lookup_batch(self.outer_fd()) {
-            Ok(v) => Ok(v),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
-                let mut out = Vec::new();
-                for slot in 0..CIDR_SLOTS {
-                    if let Some(id) = self.slot_id(slot)? {
-                        out.push((slot, id));
-                    }
-                }
-                Ok(out)
-            }
-            Err(e) => Err(sys("bpf_map_lookup_batch", e)),
-        }
+        populated_slots(self.outer_fd()).map_err(|e| sys("bpf_map_lookup_batch", e))
     }
 
     /// Every rule of every set, as the compiler names them.
@@ -230,6 +211,36 @@ impl CidrRules {
         }
         self.open.clear();
         Ok(())
+    }
+}
+
+/// The id of the map in slot `slot` of an array of maps, if any.
+fn slot_id(outer: BorrowedFd<'_>, slot: u32) -> std::io::Result<Option<u32>> {
+    let mut id = 0u32;
+    match bpf_elem(outer, BPF_MAP_LOOKUP_ELEM, &slot, &mut id) {
+        Ok(()) => Ok(Some(id)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The populated slots of an array of maps with the id of the map each holds: one batch
+/// walk (empty slots are skipped in the kernel), or slot by slot where the kernel has no
+/// batch lookup for it.
+pub fn populated_slots(outer: BorrowedFd<'_>) -> std::io::Result<Vec<(u32, u32)>> {
+    match lookup_batch(outer) {
+        Ok(v) => Ok(v),
+        // EINVAL / EOPNOTSUPP / ENOTSUPP (524, kernel-internal): no batch ops here.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524)) => {
+            let mut out = Vec::new();
+            for slot in 0..CIDR_SLOTS {
+                if let Some(id) = slot_id(outer, slot)? {
+                    out.push((slot, id));
+                }
+            }
+            Ok(out)
+        }
+        Err(e) => Err(e),
     }
 }
 
