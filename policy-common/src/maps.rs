@@ -301,6 +301,14 @@ impl LpmKey<CidrData> {
     }
 }
 
+// Slot numbers fit the array and never wrap.
+const _: () = {
+    assert!(CIDR_SLOTS == cidr_slot(MAX_POLICY_SETS - 1, true) + 1);
+    assert!(MAX_POLICY_SETS < CIDR_FAMILY_V6);
+    assert!(MAX_CIDR_RULES_PER_SET <= MAX_CIDR_RULES);
+    assert!(core::mem::size_of::<CidrKey>() == 20);
+};
+
 /// `PORTS` key data (LPM trie): prefix length = 48 + port prefix bits (the port-set word,
 /// the protocol byte and the zero pad byte are always exact): see [`port_prefixlen`].
 #[repr(C)]
@@ -592,10 +600,6 @@ const _: () = {
     assert!(offset_of!(PendingSlot, seen_ns) == 24);
     assert!(size_of::<PendingValue>() == 128);
     assert!(size_of::<LpmKey<Addr>>() == 20);
-    // Slot numbers fit the array and never wrap.
-    assert!(CIDR_SLOTS == cidr_slot(MAX_POLICY_SETS - 1, true) + 1);
-    assert!(MAX_POLICY_SETS < CIDR_FAMILY_V6);
-    assert!(MAX_CIDR_RULES_PER_SET <= MAX_CIDR_RULES);
 };
 
 #[cfg(feature = "user")]
