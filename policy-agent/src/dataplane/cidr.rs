@@ -244,6 +244,54 @@ pub fn populated_slots(outer: BorrowedFd<'_>) -> std::io::Result<Vec<(u32, u32)>
     }
 }
 
+/// What a pinned array of maps says about its inner template, which the kernel does not
+/// report: the (type, key size, value size, max entries, flags) of a map it holds, or, when
+/// it holds none, whether it accepts a map of `want` (probed on slot 0, which no rule uses:
+/// policy-set 0 holds none; the probe is removed at once).
+pub(crate) enum InnerTemplate {
+    Held([u64; 5]),
+    Accepts(bool),
+}
+
+pub(crate) fn inner_template(
+    outer: BorrowedFd<'_>,
+    want: &aya_obj::Map,
+) -> std::io::Result<InnerTemplate> {
+    let other = |e: MapError| std::io::Error::other(e.to_string());
+    if let Some((_, id)) = populated_slots(outer)?.first() {
+        let info = MapData::from_id(*id).map_err(other)?.info().map_err(other)?;
+        let ty = match info.map_type() {
+            Ok(aya::maps::MapType::LpmTrie) => bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u64,
+            _ => u64::MAX,
+        };
+        return Ok(InnerTemplate::Held([
+            ty,
+            info.key_size() as u64,
+            info.value_size() as u64,
+            info.max_entries() as u64,
+            info.map_flags() as u64,
+        ]));
+    }
+    // Without the object's BTF: the kernel compares no BTF between inner maps.
+    let plain = aya_obj::Map::new_from_params(
+        want.map_type(),
+        want.key_size(),
+        want.value_size(),
+        want.max_entries(),
+        want.map_flags(),
+    );
+    let probe = MapData::create(plain, "cidr_probe", None).map_err(other)?;
+    let fd = probe.fd().as_fd().as_raw_fd() as u32;
+    match bpf_elem(outer, BPF_MAP_UPDATE_ELEM, &0, &fd) {
+        Ok(()) => {
+            bpf_elem(outer, BPF_MAP_DELETE_ELEM, &0, &mut ())?;
+            Ok(InnerTemplate::Accepts(true))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(InnerTemplate::Accepts(false)),
+        Err(e) => Err(e),
+    }
+}
+
 fn key(k: &CidrKey) -> Key<Addr> {
     Key::new(k.prefixlen, k.data)
 }
