@@ -107,60 +107,104 @@ impl CidrRules {
 
     /// Inserts or replaces one rule, creating its set's trie if it has none yet.
     pub fn insert(&mut self, k: &LpmKey<CidrData>, v: RuleValue) -> Result<(), DataplaneError> {
-        let slot = k.data.slot();
-        if slot >= CIDR_SLOTS {
-            return Err(err(MapError::OutOfBounds {
-                index: slot,
-                max_entries: CIDR_SLOTS,
-            }));
+        self.insert_many(&[(*k, v)])
+    }
+
+    /// Writes many rules. New sets' tries are filled first and then put in their slots
+    /// together: after every write to an array of maps the kernel waits for an RCU grace
+    /// period (so no running program still uses the old slot), one wait per batch instead
+    /// of one per new set.
+    pub fn insert_many(
+        &mut self,
+        rules: &[(LpmKey<CidrData>, RuleValue)],
+    ) -> Result<(), DataplaneError> {
+        let mut fresh: BTreeMap<u32, (u32, CidrTrie)> = BTreeMap::new();
+        let mut checked: std::collections::BTreeSet<u32> = std::collections::BTreeSet::new();
+        for (k, v) in rules {
+            let slot = check_slot(k)?;
+            let ik = key(&k.inner_key());
+            if let Some((_, t)) = fresh.get_mut(&slot) {
+                t.insert(&ik, *v, 0).map_err(err)?;
+                continue;
+            }
+            // The slot is read once per batch; later rules of the set reuse the handle.
+            let t = if checked.insert(slot) {
+                self.trie(slot)?
+            } else {
+                self.open.get_mut(&slot).map(|(_, t)| t)
+            };
+            if let Some(t) = t {
+                t.insert(&ik, *v, 0).map_err(err)?;
+                continue;
+            }
+            let (id, mut t) = new_trie(k)?;
+            t.insert(&ik, *v, 0).map_err(err)?;
+            fresh.insert(slot, (id, t));
         }
-        let ik = key(&k.inner_key());
-        if let Some(t) = self.trie(slot)? {
-            return t.insert(&ik, v, 0).map_err(err);
+        if fresh.is_empty() {
+            return Ok(());
         }
-        // A new set: its trie gets its first rule before any program can reach it.
-        let name = format!(
-            "cidr_{}_{}",
-            k.data.policy_set(),
-            if k.data.is_v6() { "v6" } else { "v4" }
-        );
-        let obj = aya_obj::Map::new_from_params(
-            bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
-            size_of::<Key<Addr>>() as u32,
-            size_of::<RuleValue>() as u32,
-            MAX_CIDR_RULES_PER_SET,
-            BPF_F_NO_PREALLOC,
-        );
-        if self.open.len() >= OPEN_TRIES {
+        let slots: Vec<u32> = fresh.keys().copied().collect();
+        let fds: Vec<u32> = fresh.values().map(|(_, t)| trie_fd(t)).collect();
+        put_slots(self.outer_fd(), &slots, &fds)?;
+        if self.open.len() + fresh.len() > OPEN_TRIES {
             self.open.clear();
         }
-        let data = MapData::create(obj, &name, None).map_err(err)?;
-        let id = data.info().map_err(err)?.id();
-        // Stays open as long as the trie handle holding it.
-        let fd = data.fd().as_fd().as_raw_fd() as u32;
-        let mut trie = CidrTrie::try_from(Map::LpmTrie(data)).map_err(err)?;
-        trie.insert(&ik, v, 0).map_err(err)?;
-        bpf_elem(self.outer_fd(), BPF_MAP_UPDATE_ELEM, &slot, &fd)
-            .map_err(|e| sys("bpf_map_update_elem", e))?;
-        self.open.insert(slot, (id, trie));
+        self.open.extend(fresh);
         Ok(())
+    }
+
+    /// Removes many rules; the slots of the tries they leave empty are cleared together
+    /// (one grace period, see [`Self::insert_many`]).
+    pub fn remove_many(&mut self, keys: &[LpmKey<CidrData>]) -> Result<(), DataplaneError> {
+        let mut touched: std::collections::BTreeSet<u32> = std::collections::BTreeSet::new();
+        for k in keys {
+            let slot = k.data.slot();
+            if slot >= CIDR_SLOTS {
+                continue;
+            }
+            let t = if touched.insert(slot) {
+                self.trie(slot)?
+            } else {
+                self.open.get_mut(&slot).map(|(_, t)| t)
+            };
+            if let Some(t) = t {
+                absent_ok(t.remove(&key(&k.inner_key())))?;
+            }
+        }
+        let mut empty = Vec::new();
+        for slot in touched {
+            if let Some((_, t)) = self.open.get(&slot)
+                && t.keys().next().is_none()
+            {
+                empty.push(slot);
+            }
+        }
+        self.drop_slots(&empty)
+    }
+
+    fn drop_slots(&mut self, slots: &[u32]) -> Result<(), DataplaneError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        for s in slots {
+            self.open.remove(s);
+        }
+        match batch(self.outer_fd(), BPF_MAP_DELETE_BATCH, slots, None) {
+            Ok(()) => Ok(()),
+            Err(e) if no_batch(&e) || e.raw_os_error() == Some(libc::ENOENT) => {
+                for s in slots {
+                    self.drop_slot(*s)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(sys("bpf_map_delete_batch", e)),
+        }
     }
 
     /// Removes one rule; a set's trie left empty leaves its slot (the kernel frees it).
     pub fn remove(&mut self, k: &LpmKey<CidrData>) -> Result<(), DataplaneError> {
-        let slot = k.data.slot();
-        if slot >= CIDR_SLOTS {
-            return Ok(());
-        }
-        let ik = key(&k.inner_key());
-        let Some(t) = self.trie(slot)? else {
-            return Ok(());
-        };
-        absent_ok(t.remove(&ik))?;
-        if t.keys().next().is_none() {
-            self.drop_slot(slot)?;
-        }
-        Ok(())
+        self.remove_many(&[*k])
     }
 
     fn drop_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
@@ -206,12 +250,69 @@ impl CidrRules {
 
     /// Empties every slot.
     pub fn clear(&mut self) -> Result<(), DataplaneError> {
-        for (slot, _) in self.populated()? {
-            self.drop_slot(slot)?;
-        }
+        let slots: Vec<u32> = self.populated()?.into_iter().map(|(s, _)| s).collect();
+        self.drop_slots(&slots)?;
         self.open.clear();
         Ok(())
     }
+}
+
+fn check_slot(k: &LpmKey<CidrData>) -> Result<u32, DataplaneError> {
+    let slot = k.data.slot();
+    if slot >= CIDR_SLOTS {
+        return Err(err(MapError::OutOfBounds {
+            index: slot,
+            max_entries: CIDR_SLOTS,
+        }));
+    }
+    Ok(slot)
+}
+
+/// A new, empty trie of the template's exact parameters, named after its set and family.
+fn new_trie(k: &LpmKey<CidrData>) -> Result<(u32, CidrTrie), DataplaneError> {
+    let name = format!(
+        "cidr_{}_{}",
+        k.data.policy_set(),
+        if k.data.is_v6() { "v6" } else { "v4" }
+    );
+    let obj = aya_obj::Map::new_from_params(
+        bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
+        size_of::<Key<Addr>>() as u32,
+        size_of::<RuleValue>() as u32,
+        MAX_CIDR_RULES_PER_SET,
+        BPF_F_NO_PREALLOC,
+    );
+    let data = MapData::create(obj, &name, None).map_err(err)?;
+    let id = data.info().map_err(err)?.id();
+    Ok((id, CidrTrie::try_from(Map::LpmTrie(data)).map_err(err)?))
+}
+
+/// The descriptor of a trie handle (valid while the handle lives).
+fn trie_fd(t: &CidrTrie) -> u32 {
+    fn fd_of<M: aya::maps::InnerMap>(m: &M) -> u32 {
+        m.fd().as_fd().as_raw_fd() as u32
+    }
+    fd_of(t)
+}
+
+/// Puts tries in their slots: one batch update, or slot by slot without batch support.
+fn put_slots(outer: BorrowedFd<'_>, slots: &[u32], fds: &[u32]) -> Result<(), DataplaneError> {
+    match batch(outer, BPF_MAP_UPDATE_BATCH, slots, Some(fds)) {
+        Ok(()) => Ok(()),
+        Err(e) if no_batch(&e) => {
+            for (s, fd) in slots.iter().zip(fds) {
+                bpf_elem(outer, BPF_MAP_UPDATE_ELEM, s, fd)
+                    .map_err(|e| sys("bpf_map_update_elem", e))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(sys("bpf_map_update_batch", e)),
+    }
+}
+
+/// EINVAL / EOPNOTSUPP / ENOTSUPP (524, kernel-internal): no batch operation here.
+fn no_batch(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524))
 }
 
 /// The id of the map in slot `slot` of an array of maps, if any.
@@ -230,8 +331,7 @@ fn slot_id(outer: BorrowedFd<'_>, slot: u32) -> std::io::Result<Option<u32>> {
 pub fn populated_slots(outer: BorrowedFd<'_>) -> std::io::Result<Vec<(u32, u32)>> {
     match lookup_batch(outer) {
         Ok(v) => Ok(v),
-        // EINVAL / EOPNOTSUPP / ENOTSUPP (524, kernel-internal): no batch ops here.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524)) => {
+        Err(e) if no_batch(&e) => {
             let mut out = Vec::new();
             for slot in 0..CIDR_SLOTS {
                 if let Some(id) = slot_id(outer, slot)? {
@@ -339,6 +439,8 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 #[repr(C)]
 struct ElemAttr {
@@ -438,5 +540,44 @@ fn lookup_batch(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(u32, u32)>> {
         }
         token_in = token_out;
         first = false;
+    }
+}
+
+/// A batch update (`values`: one fd per key) or delete of slots of an array of maps.
+fn batch(
+    outer: BorrowedFd<'_>,
+    cmd: libc::c_long,
+    slots: &[u32],
+    values: Option<&[u32]>,
+) -> std::io::Result<()> {
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: slots.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count: slots.len() as u32,
+        map_fd: outer.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads `count` 4-byte keys (and values) from buffers of that many.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else if attr.count as usize != slots.len() {
+        Err(std::io::Error::other(format!(
+            "batch wrote {} of {} slots",
+            attr.count,
+            slots.len()
+        )))
+    } else {
+        Ok(())
     }
 }

@@ -169,6 +169,17 @@ impl DataplaneMaps {
     pub fn delete_cidr_rule(&mut self, k: LpmKey<CidrData>) -> Result<(), DataplaneError> {
         self.cidr_rules.remove(&k)
     }
+    /// Many CIDR rules at once: new sets' tries enter the array together.
+    pub fn set_cidr_rules(
+        &mut self,
+        rules: &[(LpmKey<CidrData>, RuleValue)],
+    ) -> Result<(), DataplaneError> {
+        self.cidr_rules.insert_many(rules)
+    }
+    /// Many deletions at once: the tries they empty leave the array together.
+    pub fn delete_cidr_rules(&mut self, keys: &[LpmKey<CidrData>]) -> Result<(), DataplaneError> {
+        self.cidr_rules.remove_many(keys)
+    }
     pub fn set_port(&mut self, k: LpmKey<PortData>) -> Result<(), DataplaneError> {
         self.ports
             .insert(&lpm!(k), PORT_PRESENT, 0)
