@@ -357,7 +357,10 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
     // The adopted array still holds the first agent's trie, read back through it and used
     // by the new programs.
     let back = maps.read_contents().expect("read back");
-    assert_eq!(back.cidr_rules.into_iter().collect::<Vec<_>>(), vec![(cidr, all())]);
+    assert_eq!(
+        back.cidr_rules.into_iter().collect::<Vec<_>>(),
+        vec![(cidr, all())]
+    );
     let run = |frame: &[u8]| {
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -367,7 +370,11 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
             .expect("run")
             .return_value as i32
     };
-    assert_eq!(run(&tcp4(EXT4, A4, 40000, 80, SYN)), TC_ACT_OK, "adopted CIDR rule");
+    assert_eq!(
+        run(&tcp4(EXT4, A4, 40000, 80, SYN)),
+        TC_ACT_OK,
+        "adopted CIDR rule"
+    );
     // `status` counts the rules of every trie against the total the agent admits.
     maps.set_cidr_rule(
         LpmKey {
@@ -379,7 +386,11 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
     .expect("cidr");
     let pinned = policy_agent::observe::pinned::open_ro(fs.path(), MAP_CIDR_RULES).expect("open");
     assert_eq!(
-        (pinned.kind(), pinned.entries().expect("count"), pinned.capacity()),
+        (
+            pinned.kind(),
+            pinned.entries().expect("count"),
+            pinned.capacity()
+        ),
         ("lpm_tries", Some(2), policy_common::MAX_CIDR_RULES as u64)
     );
     maps.delete_cidr_rule(LpmKey {
@@ -669,7 +680,12 @@ fn cidr_sets_with_overlapping_prefixes_never_see_each_other() {
     f.cidr(SET_Y, net, 16, ranges(&[(TCP, 443, 443)]));
     f.cidr(SET_Y, a4(Ipv4Addr::new(198, 19, 2, 0)), 24, nothing());
     // Z: only a /8 around, allowing port 22; a longer prefix of X or Y must not shadow it.
-    f.cidr(SET_Z, a4(Ipv4Addr::new(198, 0, 0, 0)), 8, ranges(&[(TCP, 22, 22)]));
+    f.cidr(
+        SET_Z,
+        a4(Ipv4Addr::new(198, 0, 0, 0)),
+        8,
+        ranges(&[(TCP, 22, 22)]),
+    );
     let one = Ipv4Addr::new(198, 19, 1, 5);
     let two = Ipv4Addr::new(198, 19, 2, 5);
     let cases = [
@@ -711,8 +727,18 @@ fn cidr_families_of_one_set_read_back_as_written() {
     let mut f = fixture();
     f.endpoint(a6(A6), ISO_IN | IN_CIDR);
     f.endpoint(a4(A4), ISO_IN | IN_CIDR);
-    f.cidr(SET_IN, a4(Ipv4Addr::UNSPECIFIED), 0, ranges(&[(TCP, 80, 80)]));
-    f.cidr(SET_IN, a6(Ipv6Addr::UNSPECIFIED), 0, ranges(&[(TCP, 443, 443)]));
+    f.cidr(
+        SET_IN,
+        a4(Ipv4Addr::UNSPECIFIED),
+        0,
+        ranges(&[(TCP, 80, 80)]),
+    );
+    f.cidr(
+        SET_IN,
+        a6(Ipv6Addr::UNSPECIFIED),
+        0,
+        ranges(&[(TCP, 443, 443)]),
+    );
     f.cidr(SET_IN, a6(EXT6), 128, nothing());
     assert_eq!(
         f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 80, SYN)),
@@ -765,7 +791,11 @@ fn cidr_set_whose_last_rule_is_removed_denies_again() {
     let syn = |port| tcp4(EXT4, A4, 40000, port, SYN);
     assert_eq!(f.verdict(Ingress, &syn(80)), Reason::AllowCidr);
     f.maps.delete_cidr_rule(host).expect("delete");
-    assert_eq!(f.verdict(Ingress, &syn(81)), Reason::AllowCidr, "the /24 stays");
+    assert_eq!(
+        f.verdict(Ingress, &syn(81)),
+        Reason::AllowCidr,
+        "the /24 stays"
+    );
     assert_eq!(f.maps.cidr_rules.slot_sizes().expect("slots").len(), 1);
     f.maps.delete_cidr_rule(net).expect("delete the last");
     assert!(
@@ -775,7 +805,9 @@ fn cidr_set_whose_last_rule_is_removed_denies_again() {
     assert_eq!(f.verdict(Ingress, &syn(82)), Reason::DenyPolicy);
     // Deleting again is not an error; a new rule makes a new trie.
     f.maps.delete_cidr_rule(net).expect("delete absent");
-    f.maps.set_cidr_rule(host, ranges(&[(TCP, 83, 83)])).expect("insert");
+    f.maps
+        .set_cidr_rule(host, ranges(&[(TCP, 83, 83)]))
+        .expect("insert");
     assert_eq!(f.verdict(Ingress, &syn(83)), Reason::AllowCidr);
     assert_eq!(f.verdict(Ingress, &syn(84)), Reason::DenyPolicy);
 }
@@ -788,7 +820,10 @@ fn cidr_rule_of_a_set_beyond_the_array_is_refused() {
         prefixlen: cidr_prefixlen(true, 24),
         data: CidrData::new(policy_common::MAX_POLICY_SETS, a4(EXT4)),
     };
-    let e = f.maps.set_cidr_rule(key, all()).expect_err("beyond the slots");
+    let e = f
+        .maps
+        .set_cidr_rule(key, all())
+        .expect_err("beyond the slots");
     assert!(e.to_string().contains(MAP_CIDR_RULES), "{e}");
     assert!(f.maps.read_contents().expect("read").cidr_rules.is_empty());
 }

@@ -124,16 +124,34 @@ fn restart_incompatible_pinned_map_is_refused_before_loading() {
 fn bpf(cmd: libc::c_long, attr: &[u64]) -> i64 {
     // SAFETY: a zeroed bpf_attr with the command's fields set; its size is passed, and every
     // pointer in it outlives the call.
-    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), std::mem::size_of_val(attr)) }
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
 }
 
-fn create(map_type: u32, key: u32, value: u32, max_entries: u32, flags: u32, inner: i32) -> OwnedFd {
+fn create(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+    flags: u32,
+    inner: i32,
+) -> OwnedFd {
     let mut attr = [0u64; 16];
     attr[0] = map_type as u64 | (key as u64) << 32;
     attr[1] = value as u64 | (max_entries as u64) << 32;
     attr[2] = flags as u64 | (inner.max(0) as u64) << 32;
     let fd = bpf(BPF_MAP_CREATE, &attr);
-    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a new fd this test owns.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
@@ -144,8 +162,8 @@ fn create(map_type: u32, key: u32, value: u32, max_entries: u32, flags: u32, inn
 /// takes one of the object's: either way the upgrade is caught before anything loads.
 #[test]
 fn restart_cidr_array_of_another_inner_template_is_refused() {
-    use std::os::fd::AsRawFd as _;
     use policy_common::{CIDR_SLOTS, MAP_CIDR_RULES, MAX_CIDR_RULES};
+    use std::os::fd::AsRawFd as _;
     const ARRAY_OF_MAPS: u32 = 12;
     const LPM_TRIE: u32 = 11;
     const NO_PREALLOC: u32 = 1;
@@ -159,7 +177,10 @@ fn restart_cidr_array_of_another_inner_template_is_refused() {
     let outer = create(ARRAY_OF_MAPS, 4, 4, CIDR_SLOTS, 0, template.as_raw_fd());
     std::fs::remove_file(&path).expect("unpin");
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    let rc = bpf(BPF_OBJ_PIN, &[c.as_ptr() as u64, outer.as_raw_fd() as u64, 0, 0]);
+    let rc = bpf(
+        BPF_OBJ_PIN,
+        &[c.as_ptr() as u64, outer.as_raw_fd() as u64, 0, 0],
+    );
     assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
 
     let refused = |want: &str| match Dataplane::load(fs.path()) {
@@ -183,7 +204,12 @@ fn restart_cidr_array_of_another_inner_template_is_refused() {
             0,
         ],
     );
-    assert_eq!(rc, 0, "put a trie in the array: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "put a trie in the array: {}",
+        std::io::Error::last_os_error()
+    );
     refused("CIDR_RULES.inner.key_size: pinned 24 but the object wants 20");
 }
 

@@ -14,8 +14,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 use aya::maps::{LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use aya_obj::generated::{BPF_F_NO_PREALLOC, bpf_map_type};
 use policy_common::{
-    Addr, CIDR_SLOTS, CidrData, CidrKey, LpmKey, MAP_CIDR_RULES, MAX_CIDR_RULES_PER_SET,
-    RuleValue,
+    Addr, CIDR_SLOTS, CidrData, CidrKey, LpmKey, MAP_CIDR_RULES, MAX_CIDR_RULES_PER_SET, RuleValue,
 };
 
 use super::DataplaneError;
@@ -40,7 +39,10 @@ fn err(e: MapError) -> DataplaneError {
 }
 
 fn sys(call: &'static str, io_error: std::io::Error) -> DataplaneError {
-    err(MapError::SyscallError(aya::sys::SyscallError { call, io_error }))
+    err(MapError::SyscallError(aya::sys::SyscallError {
+        call,
+        io_error,
+    }))
 }
 
 /// Deleting a missing key is not an error for the writer.
@@ -209,7 +211,12 @@ impl CidrRules {
 
     fn drop_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
         self.open.remove(&slot);
-        match bpf_elem(self.outer_fd(), BPF_MAP_DELETE_ELEM, &slot, &mut ()) {
+        match bpf_elem(
+            self.outer_fd(),
+            BPF_MAP_DELETE_ELEM,
+            &slot,
+            std::ptr::null_mut::<u32>(),
+        ) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(sys("bpf_map_delete_elem", e)),
@@ -301,7 +308,7 @@ fn put_slots(outer: BorrowedFd<'_>, slots: &[u32], fds: &[u32]) -> Result<(), Da
         Ok(()) => Ok(()),
         Err(e) if no_batch(&e) => {
             for (s, fd) in slots.iter().zip(fds) {
-                bpf_elem(outer, BPF_MAP_UPDATE_ELEM, s, fd)
+                bpf_elem(outer, BPF_MAP_UPDATE_ELEM, s, (fd as *const u32).cast_mut())
                     .map_err(|e| sys("bpf_map_update_elem", e))?;
             }
             Ok(())
@@ -312,7 +319,10 @@ fn put_slots(outer: BorrowedFd<'_>, slots: &[u32], fds: &[u32]) -> Result<(), Da
 
 /// EINVAL / EOPNOTSUPP / ENOTSUPP (524, kernel-internal): no batch operation here.
 fn no_batch(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
 }
 
 /// The id of the map in slot `slot` of an array of maps, if any.
@@ -359,7 +369,10 @@ pub(crate) fn inner_template(
 ) -> std::io::Result<InnerTemplate> {
     let other = |e: MapError| std::io::Error::other(e.to_string());
     if let Some((_, id)) = populated_slots(outer)?.first() {
-        let info = MapData::from_id(*id).map_err(other)?.info().map_err(other)?;
+        let info = MapData::from_id(*id)
+            .map_err(other)?
+            .info()
+            .map_err(other)?;
         let ty = match info.map_type() {
             Ok(aya::maps::MapType::LpmTrie) => bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u64,
             _ => u64::MAX,
@@ -382,9 +395,14 @@ pub(crate) fn inner_template(
     );
     let probe = MapData::create(plain, "cidr_probe", None).map_err(other)?;
     let fd = probe.fd().as_fd().as_raw_fd() as u32;
-    match bpf_elem(outer, BPF_MAP_UPDATE_ELEM, &0, &fd) {
+    match bpf_elem(
+        outer,
+        BPF_MAP_UPDATE_ELEM,
+        &0,
+        (&fd as *const u32).cast_mut(),
+    ) {
         Ok(()) => {
-            bpf_elem(outer, BPF_MAP_DELETE_ELEM, &0, &mut ())?;
+            bpf_elem(outer, BPF_MAP_DELETE_ELEM, &0, std::ptr::null_mut::<u32>())?;
             Ok(InnerTemplate::Accepts(true))
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(InnerTemplate::Accepts(false)),
@@ -455,7 +473,7 @@ fn bpf_elem<V>(
     fd: BorrowedFd<'_>,
     cmd: libc::c_long,
     key: &u32,
-    value: *const V,
+    value: *mut V,
 ) -> std::io::Result<()> {
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,

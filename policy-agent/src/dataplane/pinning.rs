@@ -220,8 +220,8 @@ fn compare_inner(
     inner: &aya_obj::Map,
 ) -> Result<Vec<Mismatch>, std::io::Error> {
     use std::os::fd::AsFd as _;
-    let outer = aya::maps::MapData::from_pin(path)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let outer =
+        aya::maps::MapData::from_pin(path).map_err(|e| std::io::Error::other(e.to_string()))?;
     let want = [
         inner.map_type() as u64,
         inner.key_size() as u64,

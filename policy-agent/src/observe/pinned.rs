@@ -152,12 +152,16 @@ impl PinnedMap {
                 continue;
             };
             let info = inner.info()?;
-            let fd = inner.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "dup",
-                    io_error,
-                })
-            })?;
+            let fd = inner
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|io_error| {
+                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    })
+                })?;
             n += count_keys(&fd, info.key_size() as usize, info.max_entries() as u64).map_err(
                 |io_error| {
                     aya::maps::MapError::SyscallError(aya::sys::SyscallError {
