@@ -173,10 +173,28 @@ fn restart_cidr_array_of_another_inner_template_is_refused() {
     drop(Dataplane::load(fs.path()).expect("first load creates the pins"));
     let path = fs.path().join(MAP_CIDR_RULES);
     let old_trie = || create(LPM_TRIE, 24, 40, MAX_CIDR_RULES, NO_PREALLOC, -1);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // The agent before per-set tries pinned one shared trie under this name: refused on
+    // its type alone (its slots are never walked).
+    std::fs::remove_file(&path).expect("unpin");
+    let shared = old_trie();
+    let rc = bpf(
+        BPF_OBJ_PIN,
+        &[c.as_ptr() as u64, shared.as_raw_fd() as u64, 0, 0],
+    );
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    match Dataplane::load(fs.path()) {
+        Err(DataplaneError::Incompatible { detail, .. }) => {
+            assert!(detail.contains("CIDR_RULES.type"), "{detail}");
+            assert!(!detail.contains("inner"), "{detail}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("the shared trie was adopted as an array of maps"),
+    }
+
     let template = old_trie();
     let outer = create(ARRAY_OF_MAPS, 4, 4, CIDR_SLOTS, 0, template.as_raw_fd());
     std::fs::remove_file(&path).expect("unpin");
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
     let rc = bpf(
         BPF_OBJ_PIN,
         &[c.as_ptr() as u64, outer.as_raw_fd() as u64, 0, 0],

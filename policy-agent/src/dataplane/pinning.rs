@@ -139,8 +139,12 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
             pin_dir: pin_dir.to_path_buf(),
             detail: format!("{name}: cannot open the pinned map: {e}"),
         })?;
-        mismatches.extend(compare(name, def, &info));
-        if let Some(inner) = def.inner() {
+        let outer = compare(name, def, &info);
+        let outer_matches = outer.is_empty();
+        mismatches.extend(outer);
+        // Only an array of maps of the object's own layout is asked about its inner maps
+        // (the raw slot reads assume 4-byte keys and values).
+        if let Some(inner) = def.inner().filter(|_| outer_matches) {
             mismatches.extend(compare_inner(name, &path, &inner).map_err(|e| {
                 DataplaneError::Incompatible {
                     pin_dir: pin_dir.to_path_buf(),
