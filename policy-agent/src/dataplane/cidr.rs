@@ -129,11 +129,12 @@ impl CidrRules {
                 t.insert(&ik, *v, 0).map_err(err)?;
                 continue;
             }
-            // The slot is read once per batch; later rules of the set reuse the handle.
-            let t = if checked.insert(slot) {
-                self.trie(slot)?
-            } else {
+            // The slot is read once per batch; later rules of the set reuse the handle
+            // (read again if it was closed meanwhile, never taken for an empty slot).
+            let t = if !checked.insert(slot) && self.open.contains_key(&slot) {
                 self.open.get_mut(&slot).map(|(_, t)| t)
+            } else {
+                self.trie(slot)?
             };
             if let Some(t) = t {
                 t.insert(&ik, *v, 0).map_err(err)?;
@@ -165,10 +166,10 @@ impl CidrRules {
             if slot >= CIDR_SLOTS {
                 continue;
             }
-            let t = if touched.insert(slot) {
-                self.trie(slot)?
-            } else {
+            let t = if !touched.insert(slot) && self.open.contains_key(&slot) {
                 self.open.get_mut(&slot).map(|(_, t)| t)
+            } else {
+                self.trie(slot)?
             };
             if let Some(t) = t {
                 absent_ok(t.remove(&key(&k.inner_key())))?;
@@ -176,7 +177,7 @@ impl CidrRules {
         }
         let mut empty = Vec::new();
         for slot in touched {
-            if let Some((_, t)) = self.open.get(&slot)
+            if let Some(t) = self.trie(slot)?
                 && t.keys().next().is_none()
             {
                 empty.push(slot);
