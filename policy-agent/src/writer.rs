@@ -16,9 +16,8 @@ pub fn apply(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneEr
     for (k, _) in &diff.ports.upserts {
         maps.set_port(*k)?;
     }
-    for (k, v) in &diff.cidr_rules.upserts {
-        maps.set_cidr_rule(*k, *v)?;
-    }
+    // In one go: a set's new trie enters CIDR_RULES complete, all new sets at once.
+    maps.set_cidr_rules(&diff.cidr_rules.upserts)?;
     for (k, v) in &diff.rules.upserts {
         maps.set_rule(*k, *v)?;
     }
@@ -49,9 +48,7 @@ pub fn apply(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneEr
     for k in &diff.rules.deletes {
         maps.delete_rule(k)?;
     }
-    for k in &diff.cidr_rules.deletes {
-        maps.delete_cidr_rule(*k)?;
-    }
+    maps.delete_cidr_rules(&diff.cidr_rules.deletes)?;
     for k in &diff.ports.deletes {
         maps.delete_port(*k)?;
     }

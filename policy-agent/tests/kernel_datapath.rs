@@ -299,18 +299,24 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
         endpoint_id: 42,
         ingress_policy_set: 1,
         egress_policy_set: 2,
-        flags: ISO_IN,
+        flags: ISO_IN | IN_CIDR,
+    };
+    let cidr = LpmKey {
+        prefixlen: cidr_prefixlen(true, 32),
+        data: CidrData::new(1, a4(EXT4)),
     };
     let first_clock = {
         let mut dp = Dataplane::load(fs.path()).expect("first load");
         let mut maps = dp.take_maps().expect("maps");
         maps.set_local_endpoint(key, value).expect("write");
+        // A set's CIDR trie lives in the pinned array, not in a pin of its own.
+        maps.set_cidr_rule(cidr, all()).expect("cidr");
         maps.set_event_budget(5, 9).expect("config");
         maps.config().expect("config")
     };
     // The first agent is gone; its maps live on in the pins. A new one adopts them.
     let mut dp = Dataplane::load(fs.path()).expect("second load");
-    let maps = dp.take_maps().expect("maps");
+    let mut maps = dp.take_maps().expect("maps");
     assert_eq!(
         maps.endpoints.get(&key, 0).expect("endpoint survived"),
         value
@@ -336,6 +342,54 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
         rc as i32, TC_ACT_SHOT,
         "the adopted endpoint is isolated for ingress"
     );
+    // The adopted array still holds the first agent's trie, read back through it and used
+    // by the new programs.
+    let back = maps.read_contents().expect("read back");
+    assert_eq!(
+        back.cidr_rules.into_iter().collect::<Vec<_>>(),
+        vec![(cidr, all())]
+    );
+    let run = |frame: &[u8]| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        dp.program(PROG_TO_POD)
+            .expect("prog")
+            .test_run(opts)
+            .expect("run")
+            .return_value as i32
+    };
+    assert_eq!(
+        run(&tcp4(EXT4, A4, 40000, 80, SYN)),
+        TC_ACT_OK,
+        "adopted CIDR rule"
+    );
+    // `status` counts the rules of every trie against the total the agent admits.
+    maps.set_cidr_rule(
+        LpmKey {
+            prefixlen: cidr_prefixlen(false, 64),
+            data: CidrData::new(3, a6(EXT6)),
+        },
+        all(),
+    )
+    .expect("cidr");
+    let pinned = policy_agent::observe::pinned::open_ro(fs.path(), MAP_CIDR_RULES).expect("open");
+    assert_eq!(
+        (
+            pinned.kind(),
+            pinned.entries().expect("count"),
+            pinned.capacity()
+        ),
+        ("lpm_tries", Some(2), policy_common::MAX_CIDR_RULES as u64)
+    );
+    maps.delete_cidr_rule(LpmKey {
+        prefixlen: cidr_prefixlen(false, 64),
+        data: CidrData::new(3, a6(EXT6)),
+    })
+    .expect("delete");
+    // The new agent edits the adopted trie: removing its last rule empties the slot.
+    maps.delete_cidr_rule(cidr).expect("delete");
+    assert!(maps.cidr_rules.slot_sizes().expect("slots").is_empty());
+    assert_eq!(run(&tcp4(EXT4, A4, 40001, 80, SYN)), TC_ACT_SHOT);
 }
 
 #[test]
@@ -577,6 +631,189 @@ fn ipv6_cidr_never_covers_ipv4() {
         f.verdict(Egress, &tcp4(A4, EXT4, 40000, 80, SYN)),
         Reason::DenyPolicy
     );
+}
+
+/// Two policy-sets hold the same /16 with different `except`s (and a third set a wider
+/// prefix): each endpoint's lookup sees only its own set's trie.
+#[test]
+fn cidr_sets_with_overlapping_prefixes_never_see_each_other() {
+    let mut f = fixture();
+    const SET_X: u32 = 20;
+    const SET_Y: u32 = 21;
+    const SET_Z: u32 = 22;
+    let ep = |f: &mut Fixture, addr: Ipv4Addr, set: u32| {
+        f.maps
+            .set_endpoint(
+                EndpointKey { addr: a4(addr) },
+                EndpointValue {
+                    endpoint_id: set,
+                    ingress_policy_set: set,
+                    egress_policy_set: 0,
+                    flags: ISO_IN | IN_CIDR,
+                },
+            )
+            .expect("endpoint");
+    };
+    let (x, y, z) = (
+        Ipv4Addr::new(198, 18, 0, 1),
+        Ipv4Addr::new(198, 18, 0, 2),
+        Ipv4Addr::new(198, 18, 0, 3),
+    );
+    ep(&mut f, x, SET_X);
+    ep(&mut f, y, SET_Y);
+    ep(&mut f, z, SET_Z);
+    let net = a4(Ipv4Addr::new(198, 19, 0, 0));
+    f.cidr(SET_X, net, 16, ranges(&[(TCP, 80, 80)]));
+    f.cidr(SET_X, a4(Ipv4Addr::new(198, 19, 1, 0)), 24, nothing());
+    f.cidr(SET_Y, net, 16, ranges(&[(TCP, 443, 443)]));
+    f.cidr(SET_Y, a4(Ipv4Addr::new(198, 19, 2, 0)), 24, nothing());
+    // Z: only a /8 around, allowing port 22; a longer prefix of X or Y must not shadow it.
+    f.cidr(
+        SET_Z,
+        a4(Ipv4Addr::new(198, 0, 0, 0)),
+        8,
+        ranges(&[(TCP, 22, 22)]),
+    );
+    let one = Ipv4Addr::new(198, 19, 1, 5);
+    let two = Ipv4Addr::new(198, 19, 2, 5);
+    let cases = [
+        // (peer, endpoint, port, expected)
+        (one, x, 80, Reason::DenyPolicy), // X's except
+        (two, x, 80, Reason::AllowCidr),  // Y's except is not X's
+        (two, x, 443, Reason::DenyPolicy),
+        (one, y, 443, Reason::AllowCidr), // X's except is not Y's
+        (two, y, 443, Reason::DenyPolicy),
+        (one, y, 80, Reason::DenyPolicy),
+        (one, z, 22, Reason::AllowCidr), // X's and Y's longer prefixes are not Z's
+        (two, z, 22, Reason::AllowCidr),
+        (two, z, 80, Reason::DenyPolicy),
+    ];
+    for (i, (peer, ep, port, want)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            f.verdict(Ingress, &tcp4(peer, ep, 41000 + i as u16, port, SYN)),
+            want,
+            "{peer} -> {ep}:{port}"
+        );
+    }
+    // The kernel holds what was written, split per set and family.
+    let back = f.maps.read_contents().expect("read back");
+    assert_eq!(back.cidr_rules.len(), 5);
+    let slots = f.maps.cidr_rules.slot_sizes().expect("slots");
+    assert_eq!(
+        slots,
+        vec![
+            (policy_common::cidr_slot(SET_X, false), 2),
+            (policy_common::cidr_slot(SET_Y, false), 2),
+            (policy_common::cidr_slot(SET_Z, false), 1),
+        ]
+    );
+}
+
+/// A set's IPv4 and IPv6 prefixes live in two tries; both read back under their own keys.
+#[test]
+fn cidr_families_of_one_set_read_back_as_written() {
+    let mut f = fixture();
+    f.endpoint(a6(A6), ISO_IN | IN_CIDR);
+    f.endpoint(a4(A4), ISO_IN | IN_CIDR);
+    f.cidr(
+        SET_IN,
+        a4(Ipv4Addr::UNSPECIFIED),
+        0,
+        ranges(&[(TCP, 80, 80)]),
+    );
+    f.cidr(
+        SET_IN,
+        a6(Ipv6Addr::UNSPECIFIED),
+        0,
+        ranges(&[(TCP, 443, 443)]),
+    );
+    f.cidr(SET_IN, a6(EXT6), 128, nothing());
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 80, SYN)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 443, SYN)),
+        Reason::DenyPolicy,
+        "::/0 is not an IPv4 rule"
+    );
+    let b6 = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 6);
+    let v6 = |src| V6::new(src, A6).frame(&tcp(40001, 443, SYN));
+    assert_eq!(f.verdict(Ingress, &v6(b6)), Reason::AllowCidr);
+    assert_eq!(f.verdict(Ingress, &v6(EXT6)), Reason::DenyPolicy, "except");
+    let back = f.maps.read_contents().expect("read back");
+    let want: Vec<LpmKey<CidrData>> = [
+        (a4(Ipv4Addr::UNSPECIFIED), 0),
+        (a6(Ipv6Addr::UNSPECIFIED), 0),
+        (a6(EXT6), 128),
+    ]
+    .iter()
+    .map(|(addr, bits)| LpmKey {
+        prefixlen: cidr_prefixlen(addr.is_v4(), *bits),
+        data: CidrData::new(SET_IN, *addr),
+    })
+    .collect();
+    let mut got: Vec<LpmKey<CidrData>> = back.cidr_rules.keys().copied().collect();
+    let mut want = want;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+/// When a set's last CIDR rule goes, its trie leaves the array and the set denies again; a
+/// new rule brings a new trie.
+#[test]
+fn cidr_set_whose_last_rule_is_removed_denies_again() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | IN_CIDR);
+    let net = LpmKey {
+        prefixlen: cidr_prefixlen(true, 24),
+        data: CidrData::new(SET_IN, a4(Ipv4Addr::new(198, 19, 0, 0))),
+    };
+    let host = LpmKey {
+        prefixlen: cidr_prefixlen(true, 32),
+        data: CidrData::new(SET_IN, a4(EXT4)),
+    };
+    f.maps.set_cidr_rule(net, all()).expect("insert");
+    f.maps.set_cidr_rule(host, all()).expect("insert");
+    let syn = |port| tcp4(EXT4, A4, 40000, port, SYN);
+    assert_eq!(f.verdict(Ingress, &syn(80)), Reason::AllowCidr);
+    f.maps.delete_cidr_rule(host).expect("delete");
+    assert_eq!(
+        f.verdict(Ingress, &syn(81)),
+        Reason::AllowCidr,
+        "the /24 stays"
+    );
+    assert_eq!(f.maps.cidr_rules.slot_sizes().expect("slots").len(), 1);
+    f.maps.delete_cidr_rule(net).expect("delete the last");
+    assert!(
+        f.maps.cidr_rules.slot_sizes().expect("slots").is_empty(),
+        "the emptied trie left its slot"
+    );
+    assert_eq!(f.verdict(Ingress, &syn(82)), Reason::DenyPolicy);
+    // Deleting again is not an error; a new rule makes a new trie.
+    f.maps.delete_cidr_rule(net).expect("delete absent");
+    f.maps
+        .set_cidr_rule(host, ranges(&[(TCP, 83, 83)]))
+        .expect("insert");
+    assert_eq!(f.verdict(Ingress, &syn(83)), Reason::AllowCidr);
+    assert_eq!(f.verdict(Ingress, &syn(84)), Reason::DenyPolicy);
+}
+
+/// A policy-set number past the array is refused with a typed error, nothing written.
+#[test]
+fn cidr_rule_of_a_set_beyond_the_array_is_refused() {
+    let mut f = fixture();
+    let key = LpmKey {
+        prefixlen: cidr_prefixlen(true, 24),
+        data: CidrData::new(policy_common::MAX_POLICY_SETS, a4(EXT4)),
+    };
+    let e = f
+        .maps
+        .set_cidr_rule(key, all())
+        .expect_err("beyond the slots");
+    assert!(e.to_string().contains(MAP_CIDR_RULES), "{e}");
+    assert!(f.maps.read_contents().expect("read").cidr_rules.is_empty());
 }
 
 // ================= ports =================

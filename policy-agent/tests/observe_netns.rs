@@ -273,6 +273,16 @@ fn observe_status_and_monitor_show_a_real_deny() {
         ("hash", Some(4), 16_384)
     );
     assert!(s.maps.iter().all(|m| m.kind != "missing"), "{:#?}", s.maps);
+    let cidr = s
+        .maps
+        .iter()
+        .find(|m| m.name == "CIDR_RULES")
+        .expect("CIDR_RULES");
+    assert_eq!(
+        (cidr.kind.as_str(), cidr.entries, cidr.capacity),
+        ("lpm_tries", Some(0), policy_common::MAX_CIDR_RULES as u64),
+        "no ipBlock in this policy: no trie"
+    );
     let ct = s
         .maps
         .iter()

@@ -121,6 +121,116 @@ fn restart_incompatible_pinned_map_is_refused_before_loading() {
     }
 }
 
+fn bpf(cmd: libc::c_long, attr: &[u64]) -> i64 {
+    // SAFETY: a zeroed bpf_attr with the command's fields set; its size is passed, and every
+    // pointer in it outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
+fn create(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+    flags: u32,
+    inner: i32,
+) -> OwnedFd {
+    let mut attr = [0u64; 16];
+    attr[0] = map_type as u64 | (key as u64) << 32;
+    attr[1] = value as u64 | (max_entries as u64) << 32;
+    attr[2] = flags as u64 | (inner.max(0) as u64) << 32;
+    let fd = bpf(BPF_MAP_CREATE, &attr);
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd this test owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// The pinned `CIDR_RULES` array was created with an older per-set trie (the 24-byte key
+/// of a single shared trie): the kernel does not report an array's inner template, so the
+/// loader reads it off a trie the array holds, or, holding none, asks the kernel whether it
+/// takes one of the object's: either way the upgrade is caught before anything loads.
+#[test]
+fn restart_cidr_array_of_another_inner_template_is_refused() {
+    use policy_common::{CIDR_SLOTS, MAP_CIDR_RULES, MAX_CIDR_RULES};
+    use std::os::fd::AsRawFd as _;
+    const ARRAY_OF_MAPS: u32 = 12;
+    const LPM_TRIE: u32 = 11;
+    const NO_PREALLOC: u32 = 1;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+
+    let fs = PrivateBpffs::mount().expect("private bpffs");
+    drop(Dataplane::load(fs.path()).expect("first load creates the pins"));
+    let path = fs.path().join(MAP_CIDR_RULES);
+    let old_trie = || create(LPM_TRIE, 24, 40, MAX_CIDR_RULES, NO_PREALLOC, -1);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // The agent before per-set tries pinned one shared trie under this name: refused on
+    // its type alone (its slots are never walked).
+    std::fs::remove_file(&path).expect("unpin");
+    let shared = old_trie();
+    let rc = bpf(
+        BPF_OBJ_PIN,
+        &[c.as_ptr() as u64, shared.as_raw_fd() as u64, 0, 0],
+    );
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    match Dataplane::load(fs.path()) {
+        Err(DataplaneError::Incompatible { detail, .. }) => {
+            assert!(detail.contains("CIDR_RULES.type"), "{detail}");
+            assert!(!detail.contains("inner"), "{detail}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("the shared trie was adopted as an array of maps"),
+    }
+
+    let template = old_trie();
+    let outer = create(ARRAY_OF_MAPS, 4, 4, CIDR_SLOTS, 0, template.as_raw_fd());
+    std::fs::remove_file(&path).expect("unpin");
+    let rc = bpf(
+        BPF_OBJ_PIN,
+        &[c.as_ptr() as u64, outer.as_raw_fd() as u64, 0, 0],
+    );
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+
+    let refused = |want: &str| match Dataplane::load(fs.path()) {
+        Err(DataplaneError::Incompatible { detail, .. }) => {
+            assert!(detail.contains(want), "{detail}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("an array of another inner template was adopted"),
+    };
+    // Empty: the kernel refuses the object's trie.
+    refused("CIDR_RULES.inner.template");
+    // Holding a trie of the old layout: its key size says so.
+    let inner = old_trie();
+    let (slot, fd) = (4u32, inner.as_raw_fd() as u32);
+    let rc = bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &[
+            outer.as_raw_fd() as u64,
+            &slot as *const u32 as u64,
+            &fd as *const u32 as u64,
+            0,
+        ],
+    );
+    assert_eq!(
+        rc,
+        0,
+        "put a trie in the array: {}",
+        std::io::Error::last_os_error()
+    );
+    refused("CIDR_RULES.inner.key_size: pinned 24 but the object wants 20");
+}
+
 /// An upgrade that changed a map's layout (simulated: the old agent's ENDPOINTS pin is
 /// swapped for one of another layout; its programs keep the real map): the new agent stages
 /// new maps, fills them, switches each pinned link to its programs in place and moves the

@@ -6,8 +6,9 @@
 //! run over BPF maps and the agent's kernel model runs over the compiled map contents.
 //!
 //! Addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
-//! LPM keys carry a family bit in their first (always exact) word so an IPv6 prefix such as
-//! `::/0` never covers the IPv4-mapped range.
+//! CIDR keys carry a family bit in their first (always exact) word, and each family of a
+//! policy-set has its own trie, so an IPv6 prefix such as `::/0` never covers the
+//! IPv4-mapped range.
 #![no_std]
 
 pub mod addr;

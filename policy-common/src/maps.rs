@@ -50,7 +50,19 @@ pub const PROG_CLOCK_PROBE: &str = "clock_probe";
 pub const MAX_ENDPOINTS: u32 = 16_384;
 pub const MAX_IPCACHE: u32 = 262_144;
 pub const MAX_RULES: u32 = 524_288;
+/// CIDR rules of all policy-sets together (the agent enforces this total: the kernel only
+/// bounds each set's own trie, see [`MAX_CIDR_RULES_PER_SET`]).
 pub const MAX_CIDR_RULES: u32 = 524_288;
+/// Entries one policy-set's trie (per family) may hold: any single set may use the whole
+/// budget. The tries are not preallocated, so this bound costs no memory.
+pub const MAX_CIDR_RULES_PER_SET: u32 = MAX_CIDR_RULES;
+/// Policy-set numbers are below this. Live sets are at most two per endpoint (one per
+/// direction, numbered densely from 1), and a restarted agent may need as many again for
+/// sets that changed while it was down: 2 x 2 x [`MAX_ENDPOINTS`].
+pub const MAX_POLICY_SETS: u32 = 4 * MAX_ENDPOINTS;
+/// Slots of the `CIDR_RULES` array of maps: one trie per policy-set and family
+/// ([`cidr_slot`]).
+pub const CIDR_SLOTS: u32 = 2 * MAX_POLICY_SETS;
 pub const MAX_PORTS: u32 = 65_536;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_FRAGMENTS: u32 = 8_192;
@@ -208,9 +220,15 @@ pub struct LpmKey<D> {
     pub data: D,
 }
 
-/// `CIDR_RULES` key data (LPM trie). The prefix length counts 32 for `set_family` (always
-/// exact) plus the address prefix, an IPv4 prefix being expressed on the mapped address
-/// (`/24` is 32 + 96 + 24): see [`cidr_prefixlen`].
+/// A CIDR rule's key as the compiler and `decide()` name it: (policy-set, family, prefix).
+/// The prefix length counts 32 for `set_family` (always exact) plus the address prefix, an
+/// IPv4 prefix being expressed on the mapped address (`/24` is 32 + 96 + 24): see
+/// [`cidr_prefixlen`].
+///
+/// In the kernel, `CIDR_RULES` is an array of maps: slot [`CidrData::slot`] (policy-set and
+/// family) holds that set's own LPM trie, keyed by the address prefix alone
+/// ([`CidrData::inner_key`]). A lookup thus walks only its own set's prefixes, whatever
+/// other sets hold, and an IPv6 prefix such as `::/0` never covers an IPv4-mapped address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct CidrData {
@@ -241,6 +259,69 @@ impl CidrData {
 
 /// Prefix length of a full-address lookup in `CIDR_RULES`.
 pub const CIDR_LOOKUP_PREFIXLEN: u32 = 32 + 128;
+
+/// Key of a policy-set's own `CIDR_RULES` trie: the address prefix (IPv4 on the mapped
+/// address, `/24` being 96 + 24).
+pub type CidrKey = LpmKey<Addr>;
+
+/// The `CIDR_RULES` slot of a policy-set's trie for one family.
+#[inline(always)]
+pub const fn cidr_slot(policy_set: u32, v6: bool) -> u32 {
+    (policy_set << 1) | v6 as u32
+}
+
+impl CidrData {
+    /// The policy-set number.
+    #[inline(always)]
+    pub const fn policy_set(&self) -> u32 {
+        u32::from_be(self.set_family_be) & !CIDR_FAMILY_V6
+    }
+
+    #[inline(always)]
+    pub const fn is_v6(&self) -> bool {
+        u32::from_be(self.set_family_be) & CIDR_FAMILY_V6 != 0
+    }
+
+    /// The slot of `CIDR_RULES` holding this set's trie of this family (out of range, and
+    /// so never matching, for a number at or above [`MAX_POLICY_SETS`]).
+    #[inline(always)]
+    pub const fn slot(&self) -> u32 {
+        let w = u32::from_be(self.set_family_be);
+        ((w & !CIDR_FAMILY_V6) << 1) | (w >> 31)
+    }
+}
+
+impl LpmKey<CidrData> {
+    /// The key within the set's own trie: the same prefix without the policy-set word.
+    #[inline(always)]
+    pub const fn inner_key(&self) -> CidrKey {
+        LpmKey {
+            prefixlen: self.prefixlen.saturating_sub(32),
+            data: self.data.addr,
+        }
+    }
+
+    /// The inverse of ([`CidrData::slot`], [`Self::inner_key`]).
+    #[inline(always)]
+    pub const fn from_slot(slot: u32, inner: &CidrKey) -> Self {
+        let fam = if slot & 1 != 0 { CIDR_FAMILY_V6 } else { 0 };
+        LpmKey {
+            prefixlen: inner.prefixlen + 32,
+            data: CidrData {
+                set_family_be: ((slot >> 1) | fam).to_be(),
+                addr: inner.data,
+            },
+        }
+    }
+}
+
+// Slot numbers fit the array and never wrap.
+const _: () = {
+    assert!(CIDR_SLOTS == cidr_slot(MAX_POLICY_SETS - 1, true) + 1);
+    assert!(MAX_POLICY_SETS < CIDR_FAMILY_V6);
+    assert!(MAX_CIDR_RULES_PER_SET <= MAX_CIDR_RULES);
+    assert!(core::mem::size_of::<CidrKey>() == 20);
+};
 
 /// `PORTS` key data (LPM trie): prefix length = 48 + port prefix bits (the port-set word,
 /// the protocol byte and the zero pad byte are always exact): see [`port_prefixlen`].
@@ -580,4 +661,30 @@ mod pod_impls {
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for PendingKey {}
     unsafe impl aya::Pod for PendingValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_key_splits_into_slot_and_inner_key_and_back() {
+        let v4 = LpmKey {
+            prefixlen: cidr_prefixlen(true, 24),
+            data: CidrData::new(7, Addr::from_v4_octets([198, 19, 0, 0])),
+        };
+        assert_eq!(v4.data.slot(), cidr_slot(7, false));
+        assert_eq!(v4.inner_key().prefixlen, 96 + 24);
+        assert_eq!(LpmKey::from_slot(v4.data.slot(), &v4.inner_key()), v4);
+        let v6 = LpmKey {
+            prefixlen: cidr_prefixlen(false, 0),
+            data: CidrData::new(MAX_POLICY_SETS - 1, Addr::from_v6_octets([0; 16])),
+        };
+        assert_eq!(v6.data.slot(), CIDR_SLOTS - 1);
+        assert_eq!(v6.inner_key().prefixlen, 0);
+        assert_eq!(LpmKey::from_slot(v6.data.slot(), &v6.inner_key()), v6);
+        // A number beyond the bound lands beyond the array: no trie, no match.
+        assert!(CidrData::new(MAX_POLICY_SETS, Addr::default()).slot() >= CIDR_SLOTS);
+        assert!(CidrData::new(CIDR_FAMILY_V6 - 1, Addr::default()).slot() >= CIDR_SLOTS);
+    }
 }

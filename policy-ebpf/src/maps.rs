@@ -1,17 +1,21 @@
 //! The maps, named exactly as `policy_common::MAP_*` (the agent's tests check the object),
 //! all pinned by name so a restarted agent adopts them with their state.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    bindings::{BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS},
+    btf_maps,
+    helpers::bpf_map_lookup_elem,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, CidrData, Config, CtKey, CtKey4, CtValue, EVENTS_RING_BYTES, EndpointKey, EndpointValue,
-    EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_CIDR_RULES,
-    MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES,
-    MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey, RuleValue,
-    decide::PolicyMaps, reason::COUNTERS_LEN,
+    Addr, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, CtValue, EVENTS_RING_BYTES, EndpointKey,
+    EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
+    MAX_CIDR_RULES_PER_SET, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
+    MAX_RULES, MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey,
+    RuleValue, decide::PolicyMaps, reason::COUNTERS_LEN,
 };
 
 #[map]
@@ -26,8 +30,57 @@ pub static IPCACHE: HashMap<IpCacheKey, IpCacheValue> = HashMap::pinned(MAX_IPCA
 // Not preallocated: the capacity is large and most nodes use a small part of it.
 #[map]
 pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(MAX_RULES, BPF_F_NO_PREALLOC);
-#[map]
-pub static CIDR_RULES: LpmTrie<CidrData, RuleValue> = LpmTrie::pinned(MAX_CIDR_RULES, 0);
+/// One LPM trie per policy-set and family, keyed by the address prefix alone, in the slot
+/// `CidrData::slot` names (the agent creates a set's trie when it gets its first rule). A
+/// lookup walks only its own set's prefixes, whatever other sets hold; the array lookup is
+/// inlined by the verifier (no helper call). A BTF map definition: the legacy `maps`
+/// section cannot describe the inner template.
+#[btf_map]
+pub static CIDR_RULES: CidrRules = CidrRules::new();
+
+/// The template of every per-set trie.
+pub type CidrTrie = btf_maps::LpmTrie<Addr, RuleValue, { MAX_CIDR_RULES_PER_SET as usize }>;
+
+/// `CIDR_RULES`' BTF definition, as libbpf and aya-obj read it (`values` names the inner
+/// template; aya-ebpf's own `ArrayOfMaps` has no `pinning` member).
+#[repr(C)]
+pub struct CidrRules {
+    r#type: *const [i32; BPF_MAP_TYPE_ARRAY_OF_MAPS as usize],
+    key: *const u32,
+    max_entries: *const [i32; CIDR_SLOTS as usize],
+    /// LIBBPF_PIN_BY_NAME: a restarted agent adopts the array and the tries it holds.
+    pinning: *const [i32; 1],
+    values: [*const CidrTrie; 0],
+}
+
+// SAFETY: a placeholder the loader relocates; its fields are never read or written.
+unsafe impl Sync for CidrRules {}
+
+impl CidrRules {
+    const fn new() -> Self {
+        CidrRules {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            pinning: core::ptr::null(),
+            values: [],
+        }
+    }
+
+    /// The trie of a slot, if the slot holds one.
+    #[inline(always)]
+    fn trie(&self, slot: u32) -> Option<&CidrTrie> {
+        // SAFETY: a map lookup on this map-of-maps returns null or a map pointer the
+        // verifier types as the inner template; it is only used as a map argument.
+        unsafe {
+            let p = bpf_map_lookup_elem(
+                self as *const Self as *mut c_void,
+                &slot as *const u32 as *const c_void,
+            );
+            (p as *const CidrTrie).as_ref()
+        }
+    }
+}
 /// Value: 1 (presence is what counts).
 #[map]
 pub static PORTS: LpmTrie<PortData, u8> = LpmTrie::pinned(MAX_PORTS, 0);
@@ -132,7 +185,11 @@ impl PolicyMaps for BpfMaps<'_> {
 
     #[inline(always)]
     fn cidr_rule(&self, key: &LpmKey<CidrData>) -> Option<RuleValue> {
-        CIDR_RULES.get(Key::new(key.prefixlen, key.data)).copied()
+        let inner = key.inner_key();
+        CIDR_RULES
+            .trie(key.data.slot())?
+            .get(&Key::new(inner.prefixlen, inner.data))
+            .copied()
     }
 
     #[inline(always)]

@@ -310,7 +310,9 @@ impl Default for CompilerState {
     fn default() -> Self {
         CompilerState {
             identities: Numbering::new(IDENTITY_FIRST_POD, u32::MAX),
-            policy_sets: Numbering::new(POLICY_SET_EMPTY + 1, CIDR_FAMILY_V6),
+            // Bounded by the slots of `CIDR_RULES`; a table past them gets no number and its
+            // endpoints deny (fail closed).
+            policy_sets: Numbering::new(POLICY_SET_EMPTY + 1, MAX_POLICY_SETS),
             port_sets: Numbering::new(1, u32::MAX),
             endpoints: Numbering::new(1, u32::MAX),
             last_tables: BTreeMap::new(),

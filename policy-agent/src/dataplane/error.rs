@@ -52,6 +52,8 @@ pub enum DataplaneError {
         entries: usize,
         capacity: u32,
     },
+    #[error("CIDR_RULES slot {slot} holds a trie unlike the programs' template ({detail})")]
+    ForeignTrie { slot: u32, detail: String },
     #[error("pinned link {path}: {detail}")]
     Link { path: PathBuf, detail: String },
     #[error("calibrating the datapath clock: {0}")]

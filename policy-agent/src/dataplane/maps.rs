@@ -13,7 +13,7 @@ use policy_common::{
     PortData, Reason, RuleKey, RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
 };
 
-use super::{DataplaneError, events::DenyEvents};
+use super::{DataplaneError, cidr::CidrRules, events::DenyEvents};
 
 /// Value stored in `PORTS` (presence is what the kernel checks).
 pub const PORT_PRESENT: u8 = 1;
@@ -28,7 +28,8 @@ pub struct DataplaneMaps {
     pub conntrack4: HashMap<MapData, CtKey4, CtValue>,
     pub ipcache: HashMap<MapData, IpCacheKey, IpCacheValue>,
     pub rules: HashMap<MapData, RuleKey, RuleValue>,
-    pub cidr_rules: LpmTrie<MapData, CidrData, RuleValue>,
+    /// One trie per policy-set and family, behind an array of maps.
+    pub cidr_rules: CidrRules,
     pub ports: LpmTrie<MapData, PortData, u8>,
     pub fragments: HashMap<MapData, FragKey, FragValue>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -94,7 +95,10 @@ impl DataplaneMaps {
             conntrack4: take(ebpf, MAP_CONNTRACK4)?,
             ipcache: take(ebpf, MAP_IPCACHE)?,
             rules: take(ebpf, MAP_RULES)?,
-            cidr_rules: take(ebpf, MAP_CIDR_RULES)?,
+            cidr_rules: CidrRules::new(
+                ebpf.take_map(MAP_CIDR_RULES)
+                    .ok_or(DataplaneError::MissingMap(MAP_CIDR_RULES))?,
+            )?,
             ports: take(ebpf, MAP_PORTS)?,
             fragments: take(ebpf, MAP_FRAGMENTS)?,
             counters: take(ebpf, MAP_COUNTERS)?,
@@ -202,12 +206,21 @@ impl DataplaneMaps {
         k: LpmKey<CidrData>,
         v: RuleValue,
     ) -> Result<(), DataplaneError> {
-        self.cidr_rules
-            .insert(&lpm!(k), v, 0)
-            .map_err(|e| DataplaneError::map(MAP_CIDR_RULES, e))
+        self.cidr_rules.insert(&k, v)
     }
     pub fn delete_cidr_rule(&mut self, k: LpmKey<CidrData>) -> Result<(), DataplaneError> {
-        absent_ok(MAP_CIDR_RULES, self.cidr_rules.remove(&lpm!(k)))
+        self.cidr_rules.remove(&k)
+    }
+    /// Many CIDR rules at once: new sets' tries enter the array together.
+    pub fn set_cidr_rules(
+        &mut self,
+        rules: &[(LpmKey<CidrData>, RuleValue)],
+    ) -> Result<(), DataplaneError> {
+        self.cidr_rules.insert_many(rules)
+    }
+    /// Many deletions at once: the tries they empty leave the array together.
+    pub fn delete_cidr_rules(&mut self, keys: &[LpmKey<CidrData>]) -> Result<(), DataplaneError> {
+        self.cidr_rules.remove_many(keys)
     }
     pub fn set_port(&mut self, k: LpmKey<PortData>) -> Result<(), DataplaneError> {
         self.ports
@@ -319,7 +332,7 @@ impl DataplaneMaps {
         clear(MAP_RULES, &mut self.rules)?;
         clear(MAP_FRAGMENTS, &mut self.fragments)?;
         clear(MAP_SERVICE_PENDING, &mut self.service_pending)?;
-        clear_lpm(MAP_CIDR_RULES, &mut self.cidr_rules)?;
+        self.cidr_rules.clear()?;
         clear_lpm(MAP_PORTS, &mut self.ports)?;
         clear_lpm(MAP_SERVICE_CIDRS, &mut self.service_cidrs)?;
         Ok(())

@@ -1,6 +1,7 @@
 //! The kernel side as the agent sees it: load the eBPF object, attach its programs to pod
 //! interfaces, write and read its maps, read its deny events.
 
+pub mod cidr;
 pub mod clock;
 pub mod ctnetlink;
 pub mod ctseed;

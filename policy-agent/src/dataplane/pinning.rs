@@ -139,7 +139,19 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
             pin_dir: pin_dir.to_path_buf(),
             detail: format!("{name}: cannot open the pinned map: {e}"),
         })?;
-        mismatches.extend(compare(name, def, &info));
+        let outer = compare(name, def, &info);
+        let outer_matches = outer.is_empty();
+        mismatches.extend(outer);
+        // Only an array of maps of the object's own layout is asked about its inner maps
+        // (the raw slot reads assume 4-byte keys and values).
+        if let Some(inner) = def.inner().filter(|_| outer_matches) {
+            mismatches.extend(compare_inner(name, &path, &inner).map_err(|e| {
+                DataplaneError::Incompatible {
+                    pin_dir: pin_dir.to_path_buf(),
+                    detail: format!("{name}: cannot read the pinned map's inner maps: {e}"),
+                }
+            })?);
+        }
     }
     if !mismatches.is_empty() {
         let list: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
@@ -200,6 +212,54 @@ fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {
     );
     check("map_flags", info.map_flags() as u64, def.map_flags() as u64);
     out
+}
+
+/// A map of maps was verified against the inner template it was created with, which the
+/// kernel does not report and which the object may have changed since: compare a map it
+/// holds with the object's template, or, holding none, ask the kernel whether it accepts
+/// one of the object's template.
+fn compare_inner(
+    name: &str,
+    path: &Path,
+    inner: &aya_obj::Map,
+) -> Result<Vec<Mismatch>, std::io::Error> {
+    use std::os::fd::AsFd as _;
+    let outer =
+        aya::maps::MapData::from_pin(path).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let want = [
+        inner.map_type() as u64,
+        inner.key_size() as u64,
+        inner.value_size() as u64,
+        inner.max_entries() as u64,
+        inner.map_flags() as u64,
+    ];
+    let map = format!("{name}.inner");
+    Ok(
+        match super::cidr::inner_template(outer.fd().as_fd(), inner)? {
+            super::cidr::InnerTemplate::Held(have) => {
+                const FIELDS: [&str; 5] =
+                    ["type", "key_size", "value_size", "max_entries", "map_flags"];
+                FIELDS
+                    .iter()
+                    .zip(have.iter().zip(want))
+                    .filter(|(_, (h, w))| **h != *w)
+                    .map(|(f, (h, w))| Mismatch {
+                        map: map.clone(),
+                        field: f,
+                        pinned: *h,
+                        object: w,
+                    })
+                    .collect()
+            }
+            super::cidr::InnerTemplate::Accepts(true) => Vec::new(),
+            super::cidr::InnerTemplate::Accepts(false) => vec![Mismatch {
+                map,
+                field: "template",
+                pinned: u64::MAX,
+                object: want[1],
+            }],
+        },
+    )
 }
 
 /// Names of the maps the object pins by name (for uninstall and reset).

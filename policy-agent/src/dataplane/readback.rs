@@ -5,19 +5,19 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
-use policy_common::{LpmKey, MAP_CIDR_RULES, MAP_ENDPOINTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES};
+use policy_common::{LpmKey, MAP_ENDPOINTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES};
 
 use super::{DataplaneError, DataplaneMaps};
 use crate::compiler::MapContents;
 
 impl DataplaneMaps {
     /// Every entry of `ENDPOINTS`, `IPCACHE`, `RULES`, `CIDR_RULES` and `PORTS`.
-    pub fn read_contents(&self) -> Result<MapContents, DataplaneError> {
+    pub fn read_contents(&mut self) -> Result<MapContents, DataplaneError> {
         Ok(MapContents {
             endpoints: read_hash(MAP_ENDPOINTS, &self.endpoints)?,
             ipcache: read_hash(MAP_IPCACHE, &self.ipcache)?,
             rules: read_hash(MAP_RULES, &self.rules)?,
-            cidr_rules: read_lpm(MAP_CIDR_RULES, &self.cidr_rules)?,
+            cidr_rules: self.cidr_rules.read()?,
             ports: read_lpm(MAP_PORTS, &self.ports)?,
         })
     }

@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use policy_common::{
-    CIDR_FAMILY_V6, CidrData, IDENTITY_FIRST_POD, LpmKey, POLICY_SET_EMPTY, PortData, RuleValue,
-    rule_flags,
+    CIDR_FAMILY_V6, CidrData, IDENTITY_FIRST_POD, LpmKey, MAX_POLICY_SETS, POLICY_SET_EMPTY,
+    PortData, RuleValue, rule_flags,
 };
 
 use super::{DataplaneError, DataplaneMaps};
@@ -183,7 +183,7 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
     }
     let mut sets = Renaming::new(
         POLICY_SET_EMPTY + 1,
-        CIDR_FAMILY_V6,
+        MAX_POLICY_SETS,
         cur_sets.keys().copied().collect(),
     );
     for (d, r) in &want_sets {

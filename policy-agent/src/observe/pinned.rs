@@ -97,6 +97,8 @@ impl PinnedMap {
             Ok(MapType::Array) => "array",
             Ok(MapType::PerCpuArray) => "percpu_array",
             Ok(MapType::RingBuf) => "ringbuf",
+            // `CIDR_RULES`: one LPM trie per policy-set and family behind an array of maps.
+            Ok(MapType::ArrayOfMaps) => "lpm_tries",
             _ => "other",
         }
     }
@@ -107,6 +109,10 @@ impl PinnedMap {
     pub fn entries(&self) -> Result<Option<u64>, ObserveError> {
         match self.kind() {
             "array" | "percpu_array" => Ok(Some(self.info.max_entries() as u64)),
+            "lpm_tries" => self
+                .inner_entries()
+                .map(Some)
+                .map_err(|e| ObserveError::map(&self.name, e)),
             "ringbuf" | "other" => Ok(None),
             _ => count_keys(
                 &self.fd,
@@ -116,6 +122,56 @@ impl PinnedMap {
             .map(Some)
             .map_err(|e| ObserveError::map(&self.name, e)),
         }
+    }
+}
+
+impl PinnedMap {
+    /// What the entries are counted against: for `CIDR_RULES` the total of all its tries
+    /// the agent admits (the kernel bounds only each trie), else the kernel's max_entries.
+    pub fn capacity(&self) -> u64 {
+        if self.kind() == "lpm_tries" {
+            policy_common::MAX_CIDR_RULES as u64
+        } else {
+            self.info.max_entries() as u64
+        }
+    }
+
+    /// The entries of every map an array of maps holds, summed.
+    fn inner_entries(&self) -> Result<u64, aya::maps::MapError> {
+        use std::os::fd::AsFd as _;
+        let slots = crate::dataplane::cidr::populated_slots(self.fd.as_fd()).map_err(|e| {
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: e,
+            })
+        })?;
+        let mut n = 0;
+        for (_, id) in slots {
+            // A trie dropped since the walk is simply not counted.
+            let Ok(inner) = MapData::from_id(id) else {
+                continue;
+            };
+            let info = inner.info()?;
+            let fd = inner
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|io_error| {
+                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    })
+                })?;
+            n += count_keys(&fd, info.key_size() as usize, info.max_entries() as u64).map_err(
+                |io_error| {
+                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_get_next_key",
+                        io_error,
+                    })
+                },
+            )?;
+        }
+        Ok(n)
     }
 }
 

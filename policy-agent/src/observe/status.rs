@@ -79,7 +79,9 @@ pub struct EndpointStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapStatus {
     pub name: String,
-    /// `hash`, `lru_hash`, `lpm_trie`, `array`, `percpu_array`, `ringbuf`, or `missing`.
+    /// `hash`, `lru_hash`, `lpm_trie`, `lpm_tries` (`CIDR_RULES`: a trie per policy-set and
+    /// family, entries summed, capacity the total the agent admits), `array`,
+    /// `percpu_array`, `ringbuf`, or `missing`.
     pub kind: String,
     /// Entries now (`null` for the ring buffer and missing maps).
     pub entries: Option<u64>,
@@ -125,7 +127,7 @@ pub fn collect(bpf_dir: &Path) -> Result<NodeStatus, ObserveError> {
                 name: name.to_string(),
                 kind: m.kind().to_string(),
                 entries: m.entries()?,
-                capacity: m.info.max_entries() as u64,
+                capacity: m.capacity(),
             },
             Err(ObserveError::OpenPin { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
