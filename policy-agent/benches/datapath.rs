@@ -105,6 +105,11 @@ fn seed_small(maps: &mut DataplaneMaps) {
 fn seed_big(maps: &mut DataplaneMaps) {
     let t = Instant::now();
     let mut cidrs = Vec::with_capacity(BIG as usize);
+    // Other pods' addresses: never one of the measured flows' (198.18.128.0 + i once ran
+    // over EXT and STRANGER, turning the CIDR and deny cases into identity hits plus a rule
+    // miss: a different path, not a bigger map).
+    let measured = [POD, PEER, EXT, STRANGER].map(u32::from);
+    let mut next_ip = u32::from(Ipv4Addr::new(198, 18, 1, 0));
     for i in 0..BIG {
         let identity = 1000 + i;
         maps.set_rule(
@@ -115,7 +120,11 @@ fn seed_big(maps: &mut DataplaneMaps) {
             tcp_rule(443),
         )
         .expect("rule");
-        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i);
+        while measured.contains(&next_ip) {
+            next_ip += 1;
+        }
+        let ip = Ipv4Addr::from(next_ip);
+        next_ip += 1;
         maps.set_ipcache(
             IpCacheKey { addr: a4(ip) },
             IpCacheValue { identity, flags: 0 },
