@@ -489,12 +489,21 @@ fn bpf_elem<V>(
     };
     // SAFETY: the kernel reads the 4-byte key and reads (update) or writes (lookup) the
     // 4-byte value the attributes point to; both outlive the call.
+    unsafe { sys_bpf(cmd, &mut attr) }
+}
+
+/// `bpf(cmd, attr, size_of(attr))`.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` reads or writes through it.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the pointers inside `attr`; `attr` itself is valid.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            &mut attr as *mut ElemAttr,
-            size_of::<ElemAttr>() as libc::c_uint,
+            attr as *mut A,
+            size_of::<A>() as libc::c_uint,
         )
     };
     if rc < 0 {
@@ -540,15 +549,7 @@ fn lookup_batch(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(u32, u32)>> {
         };
         // SAFETY: the kernel writes at most `count` 4-byte keys and values into buffers of
         // that many, and a 4-byte token; it reads the 4-byte token given back.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let err = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let n = attr.count as usize;
         out.extend(keys[..n].iter().copied().zip(ids[..n].iter().copied()));
         match err {
@@ -580,16 +581,9 @@ fn batch(
         flags: 0,
     };
     // SAFETY: the kernel reads `count` 4-byte keys (and values) from buffers of that many.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
+    let res = unsafe { sys_bpf(cmd, &mut attr) };
+    if let Err(e) = res {
+        Err(e)
     } else if attr.count as usize != slots.len() {
         Err(std::io::Error::other(format!(
             "batch wrote {} of {} slots",
