@@ -152,7 +152,7 @@ pub struct BpfMaps<'a> {
 }
 
 #[inline(always)]
-fn same_addr(a: &Addr, b: &Addr) -> bool {
+pub fn same_addr(a: &Addr, b: &Addr) -> bool {
     // Word by word: a derived comparison may become a `bcmp` call, which BPF lacks.
     a.0[0] == b.0[0] && a.0[1] == b.0[1] && a.0[2] == b.0[2] && a.0[3] == b.0[3]
 }

@@ -17,6 +17,7 @@ use crate::clock;
 use crate::maps::{
     BpfMaps, CONFIG, CONNTRACK, CONNTRACK4, COUNTERS, CtKeys, ENDPOINTS, EVENT_BUDGET, EVENTS,
     FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
+    same_addr,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 
@@ -791,12 +792,6 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
         // Used: a later packet cannot take it for another tuple.
         s.seen_ns = 0;
     }
-}
-
-#[inline(always)]
-fn same_addr(a: &Addr, b: &Addr) -> bool {
-    // Word by word: a derived comparison may become a `bcmp` call, which BPF lacks.
-    a.0[0] == b.0[0] && a.0[1] == b.0[1] && a.0[2] == b.0[2] && a.0[3] == b.0[3]
 }
 
 /// The node's own address: delivered locally, no later hook would judge it, so never

@@ -675,8 +675,7 @@ impl Engine {
 
         // 7. IPCACHE of every address touched (an endpoint's address is marked local).
         let mut ipc_tr = Tracker::new();
-        let ep_ips: Vec<IpAddr> = w.ep_ips.iter().copied().collect();
-        w.ips.extend(ep_ips);
+        w.ips.extend(w.ep_ips.iter().copied());
         for ip in &w.ips {
             let v = if self.node_addrs.contains(ip) {
                 Some(IpCacheValue {
