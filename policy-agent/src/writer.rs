@@ -31,12 +31,9 @@ pub fn apply(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneEr
             maps.set_ipcache(*k, *v)?;
         }
     }
-    for (k, v) in &diff.endpoints.upserts {
-        maps.set_endpoint(*k, *v)?;
-    }
-    for k in &diff.endpoints.deletes {
-        maps.delete_endpoint(k)?;
-    }
+    // Then one generation bump: no program serves a replaced endpoint from its cache once
+    // this returns, before the rules it pointed to go below.
+    maps.set_endpoints(&diff.endpoints.upserts, &diff.endpoints.deletes)?;
     for (k, v) in &diff.ipcache.upserts {
         if leaving(k) {
             maps.set_ipcache(*k, *v)?;

@@ -2481,3 +2481,174 @@ fn the_nodes_own_address_is_never_deferred_as_a_service() {
     );
     assert_eq!(pending(&f, a4(A4), 1, TCP, true), vec![]);
 }
+
+// ================= conntrack tables (set-associative, no helper call) =================
+
+/// `n` UDP (source port, destination port) pairs from `src` to `dst` whose normalised keys
+/// fall into one bucket of the table of their family, under the table's seed.
+fn same_bucket_ports(f: &Fixture, src: Addr, dst: Addr, n: usize) -> Vec<(u16, u16)> {
+    use policy_common::ct_table::{bucket4, bucket6};
+    let seed = f.maps.config().expect("config").ct_seed;
+    let bucket = |sport: u16, dport: u16| {
+        let (k, _): (CtKey, bool) = ct::normalize(src, dst, sport, dport, UDP);
+        match k.v4() {
+            Some(k4) => bucket4(&k4, seed),
+            None => bucket6(&k, seed),
+        }
+    };
+    let want = bucket(1024, 53);
+    // About one hit per 64k pairs: the first 16 destination ports give dozens.
+    let ports: Vec<(u16, u16)> = (53..69u16)
+        .flat_map(|d| (1024..=u16::MAX).map(move |s| (s, d)))
+        .filter(|&(s, d)| bucket(s, d) == want)
+        .take(n)
+        .collect();
+    assert_eq!(ports.len(), n, "not enough colliding pairs");
+    ports
+}
+
+/// A full bucket gives its least recently seen slot to a new connection; the other
+/// connections keep theirs (the LRU map's policy, within a bucket).
+fn full_bucket_evicts_the_least_recently_seen(
+    src: Addr,
+    dst: Addr,
+    frame: impl Fn(u16, u16) -> Vec<u8>,
+    reply: impl Fn(u16, u16) -> Vec<u8>,
+) {
+    use policy_common::ct_table::CT_WAYS;
+    let mut f = fixture();
+    f.endpoint(src, ISO_IN | ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, dst, if src.is_v4() { 32 } else { 128 }, all());
+    let ports = same_bucket_ports(&f, src, dst, CT_WAYS + 1);
+    for &(sp, dp) in &ports[..CT_WAYS] {
+        assert_eq!(f.verdict(Egress, &frame(sp, dp)), Reason::AllowCidr);
+    }
+    // Make ports[2] the least recently seen of the full bucket.
+    let (k, _) = ct::normalize(src, dst, ports[2].0, ports[2].1, UDP);
+    let mut v = f.maps.conntrack_get(&k).expect("entry");
+    v.last_seen_ns -= 5 * ct::SEC;
+    f.maps.set_conntrack(k, v).expect("age the entry");
+    let (sp, dp) = ports[CT_WAYS];
+    assert_eq!(f.verdict(Egress, &frame(sp, dp)), Reason::AllowCidr);
+    for (i, &(sp, dp)) in ports.iter().enumerate() {
+        assert_eq!(
+            f.ct(src, dst, sp, dp, UDP).is_some(),
+            i != 2,
+            "{sp}->{dp} (#{i}) after the fifth connection"
+        );
+    }
+    // Each survivor is still found by the kernel: its reply is established.
+    for (i, &(sp, dp)) in ports.iter().enumerate().filter(|&(i, _)| i != 2) {
+        assert_eq!(
+            f.verdict(Ingress, &reply(sp, dp)),
+            Reason::AllowEstablished,
+            "reply #{i}"
+        );
+    }
+}
+
+#[test]
+fn conntrack4_full_bucket_evicts_the_least_recently_seen() {
+    full_bucket_evicts_the_least_recently_seen(
+        a4(A4),
+        a4(EXT4),
+        |sp, dp| udp4(A4, EXT4, sp, dp),
+        |sp, dp| udp4(EXT4, A4, dp, sp),
+    );
+}
+
+#[test]
+fn conntrack6_full_bucket_evicts_the_least_recently_seen() {
+    let udp6 = |s: Ipv6Addr, d: Ipv6Addr, sp, dp| V6::new(s, d).frame(&udp(sp, dp));
+    full_bucket_evicts_the_least_recently_seen(
+        a6(A6),
+        a6(EXT6),
+        |sp, dp| udp6(A6, EXT6, sp, dp),
+        |sp, dp| udp6(EXT6, A6, dp, sp),
+    );
+}
+
+/// Entries the agent writes (seeding, migration) are found by the programs, and entries the
+/// programs write are read back by the agent, under one hash and slot protocol.
+#[test]
+fn agent_and_kernel_share_the_conntrack_tables() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | ISO_EG);
+    f.endpoint(a6(A6), ISO_IN | ISO_EG);
+    let now = policy_agent::dataplane::monotonic_coarse_ns();
+    for (src, dst) in [(a4(EXT4), a4(A4)), (a6(EXT6), a6(A6))] {
+        let (k, src_is_a) = ct::normalize(src, dst, 40000, 8080, TCP);
+        let mut flags = ct_flags::INGRESS_OK | (ct_flags::INGRESS_OK << ct_flags::REQ_SHIFT);
+        if src_is_a {
+            flags |= ct_flags::ORIG_IS_A;
+        }
+        let v = policy_common::CtValue {
+            last_seen_ns: now,
+            flags: flags | ct_flags::SEEN_REPLY,
+            _pad: 0,
+        };
+        f.maps.set_conntrack(k, v).expect("seed");
+        assert_eq!(f.maps.conntrack_get(&k), Some(v));
+    }
+    // No policy admits EXT: only the seeded entries pass these.
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 8080, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp6(EXT6, A6, 40000, 8080, ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 40001, 8080, ACK)),
+        Reason::DenyPolicy
+    );
+    // What the kernel refreshed, the agent reads: the reply set the TCP flags it saw.
+    let got = f.ct(a4(EXT4), a4(A4), 40000, 8080, TCP).expect("entry");
+    assert!(got.last_seen_ns >= now, "{got:?}");
+    f.maps.clear_all().expect("clear");
+    assert_eq!(f.ct(a4(EXT4), a4(A4), 40000, 8080, TCP), None);
+    f.endpoint(a4(A4), ISO_IN | ISO_EG);
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 40000, 8080, ACK)),
+        Reason::DenyPolicy
+    );
+}
+
+// ================= the per-interface endpoint cache =================
+
+/// The hook's own endpoint is cached per CPU and interface; any `ENDPOINTS` change retires
+/// the cached copy before the next packet (here: isolation switched on, then the endpoint
+/// removed), and the cache never answers for another address on the same interface.
+#[test]
+fn own_endpoint_cache_follows_every_endpoints_change() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), 0);
+    let pkt = udp4(A4, EXT4, 43100, 53);
+    assert_eq!(f.verdict(Egress, &pkt), Reason::AllowNotIsolated);
+    assert_eq!(f.verdict(Egress, &pkt), Reason::AllowNotIsolated);
+    f.endpoint(a4(A4), ISO_EG);
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, EXT4, 43101, 53)),
+        Reason::DenyPolicy
+    );
+    // Another address behind the same interface (spoofing): not served from the cache.
+    assert_eq!(
+        f.verdict(Egress, &udp4(B4, EXT4, 43102, 53)),
+        Reason::DenyUnknownEndpoint
+    );
+    f.maps
+        .delete_endpoint(&EndpointKey { addr: a4(A4) })
+        .expect("delete");
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, EXT4, 43103, 53)),
+        Reason::DenyUnknownEndpoint
+    );
+    let before = f.maps.config().expect("config").endpoints_gen;
+    f.endpoint(a4(A4), 0);
+    assert!(f.maps.config().expect("config").endpoints_gen > before);
+    assert_eq!(
+        f.verdict(Ingress, &udp4(EXT4, A4, 53, 43104)),
+        Reason::AllowNotIsolated
+    );
+}

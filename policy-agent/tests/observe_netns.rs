@@ -283,12 +283,14 @@ fn observe_status_and_monitor_show_a_real_deny() {
         ("lpm_tries", Some(0), policy_common::MAX_CIDR_RULES as u64),
         "no ipBlock in this policy: no trie"
     );
-    let ct = s
-        .maps
-        .iter()
-        .find(|m| m.name == "CONNTRACK")
-        .expect("CONNTRACK");
-    assert_eq!(ct.kind, "lru_hash");
+    for name in ["CONNTRACK", "CONNTRACK4"] {
+        let ct = s.maps.iter().find(|m| m.name == name).expect(name);
+        assert_eq!(
+            (ct.kind.as_str(), ct.entries, ct.capacity),
+            ("ct_table", Some(0), policy_common::MAX_CONNTRACK as u64),
+            "{name}: only denied connections, so none tracked"
+        );
+    }
     for h in [SERVER, CLIENT] {
         let i = s
             .interfaces

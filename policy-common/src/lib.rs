@@ -13,6 +13,7 @@
 
 pub mod addr;
 pub mod ct;
+pub mod ct_table;
 pub mod decide;
 pub mod maps;
 pub mod reason;

@@ -580,10 +580,15 @@ pub struct Config {
     /// load, where a clock helper is a call chain (the dearest part of a conntrack hit).
     /// 0 = not calibrated: the datapath reads `bpf_ktime_get_coarse_ns` instead.
     pub jiffy_ns: u32,
-    pub _pad: u32,
+    /// Seed of the conntrack tables' hash (`ct_table`), random per table; 0 in a `CONFIG`
+    /// written before it existed (still a valid seed).
+    pub ct_seed: u32,
     /// `jiffies` when `CLOCK_MONOTONIC_COARSE` read 0, so both clocks agree (the agent
     /// calibrates it; stamps written under the helper clock stay meaningful).
     pub jiffies_base: u64,
+    /// Bumped by the agent after every change to `ENDPOINTS`: the programs' per-CPU cache of
+    /// each interface's own endpoint trusts only entries filled under the current value.
+    pub endpoints_gen: u64,
 }
 
 /// What the `clock_probe` program writes over the start of its test packet: the coarse
@@ -625,7 +630,8 @@ const _: () = {
     assert!(size_of::<DenyEvent>() == 56);
     assert!(offset_of!(DenyEvent, endpoint_id) == 48);
     assert!(size_of::<EventBudget>() == 16);
-    assert!(size_of::<Config>() == 24);
+    assert!(size_of::<Config>() == 32);
+    assert!(offset_of!(Config, endpoints_gen) == 24);
     assert!(offset_of!(Config, jiffies_base) == 16);
     assert!(size_of::<ClockSample>() == 24);
     assert!(size_of::<PendingKey>() == 24);

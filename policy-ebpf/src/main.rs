@@ -52,9 +52,12 @@
 //!   there as "no endpoint" and is judged at the pod's own hooks after decapsulation;
 //!   a malformed IP packet on an uplink is passed, not counted against an endpoint.
 #![no_std]
+// Inline asm for the conntrack slots' atomics: the BPF target has no compare-and-swap.
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod clock;
+mod ct_table;
 mod maps;
 mod parse;
 mod verdict;

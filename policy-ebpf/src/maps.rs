@@ -4,27 +4,32 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS},
     btf_maps,
     helpers::bpf_map_lookup_elem,
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, CtValue, EVENTS_RING_BYTES, EndpointKey,
+    Addr, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, EVENTS_RING_BYTES, EndpointKey,
     EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
-    MAX_CIDR_RULES_PER_SET, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
+    MAX_CIDR_RULES_PER_SET, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
     MAX_RULES, MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey,
-    RuleValue, decide::PolicyMaps, reason::COUNTERS_LEN,
+    RuleValue,
+    ct_table::{CT_BUCKETS, CtBucket4, CtBucket6},
+    decide::PolicyMaps,
+    reason::COUNTERS_LEN,
 };
 
 #[map]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
+/// Connections with an IPv6 address: a set-associative table (`crate::ct_table`), mmapable
+/// so the agent reads and writes slots under the same protocol.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+pub static CONNTRACK: Array<CtBucket6> = Array::pinned(CT_BUCKETS, BPF_F_MMAPABLE);
 /// Connections between two IPv4 addresses (compact key); `CONNTRACK` holds the others.
 #[map]
-pub static CONNTRACK4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+pub static CONNTRACK4: Array<CtBucket4> = Array::pinned(CT_BUCKETS, BPF_F_MMAPABLE);
 #[map]
 pub static IPCACHE: HashMap<IpCacheKey, IpCacheValue> = HashMap::pinned(MAX_IPCACHE, 0);
 // Not preallocated: the capacity is large and most nodes use a small part of it.
@@ -106,6 +111,30 @@ pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
 /// from here because the BPF stack has no room for it. Private, not pinned.
 #[map]
 pub static PENDING_ZERO: Array<PendingValue> = Array::with_max_entries(1, 0);
+
+/// Slots of `EP_CACHE` (a power of two; an interface's slot is its ifindex modulo this).
+pub const EP_CACHE_SLOTS: u32 = 256;
+
+/// Per CPU, per interface (slot = ifindex mod [`EP_CACHE_SLOTS`]): the hook's own endpoint
+/// as `ENDPOINTS` held it when `Config::endpoints_gen` had the value stored here. A pod's
+/// veth always carries the same pod, so its packets skip the `ENDPOINTS` lookup (a hash
+/// map's nested kernel calls) while nothing in `ENDPOINTS` changes. Private, not pinned:
+/// the generation that validates it is in the pinned `CONFIG`.
+#[map]
+pub static EP_CACHE: PerCpuArray<EpCacheSlot> = PerCpuArray::with_max_entries(EP_CACHE_SLOTS, 0);
+
+#[repr(C)]
+pub struct EpCacheSlot {
+    pub ifindex: u32,
+    pub _pad: u32,
+    pub generation: u64,
+    pub addr: Addr,
+    pub value: EndpointValue,
+}
+
+/// Per-CPU: the way a conntrack lookup found (`ct_table::find`). Private, not pinned.
+#[map]
+pub static CT_WAY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch for the parsed packet and its conntrack key: the BPF stack (512 bytes)
 /// cannot hold them beside the other keys, and map memory needs no zeroing before use.

@@ -13,9 +13,9 @@ use policy_common::{
     ct_flags, decide::decide, ep_flags, ipc_flags, proto,
 };
 
-use crate::clock;
+use crate::{clock, ct_table};
 use crate::maps::{
-    BpfMaps, CONFIG, CONNTRACK, CONNTRACK4, COUNTERS, CtKeys, ENDPOINTS, EVENT_BUDGET, EVENTS,
+    BpfMaps, CONFIG, COUNTERS, CtKeys, ENDPOINTS, EP_CACHE, EP_CACHE_SLOTS, EVENT_BUDGET, EVENTS,
     FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
     same_addr,
 };
@@ -73,7 +73,9 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     };
     pkt.now = clock::now();
     let pkt: &Pkt = pkt;
-    let (reason, ep_id, decider) = judge(pkt, keys, known, hook);
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (reason, ep_id, decider) = judge(pkt, keys, known, hook, ifindex);
     // A policy deny is counted and reported in the direction of the endpoint whose policy
     // refused (at a client's hook that may be the destination's ingress).
     let dir = match decider {
@@ -106,6 +108,42 @@ fn endpoint(addr: &Addr) -> (EndpointValue, bool) {
     }
 }
 
+/// The hook's own endpoint: from this CPU's `EP_CACHE` slot of the interface when it was
+/// filled for this address under the current `Config::endpoints_gen`, else from
+/// `ENDPOINTS` (and the slot refilled). A change to `ENDPOINTS` bumps the generation after
+/// it is written, so a cached value is never used once the agent goes on to remove what
+/// the old value pointed to.
+#[inline(always)]
+fn own_endpoint(ifindex: u32, addr: &Addr) -> (EndpointValue, bool) {
+    let generation = match CONFIG.get(0) {
+        Some(c) => c.endpoints_gen,
+        None => return endpoint(addr),
+    };
+    let Some(s) = EP_CACHE.get_ptr_mut(ifindex & (EP_CACHE_SLOTS - 1)) else {
+        return endpoint(addr);
+    };
+    // SAFETY: this CPU's slot (see `Scratch`); field by field, no struct copies.
+    unsafe {
+        if (*s).ifindex == ifindex && (*s).generation == generation && same_addr(&(*s).addr, addr) {
+            return ((*s).value, true);
+        }
+        let (v, found) = endpoint(addr);
+        if found {
+            (*s).ifindex = ifindex;
+            (*s).generation = generation;
+            (*s).addr.0[0] = addr.0[0];
+            (*s).addr.0[1] = addr.0[1];
+            (*s).addr.0[2] = addr.0[2];
+            (*s).addr.0[3] = addr.0[3];
+            (*s).value.endpoint_id = v.endpoint_id;
+            (*s).value.ingress_policy_set = v.ingress_policy_set;
+            (*s).value.egress_policy_set = v.egress_policy_set;
+            (*s).value.flags = v.flags;
+        }
+        (v, found)
+    }
+}
+
 /// The endpoint at the far side of a hook, through `IPCACHE`: its entry (recorded in
 /// `state`/`value` for the decision, which needs the identity anyway) says whether the
 /// address is a local endpoint at all, so a peer off the node costs one lookup.
@@ -132,17 +170,18 @@ fn endpoints(
     pkt: &Pkt,
     known: &mut Known,
     hook: Hook,
+    ifindex: u32,
 ) -> ((EndpointValue, bool), (EndpointValue, bool)) {
     known.src_state = Known::UNSEEN;
     known.dst_state = Known::UNSEEN;
     match hook {
         Hook::FromPod => (
-            endpoint(&pkt.src),
+            own_endpoint(ifindex, &pkt.src),
             far_endpoint(&pkt.dst, &mut known.dst_state, &mut known.dst),
         ),
         Hook::ToPod => (
             far_endpoint(&pkt.src, &mut known.src_state, &mut known.src),
-            endpoint(&pkt.dst),
+            own_endpoint(ifindex, &pkt.dst),
         ),
         Hook::FromWorld | Hook::ToWorld => (
             far_endpoint(&pkt.src, &mut known.src_state, &mut known.src),
@@ -170,25 +209,26 @@ fn judge(
     keys: &mut CtKeys,
     known: &mut Known,
     hook: Hook,
+    ifindex: u32,
 ) -> (Reason, Option<u32>, Decider) {
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
         return (Reason::AllowLinkLocal, None, Decider::Hook);
     }
-    // At a pod's hook, conntrack first: an entry holding every grant it recorded as needed
-    // settles the packet without the endpoint lookups. (Uplinks look endpoints up first, so
-    // the node's own traffic costs two hash misses and nothing more.)
-    let mut ct = Ct::none();
-    if matches!(hook, Hook::FromPod | Hook::ToPod) && pkt.kind == Kind::Normal && !pkt.malformed {
-        ct = ct_lookup(pkt, keys);
-        if ct_fast_hit(pkt, &ct) {
-            return (Reason::AllowEstablished, None, Decider::Hook);
-        }
+    // Conntrack first: at a pod's hook an entry holding every grant it recorded as needed
+    // settles the packet without the endpoint lookups. (Uplinks decide "no endpoint" before
+    // using it.) Looked up for every packet, used only for whole ones: the lookup makes no
+    // call, and a conditional one left LLVM carrying values over paths that never set
+    // them, uninitialised reads the verifier refuses without CAP_SYS_ADMIN.
+    let ct = ct_lookup(pkt, keys);
+    let whole = pkt.kind == Kind::Normal && !pkt.malformed;
+    if whole && matches!(hook, Hook::FromPod | Hook::ToPod) && ct_fast_hit(pkt, &ct) {
+        return (Reason::AllowEstablished, None, Decider::Hook);
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
-    let ((src, src_known), (dst, dst_known)) = endpoints(pkt, known, hook);
+    let ((src, src_known), (dst, dst_known)) = endpoints(pkt, known, hook, ifindex);
     let own = match hook {
         Hook::FromPod | Hook::ToWorld => {
             if src_known {
@@ -237,9 +277,6 @@ fn judge(
         Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id, Decider::Hook),
         Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
         _ => {
-            if !ct.done {
-                ct = ct_lookup(pkt, keys);
-            }
             let maps = BpfMaps { pkt, known };
             let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct, &maps);
             let id = match by {
@@ -430,9 +467,9 @@ fn ct_get(k: &CtKey) -> Option<*mut CtValue> {
             );
             out.assume_init()
         };
-        CONNTRACK4.get_ptr_mut(&k4)
+        ct_table::get4(&k4)
     } else {
-        CONNTRACK.get_ptr_mut(k)
+        ct_table::get6(k)
     }
 }
 
@@ -466,8 +503,8 @@ fn flow_verdict(
     let mut original = true;
     let mut have = 0;
     if let Some(p) = entry {
-        // SAFETY: LRU hash values stay valid for the program's run; races with other CPUs
-        // may at worst lose a flag update, which the next packet repeats.
+        // SAFETY: a slot of a conntrack table (array memory, always valid); races with
+        // other CPUs may at worst lose a flag update, which the next packet repeats.
         let v = unsafe { *p };
         original = ct::is_original(&v, src_is_a);
         if !ct::expired(&v, pkt.proto, now) && !(syn && closing(v.flags)) {
@@ -566,16 +603,27 @@ fn flow_verdict(
                 if pkt.proto == proto::TCP {
                     flags |= ct::tcp_state_flags(pkt.tcp_flags, true);
                 }
-                let v = CtValue {
-                    last_seen_ns: now,
-                    flags,
-                    _pad: 0,
-                };
-                let _ = if ct.v4 {
-                    CONNTRACK4.insert(&keys.key4, &v, 0)
+                if let Some(p) = ct.entry {
+                    // The tuple's own slot (expired, or closed and reused): rewritten in
+                    // place, stamp last, so a reader never pairs the old flags with a live
+                    // stamp.
+                    // SAFETY: see above.
+                    unsafe {
+                        core::ptr::write_volatile(&raw mut (*p).flags, flags);
+                        core::ptr::write_volatile(&raw mut (*p).last_seen_ns, now);
+                    }
                 } else {
-                    CONNTRACK.insert(&keys.key, &v, 0)
-                };
+                    let v = CtValue {
+                        last_seen_ns: now,
+                        flags,
+                        _pad: 0,
+                    };
+                    if ct.v4 {
+                        ct_table::insert4(&keys.key4, &v);
+                    } else {
+                        ct_table::insert6(&keys.key, &v);
+                    }
+                }
             }
         }
         Some(p) => {
@@ -611,19 +659,6 @@ struct Ct {
     v4: bool,
     src_is_a: bool,
     entry: Option<*mut CtValue>,
-    done: bool,
-}
-
-impl Ct {
-    #[inline(always)]
-    fn none() -> Ct {
-        Ct {
-            v4: false,
-            src_is_a: false,
-            entry: None,
-            done: false,
-        }
-    }
 }
 
 #[inline(always)]
@@ -632,16 +667,15 @@ fn ct_lookup(pkt: &Pkt, keys: &mut CtKeys) -> Ct {
     let v4 = pkt.src.is_v4() && pkt.dst.is_v4();
     let (src_is_a, entry) = if v4 {
         let src_is_a = ct_key4_into(&mut keys.key4, pkt);
-        (src_is_a, CONNTRACK4.get_ptr_mut(&keys.key4))
+        (src_is_a, ct_table::get4(&keys.key4))
     } else {
         let src_is_a = ct_key_into(&mut keys.key, pkt);
-        (src_is_a, CONNTRACK.get_ptr_mut(&keys.key))
+        (src_is_a, ct_table::get6(&keys.key))
     };
     Ct {
         v4,
         src_is_a,
         entry,
-        done: true,
     }
 }
 

@@ -110,8 +110,8 @@ pub struct SeedStats {
     pub entries: usize,
 }
 
-/// Never more than this share of `CONNTRACK` is filled by seeding (an LRU map: seeds must
-/// not push out the connections the programs track).
+/// Never more than this share of `CONNTRACK` is filled by seeding (least recently seen
+/// slots are evicted first: seeds must not push out the connections the programs track).
 const MAX_SEED_FRACTION: u32 = 2;
 
 /// Reads the kernel's table from `path` and inserts an entry per connection (both NAT
@@ -173,19 +173,39 @@ pub fn seed(
 }
 
 /// Copies the entries of the conntrack map pinned at `old` (an earlier agent's, in a
-/// migration), and of the `CONNTRACK4` beside it when it had one, when their key and value
-/// layouts are this object's. `Ok(None)` when `CONNTRACK`'s is not (the caller seeds from the
+/// migration), and of the `CONNTRACK4` beside it when it had one: this layout's tables, or an
+/// earlier agent's LRU hash maps when their key and value layouts are this object's. `Ok(None)` when `CONNTRACK`'s is not (the caller seeds from the
 /// kernel's table instead).
 pub fn copy_pinned(maps: &mut DataplaneMaps, old: &Path) -> Result<Option<usize>, DataplaneError> {
+    use super::ct_table::CtTables;
     use aya::maps::{HashMap, Map, MapData};
-    use policy_common::{CtKey4, MAP_CONNTRACK, MAP_CONNTRACK4};
+    use policy_common::{Config, CtKey4, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4};
     let old4 = old.with_file_name(MAP_CONNTRACK4);
     let open = |name: &'static str, path: &Path| -> Result<Map, DataplaneError> {
         let data = MapData::from_pin(path).map_err(|e| DataplaneError::map(name, e))?;
         Map::from_map_data(data).map_err(|e| DataplaneError::map(name, e))
     };
-    // The typed handle checks the key and value sizes.
-    let Ok(old_ct) = HashMap::<MapData, CtKey, CtValue>::try_from(open(MAP_CONNTRACK, old)?) else {
+    let old_map = open(MAP_CONNTRACK, old)?;
+    if matches!(old_map, Map::Array(_)) && old4.exists() {
+        // This layout (set-associative tables), hashed with the old CONFIG's seed.
+        let seed = open(MAP_CONFIG, &old.with_file_name(MAP_CONFIG))
+            .and_then(|m| {
+                aya::maps::Array::<MapData, Config>::try_from(m)
+                    .and_then(|c| c.get(&0, 0))
+                    .map_err(|e| DataplaneError::map(MAP_CONFIG, e))
+            })?
+            .ct_seed;
+        let Ok(tables) = CtTables::new(old_map, open(MAP_CONNTRACK4, &old4)?, seed) else {
+            return Ok(None);
+        };
+        let entries = tables.entries();
+        for (k, v) in &entries {
+            maps.set_conntrack(*k, *v)?;
+        }
+        return Ok(Some(entries.len()));
+    }
+    // An earlier agent's LRU hash maps. The typed handle checks the key and value sizes.
+    let Ok(old_ct) = HashMap::<MapData, CtKey, CtValue>::try_from(old_map) else {
         return Ok(None);
     };
     let mut entries: Vec<(CtKey, CtValue)> = old_ct.iter().filter_map(Result::ok).collect();

@@ -58,6 +58,14 @@ pub enum DataplaneError {
     Link { path: PathBuf, detail: String },
     #[error("calibrating the datapath clock: {0}")]
     Clock(String),
+    #[error("map {map}: mapping it into memory: {source}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {map}: every slot of a bucket is being written; entry not stored")]
+    BucketBusy { map: &'static str },
     #[error("I/O on {path}: {source}")]
     Io {
         path: PathBuf,

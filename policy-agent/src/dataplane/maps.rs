@@ -5,7 +5,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, CidrData, Config, CtKey, CtKey4, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
+    Addr, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
     Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IDENTITY_WORLD,
     IpCacheKey, IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE,
@@ -13,7 +13,7 @@ use policy_common::{
     PortData, Reason, RuleKey, RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
 };
 
-use super::{DataplaneError, cidr::CidrRules, events::DenyEvents};
+use super::{DataplaneError, cidr::CidrRules, ct_table::CtTables, events::DenyEvents};
 
 /// Value stored in `PORTS` (presence is what the kernel checks).
 pub const PORT_PRESENT: u8 = 1;
@@ -21,11 +21,9 @@ pub const PORT_PRESENT: u8 = 1;
 /// Every map of the object, typed.
 pub struct DataplaneMaps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
-    /// Connections with an IPv6 address; [`DataplaneMaps::conntrack_get`] and
-    /// [`DataplaneMaps::set_conntrack`] pick the map of a key's family.
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
-    /// Connections between two IPv4 addresses (compact key).
-    pub conntrack4: HashMap<MapData, CtKey4, CtValue>,
+    /// `CONNTRACK` and `CONNTRACK4`, mapped; [`DataplaneMaps::conntrack_get`] and
+    /// [`DataplaneMaps::set_conntrack`] pick the table of a key's family.
+    pub conntrack: CtTables,
     pub ipcache: HashMap<MapData, IpCacheKey, IpCacheValue>,
     pub rules: HashMap<MapData, RuleKey, RuleValue>,
     /// One trie per policy-set and family, behind an array of maps.
@@ -89,10 +87,21 @@ macro_rules! lpm {
 
 impl DataplaneMaps {
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let config: Array<MapData, Config> = take(ebpf, MAP_CONFIG)?;
+        // The conntrack tables hash with the seed their CONFIG holds (an adopted pair).
+        let seed = config
+            .get(&0, 0)
+            .map_err(|e| DataplaneError::map(MAP_CONFIG, e))?
+            .ct_seed;
         Ok(DataplaneMaps {
             endpoints: take(ebpf, MAP_ENDPOINTS)?,
-            conntrack: take(ebpf, MAP_CONNTRACK)?,
-            conntrack4: take(ebpf, MAP_CONNTRACK4)?,
+            conntrack: CtTables::new(
+                ebpf.take_map(MAP_CONNTRACK)
+                    .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?,
+                ebpf.take_map(MAP_CONNTRACK4)
+                    .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK4))?,
+                seed,
+            )?,
             ipcache: take(ebpf, MAP_IPCACHE)?,
             rules: take(ebpf, MAP_RULES)?,
             cidr_rules: CidrRules::new(
@@ -103,7 +112,7 @@ impl DataplaneMaps {
             fragments: take(ebpf, MAP_FRAGMENTS)?,
             counters: take(ebpf, MAP_COUNTERS)?,
             event_budget: take(ebpf, MAP_EVENT_BUDGET)?,
-            config: take(ebpf, MAP_CONFIG)?,
+            config,
             service_cidrs: take(ebpf, MAP_SERVICE_CIDRS)?,
             service_pending: take(ebpf, MAP_SERVICE_PENDING)?,
             events: Some(take(ebpf, MAP_EVENTS)?),
@@ -118,6 +127,10 @@ impl DataplaneMaps {
         if c.events_per_sec == 0 && c.events_burst == 0 && c.jiffy_ns == 0 {
             c.events_per_sec = DEFAULT_EVENTS_PER_SEC;
             c.events_burst = DEFAULT_EVENTS_BURST;
+        }
+        if c.jiffy_ns == 0 && c.ct_seed == 0 {
+            // A new CONFIG, so new (empty) conntrack tables: seed their hash.
+            c.ct_seed = random_seed();
         }
         if c.jiffy_ns == 0 {
             let t = calibrate()?;
@@ -135,6 +148,7 @@ impl DataplaneMaps {
     }
 
     pub fn set_config(&mut self, c: Config) -> Result<(), DataplaneError> {
+        self.conntrack.seed = c.ct_seed;
         self.config
             .set(0, c, 0)
             .map_err(|e| DataplaneError::map(MAP_CONFIG, e))
@@ -153,13 +167,50 @@ impl DataplaneMaps {
         self.events.take().map(DenyEvents::new)
     }
 
+    /// One `ENDPOINTS` entry, then the generation bump that retires cached copies.
     pub fn set_endpoint(&mut self, k: EndpointKey, v: EndpointValue) -> Result<(), DataplaneError> {
-        self.endpoints
-            .insert(k, v, 0)
-            .map_err(|e| DataplaneError::map(MAP_ENDPOINTS, e))
+        self.set_endpoints(&[(k, v)], &[])
     }
     pub fn delete_endpoint(&mut self, k: &EndpointKey) -> Result<(), DataplaneError> {
-        absent_ok(MAP_ENDPOINTS, self.endpoints.remove(k))
+        self.set_endpoints(&[], std::slice::from_ref(k))
+    }
+    /// Writes `upserts`, then removes `deletes`, then bumps `Config::endpoints_gen` once: the
+    /// programs' per-interface endpoint caches stop serving what these writes replaced
+    /// before the caller goes on (e.g. to remove the rules an old value pointed to).
+    pub fn set_endpoints(
+        &mut self,
+        upserts: &[(EndpointKey, EndpointValue)],
+        deletes: &[EndpointKey],
+    ) -> Result<(), DataplaneError> {
+        if upserts.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
+        // A failure part-way still bumps: what was written must not hide behind the caches.
+        let mut r = Ok(());
+        for (k, v) in upserts {
+            r = self
+                .endpoints
+                .insert(k, v, 0)
+                .map_err(|e| DataplaneError::map(MAP_ENDPOINTS, e));
+            if r.is_err() {
+                break;
+            }
+        }
+        if r.is_ok() {
+            for k in deletes {
+                r = absent_ok(MAP_ENDPOINTS, self.endpoints.remove(k));
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+        let bumped = self.bump_endpoints_gen();
+        r.and(bumped)
+    }
+    fn bump_endpoints_gen(&mut self) -> Result<(), DataplaneError> {
+        let mut c = self.config()?;
+        c.endpoints_gen = c.endpoints_gen.wrapping_add(1);
+        self.set_config(c)
     }
     /// One local endpoint as the writer leaves it: its `IPCACHE` entry marked
     /// [`ipc_flags::LOCAL_ENDPOINT`] (identity kept, else [`IDENTITY_WORLD`]) first, then its
@@ -267,22 +318,10 @@ impl DataplaneMaps {
 
     /// The entry of a normalised key, from the map of its family.
     pub fn conntrack_get(&self, k: &CtKey) -> Option<CtValue> {
-        match k.v4() {
-            Some(k4) => self.conntrack4.get(&k4, 0).ok(),
-            None => self.conntrack.get(k, 0).ok(),
-        }
+        self.conntrack.get(k)
     }
     pub fn set_conntrack(&mut self, k: CtKey, v: CtValue) -> Result<(), DataplaneError> {
-        match k.v4() {
-            Some(k4) => self
-                .conntrack4
-                .insert(k4, v, 0)
-                .map_err(|e| DataplaneError::map(MAP_CONNTRACK4, e)),
-            None => self
-                .conntrack
-                .insert(k, v, 0)
-                .map_err(|e| DataplaneError::map(MAP_CONNTRACK, e)),
-        }
+        self.conntrack.set(&k, &v)
     }
     pub fn fragment_get(&self, k: &FragKey) -> Option<FragValue> {
         self.fragments.get(k, 0).ok()
@@ -326,8 +365,8 @@ impl DataplaneMaps {
             Ok(())
         }
         clear(MAP_ENDPOINTS, &mut self.endpoints)?;
-        clear(MAP_CONNTRACK, &mut self.conntrack)?;
-        clear(MAP_CONNTRACK4, &mut self.conntrack4)?;
+        self.bump_endpoints_gen()?;
+        self.conntrack.clear();
         clear(MAP_IPCACHE, &mut self.ipcache)?;
         clear(MAP_RULES, &mut self.rules)?;
         clear(MAP_FRAGMENTS, &mut self.fragments)?;
@@ -336,6 +375,20 @@ impl DataplaneMaps {
         clear_lpm(MAP_PORTS, &mut self.ports)?;
         clear_lpm(MAP_SERVICE_CIDRS, &mut self.service_cidrs)?;
         Ok(())
+    }
+}
+
+/// A random non-zero seed for the conntrack hash.
+fn random_seed() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: writes at most 4 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 4, 0) };
+    let s = u32::from_ne_bytes(b);
+    if n == 4 && s != 0 {
+        s
+    } else {
+        // Without entropy, the clock: unpredictable enough to spread an attacker's guess.
+        monotonic_coarse_ns() as u32 | 1
     }
 }
 

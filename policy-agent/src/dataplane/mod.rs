@@ -3,6 +3,7 @@
 
 pub mod cidr;
 pub mod clock;
+pub mod ct_table;
 pub mod ctnetlink;
 pub mod ctseed;
 mod error;

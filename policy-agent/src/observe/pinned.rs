@@ -91,6 +91,8 @@ impl PinnedMap {
     /// How a map of this type holds its entries.
     pub fn kind(&self) -> &'static str {
         match self.info.map_type() {
+            // The conntrack tables: slots in buckets of an mmapable array.
+            Ok(MapType::Array) if is_ct_table(&self.name) => "ct_table",
             Ok(MapType::Hash) => "hash",
             Ok(MapType::LruHash) => "lru_hash",
             Ok(MapType::LpmTrie) => "lpm_trie",
@@ -109,6 +111,9 @@ impl PinnedMap {
     pub fn entries(&self) -> Result<Option<u64>, ObserveError> {
         match self.kind() {
             "array" | "percpu_array" => Ok(Some(self.info.max_entries() as u64)),
+            "ct_table" => count_ct_slots(&self.map, &self.name)
+                .map(Some)
+                .map_err(|e| ObserveError::map(&self.name, e)),
             "lpm_tries" => self
                 .inner_entries()
                 .map(Some)
@@ -131,6 +136,8 @@ impl PinnedMap {
     pub fn capacity(&self) -> u64 {
         if self.kind() == "lpm_tries" {
             policy_common::MAX_CIDR_RULES as u64
+        } else if self.kind() == "ct_table" {
+            self.info.max_entries() as u64 * policy_common::ct_table::CT_WAYS as u64
         } else {
             self.info.max_entries() as u64
         }
@@ -176,6 +183,30 @@ impl PinnedMap {
 }
 
 /// Walks the keys of a map with `BPF_MAP_GET_NEXT_KEY`, at most `bound` of them.
+fn is_ct_table(name: &str) -> bool {
+    name == policy_common::MAP_CONNTRACK || name == policy_common::MAP_CONNTRACK4
+}
+
+/// Slots holding a connection, read bucket by bucket through the read-only descriptor (a
+/// read-only fd cannot map the table).
+fn count_ct_slots(m: &Map, name: &str) -> Result<u64, aya::maps::MapError> {
+    use aya::maps::Array;
+    use policy_common::ct_table::{CtBucket4, CtBucket6, seq_holds_key};
+    let mut n = 0;
+    if name == policy_common::MAP_CONNTRACK4 {
+        let a = Array::<_, CtBucket4>::try_from(m)?;
+        for b in a.iter() {
+            n += b?.slots.iter().filter(|s| seq_holds_key(s.seq)).count() as u64;
+        }
+    } else {
+        let a = Array::<_, CtBucket6>::try_from(m)?;
+        for b in a.iter() {
+            n += b?.slots.iter().filter(|s| seq_holds_key(s.seq)).count() as u64;
+        }
+    }
+    Ok(n)
+}
+
 fn count_keys(fd: &OwnedFd, key_size: usize, bound: u64) -> std::io::Result<u64> {
     let fd = fd.as_raw_fd();
     let mut cur = vec![0u8; key_size.max(1)];

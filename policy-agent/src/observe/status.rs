@@ -8,9 +8,9 @@ use std::path::Path;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use policy_common::{
     Config, Direction, EndpointKey, EndpointValue, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE,
-    MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PROG_FROM_WORLD, Reason,
-    reason::COUNTERS_LEN,
+    MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS,
+    MAP_IPCACHE, MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PROG_FROM_WORLD,
+    Reason, reason::COUNTERS_LEN,
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,7 @@ pub const MAPS: &[&str] = &[
     MAP_CIDR_RULES,
     MAP_PORTS,
     MAP_CONNTRACK,
+    MAP_CONNTRACK4,
     MAP_FRAGMENTS,
     MAP_SERVICE_CIDRS,
     MAP_SERVICE_PENDING,
@@ -80,7 +81,8 @@ pub struct EndpointStatus {
 pub struct MapStatus {
     pub name: String,
     /// `hash`, `lru_hash`, `lpm_trie`, `lpm_tries` (`CIDR_RULES`: a trie per policy-set and
-    /// family, entries summed, capacity the total the agent admits), `array`,
+    /// family, entries summed, capacity the total the agent admits), `ct_table`
+    /// (`CONNTRACK`, `CONNTRACK4`: connections held, capacity in slots), `array`,
     /// `percpu_array`, `ringbuf`, or `missing`.
     pub kind: String,
     /// Entries now (`null` for the ring buffer and missing maps).

@@ -1,0 +1,241 @@
+//! Conntrack lookups and inserts over the set-associative tables of `policy_common::ct_table`
+//! (its docs hold the slot protocol). No helper call: the bucket is an inlined array lookup
+//! and the slots are compared here.
+
+use core::ptr::{read_volatile as rd, write_volatile as wr};
+
+use policy_common::{
+    CtKey, CtKey4, CtValue,
+    ct_table::{CT_WAYS, CtSlot4, CtSlot6, bucket4, bucket6, seq_holds_key},
+};
+
+use crate::maps::{CONFIG, CONNTRACK, CONNTRACK4, CT_WAY};
+
+/// What the generic code needs of a slot type.
+pub trait Slot {
+    type Key;
+    /// The key words of `s` equal `k`'s (read volatile: the seq check brackets them).
+    fn key_eq(s: *const Self, k: &Self::Key) -> bool;
+    fn write_key(s: *mut Self, k: &Self::Key);
+    fn seq(s: *mut Self) -> *mut u64;
+    fn value(s: *mut Self) -> *mut CtValue;
+}
+
+/// `n` 32-bit words at `a` and `b` are equal.
+#[inline(always)]
+fn words_eq<const N: usize>(a: *const u32, b: *const u32) -> bool {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: the callers pass pointers to keys of at least N words.
+        if unsafe { rd(a.add(i)) != rd(b.add(i)) } {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn words_copy<const N: usize>(dst: *mut u32, src: *const u32) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: as in `words_eq`.
+        unsafe { wr(dst.add(i), rd(src.add(i))) };
+        i += 1;
+    }
+}
+
+impl Slot for CtSlot4 {
+    type Key = CtKey4;
+    #[inline(always)]
+    fn key_eq(s: *const Self, k: &CtKey4) -> bool {
+        // SAFETY: `s` points to a slot; the key is 4 aligned words.
+        words_eq::<4>(unsafe { &raw const (*s).key } as *const u32, k as *const CtKey4 as *const u32)
+    }
+    #[inline(always)]
+    fn write_key(s: *mut Self, k: &CtKey4) {
+        // SAFETY: as above.
+        words_copy::<4>(unsafe { &raw mut (*s).key } as *mut u32, k as *const CtKey4 as *const u32)
+    }
+    #[inline(always)]
+    fn seq(s: *mut Self) -> *mut u64 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*s).seq }
+    }
+    #[inline(always)]
+    fn value(s: *mut Self) -> *mut CtValue {
+        // SAFETY: as above.
+        unsafe { &raw mut (*s).value }
+    }
+}
+
+impl Slot for CtSlot6 {
+    type Key = CtKey;
+    #[inline(always)]
+    fn key_eq(s: *const Self, k: &CtKey) -> bool {
+        // SAFETY: `s` points to a slot; the key is 10 aligned words.
+        words_eq::<10>(unsafe { &raw const (*s).key } as *const u32, k as *const CtKey as *const u32)
+    }
+    #[inline(always)]
+    fn write_key(s: *mut Self, k: &CtKey) {
+        // SAFETY: as above.
+        words_copy::<10>(unsafe { &raw mut (*s).key } as *mut u32, k as *const CtKey as *const u32)
+    }
+    #[inline(always)]
+    fn seq(s: *mut Self) -> *mut u64 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*s).seq }
+    }
+    #[inline(always)]
+    fn value(s: *mut Self) -> *mut CtValue {
+        // SAFETY: as above.
+        unsafe { &raw mut (*s).value }
+    }
+}
+
+/// Compare-and-swap of a map value's word (BPF_ATOMIC | BPF_CMPXCHG, fully ordered):
+/// returns the value found.
+#[inline(always)]
+unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+    let mut r0 = old;
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64(r1 + 0, r0, r2)",
+            inout("r0") r0,
+            in("r1") p,
+            in("r2") new,
+            options(nostack)
+        )
+    };
+    r0
+}
+
+/// Atomic add (with fetch: fully ordered, so the writes before it are seen first).
+#[inline(always)]
+unsafe fn fetch_add(p: *mut u64, v: u64) {
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe {
+        core::arch::asm!(
+            "r2 = atomic_fetch_add((u64 *)(r1 + 0), r2)",
+            in("r1") p,
+            inout("r2") v => _,
+            options(nostack)
+        )
+    };
+}
+
+#[inline(always)]
+fn seed() -> u32 {
+    match CONFIG.get(0) {
+        Some(c) => c.ct_seed,
+        None => 0,
+    }
+}
+
+/// The value of `k`'s slot, if a slot holds `k`.
+///
+/// The way found goes through `CT_WAY` (map memory, written and read back volatile): the
+/// pointer returned then has one shape, "bucket + unknown way", instead of one per way,
+/// or the verifier would walk everything after a conntrack lookup once per way.
+#[inline(always)]
+fn find<S: Slot>(slots: *mut S, k: &S::Key) -> Option<*mut CtValue> {
+    let way = CT_WAY.get_ptr_mut(0)?;
+    let mut found = false;
+    let mut i = 0;
+    while i < CT_WAYS {
+        // SAFETY: `slots` points to a bucket of CT_WAYS slots.
+        let s = unsafe { slots.add(i) };
+        // SAFETY: a slot's seq word.
+        let seq = unsafe { rd(S::seq(s)) };
+        if seq_holds_key(seq) && S::key_eq(s, k) && unsafe { rd(S::seq(s)) } == seq {
+            // SAFETY: this CPU's slot of CT_WAY.
+            unsafe { wr(way, i as u32) };
+            found = true;
+            break;
+        }
+        i += 1;
+    }
+    if !found {
+        return None;
+    }
+    // SAFETY: as above; masked into the bucket.
+    let i = unsafe { rd(way) } as usize & (CT_WAYS - 1);
+    // SAFETY: `i` < CT_WAYS.
+    let mut p = S::value(unsafe { slots.add(i) });
+    // An empty asm that "changes" the pointer: LLVM must compute it here, not carry the
+    // bucket pointer to the uses (spilled, it would be read on paths that never looked up,
+    // an uninitialised stack read that the verifier refuses without CAP_SYS_ADMIN). One move.
+    // SAFETY: a register move.
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) p, options(pure, nomem, nostack)) };
+    Some(p)
+}
+
+/// Writes `k` -> `v` (a key no slot holds) over the least recently seen slot of its bucket.
+/// Gives up when that slot is being written by another CPU: nothing recorded, the next packet
+/// decides again. (Few branches: every path that records a connection goes through here,
+/// and the verifier walks each.)
+#[inline(always)]
+fn put<S: Slot>(slots: *mut S, k: &S::Key, v: &CtValue) {
+    let mut pick = slots;
+    // SAFETY: `slots` points to a bucket of CT_WAYS slots.
+    let mut oldest = unsafe { rd(&raw const (*S::value(slots)).last_seen_ns) };
+    let mut i = 1;
+    while i < CT_WAYS {
+        // SAFETY: as above.
+        let s = unsafe { slots.add(i) };
+        // SAFETY: as above.
+        let seen = unsafe { rd(&raw const (*S::value(s)).last_seen_ns) };
+        if seen < oldest {
+            oldest = seen;
+            pick = s;
+        }
+        i += 1;
+    }
+    let seq = S::seq(pick);
+    // SAFETY: pointers into the bucket's map value.
+    unsafe {
+        let cur = rd(seq);
+        if cur & 1 != 0 || cmpxchg(seq, cur, cur + 1) != cur {
+            return;
+        }
+        S::write_key(pick, k);
+        let d = S::value(pick);
+        wr(&raw mut (*d).flags, v.flags);
+        wr(&raw mut (*d)._pad, 0);
+        wr(&raw mut (*d).last_seen_ns, v.last_seen_ns);
+        fetch_add(seq, 1);
+    }
+}
+
+/// `CONNTRACK4`'s entry of `k`.
+#[inline(always)]
+pub fn get4(k: &CtKey4) -> Option<*mut CtValue> {
+    let b = CONNTRACK4.get_ptr_mut(bucket4(k, seed()))?;
+    // SAFETY: a bucket is an array of slots.
+    find(unsafe { &raw mut (*b).slots } as *mut CtSlot4, k)
+}
+
+/// `CONNTRACK`'s entry of `k`.
+#[inline(always)]
+pub fn get6(k: &CtKey) -> Option<*mut CtValue> {
+    let b = CONNTRACK.get_ptr_mut(bucket6(k, seed()))?;
+    // SAFETY: as above.
+    find(unsafe { &raw mut (*b).slots } as *mut CtSlot6, k)
+}
+
+#[inline(always)]
+pub fn insert4(k: &CtKey4, v: &CtValue) {
+    if let Some(b) = CONNTRACK4.get_ptr_mut(bucket4(k, seed())) {
+        // SAFETY: as above.
+        put(unsafe { &raw mut (*b).slots } as *mut CtSlot4, k, v);
+    }
+}
+
+#[inline(always)]
+pub fn insert6(k: &CtKey, v: &CtValue) {
+    if let Some(b) = CONNTRACK.get_ptr_mut(bucket6(k, seed())) {
+        // SAFETY: as above.
+        put(unsafe { &raw mut (*b).slots } as *mut CtSlot6, k, v);
+    }
+}
