@@ -45,53 +45,38 @@ fn words_copy<const N: usize>(dst: *mut u32, src: *const u32) {
     }
 }
 
-impl Slot for CtSlot4 {
-    type Key = CtKey4;
-    #[inline(always)]
-    fn key_eq(s: *const Self, k: &CtKey4) -> bool {
-        // SAFETY: `s` points to a slot; the key is 4 aligned words.
-        words_eq::<4>(unsafe { &raw const (*s).key } as *const u32, k as *const CtKey4 as *const u32)
-    }
-    #[inline(always)]
-    fn write_key(s: *mut Self, k: &CtKey4) {
-        // SAFETY: as above.
-        words_copy::<4>(unsafe { &raw mut (*s).key } as *mut u32, k as *const CtKey4 as *const u32)
-    }
-    #[inline(always)]
-    fn seq(s: *mut Self) -> *mut u64 {
-        // SAFETY: as above.
-        unsafe { &raw mut (*s).seq }
-    }
-    #[inline(always)]
-    fn value(s: *mut Self) -> *mut CtValue {
-        // SAFETY: as above.
-        unsafe { &raw mut (*s).value }
-    }
+/// The `Slot` impl of a slot type whose key is `$words` aligned 32-bit words.
+macro_rules! slot_impl {
+    ($slot:ty, $key:ty, $words:literal) => {
+        impl Slot for $slot {
+            type Key = $key;
+            #[inline(always)]
+            fn key_eq(s: *const Self, k: &$key) -> bool {
+                // SAFETY: `s` points to a slot; the key is `$words` aligned words.
+                let a = unsafe { &raw const (*s).key } as *const u32;
+                words_eq::<$words>(a, k as *const $key as *const u32)
+            }
+            #[inline(always)]
+            fn write_key(s: *mut Self, k: &$key) {
+                // SAFETY: as above.
+                let a = unsafe { &raw mut (*s).key } as *mut u32;
+                words_copy::<$words>(a, k as *const $key as *const u32)
+            }
+            #[inline(always)]
+            fn seq(s: *mut Self) -> *mut u64 {
+                // SAFETY: as above.
+                unsafe { &raw mut (*s).seq }
+            }
+            #[inline(always)]
+            fn value(s: *mut Self) -> *mut CtValue {
+                // SAFETY: as above.
+                unsafe { &raw mut (*s).value }
+            }
+        }
+    };
 }
-
-impl Slot for CtSlot6 {
-    type Key = CtKey;
-    #[inline(always)]
-    fn key_eq(s: *const Self, k: &CtKey) -> bool {
-        // SAFETY: `s` points to a slot; the key is 10 aligned words.
-        words_eq::<10>(unsafe { &raw const (*s).key } as *const u32, k as *const CtKey as *const u32)
-    }
-    #[inline(always)]
-    fn write_key(s: *mut Self, k: &CtKey) {
-        // SAFETY: as above.
-        words_copy::<10>(unsafe { &raw mut (*s).key } as *mut u32, k as *const CtKey as *const u32)
-    }
-    #[inline(always)]
-    fn seq(s: *mut Self) -> *mut u64 {
-        // SAFETY: as above.
-        unsafe { &raw mut (*s).seq }
-    }
-    #[inline(always)]
-    fn value(s: *mut Self) -> *mut CtValue {
-        // SAFETY: as above.
-        unsafe { &raw mut (*s).value }
-    }
-}
+slot_impl!(CtSlot4, CtKey4, 4);
+slot_impl!(CtSlot6, CtKey, 10);
 
 /// Compare-and-swap of a map value's word (BPF_ATOMIC | BPF_CMPXCHG, fully ordered):
 /// returns the value found.

@@ -9,7 +9,8 @@
 //!    through `bpf_skb_load_bytes` (IPv4 options, up to 6 IPv6 extension headers, fragments,
 //!    ICMP errors and the packet they quote, truncation at any layer);
 //! 2. link-scoped IPv6 control traffic (ND with hop limit 255, link-local/multicast on both
-//!    sides) passes; `ENDPOINTS` for the hook's own pod, `IPCACHE` for the far side (and its
+//!    sides) passes; `ENDPOINTS` for the hook's own pod (through `EP_CACHE`, a per-CPU copy
+//!    per interface that `Config::endpoints_gen` retires), `IPCACHE` for the far side (and its
 //!    `ENDPOINTS` entry only when IPCACHE marks it a local endpoint; the decision reuses the
 //!    identity found): at a pod hook a miss on the pod side drops (anti-spoofing), at an
 //!    uplink hook (`from_world`/`to_world`) no local endpoint on either side passes (the
@@ -17,7 +18,8 @@
 //! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
 //!    verdict (`FRAGMENTS`); ICMP errors pass when the flow they quote would pass a reply;
 //! 4. `CONNTRACK` (one lookup, normalised key; `CONNTRACK4` under a 16-byte key when both
-//!    addresses are IPv4): a connection needs EGRESS_OK when its
+//!    addresses are IPv4; set-associative tables searched without a kernel call, see
+//!    `ct_table`; looked up first, for every packet): a connection needs EGRESS_OK when its
 //!    originator is a local endpoint isolated for egress and INGRESS_OK when its responder is
 //!    one isolated for ingress; a live entry holding both -> pass (TCP SYNs in the original
 //!    direction are always re-decided);
