@@ -587,7 +587,9 @@ pub struct Config {
     /// calibrates it; stamps written under the helper clock stay meaningful).
     pub jiffies_base: u64,
     /// Bumped by the agent after every change to `ENDPOINTS`: the programs' per-CPU cache of
-    /// each interface's own endpoint trusts only entries filled under the current value.
+    /// each interface's own endpoint trusts only entries filled under the current value. A
+    /// Gray-code counter (one bit changes per bump), so a read racing the update sees the old
+    /// or the new value, never a mix.
     pub endpoints_gen: u64,
 }
 

@@ -209,7 +209,7 @@ impl DataplaneMaps {
     }
     fn bump_endpoints_gen(&mut self) -> Result<(), DataplaneError> {
         let mut c = self.config()?;
-        c.endpoints_gen = c.endpoints_gen.wrapping_add(1);
+        c.endpoints_gen = gray_next(c.endpoints_gen);
         self.set_config(c)
     }
     /// One local endpoint as the writer leaves it: its `IPCACHE` entry marked
@@ -378,6 +378,22 @@ impl DataplaneMaps {
     }
 }
 
+/// The next value of a Gray-code counter: it differs from `g` in exactly one bit. The
+/// kernel copies a whole `CONFIG` value in on update, in no guaranteed unit; a program that
+/// reads `endpoints_gen` during the copy sees each byte old or new, so with one bit changed
+/// it sees the old or the new generation, never a third value that an old cache slot holds.
+pub fn gray_next(g: u64) -> u64 {
+    // Gray -> binary (prefix XOR), +1, binary -> Gray.
+    let mut n = g;
+    let mut shift = 1;
+    while shift < 64 {
+        n ^= n >> shift;
+        shift <<= 1;
+    }
+    let n = n.wrapping_add(1);
+    n ^ (n >> 1)
+}
+
 /// A random non-zero seed for the conntrack hash.
 fn random_seed() -> u32 {
     let mut b = [0u8; 4];
@@ -400,4 +416,24 @@ pub fn monotonic_coarse_ns() -> u64 {
     // SAFETY: a valid clock id and out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gray_next;
+
+    #[test]
+    fn endpoints_generation_changes_one_bit_per_bump_and_never_repeats() {
+        let mut seen = std::collections::HashSet::new();
+        let mut g = 0u64;
+        for _ in 0..100_000 {
+            assert!(seen.insert(g), "{g:#x} repeated");
+            let n = gray_next(g);
+            assert_eq!((n ^ g).count_ones(), 1, "{g:#x} -> {n:#x}");
+            g = n;
+        }
+        // Far along the sequence too.
+        let g = 0x8000_0000_0000_0000u64 ^ 0x4000_0000_0000_0000;
+        assert_eq!((gray_next(g) ^ g).count_ones(), 1);
+    }
 }
