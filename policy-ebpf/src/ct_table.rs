@@ -147,13 +147,7 @@ fn find<S: Slot>(slots: *mut S, k: &S::Key) -> Option<*mut CtValue> {
     // SAFETY: as above; masked into the bucket.
     let i = unsafe { rd(way) } as usize & (CT_WAYS - 1);
     // SAFETY: `i` < CT_WAYS.
-    let mut p = S::value(unsafe { slots.add(i) });
-    // An empty asm that "changes" the pointer: LLVM must compute it here, not carry the
-    // bucket pointer to the uses (spilled, it would be read on paths that never looked up,
-    // an uninitialised stack read that the verifier refuses without CAP_SYS_ADMIN). One move.
-    // SAFETY: a register move.
-    unsafe { core::arch::asm!("{0} = {0}", inout(reg) p, options(pure, nomem, nostack)) };
-    Some(p)
+    Some(S::value(unsafe { slots.add(i) }))
 }
 
 /// Writes `k` -> `v` (a key no slot holds) over the least recently seen slot of its bucket.

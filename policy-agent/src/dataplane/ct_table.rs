@@ -36,18 +36,18 @@ impl<B> Mapped<B> {
         let data = match map {
             Map::Array(d) => d,
             _ => {
-                return Err(DataplaneError::Incompatible {
-                    pin_dir: Default::default(),
-                    detail: format!("{name} is not an array"),
+                return Err(DataplaneError::CtLayout {
+                    map: name,
+                    detail: "not an array".into(),
                 });
             }
         };
         let info = data.info().map_err(|e| DataplaneError::map(name, e))?;
         if info.value_size() as usize != size_of::<B>() || info.max_entries() != CT_BUCKETS {
-            return Err(DataplaneError::Incompatible {
-                pin_dir: Default::default(),
+            return Err(DataplaneError::CtLayout {
+                map: name,
                 detail: format!(
-                    "{name}: {} x {} B, this agent's layout is {} x {} B",
+                    "{} x {} B, this agent's layout is {} x {} B",
                     info.max_entries(),
                     info.value_size(),
                     CT_BUCKETS,

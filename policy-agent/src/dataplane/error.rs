@@ -64,6 +64,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("map {map} is not this agent's conntrack table: {detail}")]
+    CtLayout { map: &'static str, detail: String },
     #[error("map {map}: every slot of a bucket is being written; entry not stored")]
     BucketBusy { map: &'static str },
     #[error("I/O on {path}: {source}")]
