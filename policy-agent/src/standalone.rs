@@ -126,8 +126,11 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         }
     }
     if seed {
-        let seeded = ctseed::kernel_table()
-            .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
+        let seeded = ctseed::kernel_table().and_then(|t| {
+            // Stamps on the datapath's clock, not the coarse clock (see dataplane::clock).
+            let now = dp.now_ns(&maps)?;
+            ctseed::seed(&mut maps, &t, now)
+        });
         match seeded {
             Ok(s) => tracing::info!(
                 connections = s.connections,

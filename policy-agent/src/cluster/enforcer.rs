@@ -123,8 +123,11 @@ impl KernelEnforcer {
         let first_start = dp.pin_state() == PinState::Fresh;
         let mut maps = dp.take_maps()?;
         if first_start {
-            let seeded = ctseed::kernel_table()
-                .and_then(|t| ctseed::seed(&mut maps, &t, crate::dataplane::monotonic_coarse_ns()));
+            let seeded = ctseed::kernel_table().and_then(|t| {
+                // Stamps on the datapath's clock, not the coarse clock (see dataplane::clock).
+                let now = dp.now_ns(&maps)?;
+                ctseed::seed(&mut maps, &t, now)
+            });
             match seeded {
                 Ok(s) => tracing::info!(
                     connections = s.connections,

@@ -1,24 +1,32 @@
-//! Calibrating the datapath's tick clock (`policy_common::Config::jiffy_ns`,
-//! `jiffies_base`) against `CLOCK_MONOTONIC_COARSE`, so stamps the programs write agree with
-//! the agent's clock (conntrack seeding, ages) and with stamps an earlier agent wrote.
+//! The datapath's clock: every stamp the programs write (conntrack `last_seen_ns`, fragment
+//! `created_ns`, the deny-event budget) is `(jiffies - jiffies_base) * jiffy_ns`
+//! (`policy_common::Config`), one inlined load in the kernel.
 //!
-//! The kernel's tick length (HZ) is not exposed to userspace, so it is measured: the
-//! `clock_probe` program reads the coarse clock and `jiffies` together; two samples a few
-//! ticks apart give ns per tick, snapped to the tick of a usual HZ.
+//! The contract: that tick clock is the only clock of the stamps. The agent never compares
+//! a stamp with `CLOCK_MONOTONIC_COARSE` (the tick clock follows it only to within a tick,
+//! and a VM's ticks may lag it further); it reads the datapath's own clock with
+//! [`Dataplane::now_ns`], which runs the same formula on the same `jiffies` through the
+//! `clock_probe` program, so a stamp written after a reading is never older than it.
+//!
+//! Calibration only chooses the tick length and base once, so stamps read as nanoseconds
+//! close to the coarse clock (logs, an earlier agent's stamps): the kernel's tick length
+//! (HZ) is not exposed to userspace, so it is measured: the `clock_probe` program reads the
+//! coarse clock and `jiffies` together; two samples a few ticks apart give ns per tick,
+//! snapped to the tick of a usual HZ.
 
 use std::time::{Duration, Instant};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use policy_common::{ClockSample, PROG_CLOCK_PROBE};
+use policy_common::{ClockSample, Config, PROG_CLOCK_PROBE};
 
-use super::{DataplaneError, loader::Dataplane};
+use super::{DataplaneError, DataplaneMaps, loader::Dataplane};
 
 /// The kernel HZ values in use (x86, arm64 and others); a measurement within 3 % of one
 /// is taken as it.
 const USUAL_HZ: [u64; 6] = [100, 128, 250, 256, 300, 1000];
-/// Ticks between the two samples: enough for 1 % precision at any HZ.
-const MIN_TICKS: u64 = 4;
-/// Longest wait for them (HZ 100: 40 ms).
+/// Steps of the coarse clock to see: enough that one of them is a single tick.
+const MIN_STEPS: usize = 8;
+/// Longest wait for them (HZ 100: 80 ms).
 const MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// The calibrated tick clock.
@@ -28,24 +36,48 @@ pub struct TickClock {
     pub jiffies_base: u64,
 }
 
+impl Dataplane {
+    /// Now on the datapath's clock (see the module docs): what a packet handled at this
+    /// instant would stamp. Stamps the agent writes (conntrack seeding) take it, and a stamp
+    /// the programs write later is never older.
+    pub fn now_ns(&self, maps: &DataplaneMaps) -> Result<u64, DataplaneError> {
+        Ok(datapath_ns(&maps.config()?, &probe(self)?))
+    }
+}
+
+/// The programs' clock (`policy-ebpf` `clock::now`) at the instant of `s`: the tick clock
+/// once calibrated, else the coarse clock the programs then read instead.
+pub fn datapath_ns(c: &Config, s: &ClockSample) -> u64 {
+    if c.jiffy_ns == 0 {
+        return s.coarse_ns;
+    }
+    s.jiffies
+        .wrapping_sub(c.jiffies_base)
+        .wrapping_mul(u64::from(c.jiffy_ns))
+}
+
+/// One run of the probe program.
+fn probe(dp: &Dataplane) -> Result<ClockSample, DataplaneError> {
+    let prog = dp.program(PROG_CLOCK_PROBE)?;
+    let frame = [0u8; 64];
+    let mut out = [0u8; 64];
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(&frame);
+    o.data_out = Some(&mut out);
+    prog.test_run(o)
+        .map_err(|e| DataplaneError::program(PROG_CLOCK_PROBE, e))?;
+    let word = |i: usize| u64::from_ne_bytes(out[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    Ok(ClockSample {
+        coarse_ns: word(0),
+        jiffies: word(1),
+        coarse_ns_after: word(2),
+    })
+}
+
 /// One sample with no tick between its reads.
 pub fn sample(dp: &Dataplane) -> Result<ClockSample, DataplaneError> {
-    let prog = dp.program(PROG_CLOCK_PROBE)?;
     for _ in 0..16 {
-        let frame = [0u8; 64];
-        let mut out = [0u8; 64];
-        let mut o = TestRunOptions::new();
-        o.data_in = Some(&frame);
-        o.data_out = Some(&mut out);
-        prog.test_run(o)
-            .map_err(|e| DataplaneError::program(PROG_CLOCK_PROBE, e))?;
-        let word =
-            |i: usize| u64::from_ne_bytes(out[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        let s = ClockSample {
-            coarse_ns: word(0),
-            jiffies: word(1),
-            coarse_ns_after: word(2),
-        };
+        let s = probe(dp)?;
         if s.coarse_ns == s.coarse_ns_after && s.jiffies != 0 {
             return Ok(s);
         }
@@ -56,35 +88,43 @@ pub fn sample(dp: &Dataplane) -> Result<ClockSample, DataplaneError> {
 }
 
 /// Measures the tick and the `jiffies` value at coarse time 0.
+///
+/// The coarse clock moves only when the kernel's timekeeping runs at a tick, by a whole
+/// number of ticks (several after an idle stretch, or when a loaded VM's tick was late);
+/// spinning here keeps this CPU ticking, so the smallest step seen is one tick. (Dividing
+/// coarse time by jiffies between two samples was off by a quarter on a loaded VM: the two
+/// counters are not updated together.)
 pub fn calibrate(dp: &Dataplane) -> Result<TickClock, DataplaneError> {
-    let first = sample(dp)?;
     let start = Instant::now();
-    let last = loop {
-        std::thread::sleep(Duration::from_millis(2));
-        let s = sample(dp)?;
-        if s.jiffies.wrapping_sub(first.jiffies) >= MIN_TICKS {
-            break s;
-        }
+    let mut last = sample(dp)?;
+    let mut steps = Vec::with_capacity(MIN_STEPS);
+    while steps.len() < MIN_STEPS {
         if start.elapsed() > MAX_WAIT {
             return Err(DataplaneError::Clock(format!(
-                "jiffies advanced {} ticks in {MAX_WAIT:?}",
-                s.jiffies.wrapping_sub(first.jiffies)
+                "the coarse clock moved {} times in {MAX_WAIT:?}",
+                steps.len()
             )));
         }
-    };
-    tick_clock(&first, &last)
+        let s = sample(dp)?;
+        if s.coarse_ns != last.coarse_ns {
+            steps.push(s.coarse_ns.saturating_sub(last.coarse_ns));
+        }
+        last = s;
+    }
+    tick_clock(&last, &steps)
 }
 
-/// The clock two samples give (pure: unit-tested).
-pub fn tick_clock(first: &ClockSample, last: &ClockSample) -> Result<TickClock, DataplaneError> {
-    let ticks = last.jiffies.wrapping_sub(first.jiffies);
-    let ns = last.coarse_ns.saturating_sub(first.coarse_ns);
-    if ticks == 0 || ns == 0 {
-        return Err(DataplaneError::Clock(format!(
-            "no progress between samples ({ticks} ticks, {ns} ns)"
-        )));
-    }
-    let measured_hz = (1_000_000_000f64 * ticks as f64 / ns as f64).round() as u64;
+/// The clock that the coarse clock's steps and a last sample give (pure: unit-tested).
+pub fn tick_clock(last: &ClockSample, steps: &[u64]) -> Result<TickClock, DataplaneError> {
+    let step = steps
+        .iter()
+        .copied()
+        .filter(|&n| n > 0)
+        .min()
+        .ok_or_else(|| {
+            DataplaneError::Clock("the coarse clock never moved between samples".into())
+        })?;
+    let measured_hz = (1_000_000_000f64 / step as f64).round() as u64;
     let hz = USUAL_HZ
         .iter()
         .copied()
@@ -119,21 +159,48 @@ mod tests {
     fn a_usual_hz_is_recognised_and_the_base_maps_coarse_time_onto_ticks() {
         // HZ 250, jiffies started at the kernel's INITIAL_JIFFIES.
         let init = (1u64 << 32) - 300 * 250;
-        let at = |t: u64| s(t * 4_000_000, init + t);
-        let c = tick_clock(&at(1_000_000), &at(1_000_005)).unwrap();
+        let t = 1_000_005;
+        let c = tick_clock(&s(t * 4_000_000, init + t), &[4_000_000; 8]).unwrap();
         assert_eq!(c.jiffy_ns, 4_000_000);
         assert_eq!(c.jiffies_base, init);
         // HZ 300: the tick is rounded as the kernel rounds it.
-        let c = tick_clock(&s(0, 10), &s(4 * 3_333_333, 14)).unwrap();
+        let c = tick_clock(&s(0, 10), &[3_333_333, 6_666_667]).unwrap();
         assert_eq!(c.jiffy_ns, 3_333_333);
-        // A slightly late second sample (the coarse clock moved a bit more) still snaps.
-        let c = tick_clock(&s(0, 10), &s(4 * 1_000_000 + 20_000, 14)).unwrap();
+        // NTP slews a step by a few ns: still the usual HZ.
+        let c = tick_clock(&s(0, 10), &[1_000_004, 999_998]).unwrap();
         assert_eq!(c.jiffy_ns, 1_000_000);
+    }
+
+    /// What a loaded VM showed: late ticks make steps of several ticks; only the smallest
+    /// counts (the old two-sample ratio calibrated HZ 250 as 200 here).
+    #[test]
+    fn steps_of_several_ticks_do_not_stretch_the_tick() {
+        let steps = [8_000_001, 20_000_000, 4_000_000, 12_000_000, 8_000_000];
+        let c = tick_clock(&s(0, 10), &steps).unwrap();
+        assert_eq!(c.jiffy_ns, 4_000_000);
+    }
+
+    #[test]
+    fn the_datapath_clock_is_the_tick_clock_once_calibrated_and_the_coarse_clock_before() {
+        let c = Config {
+            jiffy_ns: 4_000_000,
+            jiffies_base: 1000,
+            ..Config::default()
+        };
+        assert_eq!(datapath_ns(&c, &s(123, 1010)), 40_000_000);
+        // jiffies wrapped past the base (the kernel's arithmetic wraps the same way).
+        let c = Config {
+            jiffy_ns: 1,
+            jiffies_base: u64::MAX,
+            ..Config::default()
+        };
+        assert_eq!(datapath_ns(&c, &s(123, 4)), 5);
+        assert_eq!(datapath_ns(&Config::default(), &s(123, 1010)), 123);
     }
 
     #[test]
     fn no_progress_is_an_error_not_a_division_by_zero() {
-        assert!(tick_clock(&s(5, 10), &s(5, 10)).is_err());
-        assert!(tick_clock(&s(5, 10), &s(9, 10)).is_err());
+        assert!(tick_clock(&s(5, 10), &[]).is_err());
+        assert!(tick_clock(&s(5, 10), &[0, 0]).is_err());
     }
 }

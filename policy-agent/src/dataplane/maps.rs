@@ -408,8 +408,8 @@ fn random_seed() -> u32 {
     }
 }
 
-/// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `CtValue::last_seen_ns` and
-/// `FragValue::created_ns` (`bpf_ktime_get_coarse_ns` in the kernel).
+/// `CLOCK_MONOTONIC_COARSE` in ns. Not the clock of the maps' stamps: that is
+/// [`super::Dataplane::now_ns`] (see `clock`).
 pub fn monotonic_coarse_ns() -> u64 {
     // SAFETY: all-zero is a valid timespec; clock_gettime fills it.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
