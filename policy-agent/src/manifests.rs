@@ -106,6 +106,8 @@ pub struct Manifests {
     /// Files that lost objects and have no good version to fall back on: until they are
     /// fixed, [`Manifests::snapshot`] isolates every namespace in both directions.
     pub lockdown: Vec<PathBuf>,
+    /// [`content_hash`] of the bytes read ([`DirLoader::load`]; 0 for text loaded otherwise).
+    pub generation: u64,
     /// Where each object came from, for duplicate reports.
     origin: BTreeMap<(&'static str, String), String>,
 }
@@ -186,14 +188,35 @@ pub struct DirLoader {
 }
 
 impl DirLoader {
+    /// Reads and parses every manifest file. [`Manifests::generation`] is the
+    /// [`content_hash`] of exactly the bytes parsed here, so a status naming it never claims
+    /// a version written while (or after) the directory was read.
     pub fn load(&mut self, dir: &Path) -> Result<Manifests, std::io::Error> {
-        let mut files = Vec::new();
-        collect(dir, &mut files)?;
-        files.sort();
-        self.last_good.retain(|f, _| files.contains(f));
-        let mut m = Manifests::default();
-        for f in files {
-            let text = match std::fs::read_to_string(&f) {
+        let (generation, read) = read_all(dir)?;
+        Ok(self.parse(generation, read))
+    }
+
+    /// [`DirLoader::load`], or `None` without parsing when the bytes read hash to `unchanged`.
+    pub fn load_if_changed(
+        &mut self,
+        dir: &Path,
+        unchanged: Option<u64>,
+    ) -> Result<Option<Manifests>, std::io::Error> {
+        let (generation, read) = read_all(dir)?;
+        Ok((unchanged != Some(generation)).then(|| self.parse(generation, read)))
+    }
+
+    fn parse(&mut self, generation: u64, read: Vec<(PathBuf, std::io::Result<Vec<u8>>)>) -> Manifests {
+        self.last_good.retain(|f, _| read.iter().any(|(r, _)| r == f));
+        let mut m = Manifests {
+            generation,
+            ..Manifests::default()
+        };
+        for (f, bytes) in read {
+            let text = match bytes.and_then(|b| {
+                String::from_utf8(b)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            }) {
                 Ok(text) => text,
                 Err(e) => {
                     m.problems.push(Problem {
@@ -216,7 +239,7 @@ impl DirLoader {
                 self.last_good.insert(f, text);
             }
         }
-        Ok(m)
+        m
     }
 
     fn fall_back(&self, m: &mut Manifests, file: &Path) {
@@ -239,6 +262,25 @@ impl DirLoader {
             }
         }
     }
+}
+
+/// Every manifest file's bytes, read once, and their [`content_hash`]: the hash and the
+/// parse see the same bytes.
+#[allow(clippy::type_complexity)]
+fn read_all(dir: &Path) -> Result<(u64, Vec<(PathBuf, std::io::Result<Vec<u8>>)>), std::io::Error> {
+    let mut files = Vec::new();
+    collect(dir, &mut files)?;
+    files.sort();
+    let mut h = ContentHasher::default();
+    let read = files
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(&f);
+            h.add(dir, &f, bytes.as_deref().unwrap_or_default());
+            (f, bytes)
+        })
+        .collect();
+    Ok((h.finish(), read))
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), std::io::Error> {
@@ -264,7 +306,21 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), std::io::Error> {
 }
 
 /// A cheap fingerprint of the directory (paths, sizes, mtimes) to notice changes.
-pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// How close to `now` an mtime may be and still hide a same-size rewrite: file times come
+/// from the kernel's coarse clock (one tick, a few ms), and a clock step moves them.
+const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether an unchanged `fp` proves unchanged content later: not when a file was modified
+/// within [`RACY_WINDOW`] of `now` (the git "racy clean" rule), or has no mtime.
+pub fn fingerprint_settled(fp: &Fingerprint, now: SystemTime) -> bool {
+    fp.iter().all(|(_, _, mtime)| {
+        mtime.is_some_and(|t| t + RACY_WINDOW <= now)
+    })
+}
+
+pub fn fingerprint(dir: &Path) -> Fingerprint {
     let mut files = Vec::new();
     if collect(dir, &mut files).is_err() {
         return Vec::new();
@@ -284,17 +340,30 @@ pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// A hash of the directory's content (file names and bytes), the generation the agent
 /// reports once it enforces it: whoever wrote the files can wait for exactly that.
 pub fn content_hash(dir: &Path) -> u64 {
-    use std::hash::{Hash, Hasher};
     let mut files = Vec::new();
     let _ = collect(dir, &mut files);
     files.sort();
-    // DefaultHasher::new() has fixed keys: the same binary computes the same value.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = ContentHasher::default();
     for f in files {
-        f.strip_prefix(dir).unwrap_or(&f).hash(&mut h);
-        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+        h.add(dir, &f, &std::fs::read(&f).unwrap_or_default());
     }
     h.finish()
+}
+
+/// File names (relative to the directory) and bytes, in name order. `DefaultHasher::new()`
+/// has fixed keys: the same binary computes the same value.
+#[derive(Default)]
+struct ContentHasher(std::collections::hash_map::DefaultHasher);
+
+impl ContentHasher {
+    fn add(&mut self, dir: &Path, file: &Path, bytes: &[u8]) {
+        use std::hash::Hash;
+        file.strip_prefix(dir).unwrap_or(file).hash(&mut self.0);
+        bytes.hash(&mut self.0);
+    }
+    fn finish(self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
 }
 
 /// Loads one file's documents into `m`.
@@ -615,6 +684,45 @@ metadata: {name: x}
 
     fn loader_once(d: &Dir) -> Manifests {
         load_dir(&d.0).unwrap()
+    }
+
+    #[test]
+    fn the_generation_is_the_hash_of_the_bytes_parsed() {
+        let d = Dir::new("generation");
+        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: x}\n");
+        d.write("sub.json", "{}");
+        std::fs::write(d.0.join("bad.yaml"), [0xff, 0xfe, b'\n']).unwrap();
+        let m = loader_once(&d);
+        assert_eq!(m.generation, content_hash(&d.0));
+        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: y}\n");
+        let m2 = loader_once(&d);
+        assert_ne!(m2.generation, m.generation);
+        assert_eq!(m2.generation, content_hash(&d.0));
+        assert!(m2.namespaces.contains_key("y"));
+    }
+
+    #[test]
+    fn a_fingerprint_settles_only_once_its_files_are_older_than_the_racy_window() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let fp: Fingerprint = vec![("a.yaml".into(), 10, Some(t))];
+        assert!(!fingerprint_settled(&fp, t));
+        assert!(!fingerprint_settled(&fp, t + RACY_WINDOW / 2));
+        assert!(fingerprint_settled(&fp, t + RACY_WINDOW));
+        let no_time: Fingerprint = vec![("a.yaml".into(), 10, None)];
+        assert!(!fingerprint_settled(&no_time, t + RACY_WINDOW * 10));
+        assert!(fingerprint_settled(&Vec::new(), t));
+    }
+
+    #[test]
+    fn an_unchanged_directory_is_not_parsed_again() {
+        let d = Dir::new("unchanged");
+        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: x}\n");
+        let mut l = DirLoader::default();
+        let m = l.load(&d.0).unwrap();
+        assert!(l.load_if_changed(&d.0, Some(m.generation)).unwrap().is_none());
+        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: z}\n");
+        let m2 = l.load_if_changed(&d.0, Some(m.generation)).unwrap().unwrap();
+        assert!(m2.namespaces.contains_key("z"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::dataplane::{
     AttachMode, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role, UplinkMode,
     ctseed, links, pinning, renumber_onto, uplink,
 };
+use crate::model::Snapshot;
 use crate::{manifests, netinfo, writer};
 
 #[derive(Clone, Debug)]
@@ -152,6 +153,8 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         pins_adopted: false,
         uplinks: LinkSet::new(Role::Uplink),
         last_fingerprint: None,
+        read: None,
+        compiled: None,
         last_status: None,
         loader: manifests::DirLoader::default(),
         adopted,
@@ -170,7 +173,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
             // Keep running: the next tick retries from a full compile against a fresh
             // read of the kernel maps.
             tracing::error!(error = %e, "reconcile failed");
-            agent.last_fingerprint = None;
+            agent.compiled = None;
             agent.resync = true;
         }
         let spent = t0.elapsed();
@@ -206,7 +209,15 @@ struct Agent {
     attached: LinkSet,
     /// Non-pod interfaces with the uplink programs.
     uplinks: LinkSet,
-    last_fingerprint: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
+    /// The directory's fingerprint when it was last read, kept only once it proves the
+    /// content unchanged ([`manifests::fingerprint_settled`]): while it matches, nothing is
+    /// read or parsed.
+    last_fingerprint: Option<manifests::Fingerprint>,
+    /// The directory as last read and parsed, and its snapshot with the node addresses it
+    /// was made for.
+    read: Option<(manifests::Manifests, Vec<std::net::IpAddr>, Snapshot)>,
+    /// Generation and node addresses of what the maps hold; `None`: compile next tick.
+    compiled: Option<(u64, Vec<std::net::IpAddr>)>,
     last_status: Option<Status>,
     /// Keeps each manifest file's last good version: a file turning bad never opens traffic.
     loader: manifests::DirLoader,
@@ -220,28 +231,45 @@ impl Agent {
         maps: &mut DataplaneMaps,
     ) -> Result<(), StandaloneError> {
         let fp = manifests::fingerprint(&cfg.manifests);
-        let changed = self.last_fingerprint.as_ref() != Some(&fp);
-        // Hash before reading: if a file changes while we read, the next tick sees it.
-        let generation = manifests::content_hash(&cfg.manifests);
-        let m =
-            self.loader
-                .load(&cfg.manifests)
+        let node_addrs = netinfo::local_addrs()?;
+        if self.read.is_none() || self.last_fingerprint.as_ref() != Some(&fp) {
+            // Taken before reading: a write racing the read changes it, so the next tick
+            // reads again; what is parsed and the generation reported are the same bytes.
+            let settled = manifests::fingerprint_settled(&fp, std::time::SystemTime::now());
+            let known = self.read.as_ref().map(|(m, ..)| m.generation);
+            let loaded = self
+                .loader
+                .load_if_changed(&cfg.manifests, known)
                 .map_err(|source| StandaloneError::ManifestDir {
                     path: cfg.manifests.clone(),
                     source,
                 })?;
-        let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
-        let snapshot = m.snapshot(&cfg.node_name, netinfo::local_addrs()?);
-        if changed {
-            for p in &problems {
-                tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
+            if let Some(m) = loaded {
+                for p in &m.problems {
+                    tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
+                }
+                let snapshot = m.snapshot(&cfg.node_name, node_addrs.clone());
+                self.read = Some((m, node_addrs.clone(), snapshot));
             }
+            self.last_fingerprint = settled.then_some(fp);
+        }
+        let Some((m, addrs, snapshot)) = self.read.as_mut() else {
+            return Ok(());
+        };
+        if *addrs != node_addrs {
+            *snapshot = m.snapshot(&cfg.node_name, node_addrs.clone());
+            *addrs = node_addrs;
+        }
+        let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
+        let generation = m.generation;
+        let key = (generation, addrs.clone());
+        if self.compiled.as_ref() != Some(&key) {
             let t0 = Instant::now();
             if self.resync {
                 self.written = maps.read_contents()?;
                 self.resync = false;
             }
-            let desired = compiler::compile(&snapshot, &mut self.state);
+            let desired = compiler::compile(snapshot, &mut self.state);
             if let Some((map, entries, capacity)) = desired.over_capacity().first().copied() {
                 return Err(DataplaneError::OverCapacity {
                     map,
@@ -256,6 +284,7 @@ impl Agent {
             let diff = MapContents::diff(&self.written, &target);
             writer::apply(maps, &diff)?;
             self.written = target;
+            self.compiled = Some(key);
             tracing::info!(
                 changes = diff.len(),
                 endpoints = self.written.endpoints.len(),
@@ -290,7 +319,6 @@ impl Agent {
             self.migrated = true;
             tracing::info!("migration finished: the new maps are pinned in place of the old");
         }
-        self.last_fingerprint = Some(fp);
         let status = Status {
             generation,
             endpoints: self.written.endpoints.len(),
