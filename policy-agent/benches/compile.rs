@@ -218,6 +218,7 @@ fn cluster(pods: usize, policies: usize) -> Snapshot {
             egress_isolation,
             ingress,
             egress,
+            declared: None,
         };
         s.policies.insert(p.key(), p);
     }

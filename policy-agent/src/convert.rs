@@ -92,6 +92,14 @@ pub enum ConvertError {
         "{at}: unknown policy type {value:?} (expected Ingress or Egress); isolating both directions"
     )]
     UnknownPolicyType { at: Location, value: String },
+    #[error("{at}: {count} entries, at most two (Ingress, Egress); isolating both directions")]
+    TooManyPolicyTypes { at: Location, count: usize },
+    #[error("{at}: {value:?} is not a valid {kind} name")]
+    InvalidName {
+        at: Location,
+        value: String,
+        kind: &'static str,
+    },
     #[error("{at}: a peer must set podSelector, namespaceSelector or ipBlock")]
     EmptyPeer { at: Location },
     #[error("{at}: ipBlock cannot be combined with podSelector or namespaceSelector")]
@@ -116,6 +124,8 @@ impl ConvertError {
             | ConvertError::InvalidLabelValue { at, .. }
             | ConvertError::InvalidPortName { at, .. }
             | ConvertError::UnknownPolicyType { at, .. }
+            | ConvertError::TooManyPolicyTypes { at, .. }
+            | ConvertError::InvalidName { at, .. }
             | ConvertError::EmptyPeer { at }
             | ConvertError::IpBlockWithSelector { at } => at,
         }
@@ -163,15 +173,31 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Converted<model::NetworkPolicy
         "metadata.namespace",
     );
     let name = required(&mut cx, np.metadata.name.as_ref(), "metadata.name");
+    // ValidateNetworkPolicy: the name is a DNS subdomain, the namespace a DNS label. Only
+    // reported: a name decides nothing about traffic.
+    check_name(&mut cx, &namespace, "metadata.namespace", "namespace", valid_dns_label);
+    check_name(&mut cx, &name, "metadata.name", "networkpolicy", valid_dns_subdomain);
     let default_spec = net::NetworkPolicySpec::default();
     let spec = np.spec.as_ref().unwrap_or(&default_spec);
 
-    // policyTypes defaulting: Ingress always, Egress when an egress section exists.
+    // policyTypes defaulting as SetDefaults_NetworkPolicy (pkg/apis/networking/v1/defaults.go):
+    // absent or empty means Ingress, plus Egress when `len(spec.egress) != 0`, so an empty
+    // `egress: []` leaves egress open. Validation allows at most two entries, each Ingress or
+    // Egress; anything else is reported and isolates both directions (fail closed).
     let (mut ingress_isolation, mut egress_isolation) = (false, false);
+    let egress_rules = spec.egress.as_ref().map_or(0, Vec::len);
     match spec.policy_types.as_deref() {
         None | Some([]) => {
             ingress_isolation = true;
-            egress_isolation = spec.egress.is_some();
+            egress_isolation = egress_rules != 0;
+        }
+        Some(types) if types.len() > 2 => {
+            cx.errors.push(ConvertError::TooManyPolicyTypes {
+                at: cx.at("spec.policyTypes"),
+                count: types.len(),
+            });
+            ingress_isolation = true;
+            egress_isolation = true;
         }
         Some(types) => {
             for (i, t) in types.iter().enumerate() {
@@ -190,6 +216,10 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Converted<model::NetworkPolicy
             }
         }
     }
+    let declared = model::Declared {
+        policy_types: spec.policy_types.clone(),
+        egress_rules,
+    };
 
     let selector = match spec.pod_selector.as_ref() {
         None => Some(model::LabelSelector::everything()),
@@ -235,6 +265,7 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Converted<model::NetworkPolicy
             egress_isolation,
             ingress,
             egress,
+            declared: Some(declared),
         },
         errors: cx.errors,
     }
@@ -248,6 +279,16 @@ fn required(cx: &mut Ctx, v: Option<&String>, path: &str) -> String {
                 .push(ConvertError::MissingField { at: cx.at(path) });
             String::new()
         }
+    }
+}
+
+fn check_name(cx: &mut Ctx, v: &str, path: &str, kind: &'static str, ok: fn(&str) -> bool) {
+    if !v.is_empty() && !ok(v) {
+        cx.errors.push(ConvertError::InvalidName {
+            at: cx.at(path),
+            value: v.to_owned(),
+            kind,
+        });
     }
 }
 
@@ -312,6 +353,12 @@ fn peer(cx: &mut Ctx, p: &net::NetworkPolicyPeer, path: &str) -> Option<model::P
 
 fn ip_block(cx: &mut Ctx, b: &net::IPBlock, path: &str) -> Option<model::Peer> {
     let cidr_path = format!("{path}.cidr");
+    if b.cidr.is_empty() {
+        cx.errors.push(ConvertError::MissingField {
+            at: cx.at(&cidr_path),
+        });
+        return None;
+    }
     let Some(cidr) = parse_cidr(&b.cidr) else {
         cx.errors.push(ConvertError::InvalidCidr {
             at: cx.at(&cidr_path),
@@ -582,6 +629,11 @@ fn valid_dns_subdomain(s: &str) -> bool {
                 && is_lower_alnum(b[b.len() - 1])
                 && b.iter().all(|&c| is_lower_alnum(c) || c == b'-')
         })
+}
+
+/// DNS-1123 label (a namespace name): one subdomain label.
+fn valid_dns_label(s: &str) -> bool {
+    !s.contains('.') && valid_dns_subdomain(s)
 }
 
 fn is_lower_alnum(c: u8) -> bool {

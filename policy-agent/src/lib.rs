@@ -11,6 +11,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod netinfo;
+pub mod node;
 pub mod observe;
 pub mod reference;
 pub mod scenario;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
+use policy_agent::dataplane::{AttachMode, UplinkMode};
+use policy_agent::node::NodeOptions;
 use policy_agent::{observe, standalone};
 
 #[derive(Parser)]
@@ -36,6 +37,53 @@ enum Attach {
     Clsact,
 }
 
+/// The node side, the same in both modes (see `policy_agent::node`).
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+    bpf_dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = Attach::Auto)]
+    attach: Attach,
+    /// Remove what an earlier agent pinned under --bpf-dir before starting.
+    #[arg(long)]
+    reset: bool,
+    /// Do not seed conntrack from the kernel's connection table when starting on new maps.
+    #[arg(long)]
+    no_seed_conntrack: bool,
+    /// Refuse to start when the pinned maps do not match this agent's (instead of
+    /// migrating to new maps without a gap); the old programs keep enforcing.
+    #[arg(long)]
+    no_migrate: bool,
+    /// A Service ClusterIP range (repeatable; e.g. 10.96.0.0/12): egress to it is judged on
+    /// the backend chosen by DNAT, not on the virtual IP.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<ipnet::IpNet>,
+    /// Non-pod interfaces that get the uplink programs: `auto` (every interface but `lo`
+    /// and local pods' veths), `none`, or a comma-separated list.
+    #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
+    uplink: UplinkMode,
+}
+
+impl NodeArgs {
+    /// The options, with the pin directory created if missing.
+    fn options(self) -> Result<NodeOptions> {
+        if !self.bpf_dir.exists() {
+            std::fs::create_dir_all(&self.bpf_dir)
+                .with_context(|| format!("creating {}", self.bpf_dir.display()))?;
+        }
+        Ok(NodeOptions {
+            bpf_dir: self.bpf_dir,
+            attach_mode: attach_mode(self.attach),
+            uplink_mode: self.uplink,
+            service_cidrs: self.service_cidrs,
+            reset: self.reset,
+            seed_conntrack: !self.no_seed_conntrack,
+            migrate: !self.no_migrate,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Enforce the Namespaces, Pods and NetworkPolicies of a manifest directory on this host
@@ -47,35 +95,14 @@ enum Mode {
         /// Pods whose spec.nodeName is unset or equal to this are local.
         #[arg(long, env = "NODE_NAME", default_value = "standalone")]
         node_name: String,
-        /// bpffs directory for the pinned maps.
-        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
-        bpf_dir: PathBuf,
         /// How often the directory and the pod interfaces are checked.
         #[arg(long, default_value_t = 100)]
         poll_ms: u64,
         /// Write the enforced generation here after every change (JSON).
         #[arg(long)]
         status_file: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = Attach::Auto)]
-        attach: Attach,
-        /// Remove what an earlier agent pinned under --bpf-dir before starting.
-        #[arg(long)]
-        reset: bool,
-        /// Do not seed conntrack from the kernel's connection table on a first start.
-        #[arg(long)]
-        no_seed_conntrack: bool,
-        /// Refuse to start when the pinned maps do not match this agent's (instead of
-        /// migrating to new maps without a gap).
-        #[arg(long)]
-        no_migrate: bool,
-        /// A Service ClusterIP range (repeatable): egress to it is judged on the backend
-        /// chosen by DNAT, not on the virtual IP.
-        #[arg(long = "service-cidr", value_name = "CIDR")]
-        service_cidrs: Vec<ipnet::IpNet>,
-        /// Non-pod interfaces that get the uplink programs: `auto` (every interface but `lo`
-        /// and local pods' veths), `none`, or a comma-separated list.
-        #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
-        uplink: UplinkMode,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Detach the programs (pinned links, clsact filters in this network namespace) and
     /// unpin the maps: enforcement stops.
@@ -92,25 +119,14 @@ enum Mode {
         /// Where /metrics, /healthz and /readyz are served.
         #[arg(long, default_value = "0.0.0.0:9090")]
         metrics_addr: SocketAddr,
-        /// bpffs directory for the pinned maps.
-        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
-        bpf_dir: PathBuf,
-        #[arg(long, value_enum, default_value_t = Attach::Auto)]
-        attach: Attach,
         /// Quiet time after a change before compiling (coalesces bursts).
         #[arg(long, default_value_t = 50)]
         debounce_ms: u64,
         /// Period of the full repair of the maps against the desired state.
         #[arg(long, default_value_t = 300)]
         resync_secs: u64,
-        /// The cluster's Service ClusterIP range (repeatable; e.g. 10.96.0.0/12): egress to
-        /// it is judged on the backend chosen by DNAT, not on the virtual IP.
-        #[arg(long = "service-cidr", value_name = "CIDR")]
-        service_cidrs: Vec<ipnet::IpNet>,
-        /// Non-pod interfaces that get the uplink programs: `auto` (every interface but `lo`
-        /// and local pods' veths), `none`, or a comma-separated list.
-        #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
-        uplink: UplinkMode,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// What the pinned datapath holds and has decided: attached programs, endpoints and their
     /// isolation, map use, verdict counters. Reads the pinned maps read-only; no agent needed.
@@ -205,65 +221,42 @@ fn main() -> Result<()> {
         Mode::Standalone {
             manifests,
             node_name,
-            bpf_dir,
             poll_ms,
             status_file,
-            attach,
-            reset,
-            no_seed_conntrack,
-            no_migrate,
-            service_cidrs,
-            uplink,
+            node,
         } => {
-            if !bpf_dir.exists() {
-                std::fs::create_dir_all(&bpf_dir)
-                    .with_context(|| format!("creating {}", bpf_dir.display()))?;
-            }
+            let node = node.options()?;
+            // Serves `policy-agent monitor` while the agent runs (see observe::broker).
+            let _broker = observe::broker::Broker::spawn(node.bpf_dir.clone());
             let cfg = standalone::Config {
                 manifests,
                 node_name,
-                bpf_dir,
                 poll_interval: Duration::from_millis(poll_ms.max(10)),
                 status_file,
-                attach_mode: match attach {
-                    Attach::Auto => AttachMode::Auto,
-                    Attach::Tcx => AttachMode::Tcx,
-                    Attach::Clsact => AttachMode::Netlink,
-                },
-                reset,
-                seed_conntrack: !no_seed_conntrack,
-                migrate: !no_migrate,
-                service_cidrs,
-                uplinks: uplink,
+                node,
             };
-            // Serves `policy-agent monitor` while the agent runs (see observe::broker).
-            let _broker = observe::broker::Broker::spawn(cfg.bpf_dir.clone());
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
         Mode::Cluster {
             node_name,
             metrics_addr,
-            bpf_dir,
-            attach,
             debounce_ms,
             resync_secs,
-            service_cidrs,
-            uplink,
+            node,
         } => {
+            let node = node.options()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let _broker = observe::broker::Broker::spawn(bpf_dir.clone());
+            let _broker = observe::broker::Broker::spawn(node.bpf_dir.clone());
             rt.block_on(run_cluster(
                 node_name,
                 metrics_addr,
-                bpf_dir,
-                attach_mode(attach),
+                node,
                 debounce_ms,
                 resync_secs,
-                (service_cidrs, uplink),
             ))
         }
     }
@@ -280,11 +273,9 @@ fn attach_mode(a: Attach) -> AttachMode {
 async fn run_cluster(
     node_name: String,
     metrics_addr: SocketAddr,
-    bpf_dir: PathBuf,
-    attach: AttachMode,
+    node: NodeOptions,
     debounce_ms: u64,
     resync_secs: u64,
-    (service_cidrs, uplink): (Vec<ipnet::IpNet>, UplinkMode),
 ) -> Result<()> {
     use policy_agent::cluster;
     use policy_agent::metrics::{Health, Metrics};
@@ -294,16 +285,11 @@ async fn run_cluster(
         !node_name.is_empty(),
         "--node-name (NODE_NAME) must not be empty"
     );
-    if !bpf_dir.exists() {
-        std::fs::create_dir_all(&bpf_dir)
-            .with_context(|| format!("creating {}", bpf_dir.display()))?;
-    }
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
-    let dp = Dataplane::load(&bpf_dir).context("loading the eBPF programs")?;
-    let enforcer = cluster::KernelEnforcer::new(dp, attach, &service_cidrs, uplink)
-        .context("taking the maps")?;
+    // Adopts, migrates or creates the pinned maps the same way standalone mode does.
+    let enforcer = cluster::KernelEnforcer::start(&node).context("loading the eBPF programs")?;
     let mut loop_cfg = cluster::LoopConfig::new(&node_name);
     loop_cfg.debounce = Duration::from_millis(debounce_ms);
     loop_cfg.resync = Duration::from_secs(resync_secs.max(1));
@@ -314,7 +300,7 @@ async fn run_cluster(
     let metrics = Arc::new(Metrics::new());
     // The loop beats at least every poll interval (1 s); a minute of silence is a hang.
     let health = Arc::new(Health::new(Duration::from_secs(60)));
-    tracing::info!(node = %node_name, bpf_dir = %bpf_dir.display(), "cluster agent starting");
+    tracing::info!(node = %node_name, bpf_dir = %node.bpf_dir.display(), "cluster agent starting");
     let shutdown = async {
         while !STOP.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -171,6 +171,7 @@ fn lockdown_policy(namespace: &str) -> model::NetworkPolicy {
         egress_isolation: true,
         ingress: Vec::new(),
         egress: Vec::new(),
+        declared: None,
     }
 }
 

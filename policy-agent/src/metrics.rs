@@ -138,6 +138,9 @@ pub struct Health {
     heartbeat_ms: AtomicU64,
     synced: AtomicBool,
     programmed: AtomicBool,
+    /// Turns of the loop so far: a test waits for the loop to have looked again instead of
+    /// sleeping for a guess.
+    beats: AtomicU64,
     /// The loop is considered hung when silent for longer than this.
     stall_after: Duration,
 }
@@ -149,6 +152,7 @@ impl Health {
             heartbeat_ms: AtomicU64::new(0),
             synced: AtomicBool::new(false),
             programmed: AtomicBool::new(false),
+            beats: AtomicU64::new(0),
             stall_after,
         }
     }
@@ -156,6 +160,12 @@ impl Health {
     pub fn beat(&self) {
         self.heartbeat_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times the loop has gone round (see [`Health::beat`]).
+    pub fn beats(&self) -> u64 {
+        self.beats.load(Ordering::Relaxed)
     }
 
     /// Every watched store has finished its initial list.
@@ -310,6 +320,14 @@ impl Metrics {
         self.reconciles
             .get_or_create(&TriggerLabel { trigger })
             .inc();
+    }
+
+    /// Passes completed so far with this trigger.
+    pub fn reconcile_count(&self, resync: bool) -> u64 {
+        let trigger = if resync { "resync" } else { "change" };
+        self.reconciles
+            .get_or_create(&TriggerLabel { trigger })
+            .get()
     }
 
     /// Entries per policy map (`MapContents::sizes` order and names).

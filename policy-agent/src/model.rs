@@ -217,12 +217,25 @@ pub struct NetworkPolicy {
     pub namespace: String,
     pub name: String,
     pub pod_selector: LabelSelector,
-    /// policyTypes after defaulting.
+    /// policyTypes after defaulting (the API server's `SetDefaults_NetworkPolicy`).
     pub ingress_isolation: bool,
     pub egress_isolation: bool,
     /// Valid rules only: an invalid rule was dropped (it allows nothing).
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
+    /// The defaulting's inputs as the object wrote them; `None` for a policy built in code
+    /// (its isolation is what it says). The reference evaluator derives isolation from
+    /// these itself, so a defaulting mistake in the conversion shows up as a disagreement.
+    pub declared: Option<Declared>,
+}
+
+/// What a NetworkPolicy object wrote that `policyTypes` defaulting reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// `spec.policyTypes` as written (`None`: absent).
+    pub policy_types: Option<Vec<String>>,
+    /// How many rules `spec.egress` listed, valid or not.
+    pub egress_rules: usize,
 }
 
 impl NetworkPolicy {

@@ -92,6 +92,32 @@ fn selecting<'a>(snap: &'a Snapshot, pod: &'a Pod) -> impl Iterator<Item = &'a N
         .filter(move |p| p.namespace == pod.namespace && p.pod_selector.matches(&pod.labels))
 }
 
+/// Whether `policy` isolates its pods for egress (`egress`) or ingress, read from what the
+/// object wrote as the API reference words it: "If no policyTypes are specified on a
+/// NetworkPolicy then by default Ingress will always be set and Egress will be set if the
+/// NetworkPolicy has any egress rules." An entry the API server would refuse (not Ingress or
+/// Egress, or more than two) isolates both ways here, failing closed. A policy built in code
+/// says its isolation itself.
+fn isolates(policy: &NetworkPolicy, egress: bool) -> bool {
+    let Some(d) = &policy.declared else {
+        return if egress {
+            policy.egress_isolation
+        } else {
+            policy.ingress_isolation
+        };
+    };
+    match d.policy_types.as_deref() {
+        None | Some([]) => !egress || d.egress_rules > 0,
+        Some(types) => {
+            let wanted = if egress { "Egress" } else { "Ingress" };
+            types.len() > 2
+                || types
+                    .iter()
+                    .any(|t| t == wanted || (t != "Ingress" && t != "Egress"))
+        }
+    }
+}
+
 fn ingress_allows(
     snap: &Snapshot,
     dst: &Pod,
@@ -100,7 +126,7 @@ fn ingress_allows(
     port: u16,
 ) -> bool {
     let policies: Vec<&NetworkPolicy> = selecting(snap, dst)
-        .filter(|p| p.ingress_isolation)
+        .filter(|p| isolates(p, false))
         .collect();
     if policies.is_empty() {
         return true; // not isolated for ingress
@@ -123,7 +149,7 @@ fn egress_allows(
     port: u16,
 ) -> bool {
     let policies: Vec<&NetworkPolicy> = selecting(snap, src)
-        .filter(|p| p.egress_isolation)
+        .filter(|p| isolates(p, true))
         .collect();
     if policies.is_empty() {
         return true; // not isolated for egress

@@ -14,37 +14,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::compiler::{self, CompilerState, MapContents};
-use crate::dataplane::{
-    AttachMode, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role, UplinkMode,
-    ctseed, links, pinning, renumber_onto, uplink,
-};
+use crate::compiler::{self, CompilerState};
+use crate::dataplane::{DataplaneError, pinning};
 use crate::model::Snapshot;
-use crate::{manifests, netinfo, writer};
+use crate::node::{NodeEnforcer, NodeOptions};
+use crate::{manifests, netinfo};
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub manifests: PathBuf,
     /// Pods whose nodeName is unset or equal to this are local.
     pub node_name: String,
-    /// bpffs directory for the pinned maps.
-    pub bpf_dir: PathBuf,
     pub poll_interval: Duration,
     /// Where to write the enforced generation (see [`Status`]).
     pub status_file: Option<PathBuf>,
-    pub attach_mode: AttachMode,
-    /// Remove whatever an earlier agent pinned before starting (enforcement restarts from
-    /// nothing: established connections are re-seeded from the kernel's table).
-    pub reset: bool,
-    /// Seed conntrack from the kernel's connection table on a first start.
-    pub seed_conntrack: bool,
-    /// When the pinned maps do not match this agent's object (an upgrade changed a map),
-    /// move to new maps without a gap; else refuse to start.
-    pub migrate: bool,
-    /// Service ClusterIP ranges: egress to them is judged on the DNAT backend.
-    pub service_cidrs: Vec<ipnet::IpNet>,
-    /// Which non-pod interfaces get the uplink programs.
-    pub uplinks: UplinkMode,
+    /// The node side: pin directory, attachment, conntrack seeding, migration.
+    pub node: NodeOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,95 +78,35 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         path: cfg.manifests.clone(),
         source,
     })?;
-    if cfg.reset {
-        let gone = uninstall(&cfg.bpf_dir)?;
-        tracing::warn!(?gone, "--reset: removed what an earlier agent pinned");
-    }
-    // An incompatible pin directory fails here, before anything is touched: the programs
-    // already attached keep enforcing their own maps (fail closed, never open).
-    let mut dp = match Dataplane::load(&cfg.bpf_dir) {
-        Err(DataplaneError::Incompatible { detail, .. }) if cfg.migrate => {
-            tracing::warn!(%detail, "pinned maps do not match this agent: migrating to new maps");
-            Dataplane::load_staged(&cfg.bpf_dir)?
-        }
-        r => r?,
-    };
-    dp.persist_links();
-    let mut maps = dp.take_maps()?;
-    let adopted = dp.pin_state() == PinState::Adopted;
-    let mut seed = !adopted && cfg.seed_conntrack;
-    if dp.pin_state() == PinState::Migrating {
-        // The old agent's table, when its layout is ours; else the kernel's (established
-        // connections only: the same as a first start).
-        match ctseed::copy_pinned(&mut maps, &cfg.bpf_dir.join(policy_common::MAP_CONNTRACK)) {
-            Ok(Some(n)) => {
-                tracing::info!(entries = n, "conntrack copied from the old map");
-                seed = false;
-            }
-            Ok(None) => tracing::warn!(
-                "old conntrack map of another layout: seeding from the kernel's table"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "old conntrack map unreadable: seeding from the kernel's table")
-            }
-        }
-    }
-    if seed {
-        let seeded = ctseed::kernel_table().and_then(|t| {
-            // Stamps on the datapath's clock, not the coarse clock (see dataplane::clock).
-            let now = dp.now_ns(&maps)?;
-            ctseed::seed(&mut maps, &t, now)
-        });
-        match seeded {
-            Ok(s) => tracing::info!(
-                connections = s.connections,
-                entries = s.entries,
-                "conntrack seeded from the kernel's table"
-            ),
-            // No table means no tracked connection to keep (nf_conntrack not in use here).
-            Err(e) => {
-                tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
-            }
-        }
-    }
-    maps.set_service_cidrs(&cfg.service_cidrs)?;
+    let mut node = NodeEnforcer::start(&cfg.node)?;
     let mut agent = Agent {
         state: CompilerState::new(),
-        written: maps.read_contents()?,
-        resync: false,
-        attached: LinkSet::new(Role::Pod),
-        pins_adopted: false,
-        uplinks: LinkSet::new(Role::Uplink),
         last_fingerprint: None,
         read: None,
         compiled: None,
         last_status: None,
         loader: manifests::DirLoader::default(),
-        adopted,
-        migrated: false,
     };
     tracing::info!(
         manifests = %cfg.manifests.display(),
         node = %cfg.node_name,
-        adopted,
-        entries = agent.written.sizes().iter().map(|(_, n, _)| n).sum::<usize>(),
+        adopted = node.adopted(),
+        entries = node.written().sizes().iter().map(|(_, n, _)| n).sum::<usize>(),
         "standalone agent started"
     );
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
-        if let Err(e) = agent.reconcile(cfg, &mut dp, &mut maps) {
+        if let Err(e) = agent.reconcile(cfg, &mut node) {
             // Keep running: the next tick retries from a full compile against a fresh
             // read of the kernel maps.
             tracing::error!(error = %e, "reconcile failed");
             agent.compiled = None;
-            agent.resync = true;
         }
         let spent = t0.elapsed();
         std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
     }
     // Persistent attachments are left to enforce until the next agent takes them over.
-    agent.attached.release_all(&mut dp);
-    agent.uplinks.release_all(&mut dp);
+    node.release_all();
     tracing::info!(
         "standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)"
     );
@@ -195,20 +120,10 @@ pub fn uninstall(bpf_dir: &Path) -> Result<pinning::Uninstalled, StandaloneError
     Ok(pinning::uninstall(object, bpf_dir)?)
 }
 
+/// Standalone's own part: turning the directory into snapshots. The node side is
+/// [`NodeEnforcer`]'s, the same as in cluster mode.
 struct Agent {
     state: CompilerState,
-    /// What the kernel maps hold (read back at start, then as written by this process).
-    written: MapContents,
-    /// `written` may be wrong (a write failed half-way): read the kernel again.
-    resync: bool,
-    /// Whether the pinned links of an earlier agent were taken over yet.
-    pins_adopted: bool,
-    adopted: bool,
-    migrated: bool,
-    /// Local pods' veths with the pod programs.
-    attached: LinkSet,
-    /// Non-pod interfaces with the uplink programs.
-    uplinks: LinkSet,
     /// The directory's fingerprint when it was last read, kept only once it proves the
     /// content unchanged ([`manifests::fingerprint_settled`]): while it matches, nothing is
     /// read or parsed.
@@ -224,12 +139,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn reconcile(
-        &mut self,
-        cfg: &Config,
-        dp: &mut Dataplane,
-        maps: &mut DataplaneMaps,
-    ) -> Result<(), StandaloneError> {
+    fn reconcile(&mut self, cfg: &Config, node: &mut NodeEnforcer) -> Result<(), StandaloneError> {
         let fp = manifests::fingerprint(&cfg.manifests);
         let node_addrs = netinfo::local_addrs()?;
         if self.read.is_none() || self.last_fingerprint.as_ref() != Some(&fp) {
@@ -265,10 +175,6 @@ impl Agent {
         let key = (generation, addrs.clone());
         if self.compiled.as_ref() != Some(&key) {
             let t0 = Instant::now();
-            if self.resync {
-                self.written = maps.read_contents()?;
-                self.resync = false;
-            }
             let desired = compiler::compile(snapshot, &mut self.state);
             if let Some((map, entries, capacity)) = desired.over_capacity().first().copied() {
                 return Err(DataplaneError::OverCapacity {
@@ -278,56 +184,30 @@ impl Agent {
                 }
                 .into());
             }
-            // The kernel's numbers win where the meaning is the same; a changed table gets
-            // a number nothing uses, so endpoints switch to it whole.
-            let target = renumber_onto(&self.written, &desired);
-            let diff = MapContents::diff(&self.written, &target);
-            writer::apply(maps, &diff)?;
-            self.written = target;
+            let changes = node.write(&desired)?;
             self.compiled = Some(key);
             tracing::info!(
-                changes = diff.len(),
-                endpoints = self.written.endpoints.len(),
+                changes,
+                endpoints = node.written().endpoints.len(),
                 elapsed_us = t0.elapsed().as_micros() as u64,
                 "maps updated"
             );
         }
         // Interfaces can appear after the manifests: look every tick.
-        let routes = netinfo::routes()?;
         let local = snapshot.pods.values().filter(|p| snapshot.is_local(p));
-        let (wanted, waiting) = links::pod_interfaces(
-            &routes,
-            local.map(|p| (p.key().to_string(), p.ips.as_slice())),
-        );
-        if !self.pins_adopted {
-            // After the maps are right: links an earlier agent pinned get this agent's
-            // programs in place (no gap), and those of interfaces gone or no longer wanted
-            // are dropped below like any other. Failures are retried next tick.
-            self.pins_adopted =
-                links::adopt_pins(dp, cfg.attach_mode, &mut self.attached, &mut self.uplinks) == 0;
-        }
-        // Detach before attaching, so an interface changing role (a pod's veth that looked
-        // like an uplink before its pod was known) never carries both pairs.
-        let uplinks = uplink::select(&cfg.uplinks, &uplink::interfaces(), &wanted);
-        self.uplinks.prune(dp, &uplinks);
-        self.attached.prune(dp, &wanted);
-        self.attached.attach_missing(dp, cfg.attach_mode, &wanted);
-        self.uplinks.attach_missing(dp, cfg.attach_mode, &uplinks);
-        if dp.pin_state() == PinState::Migrating && self.pins_adopted {
-            // Every pinned link and filter runs the new programs on the new maps now.
-            dp.finish_migration()?;
-            self.migrated = true;
-            tracing::info!("migration finished: the new maps are pinned in place of the old");
+        let ifaces = node.sync_interfaces(local.map(|p| (p.key().to_string(), p.ips.as_slice())));
+        for (iface, error) in &ifaces.failed {
+            tracing::warn!(%iface, %error, "attaching failed; retrying next tick");
         }
         let status = Status {
             generation,
-            endpoints: self.written.endpoints.len(),
-            attached: self.attached.names(),
-            waiting,
-            uplinks: self.uplinks.names(),
+            endpoints: node.written().endpoints.len(),
+            attached: ifaces.attached,
+            waiting: ifaces.waiting,
+            uplinks: ifaces.uplinks,
             problems,
-            adopted: self.adopted,
-            migrated: self.migrated,
+            adopted: node.adopted(),
+            migrated: node.migrated(),
         };
         if self.last_status.as_ref() != Some(&status) {
             if let Some(path) = &cfg.status_file {

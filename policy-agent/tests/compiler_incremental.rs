@@ -170,6 +170,7 @@ fn a_new_peer_pod_adds_rows_without_renumbering() {
             ports: vec![],
         }],
         egress: vec![],
+        declared: None,
     };
     snap.policies.insert(pol.key(), pol);
     let mut engine = Engine::new(&snap);

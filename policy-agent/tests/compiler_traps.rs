@@ -86,6 +86,7 @@ impl C {
             egress_isolation: egress.is_some(),
             ingress: ingress.unwrap_or_default(),
             egress: egress.unwrap_or_default(),
+            declared: None,
         };
         self.snap.policies.insert(p.key(), p);
     }

@@ -278,7 +278,9 @@ async fn reconcile_lost_delete_is_repaired_by_the_relist() {
     // The policy's delete event is lost; later the watch is dropped and cannot resume.
     api.delete_silently(Kind::Policies, "shop", "web-from-client");
     api.compact(Kind::Policies);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Three turns of the loop (polls included) after the lost event: it has looked again.
+    let beats = agent.health.beats();
+    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
     assert!(
         isolated_ingress(endpoint(&agent.kernel(), "198.18.0.10")),
         "nothing heard yet"
@@ -334,7 +336,12 @@ async fn reconcile_resync_repairs_drift_in_the_maps() {
         isolated_ingress(endpoint(&agent.kernel(), "198.18.0.11"))
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Two whole resyncs after the changes: the second began after they were applied.
+    let resyncs = agent.metrics.reconcile_count(true);
+    eventually(10, "two resyncs", || {
+        agent.metrics.reconcile_count(true) >= resyncs + 2
+    })
+    .await;
     assert_eq!(agent.metrics.error_count(ErrorKind::CompileMismatch), 0);
     agent.stop().await;
 }
@@ -416,7 +423,9 @@ async fn kube_ready_only_after_every_cache_synced_and_the_maps_written() {
         api.lists(Kind::Pods) == 1 && api.lists(Kind::Namespaces) == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The loop waits on the caches: three turns, and still nothing.
+    let beats = agent.health.beats();
+    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
     assert!(!agent.health.is_ready(), "policies are not listed yet");
     assert!(
         agent.kernel().endpoints.is_empty(),
@@ -435,6 +444,13 @@ async fn kube_ready_only_after_every_cache_synced_and_the_maps_written() {
     agent.stop().await;
 }
 
+/// Three turns of the loop from now: a change notified before was taken by one of them
+/// (the loop takes one wake-up per turn, and a change's turn ends after its pass).
+async fn settled(agent: &Agent) {
+    let beats = agent.health.beats();
+    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_burst_is_coalesced() {
     let api = base_api();
@@ -443,7 +459,7 @@ async fn reconcile_burst_is_coalesced() {
     let agent = Agent::start(api.clone(), cfg, None).await;
     eventually(10, "ready", || agent.health.is_ready()).await;
     eventually(5, "pod watch open", || api.open_watches(Kind::Pods) == 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&agent).await;
     let applies_before = agent
         .calls()
         .iter()
@@ -466,7 +482,7 @@ async fn reconcile_burst_is_coalesced() {
         (0..60).all(|i| isolated_ingress(endpoint(&k, &format!("198.18.1.{i}"))))
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    settled(&agent).await;
     let writes = agent
         .calls()
         .iter()

@@ -69,6 +69,7 @@ fn allow_all(ns: &str) -> NetworkPolicy {
         egress_isolation: true,
         ingress: vec![Rule::default()],
         egress: vec![Rule::default()],
+        declared: None,
     }
 }
 

@@ -155,6 +155,7 @@ fn policy(ns: &str, name: &str, selector: LabelSelector) -> NetworkPolicy {
         egress_isolation: false,
         ingress: vec![],
         egress: vec![],
+        declared: None,
     }
 }
 

@@ -372,3 +372,50 @@ fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
         files_under(fs.path())
     );
 }
+
+/// Cluster mode goes through the same node side as standalone: a DaemonSet upgrade that
+/// changed a map's layout migrates (no crash loop), or with `--no-migrate` refuses cleanly.
+#[test]
+fn cluster_mode_migrates_incompatible_maps_through_the_shared_node_side() {
+    use policy_agent::cluster::{Enforcer, KernelEnforcer};
+    use policy_agent::compiler::MapContents;
+    use policy_agent::dataplane::UplinkMode;
+    use policy_agent::node::NodeOptions;
+    use policy_agent::testbed::Netns;
+
+    let fs = PrivateBpffs::mount().expect("private bpffs");
+    drop(Dataplane::load(fs.path()).expect("first load creates the pins"));
+    let endpoints = fs.path().join(MAP_ENDPOINTS);
+    std::fs::remove_file(&endpoints).expect("unpin");
+    pin_raw_hash(&endpoints, 16, 8, MAX_ENDPOINTS);
+
+    // In a namespace of the test's own: the interface pass looks at its interfaces only.
+    let ns = Netns::create(&format!("pa-upg-{}", std::process::id())).expect("namespace");
+    let path = fs.path().to_path_buf();
+    ns.enter(move || {
+        let mut opts = NodeOptions::new(&path);
+        opts.uplink_mode = UplinkMode::None;
+        opts.migrate = false;
+        match KernelEnforcer::start(&opts) {
+            Err(e) => assert!(e.to_string().contains("cannot be adopted"), "{e}"),
+            Ok(_) => panic!("--no-migrate adopted an incompatible map"),
+        }
+        opts.migrate = true;
+        let mut enforcer = KernelEnforcer::start(&opts).expect("migrates");
+        let empty = MapContents::default();
+        enforcer
+            .apply(&empty, &MapContents::diff(&empty, &empty))
+            .expect("write");
+        assert!(!enforcer.migrated(), "not before the links are taken over");
+        let report = enforcer.sync_interfaces(&[]);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert!(enforcer.migrated(), "the interface pass finishes the migration");
+        enforcer.release_all();
+    })
+    .expect("enter the namespace");
+    // The new maps are pinned in place of the old: the next agent adopts them.
+    assert_eq!(
+        Dataplane::load(fs.path()).expect("adopts").pin_state(),
+        PinState::Adopted
+    );
+}

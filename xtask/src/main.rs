@@ -31,12 +31,13 @@ enum Task {
     /// Setup, build, then every test layer: unit, property, kernel (BPF_PROG_TEST_RUN),
     /// namespaces, scenarios.
     Test,
-    /// Benchmarks: `datapath` (ns per packet) or `compile` (policy compiler).
+    /// Benchmarks: `datapath` (ns per packet), `compile` (policy compiler) or `cluster`
+    /// (the cluster agent's pass for one pod change).
     Bench {
-        #[arg(value_parser = ["datapath", "compile"])]
+        #[arg(value_parser = ["datapath", "compile", "cluster"])]
         which: Vec<String>,
     },
-    /// Run scenario files (../shared/scenarios/FORMAT.md) on the kernel, or with
+    /// Run scenario files (scenarios/FORMAT.md) on the kernel, or with
     /// `--simulate` through the compiler and the kernel model.
     Scenario {
         #[arg(long)]

@@ -108,7 +108,7 @@ fn count(line: &str, what: &str) -> u64 {
 
 pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     let which: Vec<&str> = if which.is_empty() {
-        vec!["datapath", "compile"]
+        vec!["datapath", "compile", "cluster"]
     } else {
         which.iter().map(String::as_str).collect()
     };

@@ -220,6 +220,7 @@ mod tests {
                 ports: vec![],
             }],
             egress: vec![],
+            declared: None,
         }
     }
 

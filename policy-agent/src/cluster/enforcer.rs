@@ -9,12 +9,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::compiler::{MapContents, MapDiff};
-use crate::dataplane::{
-    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role,
-    UplinkMode, adopt_kernel_state, ctseed, links, renumber_onto, uplink,
-};
+use crate::dataplane::{AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, UplinkMode};
 use crate::model::ObjectKey;
-use crate::{netinfo, writer};
+use crate::netinfo;
+use crate::node::{NodeEnforcer, NodeOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
@@ -92,83 +90,55 @@ pub trait Enforcer: Send {
 // The kernel
 // ---------------------------------------------------------------------------------------------
 
-/// The loaded programs and their maps.
+/// The node side shared with standalone mode ([`NodeEnforcer`]) behind the loop's trait.
 pub struct KernelEnforcer {
-    dp: Dataplane,
-    maps: DataplaneMaps,
-    mode: AttachMode,
-    /// What the kernel maps hold, in the kernel's numbering.
-    written: MapContents,
-    pins_adopted: bool,
-    /// Which non-pod interfaces get the uplink programs, and those that have them.
-    uplink_mode: UplinkMode,
-    uplinks: LinkSet,
-    /// Local pods' veths with the pod programs.
-    attached: LinkSet,
+    node: NodeEnforcer,
 }
 
 impl KernelEnforcer {
-    /// Takes the maps of a loaded object, adopting what an earlier agent pinned: links stay
-    /// (this agent's programs replace theirs in place when it attaches), the maps are read
-    /// back and later writes are renumbered onto them, so an unchanged policy writes nothing.
-    /// On a first start (nothing was pinned), established connections are seeded into
-    /// conntrack so enforcement starting does not cut them.
+    /// Loads and takes the node side as [`NodeEnforcer::start`] does: an earlier agent's
+    /// pinned maps are adopted, incompatible ones migrated (a DaemonSet upgrade that changed
+    /// a map moves to new maps without a gap), new ones get conntrack seeded.
+    pub fn start(opts: &NodeOptions) -> Result<Self, EnforceError> {
+        Ok(KernelEnforcer {
+            node: NodeEnforcer::start(opts)?,
+        })
+    }
+
+    /// The same over an object the caller loaded.
     pub fn new(
-        mut dp: Dataplane,
+        dp: Dataplane,
         mode: AttachMode,
         service_cidrs: &[ipnet::IpNet],
         uplink_mode: UplinkMode,
     ) -> Result<Self, EnforceError> {
-        dp.persist_links();
-        let first_start = dp.pin_state() == PinState::Fresh;
-        let mut maps = dp.take_maps()?;
-        if first_start {
-            let seeded = ctseed::kernel_table().and_then(|t| {
-                // Stamps on the datapath's clock, not the coarse clock (see dataplane::clock).
-                let now = dp.now_ns(&maps)?;
-                ctseed::seed(&mut maps, &t, now)
-            });
-            match seeded {
-                Ok(s) => tracing::info!(
-                    connections = s.connections,
-                    "conntrack seeded from the kernel's table"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
-                }
-            }
-        } else {
-            tracing::info!("adopted the maps and links an earlier agent pinned");
-        }
-        maps.set_service_cidrs(service_cidrs)?;
-        let written = maps.read_contents()?;
+        let mut opts = NodeOptions::new(dp.pin_dir());
+        opts.attach_mode = mode;
+        opts.service_cidrs = service_cidrs.to_vec();
+        opts.uplink_mode = uplink_mode;
         Ok(KernelEnforcer {
-            dp,
-            maps,
-            mode,
-            uplink_mode,
-            uplinks: LinkSet::new(Role::Uplink),
-            written,
-            pins_adopted: false,
-            attached: LinkSet::new(Role::Pod),
+            node: NodeEnforcer::with_dataplane(dp, &opts)?,
         })
     }
 
     pub fn maps(&self) -> &DataplaneMaps {
-        &self.maps
+        self.node.maps()
+    }
+
+    /// Whether this agent moved an earlier one's incompatible maps to new ones.
+    pub fn migrated(&self) -> bool {
+        self.node.migrated()
     }
 
     /// Leaves every attachment in place for the next agent (restart without a gap);
     /// `policy-agent uninstall` removes them.
     pub fn release_all(&mut self) {
-        self.attached.release_all(&mut self.dp);
-        self.uplinks.release_all(&mut self.dp);
+        self.node.release_all();
     }
 
     /// Detaches (and unpins) every attachment: a test or an uninstall, not a restart.
     pub fn detach_all(&mut self) {
-        self.attached.detach_all(&mut self.dp);
-        self.uplinks.detach_all(&mut self.dp);
+        self.node.detach_all();
     }
 }
 
@@ -176,55 +146,23 @@ impl Enforcer for KernelEnforcer {
     fn apply(&mut self, desired: &MapContents, _diff: &MapDiff) -> Result<(), EnforceError> {
         // The loop's numbers are its own; the kernel's win where the meaning is the same
         // (they may come from an earlier agent), so the diff is taken in kernel numbering.
-        let target = renumber_onto(&self.written, desired);
-        let diff = MapContents::diff(&self.written, &target);
-        writer::apply(&mut self.maps, &diff)?;
-        self.written = target;
+        self.node.write(desired)?;
         Ok(())
     }
 
     fn repair(&mut self, desired: &MapContents) -> Result<usize, EnforceError> {
-        let (target, stats) = adopt_kernel_state(&mut self.maps, desired)?;
-        self.written = target;
-        Ok(stats.upserts + stats.deletes)
+        Ok(self.node.repair(desired)?)
     }
 
     fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
-        let mut report = InterfaceReport::default();
-        let routes = match netinfo::routes() {
-            Ok(r) => r,
-            Err(e) => {
-                // Keep what is attached: a pod losing its programs would fail open.
-                tracing::warn!(error = %e, "reading routes failed");
-                report.attached = self.attached.names();
-                report.failed.push(("<routes>".into(), e.to_string()));
-                return report;
-            }
-        };
-        let (wanted, waiting) = links::pod_interfaces(
-            &routes,
-            local.iter().map(|p| (p.key.clone(), p.ips.as_slice())),
-        );
-        report.waiting = waiting;
-        if !self.pins_adopted {
-            self.pins_adopted = links::adopt_pins(
-                &mut self.dp,
-                self.mode,
-                &mut self.attached,
-                &mut self.uplinks,
-            ) == 0;
+        let r = self
+            .node
+            .sync_interfaces(local.iter().map(|p| (p.key.clone(), p.ips.as_slice())));
+        InterfaceReport {
+            attached: r.attached,
+            waiting: r.waiting,
+            failed: r.failed,
         }
-        // Detach before attaching, so an interface changing role never carries both pairs.
-        let uplinks = uplink::select(&self.uplink_mode, &uplink::interfaces(), &wanted);
-        self.uplinks.prune(&mut self.dp, &uplinks);
-        self.attached.prune(&mut self.dp, &wanted);
-        report.failed = self
-            .attached
-            .attach_missing(&mut self.dp, self.mode, &wanted);
-        self.uplinks
-            .attach_missing(&mut self.dp, self.mode, &uplinks);
-        report.attached = self.attached.names();
-        report
     }
 
     fn node_addrs(&mut self) -> Result<Vec<IpAddr>, EnforceError> {
@@ -232,7 +170,7 @@ impl Enforcer for KernelEnforcer {
     }
 
     fn verdicts(&mut self) -> Option<Counters> {
-        match self.maps.counters() {
+        match self.node.verdicts() {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(error = %e, "reading verdict counters failed");

@@ -212,6 +212,7 @@ fn malformed_policy(
         egress_isolation: true,
         ingress: Vec::new(),
         egress: Vec::new(),
+        declared: None,
     };
     let pp = PolicyProblems {
         key: value.key(),

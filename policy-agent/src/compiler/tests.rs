@@ -65,6 +65,7 @@ fn policy(ns: &str, name: &str, sel: LabelSelector, ingress: Vec<Rule>) -> Netwo
         egress_isolation: false,
         ingress,
         egress: Vec::new(),
+        declared: None,
     }
 }
 

@@ -225,6 +225,7 @@ pub fn policy() -> impl Strategy<Value = NetworkPolicy> {
                     egress_isolation,
                     ingress,
                     egress,
+                    declared: None,
                 }
             },
         )

@@ -1,0 +1,300 @@
+//! The node side of enforcement, one for both modes: loading the programs (taking over what
+//! an earlier agent pinned, or migrating its incompatible maps), seeding conntrack, writing
+//! compiled contents renumbered onto what the kernel holds, and keeping the programs on the
+//! right interfaces. Standalone mode and the cluster loop only decide *what* to enforce;
+//! everything here is the same whichever of them asks.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use crate::compiler::MapContents;
+use crate::dataplane::{
+    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role,
+    UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_onto, uplink,
+};
+use crate::{netinfo, writer};
+
+/// How the node side starts.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// bpffs directory of the pinned maps and links.
+    pub bpf_dir: PathBuf,
+    pub attach_mode: AttachMode,
+    /// Which non-pod interfaces get the uplink programs.
+    pub uplink_mode: UplinkMode,
+    /// Service ClusterIP ranges: egress to them is judged on the DNAT backend.
+    pub service_cidrs: Vec<ipnet::IpNet>,
+    /// Remove whatever an earlier agent pinned first (enforcement restarts from nothing).
+    pub reset: bool,
+    /// Seed conntrack from the kernel's connection table when starting on new maps.
+    pub seed_conntrack: bool,
+    /// When the pinned maps do not match this agent's object (an upgrade changed a map),
+    /// move to new maps without a gap; else refuse to start, leaving the old programs
+    /// enforcing (fail closed, never open).
+    pub migrate: bool,
+}
+
+impl NodeOptions {
+    pub fn new(bpf_dir: &Path) -> NodeOptions {
+        NodeOptions {
+            bpf_dir: bpf_dir.to_path_buf(),
+            attach_mode: AttachMode::Auto,
+            uplink_mode: UplinkMode::Auto,
+            service_cidrs: Vec::new(),
+            reset: false,
+            seed_conntrack: true,
+            migrate: true,
+        }
+    }
+}
+
+/// Result of one interface pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interfaces<K> {
+    /// Interfaces with the pod programs attached.
+    pub attached: Vec<String>,
+    /// Local pods whose interface was not found yet (isolated anyway once it appears).
+    pub waiting: Vec<K>,
+    /// Non-pod interfaces with the uplink programs.
+    pub uplinks: Vec<String>,
+    /// Interfaces where attaching failed (retried next pass), with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The loaded programs, their maps and attachments.
+pub struct NodeEnforcer {
+    dp: Dataplane,
+    maps: DataplaneMaps,
+    mode: AttachMode,
+    uplink_mode: UplinkMode,
+    /// What the kernel maps hold, in the kernel's numbering.
+    written: MapContents,
+    /// `written` may be wrong (a write failed half-way): read the kernel before the next.
+    stale: bool,
+    /// Whether the pinned links of an earlier agent were taken over yet.
+    pins_adopted: bool,
+    attached: LinkSet,
+    uplinks: LinkSet,
+    adopted: bool,
+    migrated: bool,
+}
+
+impl NodeEnforcer {
+    /// Loads the object under `opts.bpf_dir` and takes its maps: pinned maps of an earlier
+    /// agent are adopted (read back; later writes are renumbered onto them, so an unchanged
+    /// policy writes nothing); incompatible ones are migrated when `opts.migrate` (the old
+    /// agent's conntrack copied when its layout allows, else seeded); new maps get
+    /// conntrack seeded from the kernel's table so enforcement starting cuts nothing.
+    pub fn start(opts: &NodeOptions) -> Result<NodeEnforcer, DataplaneError> {
+        if opts.reset {
+            let object = crate::ebpf_object::require()?;
+            let gone = pinning::uninstall(object, &opts.bpf_dir)?;
+            tracing::warn!(?gone, "reset: removed what an earlier agent pinned");
+        }
+        // An incompatible pin directory fails here, before anything is touched: the programs
+        // already attached keep enforcing their own maps.
+        let dp = match Dataplane::load(&opts.bpf_dir) {
+            Err(DataplaneError::Incompatible { detail, .. }) if opts.migrate => {
+                tracing::warn!(%detail, "pinned maps do not match this agent: migrating to new maps");
+                Dataplane::load_staged(&opts.bpf_dir)?
+            }
+            r => r?,
+        };
+        Self::with_dataplane(dp, opts)
+    }
+
+    /// [`NodeEnforcer::start`] over an object loaded by the caller.
+    pub fn with_dataplane(
+        mut dp: Dataplane,
+        opts: &NodeOptions,
+    ) -> Result<NodeEnforcer, DataplaneError> {
+        dp.persist_links();
+        let mut maps = dp.take_maps()?;
+        let adopted = dp.pin_state() == PinState::Adopted;
+        let mut seed = !adopted && opts.seed_conntrack;
+        if dp.pin_state() == PinState::Migrating {
+            // The old agent's table, when its layout is ours; else the kernel's (established
+            // connections only: the same as a first start).
+            let old = opts.bpf_dir.join(policy_common::MAP_CONNTRACK);
+            match ctseed::copy_pinned(&mut maps, &old) {
+                Ok(Some(n)) => {
+                    tracing::info!(entries = n, "conntrack copied from the old map");
+                    seed = false;
+                }
+                Ok(None) => tracing::warn!(
+                    "old conntrack map of another layout: seeding from the kernel's table"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "old conntrack map unreadable: seeding from the kernel's table"
+                ),
+            }
+        }
+        if seed {
+            let seeded = ctseed::kernel_table().and_then(|t| {
+                // Stamps on the datapath's clock, not the coarse clock (see dataplane::clock).
+                let now = dp.now_ns(&maps)?;
+                ctseed::seed(&mut maps, &t, now)
+            });
+            match seeded {
+                Ok(s) => tracing::info!(
+                    connections = s.connections,
+                    entries = s.entries,
+                    "conntrack seeded from the kernel's table"
+                ),
+                // No table means no tracked connection to keep (nf_conntrack not in use).
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel connection table unreadable; nothing seeded")
+                }
+            }
+        } else if adopted {
+            tracing::info!("adopted the maps and links an earlier agent pinned");
+        }
+        maps.set_service_cidrs(&opts.service_cidrs)?;
+        let written = maps.read_contents()?;
+        Ok(NodeEnforcer {
+            dp,
+            maps,
+            mode: opts.attach_mode,
+            uplink_mode: opts.uplink_mode.clone(),
+            written,
+            stale: false,
+            pins_adopted: false,
+            attached: LinkSet::new(Role::Pod),
+            uplinks: LinkSet::new(Role::Uplink),
+            adopted,
+            migrated: false,
+        })
+    }
+
+    /// Writes `desired` (in any numbering): renamed onto the kernel's numbers where the
+    /// meaning is the same, a changed table under a number nothing uses, and only the
+    /// difference written, in the writer's order. Returns the entries written or deleted.
+    pub fn write(&mut self, desired: &MapContents) -> Result<usize, DataplaneError> {
+        if self.stale {
+            self.written = self.maps.read_contents()?;
+            self.stale = false;
+        }
+        let target = renumber_onto(&self.written, desired);
+        let diff = MapContents::diff(&self.written, &target);
+        if let Err(e) = writer::apply(&mut self.maps, &diff) {
+            self.stale = true;
+            return Err(e);
+        }
+        self.written = target;
+        Ok(diff.len())
+    }
+
+    /// Makes the maps equal `desired` whatever they hold now (entries lost or changed
+    /// behind the agent's back). Returns the entries written or deleted.
+    pub fn repair(&mut self, desired: &MapContents) -> Result<usize, DataplaneError> {
+        self.stale = true;
+        let (target, stats) = adopt_kernel_state(&mut self.maps, desired)?;
+        self.written = target;
+        self.stale = false;
+        Ok(stats.upserts + stats.deletes)
+    }
+
+    /// Attaches the pod programs to the host interfaces of these local pods (found from
+    /// their addresses), the uplink programs to the interfaces `uplink_mode` picks, and
+    /// detaches them where no longer wanted. The first pass takes over the links an
+    /// earlier agent pinned; once that is done a migration finishes (the new maps pinned in
+    /// place of the old).
+    pub fn sync_interfaces<'a, K: Clone + 'a>(
+        &mut self,
+        local: impl IntoIterator<Item = (K, &'a [IpAddr])>,
+    ) -> Interfaces<K> {
+        let routes = match netinfo::routes() {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep what is attached: a pod losing its programs would fail open.
+                tracing::warn!(error = %e, "reading routes failed");
+                return Interfaces {
+                    attached: self.attached.names(),
+                    waiting: Vec::new(),
+                    uplinks: self.uplinks.names(),
+                    failed: vec![("<routes>".into(), e.to_string())],
+                };
+            }
+        };
+        let (wanted, waiting) = links::pod_interfaces(&routes, local);
+        if !self.pins_adopted {
+            // After the maps are right: links an earlier agent pinned get this agent's
+            // programs in place (no gap); failures are retried next pass.
+            self.pins_adopted = links::adopt_pins(
+                &mut self.dp,
+                self.mode,
+                &mut self.attached,
+                &mut self.uplinks,
+            ) == 0;
+        }
+        // Detach before attaching, so an interface changing role (a pod's veth that looked
+        // like an uplink before its pod was known) never carries both pairs.
+        let uplinks = uplink::select(&self.uplink_mode, &uplink::interfaces(), &wanted);
+        self.uplinks.prune(&mut self.dp, &uplinks);
+        self.attached.prune(&mut self.dp, &wanted);
+        let mut failed = self
+            .attached
+            .attach_missing(&mut self.dp, self.mode, &wanted);
+        failed.extend(
+            self.uplinks
+                .attach_missing(&mut self.dp, self.mode, &uplinks),
+        );
+        if self.dp.pin_state() == PinState::Migrating && self.pins_adopted {
+            // Every pinned link and filter runs the new programs on the new maps now.
+            match self.dp.finish_migration() {
+                Ok(()) => {
+                    self.migrated = true;
+                    tracing::info!("migration finished: the new maps are pinned in place of the old");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "finishing the migration failed; retrying");
+                    failed.push(("<migration>".into(), e.to_string()));
+                }
+            }
+        }
+        Interfaces {
+            attached: self.attached.names(),
+            waiting,
+            uplinks: self.uplinks.names(),
+            failed,
+        }
+    }
+
+    /// The kernel's verdict counters summed over CPUs.
+    pub fn verdicts(&self) -> Result<Counters, DataplaneError> {
+        self.maps.counters()
+    }
+
+    pub fn maps(&self) -> &DataplaneMaps {
+        &self.maps
+    }
+
+    /// What the kernel maps hold, as last written or read.
+    pub fn written(&self) -> &MapContents {
+        &self.written
+    }
+
+    /// Whether this agent adopted the pinned maps of an earlier one.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Whether this agent moved an earlier one's incompatible maps to new ones.
+    pub fn migrated(&self) -> bool {
+        self.migrated
+    }
+
+    /// Leaves every attachment in place for the next agent (restart without a gap);
+    /// `policy-agent uninstall` removes them.
+    pub fn release_all(&mut self) {
+        self.attached.release_all(&mut self.dp);
+        self.uplinks.release_all(&mut self.dp);
+    }
+
+    /// Detaches (and unpins) every attachment: a test or an uninstall, not a restart.
+    pub fn detach_all(&mut self) {
+        self.attached.detach_all(&mut self.dp);
+        self.uplinks.detach_all(&mut self.dp);
+    }
+}
