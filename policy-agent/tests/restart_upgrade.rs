@@ -377,7 +377,7 @@ fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
 /// changed a map's layout migrates (no crash loop), or with `--no-migrate` refuses cleanly.
 #[test]
 fn cluster_mode_migrates_incompatible_maps_through_the_shared_node_side() {
-    use policy_agent::cluster::{Enforcer, KernelEnforcer};
+    use policy_agent::cluster::{Enforcer, KernelEnforcer, Write};
     use policy_agent::compiler::MapContents;
     use policy_agent::dataplane::UplinkMode;
     use policy_agent::node::NodeOptions;
@@ -404,7 +404,7 @@ fn cluster_mode_migrates_incompatible_maps_through_the_shared_node_side() {
         let mut enforcer = KernelEnforcer::start(&opts).expect("migrates");
         let empty = MapContents::default();
         enforcer
-            .apply(&empty, &MapContents::diff(&empty, &empty))
+            .apply(&empty, Write::Whole)
             .expect("write");
         assert!(!enforcer.migrated(), "not before the links are taken over");
         let report = enforcer.sync_interfaces(&[]);

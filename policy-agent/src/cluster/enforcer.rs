@@ -64,12 +64,24 @@ pub struct InterfaceReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// How the contents to write relate to the last ones written.
+#[derive(Clone, Copy, Debug)]
+pub enum Write<'a> {
+    /// The engine's own incremental diff from the contents last written, in the same
+    /// numbering (each number keeps its meaning): the enforcer may write it as it is, after
+    /// translating numbers into the kernel's.
+    Engine(&'a MapDiff),
+    /// Whole contents whose numbers may mean something else than last time (a rebuilt
+    /// engine, contents fitted to capacity): renumbered onto the kernel's before diffing.
+    Whole,
+}
+
 /// The node side of the reconcile loop.
 pub trait Enforcer: Send {
-    /// Writes `diff`, which takes the maps from the last written state to `desired`, in an
-    /// order that never opens traffic mid-way. On error the maps are in an unknown state
-    /// between the two; the loop then calls [`Enforcer::repair`].
-    fn apply(&mut self, desired: &MapContents, diff: &MapDiff) -> Result<(), EnforceError>;
+    /// Brings the maps from the last written state to `desired`, in an order that never
+    /// opens traffic mid-way. On error the maps are in an unknown state between the two;
+    /// the loop then calls [`Enforcer::repair`].
+    fn apply(&mut self, desired: &MapContents, how: Write<'_>) -> Result<(), EnforceError>;
 
     /// Makes the maps equal `desired` whatever they hold now (lost writes, entries changed
     /// or added behind the agent's back). Returns the number of entries written or deleted.
@@ -143,7 +155,7 @@ impl KernelEnforcer {
 }
 
 impl Enforcer for KernelEnforcer {
-    fn apply(&mut self, desired: &MapContents, _diff: &MapDiff) -> Result<(), EnforceError> {
+    fn apply(&mut self, desired: &MapContents, _how: Write<'_>) -> Result<(), EnforceError> {
         // The loop's numbers are its own; the kernel's win where the meaning is the same
         // (they may come from an earlier agent), so the diff is taken in kernel numbering.
         self.node.write(desired)?;
@@ -229,13 +241,21 @@ impl RecordingEnforcer {
 }
 
 impl Enforcer for RecordingEnforcer {
-    fn apply(&mut self, _desired: &MapContents, diff: &MapDiff) -> Result<(), EnforceError> {
+    fn apply(&mut self, desired: &MapContents, how: Write<'_>) -> Result<(), EnforceError> {
         let mut s = self.lock();
         if s.fail_applies > 0 {
             s.fail_applies -= 1;
             s.calls.push(Call::Apply { changes: 0 });
             return Err(EnforceError::Injected("apply".into()));
         }
+        let whole;
+        let diff = match how {
+            Write::Engine(d) => d,
+            Write::Whole => {
+                whole = MapContents::diff(&s.kernel, desired);
+                &whole
+            }
+        };
         diff.apply(&mut s.kernel);
         s.calls.push(Call::Apply {
             changes: diff.len(),

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::cache::SnapshotCache;
 use super::capacity::{self, Capacity};
-use super::enforcer::{Enforcer, LocalPod};
+use super::enforcer::{Enforcer, LocalPod, Write};
 use super::snapshot::{self, Objects, PolicyProblems};
 use super::watch::{Changes, Stores};
 use crate::compiler::{self, Change, Engine, MapContents, MapDiff};
@@ -300,7 +300,9 @@ impl<E: Enforcer> Reconciler<E> {
                 if diff.is_empty() {
                     return Ok((0, false));
                 }
-                enforcer.apply(desired, diff).map(|()| (diff.len(), false))
+                enforcer
+                    .apply(desired, Write::Engine(diff))
+                    .map(|()| (diff.len(), false))
             }
             (None, Some(f)) if repair => enforcer.repair(&f.contents).map(|n| (n, true)),
             (None, Some(f)) => {
@@ -309,7 +311,7 @@ impl<E: Enforcer> Reconciler<E> {
                     return Ok((0, false));
                 }
                 enforcer
-                    .apply(&f.contents, &diff)
+                    .apply(&f.contents, Write::Whole)
                     .map(|()| (diff.len(), false))
             }
             (None, None) => Ok((0, false)), // not reached: one of the two is always set
