@@ -7,10 +7,10 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::compiler::MapContents;
+use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
-    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role,
-    UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_onto, uplink,
+    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, Numbering, PinState,
+    Role, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with, uplink,
 };
 use crate::{netinfo, writer};
 
@@ -71,6 +71,9 @@ pub struct NodeEnforcer {
     written: MapContents,
     /// `written` may be wrong (a write failed half-way): read the kernel before the next.
     stale: bool,
+    /// How the last whole write renamed the caller's numbers onto the kernel's: the
+    /// caller's later diffs in the same numbering are written translated.
+    numbering: Option<Numbering>,
     /// Whether the pinned links of an earlier agent were taken over yet.
     pins_adopted: bool,
     attached: LinkSet,
@@ -159,6 +162,7 @@ impl NodeEnforcer {
             uplink_mode: opts.uplink_mode.clone(),
             written,
             stale: false,
+            numbering: None,
             pins_adopted: false,
             attached: LinkSet::new(Role::Pod),
             uplinks: LinkSet::new(Role::Uplink),
@@ -175,20 +179,47 @@ impl NodeEnforcer {
             self.written = self.maps.read_contents()?;
             self.stale = false;
         }
-        let target = renumber_onto(&self.written, desired);
+        self.numbering = None;
+        let (target, numbering) = renumber_with(&self.written, desired);
         let diff = MapContents::diff(&self.written, &target);
         if let Err(e) = writer::apply(&mut self.maps, &diff) {
             self.stale = true;
             return Err(e);
         }
         self.written = target;
+        self.numbering = Some(numbering);
         Ok(diff.len())
+    }
+
+    /// Writes `diff`, which takes the caller's last written contents to `desired` in the
+    /// same numbering (the incremental engine's own diff): translated into the kernel's
+    /// numbers and written as it is, so a change costs its own entries, not a pass over
+    /// everything. Without a numbering to translate with (first write, after a failure or
+    /// a repair) it is a whole [`NodeEnforcer::write`] of `desired`.
+    pub fn write_diff(
+        &mut self,
+        desired: &MapContents,
+        diff: &MapDiff,
+    ) -> Result<usize, DataplaneError> {
+        let Some(numbering) = self.numbering.as_mut().filter(|_| !self.stale) else {
+            return self.write(desired);
+        };
+        let translated = numbering.translate(diff);
+        if let Err(e) = writer::apply(&mut self.maps, &translated) {
+            self.stale = true;
+            self.numbering = None;
+            return Err(e);
+        }
+        translated.apply(&mut self.written);
+        Ok(translated.len())
     }
 
     /// Makes the maps equal `desired` whatever they hold now (entries lost or changed
     /// behind the agent's back). Returns the entries written or deleted.
     pub fn repair(&mut self, desired: &MapContents) -> Result<usize, DataplaneError> {
         self.stale = true;
+        // The next diff is translated only after a whole write chose a numbering again.
+        self.numbering = None;
         let (target, stats) = adopt_kernel_state(&mut self.maps, desired)?;
         self.written = target;
         self.stale = false;

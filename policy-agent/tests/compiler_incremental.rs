@@ -137,6 +137,68 @@ proptest! {
     }
 }
 
+/// Every decision the kernel can make for `snap`'s addresses (pods, the node, externals).
+fn decisions(maps: &MapContents, snap: &Snapshot) -> Vec<Option<policy_common::Reason>> {
+    use policy_agent::kernel_model::KernelModel;
+    use policy_common::Direction;
+    use policy_common::proto::{TCP, UDP};
+    let km = KernelModel::new(maps);
+    let mut addrs: Vec<std::net::IpAddr> = snap.pods.values().flat_map(|p| p.ips.clone()).collect();
+    addrs.extend(EXTERNAL.iter().chain([NODE_V4, NODE_V6].iter()).map(|a| ip(a)));
+    let mut out = Vec::new();
+    for local in &addrs {
+        for peer in &addrs {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                for (proto, port) in [(TCP, 80), (TCP, 8080), (UDP, 53)] {
+                    out.push(km.decide_at(*local, dir, *peer, proto, port));
+                }
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Cluster mode writes the engine's diffs translated into the kernel's numbering (the
+    /// renaming chosen by one whole write onto an earlier agent's maps): the kernel stays a
+    /// renaming of the engine's contents, decision for decision and entry for entry.
+    #[test]
+    fn translated_engine_diffs_keep_the_kernel_a_renaming(
+        earlier in snapshot(10, 6),
+        start in snapshot(10, 6),
+        steps in prop::collection::vec(step(), 1..20),
+        node in prop::sample::select(NODES.to_vec()),
+    ) {
+        use policy_agent::compiler::CompilerState;
+        use policy_agent::dataplane::renumber_with;
+        let mut snap = start;
+        snap.node = node.into();
+        let mut earlier = earlier;
+        earlier.node = snap.node.clone();
+        // What an earlier agent left, in its own numbering.
+        let old = compile(&earlier, &mut CompilerState::new());
+        let mut engine = Engine::new(&snap);
+        let (mut kernel, mut numbering) = renumber_with(&old, engine.contents());
+        prop_assert_eq!(decisions(&kernel, &snap), decisions(engine.contents(), &snap));
+        for s in &steps {
+            let changes = apply(&mut snap, s);
+            let diff = engine.apply_all(&snap, &changes);
+            let translated = numbering.translate(&diff);
+            prop_assert_eq!(translated.len(), diff.len());
+            translated.apply(&mut kernel);
+            prop_assert_eq!(kernel.sizes(), engine.contents().sizes(), "after {:?}", s);
+            prop_assert_eq!(
+                decisions(&kernel, &snap),
+                decisions(engine.contents(), &snap),
+                "after {:?}",
+                s
+            );
+        }
+    }
+}
+
 /// Numbers stay put: one pod joining costs its own entries, not a rewrite.
 #[test]
 fn a_new_peer_pod_adds_rows_without_renumbering() {

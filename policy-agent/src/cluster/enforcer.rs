@@ -155,10 +155,14 @@ impl KernelEnforcer {
 }
 
 impl Enforcer for KernelEnforcer {
-    fn apply(&mut self, desired: &MapContents, _how: Write<'_>) -> Result<(), EnforceError> {
+    fn apply(&mut self, desired: &MapContents, how: Write<'_>) -> Result<(), EnforceError> {
         // The loop's numbers are its own; the kernel's win where the meaning is the same
-        // (they may come from an earlier agent), so the diff is taken in kernel numbering.
-        self.node.write(desired)?;
+        // (they may come from an earlier agent): a whole write renames onto them once, and
+        // the engine's later diffs are translated with the same renaming.
+        match how {
+            Write::Engine(diff) => self.node.write_diff(desired, diff)?,
+            Write::Whole => self.node.write(desired)?,
+        };
         Ok(())
     }
 

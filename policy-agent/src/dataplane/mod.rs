@@ -22,5 +22,8 @@ pub use links::{LinkSet, Role};
 pub use loader::{AttachMode, Attachment, Dataplane};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};
 pub use pinning::PinState;
-pub use reconcile::{ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto};
+pub use reconcile::{
+    Numbering, ReconcileStats, adopt_kernel_state, reconcile_with_kernel, renumber_onto,
+    renumber_with,
+};
 pub use uplink::UplinkMode;

@@ -5,6 +5,8 @@
 //! - [`reconcile_with_kernel`]: the desired contents' numbers are authoritative (the agent's
 //!   compiler produced what is in the kernel); repairs drift (an entry lost or changed
 //!   behind the agent's back).
+//! - [`renumber_with`] keeps the renamings ([`Numbering`]) so the incremental engine's later
+//!   diffs are written translated, without renumbering whole contents per change.
 //! - [`adopt_kernel_state`]: a restarted agent's fresh compiler numbers identities,
 //!   policy-sets and port-sets its own way; [`renumber_onto`] first renames the desired
 //!   numbers to the ones the kernel already uses for the same content, so an unchanged
@@ -14,8 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use policy_common::{
-    CIDR_FAMILY_V6, CidrData, IDENTITY_FIRST_POD, LpmKey, MAX_POLICY_SETS, POLICY_SET_EMPTY,
-    PortData, RuleValue, rule_flags,
+    CIDR_FAMILY_V6, CidrData, EndpointValue, IDENTITY_FIRST_POD, LpmKey, MAX_POLICY_SETS,
+    POLICY_SET_EMPTY, PortData, RuleKey, RuleValue, rule_flags,
 };
 
 use super::{DataplaneError, DataplaneMaps};
@@ -95,6 +97,94 @@ fn check_capacity(desired: &MapContents) -> Result<(), DataplaneError> {
 /// The renaming is a bijection on each kind of number, so every decision over the result
 /// equals the decision over `desired`.
 pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContents {
+    renumber_with(current, desired).0
+}
+
+/// The renamings [`renumber_onto`] chose, kept to translate later diffs in the desired
+/// numbering ([`Numbering::translate`]): each is one to one, and a number first seen later
+/// gets one nothing uses, so translated diffs keep the kernel a renaming of the desired
+/// contents without diffing them whole.
+pub struct Numbering {
+    ports: Renaming,
+    ids: Renaming,
+    sets: Renaming,
+    eps: Renaming,
+}
+
+impl Numbering {
+    /// `diff`, taken between two contents of the desired numbering (each number keeping
+    /// its meaning, as the incremental engine's diffs do), in the kernel's numbering.
+    pub fn translate(&mut self, diff: &MapDiff) -> MapDiff {
+        let mut out = MapDiff::default();
+        let port_key = |ps: &mut Renaming, k: &LpmKey<PortData>| {
+            let mut k = *k;
+            k.data.port_set_be = ps.get(u32::from_be(k.data.port_set_be)).to_be();
+            k
+        };
+        for (k, v) in &diff.ports.upserts {
+            out.ports.upserts.push((port_key(&mut self.ports, k), *v));
+        }
+        for k in &diff.ports.deletes {
+            out.ports.deletes.push(port_key(&mut self.ports, k));
+        }
+        let cidr_key = |sets: &mut Renaming, k: &LpmKey<CidrData>| {
+            let mut k = *k;
+            let (set, fam) = cidr_set(&k.data);
+            k.data.set_family_be = (map_set(sets, set) | fam).to_be();
+            k
+        };
+        for (k, v) in &diff.cidr_rules.upserts {
+            let k = cidr_key(&mut self.sets, k);
+            out.cidr_rules.upserts.push((k, rename_ports(&mut self.ports, v)));
+        }
+        for k in &diff.cidr_rules.deletes {
+            out.cidr_rules.deletes.push(cidr_key(&mut self.sets, k));
+        }
+        let rule_key = |sets: &mut Renaming, ids: &mut Renaming, k: &RuleKey| {
+            let mut k = *k;
+            k.policy_set = map_set(sets, k.policy_set);
+            k.identity = map_id(ids, k.identity);
+            k
+        };
+        for (k, v) in &diff.rules.upserts {
+            let k = rule_key(&mut self.sets, &mut self.ids, k);
+            out.rules.upserts.push((k, rename_ports(&mut self.ports, v)));
+        }
+        for k in &diff.rules.deletes {
+            out.rules.deletes.push(rule_key(&mut self.sets, &mut self.ids, k));
+        }
+        for (k, v) in &diff.ipcache.upserts {
+            let mut v = *v;
+            v.identity = map_id(&mut self.ids, v.identity);
+            out.ipcache.upserts.push((*k, v));
+        }
+        out.ipcache.deletes = diff.ipcache.deletes.clone();
+        for (k, v) in &diff.endpoints.upserts {
+            out.endpoints.upserts.push((*k, self.endpoint(v)));
+        }
+        out.endpoints.deletes = diff.endpoints.deletes.clone();
+        out
+    }
+
+    fn endpoint(&mut self, v: &EndpointValue) -> EndpointValue {
+        let mut v = *v;
+        v.endpoint_id = self.eps.get(v.endpoint_id);
+        v.ingress_policy_set = map_set(&mut self.sets, v.ingress_policy_set);
+        v.egress_policy_set = map_set(&mut self.sets, v.egress_policy_set);
+        v
+    }
+}
+
+fn map_id(ids: &mut Renaming, i: u32) -> u32 {
+    if i < IDENTITY_FIRST_POD { i } else { ids.get(i) }
+}
+
+fn map_set(sets: &mut Renaming, s: u32) -> u32 {
+    if s == POLICY_SET_EMPTY { s } else { sets.get(s) }
+}
+
+/// [`renumber_onto`], and the renamings it chose.
+pub fn renumber_with(current: &MapContents, desired: &MapContents) -> (MapContents, Numbering) {
     // Port-sets, by content.
     let cur_ports = port_sets(current);
     let want_ports = port_sets(desired);
@@ -136,13 +226,6 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
             ids.set(*d, k);
         }
     }
-    let map_id = |ids: &mut Renaming, i: u32| {
-        if i < IDENTITY_FIRST_POD {
-            i
-        } else {
-            ids.get(i)
-        }
-    };
 
     // Policy-sets, by their rows once identities and port-sets are renamed.
     let renamed_rows = |c: &MapContents, ids: &mut Renaming, ps: &mut Renaming, rename: bool| {
@@ -197,13 +280,6 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
             sets.set(*d, *k);
         }
     }
-    let map_set = |sets: &mut Renaming, s: u32| {
-        if s == POLICY_SET_EMPTY {
-            s
-        } else {
-            sets.get(s)
-        }
-    };
 
     // Endpoint ids, by address (names in events and metrics stay stable).
     let mut eps = Renaming::new(
@@ -243,14 +319,16 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
         v.identity = map_id(&mut ids, v.identity);
         out.ipcache.insert(*k, v);
     }
+    let mut numbering = Numbering {
+        ports: ps,
+        ids,
+        sets,
+        eps,
+    };
     for (k, v) in &desired.endpoints {
-        let mut v = *v;
-        v.endpoint_id = eps.get(v.endpoint_id);
-        v.ingress_policy_set = map_set(&mut sets, v.ingress_policy_set);
-        v.egress_policy_set = map_set(&mut sets, v.egress_policy_set);
-        out.endpoints.insert(*k, v);
+        out.endpoints.insert(*k, numbering.endpoint(v));
     }
-    out
+    (out, numbering)
 }
 
 /// A policy-set's rows: identity rules and CIDR rules (prefix length, family bit, address).
