@@ -3,7 +3,10 @@
 //! the snapshot into the map diff it causes, touching only what the change reaches.
 //!
 //! Its output equals [`super::compile`] of the same snapshot with the same numbering (the
-//! property tests check this on random change sequences). A table that changes in place
+//! property tests check this on random change sequences). Both decide selection through
+//! [`super::selector`] and build tables with [`super::table`]; what is the engine's own is
+//! knowing what a change reaches: the selector cache kept current, the specs and rows to
+//! redo, the numbers to pass on. A table that changes in place
 //! keeps its policy-set number, so e.g. a new peer pod adds one `RULES` entry per policy-set
 //! that admits it instead of rewriting the sets.
 
@@ -12,14 +15,15 @@ use std::net::IpAddr;
 
 use policy_common::maps::*;
 
-use super::cidr::{self, CidrRule};
 use super::portset::{self, PortSet};
+use super::selector::{self, SelectorCache};
+use super::table;
 use super::{
-    ALL_V4, ALL_V6, CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData,
-    addr_of, cidr_key, resolve_named, split_ports, uses_named_ports,
+    CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData,
+    addr_of, cidr_key, uses_named_ports,
 };
 use crate::model::{
-    LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot,
+    LabelSelector, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot,
 };
 
 /// One change of the snapshot, named by the object it concerns (the snapshot passed with it
@@ -105,6 +109,33 @@ pub struct Engine {
     table_refs: BTreeMap<Table, usize>,
     set_tables: BTreeMap<u32, Table>,
     portset_refs: BTreeMap<Vec<(u8, u16, u16)>, usize>,
+    /// Which identities each peer of a live spec's policies selects.
+    selectors: SelectorCache,
+}
+
+/// The engine's identities as the selector cache reads them.
+struct View<'e> {
+    key: &'e BTreeMap<u32, IdentityKey>,
+    by_ns: &'e HashMap<String, BTreeSet<u32>>,
+}
+
+impl selector::Identities for View<'_> {
+    fn key(&self, id: u32) -> Option<&IdentityKey> {
+        self.key.get(&id)
+    }
+    fn all(&self) -> impl Iterator<Item = u32> {
+        self.key.keys().copied()
+    }
+    fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.by_ns.keys().map(String::as_str)
+    }
+    fn in_namespace(&self, ns: &str) -> impl Iterator<Item = (u32, &IdentityKey)> {
+        self.by_ns
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.key.get(id).map(|k| (*id, k)))
+    }
 }
 
 impl Engine {
@@ -128,6 +159,7 @@ impl Engine {
             table_refs: BTreeMap::new(),
             set_tables: BTreeMap::new(),
             portset_refs: BTreeMap::new(),
+            selectors: SelectorCache::default(),
         };
         let mut changes = vec![Change::NodeAddrs];
         changes.extend(snap.pods.keys().cloned().map(Change::Pod));
@@ -356,21 +388,7 @@ impl Engine {
     }
 
     fn spec_of(&self, snap: &Snapshot, pod: &Pod, ingress: bool) -> Option<Spec> {
-        let lo = ObjectKey::new(pod.namespace.clone(), String::new());
-        let policies: Vec<&NetworkPolicy> = snap
-            .policies
-            .range(lo..)
-            .take_while(|(k, _)| k.namespace == pod.namespace)
-            .map(|(_, p)| p)
-            .filter(|p| {
-                if ingress {
-                    p.ingress_isolation
-                } else {
-                    p.egress_isolation
-                }
-            })
-            .filter(|p| p.pod_selector.matches(&pod.labels))
-            .collect();
+        let policies: Vec<&NetworkPolicy> = selector::isolating(snap, pod, ingress).collect();
         if policies.is_empty() {
             return None;
         }
@@ -389,6 +407,11 @@ impl Engine {
     }
 
     fn propagate(&mut self, snap: &Snapshot, mut w: Work) -> MapDiff {
+        // 0. Selections first: every table compiled below reads them.
+        for &id in &w.idents_changed {
+            self.selectors
+                .identity_changed(id, self.ident_key.get(&id), snap);
+        }
         // 1. Endpoints whose specs may have changed.
         let dirty: Vec<ObjectKey> = w.dirty_eps.iter().cloned().collect();
         for key in &dirty {
@@ -457,7 +480,14 @@ impl Engine {
             };
             let old = &entry.table;
             let new = if recompile.contains(&s) {
-                self.compile_spec(snap, &s)
+                let new = self.compile_spec(snap, &s);
+                let old = &self.specs[&s].table;
+                if new == *old {
+                    continue;
+                }
+                let old = old.clone();
+                self.replace_table(&s, old, new, &mut w);
+                continue;
             } else {
                 let pols: Vec<&NetworkPolicy> = s
                     .policies
@@ -471,7 +501,7 @@ impl Engine {
                     let r = self
                         .ident_key
                         .get(&id)
-                        .map(|k| row(snap, &pols, s.ingress, &s.local_ports, k))
+                        .map(|k| table::row(snap, &self.selectors, &pols, s.ingress, &s.local_ports, id, k))
                         .filter(|r| !r.is_empty());
                     if old.as_ref().and_then(|t| t.rules.get(&id)) != r.as_ref() {
                         patch.push((id, r));
@@ -497,18 +527,11 @@ impl Engine {
                 continue;
             }
             let old = old.clone();
-            if let Some(o) = &old {
-                self.table_unref(o, &mut w);
-            }
-            if let Some(n) = &new {
-                self.table_ref(n, &mut w);
-            }
-            if let (Some(o), Some(n)) = (&old, &new) {
-                w.transitions.push((o.clone(), n.clone()));
-            }
-            let entry = self.specs.get_mut(&s).expect("present");
-            entry.table = new;
-            w.dirty_eps.extend(entry.eps.iter().cloned());
+            self.replace_table(&s, old, new, &mut w);
+        }
+
+        if !w.policies_changed.is_empty() {
+            self.prune_selectors(snap);
         }
 
         // 3. Policy-set numbers: dead tables free theirs (or pass them to the table they
@@ -753,101 +776,64 @@ impl Engine {
     }
 
     /// The table of a spec from scratch: rows of every candidate identity, and ipBlocks.
-    fn compile_spec(&self, snap: &Snapshot, s: &Spec) -> Option<Table> {
+    /// Drops the cached peers no live spec's policy holds any more.
+    fn prune_selectors(&mut self, snap: &Snapshot) {
+        let mut used: HashSet<(Option<&LabelSelector>, &str, Option<&LabelSelector>)> =
+            HashSet::new();
+        for k in self.specs_by_policy.keys() {
+            let Some(pol) = snap.policies.get(k) else {
+                continue;
+            };
+            for rule in pol.ingress.iter().chain(&pol.egress) {
+                for peer in rule.peers.iter().flatten() {
+                    if let Peer::Pods { namespaces, pods } = peer {
+                        let own = if namespaces.is_none() { pol.namespace.as_str() } else { "" };
+                        used.insert((namespaces.as_ref(), own, pods.as_ref()));
+                    }
+                }
+            }
+        }
+        self.selectors.retain(|p| {
+            let own = if p.namespaces.is_none() { p.policy_ns } else { "" };
+            used.contains(&(p.namespaces, own, p.pods))
+        });
+    }
+
+    /// Spec `s` now has table `new` instead of `old`.
+    fn replace_table(&mut self, s: &Spec, old: Option<Table>, new: Option<Table>, w: &mut Work) {
+        if let Some(o) = &old {
+            self.table_unref(o, w);
+        }
+        if let Some(n) = &new {
+            self.table_ref(n, w);
+        }
+        if let (Some(o), Some(n)) = (&old, &new) {
+            w.transitions.push((o.clone(), n.clone()));
+        }
+        if let Some(entry) = self.specs.get_mut(s) {
+            entry.table = new;
+            w.dirty_eps.extend(entry.eps.iter().cloned());
+        }
+    }
+
+    fn compile_spec(&mut self, snap: &Snapshot, s: &Spec) -> Option<Table> {
         let pols: Vec<&NetworkPolicy> = s
             .policies
             .iter()
             .filter_map(|k| snap.policies.get(k))
             .collect();
-        let mut candidates: BTreeSet<u32> = BTreeSet::new();
-        let mut cidr_rules = Vec::new();
-        let mut all_idents = false;
-        for pol in &pols {
-            let list = if s.ingress { &pol.ingress } else { &pol.egress };
-            for rule in list {
-                let (numeric, named) = split_ports(&rule.ports);
-                let base = if s.ingress {
-                    let mut b = numeric;
-                    b.union_with(&resolve_named(&named, |n, p| {
-                        local_port(&s.local_ports, n, p)
-                    }));
-                    b
-                } else {
-                    numeric
-                };
-                match &rule.peers {
-                    None => {
-                        if !base.is_empty() {
-                            for all in [ALL_V4, ALL_V6] {
-                                cidr_rules.push(CidrRule {
-                                    cidr: all,
-                                    except: Vec::new(),
-                                    ports: base.clone(),
-                                });
-                            }
-                        }
-                        if !s.ingress && !named.is_empty() {
-                            all_idents = true;
-                        }
-                    }
-                    Some(peers) => {
-                        for peer in peers {
-                            match peer {
-                                Peer::Pods {
-                                    namespaces: None, ..
-                                } => {
-                                    if let Some(ids) = self.ident_by_ns.get(&pol.namespace) {
-                                        candidates.extend(ids.iter().copied());
-                                    }
-                                }
-                                Peer::Pods {
-                                    namespaces: Some(nsel),
-                                    ..
-                                } => {
-                                    for (ns, ids) in &self.ident_by_ns {
-                                        if ns_matches(snap, nsel, ns) {
-                                            candidates.extend(ids.iter().copied());
-                                        }
-                                    }
-                                }
-                                Peer::IpBlock { cidr, except } => {
-                                    if !base.is_empty() {
-                                        cidr_rules.push(CidrRule {
-                                            cidr: *cidr,
-                                            except: except.clone(),
-                                            ports: base.clone(),
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let mut t = TableData {
-            rules: BTreeMap::new(),
-            cidrs: cidr::table(&cidr_rules),
+        let view = View {
+            key: &self.ident_key,
+            by_ns: &self.ident_by_ns,
         };
-        let ids: Box<dyn Iterator<Item = &u32>> = if all_idents {
-            Box::new(self.ident_key.keys())
-        } else {
-            Box::new(candidates.iter())
-        };
-        for id in ids {
-            let Some(k) = self.ident_key.get(id) else {
-                continue;
-            };
-            let r = row(snap, &pols, s.ingress, &s.local_ports, k);
-            if !r.is_empty() {
-                t.rules.insert(*id, r);
-            }
-        }
-        if t.rules.is_empty() && t.cidrs.is_empty() {
-            None
-        } else {
-            Some(Table::new(t))
-        }
+        table::build(
+            snap,
+            &mut self.selectors,
+            &view,
+            &pols,
+            s.ingress,
+            &s.local_ports,
+        )
     }
 }
 
@@ -860,70 +846,6 @@ struct Work {
     policies_changed: BTreeSet<ObjectKey>,
     tables_touched: BTreeSet<Table>,
     transitions: Vec<(Table, Table)>,
-}
-
-fn local_port(ports: &[(String, Protocol, u16)], name: &str, proto: Protocol) -> Option<u16> {
-    ports
-        .iter()
-        .find(|(n, p, _)| n == name && *p == proto)
-        .map(|x| x.2)
-}
-
-fn ns_matches(snap: &Snapshot, sel: &LabelSelector, ns: &str) -> bool {
-    match snap.namespaces.get(ns) {
-        Some(n) => sel.matches(&n.labels),
-        None => {
-            let mut l = Labels::new();
-            l.insert("kubernetes.io/metadata.name".to_owned(), ns.to_owned());
-            sel.matches(&l)
-        }
-    }
-}
-
-/// What the rules of `pols` allow towards one identity (its `RULES` row).
-fn row(
-    snap: &Snapshot,
-    pols: &[&NetworkPolicy],
-    ingress: bool,
-    local_ports: &[(String, Protocol, u16)],
-    k: &IdentityKey,
-) -> PortSet {
-    let mut out = PortSet::default();
-    for pol in pols {
-        let list = if ingress { &pol.ingress } else { &pol.egress };
-        for rule in list {
-            let (numeric, named) = split_ports(&rule.ports);
-            let matched = match &rule.peers {
-                None => {
-                    // Numbered ports go through the catch-all prefixes.
-                    if !ingress && !named.is_empty() {
-                        out.union_with(&resolve_named(&named, |n, p| k.named_port(n, p)));
-                    }
-                    continue;
-                }
-                Some(peers) => peers.iter().any(|peer| match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        let ns_ok = match namespaces {
-                            None => k.namespace == pol.namespace,
-                            Some(sel) => ns_matches(snap, sel, &k.namespace),
-                        };
-                        ns_ok && pods.as_ref().is_none_or(|s| s.matches(&k.labels))
-                    }
-                    Peer::IpBlock { .. } => false,
-                }),
-            };
-            if !matched {
-                continue;
-            }
-            out.union_with(&numeric);
-            if ingress {
-                out.union_with(&resolve_named(&named, |n, p| local_port(local_ports, n, p)));
-            } else {
-                out.union_with(&resolve_named(&named, |n, p| k.named_port(n, p)));
-            }
-        }
-    }
-    out
 }
 
 fn trie_sets(t: &Table) -> BTreeSet<Vec<(u8, u16, u16)>> {

@@ -15,11 +15,17 @@
 //!
 //! Numbers (identities, policy-sets, port-sets, endpoint ids) live in the state and keep
 //! their value while their key stays live, so two compiles differ only where objects changed.
+//!
+//! Selection (which policies isolate a pod, which identities a peer selects) is decided in
+//! one place, [`selector`], for this full compile and the incremental [`Engine`] alike; the
+//! engine keeps its [`selector::SelectorCache`] current across changes.
 
 pub mod cidr;
 pub mod incremental;
 mod numbering;
 pub mod portset;
+pub mod selector;
+mod table;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -29,13 +35,13 @@ use policy_common::Addr;
 use policy_common::maps::*;
 
 use crate::model::{
-    LabelSelector, Labels, NetworkPolicy, ObjectKey, Peer, Pod, PortRef, PortSpec, Protocol,
+    Labels, NetworkPolicy, ObjectKey, Pod, PortRef, PortSpec, Protocol,
     Snapshot,
 };
-use cidr::CidrRule;
 pub use incremental::{Change, Engine};
 use numbering::Numbering;
 use portset::PortSet;
+use selector::SelectorCache;
 
 /// The desired content of every policy map.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -237,10 +243,6 @@ impl Table {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.rules.is_empty() && self.cidrs.is_empty()
-    }
-
     pub fn data(&self) -> &TableData {
         &self.data
     }
@@ -370,84 +372,38 @@ struct Ident<'a> {
     key: &'a IdentityKey,
 }
 
-/// (namespaceSelector, policy namespace when it has none, podSelector) of a pod peer.
-type PeerKey<'a> = (
-    Option<&'a LabelSelector>,
-    &'a str,
-    Option<&'a LabelSelector>,
-);
-
 /// Per-compile lookup structures over identities and namespaces.
 struct Universe<'a> {
-    snap: &'a Snapshot,
     idents: Vec<Ident<'a>>,
     by_ns: HashMap<&'a str, Vec<usize>>,
-    /// Peer selector results, shared by every policy using the same selectors.
-    peer_cache: HashMap<PeerKey<'a>, Vec<usize>>,
+    by_id: HashMap<u32, usize>,
+    /// Peer selector results, shared by every policy using the same peer.
+    selectors: SelectorCache,
 }
 
-impl<'a> Universe<'a> {
-    fn ns_labels_match(&self, sel: &LabelSelector, ns: &str) -> bool {
-        match self.snap.namespaces.get(ns) {
-            Some(n) => sel.matches(&n.labels),
-            // A namespace not (yet) seen: only its name label is known.
-            None => {
-                let mut l = Labels::new();
-                l.insert("kubernetes.io/metadata.name".to_owned(), ns.to_owned());
-                sel.matches(&l)
-            }
-        }
-    }
+/// The compile's identities as the selector cache reads them.
+struct View<'u, 'a> {
+    idents: &'u [Ident<'a>],
+    by_ns: &'u HashMap<&'a str, Vec<usize>>,
+    by_id: &'u HashMap<u32, usize>,
+}
 
-    /// Identities (indices) a `Peer::Pods` of a policy in `policy_ns` selects.
-    fn peer_idents(
-        &mut self,
-        namespaces: Option<&'a LabelSelector>,
-        policy_ns: &'a str,
-        pods: Option<&'a LabelSelector>,
-    ) -> &[usize] {
-        let key = (
-            namespaces,
-            if namespaces.is_none() { policy_ns } else { "" },
-            pods,
-        );
-        if !self.peer_cache.contains_key(&key) {
-            let mut out = Vec::new();
-            let pod_ok = |i: &Ident<'_>| pods.is_none_or(|s| s.matches(&i.key.labels));
-            match namespaces {
-                None => {
-                    for &i in self
-                        .by_ns
-                        .get(policy_ns)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default()
-                    {
-                        if pod_ok(&self.idents[i]) {
-                            out.push(i);
-                        }
-                    }
-                }
-                Some(nsel) => {
-                    let mut nss: Vec<&str> = self
-                        .by_ns
-                        .keys()
-                        .copied()
-                        .filter(|ns| self.ns_labels_match(nsel, ns))
-                        .collect();
-                    nss.sort_unstable();
-                    for ns in nss {
-                        for &i in &self.by_ns[ns] {
-                            if pod_ok(&self.idents[i]) {
-                                out.push(i);
-                            }
-                        }
-                    }
-                }
-            }
-            out.sort_unstable();
-            self.peer_cache.insert(key, out);
-        }
-        &self.peer_cache[&key]
+impl selector::Identities for View<'_, '_> {
+    fn key(&self, id: u32) -> Option<&IdentityKey> {
+        self.by_id.get(&id).map(|&i| self.idents[i].key)
+    }
+    fn all(&self) -> impl Iterator<Item = u32> {
+        self.idents.iter().map(|x| x.id)
+    }
+    fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.by_ns.keys().copied()
+    }
+    fn in_namespace(&self, ns: &str) -> impl Iterator<Item = (u32, &IdentityKey)> {
+        self.by_ns
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .map(|&i| (self.idents[i].id, self.idents[i].key))
     }
 }
 
@@ -516,94 +472,6 @@ const ALL_V6: IpNet = IpNet::V6(
     },
 );
 
-fn compile_table<'a>(spec: &Spec, policies: &[&'a NetworkPolicy], u: &mut Universe<'a>) -> Table {
-    let mut rules: BTreeMap<u32, PortSet> = BTreeMap::new();
-    let mut cidr_rules: Vec<CidrRule> = Vec::new();
-    for &pi in &spec.policies {
-        let pol = policies[pi];
-        let list = if spec.ingress {
-            &pol.ingress
-        } else {
-            &pol.egress
-        };
-        for rule in list {
-            let (numeric, named) = split_ports(&rule.ports);
-            // Ingress: names resolve on the endpoint itself, the same for every peer.
-            let (base, per_peer_named) = if spec.ingress {
-                let mut b = numeric;
-                b.union_with(&resolve_named(&named, |n, p| {
-                    spec.local_ports
-                        .iter()
-                        .find(|(ln, lp, _)| ln == n && *lp == p)
-                        .map(|x| x.2)
-                }));
-                (b, false)
-            } else {
-                (numeric, !named.is_empty())
-            };
-            let add_ident = |rules: &mut BTreeMap<u32, PortSet>, ident: &Ident<'_>| {
-                let mut ps = base.clone();
-                if per_peer_named {
-                    ps.union_with(&resolve_named(&named, |n, p| ident.key.named_port(n, p)));
-                }
-                if !ps.is_empty() {
-                    rules.entry(ident.id).or_default().union_with(&ps);
-                }
-            };
-            match &rule.peers {
-                None => {
-                    // Every address: numbered ports via the catch-all prefixes; egress named
-                    // ports resolve on each pod peer (never on non-pod addresses).
-                    if !base.is_empty() {
-                        for all in [ALL_V4, ALL_V6] {
-                            cidr_rules.push(CidrRule {
-                                cidr: all,
-                                except: Vec::new(),
-                                ports: base.clone(),
-                            });
-                        }
-                    }
-                    if per_peer_named {
-                        for ident in &u.idents {
-                            let ps = resolve_named(&named, |n, p| ident.key.named_port(n, p));
-                            if !ps.is_empty() {
-                                rules.entry(ident.id).or_default().union_with(&ps);
-                            }
-                        }
-                    }
-                }
-                Some(peers) => {
-                    for peer in peers {
-                        match peer {
-                            Peer::Pods { namespaces, pods } => {
-                                let idx: Vec<usize> = u
-                                    .peer_idents(namespaces.as_ref(), &pol.namespace, pods.as_ref())
-                                    .to_vec();
-                                for i in idx {
-                                    add_ident(&mut rules, &u.idents[i]);
-                                }
-                            }
-                            Peer::IpBlock { cidr, except } => {
-                                if !base.is_empty() {
-                                    cidr_rules.push(CidrRule {
-                                        cidr: *cidr,
-                                        except: except.clone(),
-                                        ports: base.clone(),
-                                    });
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Table::new(TableData {
-        rules,
-        cidrs: cidr::table(&cidr_rules),
-    })
-}
-
 /// Compiles a snapshot into the content of every policy map. Numbers are taken from and
 /// recorded in `state`.
 pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
@@ -660,35 +528,27 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         .values()
         .filter(|p| snap.is_local(p) && !p.ips.is_empty())
         .collect();
-    let mut local_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, p) in local.iter().enumerate() {
-        local_by_ns.entry(p.namespace.as_str()).or_default().push(i);
-    }
     let policies: Vec<&NetworkPolicy> = snap.policies.values().collect();
-    let mut selecting: Vec<[Vec<usize>; 2]> = vec![[Vec::new(), Vec::new()]; local.len()];
-    for (pi, pol) in policies.iter().enumerate() {
-        for &li in local_by_ns
-            .get(pol.namespace.as_str())
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            if pol.pod_selector.matches(&local[li].labels) {
-                if pol.ingress_isolation {
-                    selecting[li][0].push(pi);
-                }
-                if pol.egress_isolation {
-                    selecting[li][1].push(pi);
-                }
-            }
-        }
-    }
+    let index: HashMap<&ObjectKey, usize> =
+        snap.policies.keys().enumerate().map(|(i, k)| (k, i)).collect();
+    let selecting: Vec<[Vec<usize>; 2]> = local
+        .iter()
+        .map(|pod| {
+            [true, false].map(|ingress| {
+                selector::isolating(snap, pod, ingress)
+                    .filter_map(|p| index.get(&p.key()).copied())
+                    .collect()
+            })
+        })
+        .collect();
 
     // 3. specs and their tables.
+    let by_id = idents.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
     let mut u = Universe {
-        snap,
         idents,
         by_ns,
-        peer_cache: HashMap::new(),
+        by_id,
+        selectors: SelectorCache::default(),
     };
     let mut spec_tables: HashMap<Spec, Option<Table>> = HashMap::new();
     let mut ep_specs: Vec<[Option<Spec>; 2]> = Vec::with_capacity(local.len());
@@ -717,8 +577,21 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                 local_ports,
             };
             if !spec_tables.contains_key(&spec) {
-                let t = compile_table(&spec, &policies, &mut u);
-                spec_tables.insert(spec.clone(), if t.is_empty() { None } else { Some(t) });
+                let pols: Vec<&NetworkPolicy> = spec.policies.iter().map(|&pi| policies[pi]).collect();
+                let view = View {
+                    idents: &u.idents,
+                    by_ns: &u.by_ns,
+                    by_id: &u.by_id,
+                };
+                let t = table::build(
+                    snap,
+                    &mut u.selectors,
+                    &view,
+                    &pols,
+                    spec.ingress,
+                    &spec.local_ports,
+                );
+                spec_tables.insert(spec.clone(), t);
             }
             pair[d] = Some(spec);
         }

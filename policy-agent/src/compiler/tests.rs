@@ -1,4 +1,5 @@
 use super::*;
+use crate::model::{LabelSelector, Peer};
 use crate::kernel_model::KernelModel;
 use crate::model::{ContainerPort, Namespace, Rule};
 use policy_common::proto;
