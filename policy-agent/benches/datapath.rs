@@ -11,15 +11,13 @@ use std::{net::Ipv4Addr, time::Instant};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use packet::*;
-use policy_agent::{
-    dataplane::{Dataplane, DataplaneMaps},
-    testbed::PrivateBpffs,
-};
+use policy_agent::dataplane::{Dataplane, DataplaneMaps};
 use policy_common::{
     Addr, CidrData, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, EndpointKey, EndpointValue,
     IpCacheKey, IpCacheValue, LpmKey, PROG_BENCH_EMPTY, PROG_TO_POD, PortRange, Reason, RuleKey,
     RuleValue, cidr_prefixlen, ep_flags,
 };
+use policy_testkit::testbed::PrivateBpffs;
 
 const REPEAT: u32 = 1_000_000;
 /// TC actions (linux/pkt_cls.h).

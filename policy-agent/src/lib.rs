@@ -14,7 +14,5 @@ pub mod netinfo;
 pub mod node;
 pub mod observe;
 pub mod reference;
-pub mod scenario;
 pub mod standalone;
-pub mod testbed;
 pub mod writer;

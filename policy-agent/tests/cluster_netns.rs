@@ -18,8 +18,8 @@ use policy_agent::cluster::{self, KernelEnforcer};
 use policy_agent::compiler::addr_of;
 use policy_agent::dataplane::{AttachMode, Dataplane, UplinkMode};
 use policy_agent::metrics::{Health, Metrics};
-use policy_agent::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 use policy_common::{EndpointKey, EndpointValue};
+use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 use serde_json::json;
 
 fn deny_all_ingress(ns: &str, name: &str, target: &str) -> serde_json::Value {

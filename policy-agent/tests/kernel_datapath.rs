@@ -11,10 +11,7 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use common::packet::*;
-use policy_agent::{
-    dataplane::{Dataplane, DataplaneMaps},
-    testbed::PrivateBpffs,
-};
+use policy_agent::dataplane::{Dataplane, DataplaneMaps};
 use policy_common::{
     Addr, CidrData, CtKey, Direction, EndpointKey, EndpointValue, FragKey, IDENTITY_HOST, LpmKey,
     MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET,
@@ -22,6 +19,7 @@ use policy_common::{
     PROG_TO_POD, PROG_TO_WORLD, PendingKey, PortData, PortRange, Reason, RuleKey, RuleValue,
     TC_ACT_OK, TC_ACT_SHOT, cidr_prefixlen, ct, ct_flags, ep_flags, port_prefixlen, rule_flags,
 };
+use policy_testkit::testbed::PrivateBpffs;
 
 use Direction::{Egress, Ingress};
 

@@ -10,9 +10,9 @@ mod kube_support;
 use std::time::Duration;
 
 use kube_support::*;
-use policy_agent::cluster::enforcer::Call;
 use policy_agent::metrics::ErrorKind;
 use policy_common::ep_flags;
+use policy_testkit::Call;
 use serde_json::json;
 
 fn base_api() -> FakeApi {

@@ -8,16 +8,14 @@ use std::{
     time::Duration,
 };
 
-use policy_agent::{
-    dataplane::{AttachMode, Dataplane, DataplaneMaps},
-    testbed::{
-        NODE_IPV4, NODE_IPV6, Netns, PrivateBpffs, SctpResponder, TcpClient, TcpEchoServer,
-        Testbed, UdpEchoServer, sctp_probe, tcp_echo, udp_echo,
-    },
-};
+use policy_agent::dataplane::{AttachMode, Dataplane, DataplaneMaps};
 use policy_common::{
     Addr, CidrData, Direction, EndpointKey, EndpointValue, IDENTITY_HOST, LpmKey, PortRange,
     Reason, RuleKey, RuleValue, cidr_prefixlen, ep_flags, proto,
+};
+use policy_testkit::testbed::{
+    NODE_IPV4, NODE_IPV6, Netns, PrivateBpffs, SctpResponder, TcpClient, TcpEchoServer, Testbed,
+    UdpEchoServer, sctp_probe, tcp_echo, udp_echo,
 };
 
 const OK_WAIT: Duration = Duration::from_secs(3);

@@ -11,13 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use policy_agent::{
-    dataplane::{AttachMode, Dataplane, DataplaneMaps},
-    testbed::{Netns, PrivateBpffs, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo, udp_echo},
-};
+use policy_agent::dataplane::{AttachMode, Dataplane, DataplaneMaps};
 use policy_common::{
     Addr, CidrData, EndpointKey, EndpointValue, LpmKey, RuleKey, RuleValue, cidr_prefixlen,
     ep_flags, rule_flags,
+};
+use policy_testkit::testbed::{
+    Netns, PrivateBpffs, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo, udp_echo,
 };
 
 const OK_WAIT: Duration = Duration::from_secs(3);
@@ -393,8 +393,8 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
         tcp_echo(&bed.node, *t, OK_WAIT).expect("node -> external through the uplink");
     }
     let node_targets: Vec<SocketAddr> = [
-        SocketAddr::new(policy_agent::testbed::NODE_IPV4.into(), PORT + 2),
-        SocketAddr::new(policy_agent::testbed::NODE_IPV6.into(), PORT + 2),
+        SocketAddr::new(policy_testkit::testbed::NODE_IPV4.into(), PORT + 2),
+        SocketAddr::new(policy_testkit::testbed::NODE_IPV6.into(), PORT + 2),
     ]
     .to_vec();
     let _node_servers: Vec<_> = node_targets

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use policy_agent::observe::event::MonitorEvent;
 use policy_agent::observe::status::NodeStatus;
-use policy_agent::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
+use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 use restart_common::{Agent, TempDir, ingress_from, pod, uninstall, write_manifests};
 
 const PORT: u16 = 8080;

@@ -11,7 +11,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use policy_agent::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
+use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 use restart_common::{Agent, TempDir, files_under, pod, uninstall, write_manifests};
 use serde_json::json;
 

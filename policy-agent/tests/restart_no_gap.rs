@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kube_support::{FakeApi, Kind};
-use policy_agent::testbed::{
+use policy_testkit::testbed::{
     PrivateBpffs, TcpClient, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo,
 };
 use restart_common::{
@@ -58,7 +58,7 @@ fn allowed(generation: u8, pair: (usize, usize)) -> bool {
 }
 
 /// One datagram from `from` to `to` and its echo within [`PROBE_TIMEOUT`].
-fn udp_probe(ns: &policy_agent::testbed::Netns, from: SocketAddr, to: SocketAddr) -> bool {
+fn udp_probe(ns: &policy_testkit::testbed::Netns, from: SocketAddr, to: SocketAddr) -> bool {
     let Ok(Ok(sock)) = ns.enter(|| std::net::UdpSocket::bind(from)) else {
         return false;
     };

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use policy_agent::dataplane::{Dataplane, DataplaneError, PinState};
-use policy_agent::testbed::PrivateBpffs;
+use policy_testkit::testbed::PrivateBpffs;
 use policy_common::{MAP_ENDPOINTS, MAP_PORTS, MAX_ENDPOINTS};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -244,7 +244,7 @@ fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
     use std::time::{Duration, Instant};
 
     use aya::programs::{SchedClassifier, TcAttachType};
-    use policy_agent::testbed::{TcpClient, TcpEchoServer, Testbed, tcp_echo};
+    use policy_testkit::testbed::{TcpClient, TcpEchoServer, Testbed, tcp_echo};
     use restart_common::{Agent, files_under, ingress_from, pod, uninstall, write_manifests};
 
     const A: usize = 0;
@@ -381,7 +381,7 @@ fn cluster_mode_migrates_incompatible_maps_through_the_shared_node_side() {
     use policy_agent::compiler::MapContents;
     use policy_agent::dataplane::UplinkMode;
     use policy_agent::node::NodeOptions;
-    use policy_agent::testbed::Netns;
+    use policy_testkit::testbed::Netns;
 
     let fs = PrivateBpffs::mount().expect("private bpffs");
     drop(Dataplane::load(fs.path()).expect("first load creates the pins"));

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use policy_agent::scenario::simulate::KernelModelOracle;
-use policy_agent::scenario::{Plan, run_plan};
+use policy_testkit::scenario::simulate::KernelModelOracle;
+use policy_testkit::scenario::{Plan, run_plan};
 use proptest::prelude::*;
 
 fn corpus() -> Vec<String> {

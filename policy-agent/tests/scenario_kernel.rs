@@ -14,11 +14,11 @@ use std::time::Instant;
 
 mod scenario_common;
 
-use policy_agent::scenario::apply::State;
-use policy_agent::scenario::format::Via;
-use policy_agent::scenario::kernel::{KernelConfig, KernelOracle, cleanup};
-use policy_agent::scenario::narrate::Narration;
-use policy_agent::scenario::{
+use policy_testkit::scenario::apply::State;
+use policy_testkit::scenario::format::Via;
+use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, cleanup};
+use policy_testkit::scenario::narrate::Narration;
+use policy_testkit::scenario::{
     Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated,
 };
 

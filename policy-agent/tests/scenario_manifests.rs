@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use policy_agent::convert;
 use policy_agent::model::Snapshot;
-use policy_agent::scenario::Plan;
-use policy_agent::scenario::manifests::manifests;
+use policy_testkit::scenario::Plan;
+use policy_testkit::scenario::manifests::manifests;
 
 mod scenario_common;
 use scenario_common::yaml_files;

@@ -64,7 +64,7 @@ struct Totals {
     ok: bool,
 }
 
-/// Runs `cargo test` on the workspace, streaming its output and adding up the counts.
+/// Runs `cargo test` on the workspace (the agent, its testkit, common, xtask), streaming its output and adding up the counts.
 fn cargo_test(root: &Path) -> Result<Totals> {
     use std::io::{BufRead, BufReader};
     let mut child = cargo(root)
@@ -144,7 +144,7 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
                 "--quiet",
                 "--release",
                 "-p",
-                "policy-agent",
+                "policy-testkit",
                 "--bin",
                 "policy-scenario",
             ]),
@@ -179,16 +179,19 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
     Ok(())
 }
 
-/// Builds the agent's binaries (release): the scenario runner and the demo start them.
+/// Builds the agent and the scenario runner (release, both into target/release, where the
+/// runner finds the agent beside itself): `cargo xtask scenario` and the demo start them.
 pub fn build_agent_release(root: &Path) -> Result<()> {
     status(
-        "cargo build policy-agent",
+        "cargo build policy-agent policy-scenario",
         cargo(root).args([
             "build",
             "--quiet",
             "--release",
             "-p",
             "policy-agent",
+            "-p",
+            "policy-testkit",
             "--bins",
         ]),
     )

@@ -1,12 +1,10 @@
 //! What the reconcile loop needs of the node: write map changes, repair drift, attach the
 //! programs to local pods' interfaces, read the verdict counters and the node's addresses.
 //!
-//! [`KernelEnforcer`] is the real one over the loaded object and its maps;
-//! [`RecordingEnforcer`] keeps the "kernel" in memory and records every call, for tests of
-//! the loop that need no kernel.
+//! [`KernelEnforcer`] is the real one over the loaded object and its maps; tests of the loop
+//! use an in-memory fake from the `policy-testkit` crate.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
 
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, UplinkMode};
@@ -25,9 +23,6 @@ pub enum EnforceError {
         map: &'static str,
         source: Box<aya::maps::MapError>,
     },
-    /// The recording fake was told to fail (tests).
-    #[error("injected failure: {0}")]
-    Injected(String),
 }
 
 impl EnforceError {
@@ -193,111 +188,5 @@ impl Enforcer for KernelEnforcer {
                 None
             }
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The recording fake
-// ---------------------------------------------------------------------------------------------
-
-/// One call the loop made.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Call {
-    Apply { changes: usize },
-    Repair { changed: usize },
-    Interfaces { pods: Vec<ObjectKey> },
-}
-
-/// What the fake holds; shared with the test through [`RecordingEnforcer::state`].
-#[derive(Debug, Default)]
-pub struct Recorded {
-    /// The fake kernel maps.
-    pub kernel: MapContents,
-    pub calls: Vec<Call>,
-    /// Fail the next this-many `apply` calls (the maps stay untouched).
-    pub fail_applies: usize,
-    pub node_addrs: Vec<IpAddr>,
-    pub counters: Counters,
-}
-
-/// An in-memory enforcer: applies diffs to [`Recorded::kernel`] exactly as the writer
-/// applies them to the kernel, and records every call.
-#[derive(Clone, Debug, Default)]
-pub struct RecordingEnforcer {
-    state: Arc<Mutex<Recorded>>,
-}
-
-impl RecordingEnforcer {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn state(&self) -> Arc<Mutex<Recorded>> {
-        self.state.clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
-        // A test that panicked while holding it already failed; keep the data.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Enforcer for RecordingEnforcer {
-    fn apply(&mut self, desired: &MapContents, how: Write<'_>) -> Result<(), EnforceError> {
-        let mut s = self.lock();
-        if s.fail_applies > 0 {
-            s.fail_applies -= 1;
-            s.calls.push(Call::Apply { changes: 0 });
-            return Err(EnforceError::Injected("apply".into()));
-        }
-        let whole;
-        let diff = match how {
-            Write::Engine(d) => d,
-            Write::Whole => {
-                whole = MapContents::diff(&s.kernel, desired);
-                &whole
-            }
-        };
-        diff.apply(&mut s.kernel);
-        s.calls.push(Call::Apply {
-            changes: diff.len(),
-        });
-        Ok(())
-    }
-
-    fn repair(&mut self, desired: &MapContents) -> Result<usize, EnforceError> {
-        let mut s = self.lock();
-        let diff = MapContents::diff(&s.kernel, desired);
-        diff.apply(&mut s.kernel);
-        s.calls.push(Call::Repair {
-            changed: diff.len(),
-        });
-        Ok(diff.len())
-    }
-
-    fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
-        let mut s = self.lock();
-        let pods: Vec<ObjectKey> = local.iter().map(|p| p.key.clone()).collect();
-        if s.calls.last() != Some(&Call::Interfaces { pods: pods.clone() }) {
-            s.calls.push(Call::Interfaces { pods: pods.clone() });
-        }
-        InterfaceReport {
-            attached: local
-                .iter()
-                .map(|p| format!("veth-{}-{}", p.key.namespace, p.key.name))
-                .collect(),
-            waiting: Vec::new(),
-            failed: Vec::new(),
-        }
-    }
-
-    fn node_addrs(&mut self) -> Result<Vec<IpAddr>, EnforceError> {
-        Ok(self.lock().node_addrs.clone())
-    }
-
-    fn verdicts(&mut self) -> Option<Counters> {
-        Some(self.lock().counters)
     }
 }

@@ -19,7 +19,7 @@ pub mod watch;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use enforcer::{Enforcer, KernelEnforcer, RecordingEnforcer, Write};
+pub use enforcer::{Enforcer, KernelEnforcer, Write};
 pub use reconcile::{LoopConfig, Reconciler};
 pub use watch::{Changes, Stores};
 

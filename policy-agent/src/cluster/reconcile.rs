@@ -500,8 +500,54 @@ mod tests {
     use kube::runtime::watcher::Event;
 
     use super::*;
-    use crate::cluster::RecordingEnforcer;
+    use crate::cluster::enforcer::{EnforceError, InterfaceReport};
     use crate::dataplane::reconcile::renumber_onto;
+
+    /// The "kernel" in memory; the full recording fake lives in the testkit crate, which unit
+    /// tests cannot use (they would see two copies of this crate).
+    #[derive(Clone, Default)]
+    struct MemoryEnforcer {
+        kernel: Arc<std::sync::Mutex<MapContents>>,
+    }
+
+    impl MemoryEnforcer {
+        fn kernel(&self) -> MapContents {
+            self.kernel.lock().unwrap().clone()
+        }
+    }
+
+    impl Enforcer for MemoryEnforcer {
+        fn apply(&mut self, desired: &MapContents, how: Write<'_>) -> Result<(), EnforceError> {
+            let mut k = self.kernel.lock().unwrap();
+            match how {
+                Write::Engine(d) => d.apply(&mut k),
+                Write::Whole => MapContents::diff(&k, desired).apply(&mut k),
+            }
+            Ok(())
+        }
+
+        fn repair(&mut self, desired: &MapContents) -> Result<usize, EnforceError> {
+            let mut k = self.kernel.lock().unwrap();
+            let diff = MapContents::diff(&k, desired);
+            diff.apply(&mut k);
+            Ok(diff.len())
+        }
+
+        fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
+            InterfaceReport {
+                attached: local.iter().map(|p| p.key.name.clone()).collect(),
+                ..InterfaceReport::default()
+            }
+        }
+
+        fn node_addrs(&mut self) -> Result<Vec<std::net::IpAddr>, EnforceError> {
+            Ok(Vec::new())
+        }
+
+        fn verdicts(&mut self) -> Option<crate::dataplane::Counters> {
+            None
+        }
+    }
 
     #[test]
     fn reconcile_resync_rebuilds_a_damaged_kept_snapshot() {
@@ -522,7 +568,7 @@ mod tests {
             namespaces: wn.as_reader(),
             policies: wnp.as_reader(),
         };
-        let enforcer = RecordingEnforcer::new();
+        let enforcer = MemoryEnforcer::default();
         let metrics = Arc::new(Metrics::new());
         let mut r = Reconciler::new(
             LoopConfig::new("n0"),
@@ -532,7 +578,7 @@ mod tests {
             None,
         );
         assert!(r.pass_now(&stores));
-        let good = enforcer.state().lock().unwrap().kernel.clone();
+        let good = enforcer.kernel();
         assert_eq!(good.endpoints.len(), 2);
 
         // A bug drops a pod from the kept snapshot; the caches did not change, so a change
@@ -547,7 +593,7 @@ mod tests {
         assert!(r.pass(&stores, Trigger::Resync, None));
         assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
         assert_eq!(r.cache.snapshot().pods.len(), 2);
-        let kernel = enforcer.state().lock().unwrap().kernel.clone();
+        let kernel = enforcer.kernel();
         assert_eq!(renumber_onto(&good, &kernel), good);
         // And stays quiet once repaired.
         assert!(r.pass(&stores, Trigger::Resync, None));

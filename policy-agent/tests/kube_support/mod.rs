@@ -23,11 +23,11 @@ use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::Bytes;
 use hyper::body::Frame;
 use kube::client::Body;
-use policy_agent::cluster::enforcer::Recorded;
-use policy_agent::cluster::{self, LoopConfig, RecordingEnforcer};
+use policy_agent::cluster::{self, LoopConfig};
 use policy_agent::compiler::{MapContents, addr_of};
 use policy_agent::metrics::{Health, Metrics};
 use policy_common::{EndpointKey, EndpointValue, IpCacheKey};
+use policy_testkit::{Recorded, RecordingEnforcer};
 use serde_json::{Value, json};
 
 pub type RespBody = BoxBody<Bytes, Infallible>;
@@ -545,7 +545,7 @@ impl Agent {
         self.kernel.lock().unwrap().kernel.clone()
     }
 
-    pub fn calls(&self) -> Vec<policy_agent::cluster::enforcer::Call> {
+    pub fn calls(&self) -> Vec<policy_testkit::Call> {
         self.kernel.lock().unwrap().calls.clone()
     }
 

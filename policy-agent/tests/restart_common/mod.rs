@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use policy_agent::standalone::{self, Status};
-use policy_agent::testbed::{PrivateBpffs, Testbed, unique_suffix};
+use policy_testkit::testbed::{PrivateBpffs, Testbed, unique_suffix};
 use serde_json::{Value, json};
 
 pub const NODE: &str = "node-1";

@@ -15,9 +15,9 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::ScenarioError;
 use super::format::{IpFamily, PodDef, ProtocolName, ScenarioFile};
-use crate::convert;
-use crate::model::{ContainerPort, Labels, Namespace, ObjectKey, Pod, Protocol, Snapshot};
-use crate::reference::NAMESPACE_NAME_LABEL;
+use policy_agent::convert;
+use policy_agent::model::{ContainerPort, Labels, Namespace, ObjectKey, Pod, Protocol, Snapshot};
+use policy_agent::reference::NAMESPACE_NAME_LABEL;
 
 pub const NODE_NAME: &str = "scenario-node";
 /// The node's own addresses: the same as the namespace test bed's (`testbed::NODE_IPV4`/`6`),

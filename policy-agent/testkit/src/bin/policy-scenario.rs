@@ -10,11 +10,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use policy_agent::scenario::kernel::cleanup;
-use policy_agent::scenario::kernel::{KernelConfig, KernelOracle};
-use policy_agent::scenario::narrate::Narration;
-use policy_agent::scenario::report::{Counts, LEGEND};
-use policy_agent::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simulate};
+use policy_testkit::scenario::kernel::cleanup;
+use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle};
+use policy_testkit::scenario::narrate::Narration;
+use policy_testkit::scenario::report::{Counts, LEGEND};
+use policy_testkit::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simulate};
 
 fn usage() -> ExitCode {
     eprintln!(

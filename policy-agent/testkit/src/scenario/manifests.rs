@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::apply::State;
 use super::topology::Topology;
-use crate::reference::NAMESPACE_NAME_LABEL;
+use policy_agent::reference::NAMESPACE_NAME_LABEL;
 
 /// One manifest file: its name in the directory and its YAML.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,21 +1,20 @@
 //! Servers in the scenario's namespaces and the probes between them: TCP (handshake and an
 //! echoed message), UDP (a datagram and its echo), SCTP (INIT answered by INIT-ACK, see
-//! `sctp`). Probes run in parallel on worker threads that enter each probe's source namespace
-//! before making its socket (a socket stays in the namespace it was made in).
+//! `testbed::sctp`). Probes run in parallel on worker threads that enter each probe's source
+//! namespace before making its socket (a socket stays in the namespace it was made in).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::sctp;
-use crate::model::Protocol;
+use crate::testbed::sctp::{self, SctpResponder};
 use crate::testbed::{Netns, TcpEchoServer, UdpEchoServer};
+use policy_agent::model::Protocol;
 
 /// Which SCTP ports a responder answers on.
 type SctpPorts = Arc<Mutex<BTreeSet<u16>>>;
@@ -25,9 +24,8 @@ type SctpPorts = Arc<Mutex<BTreeSet<u16>>>;
 pub struct Servers {
     tcp: Vec<TcpEchoServer>,
     udp: Vec<UdpEchoServer>,
-    sctp: BTreeMap<(String, IpAddr), SctpPorts>,
-    sctp_threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    /// One responder per address, answering on the ports its set holds.
+    sctp: BTreeMap<(String, IpAddr), (SctpPorts, SctpResponder)>,
     started: BTreeSet<(String, IpAddr, Protocol, u16)>,
 }
 
@@ -52,37 +50,15 @@ impl Servers {
             Protocol::Udp => self.udp.push(UdpEchoServer::start(ns, sa)?),
             Protocol::Sctp => {
                 let key = (ns.name().to_string(), addr);
-                if let Some(ports) = self.sctp.get(&key) {
+                if let Some((ports, _)) = self.sctp.get(&key) {
                     lock(ports).insert(port);
                     return Ok(());
                 }
                 let ports: SctpPorts = Arc::new(Mutex::new(BTreeSet::from([port])));
-                let (p, stop) = (ports.clone(), self.stop.clone());
-                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-                let file = File::open(format!("/run/netns/{}", ns.name()))?;
-                let name = ns.name().to_string();
-                let thread = std::thread::spawn(move || {
-                    // SAFETY: a valid namespace fd; only this thread changes namespace.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        let _ = ready_tx.send(Err(io::Error::last_os_error()));
-                        return;
-                    }
-                    let sock = match sctp::RawSctp::bind(addr) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let serves = move |port: u16| lock(&p).contains(&port);
-                    if let Err(e) = sctp::respond(sock, &serves, &stop) {
-                        tracing::error!(ns = %name, %addr, error = %e, "SCTP responder failed");
-                    }
-                });
-                ready_rx.recv().map_err(io::Error::other)??;
-                self.sctp.insert(key, ports);
-                self.sctp_threads.push(thread);
+                let p = ports.clone();
+                let responder =
+                    SctpResponder::serving(ns, addr, move |port| lock(&p).contains(&port))?;
+                self.sctp.insert(key, (ports, responder));
             }
         }
         Ok(())
@@ -91,17 +67,6 @@ impl Servers {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.sctp_threads.drain(..) {
-            let _ = t.join();
-        }
-        self.tcp.clear();
-        self.udp.clear();
-    }
 }
 
 /// One connection attempt.
@@ -180,12 +145,7 @@ fn one(job: &Job, timeout: Duration) -> io::Result<()> {
             Ok(())
         }
         Protocol::Sctp => {
-            // Distinct source ports and tags: concurrent probes from one host never answer
-            // each other.
-            static PORT: AtomicU16 = AtomicU16::new(0);
-            static TAG: AtomicU32 = AtomicU32::new(0x7a61_0000);
-            let port = 20000 + PORT.fetch_add(1, Ordering::Relaxed) % 40000;
-            let tag = TAG.fetch_add(1, Ordering::Relaxed).max(1);
+            let (port, tag) = sctp::fresh_port_and_tag();
             sctp::probe(job.src, port, job.to, tag, timeout)
         }
     }

@@ -6,10 +6,10 @@ use super::apply::State;
 use super::plan::Probe;
 use super::run::{Oracle, OracleError};
 use super::topology::{EndpointName, Topology};
-use crate::compiler::{self, CompilerState, MapContents};
-use crate::kernel_model::KernelModel;
-use crate::model::Snapshot;
-use crate::reference::{self, Endpoint};
+use policy_agent::compiler::{self, CompilerState, MapContents};
+use policy_agent::kernel_model::KernelModel;
+use policy_agent::model::Snapshot;
+use policy_agent::reference::{self, Endpoint};
 
 /// The probe's endpoints as the reference evaluator sees them. With `via: service` the
 /// destination is the backend pod: kube-proxy's DNAT happens before any policy is judged.

@@ -7,9 +7,9 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 
-use crate::model::Protocol;
 use crate::scenario::topology::Topology;
 use crate::testbed::{Netns, plumb_host};
+use policy_agent::model::Protocol;
 
 /// Where the ClusterIPs live (`topology::service_v4` / `service_v6`): routed in the node to a
 /// placeholder interface so node-originated connections reach the OUTPUT DNAT.

@@ -11,7 +11,6 @@
 pub mod cleanup;
 pub mod hosts;
 pub mod probe;
-pub mod sctp;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -28,10 +27,10 @@ use super::format::IpFamily;
 use super::plan::Probe;
 use super::run::{Oracle, OracleError};
 use super::topology::{EndpointName, Topology};
-use crate::model::ObjectKey;
-use crate::standalone;
 use crate::testbed::PrivateBpffs;
 use hosts::Hosts;
+use policy_agent::model::ObjectKey;
+use policy_agent::standalone;
 use probe::{Job, Servers};
 
 /// The ClusterIP ranges of the topology ([`super::topology::service_v4`] / `service_v6`):
@@ -249,7 +248,7 @@ impl Oracle for KernelOracle {
         std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
         std::fs::rename(&tmp, manifests.join("cluster.yaml"))
             .map_err(|e| fail("writing manifests", e))?;
-        let want = crate::manifests::content_hash(&manifests);
+        let want = policy_agent::manifests::content_hash(&manifests);
         let status_file = run.dir.0.join("status.json");
         let deadline = Instant::now() + self.cfg.apply_timeout;
         loop {

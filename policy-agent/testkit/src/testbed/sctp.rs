@@ -1,13 +1,22 @@
-//! Just enough SCTP for a reachability probe, over raw sockets (the kernel here has no SCTP
-//! stack): the client sends an INIT, a responder answers with an INIT-ACK (ports swapped, the
-//! INIT's initiate tag as verification tag). A matching INIT-ACK coming back means the
-//! association could start in both directions.
+//! SCTP without a kernel SCTP stack (this machine kind has none), over raw sockets: the
+//! client sends an INIT, a responder answers with an INIT-ACK (ports swapped, the INIT's
+//! initiate tag as verification tag). A matching INIT-ACK coming back means the association
+//! could start in both directions. The datapath judges these packets like any SCTP
+//! association's first packets (protocol 132, ports in the common header).
+//!
+//! [`probe`] and [`respond`] work on the calling thread's namespace (the scenario runner's
+//! workers); [`sctp_probe`] and [`SctpResponder`] take a [`Netns`] (the namespace tests).
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use super::netns::Netns;
 
 pub const IPPROTO_SCTP: i32 = 132;
 const CHUNK_INIT: u8 = 1;
@@ -304,15 +313,11 @@ pub fn probe(
 
 /// Answers INITs to the address `sock` is bound to, on the ports `serves` accepts, until
 /// `stop` is set.
-pub fn respond(
-    sock: RawSctp,
-    serves: &dyn Fn(u16) -> bool,
-    stop: &std::sync::atomic::AtomicBool,
-) -> io::Result<()> {
+pub fn respond(sock: RawSctp, serves: &dyn Fn(u16) -> bool, stop: &AtomicBool) -> io::Result<()> {
     sock.set_timeout(Duration::from_millis(50))?;
     let mut buf = [0u8; 2048];
     let mut next_tag = 0x5c7b_0001u32;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) {
         let (from, range) = match sock.recv(&mut buf) {
             Ok(r) => r,
             Err(e)
@@ -337,6 +342,73 @@ pub fn respond(
     Ok(())
 }
 
+/// A source port and initiate tag no other probe of this process uses at the same time, so
+/// concurrent probes from one host never take each other's INIT-ACKs (and a probe never
+/// rides on the datapath's conntrack entry of an earlier one).
+pub fn fresh_port_and_tag() -> (u16, u32) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let port = 20000 + (n % 40000) as u16;
+    let tag = 0x7a61_0000u32.wrapping_add(n).max(1);
+    (port, tag)
+}
+
+/// Sends an INIT from `ns` to `to` (from whichever source address the routes pick) and waits
+/// up to `timeout` for the INIT-ACK.
+pub fn sctp_probe(ns: &Netns, to: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let any = if to.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    };
+    let (port, tag) = fresh_port_and_tag();
+    ns.enter(|| probe(any, port, to, tag, timeout))?
+}
+
+/// Answers SCTP INITs to one address of a namespace with INIT-ACKs, on a thread. Stops on drop.
+pub struct SctpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SctpResponder {
+    /// Answers on `ports`.
+    pub fn start(ns: &Netns, ip: IpAddr, ports: Vec<u16>) -> io::Result<Self> {
+        Self::serving(ns, ip, move |p| ports.contains(&p))
+    }
+
+    /// Answers on the ports `serves` accepts (it may change its mind while running).
+    pub fn serving(
+        ns: &Netns,
+        ip: IpAddr,
+        serves: impl Fn(u16) -> bool + Send + 'static,
+    ) -> io::Result<Self> {
+        // The socket stays in the namespace it was made in; the thread need not enter it.
+        let sock = ns.enter(|| RawSctp::bind(ip))??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let name = ns.name().to_string();
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = respond(sock, &serves, &s) {
+                tracing::error!(ns = %name, addr = %ip, error = %e, "SCTP responder failed");
+            }
+        });
+        Ok(SctpResponder {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SctpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +416,16 @@ mod tests {
     #[test]
     fn crc32c_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        // RFC 3720 B.4: 32 bytes of zeros.
+        assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
+    }
+
+    #[test]
+    fn fresh_ports_and_tags_differ() {
+        let (a, b) = (fresh_port_and_tag(), fresh_port_and_tag());
+        assert_ne!(a.0, b.0);
+        assert_ne!(a.1, b.1);
+        assert_ne!(a.1, 0);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::topology::{EndpointName, Topology};
-use crate::model::Protocol;
+use policy_agent::model::Protocol;
 
 /// A probed port: protocol and destination port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

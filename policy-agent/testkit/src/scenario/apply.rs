@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use super::ScenarioError;
 use super::format::IpFamily;
 use super::topology::{Topology, check_labels, namespace_labels};
-use crate::convert;
-use crate::model::{ObjectKey, Snapshot};
+use policy_agent::convert;
+use policy_agent::model::{ObjectKey, Snapshot};
 
 /// The objects after some steps.
 #[derive(Clone, Debug, PartialEq, Eq)]

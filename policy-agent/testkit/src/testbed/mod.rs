@@ -1,12 +1,12 @@
 //! Test beds in network namespaces: a node namespace with pod and external-host namespaces
 //! hanging off it by veth pairs, private bpffs mounts, echo servers and bounded-time
-//! clients. Used by the namespace tests and the scenario runner. Only 198.18.0.0/15 and
-//! fd00::/8 addresses are used, and nothing touches the machine's own namespace or
-//! interfaces.
+//! clients, SCTP over raw sockets. Used by the namespace tests and the scenario runner. Only
+//! 198.18.0.0/15 and fd00::/8 addresses are used, and nothing touches the machine's own
+//! namespace or interfaces.
 //!
 //! ```no_run
 //! use policy_agent::dataplane::{AttachMode, Dataplane};
-//! use policy_agent::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
+//! use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 //! use std::{net::SocketAddr, time::Duration};
 //!
 //! let mut bed = Testbed::new()?;                   // node namespace, forwarding on
