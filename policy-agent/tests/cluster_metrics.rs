@@ -1,5 +1,6 @@
 //! The real `/metrics`, `/healthz` and `/readyz` endpoint on 127.0.0.1:0, over plain HTTP,
-//! while the agent runs against the scripted API server.
+//! while the agent runs against the scripted API server. In a network namespace of the
+//! test's own (its loopback only): nothing listens or connects in the machine's namespace.
 
 #![allow(clippy::unwrap_used)]
 
@@ -52,8 +53,27 @@ fn sample(body: &str, series: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_metrics_endpoint_serves_health_readiness_and_metrics() {
+#[test]
+fn cluster_metrics_endpoint_serves_health_readiness_and_metrics() {
+    let ns = policy_testkit::testbed::Netns::create(&format!(
+        "pa-metrics-{}",
+        policy_testkit::testbed::pid_tag()
+    ))
+    .expect("namespace (needs root)");
+    ns.ip(&["link", "set", "lo", "up"]).expect("loopback up");
+    ns.enter(|| {
+        // Built here, so the runtime's threads (and every socket) live in the namespace.
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(serve_and_check());
+    })
+    .expect("enter the namespace");
+}
+
+async fn serve_and_check() {
     let api = FakeApi::default();
     api.apply(Kind::Namespaces, namespace("shop", json!({})));
     api.apply(
