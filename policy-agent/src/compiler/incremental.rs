@@ -501,7 +501,7 @@ impl Engine {
                     let r = self
                         .ident_key
                         .get(&id)
-                        .map(|k| table::row(snap, &self.selectors, &pols, s.ingress, &s.local_ports, id, k))
+                        .map(|k| table::row(snap, &pols, s.ingress, &s.local_ports, k))
                         .filter(|r| !r.is_empty());
                     if old.as_ref().and_then(|t| t.rules.get(&id)) != r.as_ref() {
                         patch.push((id, r));

@@ -1,9 +1,9 @@
 //! One policy-set's table: what the rules of the policies selecting an endpoint allow, per
 //! peer identity (from the selector cache) and per ipBlock prefix. Built here for the full
 //! compile and the incremental engine alike; the engine also patches single rows with
-//! [`row`] when an identity changes.
+//! [`row`] when an identity changes (deciding peers with the same [`selector::Peer::selects`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::cidr::{self, CidrRule};
 use super::portset::PortSet;
@@ -21,19 +21,31 @@ pub fn build(
     ingress: bool,
     local_ports: &[(String, Protocol, u16)],
 ) -> Option<Table> {
-    let mut candidates: BTreeSet<u32> = BTreeSet::new();
+    // Rule by rule over the selected identities: each rule's ports are worked out once,
+    // not once per identity.
+    let mut rules: BTreeMap<u32, PortSet> = BTreeMap::new();
     let mut cidr_rules = Vec::new();
-    let mut all_idents = false;
     for pol in pols {
         let list = if ingress { &pol.ingress } else { &pol.egress };
         for rule in list {
             let (numeric, named) = split_ports(&rule.ports);
-            let base = if ingress {
+            // Ingress: names resolve on the endpoint itself, the same for every peer;
+            // egress: on each pod peer.
+            let (base, per_peer_named) = if ingress {
                 let mut b = numeric;
                 b.union_with(&resolve_named(&named, |n, p| local_port(local_ports, n, p)));
-                b
+                (b, false)
             } else {
-                numeric
+                (numeric, !named.is_empty())
+            };
+            let add = |rules: &mut BTreeMap<u32, PortSet>, id: u32, k: &IdentityKey| {
+                let mut ps = base.clone();
+                if per_peer_named {
+                    ps.union_with(&resolve_named(&named, |n, p| k.named_port(n, p)));
+                }
+                if !ps.is_empty() {
+                    rules.entry(id).or_default().union_with(&ps);
+                }
             };
             match &rule.peers {
                 None => {
@@ -48,8 +60,15 @@ pub fn build(
                             });
                         }
                     }
-                    if !ingress && !named.is_empty() {
-                        all_idents = true;
+                    if per_peer_named {
+                        for id in ids.all() {
+                            if let Some(k) = ids.key(id) {
+                                let ps = resolve_named(&named, |n, p| k.named_port(n, p));
+                                if !ps.is_empty() {
+                                    rules.entry(id).or_default().union_with(&ps);
+                                }
+                            }
+                        }
                     }
                 }
                 Some(peers) => {
@@ -61,7 +80,11 @@ pub fn build(
                                     &pol.namespace,
                                     pods.as_ref(),
                                 );
-                                candidates.extend(selectors.selected(peer, snap, ids));
+                                for &id in selectors.selected(peer, snap, ids) {
+                                    if let Some(k) = ids.key(id) {
+                                        add(&mut rules, id, k);
+                                    }
+                                }
                             }
                             Peer::IpBlock { cidr, except } => {
                                 if !base.is_empty() {
@@ -78,26 +101,10 @@ pub fn build(
             }
         }
     }
-    let mut t = TableData {
-        rules: BTreeMap::new(),
+    let t = TableData {
+        rules,
         cidrs: cidr::table(&cidr_rules),
     };
-    let everyone: Vec<u32>;
-    let rows: &mut dyn Iterator<Item = u32> = if all_idents {
-        everyone = ids.all().collect();
-        &mut everyone.iter().copied()
-    } else {
-        &mut candidates.iter().copied()
-    };
-    for id in rows {
-        let Some(k) = ids.key(id) else {
-            continue;
-        };
-        let r = row(snap, selectors, pols, ingress, local_ports, id, k);
-        if !r.is_empty() {
-            t.rules.insert(id, r);
-        }
-    }
     if t.rules.is_empty() && t.cidrs.is_empty() {
         None
     } else {
@@ -113,14 +120,11 @@ fn local_port(ports: &[(String, Protocol, u16)], name: &str, proto: Protocol) ->
 }
 
 /// What the rules of `pols` allow towards one identity (its `RULES` row).
-#[allow(clippy::too_many_arguments)]
 pub fn row(
     snap: &Snapshot,
-    selectors: &SelectorCache,
     pols: &[&NetworkPolicy],
     ingress: bool,
     local_ports: &[(String, Protocol, u16)],
-    id: u32,
     k: &IdentityKey,
 ) -> PortSet {
     let mut out = PortSet::default();
@@ -138,13 +142,10 @@ pub fn row(
                 }
                 Some(peers) => peers.iter().any(|peer| match peer {
                     Peer::Pods { namespaces, pods } => {
-                        // The cache holds every peer of a live spec; a peer it lacks is
-                        // decided by the same rule directly.
-                        let peer =
-                            selector::Peer::new(namespaces.as_ref(), &pol.namespace, pods.as_ref());
-                        selectors
-                            .contains(peer, id)
-                            .unwrap_or_else(|| peer.selects(snap, k))
+                        // One identity: the selection rule itself is cheaper than a lookup
+                        // of the cached selection (hashing the selectors), and the same.
+                        selector::Peer::new(namespaces.as_ref(), &pol.namespace, pods.as_ref())
+                            .selects(snap, k)
                     }
                     Peer::IpBlock { .. } => false,
                 }),
