@@ -4,6 +4,7 @@
 //! right interfaces. Standalone mode and the cluster loop only decide *what* to enforce;
 //! everything here is the same whichever of them asks.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,9 @@ use crate::dataplane::{
     AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, Numbering, PinState,
     Role, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with, uplink,
 };
+use crate::compiler::addr_of;
 use crate::{netinfo, writer};
+use policy_common::BindingKey;
 
 /// How the node side starts.
 #[derive(Clone, Debug)]
@@ -78,6 +81,8 @@ pub struct NodeEnforcer {
     pins_adopted: bool,
     attached: LinkSet,
     uplinks: LinkSet,
+    /// The (interface, address) pairs `BINDINGS` holds.
+    bound: BTreeSet<BindingKey>,
     adopted: bool,
     migrated: bool,
 }
@@ -155,6 +160,7 @@ impl NodeEnforcer {
         }
         maps.set_service_cidrs(&opts.service_cidrs)?;
         let written = maps.read_contents()?;
+        let bound = maps.bindings()?.into_iter().collect();
         Ok(NodeEnforcer {
             dp,
             maps,
@@ -166,6 +172,7 @@ impl NodeEnforcer {
             pins_adopted: false,
             attached: LinkSet::new(Role::Pod),
             uplinks: LinkSet::new(Role::Uplink),
+            bound,
             adopted,
             migrated: false,
         })
@@ -248,7 +255,29 @@ impl NodeEnforcer {
                 };
             }
         };
-        let (wanted, waiting) = links::pod_interfaces(&routes, local);
+        let pods = links::pod_interfaces(&routes, local);
+        let (wanted, waiting) = (pods.wanted, pods.waiting);
+        let bound: BTreeSet<BindingKey> = pods
+            .bound
+            .iter()
+            .filter_map(|(iface, ip)| {
+                Some(BindingKey {
+                    ifindex: netinfo::ifindex(iface)?,
+                    addr: addr_of(*ip),
+                })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        // New bindings before any program that needs them runs (a pod hook drops what
+        // its interface does not carry); old ones only after their programs are gone.
+        let adds: Vec<BindingKey> = bound.difference(&self.bound).copied().collect();
+        match self.maps.set_bindings(&adds, &[]) {
+            Ok(()) => self.bound.extend(adds),
+            Err(e) => {
+                tracing::error!(error = %e, "writing interface bindings failed");
+                failed.push(("<bindings>".into(), e.to_string()));
+            }
+        }
         if !self.pins_adopted {
             // After the maps are right: links an earlier agent pinned get this agent's
             // programs in place (no gap); failures are retried next pass.
@@ -264,13 +293,22 @@ impl NodeEnforcer {
         let uplinks = uplink::select(&self.uplink_mode, &uplink::interfaces(), &wanted);
         self.uplinks.prune(&mut self.dp, &uplinks);
         self.attached.prune(&mut self.dp, &wanted);
-        let mut failed = self
-            .attached
-            .attach_missing(&mut self.dp, self.mode, &wanted);
+        failed.extend(
+            self.attached
+                .attach_missing(&mut self.dp, self.mode, &wanted),
+        );
         failed.extend(
             self.uplinks
                 .attach_missing(&mut self.dp, self.mode, &uplinks),
         );
+        let removes: Vec<BindingKey> = self.bound.difference(&bound).copied().collect();
+        match self.maps.set_bindings(&[], &removes) {
+            Ok(()) => self.bound.retain(|k| bound.contains(k)),
+            Err(e) => {
+                tracing::error!(error = %e, "removing interface bindings failed");
+                failed.push(("<bindings>".into(), e.to_string()));
+            }
+        }
         if self.dp.pin_state() == PinState::Migrating && self.pins_adopted {
             // Every pinned link and filter runs the new programs on the new maps now.
             match self.dp.finish_migration() {

@@ -34,6 +34,8 @@ const B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x20);
 const EXT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 5);
 
 const ID_B: u32 = 300;
+/// The interface a BPF_PROG_TEST_RUN packet is on: the loopback of the caller's namespace.
+const TEST_RUN_IFINDEX: u32 = 1;
 const SET_IN: u32 = 10;
 const SET_EG: u32 = 11;
 
@@ -129,7 +131,9 @@ impl Fixture {
         (d, r)
     }
 
+    /// A local endpoint, bound to the interface test runs happen on (the test's `lo`).
     fn endpoint(&mut self, addr: Addr, flags: u32) {
+        self.maps.bind(TEST_RUN_IFINDEX, &[addr]).expect("bind");
         self.maps
             .set_local_endpoint(
                 EndpointKey { addr },
@@ -144,6 +148,7 @@ impl Fixture {
     }
 
     fn endpoint_id(&mut self, addr: Addr, id: u32, flags: u32) {
+        self.maps.bind(TEST_RUN_IFINDEX, &[addr]).expect("bind");
         self.maps
             .set_local_endpoint(
                 EndpointKey { addr },
@@ -312,6 +317,7 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
         let mut dp = Dataplane::load(fs.path()).expect("first load");
         let mut maps = dp.take_maps().expect("maps");
         maps.set_local_endpoint(key, value).expect("write");
+        maps.bind(TEST_RUN_IFINDEX, &[key.addr]).expect("bind");
         // A set's CIDR trie lives in the pinned array, not in a pin of its own.
         maps.set_cidr_rule(cidr, all()).expect("cidr");
         maps.set_event_budget(5, 9).expect("config");
@@ -410,10 +416,21 @@ fn loading_refuses_a_pin_directory_outside_bpffs() {
 // ================= basics =================
 
 #[test]
-fn non_ip_frame_passes() {
+fn arp_passes_and_other_non_ip_frames_pass_only_uplinks() {
     let f = fixture();
     assert_eq!(f.verdict(Egress, &arp()), Reason::AllowNonIp);
     assert_eq!(f.verdict(Ingress, &arp()), Reason::AllowNonIp);
+    // MPLS unicast carrying an IPv4 packet: nothing at a pod's hook judges what is inside.
+    let ip = V4::new(A4, B4).packet(&tcp(40000, 80, SYN));
+    let mut mpls = vec![0x00, 0x01, 0x01, 0x40];
+    mpls.extend_from_slice(&ip);
+    for et in [0x8847, 0x8848, 0x8863, 0x88cc] {
+        let frame = eth(et, &mpls);
+        assert_eq!(f.verdict(Egress, &frame), Reason::DenyNonIp, "{et:#x}");
+        assert_eq!(f.verdict(Ingress, &frame), Reason::DenyNonIp, "{et:#x}");
+        assert_eq!(f.verdict_at(PROG_FROM_WORLD, &frame), Reason::AllowNonIp);
+        assert_eq!(f.verdict_at(PROG_TO_WORLD, &frame), Reason::AllowNonIp);
+    }
 }
 
 #[test]
@@ -436,8 +453,18 @@ fn vlan_tagged_frame_in_the_data_is_dropped() {
 
 #[test]
 fn unknown_endpoint_is_dropped_both_ways() {
-    let f = fixture();
-    // Source not a pod of this node: spoofed or unknown; fail closed.
+    let mut f = fixture();
+    // Source not bound to the interface: not this pod's address.
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::DenySpoofed
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)),
+        Reason::DenyUnknownEndpoint
+    );
+    // Bound, but no endpoint (yet): fail closed too.
+    f.maps.bind(TEST_RUN_IFINDEX, &[a4(A4)]).expect("bind");
     assert_eq!(
         f.verdict(Egress, &tcp4(A4, B4, 40000, 80, SYN)),
         Reason::DenyUnknownEndpoint
@@ -645,6 +672,7 @@ fn cidr_sets_with_overlapping_prefixes_never_see_each_other() {
     const SET_Y: u32 = 21;
     const SET_Z: u32 = 22;
     let ep = |f: &mut Fixture, addr: Ipv4Addr, set: u32| {
+        f.maps.bind(TEST_RUN_IFINDEX, &[a4(addr)]).expect("bind");
         f.maps
             .set_endpoint(
                 EndpointKey { addr: a4(addr) },
@@ -1298,19 +1326,33 @@ fn icmpv6_neighbour_discovery_passes() {
 }
 
 #[test]
-fn link_local_source_cannot_reach_a_global_address() {
+fn link_local_source_serves_neighbour_discovery_only() {
     let f = fixture();
     let ll_pod: Ipv6Addr = "fe80::2".parse().expect("addr");
+    let ll_node: Ipv6Addr = "fe80::1".parse().expect("addr");
+    for dst in ["ff02::fb".parse().expect("a"), ll_node, EXT6] {
+        assert_eq!(
+            f.verdict(Egress, &tcp6(ll_pod, dst, 5353, 5353, 0)),
+            Reason::DenySpoofed,
+            "{dst}"
+        );
+        assert_eq!(
+            f.verdict(Egress, &V6::new(ll_pod, dst).frame(&udp(5353, 5353))),
+            Reason::DenySpoofed,
+            "{dst}"
+        );
+    }
+    // Multicast listener reports (hop limit 1) and ND still flow.
+    let mut mld = V6::new(ll_pod, "ff02::16".parse().expect("a"));
+    mld.hop_limit = 1;
     assert_eq!(
-        f.verdict(
-            Egress,
-            &tcp6(ll_pod, "ff02::fb".parse().expect("a"), 5353, 5353, 0)
-        ),
+        f.verdict(Egress, &mld.frame(&icmp_raw(true, 143, 0, [0; 4], &[]))),
         Reason::AllowLinkLocal
     );
+    // Echo to the node's link-local address is not link control.
     assert_eq!(
-        f.verdict(Egress, &tcp6(ll_pod, EXT6, 40000, 80, SYN)),
-        Reason::DenyUnknownEndpoint
+        f.verdict(Egress, &V6::new(ll_pod, ll_node).frame(&echo_request(true, 7))),
+        Reason::DenySpoofed
     );
 }
 
@@ -1736,6 +1778,159 @@ fn icmp_error_about_an_inbound_flow_leaves_the_pod() {
     );
     let err = V4::new(A4, EXT4).frame(&icmp_error(false, 3, 3, &inbound[..28]));
     assert_eq!(f.verdict(Egress, &err), Reason::AllowRelated);
+}
+
+// ================= the adversary: spoofed sources, forged ICMP errors =================
+
+/// Another local pod, B, behind another interface than the test runs' (its binding).
+const OTHER_IFINDEX: u32 = 77;
+
+fn other_pod(f: &mut Fixture, addr: Addr, flags: u32) {
+    f.maps.bind(OTHER_IFINDEX, &[addr]).expect("bind");
+    f.maps
+        .set_local_endpoint(
+            EndpointKey { addr },
+            EndpointValue {
+                endpoint_id: 8,
+                ingress_policy_set: SET_IN,
+                egress_policy_set: SET_EG,
+                flags,
+            },
+        )
+        .expect("endpoint");
+}
+
+#[test]
+fn a_pod_sending_as_another_local_pod_is_dropped_before_conntrack() {
+    let mut f = fixture();
+    // A (the test runs' interface) and B (another interface), neither isolated; B has a
+    // live connection to an external host.
+    f.endpoint(a4(A4), 0);
+    f.endpoint(a6(A6), 0);
+    other_pod(&mut f, a4(B4), 0);
+    other_pod(&mut f, a6(B6), 0);
+    f.ipcache(a4(EXT4), 0);
+    f.ipcache(a6(EXT6), 0);
+    // A's own packets pass.
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 40000, 80, SYN)),
+        Reason::AllowNotIsolated
+    );
+    // As B, over TCP and UDP, both families: spoofed, whatever B may do.
+    for frame in [
+        tcp4(B4, EXT4, 40000, 80, SYN),
+        udp4(B4, EXT4, 40000, 53),
+        tcp6(B6, EXT6, 40000, 80, SYN),
+        V6::new(B6, EXT6).frame(&udp(40000, 53)),
+        // As the node, or as an address nobody has.
+        tcp4(NODE4, EXT4, 40000, 80, SYN),
+        tcp4(Ipv4Addr::new(198, 18, 0, 99), EXT4, 40000, 80, SYN),
+    ] {
+        assert_eq!(f.verdict(Egress, &frame), Reason::DenySpoofed);
+    }
+    // Replaying into B's live connection: its conntrack entry is never reached.
+    f.endpoint(a4(A4), ISO_EG);
+    other_pod(&mut f, a4(B4), ISO_IN | IN_CIDR);
+    f.cidr(SET_IN, a4(EXT4), 32, all());
+    // (Decided where it enters the node: B's own interface is not the test runs'.)
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp4(EXT4, B4, 50000, 22, SYN)),
+        Reason::AllowCidr
+    );
+    assert!(f.ct(a4(EXT4), a4(B4), 50000, 22, TCP).is_some());
+    assert_eq!(
+        f.verdict(Egress, &tcp4(B4, EXT4, 22, 50000, ACK | PSH)),
+        Reason::DenySpoofed
+    );
+    // The same reply from B's own interface is established (B's binding is what counts).
+    f.maps.bind(TEST_RUN_IFINDEX, &[a4(B4)]).expect("bind");
+    assert_eq!(
+        f.verdict(Egress, &tcp4(B4, EXT4, 22, 50000, ACK | PSH)),
+        Reason::AllowEstablished
+    );
+}
+
+#[test]
+fn a_removed_binding_stops_vouching_for_the_cached_endpoint() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), 0);
+    f.ipcache(a4(EXT4), 0);
+    let frame = tcp4(A4, EXT4, 40000, 80, SYN);
+    // Twice: the second is served from this CPU's cache of the interface.
+    assert_eq!(f.verdict(Egress, &frame), Reason::AllowNotIsolated);
+    assert_eq!(f.verdict(Egress, &frame), Reason::AllowNotIsolated);
+    let k = policy_common::BindingKey {
+        ifindex: TEST_RUN_IFINDEX,
+        addr: a4(A4),
+    };
+    f.maps.set_bindings(&[], &[k]).expect("unbind");
+    assert_eq!(f.verdict(Egress, &frame), Reason::DenySpoofed);
+}
+
+#[test]
+fn an_uplink_drops_a_local_pods_address_from_outside() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), 0);
+    f.endpoint(a6(A6), ISO_IN);
+    other_pod(&mut f, a4(B4), ISO_IN | IN_CIDR);
+    f.cidr(SET_IN, a4(A4), 32, all());
+    // From outside the node as A (a local pod) to B: B's ingress admits A, yet it is spoofed.
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::DenySpoofed
+    );
+    assert_eq!(
+        f.verdict_at(PROG_FROM_WORLD, &tcp6(A6, EXT6, 40000, 80, SYN)),
+        Reason::DenySpoofed
+    );
+    // A's own traffic leaving through the uplink is not.
+    assert_eq!(
+        f.verdict_at(PROG_TO_WORLD, &tcp4(A4, EXT4, 40000, 80, SYN)),
+        Reason::AllowNotIsolated
+    );
+}
+
+#[test]
+fn an_icmp_error_must_come_back_the_way_its_quoted_packet_went() {
+    let mut f = fixture();
+    // A (isolated both ways) has a flow out to EXT, and one to B, a pod on this node.
+    f.endpoint(a4(A4), ISO_IN | ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, a4(EXT4), 32, all());
+    f.cidr(SET_EG, a4(B4), 32, all());
+    other_pod(&mut f, a4(B4), 0);
+    f.maps.set_identity(a4(NODE4), IDENTITY_HOST).expect("node");
+    let out = V4::new(A4, EXT4).packet(&udp(44000, 9999));
+    assert_eq!(f.verdict(Egress, &eth(0x0800, &out)), Reason::AllowCidr);
+    let local = V4::new(A4, B4).packet(&udp(44001, 9999));
+    assert_eq!(f.verdict(Egress, &eth(0x0800, &local)), Reason::AllowCidr);
+    let err = |from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]| {
+        V4::new(from, to).frame(&icmp_error(false, 3, 4, &quoted[..28]))
+    };
+    // The far end, a router beyond the node, the node itself: the reverse path.
+    assert_eq!(f.verdict(Ingress, &err(EXT4, A4, &out)), Reason::AllowRelated);
+    assert_eq!(f.verdict(Ingress, &err(ROUTER4, A4, &out)), Reason::AllowRelated);
+    assert_eq!(f.verdict(Ingress, &err(NODE4, A4, &out)), Reason::AllowRelated);
+    // Another local pod quoting A's flow to EXT: not on its path.
+    assert_eq!(f.verdict(Ingress, &err(B4, A4, &out)), Reason::DenyUnrelated);
+    // A flow to a pod on this node has no router but the node on its path.
+    assert_eq!(f.verdict(Ingress, &err(B4, A4, &local)), Reason::AllowRelated);
+    assert_eq!(f.verdict(Ingress, &err(NODE4, A4, &local)), Reason::AllowRelated);
+    assert_eq!(f.verdict(Ingress, &err(ROUTER4, A4, &local)), Reason::DenyUnrelated);
+    assert_eq!(f.verdict(Ingress, &err(EXT4, A4, &local)), Reason::DenyUnrelated);
+    // Quoting a packet A never sent as its source (addressed to A, quoting EXT's flow).
+    let theirs = V4::new(EXT4, A4).packet(&udp(9999, 44000));
+    assert_eq!(f.verdict(Ingress, &err(EXT4, A4, &theirs)), Reason::DenyUnrelated);
+    // The same over IPv6: packet too big from a host not on the path.
+    f.endpoint(a6(A6), ISO_IN | ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, a6(EXT6), 128, all());
+    other_pod(&mut f, a6(B6), 0);
+    let out6 = V6::new(A6, EXT6).packet(&tcp(46000, 443, ACK));
+    assert_eq!(f.verdict(Egress, &eth(0x86DD, &out6)), Reason::AllowCidr);
+    let ptb = |from: Ipv6Addr| {
+        V6::new(from, A6).frame(&icmp_raw(true, 2, 0, 1280u32.to_be_bytes(), &out6))
+    };
+    assert_eq!(f.verdict(Ingress, &ptb(EXT6)), Reason::AllowRelated);
+    assert_eq!(f.verdict(Ingress, &ptb(B6)), Reason::DenyUnrelated);
 }
 
 #[test]
@@ -2656,7 +2851,7 @@ fn own_endpoint_cache_follows_every_endpoints_change() {
     // Another address behind the same interface (spoofing): not served from the cache.
     assert_eq!(
         f.verdict(Egress, &udp4(B4, EXT4, 43102, 53)),
-        Reason::DenyUnknownEndpoint
+        Reason::DenySpoofed
     );
     f.maps
         .delete_endpoint(&EndpointKey { addr: a4(A4) })

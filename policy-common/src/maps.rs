@@ -29,6 +29,8 @@ pub const MAP_EVENT_BUDGET: &str = "EVENT_BUDGET";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_SERVICE_CIDRS: &str = "SERVICE_CIDRS";
 pub const MAP_SERVICE_PENDING: &str = "SERVICE_PENDING";
+/// (interface, address) pairs: which addresses a pod's veth may carry as its own.
+pub const MAP_BINDINGS: &str = "BINDINGS";
 
 /// Program names (functions in policy-ebpf).
 /// Attached at TC ingress of the pod's host-side veth: packets the pod sends.
@@ -69,6 +71,13 @@ pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 pub const MAX_SERVICE_CIDRS: u32 = 64;
 pub const MAX_SERVICE_PENDING: u32 = 32_768;
+/// Two addresses (one per family) per endpoint, with room for a pod moving interfaces.
+pub const MAX_BINDINGS: u32 = 4 * MAX_ENDPOINTS;
+
+/// What the pinned maps mean, beyond their shapes: bumped whenever a flag, a key or a hash
+/// changes meaning, so an agent never adopts maps whose contents it would misread (it
+/// migrates them instead). Stored in `Config::format`.
+pub const FORMAT_VERSION: u32 = 2;
 
 // ---- identities and policy-sets ----
 /// Peer address not in `IPCACHE`: outside the cluster; only ipBlocks can match it.
@@ -141,6 +150,17 @@ impl EndpointValue {
             crate::Direction::Egress => self.flags & ep_flags::EGRESS_HAS_CIDR_RULES != 0,
         }
     }
+}
+
+/// `BINDINGS` key: an address a local pod's host-side interface carries as the pod's own.
+/// The pod hooks trust a packet's pod-side address only when its (interface, address) pair
+/// is here: a pod sending with another pod's address is refused before anything else.
+/// Written by the node side from the routes to each local pod; the value is unused (1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BindingKey {
+    pub ifindex: u32,
+    pub addr: Addr,
 }
 
 /// `IPCACHE` key: any pod or node address of the cluster (exact match, hash map).
@@ -586,11 +606,14 @@ pub struct Config {
     /// `jiffies` when `CLOCK_MONOTONIC_COARSE` read 0, so both clocks agree (the agent
     /// calibrates it; stamps written under the helper clock stay meaningful).
     pub jiffies_base: u64,
-    /// Bumped by the agent after every change to `ENDPOINTS`: the programs' per-CPU cache of
-    /// each interface's own endpoint trusts only entries filled under the current value. A
-    /// Gray-code counter (one bit changes per bump), so a read racing the update sees the old
-    /// or the new value, never a mix.
+    /// Bumped by the agent after every change to `ENDPOINTS` and every removal from
+    /// `BINDINGS`: the programs' per-CPU cache of each interface's own endpoint trusts only
+    /// entries filled under the current value. A Gray-code counter (one bit changes per
+    /// bump), so a read racing the update sees the old or the new value, never a mix.
     pub endpoints_gen: u64,
+    /// [`FORMAT_VERSION`] of the agent that created the maps (0: before it existed).
+    pub format: u32,
+    pub _pad: u32,
 }
 
 /// What the `clock_probe` program writes over the start of its test packet: the coarse
@@ -632,7 +655,10 @@ const _: () = {
     assert!(size_of::<DenyEvent>() == 56);
     assert!(offset_of!(DenyEvent, endpoint_id) == 48);
     assert!(size_of::<EventBudget>() == 16);
-    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<Config>() == 40);
+    assert!(offset_of!(Config, format) == 32);
+    assert!(size_of::<BindingKey>() == 20);
+    assert!(offset_of!(BindingKey, addr) == 4);
     assert!(offset_of!(Config, endpoints_gen) == 24);
     assert!(offset_of!(Config, jiffies_base) == 16);
     assert!(size_of::<ClockSample>() == 24);
@@ -651,6 +677,7 @@ mod pod_impls {
     // SAFETY: every type is #[repr(C)], Copy, made of integers with explicit padding fields,
     // so any bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for BindingKey {}
     unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for IpCacheKey {}
     unsafe impl aya::Pod for IpCacheValue {}

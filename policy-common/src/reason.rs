@@ -59,12 +59,19 @@ pub enum Reason {
     DenyFragment = 13,
     /// The pod-side address of the packet is not a known endpoint (spoofed or not yet known).
     DenyUnknownEndpoint = 14,
-    /// An ICMP error that quotes no allowed connection.
+    /// An ICMP error that quotes no allowed connection, or does not travel the reverse
+    /// path of the connection it quotes.
     DenyUnrelated = 15,
+    /// A pod's packet whose source is not an address of that pod (its veth binds it), a
+    /// link-local source used for anything but neighbour discovery, or a packet arriving
+    /// on an uplink with a local pod's address as its source.
+    DenySpoofed = 16,
+    /// A frame at a pod's hook that is neither IP nor ARP (MPLS, ...): nothing judges it.
+    DenyNonIp = 17,
 }
 
 impl Reason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 18;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::AllowNonIp,
@@ -83,6 +90,8 @@ impl Reason {
         Reason::DenyFragment,
         Reason::DenyUnknownEndpoint,
         Reason::DenyUnrelated,
+        Reason::DenySpoofed,
+        Reason::DenyNonIp,
     ];
 
     #[inline(always)]
@@ -116,6 +125,8 @@ impl Reason {
             Reason::DenyFragment => "fragment",
             Reason::DenyUnknownEndpoint => "unknown_endpoint",
             Reason::DenyUnrelated => "unrelated_icmp",
+            Reason::DenySpoofed => "spoofed",
+            Reason::DenyNonIp => "non_ip",
         }
     }
 

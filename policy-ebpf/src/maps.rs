@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, EVENTS_RING_BYTES, EndpointKey,
+    Addr, BindingKey, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, EVENTS_RING_BYTES, EndpointKey,
     EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
-    MAX_CIDR_RULES_PER_SET, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
+    MAX_BINDINGS, MAX_CIDR_RULES_PER_SET, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
     MAX_RULES, MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey,
     RuleValue,
     ct_table::{CT_BUCKETS, CtBucket4, CtBucket6},
@@ -23,6 +23,11 @@ use policy_common::{
 
 #[map]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
+/// (pod interface, address) pairs the node side found by the routes to each local pod: a
+/// pod hook trusts its pod-side address only when the pair is here. Looked up only when the
+/// interface's `EP_CACHE` slot misses (a slot is filled only for a bound pair).
+#[map]
+pub static BINDINGS: HashMap<BindingKey, u32> = HashMap::pinned(MAX_BINDINGS, 0);
 /// Connections with an IPv6 address: a set-associative table (`crate::ct_table`), mmapable
 /// so the agent reads and writes slots under the same protocol.
 #[map]
@@ -112,11 +117,12 @@ pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
 #[map]
 pub static PENDING_ZERO: Array<PendingValue> = Array::with_max_entries(1, 0);
 
-/// Slots of `EP_CACHE` (a power of two; an interface's slot is its ifindex modulo this).
-pub const EP_CACHE_SLOTS: u32 = 256;
+/// Slots of `EP_CACHE` (a power of two): an interface has one per family (a dual-stack
+/// pod's packets alternate between its two addresses), at `(ifindex * 2 + v6) % SLOTS`.
+pub const EP_CACHE_SLOTS: u32 = 512;
 
-/// Per CPU, per interface (slot = ifindex mod [`EP_CACHE_SLOTS`]): the hook's own endpoint
-/// as `ENDPOINTS` held it when `Config::endpoints_gen` had the value stored here. A pod's
+/// Per CPU, per interface and family (see [`EP_CACHE_SLOTS`]): the hook's own endpoint,
+/// bound to the interface by `BINDINGS`, as `ENDPOINTS` held it when `Config::endpoints_gen` had the value stored here. A pod's
 /// veth always carries the same pod, so its packets skip the `ENDPOINTS` lookup (a hash
 /// map's nested kernel calls) while nothing in `ENDPOINTS` changes. Private, not pinned:
 /// the generation that validates it is in the pinned `CONFIG`.

@@ -9,6 +9,7 @@ use policy_common::{Addr, proto};
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
 /// VLAN tags left in the packet data (the kernel moves the outer tag of a received frame
 /// to metadata; one still in the data is a second, smuggled tag).
 const ETH_P_8021Q: u16 = 0x8100;
@@ -31,7 +32,8 @@ pub enum Kind {
     NonFirstFragment,
     /// An ICMP/ICMPv6 error; `inner_*` hold the quoted packet's tuple.
     IcmpError,
-    /// IPv6 neighbour discovery (ICMPv6 133-137 with hop limit 255).
+    /// IPv6 link control: neighbour discovery (ICMPv6 133-137 with hop limit 255) and
+    /// multicast listener discovery (130-132, 143 with hop limit 1).
     NeighbourDiscovery,
 }
 
@@ -73,7 +75,9 @@ pub struct Pkt {
 
 /// Why there is no [`Pkt`].
 pub enum NoPkt {
-    /// Not IPv4/IPv6: ARP and the like.
+    /// ARP: a pod needs it to reach its gateway at all.
+    Arp,
+    /// Neither IP nor ARP (MPLS, PPPoE, ...).
     NotIp,
     /// IP, but the addresses cannot be read or are inconsistent.
     BadL3,
@@ -102,6 +106,7 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
         ETH_P_IPV6 => parse_v6(ctx, p),
         // Not judged, so not passed: IP inside could reach a pod that decodes the tag.
         ETH_P_8021Q | ETH_P_8021AD => Err(NoPkt::BadL3),
+        ETH_P_ARP => Err(NoPkt::Arp),
         _ => Err(NoPkt::NotIp),
     }
 }
@@ -233,15 +238,19 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
     p.proto = nh;
     if p.kind == Kind::Normal {
         parse_l4(ctx, p, off, true);
-        if p.proto == proto::ICMPV6
-            && (133..=137).contains(&p.icmp_type)
-            && hop_limit == 255
-            && !p.malformed
-        {
+        if p.proto == proto::ICMPV6 && is_link_control(p.icmp_type, hop_limit) && !p.malformed {
             p.kind = Kind::NeighbourDiscovery;
         }
     }
     Ok(())
+}
+
+/// ICMPv6 that never leaves the link: neighbour discovery (hop limit 255, RFC 4861) and
+/// multicast listener discovery (hop limit 1, RFC 2710/3810).
+#[inline(always)]
+fn is_link_control(icmp_type: u8, hop_limit: u8) -> bool {
+    ((133..=137).contains(&icmp_type) && hop_limit == 255)
+        || (((130..=132).contains(&icmp_type) || icmp_type == 143) && hop_limit == 1)
 }
 
 /// ICMP types: echo request/reply, and the errors that quote a packet.
@@ -490,9 +499,9 @@ fn parse_fast(ctx: &TcContext, p: &mut Pkt) -> bool {
             let id = u16::from_be(unsafe { at(data, l4 + 4) });
             p.sport = id;
             p.dport = id;
-        } else if v6 && (133..=137).contains(&ty) {
+        } else if v6 {
             let hop_limit: u8 = unsafe { at(data, ETH_HLEN + 7) };
-            if hop_limit == 255 {
+            if is_link_control(ty, hop_limit) {
                 p.kind = Kind::NeighbourDiscovery;
             }
         }

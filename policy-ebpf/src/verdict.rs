@@ -8,14 +8,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
+    Addr, BindingKey, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
     FragValue, IpCacheKey, IpCacheValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, Reason, ct,
     ct_flags, decide::decide, ep_flags, ipc_flags, proto,
 };
 
 use crate::{clock, ct_table};
 use crate::maps::{
-    BpfMaps, CONFIG, COUNTERS, CtKeys, ENDPOINTS, EP_CACHE, EP_CACHE_SLOTS, EVENT_BUDGET, EVENTS,
+    BINDINGS, BpfMaps, CONFIG, COUNTERS, CtKeys, ENDPOINTS, EP_CACHE, EP_CACHE_SLOTS, EVENT_BUDGET, EVENTS,
     FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
     same_addr,
 };
@@ -56,9 +56,20 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     let Scratch { pkt, keys, known } = unsafe { &mut *scratch };
     match parse(ctx, pkt) {
         Ok(()) => {}
-        Err(NoPkt::NotIp) => {
+        Err(NoPkt::Arp) => {
             count(Reason::AllowNonIp, dir);
             return TC_ACT_OK;
+        }
+        Err(NoPkt::NotIp) => {
+            // A pod's hook judges its pod's traffic: what it cannot judge does not pass.
+            // Elsewhere a frame that is not IP concerns no endpoint.
+            if matches!(hook, Hook::FromWorld | Hook::ToWorld) {
+                count(Reason::AllowNonIp, dir);
+                return TC_ACT_OK;
+            }
+            count(Reason::DenyNonIp, dir);
+            report(ctx, dir, Reason::DenyNonIp, None, 0);
+            return TC_ACT_SHOT;
         }
         Err(NoPkt::BadL3) => {
             // On an uplink a broken packet concerns no endpoint we could name: not ours to drop.
@@ -108,27 +119,35 @@ fn endpoint(addr: &Addr) -> (EndpointValue, bool) {
     }
 }
 
-/// The hook's own endpoint: from this CPU's `EP_CACHE` slot of the interface when it was
-/// filled for this address under the current `Config::endpoints_gen`, else from
-/// `ENDPOINTS` (and the slot refilled). A change to `ENDPOINTS` bumps the generation after
-/// it is written, so a cached value is never used once the agent goes on to remove what
-/// the old value pointed to.
+/// [`own_endpoint`]'s answers: the pair (interface, address) is bound and its endpoint
+/// known; the pair is not bound (not this pod's address); bound, but no endpoint (yet).
+const OWN_BOUND: u32 = 0;
+const OWN_UNBOUND: u32 = 1;
+const OWN_UNKNOWN: u32 = 2;
+
+/// The hook's own endpoint, if `addr` is an address of the pod behind interface `ifindex`:
+/// from this CPU's `EP_CACHE` slot of the interface and family when it was filled for this
+/// address under the current `Config::endpoints_gen`, else from `BINDINGS` and `ENDPOINTS`
+/// (and the slot refilled). A slot is filled only for a bound pair, and the agent bumps
+/// the generation after every `ENDPOINTS` change and every `BINDINGS` removal, so a
+/// cached value never outlives the binding or the entry it was read from.
 #[inline(always)]
-fn own_endpoint(ifindex: u32, addr: &Addr) -> (EndpointValue, bool) {
+fn own_endpoint(ifindex: u32, addr: &Addr) -> (EndpointValue, u32) {
     let generation = match CONFIG.get(0) {
         Some(c) => c.endpoints_gen,
-        None => return endpoint(addr),
+        None => return bound_endpoint(ifindex, addr),
     };
-    let Some(s) = EP_CACHE.get_ptr_mut(ifindex & (EP_CACHE_SLOTS - 1)) else {
-        return endpoint(addr);
+    let slot = ((ifindex << 1) | !addr.is_v4() as u32) & (EP_CACHE_SLOTS - 1);
+    let Some(s) = EP_CACHE.get_ptr_mut(slot) else {
+        return bound_endpoint(ifindex, addr);
     };
     // SAFETY: this CPU's slot (see `Scratch`); field by field, no struct copies.
     unsafe {
         if (*s).ifindex == ifindex && (*s).generation == generation && same_addr(&(*s).addr, addr) {
-            return ((*s).value, true);
+            return ((*s).value, OWN_BOUND);
         }
-        let (v, found) = endpoint(addr);
-        if found {
+        let (v, state) = bound_endpoint(ifindex, addr);
+        if state == OWN_BOUND {
             (*s).ifindex = ifindex;
             (*s).generation = generation;
             (*s).addr.0[0] = addr.0[0];
@@ -140,7 +159,24 @@ fn own_endpoint(ifindex: u32, addr: &Addr) -> (EndpointValue, bool) {
             (*s).value.egress_policy_set = v.egress_policy_set;
             (*s).value.flags = v.flags;
         }
-        (v, found)
+        (v, state)
+    }
+}
+
+/// [`own_endpoint`] without the cache: the binding, then the endpoint.
+#[inline(always)]
+fn bound_endpoint(ifindex: u32, addr: &Addr) -> (EndpointValue, u32) {
+    let key = BindingKey {
+        ifindex,
+        addr: *addr,
+    };
+    // SAFETY: presence only.
+    if unsafe { BINDINGS.get(&key) }.is_none() {
+        return (EndpointValue::default(), OWN_UNBOUND);
+    }
+    match endpoint(addr) {
+        (v, true) => (v, OWN_BOUND),
+        (v, false) => (v, OWN_UNKNOWN),
     }
 }
 
@@ -163,25 +199,26 @@ fn far_endpoint(addr: &Addr, state: &mut u32, value: &mut IpCacheValue) -> (Endp
     (EndpointValue::default(), false)
 }
 
-/// Both ends' endpoints: the hook's own pod from `ENDPOINTS`, the far side(s) through
-/// `IPCACHE` ([`far_endpoint`]).
+/// Both ends' endpoints: at a pod hook the pod's own (`own`, bound to the interface by
+/// [`own_endpoint`]) and the far side through `IPCACHE` ([`far_endpoint`]); at an uplink
+/// both through `IPCACHE`.
 #[inline(always)]
 fn endpoints(
     pkt: &Pkt,
     known: &mut Known,
     hook: Hook,
-    ifindex: u32,
+    own: EndpointValue,
 ) -> ((EndpointValue, bool), (EndpointValue, bool)) {
     known.src_state = Known::UNSEEN;
     known.dst_state = Known::UNSEEN;
     match hook {
         Hook::FromPod => (
-            own_endpoint(ifindex, &pkt.src),
+            (own, true),
             far_endpoint(&pkt.dst, &mut known.dst_state, &mut known.dst),
         ),
         Hook::ToPod => (
             far_endpoint(&pkt.src, &mut known.src_state, &mut known.src),
-            own_endpoint(ifindex, &pkt.dst),
+            (own, true),
         ),
         Hook::FromWorld | Hook::ToWorld => (
             far_endpoint(&pkt.src, &mut known.src_state, &mut known.src),
@@ -211,24 +248,56 @@ fn judge(
     hook: Hook,
     ifindex: u32,
 ) -> (Reason, Option<u32>, Decider) {
+    let pod_hook = matches!(hook, Hook::FromPod | Hook::ToPod);
+    // A pod's own side is bound to its interface before anything else (conntrack
+    // included): a pod sending with another pod's address is refused, whatever tuple it
+    // imitates. Link-local sources serve neighbour discovery only.
+    let mut own = EndpointValue::default();
+    if hook == Hook::FromPod && link_scoped(&pkt.src) {
+        if pkt.kind == Kind::NeighbourDiscovery {
+            return (Reason::AllowLinkLocal, None, Decider::Hook);
+        }
+        return (Reason::DenySpoofed, None, Decider::Hook);
+    }
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
-    if pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)) {
+    if hook != Hook::FromPod
+        && (pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)))
+    {
         return (Reason::AllowLinkLocal, None, Decider::Hook);
     }
-    // Conntrack first: at a pod's hook an entry holding every grant it recorded as needed
-    // settles the packet without the endpoint lookups. (Uplinks decide "no endpoint" before
-    // using it.) Looked up for every packet, used only for whole ones: the lookup makes no
-    // call, and a conditional one left LLVM carrying values over paths that never set
-    // them, uninitialised reads the verifier refuses without CAP_SYS_ADMIN.
+    if pod_hook {
+        let own_addr = if hook == Hook::FromPod {
+            &pkt.src
+        } else {
+            &pkt.dst
+        };
+        let (v, state) = own_endpoint(ifindex, own_addr);
+        if state == OWN_UNBOUND && hook == Hook::FromPod {
+            return (Reason::DenySpoofed, None, Decider::Hook);
+        }
+        if state != OWN_BOUND {
+            // Not (yet) this interface's pod: fail closed.
+            return (Reason::DenyUnknownEndpoint, None, Decider::Hook);
+        }
+        if pkt.kind == Kind::NeighbourDiscovery {
+            return (Reason::AllowLinkLocal, Some(v.endpoint_id), Decider::Hook);
+        }
+        own = v;
+    }
+    // Conntrack: at a pod's hook an entry holding every grant it recorded as needed
+    // settles the packet without the far side's lookups. (Uplinks decide "no endpoint"
+    // before using it.) Looked up for every packet, used only for whole ones: the lookup
+    // makes no call, and a conditional one left LLVM carrying values over paths that never
+    // set them, uninitialised reads the verifier refuses without CAP_SYS_ADMIN.
     let ct = ct_lookup(pkt, keys);
     let whole = pkt.kind == Kind::Normal && !pkt.malformed;
-    if whole && matches!(hook, Hook::FromPod | Hook::ToPod) && ct_fast_hit(pkt, &ct) {
-        return (Reason::AllowEstablished, None, Decider::Hook);
+    if whole && pod_hook && ct_fast_hit(pkt, &ct) {
+        return (Reason::AllowEstablished, Some(own.endpoint_id), Decider::Hook);
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
-    let ((src, src_known), (dst, dst_known)) = endpoints(pkt, known, hook, ifindex);
+    let ((src, src_known), (dst, dst_known)) = endpoints(pkt, known, hook, own);
     let own = match hook {
         Hook::FromPod | Hook::ToWorld => {
             if src_known {
@@ -246,10 +315,9 @@ fn judge(
         }
     };
     match hook {
-        // At a pod's own hook, the pod's side must be a known endpoint: else spoofed, or not
-        // known yet. Fail closed.
-        Hook::FromPod if !src_known => return (Reason::DenyUnknownEndpoint, None, Decider::Hook),
-        Hook::ToPod if !dst_known => return (Reason::DenyUnknownEndpoint, None, Decider::Hook),
+        // A local pod's address never arrives from outside the node: its own veth is the
+        // only way in for it.
+        Hook::FromWorld if src_known => return (Reason::DenySpoofed, Some(own), Decider::Hook),
         // The node's own traffic, or transit: none of our business.
         Hook::FromWorld | Hook::ToWorld if !src_known && !dst_known => {
             return (Reason::AllowNoEndpoint, None, Decider::Hook);
@@ -275,7 +343,10 @@ fn judge(
     }
     match pkt.kind {
         Kind::NonFirstFragment => (fragment_verdict(pkt, isolated), id, Decider::Hook),
-        Kind::IcmpError => (related_verdict(pkt, isolated), id, Decider::Hook),
+        Kind::IcmpError => {
+            let maps = BpfMaps { pkt, known };
+            (related_verdict(pkt, isolated, &maps), id, Decider::Hook)
+        }
         _ => {
             let maps = BpfMaps { pkt, known };
             let (r, by) = flow_verdict(pkt, hook, &src, &dst, keys, &ct, &maps);
@@ -345,10 +416,16 @@ fn record_fragment(pkt: &Pkt, reason: Reason) {
     let _ = FRAGMENTS.insert(&frag_key(pkt), &v, 0);
 }
 
-/// An ICMP error passes when the packet it quotes belongs to a live connection holding
-/// every grant it needed: the tuple is the quoted packet's.
+/// An ICMP error passes when it travels the reverse path of a live connection holding
+/// every grant it needed: the tuple is the quoted packet's ([`reverse_path`]).
 #[inline(always)]
-fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
+fn related_verdict(pkt: &Pkt, isolated: bool, maps: &BpfMaps) -> Reason {
+    if !isolated {
+        return Reason::AllowNotIsolated;
+    }
+    if !reverse_path(pkt, maps) {
+        return Reason::DenyUnrelated;
+    }
     let (key, _) = ct_key(
         pkt.inner_dst,
         pkt.inner_src,
@@ -356,7 +433,6 @@ fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
         pkt.inner_sport,
         pkt.inner_proto,
     );
-    // SAFETY: copied at once.
     if let Some(p) = ct_get(&key) {
         // SAFETY: copied at once.
         let v = unsafe { *p };
@@ -364,10 +440,38 @@ fn related_verdict(pkt: &Pkt, isolated: bool) -> Reason {
             return Reason::AllowRelated;
         }
     }
-    if isolated {
-        Reason::DenyUnrelated
-    } else {
-        Reason::AllowNotIsolated
+    Reason::DenyUnrelated
+}
+
+/// Whether an ICMP error comes back the way its quoted packet went: it is addressed to the
+/// quoted packet's source, and it comes from the quoted packet's destination, from the
+/// node (a router on every path of its pods), or from a router beyond the node, which
+/// can be on the path only when the quoted destination is off the node too. Never from
+/// another local pod: quoting someone else's flow opens nothing.
+#[inline(always)]
+fn reverse_path(pkt: &Pkt, maps: &BpfMaps) -> bool {
+    use policy_common::decide::PolicyMaps as _;
+    if !same_addr(&pkt.dst, &pkt.inner_src) {
+        return false;
+    }
+    if same_addr(&pkt.src, &pkt.inner_dst) {
+        return true;
+    }
+    if let Some(v) = maps.ipcache(&IpCacheKey { addr: pkt.src }) {
+        if v.identity == policy_common::IDENTITY_HOST {
+            return true;
+        }
+        if v.flags & ipc_flags::LOCAL_ENDPOINT != 0 {
+            return false;
+        }
+    }
+    match maps.ipcache(&IpCacheKey {
+        addr: pkt.inner_dst,
+    }) {
+        Some(v) => {
+            v.flags & ipc_flags::LOCAL_ENDPOINT == 0 && v.identity != policy_common::IDENTITY_HOST
+        }
+        None => true,
     }
 }
 

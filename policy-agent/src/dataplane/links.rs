@@ -171,23 +171,41 @@ pub fn adopt_pins(
     failures
 }
 
-/// The host interfaces of local pods (by the route to each address), and the pods none was
-/// found for yet.
+/// Where the local pods are: the host interfaces found by the route to each address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInterfaces<K> {
+    /// Interfaces that get the pod programs.
+    pub wanted: BTreeSet<String>,
+    /// Each (interface, address) pair found: the address the pod behind that interface may
+    /// send from.
+    pub bound: BTreeSet<(String, IpAddr)>,
+    /// Pods none was found for yet.
+    pub waiting: Vec<K>,
+}
+
+/// The host interfaces of local pods (by the route to each address), the addresses each
+/// carries, and the pods none was found for yet.
 pub fn pod_interfaces<'a, K: Clone + 'a>(
     routes: &[netinfo::Route],
     pods: impl IntoIterator<Item = (K, &'a [IpAddr])>,
-) -> (BTreeSet<String>, Vec<K>) {
-    let mut wanted = BTreeSet::new();
-    let mut waiting = Vec::new();
+) -> PodInterfaces<K> {
+    let mut out = PodInterfaces {
+        wanted: BTreeSet::new(),
+        bound: BTreeSet::new(),
+        waiting: Vec::new(),
+    };
     for (key, ips) in pods {
-        let ifaces: BTreeSet<&str> = ips
-            .iter()
-            .filter_map(|ip| netinfo::iface_for(routes, *ip))
-            .collect();
-        if ifaces.is_empty() {
-            waiting.push(key);
+        let mut found = false;
+        for ip in ips {
+            if let Some(iface) = netinfo::iface_for(routes, *ip) {
+                found = true;
+                out.wanted.insert(iface.to_string());
+                out.bound.insert((iface.to_string(), *ip));
+            }
         }
-        wanted.extend(ifaces.into_iter().map(str::to_string));
+        if !found {
+            out.waiting.push(key);
+        }
     }
-    (wanted, waiting)
+    out
 }

@@ -5,9 +5,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
+    Addr, BindingKey, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
     Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IDENTITY_WORLD,
-    IpCacheKey, IpCacheValue, LpmKey, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4,
+    FORMAT_VERSION, IpCacheKey, IpCacheValue, LpmKey, MAP_BINDINGS, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE,
     MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue,
     PortData, Reason, RuleKey, RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
@@ -21,6 +21,8 @@ pub const PORT_PRESENT: u8 = 1;
 /// Every map of the object, typed.
 pub struct DataplaneMaps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    /// Which addresses each pod interface carries as its pod's own (the node side's).
+    pub bindings: HashMap<MapData, BindingKey, u32>,
     /// `CONNTRACK` and `CONNTRACK4`, mapped; [`DataplaneMaps::conntrack_get`] and
     /// [`DataplaneMaps::set_conntrack`] pick the table of a key's family.
     pub conntrack: CtTables,
@@ -95,6 +97,7 @@ impl DataplaneMaps {
             .ct_seed;
         Ok(DataplaneMaps {
             endpoints: take(ebpf, MAP_ENDPOINTS)?,
+            bindings: take(ebpf, MAP_BINDINGS)?,
             conntrack: CtTables::new(
                 ebpf.take_map(MAP_CONNTRACK)
                     .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?,
@@ -131,6 +134,8 @@ impl DataplaneMaps {
         if c.jiffy_ns == 0 && c.ct_seed == 0 {
             // A new CONFIG, so new (empty) conntrack tables: seed their hash.
             c.ct_seed = random_seed();
+            // New maps mean what this agent means (adopted ones were checked to).
+            c.format = FORMAT_VERSION;
         }
         if c.jiffy_ns == 0 {
             let t = calibrate()?;
@@ -211,6 +216,53 @@ impl DataplaneMaps {
         let mut c = self.config()?;
         c.endpoints_gen = gray_next(c.endpoints_gen);
         self.set_config(c)
+    }
+    /// The (interface, address) pairs the pod hooks trust: `adds` written first, then
+    /// `removes` deleted, then `Config::endpoints_gen` bumped when anything was removed, so
+    /// no cached endpoint outlives the binding it was found under.
+    pub fn set_bindings(
+        &mut self,
+        adds: &[BindingKey],
+        removes: &[BindingKey],
+    ) -> Result<(), DataplaneError> {
+        let mut r = Ok(());
+        for k in adds {
+            r = self
+                .bindings
+                .insert(k, 1, 0)
+                .map_err(|e| DataplaneError::map(MAP_BINDINGS, e));
+            if r.is_err() {
+                return r;
+            }
+        }
+        for k in removes {
+            r = absent_ok(MAP_BINDINGS, self.bindings.remove(k));
+            if r.is_err() {
+                break;
+            }
+        }
+        if removes.is_empty() {
+            return r;
+        }
+        // A failure part-way still bumps: a removed pair must not live on in the caches.
+        let bumped = self.bump_endpoints_gen();
+        r.and(bumped)
+    }
+    /// Every binding the kernel holds.
+    pub fn bindings(&self) -> Result<Vec<BindingKey>, DataplaneError> {
+        self.bindings
+            .keys()
+            .map(|k| k.map_err(|e| DataplaneError::map(MAP_BINDINGS, e)))
+            .collect()
+    }
+    /// Binds `addrs` to the interface `ifindex` (for callers writing maps by hand: tests,
+    /// benchmarks; the node side binds every local pod it attaches to).
+    pub fn bind(&mut self, ifindex: u32, addrs: &[Addr]) -> Result<(), DataplaneError> {
+        let adds: Vec<BindingKey> = addrs
+            .iter()
+            .map(|&addr| BindingKey { ifindex, addr })
+            .collect();
+        self.set_bindings(&adds, &[])
     }
     /// One local endpoint as the writer leaves it: its `IPCACHE` entry marked
     /// [`ipc_flags::LOCAL_ENDPOINT`] (identity kept, else [`IDENTITY_WORLD`]) first, then its
@@ -365,6 +417,7 @@ impl DataplaneMaps {
             Ok(())
         }
         clear(MAP_ENDPOINTS, &mut self.endpoints)?;
+        clear(MAP_BINDINGS, &mut self.bindings)?;
         self.bump_endpoints_gen()?;
         self.conntrack.clear();
         clear(MAP_IPCACHE, &mut self.ipcache)?;

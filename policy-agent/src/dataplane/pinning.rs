@@ -153,6 +153,23 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
             })?);
         }
     }
+    // Same shapes can still mean something else: the format the maps were created under.
+    if mismatches.is_empty() && present.iter().any(|n| n == policy_common::MAP_CONFIG) {
+        let format = pinned_format(&pin_dir.join(policy_common::MAP_CONFIG)).map_err(|e| {
+            DataplaneError::Incompatible {
+                pin_dir: pin_dir.to_path_buf(),
+                detail: format!("{}: cannot read the pinned format: {e}", policy_common::MAP_CONFIG),
+            }
+        })?;
+        if format != policy_common::FORMAT_VERSION {
+            mismatches.push(Mismatch {
+                map: policy_common::MAP_CONFIG.to_string(),
+                field: "format",
+                pinned: format as u64,
+                object: policy_common::FORMAT_VERSION as u64,
+            });
+        }
+    }
     if !mismatches.is_empty() {
         let list: Vec<String> = mismatches.iter().map(ToString::to_string).collect();
         return Err(DataplaneError::Incompatible {
@@ -178,6 +195,14 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
             ),
         }),
     }
+}
+
+/// `Config::format` of a pinned `CONFIG` of this agent's layout.
+fn pinned_format(path: &Path) -> Result<u32, String> {
+    let data = aya::maps::MapData::from_pin(path).map_err(|e| e.to_string())?;
+    let config: aya::maps::Array<_, policy_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|e| e.to_string())?;
+    config.get(&0, 0).map(|c| c.format).map_err(|e| e.to_string())
 }
 
 fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {

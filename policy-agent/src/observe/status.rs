@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use policy_common::{
-    Config, Direction, EndpointKey, EndpointValue, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK,
+    Config, Direction, EndpointKey, EndpointValue, MAP_BINDINGS, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK,
     MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS,
     MAP_IPCACHE, MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PROG_FROM_WORLD,
     Reason, reason::COUNTERS_LEN,
@@ -20,6 +20,7 @@ use crate::dataplane::pinning;
 /// Every map the agent pins, in the order they are shown.
 pub const MAPS: &[&str] = &[
     MAP_ENDPOINTS,
+    MAP_BINDINGS,
     MAP_IPCACHE,
     MAP_RULES,
     MAP_CIDR_RULES,
