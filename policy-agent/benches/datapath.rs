@@ -51,6 +51,8 @@ fn tcp_rule(port: u16) -> RuleValue {
 fn seed_small(maps: &mut DataplaneMaps) {
     maps.set_event_budget(DEFAULT_EVENTS_PER_SEC, DEFAULT_EVENTS_BURST)
         .expect("config");
+    // The pod's address bound to the interface test runs happen on (the loopback).
+    maps.bind(1, &[a4(POD)]).expect("bind");
     maps.set_local_endpoint(
         EndpointKey { addr: a4(POD) },
         EndpointValue {

@@ -175,8 +175,20 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Converted<model::NetworkPolicy
     let name = required(&mut cx, np.metadata.name.as_ref(), "metadata.name");
     // ValidateNetworkPolicy: the name is a DNS subdomain, the namespace a DNS label. Only
     // reported: a name decides nothing about traffic.
-    check_name(&mut cx, &namespace, "metadata.namespace", "namespace", valid_dns_label);
-    check_name(&mut cx, &name, "metadata.name", "networkpolicy", valid_dns_subdomain);
+    check_name(
+        &mut cx,
+        &namespace,
+        "metadata.namespace",
+        "namespace",
+        valid_dns_label,
+    );
+    check_name(
+        &mut cx,
+        &name,
+        "metadata.name",
+        "networkpolicy",
+        valid_dns_subdomain,
+    );
     let default_spec = net::NetworkPolicySpec::default();
     let spec = np.spec.as_ref().unwrap_or(&default_spec);
 

@@ -207,8 +207,13 @@ impl DirLoader {
         Ok((unchanged != Some(generation)).then(|| self.parse(generation, read)))
     }
 
-    fn parse(&mut self, generation: u64, read: Vec<(PathBuf, std::io::Result<Vec<u8>>)>) -> Manifests {
-        self.last_good.retain(|f, _| read.iter().any(|(r, _)| r == f));
+    fn parse(
+        &mut self,
+        generation: u64,
+        read: Vec<(PathBuf, std::io::Result<Vec<u8>>)>,
+    ) -> Manifests {
+        self.last_good
+            .retain(|f, _| read.iter().any(|(r, _)| r == f));
         let mut m = Manifests {
             generation,
             ..Manifests::default()
@@ -316,9 +321,8 @@ const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 /// Whether an unchanged `fp` proves unchanged content later: not when a file was modified
 /// within [`RACY_WINDOW`] of `now` (the git "racy clean" rule), or has no mtime.
 pub fn fingerprint_settled(fp: &Fingerprint, now: SystemTime) -> bool {
-    fp.iter().all(|(_, _, mtime)| {
-        mtime.is_some_and(|t| t + RACY_WINDOW <= now)
-    })
+    fp.iter()
+        .all(|(_, _, mtime)| mtime.is_some_and(|t| t + RACY_WINDOW <= now))
 }
 
 pub fn fingerprint(dir: &Path) -> Fingerprint {
@@ -690,12 +694,18 @@ metadata: {name: x}
     #[test]
     fn the_generation_is_the_hash_of_the_bytes_parsed() {
         let d = Dir::new("generation");
-        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: x}\n");
+        d.write(
+            "a.yaml",
+            "kind: Namespace\napiVersion: v1\nmetadata: {name: x}\n",
+        );
         d.write("sub.json", "{}");
         std::fs::write(d.0.join("bad.yaml"), [0xff, 0xfe, b'\n']).unwrap();
         let m = loader_once(&d);
         assert_eq!(m.generation, content_hash(&d.0));
-        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: y}\n");
+        d.write(
+            "a.yaml",
+            "kind: Namespace\napiVersion: v1\nmetadata: {name: y}\n",
+        );
         let m2 = loader_once(&d);
         assert_ne!(m2.generation, m.generation);
         assert_eq!(m2.generation, content_hash(&d.0));
@@ -717,12 +727,25 @@ metadata: {name: x}
     #[test]
     fn an_unchanged_directory_is_not_parsed_again() {
         let d = Dir::new("unchanged");
-        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: x}\n");
+        d.write(
+            "a.yaml",
+            "kind: Namespace\napiVersion: v1\nmetadata: {name: x}\n",
+        );
         let mut l = DirLoader::default();
         let m = l.load(&d.0).unwrap();
-        assert!(l.load_if_changed(&d.0, Some(m.generation)).unwrap().is_none());
-        d.write("a.yaml", "kind: Namespace\napiVersion: v1\nmetadata: {name: z}\n");
-        let m2 = l.load_if_changed(&d.0, Some(m.generation)).unwrap().unwrap();
+        assert!(
+            l.load_if_changed(&d.0, Some(m.generation))
+                .unwrap()
+                .is_none()
+        );
+        d.write(
+            "a.yaml",
+            "kind: Namespace\napiVersion: v1\nmetadata: {name: z}\n",
+        );
+        let m2 = l
+            .load_if_changed(&d.0, Some(m.generation))
+            .unwrap()
+            .unwrap();
         assert!(m2.namespaces.contains_key("z"));
     }
 

@@ -8,12 +8,12 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use crate::compiler::addr_of;
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
     AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, Numbering, PinState,
     Role, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with, uplink,
 };
-use crate::compiler::addr_of;
 use crate::{netinfo, writer};
 use policy_common::BindingKey;
 
@@ -314,7 +314,9 @@ impl NodeEnforcer {
             match self.dp.finish_migration() {
                 Ok(()) => {
                     self.migrated = true;
-                    tracing::info!("migration finished: the new maps are pinned in place of the old");
+                    tracing::info!(
+                        "migration finished: the new maps are pinned in place of the old"
+                    );
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "finishing the migration failed; retrying");

@@ -148,9 +148,8 @@ fn egress_allows(
     protocol: Protocol,
     port: u16,
 ) -> bool {
-    let policies: Vec<&NetworkPolicy> = selecting(snap, src)
-        .filter(|p| isolates(p, true))
-        .collect();
+    let policies: Vec<&NetworkPolicy> =
+        selecting(snap, src).filter(|p| isolates(p, true)).collect();
     if policies.is_empty() {
         return true; // not isolated for egress
     }

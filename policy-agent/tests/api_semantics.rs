@@ -54,14 +54,32 @@ fn policy_types_default_to_ingress_plus_egress_only_when_egress_has_rules() {
     // `len(obj.Spec.Egress) != 0`: an absent and an empty egress are the same.
     assert_eq!(isolation("podSelector: {}"), (true, false));
     assert_eq!(isolation("podSelector: {}\negress: []"), (true, false));
-    assert_eq!(isolation("podSelector: {}\npolicyTypes: []\negress: []"), (true, false));
+    assert_eq!(
+        isolation("podSelector: {}\npolicyTypes: []\negress: []"),
+        (true, false)
+    );
     assert_eq!(isolation("podSelector: {}\negress: [{}]"), (true, true));
-    assert_eq!(isolation("podSelector: {}\ningress: []\negress: [{}]"), (true, true));
+    assert_eq!(
+        isolation("podSelector: {}\ningress: []\negress: [{}]"),
+        (true, true)
+    );
     // Given types are taken as they are, whatever the sections hold.
-    assert_eq!(isolation("podSelector: {}\npolicyTypes: [Egress]\ningress: [{}]"), (false, true));
-    assert_eq!(isolation("podSelector: {}\npolicyTypes: [Egress]"), (false, true));
-    assert_eq!(isolation("podSelector: {}\npolicyTypes: [Ingress]\negress: [{}]"), (true, false));
-    assert_eq!(isolation("podSelector: {}\npolicyTypes: [Ingress, Ingress]"), (true, false));
+    assert_eq!(
+        isolation("podSelector: {}\npolicyTypes: [Egress]\ningress: [{}]"),
+        (false, true)
+    );
+    assert_eq!(
+        isolation("podSelector: {}\npolicyTypes: [Egress]"),
+        (false, true)
+    );
+    assert_eq!(
+        isolation("podSelector: {}\npolicyTypes: [Ingress]\negress: [{}]"),
+        (true, false)
+    );
+    assert_eq!(
+        isolation("podSelector: {}\npolicyTypes: [Ingress, Ingress]"),
+        (true, false)
+    );
 }
 
 #[test]
@@ -94,8 +112,20 @@ spec:
     let key = |n: &str| model::ObjectKey::new("x", n);
     let ep = |n: &str| Endpoint::pod(&snap, &key(n), false).expect("pod");
     // a's egress stays open; its ingress is closed.
-    assert!(reference::allowed(&snap, &ep("a"), &ep("b"), Protocol::Tcp, 80));
-    assert!(!reference::allowed(&snap, &ep("b"), &ep("a"), Protocol::Tcp, 80));
+    assert!(reference::allowed(
+        &snap,
+        &ep("a"),
+        &ep("b"),
+        Protocol::Tcp,
+        80
+    ));
+    assert!(!reference::allowed(
+        &snap,
+        &ep("b"),
+        &ep("a"),
+        Protocol::Tcp,
+        80
+    ));
     let cluster = Cluster::compile(&snap);
     assert!(cluster.allowed(ip("198.18.0.10"), ip("198.18.0.11"), TCP, 80));
     assert!(!cluster.allowed(ip("198.18.0.11"), ip("198.18.0.10"), TCP, 80));
@@ -124,7 +154,13 @@ fn the_reference_derives_policy_types_itself() {
     }
     snap.policies.insert(c.key(), c);
     let ep = |n: &str| Endpoint::pod(&snap, &model::ObjectKey::new("x", n), false).unwrap();
-    assert!(reference::allowed(&snap, &ep("a"), &ep("b"), Protocol::Tcp, 80));
+    assert!(reference::allowed(
+        &snap,
+        &ep("a"),
+        &ep("b"),
+        Protocol::Tcp,
+        80
+    ));
     assert!(!Cluster::compile(&snap).allowed(ip("198.18.0.10"), ip("198.18.0.11"), TCP, 80));
 }
 
@@ -155,7 +191,9 @@ fn policy_types_allow_ingress_and_egress_and_at_most_two_entries() {
 
     // field.NotSupported: case matters.
     let c = conv("podSelector: {}\npolicyTypes: [ingress]\ningress: [{}]");
-    assert!(matches!(&c.errors[..], [ConvertError::UnknownPolicyType { value, .. }] if value == "ingress"));
+    assert!(
+        matches!(&c.errors[..], [ConvertError::UnknownPolicyType { value, .. }] if value == "ingress")
+    );
     assert_eq!(paths(&c), ["spec.policyTypes[0]"]);
     assert!(c.value.ingress_isolation && c.value.egress_isolation);
 }
@@ -163,7 +201,9 @@ fn policy_types_allow_ingress_and_egress_and_at_most_two_entries() {
 // --- ValidateNetworkPolicyPort --------------------------------------------------------------
 
 fn one_port_error(port: &str) -> (ConvertError, String) {
-    let c = conv(&format!("podSelector: {{}}\ningress: [{{ports: [{port}]}}]"));
+    let c = conv(&format!(
+        "podSelector: {{}}\ningress: [{{ports: [{port}]}}]"
+    ));
     assert_eq!(c.errors.len(), 1, "{port}: {:?}", c.errors);
     // The rule is dropped; the policy still isolates.
     assert!(c.value.ingress.is_empty() && c.value.ingress_isolation);
@@ -179,7 +219,13 @@ fn protocol_is_tcp_udp_or_sctp_exactly() {
         assert_eq!(p, "spec.ingress[0].ports[0].protocol");
     }
     for good in ["TCP", "UDP", "SCTP"] {
-        assert!(conv(&format!("podSelector: {{}}\ningress: [{{ports: [{{protocol: {good}}}]}}]")).errors.is_empty());
+        assert!(
+            conv(&format!(
+                "podSelector: {{}}\ningress: [{{ports: [{{protocol: {good}}}]}}]"
+            ))
+            .errors
+            .is_empty()
+        );
     }
 }
 
@@ -191,17 +237,33 @@ fn a_numeric_port_is_1_to_65535() {
         assert_eq!(p, "spec.ingress[0].ports[0].port");
     }
     for good in ["1", "65535"] {
-        assert!(conv(&format!("podSelector: {{}}\ningress: [{{ports: [{{port: {good}}}]}}]")).errors.is_empty());
+        assert!(
+            conv(&format!(
+                "podSelector: {{}}\ningress: [{{ports: [{{port: {good}}}]}}]"
+            ))
+            .errors
+            .is_empty()
+        );
     }
 }
 
 #[test]
 fn end_port_is_at_least_port_in_range_and_needs_a_numeric_port() {
     let (e, p) = one_port_error("{port: 100, endPort: 99}");
-    assert!(matches!(e, ConvertError::EndPortBelowPort { port: 100, end_port: 99, .. }));
+    assert!(matches!(
+        e,
+        ConvertError::EndPortBelowPort {
+            port: 100,
+            end_port: 99,
+            ..
+        }
+    ));
     assert_eq!(p, "spec.ingress[0].ports[0].endPort");
     let (e, _) = one_port_error("{port: 100, endPort: 65536}");
-    assert!(matches!(e, ConvertError::PortOutOfRange { value: 65536, .. }));
+    assert!(matches!(
+        e,
+        ConvertError::PortOutOfRange { value: 65536, .. }
+    ));
     let (e, _) = one_port_error("{port: http, endPort: 100}");
     assert!(matches!(e, ConvertError::EndPortWithNamedPort { .. }));
     let (e, _) = one_port_error("{endPort: 100}");
@@ -214,13 +276,23 @@ fn end_port_is_at_least_port_in_range_and_needs_a_numeric_port() {
 
 #[test]
 fn a_named_port_is_an_iana_service_name() {
-    for bad in ["HTTP", "-web", "web-", "we--b", "1234", "abcdefghijklmnop", "web_1"] {
+    for bad in [
+        "HTTP",
+        "-web",
+        "web-",
+        "we--b",
+        "1234",
+        "abcdefghijklmnop",
+        "web_1",
+    ] {
         let (e, p) = one_port_error(&format!("{{port: \"{bad}\"}}"));
         assert!(matches!(e, ConvertError::InvalidPortName { .. }), "{bad}");
         assert_eq!(p, "spec.ingress[0].ports[0].port");
     }
     for good in ["http", "h2c", "a-b-c", "abcdefghijklmno", "1a"] {
-        let c = conv(&format!("podSelector: {{}}\ningress: [{{ports: [{{port: {good}}}]}}]"));
+        let c = conv(&format!(
+            "podSelector: {{}}\ningress: [{{ports: [{{port: {good}}}]}}]"
+        ));
         assert!(c.errors.is_empty(), "{good}: {:?}", c.errors);
     }
 }
@@ -234,8 +306,13 @@ fn a_peer_names_something_and_an_ip_block_stands_alone() {
     assert_eq!(paths(&c), ["spec.egress[0].to[0]"]);
     assert!(c.value.egress.is_empty() && c.value.egress_isolation);
 
-    let c = conv("podSelector: {}\ningress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]");
-    assert!(matches!(c.errors[..], [ConvertError::IpBlockWithSelector { .. }]));
+    let c = conv(
+        "podSelector: {}\ningress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]",
+    );
+    assert!(matches!(
+        c.errors[..],
+        [ConvertError::IpBlockWithSelector { .. }]
+    ));
     assert_eq!(paths(&c), ["spec.ingress[0].from[0]"]);
 
     // podSelector and namespaceSelector together are one peer (AND), not an error.
@@ -251,9 +328,20 @@ fn an_ip_block_needs_a_cidr_and_excepts_strictly_inside_it() {
     assert!(matches!(c.errors[..], [ConvertError::MissingField { .. }]));
     assert_eq!(paths(&c), ["spec.ingress[0].from[0].ipBlock.cidr"]);
 
-    for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0.0/+8", "fd00::/129", "x/8"] {
-        let c = conv(&format!("podSelector: {{}}\ningress: [{{from: [{{ipBlock: {{cidr: \"{bad}\"}}}}]}}]"));
-        assert!(matches!(c.errors[..], [ConvertError::InvalidCidr { .. }]), "{bad}");
+    for bad in [
+        "10.0.0.0",
+        "10.0.0.0/33",
+        "10.0.0.0/+8",
+        "fd00::/129",
+        "x/8",
+    ] {
+        let c = conv(&format!(
+            "podSelector: {{}}\ningress: [{{from: [{{ipBlock: {{cidr: \"{bad}\"}}}}]}}]"
+        ));
+        assert!(
+            matches!(c.errors[..], [ConvertError::InvalidCidr { .. }]),
+            "{bad}"
+        );
     }
     // ParseCIDR masks host bits: accepted.
     let c = conv("podSelector: {}\ningress: [{from: [{ipBlock: {cidr: 10.1.2.3/8}}]}]");
@@ -267,7 +355,10 @@ fn an_ip_block_needs_a_cidr_and_excepts_strictly_inside_it() {
         let c = conv(&format!(
             "podSelector: {{}}\ningress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8, except: [\"{bad}\"]}}}}]}}]"
         ));
-        assert!(matches!(c.errors[..], [ConvertError::ExceptNotInside { .. }]), "{bad}");
+        assert!(
+            matches!(c.errors[..], [ConvertError::ExceptNotInside { .. }]),
+            "{bad}"
+        );
         assert_eq!(paths(&c), ["spec.ingress[0].from[0].ipBlock.except[0]"]);
         assert!(c.value.ingress.is_empty() && c.value.ingress_isolation);
     }
@@ -278,25 +369,72 @@ fn an_ip_block_needs_a_cidr_and_excepts_strictly_inside_it() {
 #[test]
 fn selector_operators_values_keys_and_values_are_validated() {
     let cases = [
-        ("{matchExpressions: [{key: a, operator: Equals, values: [b]}]}", "UnknownOperator", ".matchExpressions[0].operator"),
-        ("{matchExpressions: [{key: a, operator: In}]}", "ValuesRequired", ".matchExpressions[0].values"),
-        ("{matchExpressions: [{key: a, operator: NotIn, values: []}]}", "ValuesRequired", ".matchExpressions[0].values"),
-        ("{matchExpressions: [{key: a, operator: Exists, values: [b]}]}", "ValuesNotAllowed", ".matchExpressions[0].values"),
-        ("{matchExpressions: [{key: a, operator: DoesNotExist, values: [b]}]}", "ValuesNotAllowed", ".matchExpressions[0].values"),
-        ("{matchExpressions: [{key: \"a b\", operator: Exists}]}", "InvalidLabelKey", ".matchExpressions[0].key"),
-        ("{matchExpressions: [{key: a, operator: In, values: [\"-b\"]}]}", "InvalidLabelValue", ".matchExpressions[0].values[0]"),
-        ("{matchLabels: {\"Example.com/a\": b}}", "InvalidLabelKey", ".matchLabels[\"Example.com/a\"]"),
-        ("{matchLabels: {a: \"b c\"}}", "InvalidLabelValue", ".matchLabels[\"a\"]"),
+        (
+            "{matchExpressions: [{key: a, operator: Equals, values: [b]}]}",
+            "UnknownOperator",
+            ".matchExpressions[0].operator",
+        ),
+        (
+            "{matchExpressions: [{key: a, operator: In}]}",
+            "ValuesRequired",
+            ".matchExpressions[0].values",
+        ),
+        (
+            "{matchExpressions: [{key: a, operator: NotIn, values: []}]}",
+            "ValuesRequired",
+            ".matchExpressions[0].values",
+        ),
+        (
+            "{matchExpressions: [{key: a, operator: Exists, values: [b]}]}",
+            "ValuesNotAllowed",
+            ".matchExpressions[0].values",
+        ),
+        (
+            "{matchExpressions: [{key: a, operator: DoesNotExist, values: [b]}]}",
+            "ValuesNotAllowed",
+            ".matchExpressions[0].values",
+        ),
+        (
+            "{matchExpressions: [{key: \"a b\", operator: Exists}]}",
+            "InvalidLabelKey",
+            ".matchExpressions[0].key",
+        ),
+        (
+            "{matchExpressions: [{key: a, operator: In, values: [\"-b\"]}]}",
+            "InvalidLabelValue",
+            ".matchExpressions[0].values[0]",
+        ),
+        (
+            "{matchLabels: {\"Example.com/a\": b}}",
+            "InvalidLabelKey",
+            ".matchLabels[\"Example.com/a\"]",
+        ),
+        (
+            "{matchLabels: {a: \"b c\"}}",
+            "InvalidLabelValue",
+            ".matchLabels[\"a\"]",
+        ),
     ];
     for (sel, kind, suffix) in cases {
         // In a peer: the rule is dropped.
-        let c = conv(&format!("podSelector: {{}}\ningress: [{{from: [{{namespaceSelector: {sel}}}]}}]"));
+        let c = conv(&format!(
+            "podSelector: {{}}\ningress: [{{from: [{{namespaceSelector: {sel}}}]}}]"
+        ));
         assert_eq!(c.errors.len(), 1, "{sel}: {:?}", c.errors);
-        assert!(format!("{:?}", c.errors[0]).starts_with(kind), "{sel}: {:?}", c.errors[0]);
-        assert_eq!(paths(&c), [format!("spec.ingress[0].from[0].namespaceSelector{suffix}")]);
+        assert!(
+            format!("{:?}", c.errors[0]).starts_with(kind),
+            "{sel}: {:?}",
+            c.errors[0]
+        );
+        assert_eq!(
+            paths(&c),
+            [format!("spec.ingress[0].from[0].namespaceSelector{suffix}")]
+        );
         assert!(c.value.ingress.is_empty() && c.value.ingress_isolation);
         // As the policy's podSelector: the whole namespace is isolated, nothing allowed.
-        let c = conv(&format!("podSelector: {sel}\ningress: [{{}}]\negress: [{{}}]"));
+        let c = conv(&format!(
+            "podSelector: {sel}\ningress: [{{}}]\negress: [{{}}]"
+        ));
         assert_eq!(paths(&c), [format!("spec.podSelector{suffix}")]);
         assert_eq!(c.value.pod_selector, model::LabelSelector::everything());
         assert!(c.value.ingress.is_empty() && c.value.egress.is_empty());
@@ -317,7 +455,11 @@ fn names_are_validated_and_reported_without_changing_enforcement() {
     let mut p = paths(&c);
     p.sort();
     assert_eq!(p, ["metadata.name", "metadata.namespace"]);
-    assert!(c.errors.iter().all(|e| matches!(e, ConvertError::InvalidName { .. })));
+    assert!(
+        c.errors
+            .iter()
+            .all(|e| matches!(e, ConvertError::InvalidName { .. }))
+    );
     assert!(c.value.ingress_isolation);
     np.metadata.name = Some("a.b-c".into());
     np.metadata.namespace = Some("x-1".into());

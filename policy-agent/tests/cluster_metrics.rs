@@ -115,7 +115,10 @@ async fn serve_and_check() {
 
     // Counters are read every poll: three turns of the loop include one.
     let beats = agent.health.beats();
-    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
+    eventually(5, "three turns of the loop", || {
+        agent.health.beats() >= beats + 3
+    })
+    .await;
     let (status, ctype, body) = get(addr, "/metrics").await;
     assert_eq!(status, 200);
     assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");

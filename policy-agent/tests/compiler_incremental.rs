@@ -144,7 +144,12 @@ fn decisions(maps: &MapContents, snap: &Snapshot) -> Vec<Option<policy_common::R
     use policy_common::proto::{TCP, UDP};
     let km = KernelModel::new(maps);
     let mut addrs: Vec<std::net::IpAddr> = snap.pods.values().flat_map(|p| p.ips.clone()).collect();
-    addrs.extend(EXTERNAL.iter().chain([NODE_V4, NODE_V6].iter()).map(|a| ip(a)));
+    addrs.extend(
+        EXTERNAL
+            .iter()
+            .chain([NODE_V4, NODE_V6].iter())
+            .map(|a| ip(a)),
+    );
     let mut out = Vec::new();
     for local in &addrs {
         for peer in &addrs {

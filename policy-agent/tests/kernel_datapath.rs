@@ -1351,7 +1351,10 @@ fn link_local_source_serves_neighbour_discovery_only() {
     );
     // Echo to the node's link-local address is not link control.
     assert_eq!(
-        f.verdict(Egress, &V6::new(ll_pod, ll_node).frame(&echo_request(true, 7))),
+        f.verdict(
+            Egress,
+            &V6::new(ll_pod, ll_node).frame(&echo_request(true, 7))
+        ),
         Reason::DenySpoofed
     );
 }
@@ -1907,19 +1910,46 @@ fn an_icmp_error_must_come_back_the_way_its_quoted_packet_went() {
         V4::new(from, to).frame(&icmp_error(false, 3, 4, &quoted[..28]))
     };
     // The far end, a router beyond the node, the node itself: the reverse path.
-    assert_eq!(f.verdict(Ingress, &err(EXT4, A4, &out)), Reason::AllowRelated);
-    assert_eq!(f.verdict(Ingress, &err(ROUTER4, A4, &out)), Reason::AllowRelated);
-    assert_eq!(f.verdict(Ingress, &err(NODE4, A4, &out)), Reason::AllowRelated);
+    assert_eq!(
+        f.verdict(Ingress, &err(EXT4, A4, &out)),
+        Reason::AllowRelated
+    );
+    assert_eq!(
+        f.verdict(Ingress, &err(ROUTER4, A4, &out)),
+        Reason::AllowRelated
+    );
+    assert_eq!(
+        f.verdict(Ingress, &err(NODE4, A4, &out)),
+        Reason::AllowRelated
+    );
     // Another local pod quoting A's flow to EXT: not on its path.
-    assert_eq!(f.verdict(Ingress, &err(B4, A4, &out)), Reason::DenyUnrelated);
+    assert_eq!(
+        f.verdict(Ingress, &err(B4, A4, &out)),
+        Reason::DenyUnrelated
+    );
     // A flow to a pod on this node has no router but the node on its path.
-    assert_eq!(f.verdict(Ingress, &err(B4, A4, &local)), Reason::AllowRelated);
-    assert_eq!(f.verdict(Ingress, &err(NODE4, A4, &local)), Reason::AllowRelated);
-    assert_eq!(f.verdict(Ingress, &err(ROUTER4, A4, &local)), Reason::DenyUnrelated);
-    assert_eq!(f.verdict(Ingress, &err(EXT4, A4, &local)), Reason::DenyUnrelated);
+    assert_eq!(
+        f.verdict(Ingress, &err(B4, A4, &local)),
+        Reason::AllowRelated
+    );
+    assert_eq!(
+        f.verdict(Ingress, &err(NODE4, A4, &local)),
+        Reason::AllowRelated
+    );
+    assert_eq!(
+        f.verdict(Ingress, &err(ROUTER4, A4, &local)),
+        Reason::DenyUnrelated
+    );
+    assert_eq!(
+        f.verdict(Ingress, &err(EXT4, A4, &local)),
+        Reason::DenyUnrelated
+    );
     // Quoting a packet A never sent as its source (addressed to A, quoting EXT's flow).
     let theirs = V4::new(EXT4, A4).packet(&udp(9999, 44000));
-    assert_eq!(f.verdict(Ingress, &err(EXT4, A4, &theirs)), Reason::DenyUnrelated);
+    assert_eq!(
+        f.verdict(Ingress, &err(EXT4, A4, &theirs)),
+        Reason::DenyUnrelated
+    );
     // The same over IPv6: packet too big from a host not on the path.
     f.endpoint(a6(A6), ISO_IN | ISO_EG | EG_CIDR);
     f.cidr(SET_EG, a6(EXT6), 128, all());

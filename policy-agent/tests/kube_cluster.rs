@@ -280,7 +280,10 @@ async fn reconcile_lost_delete_is_repaired_by_the_relist() {
     api.compact(Kind::Policies);
     // Three turns of the loop (polls included) after the lost event: it has looked again.
     let beats = agent.health.beats();
-    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
+    eventually(5, "three turns of the loop", || {
+        agent.health.beats() >= beats + 3
+    })
+    .await;
     assert!(
         isolated_ingress(endpoint(&agent.kernel(), "198.18.0.10")),
         "nothing heard yet"
@@ -425,7 +428,10 @@ async fn kube_ready_only_after_every_cache_synced_and_the_maps_written() {
     .await;
     // The loop waits on the caches: three turns, and still nothing.
     let beats = agent.health.beats();
-    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
+    eventually(5, "three turns of the loop", || {
+        agent.health.beats() >= beats + 3
+    })
+    .await;
     assert!(!agent.health.is_ready(), "policies are not listed yet");
     assert!(
         agent.kernel().endpoints.is_empty(),
@@ -448,7 +454,10 @@ async fn kube_ready_only_after_every_cache_synced_and_the_maps_written() {
 /// (the loop takes one wake-up per turn, and a change's turn ends after its pass).
 async fn settled(agent: &Agent) {
     let beats = agent.health.beats();
-    eventually(5, "three turns of the loop", || agent.health.beats() >= beats + 3).await;
+    eventually(5, "three turns of the loop", || {
+        agent.health.beats() >= beats + 3
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

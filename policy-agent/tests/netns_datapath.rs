@@ -145,10 +145,16 @@ fn run_scenario(bed: &Testbed, a: usize, b: usize) {
     assert!(matches!(att_a.mode, AttachMode::Tcx | AttachMode::Netlink));
     assert_eq!(att_a.mode, att_b.mode);
 
-    // Attached, but the pods are not endpoints yet: fail closed (anti-spoofing).
-    pods.expect(false, false, "unknown endpoints");
+    // Attached, but no address is bound to the veths yet: fail closed (anti-spoofing).
+    pods.expect(false, false, "unbound interfaces");
     let counters0 = maps.counters().expect("counters");
-    assert!(counters0.get(Direction::Egress, Reason::DenyUnknownEndpoint) > 0);
+    assert!(counters0.get(Direction::Egress, Reason::DenySpoofed) > 0);
+    bed.bind(a, &mut maps).expect("bind a");
+    bed.bind(b, &mut maps).expect("bind b");
+    // Bound, but not endpoints yet: still closed.
+    pods.expect(false, false, "unknown endpoints");
+    let counters1 = maps.counters().expect("counters");
+    assert!(counters1.get(Direction::Egress, Reason::DenyUnknownEndpoint) > 0);
 
     let ips_a = [ha.ip(false), ha.ip(true)];
     let ips_b = [hb.ip(false), hb.ip(true)];
@@ -325,6 +331,7 @@ fn clsact_fallback_enforces_and_dropping_the_loader_detaches() {
 
     // Unknown endpoint: dropped. Isolated for egress with a CIDR rule: allowed.
     assert!(tcp_echo(&ha.ns, to_x, DENY_WAIT).is_err());
+    bed.bind(a, &mut maps).expect("bind a");
     set_endpoint(
         &mut maps,
         [ha.ip(false), ha.ip(true)],

@@ -129,6 +129,11 @@ fn enforce_with_service_ranges(
             }
         })
         .expect("enter node namespace");
+    for (i, h) in bed.hosts.iter().enumerate() {
+        if interfaces.contains(&h.host_if.as_str()) {
+            bed.bind(i, maps).expect("bind");
+        }
+    }
     maps.set_service_cidrs(&[
         SERVICE_V4.parse().expect("v4"),
         SERVICE_V6.parse().expect("v6"),
@@ -337,6 +342,7 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
             (u, p)
         })
         .expect("enter node namespace");
+    bed.bind(client, &mut maps).expect("bind client");
     assert!(
         !bed.node.ip(&["link", "show", &hs.host_if]).is_err(),
         "server veth exists"

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use policy_agent::dataplane::{Dataplane, DataplaneError, PinState};
-use policy_testkit::testbed::PrivateBpffs;
 use policy_common::{MAP_ENDPOINTS, MAP_PORTS, MAX_ENDPOINTS};
+use policy_testkit::testbed::PrivateBpffs;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -403,13 +403,14 @@ fn cluster_mode_migrates_incompatible_maps_through_the_shared_node_side() {
         opts.migrate = true;
         let mut enforcer = KernelEnforcer::start(&opts).expect("migrates");
         let empty = MapContents::default();
-        enforcer
-            .apply(&empty, Write::Whole)
-            .expect("write");
+        enforcer.apply(&empty, Write::Whole).expect("write");
         assert!(!enforcer.migrated(), "not before the links are taken over");
         let report = enforcer.sync_interfaces(&[]);
         assert!(report.failed.is_empty(), "{:?}", report.failed);
-        assert!(enforcer.migrated(), "the interface pass finishes the migration");
+        assert!(
+            enforcer.migrated(),
+            "the interface pass finishes the migration"
+        );
         enforcer.release_all();
     })
     .expect("enter the namespace");

@@ -7,7 +7,9 @@
 use std::net::IpAddr;
 
 use crate::compiler::{MapContents, MapDiff};
-use crate::dataplane::{AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, UplinkMode};
+use crate::dataplane::{
+    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, UplinkMode,
+};
 use crate::model::ObjectKey;
 use crate::netinfo;
 use crate::node::{NodeEnforcer, NodeOptions};

@@ -19,12 +19,10 @@ use super::portset::{self, PortSet};
 use super::selector::{self, SelectorCache};
 use super::table;
 use super::{
-    CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData,
-    addr_of, cidr_key, uses_named_ports,
+    CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData, addr_of,
+    cidr_key, uses_named_ports,
 };
-use crate::model::{
-    LabelSelector, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot,
-};
+use crate::model::{LabelSelector, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot};
 
 /// One change of the snapshot, named by the object it concerns (the snapshot passed with it
 /// holds the object's new version, or lacks it when deleted).
@@ -787,14 +785,22 @@ impl Engine {
             for rule in pol.ingress.iter().chain(&pol.egress) {
                 for peer in rule.peers.iter().flatten() {
                     if let Peer::Pods { namespaces, pods } = peer {
-                        let own = if namespaces.is_none() { pol.namespace.as_str() } else { "" };
+                        let own = if namespaces.is_none() {
+                            pol.namespace.as_str()
+                        } else {
+                            ""
+                        };
                         used.insert((namespaces.as_ref(), own, pods.as_ref()));
                     }
                 }
             }
         }
         self.selectors.retain(|p| {
-            let own = if p.namespaces.is_none() { p.policy_ns } else { "" };
+            let own = if p.namespaces.is_none() {
+                p.policy_ns
+            } else {
+                ""
+            };
             used.contains(&(p.namespaces, own, p.pods))
         });
     }

@@ -34,10 +34,7 @@ use ipnet::IpNet;
 use policy_common::Addr;
 use policy_common::maps::*;
 
-use crate::model::{
-    Labels, NetworkPolicy, ObjectKey, Pod, PortRef, PortSpec, Protocol,
-    Snapshot,
-};
+use crate::model::{Labels, NetworkPolicy, ObjectKey, Pod, PortRef, PortSpec, Protocol, Snapshot};
 pub use incremental::{Change, Engine};
 use numbering::Numbering;
 use portset::PortSet;
@@ -529,8 +526,12 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         .filter(|p| snap.is_local(p) && !p.ips.is_empty())
         .collect();
     let policies: Vec<&NetworkPolicy> = snap.policies.values().collect();
-    let index: HashMap<&ObjectKey, usize> =
-        snap.policies.keys().enumerate().map(|(i, k)| (k, i)).collect();
+    let index: HashMap<&ObjectKey, usize> = snap
+        .policies
+        .keys()
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
     let selecting: Vec<[Vec<usize>; 2]> = local
         .iter()
         .map(|pod| {
@@ -577,7 +578,8 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                 local_ports,
             };
             if !spec_tables.contains_key(&spec) {
-                let pols: Vec<&NetworkPolicy> = spec.policies.iter().map(|&pi| policies[pi]).collect();
+                let pols: Vec<&NetworkPolicy> =
+                    spec.policies.iter().map(|&pi| policies[pi]).collect();
                 let view = View {
                     idents: &u.idents,
                     by_ns: &u.by_ns,

@@ -236,7 +236,10 @@ mod tests {
 
     fn sel(kv: &[(&str, &str)]) -> LabelSelector {
         LabelSelector {
-            match_labels: kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            match_labels: kv
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             match_expressions: Vec::new(),
         }
     }
@@ -290,15 +293,21 @@ mod tests {
         let web = sel(&[("app", "web")]);
         let mut c = SelectorCache::default();
         let s = snap("b");
-        let got = c.selected(Peer::new(None, "x", Some(&web)), &s, &ids).clone();
+        let got = c
+            .selected(Peer::new(None, "x", Some(&web)), &s, &ids)
+            .clone();
         assert_eq!(got, [10].into());
         let all = sel(&[]);
-        let got = c.selected(Peer::new(Some(&all), "x", Some(&web)), &s, &ids).clone();
+        let got = c
+            .selected(Peer::new(Some(&all), "x", Some(&web)), &s, &ids)
+            .clone();
         assert_eq!(got, [10, 11].into());
         // An unknown namespace is seen with its name label only.
         let by_name = sel(&[("kubernetes.io/metadata.name", "z")]);
         let ids = Ids([(12, key("z", "web"))].into());
-        let got = c.selected(Peer::new(Some(&by_name), "x", None), &s, &ids).clone();
+        let got = c
+            .selected(Peer::new(Some(&by_name), "x", None), &s, &ids)
+            .clone();
         assert_eq!(got, [12].into());
     }
 

@@ -163,4 +163,3 @@ pub fn row(
     }
     out
 }
-

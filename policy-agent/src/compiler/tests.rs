@@ -1,7 +1,7 @@
 use super::*;
-use crate::model::{LabelSelector, Peer};
 use crate::kernel_model::KernelModel;
 use crate::model::{ContainerPort, Namespace, Rule};
+use crate::model::{LabelSelector, Peer};
 use policy_common::proto;
 
 fn ip(s: &str) -> IpAddr {

@@ -5,12 +5,13 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use policy_common::{
-    Addr, BindingKey, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC,
-    Direction, EndpointKey, EndpointValue, EventBudget, FragKey, FragValue, IDENTITY_WORLD,
-    FORMAT_VERSION, IpCacheKey, IpCacheValue, LpmKey, MAP_BINDINGS, MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE,
-    MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue,
-    PortData, Reason, RuleKey, RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
+    Addr, BindingKey, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST,
+    DEFAULT_EVENTS_PER_SEC, Direction, EndpointKey, EndpointValue, EventBudget, FORMAT_VERSION,
+    FragKey, FragValue, IDENTITY_WORLD, IpCacheKey, IpCacheValue, LpmKey, MAP_BINDINGS,
+    MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS,
+    MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
+    MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey,
+    RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
 };
 
 use super::{DataplaneError, cidr::CidrRules, ct_table::CtTables, events::DenyEvents};

@@ -158,7 +158,10 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
         let format = pinned_format(&pin_dir.join(policy_common::MAP_CONFIG)).map_err(|e| {
             DataplaneError::Incompatible {
                 pin_dir: pin_dir.to_path_buf(),
-                detail: format!("{}: cannot read the pinned format: {e}", policy_common::MAP_CONFIG),
+                detail: format!(
+                    "{}: cannot read the pinned format: {e}",
+                    policy_common::MAP_CONFIG
+                ),
             }
         })?;
         if format != policy_common::FORMAT_VERSION {
@@ -202,7 +205,10 @@ fn pinned_format(path: &Path) -> Result<u32, String> {
     let data = aya::maps::MapData::from_pin(path).map_err(|e| e.to_string())?;
     let config: aya::maps::Array<_, policy_common::Config> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|e| e.to_string())?;
-    config.get(&0, 0).map(|c| c.format).map_err(|e| e.to_string())
+    config
+        .get(&0, 0)
+        .map(|c| c.format)
+        .map_err(|e| e.to_string())
 }
 
 fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {

@@ -135,7 +135,9 @@ impl Numbering {
         };
         for (k, v) in &diff.cidr_rules.upserts {
             let k = cidr_key(&mut self.sets, k);
-            out.cidr_rules.upserts.push((k, rename_ports(&mut self.ports, v)));
+            out.cidr_rules
+                .upserts
+                .push((k, rename_ports(&mut self.ports, v)));
         }
         for k in &diff.cidr_rules.deletes {
             out.cidr_rules.deletes.push(cidr_key(&mut self.sets, k));
@@ -148,10 +150,14 @@ impl Numbering {
         };
         for (k, v) in &diff.rules.upserts {
             let k = rule_key(&mut self.sets, &mut self.ids, k);
-            out.rules.upserts.push((k, rename_ports(&mut self.ports, v)));
+            out.rules
+                .upserts
+                .push((k, rename_ports(&mut self.ports, v)));
         }
         for k in &diff.rules.deletes {
-            out.rules.deletes.push(rule_key(&mut self.sets, &mut self.ids, k));
+            out.rules
+                .deletes
+                .push(rule_key(&mut self.sets, &mut self.ids, k));
         }
         for (k, v) in &diff.ipcache.upserts {
             let mut v = *v;
@@ -176,11 +182,19 @@ impl Numbering {
 }
 
 fn map_id(ids: &mut Renaming, i: u32) -> u32 {
-    if i < IDENTITY_FIRST_POD { i } else { ids.get(i) }
+    if i < IDENTITY_FIRST_POD {
+        i
+    } else {
+        ids.get(i)
+    }
 }
 
 fn map_set(sets: &mut Renaming, s: u32) -> u32 {
-    if s == POLICY_SET_EMPTY { s } else { sets.get(s) }
+    if s == POLICY_SET_EMPTY {
+        s
+    } else {
+        sets.get(s)
+    }
 }
 
 /// [`renumber_onto`], and the renamings it chose.

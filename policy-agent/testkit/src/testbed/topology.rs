@@ -115,6 +115,36 @@ impl Testbed {
         Ok(self.hosts.len() - 1)
     }
 
+    /// The ifindex of host `i`'s node-side interface (what a pod's addresses are bound to).
+    pub fn host_ifindex(&self, i: usize) -> io::Result<u32> {
+        let name =
+            std::ffi::CString::new(self.hosts[i].host_if.as_str()).map_err(io::Error::other)?;
+        // SAFETY: a valid NUL-terminated name; if_nametoindex has no other precondition.
+        let idx = self
+            .node
+            .enter(move || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
+        if idx == 0 {
+            return Err(io::Error::other(format!(
+                "no interface {} in the node namespace",
+                self.hosts[i].host_if
+            )));
+        }
+        Ok(idx)
+    }
+
+    /// Binds host `i`'s addresses to its node-side interface in `maps`, as the node side
+    /// does for every local pod it attaches to (the pod hooks drop any other source).
+    pub fn bind(
+        &self,
+        i: usize,
+        maps: &mut policy_agent::dataplane::DataplaneMaps,
+    ) -> io::Result<()> {
+        let h = &self.hosts[i];
+        let ifindex = self.host_ifindex(i)?;
+        let addrs = [h.ipv4.into(), h.ipv6.into()].map(policy_agent::compiler::addr_of);
+        maps.bind(ifindex, &addrs).map_err(io::Error::other)
+    }
+
     /// Names of every namespace of the bed (node last).
     pub fn namespace_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.hosts.iter().map(|h| h.ns.name().to_string()).collect();
