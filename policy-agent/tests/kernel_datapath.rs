@@ -401,6 +401,32 @@ fn a_reload_adopts_the_pinned_maps_and_their_state() {
     assert_eq!(run(&tcp4(EXT4, A4, 40001, 80, SYN)), TC_ACT_SHOT);
 }
 
+/// Maps of the same shapes created under another format (what a flag, a key or the hash
+/// means) are never adopted: the load is refused as incompatible, so the agent migrates.
+#[test]
+fn pinned_maps_of_another_format_are_not_adopted() {
+    let fs = PrivateBpffs::mount().expect("bpffs");
+    {
+        let mut dp = Dataplane::load(fs.path()).expect("first load");
+        let mut maps = dp.take_maps().expect("maps");
+        let mut c = maps.config().expect("config");
+        assert_eq!(
+            c.format,
+            policy_common::FORMAT_VERSION,
+            "new maps carry the format"
+        );
+        c.format = policy_common::FORMAT_VERSION - 1;
+        maps.set_config(c).expect("config");
+    }
+    match Dataplane::load(fs.path()) {
+        Err(policy_agent::dataplane::DataplaneError::Incompatible { detail, .. }) => {
+            assert!(detail.contains("CONFIG.format"), "{detail}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("maps of another format were adopted"),
+    }
+}
+
 #[test]
 fn loading_refuses_a_pin_directory_outside_bpffs() {
     let dir = std::env::temp_dir().join(format!("not-bpffs-{}", std::process::id()));
@@ -1961,6 +1987,58 @@ fn an_icmp_error_must_come_back_the_way_its_quoted_packet_went() {
     };
     assert_eq!(f.verdict(Ingress, &ptb(EXT6)), Reason::AllowRelated);
     assert_eq!(f.verdict(Ingress, &ptb(B6)), Reason::DenyUnrelated);
+}
+
+/// Another pod floods the node's connection table with ten times its capacity of distinct
+/// allowed flows (one packet each, never answered): an established connection of a server
+/// isolated for egress keeps its entry, so the server's next packet still passes.
+#[test]
+fn an_established_connection_survives_a_flood_of_ten_times_the_tables_capacity() {
+    let mut f = fixture();
+    // A serves EXT (ingress admits it); its egress admits only the flood's range, so its
+    // packets to EXT pass only as replies. B may send anything into the flood's range.
+    f.endpoint(a4(A4), ISO_IN | ISO_EG | IN_CIDR | EG_CIDR);
+    f.endpoint_id(a4(B4), 9, ISO_EG | EG_CIDR);
+    f.cidr(SET_IN, a4(EXT4), 32, all());
+    let flood_net = Ipv4Addr::new(198, 19, 128, 0);
+    f.cidr(SET_EG, a4(flood_net), 17, all());
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 50000, 22, SYN)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 22, 50000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 50000, 22, ACK)),
+        Reason::AllowEstablished
+    );
+    // The flood: distinct UDP tuples from B, patched into one frame in place.
+    let capacity = policy_common::MAX_CONNTRACK as usize;
+    let mut frame = udp4(B4, flood_net, 1024, 1024);
+    let prog = f.dp.program(PROG_FROM_POD).expect("program");
+    let mut last = (flood_net, 0u16);
+    for i in 0..10 * capacity {
+        let host = u32::from(flood_net) + (i % 32_768) as u32;
+        let port = 1024 + (i / 32_768) as u16;
+        frame[30..34].copy_from_slice(&host.to_be_bytes());
+        frame[36..38].copy_from_slice(&port.to_be_bytes());
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        let rc = prog.test_run(opts).expect("run").return_value as i32;
+        assert_eq!(rc, TC_ACT_OK, "flood packet {i} is allowed");
+        last = (Ipv4Addr::from(host), port);
+    }
+    assert!(
+        f.ct(a4(B4), a4(last.0), 1024, last.1, UDP).is_some(),
+        "the flood is recorded"
+    );
+    // The server's next packet, long after: still the connection's.
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 22, 50000, ACK | PSH)),
+        Reason::AllowEstablished
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use core::ptr::{read_volatile as rd, write_volatile as wr};
 
 use policy_common::{
-    CtKey, CtKey4, CtValue,
+    CtKey, CtKey4, CtValue, ct_flags,
     ct_table::{CT_WAYS, CtSlot4, CtSlot6, bucket4, bucket6, seq_holds_key},
 };
 
@@ -150,7 +150,10 @@ fn find<S: Slot>(slots: *mut S, k: &S::Key) -> Option<*mut CtValue> {
     Some(S::value(unsafe { slots.add(i) }))
 }
 
-/// Writes `k` -> `v` (a key no slot holds) over the least recently seen slot of its bucket.
+/// Writes `k` -> `v` (a key no slot holds) over the slot of its bucket that matters least:
+/// a connection not (or no longer) answered before an established one, then the least
+/// recently seen. So a flood of new flows, which stay unanswered, churns the unanswered
+/// slots and never evicts another pod's established connection while one is left.
 /// Gives up when that slot is being written by another CPU: nothing recorded, the next packet
 /// decides again. (Few branches: every path that records a connection goes through here,
 /// and the verifier walks each.)
@@ -158,15 +161,15 @@ fn find<S: Slot>(slots: *mut S, k: &S::Key) -> Option<*mut CtValue> {
 fn put<S: Slot>(slots: *mut S, k: &S::Key, v: &CtValue) {
     let mut pick = slots;
     // SAFETY: `slots` points to a bucket of CT_WAYS slots.
-    let mut oldest = unsafe { rd(&raw const (*S::value(slots)).last_seen_ns) };
+    let mut lowest = unsafe { eviction_rank(S::value(slots)) };
     let mut i = 1;
     while i < CT_WAYS {
         // SAFETY: as above.
         let s = unsafe { slots.add(i) };
         // SAFETY: as above.
-        let seen = unsafe { rd(&raw const (*S::value(s)).last_seen_ns) };
-        if seen < oldest {
-            oldest = seen;
+        let rank = unsafe { eviction_rank(S::value(s)) };
+        if rank < lowest {
+            lowest = rank;
             pick = s;
         }
         i += 1;
@@ -185,6 +188,19 @@ fn put<S: Slot>(slots: *mut S, k: &S::Key, v: &CtValue) {
         wr(&raw mut (*d).last_seen_ns, v.last_seen_ns);
         fetch_add(seq, 1);
     }
+}
+
+/// Lower goes first: the last-seen stamp, with the top bit set for an established connection
+/// (a reply seen, not reset).
+///
+/// # Safety
+/// `v` points to a slot's value in a conntrack table.
+#[inline(always)]
+unsafe fn eviction_rank(v: *mut CtValue) -> u64 {
+    // SAFETY: the caller's pointer; racing writers may at worst skew one choice.
+    let (flags, seen) = unsafe { (rd(&raw const (*v).flags), rd(&raw const (*v).last_seen_ns)) };
+    let established = flags & (ct_flags::SEEN_REPLY | ct_flags::RST) == ct_flags::SEEN_REPLY;
+    (seen & !(1 << 63)) | ((established as u64) << 63)
 }
 
 /// `CONNTRACK4`'s entry of `k`.

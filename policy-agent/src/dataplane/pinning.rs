@@ -155,7 +155,7 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
     }
     // Same shapes can still mean something else: the format the maps were created under.
     if mismatches.is_empty() && present.iter().any(|n| n == policy_common::MAP_CONFIG) {
-        let format = pinned_format(&pin_dir.join(policy_common::MAP_CONFIG)).map_err(|e| {
+        let config = pinned_config(&pin_dir.join(policy_common::MAP_CONFIG)).map_err(|e| {
             DataplaneError::Incompatible {
                 pin_dir: pin_dir.to_path_buf(),
                 detail: format!(
@@ -164,7 +164,10 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
                 ),
             }
         })?;
-        if format != policy_common::FORMAT_VERSION {
+        let format = config.format;
+        // An all-zero CONFIG was never set up by an agent (one that loaded and stopped
+        // before taking the maps): nothing was written under any format.
+        if format != policy_common::FORMAT_VERSION && config != policy_common::Config::default() {
             mismatches.push(Mismatch {
                 map: policy_common::MAP_CONFIG.to_string(),
                 field: "format",
@@ -200,15 +203,12 @@ pub fn check_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<PinState, Data
     }
 }
 
-/// `Config::format` of a pinned `CONFIG` of this agent's layout.
-fn pinned_format(path: &Path) -> Result<u32, String> {
+/// A pinned `CONFIG` of this agent's layout.
+fn pinned_config(path: &Path) -> Result<policy_common::Config, String> {
     let data = aya::maps::MapData::from_pin(path).map_err(|e| e.to_string())?;
     let config: aya::maps::Array<_, policy_common::Config> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|e| e.to_string())?;
-    config
-        .get(&0, 0)
-        .map(|c| c.format)
-        .map_err(|e| e.to_string())
+    config.get(&0, 0).map_err(|e| e.to_string())
 }
 
 fn compare(name: &str, def: &aya_obj::Map, info: &MapInfo) -> Vec<Mismatch> {
