@@ -12,11 +12,15 @@
 //!    sides) passes; `ENDPOINTS` for the hook's own pod (through `EP_CACHE`, a per-CPU copy
 //!    per interface that `Config::endpoints_gen` retires), `IPCACHE` for the far side (and its
 //!    `ENDPOINTS` entry only when IPCACHE marks it a local endpoint; the decision reuses the
-//!    identity found): at a pod hook a miss on the pod side drops (anti-spoofing), at an
-//!    uplink hook (`from_world`/`to_world`) no local endpoint on either side passes (the
-//!    node's own traffic); nothing isolated on either side passes without touching conntrack;
+//!    identity found): at a pod hook the pod-side address must be bound to the interface
+//!    (`BINDINGS`, checked before conntrack; else `spoofed`) and known, at an uplink hook
+//!    (`from_world`/`to_world`) a local pod's address arriving from outside is `spoofed` and
+//!    no local endpoint on either side passes (the node's own traffic); nothing isolated on
+//!    either side passes without touching conntrack; non-IP frames other than ARP are
+//!    dropped at pod hooks;
 //! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
-//!    verdict (`FRAGMENTS`); ICMP errors pass when the flow they quote would pass a reply;
+//!    verdict (`FRAGMENTS`); ICMP errors pass when they travel the reverse path of a live
+//!    connection they quote;
 //! 4. `CONNTRACK` (one lookup, normalised key; `CONNTRACK4` under a 16-byte key when both
 //!    addresses are IPv4; set-associative tables searched without a kernel call, see
 //!    `ct_table`; looked up first, for every packet): a connection needs EGRESS_OK when its
@@ -47,9 +51,9 @@
 //!   A grant is propagated only by a hook that itself decided the client's egress, i.e. for
 //!   a tuple the client's own hook did not see (DNATed after it, or no program on the
 //!   client's veth);
-//! - conntrack hits at pod hooks are judged on the entry alone (no `ENDPOINTS` lookup):
-//!   isolation and policy changes apply to new connections; a packet spoofing a live tuple
-//!   exactly passes its hook as that connection would;
+//! - conntrack hits at pod hooks are judged on the entry alone (after the binding check
+//!   of the pod's own address, served from `EP_CACHE`): isolation and policy changes apply
+//!   to new connections;
 //! - uplinks see outer headers only: encapsulated pod traffic (VXLAN, Geneve, IPIP) passes
 //!   there as "no endpoint" and is judged at the pod's own hooks after decapsulation;
 //!   a malformed IP packet on an uplink is passed, not counted against an endpoint.
