@@ -173,6 +173,65 @@ pub fn local_addrs() -> Result<Vec<IpAddr>, NetInfoError> {
     Ok(out)
 }
 
+/// What an interface's packets start with, from its ARPHRD link type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An Ethernet header (veth, physical NICs, bridges, VXLAN, Geneve, gretap).
+    Ethernet,
+    /// The IP header itself: tun, WireGuard (ARPHRD_NONE), IPIP, SIT, GRE, ip6tnl, raw IP.
+    Ip,
+    /// Anything else (InfiniBand, CAN, ...): its ARPHRD number.
+    Other(u16),
+}
+
+/// Link types whose packets start at the IP header.
+const ARPHRD_IP: [u16; 7] = [
+    0xfffe, // ARPHRD_NONE: tun, WireGuard
+    768,    // ARPHRD_TUNNEL: ipip
+    769,    // ARPHRD_TUNNEL6: ip6tnl
+    776,    // ARPHRD_SIT
+    778,    // ARPHRD_IPGRE
+    823,    // ARPHRD_IP6GRE
+    519,    // ARPHRD_RAWIP
+];
+
+impl LinkKind {
+    pub fn from_arphrd(t: u16) -> LinkKind {
+        match t {
+            1 => LinkKind::Ethernet,
+            t if ARPHRD_IP.contains(&t) => LinkKind::Ip,
+            t => LinkKind::Other(t),
+        }
+    }
+}
+
+/// The link kind of `name` in the calling thread's namespace (`SIOCGIFHWADDR`).
+pub fn link_kind(name: &str) -> std::io::Result<LinkKind> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other("interface name too long"));
+    }
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: a zeroed ifreq is valid; the name is copied in below, NUL-terminated.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq's hardware address.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the union member SIOCGIFHWADDR writes.
+    let family = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_family };
+    Ok(LinkKind::from_arphrd(family))
+}
+
 /// The ifindex of an interface name in this namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
@@ -184,6 +243,16 @@ pub fn ifindex(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_kinds_by_arphrd() {
+        assert_eq!(LinkKind::from_arphrd(1), LinkKind::Ethernet);
+        for t in [0xfffe, 768, 769, 776, 778, 823, 519] {
+            assert_eq!(LinkKind::from_arphrd(t), LinkKind::Ip, "{t}");
+        }
+        assert_eq!(LinkKind::from_arphrd(32), LinkKind::Other(32));
+        assert_eq!(LinkKind::from_arphrd(772), LinkKind::Other(772));
+    }
 
     #[test]
     fn parses_proc_routes_and_picks_the_host_route() {

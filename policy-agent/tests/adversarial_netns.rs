@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use policy_common::Reason;
 use policy_testkit::testbed::{
-    Netns, PrivateBpffs, RawLink, Testbed, address_frame, fix_ipv4_checksum, mac_of,
+    Netns, PrivateBpffs, RawLink, Testbed, TunDevice, address_frame, fix_ipv4_checksum, mac_of,
 };
 use restart_common::{Agent, TempDir, ingress_from, pod, write_manifests};
 use serde_json::json;
@@ -39,6 +39,7 @@ struct Bed {
     c: usize,
     x: usize,
     fs: PrivateBpffs,
+    tun: TunDevice,
     _dir: TempDir,
     _agent: Agent,
 }
@@ -57,6 +58,8 @@ impl Bed {
         let b = bed.add_pod().expect("pod b");
         let c = bed.add_pod().expect("pod c");
         let x = bed.add_external().expect("external x");
+        // An L3 uplink, there before the agent starts (it attaches to every non-pod link).
+        let tun = TunDevice::create(&bed.node, "tun0").expect("tun device");
         let dir = TempDir::new("adversary");
         let fs = PrivateBpffs::mount().expect("private bpffs");
         let generation = write_manifests(
@@ -87,6 +90,7 @@ impl Bed {
             c,
             x,
             fs,
+            tun,
             _dir: dir,
             _agent: agent,
         }
@@ -208,12 +212,43 @@ fn icmp_error(v6: bool, ty: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u
     b
 }
 
+/// c's packets from outside that enter the node on an L3 device (a tun: no Ethernet
+/// header, as from a VPN or WireGuard): from an external address they arrive (c admits
+/// 198.19.0.0/16 and fd00:19::/64); from b's, a local pod's, they are spoofed, which the
+/// L3 uplink program must parse the packet to see.
+fn spoofed_sources_through_an_l3_device(t: &Bed, b: usize, c: usize) {
+    let rx = RawLink::open(t.ns(c), "eth0").expect("raw socket");
+    let outside4 = Ipv4Addr::new(198, 19, 9, 9);
+    let outside6: Ipv6Addr = "fd00:19::9:9".parse().expect("v6");
+    for v6 in [false, true] {
+        for (src_is_b, tag) in [(false, "control"), (true, "spoof")] {
+            let m = marker(&format!("tun-{tag}-{v6}"));
+            let packet = if v6 {
+                let src = if src_is_b { t.v6(b) } else { outside6 };
+                ipv6(src, t.v6(c), UDP, &l4(UDP, 40000, 9090, &m))
+            } else {
+                let src = if src_is_b { t.v4(b) } else { outside4 };
+                let mut f = eth(0x0800, &ipv4(src, t.v4(c), UDP, &l4(UDP, 40000, 9090, &m)));
+                fix_ipv4_checksum(&mut f);
+                f.split_off(14)
+            };
+            for _ in 0..COPIES {
+                t.tun.inject(&packet).expect("inject");
+            }
+            let got = rx.count_received(&m, WATCH).expect("receive");
+            let want = if src_is_b { 0 } else { COPIES };
+            assert_eq!(got, want, "{tag} through the tun device (v6={v6})");
+        }
+    }
+}
+
 #[test]
 fn the_adversary_gets_nothing_past_the_policy() {
     let t = Bed::new();
     let (a, b, c, x) = (t.a, t.b, t.c, t.x);
     spoofed_sources_from_a_pod(&t, a, b, c);
     spoofed_sources_from_outside(&t, b, c, x);
+    spoofed_sources_through_an_l3_device(&t, b, c);
     forged_icmp_errors(&t, a, c, x);
     non_ip_frames_from_a_pod(&t, a);
 }

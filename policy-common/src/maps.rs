@@ -43,6 +43,10 @@ pub const PROG_FROM_WORLD: &str = "from_world";
 /// Attached at TC egress of a non-pod interface: judges a local source's egress not yet
 /// granted (e.g. a Service DNATed to a remote backend).
 pub const PROG_TO_WORLD: &str = "to_world";
+/// `from_world` for an uplink without a link header (tun, WireGuard, IPIP, GRE, SIT).
+pub const PROG_FROM_WORLD_L3: &str = "from_world_l3";
+/// `to_world` for an uplink without a link header.
+pub const PROG_TO_WORLD_L3: &str = "to_world_l3";
 /// A program that does nothing: the baseline of the datapath benchmark.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 /// Test-run only: writes a [`ClockSample`] into its packet (clock calibration).

@@ -73,26 +73,40 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use parse::ETH_HLEN;
 use verdict::Hook;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    verdict::run(&ctx, Hook::FromPod)
+    verdict::run::<ETH_HLEN>(&ctx, Hook::FromPod)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    verdict::run(&ctx, Hook::ToPod)
+    verdict::run::<ETH_HLEN>(&ctx, Hook::ToPod)
 }
 
 #[classifier]
 pub fn from_world(ctx: TcContext) -> i32 {
-    verdict::run(&ctx, Hook::FromWorld)
+    verdict::run::<ETH_HLEN>(&ctx, Hook::FromWorld)
 }
 
 #[classifier]
 pub fn to_world(ctx: TcContext) -> i32 {
-    verdict::run(&ctx, Hook::ToWorld)
+    verdict::run::<ETH_HLEN>(&ctx, Hook::ToWorld)
+}
+
+/// `from_world` on an L3 uplink (tun, WireGuard, IPIP, GRE: no link header; the skb's
+/// protocol says IPv4 or IPv6).
+#[classifier]
+pub fn from_world_l3(ctx: TcContext) -> i32 {
+    verdict::run::<0>(&ctx, Hook::FromWorld)
+}
+
+/// `to_world` on an L3 uplink.
+#[classifier]
+pub fn to_world_l3(ctx: TcContext) -> i32 {
+    verdict::run::<0>(&ctx, Hook::ToWorld)
 }
 
 /// Baseline for the datapath benchmark: the cost of running any TC program at all.

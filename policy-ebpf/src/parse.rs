@@ -6,7 +6,8 @@
 use aya_ebpf::programs::TcContext;
 use policy_common::{Addr, proto};
 
-const ETH_HLEN: usize = 14;
+/// Length of an Ethernet header: the link header of every pod veth and Ethernet uplink.
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
@@ -95,20 +96,30 @@ fn be16(a: u8, b: u8) -> u16 {
 
 /// Parses the packet into `p` (every field is written).
 #[inline(always)]
-pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
-    if parse_fast(ctx, p) {
+pub fn parse<const L2: usize>(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
+    if parse_fast::<L2>(ctx, p) {
         return Ok(());
     }
-    // Ethertype only: the MACs play no part in the decision.
-    let et: [u8; 2] = ld(ctx, 12).map_err(|_| NoPkt::BadL3)?;
-    match be16(et[0], et[1]) {
-        ETH_P_IP => parse_v4(ctx, p),
-        ETH_P_IPV6 => parse_v6(ctx, p),
+    match ethertype::<L2>(ctx)? {
+        ETH_P_IP => parse_v4::<L2>(ctx, p),
+        ETH_P_IPV6 => parse_v6::<L2>(ctx, p),
         // Not judged, so not passed: IP inside could reach a pod that decodes the tag.
         ETH_P_8021Q | ETH_P_8021AD => Err(NoPkt::BadL3),
         ETH_P_ARP => Err(NoPkt::Arp),
         _ => Err(NoPkt::NotIp),
     }
+}
+
+/// The packet's ethertype: from the Ethernet header, or on an L3 device (no link header:
+/// tun, WireGuard, IPIP) from the protocol the device gave the skb. Only the ethertype: the
+/// MACs play no part in the decision.
+#[inline(always)]
+fn ethertype<const L2: usize>(ctx: &TcContext) -> Result<u16, NoPkt> {
+    if L2 == 0 {
+        return Ok(u16::from_be(ctx.skb.protocol() as u16));
+    }
+    let et: [u8; 2] = ld(ctx, 12).map_err(|_| NoPkt::BadL3)?;
+    Ok(be16(et[0], et[1]))
 }
 
 /// Sets the fields every path reads. Volatile stores: merged, they become a `memset` call,
@@ -134,8 +145,8 @@ fn reset(p: &mut Pkt, proto_nr: u8) {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
-    let h: [u8; 20] = ld(ctx, ETH_HLEN).map_err(|_| NoPkt::BadL3)?;
+fn parse_v4<const L2: usize>(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
+    let h: [u8; 20] = ld(ctx, L2).map_err(|_| NoPkt::BadL3)?;
     if h[0] >> 4 != 4 {
         return Err(NoPkt::BadL3);
     }
@@ -147,8 +158,8 @@ fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
     let pkt_len = ctx.len() as usize;
     // tot_len 0 is legal for BIG TCP GSO packets; the skb length bounds them instead.
     if hlen < 20
-        || (tot_len != 0 && (tot_len < hlen || ETH_HLEN + tot_len > pkt_len))
-        || ETH_HLEN + hlen > pkt_len
+        || (tot_len != 0 && (tot_len < hlen || L2 + tot_len > pkt_len))
+        || L2 + hlen > pkt_len
     {
         p.malformed = true;
         return Ok(());
@@ -162,7 +173,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
         return Ok(());
     }
     p.first_fragment = more;
-    parse_l4(ctx, p, ETH_HLEN + hlen, false);
+    parse_l4(ctx, p, L2 + hlen, false);
     Ok(())
 }
 
@@ -172,14 +183,14 @@ fn is_ext_header(nh: u8) -> bool {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
-    let h: [u8; 8] = ld(ctx, ETH_HLEN).map_err(|_| NoPkt::BadL3)?;
+fn parse_v6<const L2: usize>(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
+    let h: [u8; 8] = ld(ctx, L2).map_err(|_| NoPkt::BadL3)?;
     if h[0] >> 4 != 6 {
         return Err(NoPkt::BadL3);
     }
     // Addresses straight into place: both words arrays, in network order.
-    p.src = Addr(ld::<[u32; 4]>(ctx, ETH_HLEN + 8).map_err(|_| NoPkt::BadL3)?);
-    p.dst = Addr(ld::<[u32; 4]>(ctx, ETH_HLEN + 24).map_err(|_| NoPkt::BadL3)?);
+    p.src = Addr(ld::<[u32; 4]>(ctx, L2 + 8).map_err(|_| NoPkt::BadL3)?);
+    p.dst = Addr(ld::<[u32; 4]>(ctx, L2 + 24).map_err(|_| NoPkt::BadL3)?);
     // An IPv6 packet claiming IPv4-mapped addresses would alias an IPv4 endpoint's key.
     if p.src.is_v4() || p.dst.is_v4() {
         return Err(NoPkt::BadL3);
@@ -187,13 +198,13 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
     reset(p, h[6]);
     let payload = be16(h[4], h[5]) as usize;
     let pkt_len = ctx.len() as usize;
-    if payload != 0 && ETH_HLEN + 40 + payload > pkt_len {
+    if payload != 0 && L2 + 40 + payload > pkt_len {
         p.malformed = true;
         return Ok(());
     }
     let hop_limit = h[7];
     let mut nh = h[6];
-    let mut off = ETH_HLEN + 40;
+    let mut off = L2 + 40;
     let mut i = 0;
     while i < MAX_EXT_HEADERS {
         if !is_ext_header(nh) {
@@ -418,47 +429,51 @@ unsafe fn addr_at(data: usize, off: usize) -> Addr {
 /// calls). Anything else (or anything odd) returns false and takes the generic path, which
 /// decides the same way.
 #[inline(always)]
-fn parse_fast(ctx: &TcContext, p: &mut Pkt) -> bool {
+fn parse_fast<const L2: usize>(ctx: &TcContext, p: &mut Pkt) -> bool {
     let data = ctx.data();
     let end = ctx.data_end();
-    if data + ETH_HLEN + 20 > end {
+    if data + L2 + 20 > end {
         return false;
     }
     // SAFETY (all reads below): each is preceded by a bounds check against `end`, which the
     // verifier also enforces.
-    let et = u16::from_be(unsafe { at::<u16>(data, 12) });
+    let et = if L2 == 0 {
+        u16::from_be(ctx.skb.protocol() as u16)
+    } else {
+        u16::from_be(unsafe { at::<u16>(data, 12) })
+    };
     let pkt_len = ctx.len() as usize;
     let l4: usize;
     let v6;
     if et == ETH_P_IP {
-        let vihl: u8 = unsafe { at(data, ETH_HLEN) };
-        let tot_len = u16::from_be(unsafe { at::<u16>(data, ETH_HLEN + 2) }) as usize;
-        let frag = u16::from_be(unsafe { at::<u16>(data, ETH_HLEN + 6) });
-        if vihl != 0x45 || frag & 0x3fff != 0 || tot_len < 20 || ETH_HLEN + tot_len > pkt_len {
+        let vihl: u8 = unsafe { at(data, L2) };
+        let tot_len = u16::from_be(unsafe { at::<u16>(data, L2 + 2) }) as usize;
+        let frag = u16::from_be(unsafe { at::<u16>(data, L2 + 6) });
+        if vihl != 0x45 || frag & 0x3fff != 0 || tot_len < 20 || L2 + tot_len > pkt_len {
             return false;
         }
-        p.src = Addr::from_v4_raw(unsafe { at(data, ETH_HLEN + 12) });
-        p.dst = Addr::from_v4_raw(unsafe { at(data, ETH_HLEN + 16) });
-        reset(p, unsafe { at(data, ETH_HLEN + 9) });
-        l4 = ETH_HLEN + 20;
+        p.src = Addr::from_v4_raw(unsafe { at(data, L2 + 12) });
+        p.dst = Addr::from_v4_raw(unsafe { at(data, L2 + 16) });
+        reset(p, unsafe { at(data, L2 + 9) });
+        l4 = L2 + 20;
         v6 = false;
     } else if et == ETH_P_IPV6 {
-        if data + ETH_HLEN + 40 > end {
+        if data + L2 + 40 > end {
             return false;
         }
-        let ver: u8 = unsafe { at(data, ETH_HLEN) };
-        let payload = u16::from_be(unsafe { at::<u16>(data, ETH_HLEN + 4) }) as usize;
-        let nh: u8 = unsafe { at(data, ETH_HLEN + 6) };
-        if ver >> 4 != 6 || is_ext_header(nh) || payload == 0 || ETH_HLEN + 40 + payload > pkt_len {
+        let ver: u8 = unsafe { at(data, L2) };
+        let payload = u16::from_be(unsafe { at::<u16>(data, L2 + 4) }) as usize;
+        let nh: u8 = unsafe { at(data, L2 + 6) };
+        if ver >> 4 != 6 || is_ext_header(nh) || payload == 0 || L2 + 40 + payload > pkt_len {
             return false;
         }
-        p.src = unsafe { addr_at(data, ETH_HLEN + 8) };
-        p.dst = unsafe { addr_at(data, ETH_HLEN + 24) };
+        p.src = unsafe { addr_at(data, L2 + 8) };
+        p.dst = unsafe { addr_at(data, L2 + 24) };
         if p.src.is_v4() || p.dst.is_v4() {
             return false;
         }
         reset(p, nh);
-        l4 = ETH_HLEN + 40;
+        l4 = L2 + 40;
         v6 = true;
     } else {
         return false;
@@ -500,7 +515,7 @@ fn parse_fast(ctx: &TcContext, p: &mut Pkt) -> bool {
             p.sport = id;
             p.dport = id;
         } else if v6 {
-            let hop_limit: u8 = unsafe { at(data, ETH_HLEN + 7) };
+            let hop_limit: u8 = unsafe { at(data, L2 + 7) };
             if is_link_control(ty, hop_limit) {
                 p.kind = Kind::NeighbourDiscovery;
             }

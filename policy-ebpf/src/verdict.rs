@@ -45,8 +45,10 @@ impl Hook {
     }
 }
 
+/// Decides one packet at `hook`, whose link header is `L2` bytes long (14 on Ethernet, 0 on
+/// an L3 device).
 #[inline(always)]
-pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
+pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
     let dir = hook.dir();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
@@ -54,7 +56,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: this CPU's slot, used by one program run at a time (TC programs do not nest
     // on a CPU: softirq and process context each run to completion with preemption off).
     let Scratch { pkt, keys, known } = unsafe { &mut *scratch };
-    match parse(ctx, pkt) {
+    match parse::<L2>(ctx, pkt) {
         Ok(()) => {}
         Err(NoPkt::Arp) => {
             count(Reason::AllowNonIp, dir);

@@ -44,6 +44,11 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "interface {interface}: link type {link_type} is neither Ethernet nor a bare IP \
+         device; no uplink programs attached"
+    )]
+    UnsupportedLink { interface: String, link_type: u16 },
     #[error("pinned objects under {pin_dir} cannot be adopted: {detail}")]
     Incompatible { pin_dir: PathBuf, detail: String },
     #[error("map {map}: {entries} entries exceed its capacity {capacity}; nothing written")]

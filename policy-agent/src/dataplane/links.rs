@@ -152,7 +152,9 @@ pub fn adopt_pins(
             }
             continue;
         }
-        let set = if p.dir.join(policy_common::PROG_FROM_WORLD).exists() {
+        let set = if p.dir.join(policy_common::PROG_FROM_WORLD).exists()
+            || p.dir.join(policy_common::PROG_FROM_WORLD_L3).exists()
+        {
             &mut *uplinks
         } else {
             &mut *pods

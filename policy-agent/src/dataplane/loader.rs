@@ -24,7 +24,8 @@ use aya::{
     },
 };
 use policy_common::{
-    PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD, PROG_FROM_WORLD, PROG_TO_POD, PROG_TO_WORLD,
+    PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD, PROG_FROM_WORLD, PROG_FROM_WORLD_L3,
+    PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
 };
 
 use super::pinning::{self, PinState};
@@ -37,6 +38,8 @@ pub const PROGRAMS: &[&str] = &[
     PROG_TO_POD,
     PROG_FROM_WORLD,
     PROG_TO_WORLD,
+    PROG_FROM_WORLD_L3,
+    PROG_TO_WORLD_L3,
     PROG_BENCH_EMPTY,
     PROG_CLOCK_PROBE,
 ];
@@ -51,6 +54,12 @@ pub const POD_HOOKS: &[(&str, TcAttachType)] = &[
 pub const UPLINK_HOOKS: &[(&str, TcAttachType)] = &[
     (PROG_FROM_WORLD, TcAttachType::Ingress),
     (PROG_TO_WORLD, TcAttachType::Egress),
+];
+
+/// The uplink hooks of a device without a link header (the packet starts at its IP header).
+pub const UPLINK_L3_HOOKS: &[(&str, TcAttachType)] = &[
+    (PROG_FROM_WORLD_L3, TcAttachType::Ingress),
+    (PROG_TO_WORLD_L3, TcAttachType::Egress),
 ];
 
 /// `statfs` magic of bpffs.
@@ -248,13 +257,31 @@ impl Dataplane {
     }
 
     /// Attaches `from_world` at TC ingress and `to_world` at TC egress of `interface`, a
-    /// non-pod interface of the node (calling thread's namespace).
+    /// non-pod interface of the node (calling thread's namespace): the Ethernet pair or,
+    /// on a device without a link header, the L3 pair. Any other link type is refused:
+    /// programs that would misparse its packets must not judge them.
     pub fn attach_uplink(
         &mut self,
         interface: &str,
         mode: AttachMode,
     ) -> Result<Attachment, DataplaneError> {
-        self.attach_hooks(interface, UPLINK_HOOKS, mode)
+        let hooks = match crate::netinfo::link_kind(interface) {
+            Ok(crate::netinfo::LinkKind::Ethernet) => UPLINK_HOOKS,
+            Ok(crate::netinfo::LinkKind::Ip) => UPLINK_L3_HOOKS,
+            Ok(crate::netinfo::LinkKind::Other(link_type)) => {
+                return Err(DataplaneError::UnsupportedLink {
+                    interface: interface.to_string(),
+                    link_type,
+                });
+            }
+            Err(source) => {
+                return Err(DataplaneError::Interface {
+                    interface: interface.to_string(),
+                    source,
+                });
+            }
+        };
+        self.attach_hooks(interface, hooks, mode)
     }
 
     /// Attaches each `(program, hook)` of `hooks` to `interface`: all or none.

@@ -192,7 +192,10 @@ fn interfaces(bpf_dir: &Path) -> Vec<InterfaceStatus> {
                 })
                 .unwrap_or_default();
             programs.sort();
-            let role = if programs.iter().any(|n| n == PROG_FROM_WORLD) {
+            let role = if programs
+                .iter()
+                .any(|n| n == PROG_FROM_WORLD || n == policy_common::PROG_FROM_WORLD_L3)
+            {
                 "uplink"
             } else {
                 "pod"

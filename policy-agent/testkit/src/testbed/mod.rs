@@ -34,7 +34,7 @@ pub mod traffic;
 
 pub use bpffs::PrivateBpffs;
 pub use netns::Netns;
-pub use raw::{RawLink, address_frame, fix_ipv4_checksum, mac_of};
+pub use raw::{RawLink, TunDevice, address_frame, fix_ipv4_checksum, mac_of};
 pub use sctp::{SctpResponder, sctp_probe};
 pub use topology::{Host, HostKind, NODE_IPV4, NODE_IPV6, Testbed, plumb_host};
 pub use traffic::{

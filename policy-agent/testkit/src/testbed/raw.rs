@@ -188,3 +188,60 @@ pub fn fix_ipv4_checksum(frame: &mut [u8]) {
     let csum = !(sum as u16);
     frame[24..26].copy_from_slice(&csum.to_be_bytes());
 }
+
+/// `TUNSETIFF` (linux/if_tun.h: `_IOW('T', 202, int)`).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// A tun device (an L3 link: packets start at their IP header) in a namespace: what the
+/// test writes to it, the namespace receives on the device, as from a VPN or a tunnel.
+/// The device goes away with this handle.
+pub struct TunDevice {
+    fd: OwnedFd,
+}
+
+impl TunDevice {
+    /// Creates tun device `name` in `ns` and sets it up.
+    pub fn create(ns: &Netns, name: &str) -> io::Result<TunDevice> {
+        if name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::other("interface name too long"));
+        }
+        let owned = name.to_string();
+        let fd = ns.enter(move || -> io::Result<OwnedFd> {
+            // SAFETY: a NUL-terminated path; the fd is owned at once.
+            let raw = unsafe {
+                libc::open(
+                    c"/dev/net/tun".as_ptr(),
+                    libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+                )
+            };
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh fd nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: a zeroed ifreq is valid; name (shorter than IFNAMSIZ) and flags set.
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in ifr.ifr_name.iter_mut().zip(owned.bytes()) {
+                *d = s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+            // SAFETY: TUNSETIFF reads the ifreq (the device is made in this thread's netns).
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut ifr) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(fd)
+        })??;
+        ns.ip(&["link", "set", name, "up"])?;
+        Ok(TunDevice { fd })
+    }
+
+    /// Hands one IP packet to the namespace as received on the device.
+    pub fn inject(&self, packet: &[u8]) -> io::Result<()> {
+        // SAFETY: a valid buffer of its length.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
