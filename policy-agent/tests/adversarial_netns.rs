@@ -138,7 +138,7 @@ fn verdict_of(r: Reason) -> &'static str {
 
 /// A marker unique to one attack, carried in the payload.
 fn marker(tag: &str) -> Vec<u8> {
-    format!("netpol-adversary-{tag}-{}", std::process::id()).into_bytes()
+    format!("{tag}-netpol-adversary-{}", std::process::id()).into_bytes()
 }
 
 fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -251,6 +251,9 @@ fn the_adversary_gets_nothing_past_the_policy() {
     spoofed_sources_through_an_l3_device(&t, b, c);
     forged_icmp_errors(&t, a, c, x);
     non_ip_frames_from_a_pod(&t, a);
+    fragments_and_header_chains(&t, a, b, c);
+    replies_without_a_connection(&t, a, c);
+    smuggled_vlan_tags(&t, a, b, c);
 }
 
 /// a sends as b (whom c admits), over TCP and UDP, both families: nothing arrives; b's own
@@ -362,4 +365,146 @@ fn non_ip_frames_from_a_pod(t: &Bed, a: usize) {
         dropped >= COPIES as u64,
         "MPLS frames from a pod are dropped as non_ip: {dropped}"
     );
+}
+
+/// An IPv4 fragment of `body` (the L4 header and payload of a whole datagram): `offset` in
+/// 8-byte units, `len` bytes of it, `more` set when fragments follow.
+fn fragment4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    body: &[u8],
+    (offset, len, more): (usize, usize, bool),
+) -> Vec<u8> {
+    let part = &body[offset * 8..(offset * 8 + len).min(body.len())];
+    let mut p = ipv4(src, dst, proto, part);
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    let frag = (offset as u16 & 0x1fff) | if more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&frag.to_be_bytes());
+    eth(0x0800, &p)
+}
+
+/// An IPv6 fragment header (next header, offset in 8-byte units, more, id).
+fn frag6_header(next: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&((offset << 3) | more as u16).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h
+}
+
+/// Fragments and extension-header chains from b (whom c admits) and a (whom c does not):
+/// a first fragment too small for its TCP header, fragments whose first fragment never
+/// passed, a chain of more extension headers than the datapath walks, and an IPv6 first
+/// fragment whose upper-layer header is left to a later fragment. None arrives; b's whole
+/// fragmented datagram does.
+fn fragments_and_header_chains(t: &Bed, a: usize, b: usize, c: usize) {
+    // Control: b's UDP datagram in two fragments, both arrive.
+    let m = marker("frag-control");
+    let body = l4(UDP, 40000, 9090, &m);
+    let first = fragment4(t.v4(b), t.v4(c), UDP, 0x1111, &body, (0, 16, true));
+    let second = fragment4(t.v4(b), t.v4(c), UDP, 0x1111, &body, (2, 400, false));
+    assert_eq!(
+        t.arrivals(b, c, first, &m[..8]),
+        COPIES,
+        "control: b's first fragment"
+    );
+    assert_eq!(
+        t.arrivals(b, c, second, &m[8..]),
+        COPIES,
+        "control: b's second fragment"
+    );
+    // a's datagram whose first fragment c's policy refuses: the later fragments carry the
+    // marker, and no first fragment of theirs ever passed.
+    let m = marker("frag-unseen");
+    let mut body = l4(UDP, 40000, 9090, &[0u8; 16]);
+    body.extend_from_slice(&m);
+    let later = fragment4(t.v4(a), t.v4(c), UDP, 0x2222, &body, (3, 200, false));
+    assert_eq!(
+        t.arrivals(a, c, later, &m),
+        0,
+        "a's non-first fragment, id never seen"
+    );
+    // b's first fragment cut inside its TCP header (8 bytes: ports, no flags): undecidable.
+    let m = marker("frag-tiny");
+    let mut body = l4(TCP, 40000, 8080, &[]);
+    body[0..2].copy_from_slice(&47_123u16.to_be_bytes());
+    body.extend_from_slice(&m);
+    let tiny = fragment4(t.v4(b), t.v4(c), TCP, 0x3333, &body, (0, 8, true));
+    let rest = fragment4(t.v4(b), t.v4(c), TCP, 0x3333, &body, (1, 400, false));
+    assert_eq!(t.arrivals(b, c, tiny, &body[..8]), 0, "tiny first fragment");
+    assert_eq!(
+        t.arrivals(b, c, rest, &m),
+        0,
+        "the rest of a tiny first fragment"
+    );
+    // IPv6: seven destination-options headers before UDP (more than are walked).
+    let m = marker("ext-long");
+    let mut chain = l4(UDP, 40000, 9090, &m);
+    for i in 0..7 {
+        let next = if i == 0 { UDP } else { 60 };
+        let mut h = vec![next, 0, 1, 4, 0, 0, 0, 0];
+        h.extend_from_slice(&chain);
+        chain = h;
+    }
+    let f = eth(0x86DD, &ipv6(t.v6(b), t.v6(c), 60, &chain));
+    assert_eq!(t.arrivals(b, c, f, &m), 0, "seven extension headers");
+    // IPv6: a first fragment holding only a destination-options header; UDP (with a's
+    // marker) in the second fragment.
+    let m = marker("ext-later");
+    let udp = l4(UDP, 40000, 9090, &m);
+    let mut first = frag6_header(60, 0, true, 0x4444);
+    first.extend_from_slice(&dest_options(UDP, &m));
+    let mut second = frag6_header(60, 1, false, 0x4444);
+    second.extend_from_slice(&udp);
+    for (i, body) in [first, second].into_iter().enumerate() {
+        let f = eth(0x86DD, &ipv6(t.v6(a), t.v6(c), 44, &body));
+        assert_eq!(
+            t.arrivals(a, c, f, &m),
+            0,
+            "L4 header in a later fragment ({i})"
+        );
+    }
+}
+
+/// A destination-options header carrying `data` in a PadN option (zero bytes after it
+/// are Pad1 options up to a multiple of 8).
+fn dest_options(next: u8, data: &[u8]) -> Vec<u8> {
+    let total = (4 + data.len()).div_ceil(8) * 8;
+    let mut h = vec![next, (total / 8 - 1) as u8, 1, data.len() as u8];
+    h.extend_from_slice(data);
+    h.resize(total, 0);
+    h
+}
+
+/// ACK, RST and UDP "replies" from a to c with no connection behind them: judged as new
+/// flows, which c's policy refuses.
+fn replies_without_a_connection(t: &Bed, a: usize, c: usize) {
+    for (tag, proto, flags) in [("ack", TCP, 0x10u8), ("rst", TCP, 0x04), ("udp", UDP, 0)] {
+        let m = marker(&format!("reply-{tag}"));
+        let mut body = l4(proto, 8080, 40000, &m);
+        if proto == TCP {
+            body[13] = flags;
+        }
+        let f = eth(0x0800, &ipv4(t.v4(a), t.v4(c), proto, &body));
+        assert_eq!(t.arrivals(a, c, f, &m), 0, "{tag} without a connection");
+    }
+}
+
+/// 802.1Q inside 802.1ad (QinQ) around b's admitted packet, from a: the kernel takes the
+/// outer tag off; the inner one left in the data is never looked through.
+fn smuggled_vlan_tags(t: &Bed, a: usize, b: usize, c: usize) {
+    let m = marker("qinq");
+    let ip = ipv4(t.v4(a), t.v4(c), UDP, &l4(UDP, 40000, 9090, &m));
+    let mut inner = vec![0, 7, 0x08, 0x00];
+    inner.extend_from_slice(&ip);
+    let mut outer = vec![0, 5, 0x81, 0x00];
+    outer.extend_from_slice(&inner);
+    assert_eq!(t.arrivals(a, c, eth(0x88A8, &outer), &m), 0, "QinQ from a");
+    assert_eq!(
+        t.arrivals(a, c, eth(0x8100, &inner), &m),
+        0,
+        "802.1Q from a"
+    );
+    let _ = b;
 }
