@@ -215,7 +215,7 @@ fn main() -> Result<()> {
         }
         Mode::Uninstall { bpf_dir } => {
             let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;
-            tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, "uninstalled");
+            tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, programs = ?gone.programs, "uninstalled");
             Ok(())
         }
         Mode::Standalone {

@@ -12,7 +12,8 @@ use crate::compiler::addr_of;
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
     AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, Numbering, PinState,
-    Role, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with, uplink,
+    Role, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with, service_judge,
+    uplink,
 };
 use crate::{netinfo, writer};
 use policy_common::BindingKey;
@@ -159,6 +160,13 @@ impl NodeEnforcer {
             tracing::info!("adopted the maps and links an earlier agent pinned");
         }
         maps.set_service_cidrs(&opts.service_cidrs)?;
+        if !opts.service_cidrs.is_empty() {
+            // Deferred Service egress whose translated packet meets no TC hook is judged in
+            // netfilter; without that judge it would pass unjudged, so no start without it.
+            let pin = dp.pin_service_judge()?;
+            service_judge::install(&pin)?;
+            tracing::info!(pin = %pin.display(), "translated Service traffic judged in netfilter");
+        }
         let written = maps.read_contents()?;
         let bound = maps.bindings()?.into_iter().collect();
         Ok(NodeEnforcer {

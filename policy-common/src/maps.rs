@@ -47,6 +47,9 @@ pub const PROG_TO_WORLD: &str = "to_world";
 pub const PROG_FROM_WORLD_L3: &str = "from_world_l3";
 /// `to_world` for an uplink without a link header.
 pub const PROG_TO_WORLD_L3: &str = "to_world_l3";
+/// A socket filter an iptables rule runs (`-m bpf`) on translated Service traffic after
+/// DNAT: judges the egress a pod hook deferred. Pinned under this name in the pin directory.
+pub const PROG_SERVICE_JUDGE: &str = "service_judge";
 /// A program that does nothing: the baseline of the datapath benchmark.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 /// Test-run only: writes a [`ClockSample`] into its packet (clock calibration).

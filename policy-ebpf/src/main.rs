@@ -70,8 +70,8 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, socket_filter},
+    programs::{SkBuffContext, TcContext},
 };
 use parse::ETH_HLEN;
 use verdict::Hook;
@@ -107,6 +107,14 @@ pub fn from_world_l3(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_world_l3(ctx: TcContext) -> i32 {
     verdict::run::<0>(&ctx, Hook::ToWorld)
+}
+
+/// Run by an iptables rule (`-m bpf`, in INPUT and FORWARD, for DNATed connections) on
+/// translated Service traffic: nonzero drops. Its packet starts at the IP header; socket
+/// filters read it through `bpf_skb_load_bytes` only.
+#[socket_filter]
+pub fn service_judge(ctx: SkBuffContext) -> i64 {
+    verdict::judge_translated(&TcContext::new(ctx.skb.skb)) as i64
 }
 
 /// Baseline for the datapath benchmark: the cost of running any TC program at all.

@@ -100,6 +100,14 @@ pub fn parse<const L2: usize>(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt>
     if parse_fast::<L2>(ctx, p) {
         return Ok(());
     }
+    parse_loaded::<L2>(ctx, p)
+}
+
+/// [`parse`] without the direct-access fast path, every read through
+/// `bpf_skb_load_bytes`: for programs that may not read packet data directly (the socket
+/// filter judging translated Service traffic in netfilter).
+#[inline(always)]
+pub fn parse_loaded<const L2: usize>(ctx: &TcContext, p: &mut Pkt) -> Result<(), NoPkt> {
     match ethertype::<L2>(ctx)? {
         ETH_P_IP => parse_v4::<L2>(ctx, p),
         ETH_P_IPV6 => parse_v6::<L2>(ctx, p),

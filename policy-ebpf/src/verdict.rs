@@ -19,7 +19,7 @@ use crate::maps::{
     FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
     same_addr,
 };
-use crate::parse::{Kind, NoPkt, Pkt, parse};
+use crate::parse::{Kind, NoPkt, Pkt, parse, parse_loaded};
 
 /// Where a program runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,76 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
         report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0));
         TC_ACT_SHOT
     }
+}
+
+/// Judges, in netfilter after kube-proxy's DNAT (the `service_judge` socket filter an
+/// iptables rule runs on translated packets in INPUT and FORWARD), a packet whose Service
+/// egress a pod hook deferred: the client's egress on the real destination, and the
+/// virtual tuple granted when allowed. This covers the packets no later hook sees (a
+/// backend on the node itself; a remote one behind an interface without programs).
+/// Returns whether to drop. Anything else is not its business: passed.
+#[inline(always)]
+pub fn judge_translated(ctx: &TcContext) -> bool {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot (see `run`; netfilter hooks do not nest on a CPU either).
+    let Scratch { pkt, keys: _, known } = unsafe { &mut *scratch };
+    if parse_loaded::<0>(ctx, pkt).is_err() {
+        return false;
+    }
+    pkt.now = clock::now();
+    let pkt: &Pkt = pkt;
+    if pkt.kind != Kind::Normal || pkt.malformed || !deferred(pkt) {
+        return false;
+    }
+    known.src_state = Known::UNSEEN;
+    known.dst_state = Known::UNSEEN;
+    let (src, src_known) = far_endpoint(&pkt.src, &mut known.src_state, &mut known.src);
+    if !src_known || src.flags & ep_flags::ISOLATED_EGRESS == 0 {
+        return false;
+    }
+    let maps = BpfMaps { pkt, known };
+    let reason = decide(
+        &maps,
+        &src,
+        Direction::Egress,
+        &pkt.dst,
+        pkt.proto,
+        pkt.policy_port,
+    );
+    count(reason, Direction::Egress);
+    if reason.is_allow() {
+        grant_virtual_tuple(pkt, pkt.now);
+        return false;
+    }
+    report(ctx, Direction::Egress, reason, Some(pkt), src.endpoint_id);
+    true
+}
+
+/// Whether a pod hook deferred this client socket's egress to a Service moments ago.
+#[inline(always)]
+fn deferred(pkt: &Pkt) -> bool {
+    let syn = is_syn(pkt);
+    let mut entry = None;
+    if syn {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
+    }
+    if entry.is_none() {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
+    }
+    let Some(p) = entry else {
+        return false;
+    };
+    let mut fresh = false;
+    for i in 0..PENDING_SLOTS {
+        // SAFETY: see defer_virtual_tuple.
+        let s = unsafe { &(*p).slots[i] };
+        if s.seen_ns != 0 && pkt.now.wrapping_sub(s.seen_ns) < PENDING_WINDOW_NS {
+            fresh = true;
+        }
+    }
+    fresh
 }
 
 /// An endpoint and whether it exists: a missing one reads as all zeros (isolated in no

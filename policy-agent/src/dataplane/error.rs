@@ -44,6 +44,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("judging translated Service traffic: {0}")]
+    ServiceJudge(#[from] super::service_judge::ServiceJudgeError),
     #[error(
         "interface {interface}: link type {link_type} is neither Ethernet nor a bare IP \
          device; no uplink programs attached"

@@ -25,7 +25,7 @@ use aya::{
 };
 use policy_common::{
     PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD, PROG_FROM_WORLD, PROG_FROM_WORLD_L3,
-    PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
+    PROG_SERVICE_JUDGE, PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
 };
 
 use super::pinning::{self, PinState};
@@ -150,6 +150,9 @@ impl Dataplane {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|e| DataplaneError::program(name, e))?;
         }
+        service_judge_program(&mut ebpf)?
+            .load()
+            .map_err(|e| DataplaneError::program(PROG_SERVICE_JUDGE, e))?;
         Ok(Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -235,6 +238,24 @@ impl Dataplane {
         let mut maps = DataplaneMaps::take(&mut self.ebpf)?;
         maps.init_config(|| super::clock::calibrate(self))?;
         Ok(maps)
+    }
+
+    /// Pins the `service_judge` program (in place of an earlier agent's) where the
+    /// iptables rule finds it, and returns that path.
+    pub fn pin_service_judge(&mut self) -> Result<PathBuf, DataplaneError> {
+        let path = self.pin_dir.join(PROG_SERVICE_JUDGE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+        service_judge_program(&mut self.ebpf)?
+            .pin(&path)
+            .map_err(|e| DataplaneError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(path)
     }
 
     /// A program, e.g. for `test_run`.
@@ -674,6 +695,16 @@ fn current_netns() -> Result<OwnedFd, DataplaneError> {
             path: PathBuf::from(path),
             source,
         })
+}
+
+fn service_judge_program(
+    ebpf: &mut Ebpf,
+) -> Result<&mut aya::programs::SocketFilter, DataplaneError> {
+    let p = ebpf
+        .program_mut(PROG_SERVICE_JUDGE)
+        .ok_or(DataplaneError::MissingProgram(PROG_SERVICE_JUDGE))?;
+    p.try_into()
+        .map_err(|e| DataplaneError::program(PROG_SERVICE_JUDGE, e))
 }
 
 fn classifier<'a>(

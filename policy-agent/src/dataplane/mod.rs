@@ -14,6 +14,7 @@ pub mod maps;
 pub mod pinning;
 mod readback;
 pub mod reconcile;
+pub mod service_judge;
 pub mod uplink;
 
 pub use error::DataplaneError;

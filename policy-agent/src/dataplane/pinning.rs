@@ -317,6 +317,8 @@ pub struct Uninstalled {
     pub filters: Vec<String>,
     /// Map pins removed.
     pub maps: Vec<String>,
+    /// Program pins removed (the netfilter judge).
+    pub programs: Vec<String>,
 }
 
 /// Removes everything an agent left under `pin_dir` and in the calling thread's network
@@ -348,6 +350,25 @@ pub fn uninstall(object: &[u8], pin_dir: &Path) -> Result<Uninstalled, Dataplane
         }
         if any {
             out.filters.push(iface);
+        }
+    }
+    // The netfilter rule first, then the program it runs (none left is not an error; no
+    // iptables on the host means no rule was ever installed).
+    match super::service_judge::remove() {
+        Ok(()) | Err(super::service_judge::ServiceJudgeError::Spawn { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let judge = pin_dir.join(policy_common::PROG_SERVICE_JUDGE);
+    match std::fs::remove_file(&judge) {
+        Ok(()) => out
+            .programs
+            .push(policy_common::PROG_SERVICE_JUDGE.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(DataplaneError::Io {
+                path: judge,
+                source,
+            });
         }
     }
     for name in pinned_map_names(object) {
