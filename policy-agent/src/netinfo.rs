@@ -232,6 +232,91 @@ pub fn link_kind(name: &str) -> std::io::Result<LinkKind> {
     Ok(LinkKind::from_arphrd(family))
 }
 
+/// The kernel's own notifications of link, address and route changes in this namespace
+/// (rtnetlink multicast groups): a pod's veth and its route appearing wake the interface
+/// pass at once, instead of at the next poll.
+pub struct LinkEvents {
+    fd: std::os::fd::OwnedFd,
+}
+
+/// RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR |
+/// RTMGRP_IPV6_ROUTE.
+const LINK_EVENT_GROUPS: u32 = 0x1 | 0x10 | 0x40 | 0x100 | 0x400;
+
+impl LinkEvents {
+    /// Subscribes in the calling thread's network namespace.
+    pub fn open() -> std::io::Result<LinkEvents> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: plain socket(2); the fd is owned at once.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: a zeroed sockaddr_nl is valid; family and groups set below.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as u16;
+        sa.nl_groups = LINK_EVENT_GROUPS;
+        // SAFETY: sa is a valid sockaddr_nl of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(LinkEvents { fd })
+    }
+
+    /// Waits up to `timeout` for a notification; drains every one queued. Whether any came
+    /// (an overrun of the socket's buffer counts: something changed).
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            return false;
+        }
+        let mut buf = [0u8; 8192];
+        let mut any = false;
+        loop {
+            // SAFETY: a valid writable buffer of its length; non-blocking socket.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                any = true;
+                continue;
+            }
+            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                any = true;
+                continue;
+            }
+            return any;
+        }
+    }
+}
+
 /// The ifindex of an interface name in this namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
@@ -243,6 +328,41 @@ pub fn ifindex(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_events_wake_on_a_link_change_in_a_namespace_of_the_test() {
+        // A namespace of this test's own (never the machine's): unshare a thread into it.
+        let woke = std::thread::spawn(|| {
+            // SAFETY: unshare on this short-lived thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let events = LinkEvents::open()?;
+            assert!(
+                !events.wait(std::time::Duration::from_millis(50)),
+                "quiet namespace"
+            );
+            // Bring this namespace's lo up (a link change here, nowhere else).
+            // SAFETY: plain socket(2), closed below.
+            let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            // SAFETY: a zeroed ifreq is valid; name and flags set below.
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo".iter()) {
+                *d = *s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags = libc::IFF_UP as libc::c_short;
+            // SAFETY: SIOCSIFFLAGS with a valid ifreq, on this thread's namespace's lo.
+            let rc = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr) };
+            // SAFETY: the socket opened above.
+            unsafe { libc::close(sock) };
+            assert_eq!(rc, 0, "lo up: {}", std::io::Error::last_os_error());
+            Ok(events.wait(std::time::Duration::from_secs(2)))
+        })
+        .join()
+        .expect("thread")
+        .expect("a namespace of the test's own (needs root)");
+        assert!(woke, "bringing a link up is notified");
+    }
 
     #[test]
     fn link_kinds_by_arphrd() {

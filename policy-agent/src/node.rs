@@ -296,11 +296,11 @@ impl NodeEnforcer {
                 &mut self.uplinks,
             ) == 0;
         }
-        // Detach before attaching, so an interface changing role (a pod's veth that looked
-        // like an uplink before its pod was known) never carries both pairs.
+        // Attach before detaching, so an interface changing role (a pod's veth that looked
+        // like an uplink before its pod was known) is never without programs: for a moment
+        // it carries both pairs, which only ever drops more (an uplink's hook takes a
+        // local pod's packets for spoofed).
         let uplinks = uplink::select(&self.uplink_mode, &uplink::interfaces(), &wanted);
-        self.uplinks.prune(&mut self.dp, &uplinks);
-        self.attached.prune(&mut self.dp, &wanted);
         failed.extend(
             self.attached
                 .attach_missing(&mut self.dp, self.mode, &wanted),
@@ -309,6 +309,8 @@ impl NodeEnforcer {
             self.uplinks
                 .attach_missing(&mut self.dp, self.mode, &uplinks),
         );
+        self.uplinks.prune(&mut self.dp, &uplinks, &self.attached);
+        self.attached.prune(&mut self.dp, &wanted, &self.uplinks);
         let removes: Vec<BindingKey> = self.bound.difference(&bound).copied().collect();
         match self.maps.set_bindings(&[], &removes) {
             Ok(()) => self.bound.retain(|k| bound.contains(k)),

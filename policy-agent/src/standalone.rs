@@ -72,6 +72,9 @@ pub struct Status {
     pub migrated: bool,
 }
 
+/// Least time between two passes woken by link notifications.
+const LINK_EVENT_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Runs until `stop` is set. Attachments and maps stay in place when it returns.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
     std::fs::read_dir(&cfg.manifests).map_err(|source| StandaloneError::ManifestDir {
@@ -94,6 +97,13 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         entries = node.written().sizes().iter().map(|(_, n, _)| n).sum::<usize>(),
         "standalone agent started"
     );
+    let events = match netinfo::LinkEvents::open() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "no link notifications: interfaces are polled only");
+            None
+        }
+    };
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
         if let Err(e) = agent.reconcile(cfg, &mut node) {
@@ -102,8 +112,17 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
             tracing::error!(error = %e, "reconcile failed");
             agent.compiled = None;
         }
-        let spent = t0.elapsed();
-        std::thread::sleep(cfg.poll_interval.saturating_sub(spent));
+        let left = cfg.poll_interval.saturating_sub(t0.elapsed());
+        match &events {
+            // A link, address or route change (a pod's veth appearing) wakes the next pass
+            // at once; a burst of them still leaves a moment between passes.
+            Some(e) => {
+                if e.wait(left) {
+                    std::thread::sleep(LINK_EVENT_GAP);
+                }
+            }
+            None => std::thread::sleep(left),
+        }
     }
     // Persistent attachments are left to enforce until the next agent takes them over.
     node.release_all();

@@ -147,6 +147,7 @@ impl<E: Enforcer> Reconciler<E> {
         let mut next_poll = tokio::time::Instant::now() + self.cfg.poll;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut trigger = Some(Trigger::Change);
+        let links = link_notifications();
         loop {
             self.health.beat();
             if let Some(t) = trigger.take() {
@@ -190,6 +191,8 @@ impl<E: Enforcer> Reconciler<E> {
                     next_poll = tokio::time::Instant::now() + self.cfg.poll;
                     self.poll();
                 }
+                // A pod's veth or route appearing: its programs now, not at the next poll.
+                _ = links.notified() => self.poll(),
                 _ = &mut shutdown => break,
             }
         }
@@ -198,6 +201,8 @@ impl<E: Enforcer> Reconciler<E> {
     }
 
     /// Interfaces (pods' veths come and go) and the verdict counters.
+    ///
+    /// (Also run on every link notification, see [`link_notifications`].)
     fn poll(&mut self) {
         let report = blocking(|| self.enforcer.sync_interfaces(&self.local));
         for _ in &report.failed {
@@ -599,4 +604,32 @@ mod tests {
         assert!(r.pass(&stores, Trigger::Resync, None));
         assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
     }
+}
+
+/// Woken on every link, address or route change of this namespace, by a thread reading the
+/// kernel's notifications ([`crate::netinfo::LinkEvents`]); the thread ends once the loop
+/// drops the handle. Never woken when notifications cannot be had (the poll remains).
+fn link_notifications() -> std::sync::Arc<tokio::sync::Notify> {
+    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+    match crate::netinfo::LinkEvents::open() {
+        Ok(events) => {
+            let weak = std::sync::Arc::downgrade(&notify);
+            let spawned = std::thread::Builder::new()
+                .name("link-events".into())
+                .spawn(move || {
+                    loop {
+                        let woke = events.wait(Duration::from_secs(1));
+                        let Some(n) = weak.upgrade() else { return };
+                        if woke {
+                            n.notify_one();
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no link notifications: interfaces are polled only");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no link notifications: interfaces are polled only"),
+    }
+    notify
 }

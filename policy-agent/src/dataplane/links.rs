@@ -48,8 +48,11 @@ impl LinkSet {
     }
 
     /// Detaches (and unpins) the attachments of interfaces not in `want`, and of interfaces
-    /// deleted or re-created (a new ifindex: their links are defunct).
-    pub fn prune(&mut self, dp: &mut Dataplane, want: &BTreeSet<String>) {
+    /// deleted or re-created (a new ifindex: their links are defunct). An interface `other`
+    /// (the other role's set) has taken over keeps what that attach put there: a clsact
+    /// filter of ours is replaced in place by the other role's, so it is forgotten, not
+    /// deleted.
+    pub fn prune(&mut self, dp: &mut Dataplane, want: &BTreeSet<String>, other: &LinkSet) {
         let drop: Vec<String> = self
             .attached
             .iter()
@@ -60,6 +63,11 @@ impl LinkSet {
             .collect();
         for iface in drop {
             if let Some((_, a)) = self.attached.remove(&iface) {
+                if other.contains(&iface) && a.mode == AttachMode::Netlink {
+                    tracing::info!(interface = %iface, role = ?other.role, "role handed over");
+                    dp.release(a);
+                    continue;
+                }
                 tracing::info!(interface = %iface, role = ?self.role, "programs detached");
                 if let Err(e) = dp.detach(a) {
                     tracing::debug!(interface = %iface, error = %e, "detach");

@@ -98,7 +98,13 @@ enum SlotLinks {
     /// Owned by the programs: detached on detach or drop.
     Ephemeral(Vec<(&'static str, SchedClassifierLinkId)>),
     /// Pinned TCX links (the pins keep them attached); detach unpins the directory.
-    Pinned { links: Vec<FdLink>, dir: PathBuf },
+    /// Pinned TCX links: `programs[i]`'s link is pinned at `dir/programs[i]` (the
+    /// directory of the interface, which another role's links may share for a moment).
+    Pinned {
+        links: Vec<FdLink>,
+        dir: PathBuf,
+        programs: Vec<&'static str>,
+    },
     /// clsact filters at the fixed priority on `interface`, left in place on drop.
     Netlink {
         interface: String,
@@ -406,7 +412,12 @@ impl Dataplane {
                 }
             }
         }
-        Ok(SlotLinks::Pinned { links, dir })
+        let programs = hooks.iter().map(|(p, _)| *p).collect();
+        Ok(SlotLinks::Pinned {
+            links,
+            dir,
+            programs,
+        })
     }
 
     fn adopt_or_create_link(
@@ -602,10 +613,25 @@ fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
                 }
                 r
             }
-            SlotLinks::Pinned { links, dir } => {
+            SlotLinks::Pinned {
+                links,
+                dir,
+                programs,
+            } => {
                 // Unpinned and closed: the kernel drops the links with their last reference.
-                let r = std::fs::remove_dir_all(&dir)
-                    .map_err(|source| DataplaneError::Io { path: dir, source });
+                // Only this slot's pins: the other role's may share the directory while an
+                // interface changes role.
+                let mut r = Ok(());
+                for p in programs {
+                    let path = dir.join(p);
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => r = Err(DataplaneError::Io { path, source }),
+                    }
+                }
+                // Gone once empty (not empty: another role's links live on).
+                let _ = std::fs::remove_dir(&dir);
                 drop(links);
                 r
             }
