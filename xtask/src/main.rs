@@ -31,10 +31,11 @@ enum Task {
     /// Setup, build, then every test layer: unit, property, kernel (BPF_PROG_TEST_RUN),
     /// namespaces, scenarios.
     Test,
-    /// Benchmarks: `datapath` (ns per packet), `compile` (policy compiler) or `cluster`
-    /// (the cluster agent's pass for one pod change).
+    /// Benchmarks: `datapath` (ns per packet), `compile` (policy compiler), `cluster`
+    /// (the cluster agent's pass for one pod change) or `attach` (a new pod's veth to its
+    /// programs attached).
     Bench {
-        #[arg(value_parser = ["datapath", "compile", "cluster"])]
+        #[arg(value_parser = ["datapath", "compile", "cluster", "attach"])]
         which: Vec<String>,
     },
     /// Run scenario files (scenarios/FORMAT.md) on the kernel, or with

@@ -112,7 +112,7 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     } else {
         which.iter().map(String::as_str).collect()
     };
-    if which.contains(&"datapath") {
+    if which.contains(&"datapath") || which.contains(&"attach") {
         prepare(root)?;
     }
     for b in which {
