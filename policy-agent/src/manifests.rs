@@ -160,6 +160,15 @@ pub enum ManifestError {
         "objects were left out and there is no earlier good version of this file: every namespace is isolated in both directions until it is fixed"
     )]
     NoGoodVersion,
+    /// Enforced as the compiler decides (see `compiler::shared_endpoint`): the address
+    /// gets nothing that only one of the pods would.
+    #[error(
+        "address {addr} is claimed by more than one pod: {pods} (a stale pod object or a forged status); as a peer it has no pod identity unless theirs agree, as a local endpoint it denies everything but the node unless their policies agree"
+    )]
+    SharedAddress {
+        addr: std::net::IpAddr,
+        pods: String,
+    },
     #[error("{kind} {key} is defined again (first in {first})")]
     Duplicate {
         kind: &'static str,
@@ -186,9 +195,11 @@ impl ManifestError {
                 matches!(kind.as_str(), "Namespace" | "Pod" | "NetworkPolicy")
             }
             // A walk problem concerns no single file: the loader locks down itself.
-            Self::Walk(_) | Self::Convert(_) | Self::Duplicate { .. } | Self::NoGoodVersion => {
-                false
-            }
+            Self::Walk(_)
+            | Self::Convert(_)
+            | Self::Duplicate { .. }
+            | Self::SharedAddress { .. }
+            | Self::NoGoodVersion => false,
         }
     }
 }
@@ -385,6 +396,7 @@ impl DirLoader {
                 self.last_good.insert(f, text);
             }
         }
+        m.report_shared_addresses();
         m
     }
 
@@ -965,6 +977,32 @@ impl Manifests {
         }
     }
 
+    /// One problem per address that more than one pod claims, located at the second
+    /// claimant (in name order) and naming every one with where it is defined.
+    fn report_shared_addresses(&mut self) {
+        for (addr, keys) in model::shared_addresses(self.pods.values()) {
+            let origins: Vec<Option<&Origin>> = keys
+                .iter()
+                .map(|k| self.origin.get(&("Pod", k.to_string())))
+                .collect();
+            let pods = keys
+                .iter()
+                .zip(&origins)
+                .map(|(k, o)| match o {
+                    Some(o) => format!("{k} ({o})"),
+                    None => k.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let at = origins.get(1).copied().flatten();
+            self.problems.push(Problem {
+                file: at.map(|o| o.file.clone()).unwrap_or_default(),
+                document: at.map_or(0, |o| o.document),
+                error: ManifestError::SharedAddress { addr, pods },
+            });
+        }
+    }
+
     /// Takes in `other`, one file loaded on its own (counting on from this one's objects),
     /// as if its text were loaded into `self`, without parsing it a second time.
     fn absorb(&mut self, other: Manifests) {
@@ -1542,6 +1580,32 @@ metadata: {name: x}
         );
         assert!(m.problems.is_empty(), "{:?}", m.problems.first());
         assert_eq!(m.policies.len(), 20_000);
+    }
+
+    #[test]
+    fn pods_claiming_one_address_are_reported_by_name_and_kept() {
+        let d = Dir::new("shared");
+        d.write("a.yaml", GOOD);
+        d.write(
+            "b.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: y}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 198.18.0.10}\n",
+        );
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].contains("198.18.0.10") && t[0].contains("x/a") && t[0].contains("y/b"),
+            "{}",
+            t[0]
+        );
+        // Located at the second claimant; both pods stay (the compiler decides the address).
+        assert!(
+            t[0].starts_with(&format!("{}", d.0.join("b.yaml").display())),
+            "{}",
+            t[0]
+        );
+        assert_eq!(m.pods.len(), 2);
+        assert!(m.lockdown.is_empty());
     }
 
     #[test]

@@ -19,12 +19,10 @@ use super::portset::{self, PortSet};
 use super::selector::{self, SelectorCache};
 use super::table;
 use super::{
-    CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData,
-    addr_of, cidr_key, uses_named_ports,
+    CompilerState, IdentityKey, MapChanges, MapContents, MapDiff, Table, TableData, addr_of,
+    cidr_key, uses_named_ports,
 };
-use crate::model::{
-    LabelSelector, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot,
-};
+use crate::model::{LabelSelector, NetworkPolicy, ObjectKey, Peer, Pod, Protocol, Snapshot};
 
 /// One change of the snapshot, named by the object it concerns (the snapshot passed with it
 /// holds the object's new version, or lacks it when deleted).
@@ -687,8 +685,9 @@ impl Engine {
             }
         }
         for ip in &w.ep_ips {
-            let owner = self.ep_ip_owners.get(ip).and_then(|o| o.first());
-            let v = owner.and_then(|k| self.endpoint_value(k));
+            // Every claimant's value, in name order (see `super::shared_endpoint`).
+            let owners = self.ep_ip_owners.get(ip).into_iter().flatten();
+            let v = super::shared_endpoint(owners.filter_map(|k| self.endpoint_value(k)));
             ep_tr.set(
                 &mut self.contents.endpoints,
                 EndpointKey { addr: addr_of(*ip) },
@@ -708,9 +707,9 @@ impl Engine {
             } else {
                 self.ip_owners
                     .get(ip)
-                    .and_then(|o| o.values().next())
+                    .and_then(|o| super::sole_identity(o.values().copied()))
                     .map(|id| IpCacheValue {
-                        identity: *id,
+                        identity: id,
                         flags: 0,
                     })
             };
@@ -787,14 +786,22 @@ impl Engine {
             for rule in pol.ingress.iter().chain(&pol.egress) {
                 for peer in rule.peers.iter().flatten() {
                     if let Peer::Pods { namespaces, pods } = peer {
-                        let own = if namespaces.is_none() { pol.namespace.as_str() } else { "" };
+                        let own = if namespaces.is_none() {
+                            pol.namespace.as_str()
+                        } else {
+                            ""
+                        };
                         used.insert((namespaces.as_ref(), own, pods.as_ref()));
                     }
                 }
             }
         }
         self.selectors.retain(|p| {
-            let own = if p.namespaces.is_none() { p.policy_ns } else { "" };
+            let own = if p.namespaces.is_none() {
+                p.policy_ns
+            } else {
+                ""
+            };
             used.contains(&(p.namespaces, own, p.pods))
         });
     }
