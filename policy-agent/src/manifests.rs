@@ -563,7 +563,8 @@ impl Walker<'_> {
             self.entries += 1;
             if self.entries > self.limits.max_entries {
                 let limit = self.limits.max_entries;
-                return Ok(self.stop(dir, WalkError::TooManyEntries { limit }));
+                self.stop(dir, WalkError::TooManyEntries { limit });
+                return Ok(());
             }
             names.push(name);
         }
@@ -1053,6 +1054,7 @@ impl Manifests {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -1353,6 +1355,23 @@ metadata: {name: x}
         let t = texts(&m);
         assert_eq!(t.len(), 1, "{t:#?}");
         assert!(t[0].contains(&format!("more than {MAX_FILES}")), "{}", t[0]);
+        assert_eq!(m.lockdown.len(), 1);
+    }
+
+    #[test]
+    fn more_entries_than_the_limit_stop_the_walk_once_and_fail_closed() {
+        let d = Dir::new("manyentries");
+        for i in 0..8 {
+            d.write(&format!("notes{i}.txt"), "");
+        }
+        let limits = Limits {
+            max_entries: 5,
+            ..Limits::default()
+        };
+        let m = DirLoader::with_limits(limits).load(&d.0).unwrap();
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(t[0].contains("more than 5 directory entries"), "{}", t[0]);
         assert_eq!(m.lockdown.len(), 1);
     }
 
