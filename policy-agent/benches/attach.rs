@@ -100,7 +100,9 @@ fn run(poll_ms: u32) -> (Vec<f64>, Vec<f64>) {
             .join("links")
             .join(format!("{}@{ifindex}", bed.hosts[i].host_if))
             .join(policy_common::PROG_FROM_POD);
-        wait_for("programs attached", Duration::from_secs(10), || pin.exists());
+        wait_for("programs attached", Duration::from_secs(10), || {
+            pin.exists()
+        });
         attach.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let _ = std::fs::remove_dir_all(&dir);

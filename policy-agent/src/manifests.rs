@@ -7,23 +7,136 @@
 //! Pod or Namespace) makes [`DirLoader`] keep enforcing the last good version of its file, and
 //! with no good version yet, every namespace is isolated both ways until the file is fixed
 //! (a dropped Pod, Namespace or policy could otherwise un-isolate a pod).
+//!
+//! Whoever writes the directory is not trusted to keep it small or sane ([`Limits`]): the
+//! walk reads each directory once (a symbolic link loop is one problem), to a depth and a
+//! number of files; each file is read through a bounded reader up to a size and a budget for
+//! the whole directory; YAML aliases may not expand a file beyond what its size could hold
+//! without them; the directory holds a bounded number of objects. A file over a limit, or
+//! not UTF-8, is a file whose objects were all left out (its last good version, or a
+//! lockdown); files the walk could not reach have no last good version: a lockdown.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use serde::Deserialize;
+use serde::de::DeserializeSeed as _;
 
 use crate::convert::{self, ConvertError};
 use crate::model::{self, ObjectKey, Snapshot};
 
+/// Directories nested deeper than this below the manifest directory are not read.
+pub const MAX_DEPTH: usize = 16;
+/// Manifest files read from one directory tree at most.
+pub const MAX_FILES: usize = 10_000;
+/// Directory entries (of any kind) looked at in one walk at most: a directory of millions of
+/// other files must not stall the agent either.
+pub const MAX_ENTRIES: usize = 100_000;
+/// The largest manifest file read. Room for ~25k policies in block style (~300 bytes each);
+/// serde_yaml holds one document's events and values at a time, which for a pathological
+/// document (a flow list of one-letter scalars) costs ~110 times its size: this bounds that
+/// transient peak to under 1 GiB.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+/// All manifest files of the directory together (the texts are held in memory, twice with
+/// their last good versions).
+pub const MAX_TOTAL_BYTES: u64 = 64 << 20;
+/// Objects (documents and List items) of the whole directory.
+pub const MAX_OBJECTS: usize = 50_000;
+/// Nodes a file may expand to beyond twice its size, aliases replayed (see [`alias_bomb`]).
+const ALIAS_SLACK: usize = 10_000;
+
+/// Bounds on what one read of the manifest directory may cost; [`Limits::default`] holds the
+/// constants above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_depth: usize,
+    pub max_files: usize,
+    pub max_entries: usize,
+    pub max_file_bytes: u64,
+    pub max_total_bytes: u64,
+    pub max_objects: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_depth: MAX_DEPTH,
+            max_files: MAX_FILES,
+            max_entries: MAX_ENTRIES,
+            max_file_bytes: MAX_FILE_BYTES,
+            max_total_bytes: MAX_TOTAL_BYTES,
+            max_objects: MAX_OBJECTS,
+        }
+    }
+}
+
+/// Why part of the directory tree was not walked. All but [`WalkError::Revisited`] leave
+/// files unread, whose objects may be missing: the directory is then enforced fail-closed.
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error(
+        "cannot list the directory: {0}; every namespace is isolated in both directions until it can be read"
+    )]
+    ReadDir(#[source] std::io::Error),
+    #[error(
+        "this directory is {first} again (a symbolic link loop or a second link to it): read once"
+    )]
+    Revisited { first: PathBuf },
+    #[error(
+        "directories nested deeper than {limit} levels are not read; every namespace is isolated in both directions until the tree is flatter"
+    )]
+    TooDeep { limit: usize },
+    #[error(
+        "more than {limit} manifest files: the rest are not read; every namespace is isolated in both directions until there are fewer"
+    )]
+    TooManyFiles { limit: usize },
+    #[error(
+        "more than {limit} directory entries: the rest are not looked at; every namespace is isolated in both directions until there are fewer"
+    )]
+    TooManyEntries { limit: usize },
+}
+
+impl WalkError {
+    /// Whether manifest files may have been left unread.
+    fn leaves_files_unread(&self) -> bool {
+        !matches!(self, Self::Revisited { .. })
+    }
+}
+
+/// Why a file's bytes were not used: the file is handled as one whose objects were all left
+/// out (its last good version, or with none a lockdown).
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("not a regular file")]
+    NotRegular,
+    /// `size` is what the file held when opened, or what was read when it grew meanwhile.
+    #[error("file too large: {size} bytes, limit {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("not read: the manifest files before it use up the directory's limit of {limit} bytes")]
+    OverBudget { limit: u64 },
+    #[error("not UTF-8 text: invalid byte at byte offset {offset}")]
+    NotUtf8 { offset: usize },
+}
+
 /// Why a document could not be used as it stands.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read: {0}")]
-    Read(#[source] std::io::Error),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(
+        "YAML aliases expand this file to more than {limit} nodes (twice its size and {ALIAS_SLACK} more): not read"
+    )]
+    AliasExpansion { limit: usize },
+    #[error("more than {limit} objects in the manifest directory: this file is not read")]
+    TooManyObjects { limit: usize },
     #[error("not valid YAML: {0}")]
     Yaml(#[source] serde_yaml::Error),
     #[error("document has no `kind`")]
@@ -47,6 +160,15 @@ pub enum ManifestError {
         "objects were left out and there is no earlier good version of this file: every namespace is isolated in both directions until it is fixed"
     )]
     NoGoodVersion,
+    /// Enforced as the compiler decides (see `compiler::shared_endpoint`): the address
+    /// gets nothing that only one of the pods would.
+    #[error(
+        "address {addr} is claimed by more than one pod: {pods} (a stale pod object or a forged status); as a peer it has no pod identity unless theirs agree, as a local endpoint it denies everything but the node unless their policies agree"
+    )]
+    SharedAddress {
+        addr: std::net::IpAddr,
+        pods: String,
+    },
     #[error("{kind} {key} is defined again (first in {first})")]
     Duplicate {
         kind: &'static str,
@@ -60,7 +182,9 @@ impl ManifestError {
     /// as a kind this agent does not enforce).
     fn drops_object(&self) -> bool {
         match self {
-            Self::Read(_)
+            Self::File(_)
+            | Self::AliasExpansion { .. }
+            | Self::TooManyObjects { .. }
             | Self::Yaml(_)
             | Self::NoKind
             | Self::Schema { .. }
@@ -70,7 +194,12 @@ impl ManifestError {
                 // to be enforced.
                 matches!(kind.as_str(), "Namespace" | "Pod" | "NetworkPolicy")
             }
-            Self::Convert(_) | Self::Duplicate { .. } | Self::NoGoodVersion => false,
+            // A walk problem concerns no single file: the loader locks down itself.
+            Self::Walk(_)
+            | Self::Convert(_)
+            | Self::Duplicate { .. }
+            | Self::SharedAddress { .. }
+            | Self::NoGoodVersion => false,
         }
     }
 }
@@ -78,21 +207,30 @@ impl ManifestError {
 /// One problem, located.
 #[derive(Debug)]
 pub struct Problem {
+    /// The file, or for a [`WalkError`] the directory.
     pub file: PathBuf,
-    /// 1-based document number within the file.
+    /// 1-based document number within the file; 0 for the whole file or directory.
     pub document: usize,
     pub error: ManifestError,
 }
 
+impl Problem {
+    /// A problem of a whole file or directory.
+    fn whole(file: &Path, error: impl Into<ManifestError>) -> Self {
+        Problem {
+            file: file.to_path_buf(),
+            document: 0,
+            error: error.into(),
+        }
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (document {}): {}",
-            self.file.display(),
-            self.document,
-            self.error
-        )
+        match self.document {
+            0 => write!(f, "{}: {}", self.file.display(), self.error),
+            n => write!(f, "{} (document {n}): {}", self.file.display(), self.error),
+        }
     }
 }
 
@@ -108,8 +246,10 @@ pub struct Manifests {
     pub lockdown: Vec<PathBuf>,
     /// [`content_hash`] of the bytes read ([`DirLoader::load`]; 0 for text loaded otherwise).
     pub generation: u64,
+    /// Objects read (documents and List items), for [`Limits::max_objects`].
+    objects: usize,
     /// Where each object came from, for duplicate reports.
-    origin: BTreeMap<(&'static str, String), String>,
+    origin: BTreeMap<(&'static str, String), Origin>,
 }
 
 impl Manifests {
@@ -186,15 +326,24 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, std::io::Error> {
 #[derive(Debug, Default)]
 pub struct DirLoader {
     last_good: BTreeMap<PathBuf, String>,
+    limits: Limits,
 }
 
 impl DirLoader {
+    /// A loader with other bounds than [`Limits::default`].
+    pub fn with_limits(limits: Limits) -> Self {
+        DirLoader {
+            last_good: BTreeMap::new(),
+            limits,
+        }
+    }
+
     /// Reads and parses every manifest file. [`Manifests::generation`] is the
     /// [`content_hash`] of exactly the bytes parsed here, so a status naming it never claims
     /// a version written while (or after) the directory was read.
     pub fn load(&mut self, dir: &Path) -> Result<Manifests, std::io::Error> {
-        let (generation, read) = read_all(dir)?;
-        Ok(self.parse(generation, read))
+        let read = read_all(dir, &self.limits)?;
+        Ok(self.parse(read))
     }
 
     /// [`DirLoader::load`], or `None` without parsing when the bytes read hash to `unchanged`.
@@ -203,48 +352,51 @@ impl DirLoader {
         dir: &Path,
         unchanged: Option<u64>,
     ) -> Result<Option<Manifests>, std::io::Error> {
-        let (generation, read) = read_all(dir)?;
-        Ok((unchanged != Some(generation)).then(|| self.parse(generation, read)))
+        let read = read_all(dir, &self.limits)?;
+        Ok((unchanged != Some(read.generation)).then(|| self.parse(read)))
     }
 
-    fn parse(
-        &mut self,
-        generation: u64,
-        read: Vec<(PathBuf, std::io::Result<Vec<u8>>)>,
-    ) -> Manifests {
+    fn parse(&mut self, read: DirRead) -> Manifests {
         self.last_good
-            .retain(|f, _| read.iter().any(|(r, _)| r == f));
+            .retain(|f, _| read.files.iter().any(|(r, _)| r == f));
         let mut m = Manifests {
-            generation,
+            generation: read.generation,
             ..Manifests::default()
         };
-        for (f, bytes) in read {
-            let text = match bytes.and_then(|b| {
-                String::from_utf8(b)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            }) {
+        for (dir, error) in read.walk {
+            // Unread files may hold objects that isolate pods: nothing they could hold may
+            // be missing, so everything is isolated (their last good versions are not
+            // known either: a file that is not reached has no name).
+            if error.leaves_files_unread() {
+                m.lockdown.push(dir.clone());
+            }
+            m.problems.push(Problem::whole(&dir, error));
+        }
+        for (f, bytes) in read.files {
+            let text = match bytes.and_then(utf8) {
                 Ok(text) => text,
                 Err(e) => {
-                    m.problems.push(Problem {
-                        file: f.clone(),
-                        document: 1,
-                        error: ManifestError::Read(e),
-                    });
+                    m.problems.push(Problem::whole(&f, e));
                     self.fall_back(&mut m, &f);
                     continue;
                 }
             };
             // Try the file on its own first: only a file that loses nothing is taken as is.
-            let mut alone = Manifests::default();
-            load_text(&mut alone, &f, &text);
+            // It counts against the directory's object limit with what is taken so far.
+            let mut alone = Manifests {
+                objects: m.objects,
+                ..Manifests::default()
+            };
+            load_text_within(&mut alone, &f, &text, self.limits.max_objects);
             if alone.problems.iter().any(|p| p.error.drops_object()) {
                 m.problems.append(&mut alone.problems);
                 self.fall_back(&mut m, &f);
             } else {
-                load_text(&mut m, &f, &text);
+                m.absorb(alone);
                 self.last_good.insert(f, text);
             }
         }
+        m.report_shared_addresses();
         m
     }
 
@@ -254,61 +406,226 @@ impl DirLoader {
                 tracing::warn!(file = %file.display(), "enforcing the last good version of the file");
                 let mut scratch = Vec::new();
                 std::mem::swap(&mut scratch, &mut m.problems);
-                load_text(m, file, good);
+                // Unlimited: it was within the limits when read, and nothing of it may be
+                // cut off now.
+                load_text_within(m, file, good, usize::MAX);
                 // The good version's own (non-dropping) problems were reported when it was read.
                 m.problems = scratch;
             }
             None => {
-                m.problems.push(Problem {
-                    file: file.to_path_buf(),
-                    document: 1,
-                    error: ManifestError::NoGoodVersion,
-                });
+                m.problems
+                    .push(Problem::whole(file, ManifestError::NoGoodVersion));
                 m.lockdown.push(file.to_path_buf());
             }
         }
     }
 }
 
-/// Every manifest file's bytes, read once, and their [`content_hash`]: the hash and the
-/// parse see the same bytes.
-#[allow(clippy::type_complexity)]
-fn read_all(dir: &Path) -> Result<(u64, Vec<(PathBuf, std::io::Result<Vec<u8>>)>), std::io::Error> {
-    let mut files = Vec::new();
-    collect(dir, &mut files)?;
-    files.sort();
+/// The text of a file's bytes, or where it stops being UTF-8.
+fn utf8(bytes: Vec<u8>) -> Result<String, FileError> {
+    String::from_utf8(bytes).map_err(|e| FileError::NotUtf8 {
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// One read of the directory: every manifest file's bytes (or why not), what the walk
+/// skipped, and the [`content_hash`] of it all: the hash and the parse see the same bytes.
+struct DirRead {
+    generation: u64,
+    files: Vec<(PathBuf, Result<Vec<u8>, FileError>)>,
+    walk: Vec<(PathBuf, WalkError)>,
+}
+
+fn read_all(dir: &Path, limits: &Limits) -> Result<DirRead, std::io::Error> {
+    let walk = collect(dir, limits)?;
     let mut h = ContentHasher::default();
-    let read = files
+    let mut left = limits.max_total_bytes;
+    let files = walk
+        .files
         .into_iter()
         .map(|f| {
-            let bytes = std::fs::read(&f);
-            h.add(dir, &f, bytes.as_deref().unwrap_or_default());
+            let bytes = read_file(&f, limits, &mut left);
+            match &bytes {
+                Ok(b) => h.add(dir, &f, b),
+                // What went wrong is part of the content: a change of it is a new generation.
+                Err(e) => h.add(dir, &f, format!("\0{e}").as_bytes()),
+            }
             (f, bytes)
         })
         .collect();
-    Ok((h.finish(), read))
+    Ok(DirRead {
+        generation: h.finish(),
+        files,
+        walk: walk.problems,
+    })
 }
 
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), std::io::Error> {
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if name.starts_with('.') {
-            continue; // editors' swap files and atomic-write temporaries
+/// Reads one file, at most `limits.max_file_bytes` and what is `left` of the directory's
+/// budget (taken from it), never more than one byte past either: a huge file costs no more
+/// memory than the limit. Never blocks: a FIFO or device is refused before a read.
+fn read_file(path: &Path, limits: &Limits, left: &mut u64) -> Result<Vec<u8>, FileError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // Opening a FIFO for reading waits for a writer without it; a no-op for files.
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(FileError::Io)?;
+    let meta = file.metadata().map_err(FileError::Io)?;
+    if !meta.is_file() {
+        return Err(FileError::NotRegular);
+    }
+    let limit = limits.max_file_bytes;
+    if meta.len() > limit {
+        return Err(FileError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    if meta.len() > *left {
+        return Err(FileError::OverBudget {
+            limit: limits.max_total_bytes,
+        });
+    }
+    // The file may grow between the stat and the read: the reader is bounded anyway.
+    let cap = limit.min(*left);
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(FileError::Io)?;
+    let read = bytes.len() as u64;
+    if read > limit {
+        return Err(FileError::TooLarge { size: read, limit });
+    }
+    if read > *left {
+        return Err(FileError::OverBudget {
+            limit: limits.max_total_bytes,
+        });
+    }
+    *left -= read;
+    Ok(bytes)
+}
+
+/// The manifest files below a directory (sorted) and the parts of the tree not walked.
+#[derive(Debug, Default)]
+struct Walk {
+    files: Vec<PathBuf>,
+    problems: Vec<(PathBuf, WalkError)>,
+}
+
+/// Walks `dir` within `limits`. Symbolic links are followed (a ConfigMap volume links every
+/// file; a linked directory may be meant), but every directory is read once, known by its
+/// (device, inode): a link loop costs one problem, not a walk to the kernel's limit. Only an
+/// unreadable `dir` itself is an error.
+fn collect(dir: &Path, limits: &Limits) -> Result<Walk, std::io::Error> {
+    let mut w = Walker {
+        limits,
+        seen: BTreeMap::new(),
+        entries: 0,
+        stopped: false,
+        too_deep: false,
+        walk: Walk::default(),
+    };
+    w.seen
+        .insert(dir_id(&std::fs::metadata(dir)?), dir.to_path_buf());
+    w.dir(dir, 0)?;
+    w.walk.files.sort();
+    Ok(w.walk)
+}
+
+struct Walker<'l> {
+    limits: &'l Limits,
+    /// Directories read, by (device, inode), with the path first read by.
+    seen: BTreeMap<(u64, u64), PathBuf>,
+    entries: usize,
+    /// A count limit was reached: nothing more is looked at.
+    stopped: bool,
+    /// [`WalkError::TooDeep`] was reported (once per walk).
+    too_deep: bool,
+    walk: Walk,
+}
+
+fn dir_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (meta.dev(), meta.ino())
+}
+
+impl Walker<'_> {
+    /// Walks one directory at `depth` (0: the manifest directory).
+    fn dir(&mut self, dir: &Path, depth: usize) -> Result<(), std::io::Error> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let name = e?.file_name();
+            if name.as_encoded_bytes().starts_with(b".") {
+                continue; // editors' swap files and atomic-write temporaries
+            }
+            self.entries += 1;
+            if self.entries > self.limits.max_entries {
+                let limit = self.limits.max_entries;
+                self.stop(dir, WalkError::TooManyEntries { limit });
+                return Ok(());
+            }
+            names.push(name);
         }
-        if p.is_dir() {
-            collect(&p, out)?;
+        // Sorted: with a directory linked twice, the same path is read each time.
+        names.sort();
+        for name in names {
+            if self.stopped {
+                break;
+            }
+            self.entry(&dir.join(name), depth);
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, p: &Path, depth: usize) {
+        // Followed through links; a dangling link or a link loop fails here and is left to
+        // the read below when it looks like a manifest (it is reported there).
+        let meta = std::fs::metadata(p).ok().filter(|m| m.is_dir());
+        if let Some(meta) = meta {
+            self.subdir(p, &meta, depth + 1);
         } else if matches!(
             p.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml" | "json")
         ) {
-            out.push(p);
+            if self.walk.files.len() >= self.limits.max_files {
+                let limit = self.limits.max_files;
+                return self.stop(p.parent().unwrap_or(p), WalkError::TooManyFiles { limit });
+            }
+            self.walk.files.push(p.to_path_buf());
         }
     }
-    Ok(())
+
+    fn subdir(&mut self, p: &Path, meta: &std::fs::Metadata, depth: usize) {
+        if depth > self.limits.max_depth {
+            if !std::mem::replace(&mut self.too_deep, true) {
+                let limit = self.limits.max_depth;
+                self.walk
+                    .problems
+                    .push((p.to_path_buf(), WalkError::TooDeep { limit }));
+            }
+            return;
+        }
+        if let Some(first) = self.seen.get(&dir_id(meta)) {
+            let first = first.clone();
+            self.walk
+                .problems
+                .push((p.to_path_buf(), WalkError::Revisited { first }));
+            return;
+        }
+        self.seen.insert(dir_id(meta), p.to_path_buf());
+        if let Err(e) = self.dir(p, depth) {
+            self.walk
+                .problems
+                .push((p.to_path_buf(), WalkError::ReadDir(e)));
+        }
+    }
+
+    fn stop(&mut self, at: &Path, error: WalkError) {
+        self.stopped = true;
+        self.walk.problems.push((at.to_path_buf(), error));
+    }
 }
 
 /// A cheap fingerprint of the directory (paths, sizes, mtimes) to notice changes.
@@ -326,12 +643,10 @@ pub fn fingerprint_settled(fp: &Fingerprint, now: SystemTime) -> bool {
 }
 
 pub fn fingerprint(dir: &Path) -> Fingerprint {
-    let mut files = Vec::new();
-    if collect(dir, &mut files).is_err() {
+    let Ok(walk) = collect(dir, &Limits::default()) else {
         return Vec::new();
-    }
-    files.sort();
-    files
+    };
+    walk.files
         .into_iter()
         .map(|f| {
             let md = std::fs::metadata(&f).ok();
@@ -342,17 +657,14 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// A hash of the directory's content (file names and bytes), the generation the agent
-/// reports once it enforces it: whoever wrote the files can wait for exactly that.
+/// A hash of the directory's content (file names and bytes, read as [`load_dir`] reads
+/// them), the generation the agent reports once it enforces it: whoever wrote the files can
+/// wait for exactly that.
 pub fn content_hash(dir: &Path) -> u64 {
-    let mut files = Vec::new();
-    let _ = collect(dir, &mut files);
-    files.sort();
-    let mut h = ContentHasher::default();
-    for f in files {
-        h.add(dir, &f, &std::fs::read(&f).unwrap_or_default());
+    match read_all(dir, &Limits::default()) {
+        Ok(read) => read.generation,
+        Err(_) => ContentHasher::default().finish(),
     }
-    h.finish()
 }
 
 /// File names (relative to the directory) and bytes, in name order. `DefaultHasher::new()`
@@ -371,8 +683,22 @@ impl ContentHasher {
     }
 }
 
-/// Loads one file's documents into `m`.
+/// Loads one file's documents into `m`, within the default object limit.
 pub fn load_text(m: &mut Manifests, file: &Path, text: &str) {
+    load_text_within(m, file, text, MAX_OBJECTS);
+}
+
+/// Loads one file's documents into `m` while it holds fewer than `max_objects` objects.
+fn load_text_within(m: &mut Manifests, file: &Path, text: &str, max_objects: usize) {
+    if let Some((document, limit)) = alias_bomb(text) {
+        let error = ManifestError::AliasExpansion { limit };
+        m.problems.push(Problem {
+            file: file.into(),
+            document,
+            error,
+        });
+        return;
+    }
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let value = match serde_yaml::Value::deserialize(doc) {
@@ -389,22 +715,147 @@ pub fn load_text(m: &mut Manifests, file: &Path, text: &str) {
             }
         };
         let mut errors = Vec::new();
-        load_value(m, file, document, value, &mut errors);
+        let flow = load_value(m, file, document, value, max_objects, &mut errors);
         m.problems.extend(errors.into_iter().map(|error| Problem {
             file: file.into(),
             document,
             error,
         }));
+        if flow.is_break() {
+            break;
+        }
     }
 }
 
+/// The document and node limit when YAML aliases expand `text` to more nodes than twice its
+/// size (and [`ALIAS_SLACK`]): text without aliases never does (a node takes at least about
+/// a byte), so only an expansion (a "billion laughs", or many aliases of a large anchor)
+/// is refused, after at most that many nodes and no allocation. serde_yaml's own repetition
+/// limit (100 alias jumps per event) stops the exponential bombs but not the quadratic ones.
+fn alias_bomb(text: &str) -> Option<(usize, usize)> {
+    // No anchor or no alias: nothing can expand (a '*' or '&' in a string only costs a
+    // count).
+    if !text.contains('&') || !text.contains('*') {
+        return None;
+    }
+    let limit = text.len().saturating_mul(2).saturating_add(ALIAS_SLACK);
+    let mut left = limit;
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let seed = CountNodes { left: &mut left };
+        if seed.deserialize(doc).is_err() {
+            // Another error is the parse's to report.
+            return (left == 0).then_some((i + 1, limit));
+        }
+    }
+    None
+}
+
+/// Counts a document's nodes as serde_yaml replays them (every alias expanded), failing
+/// when `left` runs out.
+struct CountNodes<'a> {
+    left: &'a mut usize,
+}
+
+impl CountNodes<'_> {
+    fn take<E: serde::de::Error>(&mut self) -> Result<(), E> {
+        match self.left.checked_sub(1) {
+            Some(l) => {
+                *self.left = l;
+                Ok(())
+            }
+            None => Err(E::custom("node limit reached")),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CountNodes<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+macro_rules! count_scalar {
+    ($($visit:ident: $t:ty),*) => {$(
+        fn $visit<E: serde::de::Error>(mut self, _: $t) -> Result<(), E> {
+            self.take()
+        }
+    )*};
+}
+
+impl<'de> serde::de::Visitor<'de> for CountNodes<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    count_scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128,
+        visit_u128: u128, visit_f64: f64, visit_str: &str, visit_bytes: &[u8]);
+
+    fn visit_unit<E: serde::de::Error>(mut self) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_none<E: serde::de::Error>(mut self) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(mut self, d: D) -> Result<(), D::Error> {
+        self.take()?;
+        d.deserialize_any(self)
+    }
+
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(mut self, d: D) -> Result<(), D::Error> {
+        self.take()?;
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut a: A) -> Result<(), A::Error> {
+        self.take()?;
+        while a
+            .next_element_seed(CountNodes {
+                left: &mut *self.left,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut a: A) -> Result<(), A::Error> {
+        self.take()?;
+        while a
+            .next_key_seed(CountNodes {
+                left: &mut *self.left,
+            })?
+            .is_some()
+        {
+            a.next_value_seed(CountNodes {
+                left: &mut *self.left,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A tagged node (`!tag value`).
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(mut self, a: A) -> Result<(), A::Error> {
+        use serde::de::VariantAccess as _;
+        self.take()?;
+        let (serde::de::IgnoredAny, v) = a.variant()?;
+        v.newtype_variant_seed(self)
+    }
+}
+
+/// Loads one object (or a List's items) into `m`; `Break` once `m` holds `max_objects`
+/// (reported once, in `errors`).
 fn load_value(
     m: &mut Manifests,
     file: &Path,
     document: usize,
     value: serde_yaml::Value,
+    max_objects: usize,
     errors: &mut Vec<ManifestError>,
-) {
+) -> ControlFlow<()> {
     let field = |k: &str| {
         value
             .get(k)
@@ -414,19 +865,33 @@ fn load_value(
     };
     let kind = field("kind");
     let api_version = field("apiVersion");
-    let origin = format!("{} (document {document})", file.display());
-    match (kind.as_str(), api_version.as_str()) {
-        ("", _) => errors.push(ManifestError::NoKind),
-        ("List" | "NamespaceList" | "PodList" | "NetworkPolicyList", _) => {
-            let items = value
-                .get("items")
-                .and_then(|v| v.as_sequence())
-                .cloned()
-                .unwrap_or_default();
+    if matches!(
+        kind.as_str(),
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList"
+    ) {
+        let items = match value {
+            serde_yaml::Value::Mapping(mut map) => map.remove("items"),
+            _ => None,
+        };
+        if let Some(serde_yaml::Value::Sequence(items)) = items {
             for item in items {
-                load_value(m, file, document, item, errors);
+                load_value(m, file, document, item, max_objects, errors)?;
             }
         }
+        return ControlFlow::Continue(());
+    }
+    // Every other document counts, read or not: it was parsed.
+    if m.objects >= max_objects {
+        errors.push(ManifestError::TooManyObjects { limit: max_objects });
+        return ControlFlow::Break(());
+    }
+    m.objects += 1;
+    let origin = Origin {
+        file: file.to_path_buf(),
+        document,
+    };
+    match (kind.as_str(), api_version.as_str()) {
+        ("", _) => errors.push(ManifestError::NoKind),
         ("Namespace", "v1") => match serde_yaml::from_value::<core::Namespace>(value) {
             Err(source) => errors.push(ManifestError::Schema {
                 kind: "Namespace",
@@ -480,27 +945,116 @@ fn load_value(
         }
         _ => errors.push(ManifestError::UnsupportedKind { kind, api_version }),
     }
+    ControlFlow::Continue(())
+}
+
+/// Where an object is defined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Origin {
+    file: PathBuf,
+    document: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (document {})", self.file.display(), self.document)
+    }
 }
 
 impl Manifests {
     /// Records where an object is defined; a second definition is a problem (the first wins,
     /// so the result does not depend on which file changed last).
-    fn claim(&mut self, kind: &'static str, key: String, origin: &str) -> Option<ManifestError> {
+    fn claim(&mut self, kind: &'static str, key: String, origin: &Origin) -> Option<ManifestError> {
         match self.origin.get(&(kind, key.clone())) {
             Some(first) => Some(ManifestError::Duplicate {
                 kind,
                 key,
-                first: first.clone(),
+                first: first.to_string(),
             }),
             None => {
-                self.origin.insert((kind, key), origin.to_string());
+                self.origin.insert((kind, key), origin.clone());
                 None
+            }
+        }
+    }
+
+    /// One problem per address that more than one pod claims, located at the second
+    /// claimant (in name order) and naming every one with where it is defined.
+    fn report_shared_addresses(&mut self) {
+        for (addr, keys) in model::shared_addresses(self.pods.values()) {
+            let origins: Vec<Option<&Origin>> = keys
+                .iter()
+                .map(|k| self.origin.get(&("Pod", k.to_string())))
+                .collect();
+            let pods = keys
+                .iter()
+                .zip(&origins)
+                .map(|(k, o)| match o {
+                    Some(o) => format!("{k} ({o})"),
+                    None => k.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let at = origins.get(1).copied().flatten();
+            self.problems.push(Problem {
+                file: at.map(|o| o.file.clone()).unwrap_or_default(),
+                document: at.map_or(0, |o| o.document),
+                error: ManifestError::SharedAddress { addr, pods },
+            });
+        }
+    }
+
+    /// Takes in `other`, one file loaded on its own (counting on from this one's objects),
+    /// as if its text were loaded into `self`, without parsing it a second time.
+    fn absorb(&mut self, other: Manifests) {
+        let Manifests {
+            namespaces,
+            pods,
+            policies,
+            problems,
+            objects,
+            origin,
+            ..
+        } = other;
+        self.problems.extend(problems);
+        self.objects = objects;
+        // Whether this object is the first of its key (else a problem is recorded).
+        let first = |m: &mut Manifests, kind: &'static str, key: String| {
+            let Some(o) = origin.get(&(kind, key.clone())) else {
+                return false; // every object loaded was claimed: not reached
+            };
+            match m.claim(kind, key, o) {
+                None => true,
+                Some(error) => {
+                    m.problems.push(Problem {
+                        file: o.file.clone(),
+                        document: o.document,
+                        error,
+                    });
+                    false
+                }
+            }
+        };
+        for (k, v) in namespaces {
+            if first(self, "Namespace", k.clone()) {
+                self.namespaces.insert(k, v);
+            }
+        }
+        for (k, v) in pods {
+            if first(self, "Pod", k.to_string()) {
+                self.pods.insert(k, v);
+            }
+        }
+        for (k, v) in policies {
+            if first(self, "NetworkPolicy", k.to_string()) {
+                self.policies.insert(k, v);
             }
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -747,6 +1301,330 @@ metadata: {name: x}
             .unwrap()
             .unwrap();
         assert!(m2.namespaces.contains_key("z"));
+    }
+
+    /// The problems' texts, for assertions.
+    fn texts(m: &Manifests) -> Vec<String> {
+        m.problems.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_directory_linked_into_itself_is_read_once_and_reported_once() {
+        let d = Dir::new("selflink");
+        d.write("good.yaml", GOOD);
+        std::os::unix::fs::symlink(".", d.0.join("loop")).unwrap();
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(t[0].contains("loop") && t[0].contains("again"), "{}", t[0]);
+        // Nothing was lost: every object is read, once.
+        assert!(m.lockdown.is_empty());
+        assert!(m.pods.contains_key(&ObjectKey::new("x", "a")));
+    }
+
+    #[test]
+    fn a_tree_deeper_than_the_limit_is_reported_once_and_fails_closed() {
+        let d = Dir::new("deep");
+        d.write("good.yaml", GOOD);
+        let mut p = d.0.clone();
+        for i in 0..(MAX_DEPTH + 4) {
+            p = p.join(format!("d{i}"));
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("deep.yaml"), ALLOW_ALL).unwrap();
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].contains(&format!("deeper than {MAX_DEPTH}")),
+            "{}",
+            t[0]
+        );
+        // The policy below the limit is not read: whatever it held may be missing.
+        assert!(!m.policies.contains_key(&ObjectKey::new("x", "open")));
+        assert_eq!(m.lockdown.len(), 1);
+    }
+
+    #[test]
+    fn more_files_than_the_limit_are_reported_once_and_fail_closed() {
+        let d = Dir::new("manyfiles");
+        for i in 0..=MAX_FILES {
+            d.write(&format!("f{i:05}.yaml"), "");
+        }
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(t[0].contains(&format!("more than {MAX_FILES}")), "{}", t[0]);
+        assert_eq!(m.lockdown.len(), 1);
+    }
+
+    #[test]
+    fn more_entries_than_the_limit_stop_the_walk_once_and_fail_closed() {
+        let d = Dir::new("manyentries");
+        for i in 0..8 {
+            d.write(&format!("notes{i}.txt"), "");
+        }
+        let limits = Limits {
+            max_entries: 5,
+            ..Limits::default()
+        };
+        let m = DirLoader::with_limits(limits).load(&d.0).unwrap();
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(t[0].contains("more than 5 directory entries"), "{}", t[0]);
+        assert_eq!(m.lockdown.len(), 1);
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_not_read_and_fails_closed() {
+        let d = Dir::new("huge");
+        d.write("good.yaml", GOOD);
+        let size = MAX_FILE_BYTES + 1;
+        d.write(
+            "huge.yaml",
+            &format!("#{}\n", "x".repeat(size as usize - 2)),
+        );
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert!(
+            t.iter().any(|t| t.contains("huge.yaml")
+                && t.contains(&format!(
+                    "file too large: {size} bytes, limit {MAX_FILE_BYTES}"
+                ))),
+            "{t:#?}"
+        );
+        assert_eq!(m.lockdown.len(), 1, "{t:#?}");
+        // The other file is read as usual.
+        assert!(m.pods.contains_key(&ObjectKey::new("x", "a")));
+    }
+
+    #[test]
+    fn a_fifo_is_a_problem_not_a_hang() {
+        let d = Dir::new("fifo");
+        let path =
+            std::ffi::CString::new(d.0.join("pipe.yaml").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let dir = d.0.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(texts(&load_dir(&dir).unwrap()));
+        });
+        let t = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO must not block");
+        assert!(
+            t.iter()
+                .any(|t| t.contains("pipe.yaml") && t.contains("not a regular file")),
+            "{t:#?}"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_file_and_offset_and_fails_closed() {
+        let d = Dir::new("utf8");
+        let mut bytes = b"kind: Namespace\n".to_vec();
+        bytes.extend([0xff, 0xfe, b'\n']);
+        std::fs::write(d.0.join("bad.yaml"), bytes).unwrap();
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert!(
+            t.iter().any(|t| t.contains("bad.yaml")
+                && t.contains("not UTF-8")
+                && t.contains("byte offset 16")),
+            "{t:#?}"
+        );
+        assert_eq!(m.lockdown.len(), 1);
+    }
+
+    /// Loads `text` as a one-file directory on a thread, `None` when it takes over 20 s.
+    fn load_one_timed(tag: &str, text: String) -> Option<(Manifests, std::time::Duration)> {
+        let d = Dir::new(tag);
+        d.write("bomb.yaml", &text);
+        let dir = d.0.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let m = load_dir(&dir).unwrap();
+            let _ = tx.send((m, t0.elapsed()));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20)).ok()
+    }
+
+    #[test]
+    fn a_billion_laughs_is_reported_quickly() {
+        let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: lol}\nx:\n");
+        text.push_str("  a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n");
+        for (prev, name) in ('a'..'i').zip('b'..='i') {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            text.push_str(&format!("  {name}: &{name} [{refs}]\n"));
+        }
+        let (m, took) = load_one_timed("laughs", text).expect("must not hang");
+        eprintln!("billion laughs reported in {took:?}");
+        let t = texts(&m);
+        assert!(!m.namespaces.contains_key("lol"), "{t:#?}");
+        assert!(!m.lockdown.is_empty(), "{t:#?}");
+    }
+
+    #[test]
+    fn many_aliases_of_a_large_anchor_are_rejected() {
+        // Quadratic rather than exponential: 1000 aliases of a 1000-element list expand to
+        // a million nodes from 10 kB, below serde_yaml's own repetition limit.
+        let n = 1000;
+        let text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: lol}}\nbig: &big [{}]\nmany: [{}]\n",
+            vec!["x"; n].join(","),
+            vec!["*big"; n].join(","),
+        );
+        let (m, took) = load_one_timed("quadratic", text).expect("must not hang");
+        eprintln!("quadratic alias expansion reported in {took:?}");
+        let t = texts(&m);
+        assert!(t.iter().any(|t| t.contains("alias")), "{t:#?}");
+        assert!(!m.namespaces.contains_key("lol"), "{t:#?}");
+        assert!(!m.lockdown.is_empty(), "{t:#?}");
+    }
+
+    #[test]
+    fn files_past_the_directory_byte_budget_are_not_read_and_fail_closed() {
+        let d = Dir::new("budget");
+        d.write("a.yaml", GOOD);
+        d.write("b.yaml", ALLOW_ALL);
+        let limits = Limits {
+            max_total_bytes: GOOD.len() as u64 + 10,
+            ..Limits::default()
+        };
+        let m = DirLoader::with_limits(limits).load(&d.0).unwrap();
+        let t = texts(&m);
+        assert!(
+            t.iter().any(|t| t.contains("b.yaml")
+                && t.contains(&format!("limit of {} bytes", GOOD.len() + 10))),
+            "{t:#?}"
+        );
+        assert!(m.pods.contains_key(&ObjectKey::new("x", "a")));
+        assert_eq!(m.lockdown, vec![d.0.join("b.yaml")]);
+    }
+
+    #[test]
+    fn a_file_that_grows_too_large_keeps_its_last_good_version() {
+        let d = Dir::new("grows");
+        d.write("policy.yaml", ALLOW_ALL);
+        let limits = Limits {
+            max_file_bytes: 1000,
+            ..Limits::default()
+        };
+        let mut loader = DirLoader::with_limits(limits);
+        loader.load(&d.0).unwrap();
+        d.write(
+            "policy.yaml",
+            &format!("{ALLOW_ALL}#{}\n", "x".repeat(1000)),
+        );
+        let m = loader.load(&d.0).unwrap();
+        assert!(m.policies.contains_key(&ObjectKey::new("x", "open")));
+        assert!(m.lockdown.is_empty());
+        let t = texts(&m);
+        assert!(t[0].contains("file too large"), "{t:#?}");
+    }
+
+    #[test]
+    fn more_objects_than_the_limit_are_reported_once_and_fail_closed() {
+        let d = Dir::new("objects");
+        d.write("a.yaml", GOOD);
+        let ns =
+            |n: usize| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: n{n}}}\n");
+        d.write("b.yaml", &(0..4).map(ns).collect::<String>());
+        let list: String = (0..4)
+            .map(|n| format!("- {{apiVersion: v1, kind: Namespace, metadata: {{name: l{n}}}}}\n"))
+            .collect();
+        d.write(
+            "c.yaml",
+            &format!("apiVersion: v1\nkind: List\nitems:\n{list}"),
+        );
+        let limits = Limits {
+            max_objects: 5,
+            ..Limits::default()
+        };
+        let m = DirLoader::with_limits(limits).load(&d.0).unwrap();
+        let t = texts(&m);
+        let over: Vec<_> = t
+            .iter()
+            .filter(|t| t.contains("more than 5 objects"))
+            .collect();
+        assert_eq!(over.len(), 2, "{t:#?}");
+        assert!(over[0].contains("b.yaml (document 3)"), "{t:#?}");
+        assert!(over[1].contains("c.yaml (document 1)"), "{t:#?}");
+        // good.yaml's 3 objects are in; neither other file is taken in part.
+        assert_eq!(m.namespaces.len(), 1);
+        assert_eq!(m.lockdown.len(), 2);
+    }
+
+    #[test]
+    fn broken_links_are_problems_and_linked_directories_are_read() {
+        let d = Dir::new("links");
+        let real = Dir::new("links-target");
+        real.write("good.yaml", GOOD);
+        std::os::unix::fs::symlink(&real.0, d.0.join("linked")).unwrap();
+        std::os::unix::fs::symlink("nowhere.yaml", d.0.join("dangling.yaml")).unwrap();
+        std::os::unix::fs::symlink("self.yaml", d.0.join("self.yaml")).unwrap();
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert_eq!(
+            t.iter().filter(|t| t.contains("cannot read")).count(),
+            2,
+            "{t:#?}"
+        );
+        assert!(m.pods.contains_key(&ObjectKey::new("x", "a")));
+    }
+
+    /// Not a limit test: how long 20k policies in one file take to load (one policy per
+    /// document, as `kubectl get -o yaml` of each would write them).
+    #[test]
+    fn twenty_thousand_policies_in_one_file_load() {
+        let d = Dir::new("20k");
+        let text: String = (0..20_000)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p{i}\n  namespace: ns{}\nspec:\n  podSelector:\n    matchLabels:\n      app: web{i}\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: client{i}\n    ports:\n    - protocol: TCP\n      port: 80\n",
+                    i % 50
+                )
+            })
+            .collect();
+        d.write("policies.yaml", &text);
+        let t0 = std::time::Instant::now();
+        let m = loader_once(&d);
+        eprintln!(
+            "20000 policies ({} bytes) loaded in {:?}",
+            text.len(),
+            t0.elapsed()
+        );
+        assert!(m.problems.is_empty(), "{:?}", m.problems.first());
+        assert_eq!(m.policies.len(), 20_000);
+    }
+
+    #[test]
+    fn pods_claiming_one_address_are_reported_by_name_and_kept() {
+        let d = Dir::new("shared");
+        d.write("a.yaml", GOOD);
+        d.write(
+            "b.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: y}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 198.18.0.10}\n",
+        );
+        let m = loader_once(&d);
+        let t = texts(&m);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].contains("198.18.0.10") && t[0].contains("x/a") && t[0].contains("y/b"),
+            "{}",
+            t[0]
+        );
+        // Located at the second claimant; both pods stay (the compiler decides the address).
+        assert!(
+            t[0].starts_with(&format!("{}", d.0.join("b.yaml").display())),
+            "{}",
+            t[0]
+        );
+        assert_eq!(m.pods.len(), 2);
+        assert!(m.lockdown.is_empty());
     }
 
     #[test]

@@ -261,3 +261,63 @@ impl Snapshot {
         !pod.host_network && pod.node.as_deref() == Some(self.node.as_str())
     }
 }
+
+/// Addresses claimed by more than one pod that takes part in identities (not hostNetwork:
+/// those share their node's address by design), with the claimants in name order. Each is
+/// a stale pod object or a forged status; the compiler gives such an address to neither pod
+/// (see `compiler::shared_endpoint`), and both modes report them.
+pub fn shared_addresses<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+) -> BTreeMap<IpAddr, Vec<ObjectKey>> {
+    let mut claims: BTreeMap<IpAddr, BTreeSet<ObjectKey>> = BTreeMap::new();
+    for pod in pods.into_iter().filter(|p| !p.host_network) {
+        for ip in &pod.ips {
+            claims.entry(*ip).or_default().insert(pod.key());
+        }
+    }
+    claims
+        .into_iter()
+        .filter(|(_, pods)| pods.len() > 1)
+        .map(|(ip, pods)| (ip, pods.into_iter().collect()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, ips: &[&str], host_network: bool) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: Labels::new(),
+            ips: ips.iter().map(|a| a.parse().expect("ip")).collect(),
+            ports: Vec::new(),
+            host_network,
+            node: None,
+        }
+    }
+
+    #[test]
+    fn shared_addresses_name_every_claimant_but_host_network_pods() {
+        let pods = [
+            pod("x", "b", &["10.0.0.1", "fd00::1"], false),
+            pod("y", "a", &["10.0.0.1"], false),
+            pod("x", "c", &["10.0.0.2", "fd00::1"], false),
+            // hostNetwork pods share the node's address by design.
+            pod("x", "h1", &["10.0.0.9"], true),
+            pod("x", "h2", &["10.0.0.9"], true),
+            // One pod listing an address twice claims it once.
+            pod("x", "d", &["10.0.0.3", "10.0.0.3"], false),
+        ];
+        let shared = shared_addresses(&pods);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let keys = |v: &[(&str, &str)]| v.iter().map(|(n, p)| ObjectKey::new(*n, *p)).collect();
+        let want: BTreeMap<IpAddr, Vec<ObjectKey>> = [
+            (ip("10.0.0.1"), keys(&[("x", "b"), ("y", "a")])),
+            (ip("fd00::1"), keys(&[("x", "b"), ("x", "c")])),
+        ]
+        .into();
+        assert_eq!(shared, want);
+    }
+}

@@ -13,6 +13,7 @@
 //! - A failed write leaves the maps unknown: the next pass repairs instead of diffing.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use super::snapshot::{self, Objects, PolicyProblems};
 use super::watch::{Changes, Stores};
 use crate::compiler::{self, Change, Engine, MapContents, MapDiff};
 use crate::metrics::{ErrorKind, Health, Metrics};
-use crate::model::{ObjectKey, Snapshot};
+use crate::model::{self, ObjectKey, Snapshot};
 
 /// Timings of the loop.
 #[derive(Clone, Debug)]
@@ -78,6 +79,8 @@ pub struct Reconciler<E: Enforcer> {
     needs_repair: bool,
     /// Problems already reported, per policy (so a resync does not repeat Events).
     reported: BTreeMap<ObjectKey, Vec<snapshot::Problem>>,
+    /// Addresses more than one pod claims, as last logged.
+    shared: BTreeMap<IpAddr, Vec<ObjectKey>>,
     local: Vec<LocalPod>,
     failures: u32,
 }
@@ -102,6 +105,7 @@ impl<E: Enforcer> Reconciler<E> {
             // Until restart adoption reads the pinned maps, assume nothing about them.
             needs_repair: true,
             reported: BTreeMap::new(),
+            shared: BTreeMap::new(),
             local: Vec::new(),
             failures: 0,
             cfg,
@@ -260,6 +264,10 @@ impl<E: Enforcer> Reconciler<E> {
             self.cache.problems(),
         );
         let snap = self.cache.snapshot();
+        let pods_changed = update.changes.iter().any(|c| matches!(c, Change::Pod(_)));
+        if pods_changed || resync {
+            report_shared_addresses(&mut self.shared, snap);
+        }
 
         let (engine, engine_diff) = blocking(|| {
             compile(
@@ -366,7 +374,6 @@ impl<E: Enforcer> Reconciler<E> {
                 false
             }
         };
-        let pods_changed = update.changes.iter().any(|c| matches!(c, Change::Pod(_)));
         if pods_changed || update.changes.contains(&Change::NodeAddrs) {
             self.local = snap
                 .pods
@@ -449,6 +456,31 @@ fn report_problems(
         }
         reported.insert(key.clone(), pp.problems.clone());
     }
+}
+
+/// Logs each address more than one pod claims, once (again when its claimants change);
+/// returns how many were logged. The compiler already keeps such an address from granting
+/// either pod anything the other would not (see `compiler::shared_endpoint`).
+fn report_shared_addresses(
+    reported: &mut BTreeMap<IpAddr, Vec<ObjectKey>>,
+    snap: &Snapshot,
+) -> usize {
+    let now = model::shared_addresses(snap.pods.values());
+    let mut logged = 0;
+    for (addr, pods) in &now {
+        if reported.get(addr) == Some(pods) {
+            continue;
+        }
+        let pods: Vec<String> = pods.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            %addr,
+            pods = %pods.join(", "),
+            "address claimed by more than one pod (a stale pod object or a forged status): as a peer it has no pod identity unless theirs agree, as a local endpoint it denies everything but the node unless their policies agree"
+        );
+        logged += 1;
+    }
+    *reported = now;
+    logged
 }
 
 /// The objects that differ between two snapshots, as incremental-compile changes.
@@ -552,6 +584,32 @@ mod tests {
         fn verdicts(&mut self) -> Option<crate::dataplane::Counters> {
             None
         }
+    }
+
+    #[test]
+    fn an_address_claimed_twice_is_logged_once_until_its_claimants_change() {
+        let pod = |name: &str| model::Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Default::default(),
+            ips: vec!["198.18.0.7".parse().unwrap()],
+            ports: Vec::new(),
+            host_network: false,
+            node: None,
+        };
+        let mut snap = Snapshot::default();
+        for p in [pod("a"), pod("b")] {
+            snap.pods.insert(p.key(), p);
+        }
+        let mut reported = BTreeMap::new();
+        assert_eq!(report_shared_addresses(&mut reported, &snap), 1);
+        assert_eq!(report_shared_addresses(&mut reported, &snap), 0);
+        let c = pod("c");
+        snap.pods.insert(c.key(), c);
+        assert_eq!(report_shared_addresses(&mut reported, &snap), 1);
+        snap.pods.retain(|k, _| k.name == "a");
+        assert_eq!(report_shared_addresses(&mut reported, &snap), 0);
+        assert!(reported.is_empty());
     }
 
     #[test]

@@ -685,8 +685,9 @@ impl Engine {
             }
         }
         for ip in &w.ep_ips {
-            let owner = self.ep_ip_owners.get(ip).and_then(|o| o.first());
-            let v = owner.and_then(|k| self.endpoint_value(k));
+            // Every claimant's value, in name order (see `super::shared_endpoint`).
+            let owners = self.ep_ip_owners.get(ip).into_iter().flatten();
+            let v = super::shared_endpoint(owners.filter_map(|k| self.endpoint_value(k)));
             ep_tr.set(
                 &mut self.contents.endpoints,
                 EndpointKey { addr: addr_of(*ip) },
@@ -706,9 +707,9 @@ impl Engine {
             } else {
                 self.ip_owners
                     .get(ip)
-                    .and_then(|o| o.values().next())
+                    .and_then(|o| super::sole_identity(o.values().copied()))
                     .map(|id| IpCacheValue {
-                        identity: *id,
+                        identity: id,
                         flags: 0,
                     })
             };

@@ -3,7 +3,8 @@
 //!
 //! Pipeline:
 //! 1. identities: one per distinct (namespace, labels, named container ports) of the pods that
-//!    have addresses and are not hostNetwork; `IPCACHE` maps their addresses to it, and the
+//!    have addresses and are not hostNetwork; `IPCACHE` maps their addresses to it (an
+//!    address pods of different identities claim to none, see [`shared_endpoint`]), and the
 //!    node's own addresses (and local hostNetwork pods) to `IDENTITY_HOST`;
 //! 2. local endpoints and, per direction, the policies selecting each (policies that select no
 //!    local pod are never looked at again);
@@ -495,18 +496,24 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
             .push(idents.len());
         idents.push(Ident { id, key: k });
     }
+    let mut claims: BTreeMap<IpAddr, BTreeSet<u32>> = BTreeMap::new();
     for (pod, key) in &pod_keys {
         let Some(id) = state.identities.get(key) else {
             continue;
         };
         for ip in &pod.ips {
-            // Two pods claiming one address (a stale one): the first by name wins.
-            out.ipcache
-                .entry(IpCacheKey { addr: addr_of(*ip) })
-                .or_insert(IpCacheValue {
+            claims.entry(*ip).or_default().insert(id);
+        }
+    }
+    for (ip, ids) in claims {
+        if let Some(id) = sole_identity(ids) {
+            out.ipcache.insert(
+                IpCacheKey { addr: addr_of(ip) },
+                IpCacheValue {
                     identity: id,
                     flags: 0,
-                });
+                },
+            );
         }
     }
     let host = IpCacheValue {
@@ -681,6 +688,7 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     state
         .endpoints
         .sync(local.iter().map(|p| p.key()).collect::<Vec<_>>().iter());
+    let mut ep_claims: BTreeMap<EndpointKey, Vec<EndpointValue>> = BTreeMap::new();
     for (li, pod) in local.iter().enumerate() {
         let mut v = EndpointValue {
             endpoint_id: state.endpoints.get(&pod.key()).unwrap_or(0),
@@ -715,9 +723,15 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
             }
         }
         for ip in &pod.ips {
-            out.endpoints
+            ep_claims
                 .entry(EndpointKey { addr: addr_of(*ip) })
-                .or_insert(v);
+                .or_default()
+                .push(v);
+        }
+    }
+    for (k, claims) in ep_claims {
+        if let Some(v) = shared_endpoint(claims) {
+            out.endpoints.insert(k, v);
         }
     }
     // 6. every endpoint address is marked in IPCACHE.
@@ -729,6 +743,46 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         }
     }
     out
+}
+
+// Two pods claiming one address (a stale pod object, or a forged status): which one really
+// has it cannot be known, so neither may get anything the other would not. As a peer the
+// address gets no identity when the claimants' identities differ: it is then admitted by
+// ipBlocks only, and `decide` applies those to an address whatever its identity, so the
+// address gets no more than either pod would (first-by-name would hand the real pod's
+// traffic the other's grants). As a local endpoint it gets the claimants' value when they
+// agree, else one isolated both ways with no rule: everything denied but the node's own
+// traffic (the owner's policies for the impostor's value would open what they close).
+
+/// The identity of an address claimed by pods of `ids`: `None` unless they agree.
+pub(crate) fn sole_identity(ids: impl IntoIterator<Item = u32>) -> Option<u32> {
+    let mut ids = ids.into_iter();
+    let first = ids.next()?;
+    ids.all(|id| id == first).then_some(first)
+}
+
+/// The `ENDPOINTS` value of an address claimed by local endpoints of these values (in name
+/// order; the first one's number names it in events): theirs when they agree, else deny-all.
+pub(crate) fn shared_endpoint(
+    claims: impl IntoIterator<Item = EndpointValue>,
+) -> Option<EndpointValue> {
+    let mut claims = claims.into_iter();
+    let first = claims.next()?;
+    let same = |v: &EndpointValue| {
+        EndpointValue {
+            endpoint_id: first.endpoint_id,
+            ..*v
+        } == first
+    };
+    if claims.all(|v| same(&v)) {
+        return Some(first);
+    }
+    Some(EndpointValue {
+        endpoint_id: first.endpoint_id,
+        ingress_policy_set: POLICY_SET_EMPTY,
+        egress_policy_set: POLICY_SET_EMPTY,
+        flags: ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS,
+    })
 }
 
 /// An address's `IPCACHE` value from its identity entry (`base`) and whether it is a local

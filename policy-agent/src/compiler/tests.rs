@@ -265,3 +265,123 @@ fn every_local_endpoint_and_only_those_are_marked_local_in_ipcache() {
     }];
     assert_eq!((node.identity, node.flags), (IDENTITY_HOST, 0));
 }
+
+/// A pod of `snap()`'s shape: `app` label, one address, on `node`.
+fn extra_pod(ns: &str, name: &str, app: &str, addr: &str, node: &str) -> Pod {
+    let like = &snap().pods[&ObjectKey::new("a", "web")];
+    Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: labels(&[("app", app)]),
+        ips: vec![ip(addr)],
+        node: Some(node.into()),
+        ..like.clone()
+    }
+}
+
+/// Ingress to `a/web` from `app` pods of any namespace only.
+fn web_admits(app: &str) -> NetworkPolicy {
+    let rule = Rule {
+        peers: Some(vec![Peer::Pods {
+            namespaces: Some(LabelSelector::everything()),
+            pods: Some(sel(&[("app", app)])),
+        }]),
+        ports: Vec::new(),
+    };
+    policy("a", "web-admits", sel(&[("app", "web")]), vec![rule])
+}
+
+/// The full compile of `s`, checked against the incremental engine given `added` last, and
+/// taking it away again.
+fn compile_both_ways(s: &Snapshot, added: &ObjectKey) -> MapContents {
+    let mut before = s.clone();
+    before.pods.remove(added);
+    let mut inc = Engine::new(&before);
+    inc.apply(s, &Change::Pod(added.clone()));
+    let m = compile(s, &mut inc.numbers().clone());
+    assert_eq!(&m, inc.contents());
+    inc.apply(&before, &Change::Pod(added.clone()));
+    assert_eq!(
+        &compile(&before, &mut inc.numbers().clone()),
+        inc.contents()
+    );
+    m
+}
+
+#[test]
+fn an_address_claimed_by_pods_of_two_identities_has_neither() {
+    // b/admin claims cli's address (a stale or forged status): whichever pod is the real
+    // one, traffic from the address must not get admin's grants.
+    let mut s = snap();
+    let p = web_admits("admin");
+    s.policies.insert(p.key(), p);
+    let admin = extra_pod("b", "admin", "admin", "198.18.0.3", "n2");
+    let key = admin.key();
+    s.pods.insert(key.clone(), admin);
+    let m = compile_both_ways(&s, &key);
+    let k = KernelModel::new(&m);
+    assert!(!k.allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 80));
+    assert!(!m.ipcache.contains_key(&IpCacheKey {
+        addr: addr_of(ip("198.18.0.3"))
+    }));
+    // An ipBlock admits the address whoever claims it, as it admits any address.
+    let mut p = web_admits("admin");
+    p.ingress.push(Rule {
+        peers: Some(vec![Peer::IpBlock {
+            cidr: "198.18.0.0/24".parse().expect("net"),
+            except: Vec::new(),
+        }]),
+        ports: Vec::new(),
+    });
+    s.policies.insert(p.key(), p);
+    let m = compile_both_ways(&s, &key);
+    assert!(KernelModel::new(&m).allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 80));
+}
+
+#[test]
+fn an_address_claimed_by_pods_of_one_identity_keeps_it() {
+    // Two pods alike (a stale replica): no ambiguity, nothing to take away.
+    let mut s = snap();
+    let p = web_admits("cli");
+    s.policies.insert(p.key(), p);
+    let twin = extra_pod("b", "cli-old", "cli", "198.18.0.3", "n2");
+    let key = twin.key();
+    s.pods.insert(key.clone(), twin);
+    let m = compile_both_ways(&s, &key);
+    assert!(KernelModel::new(&m).allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 80));
+}
+
+#[test]
+fn a_local_address_claimed_by_two_pods_denies_all_but_the_node() {
+    // a/web is isolated (only cli may connect); a/evil, selected by no policy, claims its
+    // address: the address must not become open, nor keep either pod's grants.
+    let mut s = snap();
+    let p = web_admits("cli");
+    s.policies.insert(p.key(), p);
+    let evil = extra_pod("a", "evil", "evil", "198.18.0.1", "n1");
+    let key = evil.key();
+    s.pods.insert(key.clone(), evil);
+    let m = compile_both_ways(&s, &key);
+    let k = KernelModel::new(&m);
+    let web = ip("198.18.0.1");
+    assert!(!k.allowed(ip("198.18.9.9"), web, proto::TCP, 80));
+    assert!(!k.allowed(ip("198.18.0.3"), web, proto::TCP, 80));
+    assert!(!k.allowed(web, ip("198.18.9.9"), proto::TCP, 80));
+    assert!(k.allowed(ip("198.18.255.1"), web, proto::TCP, 80));
+    // The other local pod is untouched.
+    assert!(k.allowed(ip("198.18.9.9"), ip("198.18.0.2"), proto::TCP, 80));
+}
+
+#[test]
+fn a_local_address_claimed_by_two_alike_pods_keeps_their_policy() {
+    let mut s = snap();
+    let p = web_admits("cli");
+    s.policies.insert(p.key(), p);
+    let twin = extra_pod("a", "web-old", "web", "198.18.0.1", "n1");
+    let key = twin.key();
+    s.pods.insert(key.clone(), twin);
+    let m = compile_both_ways(&s, &key);
+    let k = KernelModel::new(&m);
+    assert!(k.allowed(ip("198.18.0.3"), ip("198.18.0.1"), proto::TCP, 80));
+    assert!(!k.allowed(ip("198.18.9.9"), ip("198.18.0.1"), proto::TCP, 80));
+}

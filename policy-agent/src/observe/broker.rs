@@ -256,24 +256,8 @@ fn bind(name: &str) -> Result<UnixListener, ObserveError> {
 /// user) may read them. An abstract socket has no file mode, so the peer's credentials
 /// decide.
 fn trusted_peer(s: &UnixStream) -> bool {
-    let mut cred: libc::ucred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a valid socket and an out-buffer of the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
     // SAFETY: geteuid cannot fail.
-    rc == 0 && (cred.uid == 0 || cred.uid == unsafe { libc::geteuid() })
+    super::peer_cred(s).is_ok_and(|c| super::trusted_uid(c.uid, unsafe { libc::geteuid() }))
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@
 //! agent enforces, where `monitor` runs too; its name is derived from the pin directory, so
 //! the agent and the monitor of one `--bpf-dir` meet without configuration and agents of
 //! other pin directories (tests side by side) never collide. With no file permissions to
-//! guard it, the agent accepts only root (or its own user) by the peer's credentials.
+//! guard it, the agent accepts only root (or its own user) by the peer's credentials, and a
+//! monitor reads only from a socket root (or its own user) serves ([`connect_agent`]).
 
 pub mod broker;
 pub mod event;
@@ -33,6 +34,7 @@ pub mod status;
 pub mod timefmt;
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 /// Errors of the observation commands.
@@ -59,6 +61,17 @@ pub enum ObserveError {
          shares the stream (if the agent runs, run monitor in its network namespace)"
     )]
     Busy { dir: PathBuf, holder: String },
+    #[error(
+        "monitor socket @{name} is served by pid {pid} of uid {uid}, neither root nor this \
+         user (uid {euid}): refusing its events (another process may have taken the agent's \
+         socket name; the agent runs as root)"
+    )]
+    UntrustedServer {
+        name: String,
+        pid: i32,
+        uid: u32,
+        euid: u32,
+    },
     #[error("monitor socket @{name}: {source}")]
     Socket {
         name: String,
@@ -92,11 +105,81 @@ pub fn socket_name(bpf_dir: &Path) -> String {
     )
 }
 
-/// Connects to the monitor socket of the agent of `bpf_dir` (this network namespace).
-pub fn connect(bpf_dir: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+/// Connects to the monitor socket of the agent of `bpf_dir` (this network namespace),
+/// without asking who serves it: [`connect_agent`] is the one to read events from.
+pub fn connect(bpf_dir: &Path) -> std::io::Result<UnixStream> {
+    connect_raw(&socket_name(bpf_dir))
+}
+
+fn connect_raw(name: &str) -> std::io::Result<UnixStream> {
     use std::os::linux::net::SocketAddrExt as _;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(bpf_dir))?;
-    std::os::unix::net::UnixStream::connect_addr(&addr)
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    UnixStream::connect_addr(&addr)
+}
+
+/// Connects to the agent of `bpf_dir` as [`connect`] does, and checks who serves the socket:
+/// `Ok(None)` when nothing listens. Any process may bind an abstract name first (there is
+/// no file mode to stop it) and feed a monitor made-up events, so the server must be root or
+/// this process's own user, as the agent requires of its clients.
+pub fn connect_agent(bpf_dir: &Path) -> Result<Option<UnixStream>, ObserveError> {
+    connect_named(&socket_name(bpf_dir))
+}
+
+fn connect_named(name: &str) -> Result<Option<UnixStream>, ObserveError> {
+    let Ok(stream) = connect_raw(name) else {
+        return Ok(None);
+    };
+    let cred = peer_cred(&stream).map_err(|source| ObserveError::Socket {
+        name: name.to_string(),
+        source,
+    })?;
+    // SAFETY: geteuid cannot fail.
+    check_server_cred(name, cred, unsafe { libc::geteuid() })?;
+    Ok(Some(stream))
+}
+
+/// Refuses a server that is neither root nor `euid`.
+fn check_server_cred(name: &str, cred: libc::ucred, euid: u32) -> Result<(), ObserveError> {
+    if trusted_uid(cred.uid, euid) {
+        return Ok(());
+    }
+    Err(ObserveError::UntrustedServer {
+        name: name.to_string(),
+        pid: cred.pid,
+        uid: cred.uid,
+        euid,
+    })
+}
+
+/// Who may be on the other end of the monitor socket, either way: root, or the same user.
+pub(crate) fn trusted_uid(uid: u32, euid: u32) -> bool {
+    uid == 0 || uid == euid
+}
+
+/// The credentials of a unix socket's peer (`SO_PEERCRED`: for a connected client, of the
+/// process that made the listening socket; for an accepted one, of the client), taken by
+/// the kernel when the connection was made, so the peer cannot fake them.
+pub(crate) fn peer_cred(s: &UnixStream) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -198,6 +281,42 @@ mod tests {
         assert_eq!(a, socket_name(Path::new("/nonexistent/a")));
         assert!(a.len() < 108);
         assert!(a.starts_with("netpol-monitor-"));
+    }
+
+    fn cred(pid: i32, uid: u32) -> libc::ucred {
+        libc::ucred { pid, uid, gid: uid }
+    }
+
+    #[test]
+    fn a_server_of_another_user_is_refused() {
+        let e = check_server_cred("netpol-monitor-x", cred(4242, 1234), 1000)
+            .expect_err("uid 1234 is neither root nor uid 1000");
+        assert!(matches!(e, ObserveError::UntrustedServer { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("@netpol-monitor-x")
+                && text.contains("pid 4242")
+                && text.contains("uid 1234"),
+            "{text}"
+        );
+        check_server_cred("netpol-monitor-x", cred(1, 0), 1000).expect("root serves");
+        check_server_cred("netpol-monitor-x", cred(1, 1000), 1000).expect("our own user serves");
+    }
+
+    #[test]
+    fn the_monitor_connects_to_a_socket_of_its_own_user() {
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("netpol-monitor-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).expect("name");
+        let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("bind");
+        let stream = connect_named(&name).expect("trusted").expect("listening");
+        // SO_PEERCRED of the connected socket names the listener's process: this one.
+        assert_eq!(
+            peer_cred(&stream).expect("cred").pid,
+            std::process::id() as i32
+        );
+        let nobody = format!("{name}-nobody");
+        assert!(connect_named(&nobody).expect("no error").is_none());
     }
 
     #[test]

@@ -63,7 +63,9 @@ pub fn run(
     let sock = super::socket_name(&opts.bpf_dir);
     let mut busy_since: Option<Instant> = None;
     while !done(printed) {
-        if let Ok(stream) = super::connect(&opts.bpf_dir) {
+        // A socket someone else serves is an error, not a reason to read the ring instead:
+        // its owner is in the agent's place.
+        if let Some(stream) = super::connect_agent(&opts.bpf_dir)? {
             busy_since = None;
             note(
                 Source::Agent,

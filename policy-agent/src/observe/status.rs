@@ -166,7 +166,7 @@ pub fn collect(bpf_dir: &Path) -> Result<NodeStatus, ObserveError> {
 
     Ok(NodeStatus {
         bpf_dir: bpf_dir.display().to_string(),
-        agent_running: super::connect(bpf_dir).is_ok(),
+        agent_running: matches!(super::connect_agent(bpf_dir), Ok(Some(_))),
         interfaces: interfaces(bpf_dir),
         endpoint_count: endpoints.len(),
         endpoints,
