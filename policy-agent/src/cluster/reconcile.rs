@@ -527,6 +527,34 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Woken on every link, address or route change of this namespace, by a thread reading the
+/// kernel's notifications ([`crate::netinfo::LinkEvents`]); the thread ends once the loop
+/// drops the handle. Never woken when notifications cannot be had (the poll remains).
+fn link_notifications() -> std::sync::Arc<tokio::sync::Notify> {
+    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+    match crate::netinfo::LinkEvents::open() {
+        Ok(events) => {
+            let weak = std::sync::Arc::downgrade(&notify);
+            let spawned = std::thread::Builder::new()
+                .name("link-events".into())
+                .spawn(move || {
+                    loop {
+                        let woke = events.wait(Duration::from_secs(1));
+                        let Some(n) = weak.upgrade() else { return };
+                        if woke {
+                            n.notify_one();
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no link notifications: interfaces are polled only");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no link notifications: interfaces are polled only"),
+    }
+    notify
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -662,32 +690,4 @@ mod tests {
         assert!(r.pass(&stores, Trigger::Resync, None));
         assert_eq!(metrics.error_count(ErrorKind::CompileMismatch), 1);
     }
-}
-
-/// Woken on every link, address or route change of this namespace, by a thread reading the
-/// kernel's notifications ([`crate::netinfo::LinkEvents`]); the thread ends once the loop
-/// drops the handle. Never woken when notifications cannot be had (the poll remains).
-fn link_notifications() -> std::sync::Arc<tokio::sync::Notify> {
-    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
-    match crate::netinfo::LinkEvents::open() {
-        Ok(events) => {
-            let weak = std::sync::Arc::downgrade(&notify);
-            let spawned = std::thread::Builder::new()
-                .name("link-events".into())
-                .spawn(move || {
-                    loop {
-                        let woke = events.wait(Duration::from_secs(1));
-                        let Some(n) = weak.upgrade() else { return };
-                        if woke {
-                            n.notify_one();
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "no link notifications: interfaces are polled only");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "no link notifications: interfaces are polled only"),
-    }
-    notify
 }

@@ -226,16 +226,12 @@ impl DataplaneMaps {
         adds: &[BindingKey],
         removes: &[BindingKey],
     ) -> Result<(), DataplaneError> {
-        let mut r = Ok(());
         for k in adds {
-            r = self
-                .bindings
+            self.bindings
                 .insert(k, 1, 0)
-                .map_err(|e| DataplaneError::map(MAP_BINDINGS, e));
-            if r.is_err() {
-                return r;
-            }
+                .map_err(|e| DataplaneError::map(MAP_BINDINGS, e))?;
         }
+        let mut r = Ok(());
         for k in removes {
             r = absent_ok(MAP_BINDINGS, self.bindings.remove(k));
             if r.is_err() {

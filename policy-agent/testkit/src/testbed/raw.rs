@@ -130,7 +130,7 @@ impl RawLink {
             if n < 0 {
                 continue;
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             if contains(&buf[..n as usize], marker) {
