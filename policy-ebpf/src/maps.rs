@@ -12,10 +12,9 @@ use aya_ebpf::{
 };
 use policy_common::{
     Addr, BindingKey, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, EVENTS_RING_BYTES, EndpointKey,
-    EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey,
-    MAX_BINDINGS, MAX_CIDR_RULES_PER_SET, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS,
-    MAX_RULES, MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey,
-    RuleValue,
+    EndpointValue, EventBudget, FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAX_BINDINGS,
+    MAX_CIDR_RULES_PER_SET, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_PORTS, MAX_RULES,
+    MAX_SERVICE_CIDRS, MAX_SERVICE_PENDING, PendingKey, PendingValue, PortData, RuleKey, RuleValue,
     ct_table::{CT_BUCKETS, CtBucket4, CtBucket6},
     decide::PolicyMaps,
     reason::COUNTERS_LEN,

@@ -8,18 +8,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, BindingKey, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue, FragKey,
-    FragValue, IpCacheKey, IpCacheValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, Reason, ct,
-    ct_flags, decide::decide, ep_flags, ipc_flags, proto,
+    Addr, BindingKey, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue,
+    FragKey, FragValue, IpCacheKey, IpCacheValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey,
+    Reason, ct, ct_flags, decide::decide, ep_flags, ipc_flags, proto,
 };
 
-use crate::{clock, ct_table};
 use crate::maps::{
-    BINDINGS, BpfMaps, CONFIG, COUNTERS, CtKeys, ENDPOINTS, EP_CACHE, EP_CACHE_SLOTS, EVENT_BUDGET, EVENTS,
-    FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING, Scratch,
-    same_addr,
+    BINDINGS, BpfMaps, CONFIG, COUNTERS, CtKeys, ENDPOINTS, EP_CACHE, EP_CACHE_SLOTS, EVENT_BUDGET,
+    EVENTS, FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING,
+    Scratch, same_addr,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse, parse_loaded};
+use crate::{clock, ct_table};
 
 /// Where a program runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,11 @@ pub fn judge_translated(ctx: &TcContext) -> bool {
         return false;
     };
     // SAFETY: this CPU's slot (see `run`; netfilter hooks do not nest on a CPU either).
-    let Scratch { pkt, keys: _, known } = unsafe { &mut *scratch };
+    let Scratch {
+        pkt,
+        keys: _,
+        known,
+    } = unsafe { &mut *scratch };
     if parse_loaded::<0>(ctx, pkt).is_err() {
         return false;
     }
@@ -334,7 +338,8 @@ fn judge(
     // Link-scoped control traffic (ND, DAD, MLD to and from link-local and multicast
     // addresses) never leaves the link and must flow for the pod to have IPv6 at all.
     if hook != Hook::FromPod
-        && (pkt.kind == Kind::NeighbourDiscovery || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)))
+        && (pkt.kind == Kind::NeighbourDiscovery
+            || (link_scoped(&pkt.src) && link_scoped(&pkt.dst)))
     {
         return (Reason::AllowLinkLocal, None, Decider::Hook);
     }
@@ -365,7 +370,11 @@ fn judge(
     let ct = ct_lookup(pkt, keys);
     let whole = pkt.kind == Kind::Normal && !pkt.malformed;
     if whole && pod_hook && ct_fast_hit(pkt, &ct) {
-        return (Reason::AllowEstablished, Some(own.endpoint_id), Decider::Hook);
+        return (
+            Reason::AllowEstablished,
+            Some(own.endpoint_id),
+            Decider::Hook,
+        );
     }
     // A missing endpoint reads as all zeros: isolated in no direction, so it never needs a
     // grant. (Plain values, no Option payloads: the verifier rejects spilled uninit bytes.)
