@@ -278,35 +278,12 @@ fn spoofed_sources_through_an_l3_device(t: &Bed, b: usize, c: usize) {
 /// kube-proxy's DNAT for the two Services, in the node namespace.
 fn services(bed: &Testbed, b: usize) {
     let node = policy_testkit::testbed::NODE_IPV4;
-    for (vip, to) in [
-        (VIP_NODE, format!("{node}:{NODE_PORT}")),
-        (VIP_B, format!("{}:8080", bed.hosts[b].ipv4)),
+    for (vip, backend, port) in [
+        (VIP_NODE, node, NODE_PORT),
+        (VIP_B, bed.hosts[b].ipv4, 8080),
     ] {
-        for chain in ["PREROUTING", "OUTPUT"] {
-            bed.node
-                .exec(
-                    "iptables",
-                    &[
-                        "-w",
-                        "5",
-                        "-t",
-                        "nat",
-                        "-A",
-                        chain,
-                        "-d",
-                        &vip.to_string(),
-                        "-p",
-                        "tcp",
-                        "--dport",
-                        &VIP_PORT.to_string(),
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        &to,
-                    ],
-                )
-                .expect("iptables DNAT rule (needs iptables)");
-        }
+        policy_testkit::testbed::dnat(&bed.node, vip.into(), VIP_PORT, backend.into(), port)
+            .expect("iptables DNAT rule (needs iptables)");
     }
 }
 

@@ -80,39 +80,9 @@ fn assert_no_namespaces_left(names: Vec<String>) {
 
 /// kube-proxy's iptables shape, reduced: the ClusterIP:port is DNATed to one backend in
 /// PREROUTING (packets from pods) and OUTPUT (the node's own).
-fn dnat(node: &Netns, v6: bool, vip: IpAddr, backend: IpAddr) {
-    let tool = if v6 { "ip6tables" } else { "iptables" };
-    let to = if v6 {
-        format!("[{backend}]:{PORT}")
-    } else {
-        format!("{backend}:{PORT}")
-    };
-    for chain in ["PREROUTING", "OUTPUT"] {
-        for proto in ["tcp", "udp"] {
-            node.exec(
-                tool,
-                &[
-                    "-w",
-                    "5",
-                    "-t",
-                    "nat",
-                    "-A",
-                    chain,
-                    "-d",
-                    &vip.to_string(),
-                    "-p",
-                    proto,
-                    "--dport",
-                    &PORT.to_string(),
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &to,
-                ],
-            )
-            .expect("iptables DNAT rule (needs iptables)");
-        }
-    }
+fn dnat(node: &Netns, vip: IpAddr, backend: IpAddr) {
+    policy_testkit::testbed::dnat(node, vip, PORT, backend, PORT)
+        .expect("iptables DNAT rule (needs iptables)");
 }
 
 /// The pod programs on `interfaces` (in the node namespace) and the test's Service ranges.
@@ -175,8 +145,8 @@ fn service_scenario(bed: &Testbed, a: usize, b: usize, c: usize) {
         } else {
             (VIP_B4.into(), VIP_C4.into())
         };
-        dnat(&bed.node, v6, vb, hb.ip(v6));
-        dnat(&bed.node, v6, vc, hc.ip(v6));
+        dnat(&bed.node, vb, hb.ip(v6));
+        dnat(&bed.node, vc, hc.ip(v6));
     }
     let vip = |v6: bool, to_b: bool| -> SocketAddr {
         let ip: IpAddr = match (v6, to_b) {
@@ -539,8 +509,8 @@ fn a_service_connection_from_a_port_just_used_directly_still_gets_its_replies() 
                 TcpEchoServer::start(&hb.ns, SocketAddr::new(hb.ip(v6), PORT)).expect("server")
             })
             .into();
-        dnat(&bed.node, false, VIP_B4.into(), hb.ip(false));
-        dnat(&bed.node, true, VIP_B6.into(), hb.ip(true));
+        dnat(&bed.node, VIP_B4.into(), hb.ip(false));
+        dnat(&bed.node, VIP_B6.into(), hb.ip(true));
         enforce_with_service_ranges(&bed, &mut dp, &mut maps, &[&ha.host_if, &hb.host_if]);
         endpoint(&mut maps, [hb.ip(false), hb.ip(true)], 2, 0);
         // A: isolated both ways; egress admits B's addresses only; no ingress rule at all.

@@ -58,29 +58,13 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
     let Scratch { pkt, keys, known } = unsafe { &mut *scratch };
     match parse::<L2>(ctx, pkt) {
         Ok(()) => {}
-        Err(NoPkt::Arp) => {
-            count(Reason::AllowNonIp, dir);
-            return TC_ACT_OK;
-        }
-        Err(NoPkt::NotIp) => {
-            // A pod's hook judges its pod's traffic: what it cannot judge does not pass.
-            // Elsewhere a frame that is not IP concerns no endpoint.
-            if matches!(hook, Hook::FromWorld | Hook::ToWorld) {
-                count(Reason::AllowNonIp, dir);
+        Err(e) => {
+            let reason = unparsed(e, hook);
+            count(reason, dir);
+            if reason.is_allow() {
                 return TC_ACT_OK;
             }
-            count(Reason::DenyNonIp, dir);
-            report(ctx, dir, Reason::DenyNonIp, None, 0);
-            return TC_ACT_SHOT;
-        }
-        Err(NoPkt::BadL3) => {
-            // On an uplink a broken packet concerns no endpoint we could name: not ours to drop.
-            if matches!(hook, Hook::FromWorld | Hook::ToWorld) {
-                count(Reason::AllowNoEndpoint, dir);
-                return TC_ACT_OK;
-            }
-            count(Reason::DenyMalformed, dir);
-            report(ctx, dir, Reason::DenyMalformed, None, 0);
+            report(ctx, dir, reason, None, 0);
             return TC_ACT_SHOT;
         }
     };
@@ -106,6 +90,21 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
     } else {
         report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0));
         TC_ACT_SHOT
+    }
+}
+
+/// The verdict on a frame the parser could not make a packet of. A pod's hook judges its
+/// pod's traffic: what it cannot judge does not pass (ARP aside, which a pod needs to reach
+/// its gateway at all). On an uplink such a frame concerns no endpoint we could name.
+#[inline(always)]
+fn unparsed(e: NoPkt, hook: Hook) -> Reason {
+    let uplink = matches!(hook, Hook::FromWorld | Hook::ToWorld);
+    match e {
+        NoPkt::Arp => Reason::AllowNonIp,
+        NoPkt::NotIp if uplink => Reason::AllowNonIp,
+        NoPkt::NotIp => Reason::DenyNonIp,
+        NoPkt::BadL3 if uplink => Reason::AllowNoEndpoint,
+        NoPkt::BadL3 => Reason::DenyMalformed,
     }
 }
 

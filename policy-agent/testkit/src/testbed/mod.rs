@@ -26,6 +26,7 @@
 //! ```
 
 pub mod bpffs;
+pub mod nat;
 pub mod netns;
 pub mod raw;
 pub mod sctp;
@@ -33,6 +34,7 @@ pub mod topology;
 pub mod traffic;
 
 pub use bpffs::PrivateBpffs;
+pub use nat::dnat;
 pub use netns::Netns;
 pub use raw::{RawLink, TunDevice, address_frame, fix_ipv4_checksum, mac_of};
 pub use sctp::{SctpResponder, sctp_probe};
