@@ -2041,6 +2041,51 @@ fn an_established_connection_survives_a_flood_of_ten_times_the_tables_capacity()
     );
 }
 
+/// The flood again, but every flow answered (the attacker controls the far end), so its
+/// entries are established too: B holds at most its share of each bucket, and A's
+/// connection keeps its entry.
+#[test]
+fn an_answered_flood_takes_no_more_than_its_share_of_the_table() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | ISO_EG | IN_CIDR | EG_CIDR);
+    f.endpoint_id(a4(B4), 9, ISO_EG | EG_CIDR);
+    f.cidr(SET_IN, a4(EXT4), 32, all());
+    let flood_net = Ipv4Addr::new(198, 19, 128, 0);
+    f.cidr(SET_EG, a4(flood_net), 17, all());
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(EXT4, A4, 50000, 22, SYN)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 22, 50000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    let capacity = policy_common::MAX_CONNTRACK as usize;
+    let mut out = udp4(B4, flood_net, 1024, 1024);
+    let mut back = udp4(flood_net, B4, 1024, 1024);
+    let from_pod = f.dp.program(PROG_FROM_POD).expect("program");
+    let to_pod = f.dp.program(PROG_TO_POD).expect("program");
+    let run = |prog: &aya::programs::SchedClassifier, frame: &[u8]| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).expect("run").return_value as i32
+    };
+    for i in 0..2 * capacity {
+        let host = (u32::from(flood_net) + (i % 32_768) as u32).to_be_bytes();
+        let port = (1024 + (i / 32_768) as u16).to_be_bytes();
+        out[30..34].copy_from_slice(&host);
+        out[36..38].copy_from_slice(&port);
+        back[26..30].copy_from_slice(&host);
+        back[34..36].copy_from_slice(&port);
+        assert_eq!(run(from_pod, &out), TC_ACT_OK, "flood packet {i}");
+        assert_eq!(run(to_pod, &back), TC_ACT_OK, "its answer {i}");
+    }
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, EXT4, 22, 50000, ACK | PSH)),
+        Reason::AllowEstablished
+    );
+}
+
 #[test]
 fn icmpv6_packet_too_big_is_related() {
     let mut f = fixture();
@@ -2832,7 +2877,8 @@ fn same_bucket_ports(f: &Fixture, src: Addr, dst: Addr, n: usize) -> Vec<(u16, u
 }
 
 /// A full bucket gives its least recently seen slot to a new connection; the other
-/// connections keep theirs (the LRU map's policy, within a bucket).
+/// connections keep theirs (the LRU map's policy, within a bucket). The pod's entries
+/// fill its share of the bucket, so the slot is one of its own.
 fn full_bucket_evicts_the_least_recently_seen(
     src: Addr,
     dst: Addr,
@@ -2844,8 +2890,16 @@ fn full_bucket_evicts_the_least_recently_seen(
     f.endpoint(src, ISO_IN | ISO_EG | EG_CIDR);
     f.cidr(SET_EG, dst, if src.is_v4() { 32 } else { 128 }, all());
     let ports = same_bucket_ports(&f, src, dst, CT_WAYS + 1);
-    for &(sp, dp) in &ports[..CT_WAYS] {
+    for (i, &(sp, dp)) in ports[..CT_WAYS].iter().enumerate() {
         assert_eq!(f.verdict(Egress, &frame(sp, dp)), Reason::AllowCidr);
+        if i < 2 {
+            // Rewritten by the agent (as seeding does): owned by nobody, so the pod's own
+            // share of the bucket (2 slots) leaves room for the next two.
+            let (k, _) = ct::normalize(src, dst, sp, dp, UDP);
+            let v = f.maps.conntrack_get(&k).expect("entry");
+            f.maps.set_conntrack(k, v).expect("rewrite");
+            assert_eq!(f.maps.conntrack_get(&k).expect("entry").owner, 0);
+        }
     }
     // Make ports[2] the least recently seen of the full bucket.
     let (k, _) = ct::normalize(src, dst, ports[2].0, ports[2].1, UDP);
@@ -2909,7 +2963,7 @@ fn agent_and_kernel_share_the_conntrack_tables() {
         let v = policy_common::CtValue {
             last_seen_ns: now,
             flags: flags | ct_flags::SEEN_REPLY,
-            _pad: 0,
+            owner: 0,
         };
         f.maps.set_conntrack(k, v).expect("seed");
         assert_eq!(f.maps.conntrack_get(&k), Some(v));

@@ -230,7 +230,7 @@ mod tests {
         let v = CtValue {
             last_seen_ns: 0,
             flags: ct_flags::REQ_EGRESS | ct_flags::INGRESS_OK,
-            _pad: 0,
+            owner: 0,
         };
         assert_eq!(stored_required(&v), ct_flags::EGRESS_OK);
         assert!(!has_grants(&v, stored_required(&v)));

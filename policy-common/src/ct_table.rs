@@ -25,6 +25,11 @@ use crate::maps::{CtKey, CtKey4, CtValue, MAX_CONNTRACK};
 
 /// Slots per bucket.
 pub const CT_WAYS: usize = 4;
+/// Slots of a bucket one owner (`CtValue::owner`) may hold: a new entry of an owner holding
+/// this many replaces one of its own. So a pod flooding the table with flows, answered or
+/// not, holds at most half of it, and once it holds its share of a bucket it evicts nobody
+/// else's there.
+pub const CT_OWNER_SHARE: u32 = 2;
 /// Buckets per table (a power of two).
 pub const CT_BUCKETS: u32 = MAX_CONNTRACK / CT_WAYS as u32;
 const _: () = assert!(CT_BUCKETS.is_power_of_two());

@@ -481,7 +481,11 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     /// [`ct_flags`].
     pub flags: u32,
-    pub _pad: u32,
+    /// The endpoint (`EndpointValue::endpoint_id`) on whose behalf the entry was made, 0 for
+    /// none known (seeded or migrated): one owner holds at most
+    /// [`crate::ct_table::CT_OWNER_SHARE`] slots of a bucket, so no pod's flows fill the
+    /// table.
+    pub owner: u32,
 }
 
 /// `SERVICE_CIDRS` key data (LPM trie, value 1): a Service ClusterIP range. The prefix length

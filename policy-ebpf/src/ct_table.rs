@@ -6,7 +6,7 @@ use core::ptr::{read_volatile as rd, write_volatile as wr};
 
 use policy_common::{
     CtKey, CtKey4, CtValue, ct_flags,
-    ct_table::{CT_WAYS, CtSlot4, CtSlot6, bucket4, bucket6, seq_holds_key},
+    ct_table::{CT_OWNER_SHARE, CT_WAYS, CtSlot4, CtSlot6, bucket4, bucket6, seq_holds_key},
 };
 
 use crate::maps::{CONFIG, CONNTRACK, CONNTRACK4, CT_WAY};
@@ -152,28 +152,57 @@ fn find<S: Slot>(slots: *mut S, k: &S::Key) -> Option<*mut CtValue> {
 
 /// Writes `k` -> `v` (a key no slot holds) over the slot of its bucket that matters least:
 /// a connection not (or no longer) answered before an established one, then the least
-/// recently seen. So a flood of new flows, which stay unanswered, churns the unanswered
-/// slots and never evicts another pod's established connection while one is left.
+/// recently seen; and when `v`'s owner already holds [`CT_OWNER_SHARE`] slots of the
+/// bucket, one of its own. So a flood of new flows, which stay unanswered, churns the
+/// unanswered slots, and no pod's flows, answered or not, take more than its share of a
+/// bucket from the others.
 /// Gives up when that slot is being written by another CPU: nothing recorded, the next packet
 /// decides again. (Few branches: every path that records a connection goes through here,
 /// and the verifier walks each.)
 #[inline(always)]
 fn put<S: Slot>(slots: *mut S, k: &S::Key, v: &CtValue) {
-    let mut pick = slots;
-    // SAFETY: `slots` points to a bucket of CT_WAYS slots.
-    let mut lowest = unsafe { eviction_rank(S::value(slots)) };
-    let mut i = 1;
+    let owner = v.owner;
+    let mut held = 0;
+    let mut i = 0;
+    while i < CT_WAYS {
+        // SAFETY: `slots` points to a bucket of CT_WAYS slots.
+        let s = unsafe { slots.add(i) };
+        // SAFETY: as above.
+        let (seq, o) = unsafe { (rd(S::seq(s)), rd(&raw const (*S::value(s)).owner)) };
+        if owner != 0 && seq_holds_key(seq) && o == owner {
+            held += 1;
+        }
+        i += 1;
+    }
+    let own_only = held >= CT_OWNER_SHARE;
+    let mut pick_way = 0u32;
+    let mut lowest = u64::MAX;
+    let mut i = 0;
     while i < CT_WAYS {
         // SAFETY: as above.
         let s = unsafe { slots.add(i) };
         // SAFETY: as above.
-        let rank = unsafe { eviction_rank(S::value(s)) };
-        if rank < lowest {
-            lowest = rank;
-            pick = s;
+        let o = unsafe { rd(&raw const (*S::value(s)).owner) };
+        if !own_only || o == owner {
+            // SAFETY: as above.
+            let rank = unsafe { eviction_rank(S::value(s)) };
+            if rank < lowest {
+                lowest = rank;
+                pick_way = i as u32;
+            }
         }
         i += 1;
     }
+    // Through `CT_WAY` (see `find`): one pointer shape after the choice, not one per way
+    // and per path that led to it, or the verifier walks the rest once per combination.
+    let Some(way) = CT_WAY.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of CT_WAY; the way read back is masked into the bucket.
+    let pick = unsafe {
+        wr(way, pick_way);
+        slots.add(rd(way) as usize & (CT_WAYS - 1))
+    };
     let seq = S::seq(pick);
     // SAFETY: pointers into the bucket's map value.
     unsafe {
@@ -184,7 +213,7 @@ fn put<S: Slot>(slots: *mut S, k: &S::Key, v: &CtValue) {
         S::write_key(pick, k);
         let d = S::value(pick);
         wr(&raw mut (*d).flags, v.flags);
-        wr(&raw mut (*d)._pad, 0);
+        wr(&raw mut (*d).owner, v.owner);
         wr(&raw mut (*d).last_seen_ns, v.last_seen_ns);
         fetch_add(seq, 1);
     }

@@ -800,7 +800,12 @@ fn flow_verdict(
                     let v = CtValue {
                         last_seen_ns: now,
                         flags,
-                        _pad: 0,
+                        // The local pod the connection is made for: its share of the table.
+                        owner: if src.endpoint_id != 0 {
+                            src.endpoint_id
+                        } else {
+                            dst.endpoint_id
+                        },
                     };
                     if ct.v4 {
                         ct_table::insert4(&keys.key4, &v);

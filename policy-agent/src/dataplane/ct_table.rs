@@ -196,7 +196,7 @@ fn put<S: Slot>(
         }
         S::set_key(s, *k);
         // SAFETY: as above; the slot is claimed.
-        unsafe { std::ptr::write_volatile(S::value(s), CtValue { _pad: 0, ..*v }) };
+        unsafe { std::ptr::write_volatile(S::value(s), CtValue { owner: 0, ..*v }) };
         seq_of(s).fetch_add(1, Ordering::Release);
         return Ok(());
     }

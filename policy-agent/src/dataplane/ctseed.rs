@@ -55,7 +55,7 @@ pub fn seed_entry(
         CtValue {
             last_seen_ns: now_ns,
             flags,
-            _pad: 0,
+            owner: 0,
         },
     )
 }
