@@ -1935,41 +1935,44 @@ fn an_icmp_error_must_come_back_the_way_its_quoted_packet_went() {
     let err = |from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]| {
         V4::new(from, to).frame(&icmp_error(false, 3, 4, &quoted[..28]))
     };
-    // The far end, a router beyond the node, the node itself: the reverse path.
-    assert_eq!(
-        f.verdict(Ingress, &err(EXT4, A4, &out)),
-        Reason::AllowRelated
-    );
-    assert_eq!(
-        f.verdict(Ingress, &err(ROUTER4, A4, &out)),
-        Reason::AllowRelated
-    );
-    assert_eq!(
-        f.verdict(Ingress, &err(NODE4, A4, &out)),
-        Reason::AllowRelated
-    );
-    // Another local pod quoting A's flow to EXT: not on its path.
-    assert_eq!(
-        f.verdict(Ingress, &err(B4, A4, &out)),
-        Reason::DenyUnrelated
-    );
-    // A flow to a pod on this node has no router but the node on its path.
-    assert_eq!(
-        f.verdict(Ingress, &err(B4, A4, &local)),
-        Reason::AllowRelated
-    );
-    assert_eq!(
-        f.verdict(Ingress, &err(NODE4, A4, &local)),
-        Reason::AllowRelated
-    );
-    assert_eq!(
-        f.verdict(Ingress, &err(ROUTER4, A4, &local)),
-        Reason::DenyUnrelated
-    );
-    assert_eq!(
-        f.verdict(Ingress, &err(EXT4, A4, &local)),
-        Reason::DenyUnrelated
-    );
+    for (from, quoted, want, why) in [
+        (EXT4, &out, Reason::AllowRelated, "the far end"),
+        (
+            ROUTER4,
+            &out,
+            Reason::AllowRelated,
+            "a router beyond the node",
+        ),
+        (NODE4, &out, Reason::AllowRelated, "the node itself"),
+        (
+            B4,
+            &out,
+            Reason::DenyUnrelated,
+            "another local pod, not on the path",
+        ),
+        // A flow to a pod on this node has no router but the node on its path.
+        (B4, &local, Reason::AllowRelated, "the local peer itself"),
+        (
+            NODE4,
+            &local,
+            Reason::AllowRelated,
+            "the node, for a local flow",
+        ),
+        (
+            ROUTER4,
+            &local,
+            Reason::DenyUnrelated,
+            "a router, for a local flow",
+        ),
+        (
+            EXT4,
+            &local,
+            Reason::DenyUnrelated,
+            "an outsider, for a local flow",
+        ),
+    ] {
+        assert_eq!(f.verdict(Ingress, &err(from, A4, quoted)), want, "{why}");
+    }
     // Quoting a packet A never sent as its source (addressed to A, quoting EXT's flow).
     let theirs = V4::new(EXT4, A4).packet(&udp(9999, 44000));
     assert_eq!(
@@ -1989,14 +1992,10 @@ fn an_icmp_error_must_come_back_the_way_its_quoted_packet_went() {
     assert_eq!(f.verdict(Ingress, &ptb(B6)), Reason::DenyUnrelated);
 }
 
-/// Another pod floods the node's connection table with ten times its capacity of distinct
-/// allowed flows (one packet each, never answered): an established connection of a server
-/// isolated for egress keeps its entry, so the server's next packet still passes.
-#[test]
-fn an_established_connection_survives_a_flood_of_ten_times_the_tables_capacity() {
-    let mut f = fixture();
-    // A serves EXT (ingress admits it); its egress admits only the flood's range, so its
-    // packets to EXT pass only as replies. B may send anything into the flood's range.
+/// A serves EXT (its ingress admits it); its egress admits only the flood's range, so its
+/// packets to EXT pass only as replies. B may send anything into the flood's range. A's
+/// connection from EXT is open (SYN, SYN-ACK). Returns the flood's range.
+fn flood_setup(f: &mut Fixture) -> Ipv4Addr {
     f.endpoint(a4(A4), ISO_IN | ISO_EG | IN_CIDR | EG_CIDR);
     f.endpoint_id(a4(B4), 9, ISO_EG | EG_CIDR);
     f.cidr(SET_IN, a4(EXT4), 32, all());
@@ -2010,6 +2009,16 @@ fn an_established_connection_survives_a_flood_of_ten_times_the_tables_capacity()
         f.verdict(Egress, &tcp4(A4, EXT4, 22, 50000, SYN | ACK)),
         Reason::AllowEstablished
     );
+    flood_net
+}
+
+/// Another pod floods the node's connection table with ten times its capacity of distinct
+/// allowed flows (one packet each, never answered): an established connection of a server
+/// isolated for egress keeps its entry, so the server's next packet still passes.
+#[test]
+fn an_established_connection_survives_a_flood_of_ten_times_the_tables_capacity() {
+    let mut f = fixture();
+    let flood_net = flood_setup(&mut f);
     assert_eq!(
         f.verdict(Ingress, &tcp4(EXT4, A4, 50000, 22, ACK)),
         Reason::AllowEstablished
@@ -2047,19 +2056,7 @@ fn an_established_connection_survives_a_flood_of_ten_times_the_tables_capacity()
 #[test]
 fn an_answered_flood_takes_no_more_than_its_share_of_the_table() {
     let mut f = fixture();
-    f.endpoint(a4(A4), ISO_IN | ISO_EG | IN_CIDR | EG_CIDR);
-    f.endpoint_id(a4(B4), 9, ISO_EG | EG_CIDR);
-    f.cidr(SET_IN, a4(EXT4), 32, all());
-    let flood_net = Ipv4Addr::new(198, 19, 128, 0);
-    f.cidr(SET_EG, a4(flood_net), 17, all());
-    assert_eq!(
-        f.verdict(Ingress, &tcp4(EXT4, A4, 50000, 22, SYN)),
-        Reason::AllowCidr
-    );
-    assert_eq!(
-        f.verdict(Egress, &tcp4(A4, EXT4, 22, 50000, SYN | ACK)),
-        Reason::AllowEstablished
-    );
+    let flood_net = flood_setup(&mut f);
     let capacity = policy_common::MAX_CONNTRACK as usize;
     let mut out = udp4(B4, flood_net, 1024, 1024);
     let mut back = udp4(flood_net, B4, 1024, 1024);

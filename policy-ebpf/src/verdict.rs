@@ -157,18 +157,24 @@ pub fn judge_translated(ctx: &TcContext) -> bool {
     true
 }
 
-/// Whether a pod hook deferred this client socket's egress to a Service moments ago.
+/// The `SERVICE_PENDING` entry of this packet's client socket: a SYN's by its sequence
+/// number first, else the one of its source port.
 #[inline(always)]
-fn deferred(pkt: &Pkt) -> bool {
-    let syn = is_syn(pkt);
+fn pending_entry(pkt: &Pkt) -> Option<*mut policy_common::PendingValue> {
     let mut entry = None;
-    if syn {
+    if is_syn(pkt) {
         entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
     }
     if entry.is_none() {
         entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
     }
-    let Some(p) = entry else {
+    entry
+}
+
+/// Whether a pod hook deferred this client socket's egress to a Service moments ago.
+#[inline(always)]
+fn deferred(pkt: &Pkt) -> bool {
+    let Some(p) = pending_entry(pkt) else {
         return false;
     };
     let mut fresh = false;
@@ -987,15 +993,7 @@ fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
 /// whose own backends still judge what the client sends them.
 #[inline(always)]
 fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
-    let syn = is_syn(pkt);
-    let mut entry = None;
-    if syn {
-        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
-    }
-    if entry.is_none() {
-        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
-    }
-    let Some(p) = entry else {
+    let Some(p) = pending_entry(pkt) else {
         return;
     };
     for i in 0..PENDING_SLOTS {
