@@ -157,24 +157,18 @@ pub fn judge_translated(ctx: &TcContext) -> bool {
     true
 }
 
-/// The `SERVICE_PENDING` entry of this packet's client socket: a SYN's by its sequence
-/// number first, else the one of its source port.
+/// Whether a pod hook deferred this client socket's egress to a Service moments ago.
 #[inline(always)]
-fn pending_entry(pkt: &Pkt) -> Option<*mut policy_common::PendingValue> {
+fn deferred(pkt: &Pkt) -> bool {
+    let syn = is_syn(pkt);
     let mut entry = None;
-    if is_syn(pkt) {
+    if syn {
         entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
     }
     if entry.is_none() {
         entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
     }
-    entry
-}
-
-/// Whether a pod hook deferred this client socket's egress to a Service moments ago.
-#[inline(always)]
-fn deferred(pkt: &Pkt) -> bool {
-    let Some(p) = pending_entry(pkt) else {
+    let Some(p) = entry else {
         return false;
     };
     let mut fresh = false;
@@ -993,7 +987,15 @@ fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
 /// whose own backends still judge what the client sends them.
 #[inline(always)]
 fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
-    let Some(p) = pending_entry(pkt) else {
+    let syn = is_syn(pkt);
+    let mut entry = None;
+    if syn {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
+    }
+    if entry.is_none() {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
+    }
+    let Some(p) = entry else {
         return;
     };
     for i in 0..PENDING_SLOTS {
