@@ -96,7 +96,8 @@ pub fn sample(dp: &Dataplane) -> Result<ClockSample, DataplaneError> {
 /// counters are not updated together.)
 pub fn calibrate(dp: &Dataplane) -> Result<TickClock, DataplaneError> {
     let start = Instant::now();
-    let mut last = sample(dp)?;
+    let first = sample(dp)?;
+    let mut last = first;
     let mut steps = Vec::with_capacity(MIN_STEPS);
     while steps.len() < MIN_STEPS {
         if start.elapsed() > MAX_WAIT {
@@ -111,12 +112,23 @@ pub fn calibrate(dp: &Dataplane) -> Result<TickClock, DataplaneError> {
         }
         last = s;
     }
-    tick_clock(&last, &steps)
+    tick_clock(&first, &last, &steps)
 }
 
-/// The clock that the coarse clock's steps and a last sample give (pure: unit-tested).
-pub fn tick_clock(last: &ClockSample, steps: &[u64]) -> Result<TickClock, DataplaneError> {
-    let step = steps
+/// The clock that the coarse clock's steps between a first and a last sample give (pure:
+/// unit-tested).
+///
+/// The smallest step is one tick unless every step seen was several (a busy host's
+/// vCPU descheduled at each tick; seen: all steps 8 ms at HZ 250, calibrated as HZ 128).
+/// The ratio of coarse time to jiffies over the whole window is too rough to give the
+/// tick (the two counters are not updated together: off by up to a quarter), but it
+/// tells how many ticks the smallest step spans.
+pub fn tick_clock(
+    first: &ClockSample,
+    last: &ClockSample,
+    steps: &[u64],
+) -> Result<TickClock, DataplaneError> {
+    let smallest = steps
         .iter()
         .copied()
         .filter(|&n| n > 0)
@@ -124,6 +136,15 @@ pub fn tick_clock(last: &ClockSample, steps: &[u64]) -> Result<TickClock, Datapl
         .ok_or_else(|| {
             DataplaneError::Clock("the coarse clock never moved between samples".into())
         })?;
+    let elapsed_jiffies = last.jiffies.wrapping_sub(first.jiffies);
+    let elapsed_ns = last.coarse_ns.saturating_sub(first.coarse_ns);
+    let ticks_in_step = if elapsed_jiffies == 0 || elapsed_jiffies > elapsed_ns {
+        1
+    } else {
+        let rough_tick = elapsed_ns as f64 / elapsed_jiffies as f64;
+        ((smallest as f64 / rough_tick).round() as u64).max(1)
+    };
+    let step = smallest / ticks_in_step;
     let measured_hz = (1_000_000_000f64 / step as f64).round() as u64;
     let hz = USUAL_HZ
         .iter()
@@ -160,14 +181,19 @@ mod tests {
         // HZ 250, jiffies started at the kernel's INITIAL_JIFFIES.
         let init = (1u64 << 32) - 300 * 250;
         let t = 1_000_005;
-        let c = tick_clock(&s(t * 4_000_000, init + t), &[4_000_000; 8]).unwrap();
+        let c = tick_clock(
+            &s((t - 8) * 4_000_000, init + t - 8),
+            &s(t * 4_000_000, init + t),
+            &[4_000_000; 8],
+        )
+        .unwrap();
         assert_eq!(c.jiffy_ns, 4_000_000);
         assert_eq!(c.jiffies_base, init);
         // HZ 300: the tick is rounded as the kernel rounds it.
-        let c = tick_clock(&s(0, 10), &[3_333_333, 6_666_667]).unwrap();
+        let c = tick_clock(&s(0, 7), &s(10_000_000, 10), &[3_333_333, 6_666_667]).unwrap();
         assert_eq!(c.jiffy_ns, 3_333_333);
         // NTP slews a step by a few ns: still the usual HZ.
-        let c = tick_clock(&s(0, 10), &[1_000_004, 999_998]).unwrap();
+        let c = tick_clock(&s(0, 8), &s(2_000_002, 10), &[1_000_004, 999_998]).unwrap();
         assert_eq!(c.jiffy_ns, 1_000_000);
     }
 
@@ -176,8 +202,25 @@ mod tests {
     #[test]
     fn steps_of_several_ticks_do_not_stretch_the_tick() {
         let steps = [8_000_001, 20_000_000, 4_000_000, 12_000_000, 8_000_000];
-        let c = tick_clock(&s(0, 10), &steps).unwrap();
+        let c = tick_clock(&s(0, 0), &s(52_000_001, 13), &steps).unwrap();
         assert_eq!(c.jiffy_ns, 4_000_000);
+    }
+
+    /// What CI showed three times: every step two ticks (8 ms at HZ 250). The jiffies over
+    /// the window, even a tick off at both ends, say each step is two ticks.
+    #[test]
+    fn steps_that_are_all_two_ticks_still_give_one_tick() {
+        let steps = [8_000_000; 8];
+        for jiffies in [15, 16, 17] {
+            let c = tick_clock(&s(0, 100), &s(64_000_000, 100 + jiffies), &steps).unwrap();
+            assert_eq!(c.jiffy_ns, 4_000_000, "{jiffies} jiffies");
+        }
+        // A real HZ 128 (one tick per step) is not halved by a quarter's error.
+        let steps = [7_812_500; 8];
+        for jiffies in [6, 8, 10] {
+            let c = tick_clock(&s(0, 100), &s(62_500_000, 100 + jiffies), &steps).unwrap();
+            assert_eq!(c.jiffy_ns, 7_812_500, "{jiffies} jiffies");
+        }
     }
 
     #[test]
@@ -200,7 +243,7 @@ mod tests {
 
     #[test]
     fn no_progress_is_an_error_not_a_division_by_zero() {
-        assert!(tick_clock(&s(5, 10), &[]).is_err());
-        assert!(tick_clock(&s(5, 10), &[0, 0]).is_err());
+        assert!(tick_clock(&s(5, 10), &s(5, 10), &[]).is_err());
+        assert!(tick_clock(&s(5, 10), &s(5, 10), &[0, 0]).is_err());
     }
 }
