@@ -2,6 +2,7 @@
 //! loader, and the object sources (Kubernetes watchers, standalone manifests).
 
 pub mod cluster;
+pub mod cni;
 pub mod compiler;
 pub mod convert;
 pub mod dataplane;

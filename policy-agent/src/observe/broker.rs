@@ -239,15 +239,13 @@ fn hung_up(s: &UnixStream) -> bool {
 }
 
 fn bind(name: &str) -> Result<UnixListener, ObserveError> {
-    use std::os::linux::net::SocketAddrExt as _;
     let err = |source| ObserveError::Socket {
         name: name.to_string(),
         source,
     };
     // We hold the consumer lock of this pin directory, so no other broker serves it; an
     // abstract name dies with its socket, so there is nothing stale to remove first.
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(err)?;
-    let l = UnixListener::bind_addr(&addr).map_err(err)?;
+    let l = policy_cni::local_socket::bind(name).map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;
     Ok(l)
 }
@@ -256,8 +254,7 @@ fn bind(name: &str) -> Result<UnixListener, ObserveError> {
 /// user) may read them. An abstract socket has no file mode, so the peer's credentials
 /// decide.
 fn trusted_peer(s: &UnixStream) -> bool {
-    // SAFETY: geteuid cannot fail.
-    super::peer_cred(s).is_ok_and(|c| super::trusted_uid(c.uid, unsafe { libc::geteuid() }))
+    policy_cni::local_socket::trusted_peer(s)
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub mod status;
 pub mod timefmt;
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
+
+use policy_cni::local_socket;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -98,11 +100,7 @@ impl ObserveError {
 /// The abstract socket name of pin directory `bpf_dir`'s monitor socket: a hash of the
 /// canonical path (names are limited to 107 bytes, so the path itself cannot be the name).
 pub fn socket_name(bpf_dir: &Path) -> String {
-    let canon = std::fs::canonicalize(bpf_dir).unwrap_or_else(|_| bpf_dir.to_path_buf());
-    format!(
-        "netpol-monitor-{:016x}",
-        fnv1a(canon.as_os_str().as_encoded_bytes())
-    )
+    local_socket::name_for("netpol-monitor", bpf_dir)
 }
 
 /// Connects to the monitor socket of the agent of `bpf_dir` (this network namespace),
@@ -112,9 +110,7 @@ pub fn connect(bpf_dir: &Path) -> std::io::Result<UnixStream> {
 }
 
 fn connect_raw(name: &str) -> std::io::Result<UnixStream> {
-    use std::os::linux::net::SocketAddrExt as _;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-    UnixStream::connect_addr(&addr)
+    local_socket::connect(name)
 }
 
 /// Connects to the agent of `bpf_dir` as [`connect`] does, and checks who serves the socket:
@@ -129,7 +125,7 @@ fn connect_named(name: &str) -> Result<Option<UnixStream>, ObserveError> {
     let Ok(stream) = connect_raw(name) else {
         return Ok(None);
     };
-    let cred = peer_cred(&stream).map_err(|source| ObserveError::Socket {
+    let cred = local_socket::peer_cred(&stream).map_err(|source| ObserveError::Socket {
         name: name.to_string(),
         source,
     })?;
@@ -140,7 +136,7 @@ fn connect_named(name: &str) -> Result<Option<UnixStream>, ObserveError> {
 
 /// Refuses a server that is neither root nor `euid`.
 fn check_server_cred(name: &str, cred: libc::ucred, euid: u32) -> Result<(), ObserveError> {
-    if trusted_uid(cred.uid, euid) {
+    if local_socket::trusted_uid(cred.uid, euid) {
         return Ok(());
     }
     Err(ObserveError::UntrustedServer {
@@ -148,43 +144,6 @@ fn check_server_cred(name: &str, cred: libc::ucred, euid: u32) -> Result<(), Obs
         pid: cred.pid,
         uid: cred.uid,
         euid,
-    })
-}
-
-/// Who may be on the other end of the monitor socket, either way: root, or the same user.
-pub(crate) fn trusted_uid(uid: u32, euid: u32) -> bool {
-    uid == 0 || uid == euid
-}
-
-/// The credentials of a unix socket's peer (`SO_PEERCRED`: for a connected client, of the
-/// process that made the listening socket; for an accepted one, of the client), taken by
-/// the kernel when the connection was made, so the peer cannot fake them.
-pub(crate) fn peer_cred(s: &UnixStream) -> std::io::Result<libc::ucred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a valid socket and an out-buffer of the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
@@ -305,14 +264,12 @@ mod tests {
 
     #[test]
     fn the_monitor_connects_to_a_socket_of_its_own_user() {
-        use std::os::linux::net::SocketAddrExt as _;
         let name = format!("netpol-monitor-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).expect("name");
-        let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("bind");
+        let _listener = local_socket::bind(&name).expect("bind");
         let stream = connect_named(&name).expect("trusted").expect("listening");
         // SO_PEERCRED of the connected socket names the listener's process: this one.
         assert_eq!(
-            peer_cred(&stream).expect("cred").pid,
+            local_socket::peer_cred(&stream).expect("cred").pid,
             std::process::id() as i32
         );
         let nobody = format!("{name}-nobody");
