@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use policy_agent::dataplane::{AttachMode, UplinkMode};
 use policy_agent::node::NodeOptions;
-use policy_agent::{observe, standalone};
+use policy_agent::{cni, observe, standalone};
 
 #[derive(Parser)]
 #[command(
@@ -84,6 +84,69 @@ impl NodeArgs {
     }
 }
 
+/// `netpol-cni`, the chained plugin that holds a pod's start until it is enforced.
+#[derive(clap::Args)]
+struct CniArgs {
+    /// The runtime's CNI configuration directory: the plugin's entry is kept at the end of
+    /// the conflist the runtime uses (pods then start only once enforced). Unset: nothing
+    /// is installed (the agent still answers a plugin configured by hand).
+    #[arg(long, value_name = "DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The runtime's CNI binary directory, where the plugin is copied.
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The plugin binary to install (default: `netpol-cni` beside this executable).
+    #[arg(long, value_name = "PATH")]
+    cni_plugin: Option<PathBuf>,
+    /// How long a pod's start waits for enforcement before the runtime is told to retry.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    cni_timeout: f64,
+}
+
+impl CniArgs {
+    /// Serves the CNI socket for `bpf_dir` (and installs the plugin when asked); the
+    /// server runs while the returned handle lives.
+    fn serve(
+        self,
+        bpf_dir: &std::path::Path,
+    ) -> Result<(std::sync::Arc<cni::PodStarts>, Option<cni::CniServer>)> {
+        let starts = cni::PodStarts::new();
+        let install = match self.cni_conf_dir {
+            None => None,
+            Some(conf_dir) => {
+                let max = policy_cni::protocol::MAX_WAIT_MS as f64 / 1000.0;
+                anyhow::ensure!(
+                    self.cni_timeout > 0.0 && self.cni_timeout <= max,
+                    "--cni-timeout must be in (0, {max}] seconds"
+                );
+                let plugin = match self.cni_plugin {
+                    Some(p) => p,
+                    None => std::env::current_exe()
+                        .context("locating this executable")?
+                        .with_file_name(cni::install::PLUGIN_TYPE),
+                };
+                Some(cni::install::Install {
+                    plugin,
+                    bin_dir: self.cni_bin_dir,
+                    conf_dir,
+                    socket: cni::server::socket_name(bpf_dir),
+                    timeout_secs: self.cni_timeout,
+                })
+            }
+        };
+        let required = install.is_some();
+        match cni::CniServer::spawn(bpf_dir, starts.clone(), install) {
+            Ok(s) => Ok((starts, Some(s))),
+            // Installed, the plugin would fail every pod start without the socket.
+            Err(e) if required => Err(e).context("serving netpol-cni"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no CNI socket: a netpol-cni configured by hand fails pod starts");
+                Ok((starts, None))
+            }
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Enforce the Namespaces, Pods and NetworkPolicies of a manifest directory on this host
@@ -103,12 +166,20 @@ enum Mode {
         status_file: Option<PathBuf>,
         #[command(flatten)]
         node: NodeArgs,
+        #[command(flatten)]
+        cni: CniArgs,
     },
     /// Detach the programs (pinned links, clsact filters in this network namespace) and
     /// unpin the maps: enforcement stops.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/netpol")]
         bpf_dir: PathBuf,
+        /// Also take netpol-cni out of this CNI configuration directory (and its binary out
+        /// of --cni-bin-dir): else pods cannot start once no agent answers it.
+        #[arg(long, value_name = "DIR")]
+        cni_conf_dir: Option<PathBuf>,
+        #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
     },
     /// Run as the node agent of a Kubernetes cluster (the DaemonSet in deploy/): watch Pods,
     /// Namespaces and NetworkPolicies and enforce them for this node's pods.
@@ -127,6 +198,8 @@ enum Mode {
         resync_secs: u64,
         #[command(flatten)]
         node: NodeArgs,
+        #[command(flatten)]
+        cni: CniArgs,
     },
     /// What the pinned datapath holds and has decided: attached programs, endpoints and their
     /// isolation, map use, verdict counters. Reads the pinned maps read-only; no agent needed.
@@ -213,7 +286,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Mode::Uninstall { bpf_dir } => {
+        Mode::Uninstall {
+            bpf_dir,
+            cni_conf_dir,
+            cni_bin_dir,
+        } => {
+            if let Some(conf_dir) = cni_conf_dir {
+                // First: with the programs gone, nothing answers the plugin any more.
+                let changed = cni::install::remove(&conf_dir, &cni_bin_dir)
+                    .context("removing netpol-cni")?;
+                tracing::info!(?changed, "netpol-cni removed");
+            }
             let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;
             tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, programs = ?gone.programs, "uninstalled");
             Ok(())
@@ -224,16 +307,19 @@ fn main() -> Result<()> {
             poll_ms,
             status_file,
             node,
+            cni,
         } => {
             let node = node.options()?;
             // Serves `policy-agent monitor` while the agent runs (see observe::broker).
             let _broker = observe::broker::Broker::spawn(node.bpf_dir.clone());
+            let (pod_starts, _cni_server) = cni.serve(&node.bpf_dir)?;
             let cfg = standalone::Config {
                 manifests,
                 node_name,
                 poll_interval: Duration::from_millis(poll_ms.max(10)),
                 status_file,
                 node,
+                pod_starts: Some(pod_starts),
             };
             standalone::run(&cfg, &STOP).context("standalone agent")
         }
@@ -243,8 +329,10 @@ fn main() -> Result<()> {
             debounce_ms,
             resync_secs,
             node,
+            cni,
         } => {
             let node = node.options()?;
+            let (pod_starts, _cni_server) = cni.serve(&node.bpf_dir)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -257,6 +345,7 @@ fn main() -> Result<()> {
                 node,
                 debounce_ms,
                 resync_secs,
+                pod_starts,
             ))
         }
     }
@@ -276,6 +365,7 @@ async fn run_cluster(
     node: NodeOptions,
     debounce_ms: u64,
     resync_secs: u64,
+    pod_starts: std::sync::Arc<policy_agent::cni::PodStarts>,
 ) -> Result<()> {
     use policy_agent::cluster;
     use policy_agent::metrics::{Health, Metrics};
@@ -293,6 +383,7 @@ async fn run_cluster(
     let mut loop_cfg = cluster::LoopConfig::new(&node_name);
     loop_cfg.debounce = Duration::from_millis(debounce_ms);
     loop_cfg.resync = Duration::from_secs(resync_secs.max(1));
+    loop_cfg.pod_starts = Some(pod_starts);
     let cfg = cluster::Config {
         loop_cfg,
         metrics_addr: Some(metrics_addr),

@@ -110,6 +110,18 @@ impl Pod {
         ObjectKey::new(&self.namespace, &self.name)
     }
 
+    /// A pod whose object carries no address yet takes those the CNI plugin reported for
+    /// it (the kubelet writes status.podIPs only once the CNI ADD has returned, and the
+    /// ADD waits for the pod to be enforced). The object's own addresses always win.
+    pub fn take_reported_addresses(&mut self, reported: Option<&Vec<IpAddr>>) {
+        if let Some(ips) = reported
+            && self.ips.is_empty()
+            && !self.host_network
+        {
+            self.ips = ips.clone();
+        }
+    }
+
     /// Resolves a named port on this pod for a protocol (the destination-side resolution the
     /// spec prescribes).
     pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {

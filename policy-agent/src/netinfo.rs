@@ -237,6 +237,22 @@ pub fn link_kind(name: &str) -> std::io::Result<LinkKind> {
 /// pass at once, instead of at the next poll.
 pub struct LinkEvents {
     fd: std::os::fd::OwnedFd,
+    /// An eventfd [`LinkWaker`]s write to: a wait also ends on it.
+    wake: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+/// Ends a [`LinkEvents::wait`] from another thread (something besides a link changed).
+#[derive(Clone)]
+pub struct LinkWaker(std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl LinkWaker {
+    pub fn wake(&self) {
+        use std::os::fd::AsRawFd;
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to an eventfd we own; a full counter only means a wake
+        // is pending already.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
 }
 
 /// RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR |
@@ -275,25 +291,43 @@ impl LinkEvents {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(LinkEvents { fd })
+        // SAFETY: plain eventfd(2); the fd is owned at once.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let wake = std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        Ok(LinkEvents { fd, wake })
     }
 
-    /// Waits up to `timeout` for a notification; drains every one queued. Whether any came
-    /// (an overrun of the socket's buffer counts: something changed).
+    /// A handle that ends the current or next [`LinkEvents::wait`].
+    pub fn waker(&self) -> LinkWaker {
+        LinkWaker(self.wake.clone())
+    }
+
+    /// Waits up to `timeout` for a notification or a [`LinkWaker`]; drains every one queued.
+    /// Whether any came (an overrun of the socket's buffer counts: something changed).
     pub fn wait(&self, timeout: std::time::Duration) -> bool {
         use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+        let mut pfd = [self.fd.as_raw_fd(), self.wake.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
+        });
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) } <= 0 {
             return false;
         }
-        let mut buf = [0u8; 8192];
         let mut any = false;
+        if pfd[1].revents != 0 {
+            let mut count = [0u8; 8];
+            // SAFETY: an 8-byte read from our non-blocking eventfd resets it.
+            unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            any = true;
+        }
+        let mut buf = [0u8; 8192];
         loop {
             // SAFETY: a valid writable buffer of its length; non-blocking socket.
             let n = unsafe {

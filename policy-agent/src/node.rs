@@ -4,7 +4,7 @@
 //! right interfaces. Standalone mode and the cluster loop only decide *what* to enforce;
 //! everything here is the same whichever of them asks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -63,6 +63,21 @@ pub struct Interfaces<K> {
     pub uplinks: Vec<String>,
     /// Interfaces where attaching failed (retried next pass), with why.
     pub failed: Vec<(String, String)>,
+    /// Local pods enforced: every address bound on an interface with the pod programs
+    /// (their endpoints are whatever the caller wrote before this pass).
+    pub enforced: Vec<(K, Vec<IpAddr>)>,
+}
+
+impl<K> Default for Interfaces<K> {
+    fn default() -> Self {
+        Interfaces {
+            attached: Vec::new(),
+            waiting: Vec::new(),
+            uplinks: Vec::new(),
+            failed: Vec::new(),
+            enforced: Vec::new(),
+        }
+    }
 }
 
 /// The loaded programs, their maps and attachments.
@@ -257,24 +272,26 @@ impl NodeEnforcer {
                 tracing::warn!(error = %e, "reading routes failed");
                 return Interfaces {
                     attached: self.attached.names(),
-                    waiting: Vec::new(),
                     uplinks: self.uplinks.names(),
                     failed: vec![("<routes>".into(), e.to_string())],
+                    ..Interfaces::default()
                 };
             }
         };
         let pods = links::pod_interfaces(&routes, local);
         let (wanted, waiting) = (pods.wanted, pods.waiting);
-        let bound: BTreeSet<BindingKey> = pods
+        let binding_of: BTreeMap<(String, IpAddr), BindingKey> = pods
             .bound
-            .iter()
+            .into_iter()
             .filter_map(|(iface, ip)| {
-                Some(BindingKey {
-                    ifindex: netinfo::ifindex(iface)?,
-                    addr: addr_of(*ip),
-                })
+                let key = BindingKey {
+                    ifindex: netinfo::ifindex(&iface)?,
+                    addr: addr_of(ip),
+                };
+                Some(((iface, ip), key))
             })
             .collect();
+        let bound: BTreeSet<BindingKey> = binding_of.values().copied().collect();
         let mut failed = Vec::new();
         // New bindings before any program that needs them runs (a pod hook drops what
         // its interface does not carry); old ones only after their programs are gone.
@@ -334,11 +351,25 @@ impl NodeEnforcer {
                 }
             }
         }
+        // A pod is enforced once each of its addresses is bound on an interface that has
+        // the pod programs (what `netpol-cni` waits for).
+        let enforced = pods
+            .placed
+            .into_iter()
+            .filter(|(_, pairs)| {
+                pairs.iter().all(|pair| {
+                    self.attached.contains(&pair.0)
+                        && binding_of.get(pair).is_some_and(|k| self.bound.contains(k))
+                })
+            })
+            .map(|(k, pairs)| (k, pairs.into_iter().map(|(_, ip)| ip).collect()))
+            .collect();
         Interfaces {
             attached: self.attached.names(),
             waiting,
             uplinks: self.uplinks.names(),
             failed,
+            enforced,
         }
     }
 

@@ -10,11 +10,16 @@
 //! On the very first start it seeds conntrack from the kernel's connection table.
 //! `policy-agent uninstall` removes everything.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cni::PodStarts;
 use crate::compiler::{self, CompilerState};
+use crate::model::ObjectKey;
 use crate::dataplane::{DataplaneError, pinning};
 use crate::model::Snapshot;
 use crate::node::{NodeEnforcer, NodeOptions};
@@ -30,6 +35,8 @@ pub struct Config {
     pub status_file: Option<PathBuf>,
     /// The node side: pin directory, attachment, conntrack seeding, migration.
     pub node: NodeOptions,
+    /// Starting pods `netpol-cni` waits on (see [`crate::cni`]).
+    pub pod_starts: Option<Arc<PodStarts>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +105,14 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         "standalone agent started"
     );
     let events = match netinfo::LinkEvents::open() {
-        Ok(e) => Some(e),
+        Ok(e) => {
+            if let Some(ps) = &cfg.pod_starts {
+                // A starting pod's reported addresses end the wait at once.
+                let waker = e.waker();
+                ps.set_waker(move || waker.wake());
+            }
+            Some(e)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "no link notifications: interfaces are polled only");
             None
@@ -147,11 +161,12 @@ struct Agent {
     /// content unchanged ([`manifests::fingerprint_settled`]): while it matches, nothing is
     /// read or parsed.
     last_fingerprint: Option<manifests::Fingerprint>,
-    /// The directory as last read and parsed, and its snapshot with the node addresses it
-    /// was made for.
-    read: Option<(manifests::Manifests, Vec<std::net::IpAddr>, Snapshot)>,
-    /// Generation and node addresses of what the maps hold; `None`: compile next tick.
-    compiled: Option<(u64, Vec<std::net::IpAddr>)>,
+    /// The directory as last read and parsed, and its snapshot with the node addresses and
+    /// the generation of reported pod addresses it was made for.
+    read: Option<(manifests::Manifests, Vec<IpAddr>, u64, Snapshot)>,
+    /// What the maps hold (directory generation, node addresses, reported-addresses
+    /// generation); `None`: compile next tick.
+    compiled: Option<(u64, Vec<IpAddr>, u64)>,
     last_status: Option<Status>,
     /// Keeps each manifest file's last good version: a file turning bad never opens traffic.
     loader: manifests::DirLoader,
@@ -161,6 +176,11 @@ impl Agent {
     fn reconcile(&mut self, cfg: &Config, node: &mut NodeEnforcer) -> Result<(), StandaloneError> {
         let fp = manifests::fingerprint(&cfg.manifests);
         let node_addrs = netinfo::local_addrs()?;
+        let (reported_gen, reported) = cfg
+            .pod_starts
+            .as_ref()
+            .map(|ps| ps.reported())
+            .unwrap_or_default();
         if self.read.is_none() || self.last_fingerprint.as_ref() != Some(&fp) {
             // Taken before reading: a write racing the read changes it, so the next tick
             // reads again; what is parsed and the generation reported are the same bytes.
@@ -177,21 +197,22 @@ impl Agent {
                 for p in &m.problems {
                     tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
                 }
-                let snapshot = m.snapshot(&cfg.node_name, node_addrs.clone());
-                self.read = Some((m, node_addrs.clone(), snapshot));
+                let snapshot = snapshot_of(&m, &cfg.node_name, &node_addrs, &reported);
+                self.read = Some((m, node_addrs.clone(), reported_gen, snapshot));
             }
             self.last_fingerprint = settled.then_some(fp);
         }
-        let Some((m, addrs, snapshot)) = self.read.as_mut() else {
+        let Some((m, addrs, made_gen, snapshot)) = self.read.as_mut() else {
             return Ok(());
         };
-        if *addrs != node_addrs {
-            *snapshot = m.snapshot(&cfg.node_name, node_addrs.clone());
+        if *addrs != node_addrs || *made_gen != reported_gen {
+            *snapshot = snapshot_of(m, &cfg.node_name, &node_addrs, &reported);
             *addrs = node_addrs;
+            *made_gen = reported_gen;
         }
         let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         let generation = m.generation;
-        let key = (generation, addrs.clone());
+        let key = (generation, addrs.clone(), reported_gen);
         if self.compiled.as_ref() != Some(&key) {
             let t0 = Instant::now();
             let desired = compiler::compile(snapshot, &mut self.state);
@@ -213,16 +234,23 @@ impl Agent {
             );
         }
         // Interfaces can appear after the manifests: look every tick.
-        let local = snapshot.pods.values().filter(|p| snapshot.is_local(p));
-        let ifaces = node.sync_interfaces(local.map(|p| (p.key().to_string(), p.ips.as_slice())));
+        let local: Vec<_> = snapshot
+            .pods
+            .values()
+            .filter(|p| snapshot.is_local(p))
+            .collect();
+        let ifaces = node.sync_interfaces(local.iter().map(|p| (p.key(), p.ips.as_slice())));
         for (iface, error) in &ifaces.failed {
             tracing::warn!(%iface, %error, "attaching failed; retrying next tick");
+        }
+        if let Some(ps) = &cfg.pod_starts {
+            ps.publish(local.iter().map(|p| p.key()), ifaces.enforced);
         }
         let status = Status {
             generation,
             endpoints: node.written().endpoints.len(),
             attached: ifaces.attached,
-            waiting: ifaces.waiting,
+            waiting: ifaces.waiting.iter().map(ToString::to_string).collect(),
             uplinks: ifaces.uplinks,
             problems,
             adopted: node.adopted(),
@@ -236,6 +264,23 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The directory's snapshot for this node, starting pods given the addresses `netpol-cni`
+/// reported for them.
+fn snapshot_of(
+    m: &manifests::Manifests,
+    node: &str,
+    node_addrs: &[IpAddr],
+    reported: &BTreeMap<ObjectKey, Vec<IpAddr>>,
+) -> Snapshot {
+    let mut snap = m.snapshot(node, node_addrs.to_vec());
+    for (key, ips) in reported {
+        if let Some(p) = snap.pods.get_mut(key) {
+            p.take_reported_addresses(Some(ips));
+        }
+    }
+    snap
 }
 
 fn write_status(path: &Path, status: &Status) -> Result<(), StandaloneError> {

@@ -16,7 +16,7 @@
 //! object while it is remembered. The result equals [`super::snapshot::build`] of the same
 //! stores (unit tests check it over random histories; the loop checks it on every resync).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -81,6 +81,15 @@ trait Sink<G> {
 }
 
 impl<G: Resource, K: Ord + Clone + Hash> Tracked<G, K> {
+    /// Forgets the objects under `keys`, so the next sync converts them again (their model
+    /// form depends on something besides the object).
+    fn reconvert(&mut self, keys: &BTreeSet<K>) {
+        if !keys.is_empty() {
+            self.by_addr
+                .retain(|_, e| e.key.as_ref().is_none_or(|k| !keys.contains(k)));
+        }
+    }
+
     /// Brings `sink`'s entries in line with `state` (the store's objects); returns the keys
     /// whose entry was added, removed or changed, and how many objects were converted.
     fn sync<S>(&mut self, state: &[Arc<G>], pass: u64, sink: &mut S) -> (Vec<K>, usize)
@@ -190,6 +199,8 @@ pub struct SnapshotCache {
     counts: [usize; 3],
     pass: u64,
     primed: bool,
+    /// The reported addresses the pods were converted with.
+    reported: BTreeMap<ObjectKey, Vec<IpAddr>>,
 }
 
 type PodObj = kube::core::DeserializeGuard<k8s_openapi::api::core::v1::Pod>;
@@ -220,6 +231,7 @@ impl SnapshotCache {
             counts: [0; 3],
             pass: 0,
             primed: false,
+            reported: BTreeMap::new(),
         }
     }
 
@@ -244,9 +256,28 @@ impl SnapshotCache {
         out.converted += n;
         out.changes.extend(keys.into_iter().map(Change::Namespace));
 
-        let (keys, n) = self
-            .pods
-            .sync(&objects.pods, pass, &mut PodSink(&mut self.snap.pods));
+        if self.reported != objects.reported {
+            // Pods whose reported addresses came, went or changed are converted again.
+            let touched: BTreeSet<ObjectKey> = self
+                .reported
+                .iter()
+                .chain(&objects.reported)
+                .filter(|(k, v)| {
+                    self.reported.get(*k) != Some(*v) || objects.reported.get(*k) != Some(*v)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.pods.reconvert(&touched);
+            self.reported = objects.reported.clone();
+        }
+        let (keys, n) = self.pods.sync(
+            &objects.pods,
+            pass,
+            &mut PodSink {
+                pods: &mut self.snap.pods,
+                reported: &self.reported,
+            },
+        );
         out.converted += n;
         out.changes.extend(keys.into_iter().map(Change::Pod));
 
@@ -289,16 +320,19 @@ impl SnapshotCache {
     }
 }
 
-struct PodSink<'a>(&'a mut BTreeMap<ObjectKey, model::Pod>);
+struct PodSink<'a> {
+    pods: &'a mut BTreeMap<ObjectKey, model::Pod>,
+    reported: &'a BTreeMap<ObjectKey, Vec<IpAddr>>,
+}
 
 impl Sink<PodObj> for PodSink<'_> {
     type Key = ObjectKey;
     type Value = model::Pod;
     fn entries(&mut self) -> &mut BTreeMap<ObjectKey, model::Pod> {
-        self.0
+        self.pods
     }
     fn convert(&mut self, obj: &PodObj) -> Option<(ObjectKey, model::Pod)> {
-        snapshot::pod(obj).map(|m| (m.key(), m))
+        snapshot::pod(obj, self.reported).map(|m| (m.key(), m))
     }
 }
 

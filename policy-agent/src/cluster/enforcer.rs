@@ -50,16 +50,8 @@ pub struct LocalPod {
     pub ips: Vec<IpAddr>,
 }
 
-/// Result of one interface pass.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InterfaceReport {
-    /// Interfaces with the programs attached.
-    pub attached: Vec<String>,
-    /// Local pods whose interface was not found yet.
-    pub waiting: Vec<ObjectKey>,
-    /// Interfaces where attaching failed (retried next pass).
-    pub failed: Vec<(String, String)>,
-}
+/// Result of one interface pass (the node side's, by pod key).
+pub type InterfaceReport = crate::node::Interfaces<ObjectKey>;
 
 /// How the contents to write relate to the last ones written.
 #[derive(Clone, Copy, Debug)]
@@ -168,14 +160,8 @@ impl Enforcer for KernelEnforcer {
     }
 
     fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
-        let r = self
-            .node
-            .sync_interfaces(local.iter().map(|p| (p.key.clone(), p.ips.as_slice())));
-        InterfaceReport {
-            attached: r.attached,
-            waiting: r.waiting,
-            failed: r.failed,
-        }
+        self.node
+            .sync_interfaces(local.iter().map(|p| (p.key.clone(), p.ips.as_slice())))
     }
 
     fn node_addrs(&mut self) -> Result<Vec<IpAddr>, EnforceError> {

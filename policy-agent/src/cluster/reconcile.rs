@@ -24,6 +24,7 @@ use super::capacity::{self, Capacity};
 use super::enforcer::{Enforcer, LocalPod, Write};
 use super::snapshot::{self, Objects, PolicyProblems};
 use super::watch::{Changes, Stores};
+use crate::cni::PodStarts;
 use crate::compiler::{self, Change, Engine, MapContents, MapDiff};
 use crate::metrics::{ErrorKind, Health, Metrics};
 use crate::model::{self, ObjectKey, Snapshot};
@@ -40,6 +41,9 @@ pub struct LoopConfig {
     pub poll: Duration,
     /// Map capacities (tests shrink them).
     pub capacity: Capacity,
+    /// Starting pods `netpol-cni` waits on: their reported addresses come in, and which
+    /// local pods are enforced goes out after every interface pass.
+    pub pod_starts: Option<Arc<PodStarts>>,
 }
 
 impl LoopConfig {
@@ -50,6 +54,7 @@ impl LoopConfig {
             resync: Duration::from_secs(300),
             poll: Duration::from_secs(1),
             capacity: Capacity::default(),
+            pod_starts: None,
         }
     }
 }
@@ -152,6 +157,15 @@ impl<E: Enforcer> Reconciler<E> {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut trigger = Some(Trigger::Change);
         let links = link_notifications();
+        let starting = Arc::new(tokio::sync::Notify::new());
+        if let Some(ps) = &self.cfg.pod_starts {
+            let n = Arc::downgrade(&starting);
+            ps.set_waker(move || {
+                if let Some(n) = n.upgrade() {
+                    n.notify_one();
+                }
+            });
+        }
         loop {
             self.health.beat();
             if let Some(t) = trigger.take() {
@@ -197,6 +211,12 @@ impl<E: Enforcer> Reconciler<E> {
                 }
                 // A pod's veth or route appearing: its programs now, not at the next poll.
                 _ = links.notified() => self.poll(),
+                // A starting pod's addresses, reported by netpol-cni while its runtime
+                // waits: compiled at once, no debounce.
+                _ = starting.notified() => {
+                    seen = changes.take().or(Some(Instant::now()));
+                    trigger = Some(Trigger::Change);
+                }
                 _ = &mut shutdown => break,
             }
         }
@@ -209,6 +229,15 @@ impl<E: Enforcer> Reconciler<E> {
     /// (Also run on every link notification, see [`link_notifications`].)
     fn poll(&mut self) {
         let report = blocking(|| self.enforcer.sync_interfaces(&self.local));
+        if let Some(ps) = &self.cfg.pod_starts
+            && !self.needs_repair
+        {
+            // Only with the maps as written: a pod counts as enforced with its endpoint.
+            ps.publish(
+                self.local.iter().map(|p| p.key.clone()),
+                report.enforced.iter().cloned(),
+            );
+        }
         for _ in &report.failed {
             self.metrics.error(ErrorKind::Attach);
         }
@@ -238,7 +267,10 @@ impl<E: Enforcer> Reconciler<E> {
         };
         let resync = trigger == Trigger::Resync;
         // One read of the caches serves both the kept snapshot and the resync's reference.
-        let objects = Objects::read(stores);
+        let mut objects = Objects::read(stores);
+        if let Some(ps) = &self.cfg.pod_starts {
+            objects.reported = ps.reported().1;
+        }
         let mut update = self.cache.update(&objects, node_addrs.clone());
         if resync {
             let built = snapshot::build_from(&objects, &self.cfg.node, node_addrs.clone());

@@ -53,6 +53,9 @@ pub struct Objects {
     pub pods: Vec<Arc<DeserializeGuard<Pod>>>,
     pub namespaces: Vec<Arc<DeserializeGuard<Namespace>>>,
     pub policies: Vec<Arc<DeserializeGuard<NetworkPolicy>>>,
+    /// Addresses `netpol-cni` reported for starting pods whose objects carry none yet
+    /// ([`model::Pod::take_reported_addresses`]).
+    pub reported: BTreeMap<ObjectKey, Vec<IpAddr>>,
 }
 
 impl Objects {
@@ -61,6 +64,7 @@ impl Objects {
             pods: stores.pods.state(),
             namespaces: stores.namespaces.state(),
             policies: stores.policies.state(),
+            reported: BTreeMap::new(),
         }
     }
 
@@ -85,7 +89,7 @@ pub fn build_from(objects: &Objects, node: &str, node_addrs: Vec<IpAddr>) -> Bui
         ..Default::default()
     };
     for p in &objects.pods {
-        if let Some(m) = pod(p) {
+        if let Some(m) = pod(p, &objects.reported) {
             snap.pods.insert(m.key(), m);
         }
     }
@@ -112,12 +116,17 @@ pub fn build_from(objects: &Objects, node: &str, node_addrs: Vec<IpAddr>) -> Bui
 }
 
 /// The model form of one cached pod; `None`: left out of the snapshot.
-pub(super) fn pod(p: &DeserializeGuard<Pod>) -> Option<model::Pod> {
+pub(super) fn pod(
+    p: &DeserializeGuard<Pod>,
+    reported: &BTreeMap<ObjectKey, Vec<IpAddr>>,
+) -> Option<model::Pod> {
     // Undecodable objects were reported by the watcher.
     let Ok(p) = &p.0 else { return None };
-    convert::pod(p)
+    let mut m = convert::pod(p)
         .inspect_err(|e| tracing::warn!(error = %e, "pod skipped"))
-        .ok()
+        .ok()?;
+    m.take_reported_addresses(reported.get(&m.key()));
+    Some(m)
 }
 
 /// The model form of one cached namespace; `None`: left out of the snapshot.

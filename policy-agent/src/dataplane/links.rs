@@ -191,6 +191,8 @@ pub struct PodInterfaces<K> {
     pub bound: BTreeSet<(String, IpAddr)>,
     /// Pods none was found for yet.
     pub waiting: Vec<K>,
+    /// Pods every address of which was found, with their (interface, address) pairs.
+    pub placed: Vec<(K, Vec<(String, IpAddr)>)>,
 }
 
 /// The host interfaces of local pods (by the route to each address), the addresses each
@@ -203,18 +205,21 @@ pub fn pod_interfaces<'a, K: Clone + 'a>(
         wanted: BTreeSet::new(),
         bound: BTreeSet::new(),
         waiting: Vec::new(),
+        placed: Vec::new(),
     };
     for (key, ips) in pods {
-        let mut found = false;
+        let mut pairs = Vec::new();
         for ip in ips {
             if let Some(iface) = netinfo::iface_for(routes, *ip) {
-                found = true;
                 out.wanted.insert(iface.to_string());
                 out.bound.insert((iface.to_string(), *ip));
+                pairs.push((iface.to_string(), *ip));
             }
         }
-        if !found {
+        if pairs.is_empty() {
             out.waiting.push(key);
+        } else if pairs.len() == ips.len() {
+            out.placed.push((key, pairs));
         }
     }
     out

@@ -107,8 +107,8 @@ impl Enforcer for RecordingEnforcer {
                 .iter()
                 .map(|p| format!("veth-{}-{}", p.key.namespace, p.key.name))
                 .collect(),
-            waiting: Vec::new(),
-            failed: Vec::new(),
+            enforced: local.iter().map(|p| (p.key.clone(), p.ips.clone())).collect(),
+            ..InterfaceReport::default()
         }
     }
 

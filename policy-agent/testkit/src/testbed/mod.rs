@@ -26,6 +26,7 @@
 //! ```
 
 pub mod bpffs;
+pub mod cni;
 pub mod nat;
 pub mod netns;
 pub mod raw;

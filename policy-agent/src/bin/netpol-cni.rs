@@ -1,4 +1,5 @@
-//! `netpol-cni`: run by the container runtime as a CNI plugin (see the library docs).
+//! `netpol-cni`: run by the container runtime as a CNI plugin (crate `policy-cni`). Built
+//! beside `policy-agent`, which installs it from there.
 
 use std::io::{Read as _, Write as _};
 
