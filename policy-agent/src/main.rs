@@ -293,8 +293,8 @@ fn main() -> Result<()> {
         } => {
             if let Some(conf_dir) = cni_conf_dir {
                 // First: with the programs gone, nothing answers the plugin any more.
-                let changed = cni::install::remove(&conf_dir, &cni_bin_dir)
-                    .context("removing netpol-cni")?;
+                let changed =
+                    cni::install::remove(&conf_dir, &cni_bin_dir).context("removing netpol-cni")?;
                 tracing::info!(?changed, "netpol-cni removed");
             }
             let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;

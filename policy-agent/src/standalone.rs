@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use crate::cni::PodStarts;
 use crate::compiler::{self, CompilerState};
-use crate::model::ObjectKey;
 use crate::dataplane::{DataplaneError, pinning};
+use crate::model::ObjectKey;
 use crate::model::Snapshot;
 use crate::node::{NodeEnforcer, NodeOptions};
 use crate::{manifests, netinfo};

@@ -4,14 +4,16 @@
 //! very first packets meet its policy; every failure fails the ADD (the runtime retries)
 //! rather than start a pod unprotected. Needs root, BPF and namespaces: fails without them.
 
+mod kube_support;
 mod restart_common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kube_support::{FakeApi, Kind};
 use policy_testkit::testbed::cni::{call_plugin, plugin_conf, prev_result};
 use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
-use restart_common::{Agent, NODE, TempDir, pod, write_manifests};
+use restart_common::{Agent, NODE, TempDir, pod, write_kubeconfig, write_manifests};
 use serde_json::{Value, json};
 
 /// The main plugin's conflist, as its installer writes it.
@@ -60,8 +62,11 @@ impl CniDirs {
         };
         std::fs::create_dir_all(&d.conf).expect("conf dir");
         std::fs::create_dir_all(&d.bin).expect("bin dir");
-        std::fs::write(d.conf.join("10-podnet.conflist"), main_conflist().to_string())
-            .expect("conflist");
+        std::fs::write(
+            d.conf.join("10-podnet.conflist"),
+            main_conflist().to_string(),
+        )
+        .expect("conflist");
         d
     }
 
@@ -91,7 +96,7 @@ impl CniDirs {
             let plugins = list["plugins"].as_array().expect("plugins").clone();
             let bin = self.bin.join("netpol-cni");
             if plugins.len() == 3 && bin.exists() {
-                assert_eq!(plugins[..2], main_conflist()["plugins"].as_array().unwrap()[..]);
+                assert_eq!(json!(plugins[..2]), json!(main_conflist()["plugins"]));
                 assert_eq!(plugins[2]["type"], "netpol-cni", "chained last: {list}");
                 return (bin, plugin_conf(&list, 2));
             }
@@ -112,8 +117,20 @@ fn pinned(fs: &Path, iface: &str, ifindex: u32) -> bool {
         .exists()
 }
 
+/// /readyz of the cluster agent, on the node namespace's loopback.
+const METRICS_PORT: u16 = 9090;
+
 #[test]
-fn a_pod_starts_only_once_enforced_and_its_first_packets_meet_its_policy() {
+fn a_pod_starts_only_once_enforced_and_its_first_packets_meet_its_policy_standalone() {
+    pod_start(false);
+}
+
+#[test]
+fn a_pod_starts_only_once_enforced_and_its_first_packets_meet_its_policy_cluster() {
+    pod_start(true);
+}
+
+fn pod_start(cluster: bool) {
     let mut bed = Testbed::new().expect("node namespace (needs root)");
     let b = bed.add_pod().expect("pod b");
     let c = bed.add_pod().expect("pod c");
@@ -121,27 +138,62 @@ fn a_pod_starts_only_once_enforced_and_its_first_packets_meet_its_policy() {
     let cni = CniDirs::new(&dir);
     let fs = PrivateBpffs::mount().expect("private bpffs");
     // b admits only a; a may reach only b; a's object has no address yet.
-    let generation = write_manifests(
-        &dir.manifests(),
-        &[
-            starting_pod("a"),
-            pod(&bed, b, "b"),
-            pod(&bed, c, "c"),
-            policy("b-from-a", "b", "Ingress", "a"),
-            policy("a-to-b", "a", "Egress", "b"),
-        ],
-    );
+    let docs = [
+        starting_pod("a"),
+        pod(&bed, b, "b"),
+        pod(&bed, c, "c"),
+        policy("b-from-a", "b", "Ingress", "a"),
+        policy("a-to-b", "a", "Egress", "b"),
+    ];
     let args = cni.agent_args("10");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = Agent::start(&bed, &dir, &fs, &args, 0);
+    let api = FakeApi::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut agent = if cluster {
+        api.apply(
+            Kind::Namespaces,
+            kube_support::namespace("default", json!({})),
+        );
+        for d in &docs {
+            let kind = if d["kind"] == "Pod" {
+                Kind::Pods
+            } else {
+                Kind::Policies
+            };
+            api.apply(kind, d.clone());
+        }
+        // Bound inside the node namespace: the agent there reaches it on 127.0.0.1.
+        let listener = bed
+            .node
+            .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("enter node")
+            .expect("bind the fake API server");
+        let port = listener.local_addr().expect("port").port();
+        {
+            let _in_rt = rt.enter();
+            api.serve_http(listener);
+        }
+        let kubeconfig = write_kubeconfig(&dir, port);
+        let mut agent = Agent::start_cluster(&bed, &dir, &fs, &kubeconfig, METRICS_PORT, &args, 0);
+        agent.wait_ready(&bed, METRICS_PORT);
+        agent
+    } else {
+        let generation = write_manifests(&dir.manifests(), &docs);
+        let agent = Agent::start(&bed, &dir, &fs, &args, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !policy_agent::standalone::read_status(&dir.status())
+            .is_some_and(|s| s.generation == generation && s.attached.len() == 2)
+        {
+            assert!(Instant::now() < deadline, "agent: {}", agent.log_tail());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agent
+    };
     let (plugin, conf) = cni.wait_installed(&agent);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !policy_agent::standalone::read_status(&dir.status())
-        .is_some_and(|s| s.generation == generation && s.attached.len() == 2)
-    {
-        assert!(Instant::now() < deadline, "agent: {}", agent.log_tail());
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let mut servers = Vec::new();
     for (i, v6) in [(b, false), (b, true), (c, false), (c, true)] {
         let addr = std::net::SocketAddr::new(bed.hosts[i].ip(v6), 8080);
@@ -203,6 +255,10 @@ fn a_pod_starts_only_once_enforced_and_its_first_packets_meet_its_policy() {
     )
     .expect("run the plugin");
     assert_eq!((out.code, out.output.clone()), (0, Value::Null), "{out:?}");
+    if std::env::var_os("CNI_TEST_LOG").is_some() {
+        eprintln!("{}", agent.log_text());
+    }
+    agent.kill9();
 }
 
 #[test]

@@ -204,6 +204,7 @@ fn daemonset_is_least_privilege_and_wired_to_the_agent() {
     // bpffs from the host.
     let vol = pod
         .volumes
+        .clone()
         .unwrap()
         .into_iter()
         .find(|v| v.name == "bpffs")
@@ -217,6 +218,29 @@ fn daemonset_is_least_privilege_and_wired_to_the_agent() {
         .find(|m| m.name == vol.name)
         .unwrap();
     assert_eq!(mount.mount_path, "/sys/fs/bpf");
+    // netpol-cni: the agent installs it where the node's runtime looks, through hostPath
+    // mounts named by its flags.
+    let args = c.args.clone().unwrap();
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    for (flag, host) in [
+        ("--cni-conf-dir=", "/etc/cni/net.d"),
+        ("--cni-bin-dir=", "/opt/cni/bin"),
+    ] {
+        let dir = args
+            .iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("{flag}"));
+        let m = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == dir)
+            .unwrap_or_else(|| panic!("{dir} mounted"));
+        let v = volumes.iter().find(|v| v.name == m.name).unwrap();
+        assert_eq!(v.host_path.as_ref().unwrap().path, host);
+        assert_ne!(m.read_only, Some(true), "{dir} is written");
+    }
     assert_ne!(
         mount.mount_propagation.as_deref(),
         Some("Bidirectional"),
@@ -290,6 +314,10 @@ fn containerfile_builds_ebpf_with_nightly_then_the_agent_on_a_slim_runtime() {
             && text.contains("build-std=core")
     );
     assert!(text.contains("-p policy-agent"));
+    assert!(
+        text.contains("--bin netpol-cni") && text.contains("/usr/local/bin/netpol-cni"),
+        "the image ships the CNI plugin the agent installs"
+    );
     let runtime = text.rsplit("FROM ").next().unwrap_or_default();
     assert!(
         froms.last().unwrap().contains("-slim")

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::protocol::{self, Reply, Request};
-use crate::spec::{self, Code, CniError, Command, Invocation, NetConf};
 use crate::local_socket;
+use crate::protocol::{self, Reply, Request};
+use crate::spec::{self, CniError, Code, Command, Invocation, NetConf};
 
 /// Slack over the agent's own wait before the plugin stops reading (the agent answers a
 /// timeout itself; this only covers an agent that hangs).

@@ -259,7 +259,12 @@ pub fn host_interface(result: &Map<String, Value>) -> Option<String> {
         .get("interfaces")?
         .as_array()?
         .iter()
-        .find(|i| i.get("sandbox").and_then(Value::as_str).unwrap_or("").is_empty())
+        .find(|i| {
+            i.get("sandbox")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty()
+        })
         .and_then(|i| i.get("name")?.as_str().map(str::to_string))
 }
 
@@ -369,8 +374,8 @@ mod tests {
         let e = NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","type":"netpol-cni"}"#)
             .unwrap_err();
         assert_eq!(e.code, Code::IncompatibleVersion);
-        let c = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"netpol-cni"}"#)
-            .unwrap();
+        let c =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"netpol-cni"}"#).unwrap();
         assert_eq!(c.prev_result().unwrap_err().code, Code::InvalidConfig);
         for t in ["0", "-1", "1e9"] {
             let text = format!(r#"{{"cniVersion":"1.0.0","timeoutSeconds":{t}}}"#);

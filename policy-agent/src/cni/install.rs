@@ -189,10 +189,7 @@ fn write_json(path: &Path, v: &Value) -> Result<(), InstallError> {
 fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
     use std::os::unix::fs::PermissionsExt as _;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(
-        ".{}.netpol-tmp",
-        name.unwrap_or_default()
-    ));
+    let tmp = path.with_file_name(format!(".{}.netpol-tmp", name.unwrap_or_default()));
     std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
@@ -228,8 +225,7 @@ mod tests {
 
     #[test]
     fn a_single_plugin_config_is_refused_with_why() {
-        let e = with_plugin(&json!({"cniVersion":"1.0.0","type":"bridge"}), json!({}))
-            .unwrap_err();
+        let e = with_plugin(&json!({"cniVersion":"1.0.0","type":"bridge"}), json!({})).unwrap_err();
         assert!(e.contains("conflist"), "{e}");
     }
 
@@ -250,7 +246,10 @@ mod tests {
         };
         // The binary goes in first; the entry waits for the main plugin's configuration.
         assert!(matches!(install.ensure(), Err(InstallError::NoConfig(_))));
-        assert_eq!(std::fs::read(bin_dir.join(PLUGIN_TYPE)).unwrap(), b"#!binary");
+        assert_eq!(
+            std::fs::read(bin_dir.join(PLUGIN_TYPE)).unwrap(),
+            b"#!binary"
+        );
         std::fs::write(conf_dir.join("20-other.conflist"), conflist().to_string()).unwrap();
         std::fs::write(conf_dir.join("10-main.conflist"), conflist().to_string()).unwrap();
         std::fs::write(conf_dir.join("05-notes.txt"), "not a config").unwrap();
@@ -259,13 +258,19 @@ mod tests {
         assert!(install.ensure().unwrap().is_empty(), "idempotent");
         let main = read_json(&conf_dir.join("10-main.conflist")).unwrap();
         assert_eq!(main["plugins"][2]["socket"], "netpol-cni-1");
-        assert_eq!(read_json(&conf_dir.join("20-other.conflist")).unwrap(), conflist());
+        assert_eq!(
+            read_json(&conf_dir.join("20-other.conflist")).unwrap(),
+            conflist()
+        );
         let removed = remove(&conf_dir, &bin_dir).unwrap();
         assert_eq!(
             removed,
             vec![conf_dir.join("10-main.conflist"), bin_dir.join(PLUGIN_TYPE)]
         );
-        assert_eq!(read_json(&conf_dir.join("10-main.conflist")).unwrap(), conflist());
+        assert_eq!(
+            read_json(&conf_dir.join("10-main.conflist")).unwrap(),
+            conflist()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -73,7 +73,12 @@ impl PodStarts {
     }
 
     fn wake(&self) {
-        if let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             w();
         }
     }
@@ -148,8 +153,7 @@ impl PodStarts {
     ) -> Result<(), NotEnforced> {
         let mut s = self.lock();
         loop {
-            if s
-                .enforced
+            if s.enforced
                 .get(key)
                 .is_some_and(|have| ips.iter().all(|ip| have.contains(ip)))
             {

@@ -24,7 +24,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_ADDRESSES: usize = 8;
 /// How often the plugin's conflist entry is checked (a main plugin's installer may have
 /// rewritten the file without it).
-const INSTALL_CHECK: Duration = Duration::from_secs(10);
+const INSTALL_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CniServerError {
@@ -99,13 +99,27 @@ fn accept_loop(
 ) {
     let busy = Arc::new(AtomicUsize::new(0));
     let mut next_check = Instant::now();
+    // Logged once per distinct failure, not every check.
+    let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
         if let Some(i) = install
             && Instant::now() >= next_check
         {
             next_check = Instant::now() + INSTALL_CHECK;
-            if let Err(e) = i.ensure() {
-                tracing::error!(error = %e, "installing netpol-cni failed; retrying");
+            match i.ensure() {
+                Ok(written) => {
+                    if !written.is_empty() {
+                        tracing::info!(?written, "netpol-cni installed");
+                    }
+                    last_error = None;
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        tracing::error!(error = %text, "installing netpol-cni failed; retrying");
+                        last_error = Some(text);
+                    }
+                }
             }
         }
         let mut pfd = libc::pollfd {
@@ -181,7 +195,7 @@ fn handle(req: &Request, starts: &PodStarts) -> Reply {
                 .and_then(|()| starts.wait_enforced(&key, &req.ips, t0 + wait));
             match result {
                 Ok(()) => {
-                    tracing::debug!(pod = %key, container = %req.container_id, elapsed_us = t0.elapsed().as_micros() as u64, "pod enforced before start");
+                    tracing::info!(pod = %key, container = %req.container_id, elapsed_us = t0.elapsed().as_micros() as u64, "pod enforced before start");
                     Reply::ok()
                 }
                 Err(e) => {

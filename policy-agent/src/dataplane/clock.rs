@@ -165,6 +165,7 @@ pub fn tick_clock(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

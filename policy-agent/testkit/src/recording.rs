@@ -107,7 +107,10 @@ impl Enforcer for RecordingEnforcer {
                 .iter()
                 .map(|p| format!("veth-{}-{}", p.key.namespace, p.key.name))
                 .collect(),
-            enforced: local.iter().map(|p| (p.key.clone(), p.ips.clone())).collect(),
+            enforced: local
+                .iter()
+                .map(|p| (p.key.clone(), p.ips.clone()))
+                .collect(),
             ..InterfaceReport::default()
         }
     }
