@@ -27,7 +27,7 @@ use policy_agent::cluster::reconcile::changes_between;
 use policy_agent::cluster::snapshot::{self, Objects};
 use policy_agent::cluster::{LoopConfig, Reconciler, Stores};
 use policy_agent::compiler::{self, CompilerState, Engine, MapContents};
-use policy_agent::dataplane::reconcile::{renumber_onto, renumber_with};
+use policy_agent::dataplane::renumber::{renumber_onto, renumber_with};
 use policy_agent::metrics::{Health, Metrics};
 use policy_testkit::RecordingEnforcer;
 use serde_json::json;

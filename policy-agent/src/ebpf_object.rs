@@ -6,16 +6,29 @@ pub fn bytes() -> &'static [u8] {
     OBJ
 }
 
+/// Why the embedded object does not match the kernel sources it was compiled with (the
+/// build script's check); empty when it does.
+const STALE: &str = include_str!(concat!(env!("OUT_DIR"), "/policy-ebpf.stale"));
+
 /// The object, or an error saying how to build it.
 pub fn require() -> Result<&'static [u8], MissingObject> {
     let b = bytes();
     if b.is_empty() {
-        Err(MissingObject)
+        Err(MissingObject::NotBuilt)
+    } else if !STALE.is_empty() {
+        Err(MissingObject::Stale(STALE))
     } else {
         Ok(b)
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the eBPF object was not built into this binary: run `cargo xtask build-ebpf` and rebuild")]
-pub struct MissingObject;
+pub enum MissingObject {
+    #[error(
+        "the eBPF object was not built into this binary: run `cargo xtask build-ebpf` and rebuild"
+    )]
+    NotBuilt,
+    /// Running it would test or enforce old kernel code against new maps and layouts.
+    #[error("{0}: run `cargo xtask build-ebpf` and rebuild")]
+    Stale(&'static str),
+}

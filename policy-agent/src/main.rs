@@ -297,7 +297,7 @@ fn main() -> Result<()> {
                     cni::install::remove(&conf_dir, &cni_bin_dir).context("removing netpol-cni")?;
                 tracing::info!(?changed, "netpol-cni removed");
             }
-            let gone = standalone::uninstall(&bpf_dir).context("uninstall")?;
+            let gone = policy_agent::node::uninstall(&bpf_dir).context("uninstall")?;
             tracing::info!(links = ?gone.links, filters = ?gone.filters, maps = ?gone.maps, programs = ?gone.programs, "uninstalled");
             Ok(())
         }

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use crate::compiler::addr_of;
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
-    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, Numbering, PinState,
-    Role, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with, service_judge,
-    uplink,
+    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role,
+    Translation, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with,
+    service_judge, uplink,
 };
-use crate::{netinfo, writer};
+use crate::dataplane::{netinfo, writer};
 use policy_common::BindingKey;
 
 /// How the node side starts.
@@ -92,7 +92,7 @@ pub struct NodeEnforcer {
     stale: bool,
     /// How the last whole write renamed the caller's numbers onto the kernel's: the
     /// caller's later diffs in the same numbering are written translated.
-    numbering: Option<Numbering>,
+    translation: Option<Translation>,
     /// Whether the pinned links of an earlier agent were taken over yet.
     pins_adopted: bool,
     attached: LinkSet,
@@ -191,7 +191,7 @@ impl NodeEnforcer {
             uplink_mode: opts.uplink_mode.clone(),
             written,
             stale: false,
-            numbering: None,
+            translation: None,
             pins_adopted: false,
             attached: LinkSet::new(Role::Pod),
             uplinks: LinkSet::new(Role::Uplink),
@@ -209,15 +209,15 @@ impl NodeEnforcer {
             self.written = self.maps.read_contents()?;
             self.stale = false;
         }
-        self.numbering = None;
-        let (target, numbering) = renumber_with(&self.written, desired);
+        self.translation = None;
+        let (target, translation) = renumber_with(&self.written, desired);
         let diff = MapContents::diff(&self.written, &target);
         if let Err(e) = writer::apply(&mut self.maps, &diff) {
             self.stale = true;
             return Err(e);
         }
         self.written = target;
-        self.numbering = Some(numbering);
+        self.translation = Some(translation);
         Ok(diff.len())
     }
 
@@ -231,13 +231,13 @@ impl NodeEnforcer {
         desired: &MapContents,
         diff: &MapDiff,
     ) -> Result<usize, DataplaneError> {
-        let Some(numbering) = self.numbering.as_mut().filter(|_| !self.stale) else {
+        let Some(translation) = self.translation.as_mut().filter(|_| !self.stale) else {
             return self.write(desired);
         };
-        let translated = numbering.translate(diff);
+        let translated = translation.translate(diff);
         if let Err(e) = writer::apply(&mut self.maps, &translated) {
             self.stale = true;
-            self.numbering = None;
+            self.translation = None;
             return Err(e);
         }
         translated.apply(&mut self.written);
@@ -249,7 +249,7 @@ impl NodeEnforcer {
     pub fn repair(&mut self, desired: &MapContents) -> Result<usize, DataplaneError> {
         self.stale = true;
         // The next diff is translated only after a whole write chose a numbering again.
-        self.numbering = None;
+        self.translation = None;
         let (target, stats) = adopt_kernel_state(&mut self.maps, desired)?;
         self.written = target;
         self.stale = false;
@@ -409,4 +409,11 @@ impl NodeEnforcer {
         self.attached.detach_all(&mut self.dp);
         self.uplinks.detach_all(&mut self.dp);
     }
+}
+
+/// Detaches and unpins everything an agent of either mode left under `bpf_dir` and in this
+/// network namespace (`policy-agent uninstall`).
+pub fn uninstall(bpf_dir: &Path) -> Result<pinning::Uninstalled, DataplaneError> {
+    let object = crate::ebpf_object::require()?;
+    pinning::uninstall(object, bpf_dir)
 }

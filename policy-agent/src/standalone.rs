@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 
 use crate::cni::PodStarts;
 use crate::compiler::{self, CompilerState};
-use crate::dataplane::{DataplaneError, pinning};
+use crate::dataplane::DataplaneError;
+use crate::dataplane::netinfo;
+use crate::manifests;
 use crate::model::ObjectKey;
 use crate::model::Snapshot;
 use crate::node::{NodeEnforcer, NodeOptions};
-use crate::{manifests, netinfo};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -144,13 +145,6 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         "standalone agent stopped (programs stay attached; `policy-agent uninstall` removes them)"
     );
     Ok(())
-}
-
-/// Detaches and unpins everything an agent left under `bpf_dir` and in this network
-/// namespace.
-pub fn uninstall(bpf_dir: &Path) -> Result<pinning::Uninstalled, StandaloneError> {
-    let object = crate::ebpf_object::require().map_err(DataplaneError::from)?;
-    Ok(pinning::uninstall(object, bpf_dir)?)
 }
 
 /// Standalone's own part: turning the directory into snapshots. The node side is

@@ -208,7 +208,7 @@ fn one_port_error(port: &str) -> (ConvertError, String) {
     // The rule is dropped; the policy still isolates.
     assert!(c.value.ingress.is_empty() && c.value.ingress_isolation);
     let p = c.errors[0].location().path.clone();
-    (c.errors.into_iter().next().unwrap(), p)
+    (c.errors.into_iter().next().expect("one error"), p)
 }
 
 #[test]

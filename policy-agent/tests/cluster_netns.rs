@@ -233,7 +233,8 @@ fn agent_work_with(caps: &[u32]) -> Result<(), String> {
             let mut maps = dp.take_maps().map_err(|e| format!("maps: {e}"))?;
             maps.set_endpoint(EndpointKey { addr: addr_of(ip) }, EndpointValue::default())
                 .map_err(|e| format!("map write: {e}"))?;
-            let ifindex = policy_agent::netinfo::ifindex(&host_if).ok_or("no interface")?;
+            let ifindex =
+                policy_agent::dataplane::netinfo::ifindex(&host_if).ok_or("no interface")?;
             maps.bind(ifindex, &[addr_of(ip)])
                 .map_err(|e| format!("bind: {e}"))?;
             let att = dp

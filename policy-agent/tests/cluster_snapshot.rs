@@ -20,7 +20,7 @@ use policy_agent::cluster::capacity::Capacity;
 use policy_agent::cluster::snapshot;
 use policy_agent::cluster::{LoopConfig, Reconciler, Stores};
 use policy_agent::compiler::{self, CompilerState, MapContents};
-use policy_agent::dataplane::reconcile::renumber_onto;
+use policy_agent::dataplane::renumber::renumber_onto;
 use policy_agent::metrics::{ErrorKind, Health, Metrics};
 use policy_testkit::RecordingEnforcer;
 use serde_json::json;

@@ -113,7 +113,7 @@ fn rbac_is_exactly_read_pods_namespaces_policies_and_write_events() {
         }
     }
     for v in ["create", "patch"] {
-        // The group kube-rs' Recorder posts to (see policy_agent::cluster::events).
+        // The group kube-rs' Recorder posts to (see policy_agent::cluster::policy_events).
         want.insert((
             "events.k8s.io".to_string(),
             "events".to_string(),

@@ -314,7 +314,7 @@ fn first_packet_scenario(bed: &Testbed, client: usize, server: usize, ext: usize
         .expect("enter node namespace");
     bed.bind(client, &mut maps).expect("bind client");
     assert!(
-        !bed.node.ip(&["link", "show", &hs.host_if]).is_err(),
+        bed.node.ip(&["link", "show", &hs.host_if]).is_ok(),
         "server veth exists"
     );
 

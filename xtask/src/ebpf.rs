@@ -38,6 +38,10 @@ pub fn build(root: &Path, tools: &Tools) -> Result<()> {
     if !obj.is_file() {
         bail!("the build succeeded but {} is missing", obj.display());
     }
+    // What it was built from: the agent's build script refuses an object of other sources.
+    let stamp = crate::ebpf_sources::stamp_path(&obj);
+    std::fs::write(&stamp, crate::ebpf_sources::fingerprint(root)?)
+        .with_context(|| format!("writing {}", stamp.display()))?;
     eprintln!("build-ebpf: {}", obj.display());
     Ok(())
 }

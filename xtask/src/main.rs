@@ -3,6 +3,7 @@
 
 mod demo;
 mod ebpf;
+mod ebpf_sources;
 mod run;
 mod setup;
 

@@ -44,6 +44,7 @@ pub fn test(root: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("test: not running as root: the kernel and namespace tests will fail");
     }
+    lint(root)?;
     let totals = cargo_test(root)?;
     eprintln!(
         "test: all layers ran in {:.0} s",
@@ -54,6 +55,41 @@ pub fn test(root: &Path) -> Result<()> {
     if totals.failed > 0 || !totals.ok {
         bail!("{} test(s) failed", totals.failed.max(1));
     }
+    Ok(())
+}
+
+/// Formatting and lints, before any test: `cargo fmt --check` (the kernel crate too, which
+/// is outside the workspace) and clippy with every warning an error.
+fn lint(root: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    status(
+        "cargo fmt --check",
+        cargo(root).args(["fmt", "--all", "--check"]),
+    )?;
+    status(
+        "rustfmt --check policy-ebpf",
+        Command::new("rustfmt").current_dir(root).args([
+            "--edition",
+            "2024",
+            "--check",
+            "policy-ebpf/src/main.rs",
+        ]),
+    )?;
+    status(
+        "cargo clippy",
+        cargo(root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    eprintln!(
+        "test: fmt and clippy clean ({:.0} s)",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

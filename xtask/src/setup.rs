@@ -28,6 +28,7 @@ pub fn run() -> Result<Tools> {
     let t0 = Instant::now();
     check_nightly()?;
     ensure_rust_src()?;
+    ensure_lint_tools()?;
     let bpf_linker_dir = ensure_bpf_linker()?;
     ensure_debian_packages()?;
     eprintln!("setup: ready ({:.1} s)", t0.elapsed().as_secs_f64());
@@ -81,6 +82,28 @@ fn ensure_rust_src() -> Result<()> {
         .context("running rustup")?;
     if !st.success() {
         bail!("`rustup component add rust-src --toolchain nightly` failed; run it by hand");
+    }
+    Ok(())
+}
+
+/// `cargo clippy` and `cargo fmt` for the host toolchain: CI runs both.
+fn ensure_lint_tools() -> Result<()> {
+    let have = |sub: &str| {
+        Command::new("cargo")
+            .args([sub, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have("clippy") && have("fmt") {
+        return Ok(());
+    }
+    eprintln!("setup: installing clippy and rustfmt (CI lints and checks formatting)");
+    let st = Command::new("rustup")
+        .args(["component", "add", "clippy", "rustfmt"])
+        .status()
+        .context("running rustup")?;
+    if !st.success() {
+        bail!("`rustup component add clippy rustfmt` failed; run it by hand");
     }
     Ok(())
 }

@@ -7,12 +7,12 @@
 use std::net::IpAddr;
 
 use crate::compiler::{MapContents, MapDiff};
+use crate::dataplane::netinfo;
 use crate::dataplane::{
     AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, UplinkMode,
 };
 use crate::model::ObjectKey;
-use crate::netinfo;
-use crate::node::{NodeEnforcer, NodeOptions};
+use crate::node::{Interfaces, NodeEnforcer, NodeOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
@@ -20,11 +20,6 @@ pub enum EnforceError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     NetInfo(#[from] netinfo::NetInfoError),
-    #[error("reading map {map} back: {source}")]
-    ReadBack {
-        map: &'static str,
-        source: Box<aya::maps::MapError>,
-    },
 }
 
 impl EnforceError {
@@ -49,9 +44,6 @@ pub struct LocalPod {
     pub key: ObjectKey,
     pub ips: Vec<IpAddr>,
 }
-
-/// Result of one interface pass (the node side's, by pod key).
-pub type InterfaceReport = crate::node::Interfaces<ObjectKey>;
 
 /// How the contents to write relate to the last ones written.
 #[derive(Clone, Copy, Debug)]
@@ -78,7 +70,7 @@ pub trait Enforcer: Send {
 
     /// Attaches the programs to the host interfaces of these pods (found from their
     /// addresses) and detaches them from interfaces no local pod uses any more.
-    fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport;
+    fn sync_interfaces(&mut self, local: &[LocalPod]) -> Interfaces<ObjectKey>;
 
     /// This node's own addresses (the agent runs in the host network namespace).
     fn node_addrs(&mut self) -> Result<Vec<IpAddr>, EnforceError>;
@@ -159,7 +151,7 @@ impl Enforcer for KernelEnforcer {
         Ok(self.node.repair(desired)?)
     }
 
-    fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
+    fn sync_interfaces(&mut self, local: &[LocalPod]) -> Interfaces<ObjectKey> {
         self.node
             .sync_interfaces(local.iter().map(|p| (p.key.clone(), p.ips.as_slice())))
     }

@@ -11,7 +11,7 @@
 pub mod cache;
 pub mod capacity;
 pub mod enforcer;
-pub mod events;
+pub mod policy_events;
 pub mod reconcile;
 pub mod snapshot;
 pub mod watch;
@@ -79,9 +79,9 @@ pub async fn run<E: Enforcer>(
     let (stores, watch_tasks) =
         watch::spawn_reflectors(client.clone(), changes.clone(), metrics.clone());
     tasks.extend(watch_tasks);
-    let (events_tx, events_task) = events::spawn_publisher(
+    let (events_tx, events_task) = policy_events::spawn_publisher(
         client,
-        format!("{}-{}", events::CONTROLLER, cfg.loop_cfg.node),
+        format!("{}-{}", policy_events::CONTROLLER, cfg.loop_cfg.node),
         metrics.clone(),
     );
     tasks.push(events_task);

@@ -560,11 +560,11 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Woken on every link, address or route change of this namespace, by a thread reading the
-/// kernel's notifications ([`crate::netinfo::LinkEvents`]); the thread ends once the loop
+/// kernel's notifications ([`crate::dataplane::netinfo::LinkEvents`]); the thread ends once the loop
 /// drops the handle. Never woken when notifications cannot be had (the poll remains).
 fn link_notifications() -> std::sync::Arc<tokio::sync::Notify> {
     let notify = std::sync::Arc::new(tokio::sync::Notify::new());
-    match crate::netinfo::LinkEvents::open() {
+    match crate::dataplane::netinfo::LinkEvents::open() {
         Ok(events) => {
             let weak = std::sync::Arc::downgrade(&notify);
             let spawned = std::thread::Builder::new()
@@ -597,8 +597,9 @@ mod tests {
     use kube::runtime::watcher::Event;
 
     use super::*;
-    use crate::cluster::enforcer::{EnforceError, InterfaceReport};
-    use crate::dataplane::reconcile::renumber_onto;
+    use crate::cluster::enforcer::EnforceError;
+    use crate::dataplane::renumber::renumber_onto;
+    use crate::node::Interfaces;
 
     /// The "kernel" in memory; the full recording fake lives in the testkit crate, which unit
     /// tests cannot use (they would see two copies of this crate).
@@ -630,10 +631,10 @@ mod tests {
             Ok(diff.len())
         }
 
-        fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
-            InterfaceReport {
+        fn sync_interfaces(&mut self, local: &[LocalPod]) -> Interfaces<ObjectKey> {
+            Interfaces {
                 attached: local.iter().map(|p| p.key.name.clone()).collect(),
-                ..InterfaceReport::default()
+                ..Interfaces::default()
             }
         }
 

@@ -324,19 +324,6 @@ impl CompilerState {
     pub fn new() -> Self {
         Self::default()
     }
-
-    /// The identity number of a pod, if it has one.
-    pub fn identity_of(&self, pod: &Pod) -> Option<u32> {
-        self.identities.get(&IdentityKey::of(pod))
-    }
-
-    pub fn identity_count(&self) -> usize {
-        self.identities.len()
-    }
-
-    pub fn policy_set_count(&self) -> usize {
-        self.policy_sets.len()
-    }
 }
 
 pub fn addr_of(ip: IpAddr) -> Addr {

@@ -26,10 +26,6 @@ impl<K: Ord + Clone> Numbering<K> {
         self.by_key.get(k).copied()
     }
 
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
     /// Frees the numbers of keys not in `live`, then numbers the new keys in order (lowest
     /// free number first). Keys beyond the number space get none.
     pub fn sync<'a>(&mut self, live: impl Iterator<Item = &'a K> + Clone)

@@ -492,25 +492,13 @@ fn bpf_elem<V>(
     unsafe { sys_bpf(cmd, &mut attr) }
 }
 
-/// `bpf(cmd, attr, size_of(attr))`.
+/// `bpf(cmd, attr)` for commands that return nothing but success.
 ///
 /// # Safety
-/// Every pointer in `attr` must be valid for what `cmd` reads or writes through it.
+/// As [`super::bpf_sys::bpf`].
 unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
-    // SAFETY: the caller vouches for the pointers inside `attr`; `attr` itself is valid.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut A,
-            size_of::<A>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: passed on from the caller.
+    unsafe { super::bpf_sys::bpf(cmd, attr) }.map(drop)
 }
 
 #[repr(C)]

@@ -114,20 +114,6 @@ pub struct SeedStats {
 /// slots are evicted first: seeds must not push out the connections the programs track).
 const MAX_SEED_FRACTION: u32 = 2;
 
-/// Reads the kernel's table from `path` and inserts an entry per connection (both NAT
-/// views), leaving entries the programs already made untouched.
-pub fn seed_from_proc(
-    maps: &mut DataplaneMaps,
-    path: &Path,
-    now_ns: u64,
-) -> Result<SeedStats, DataplaneError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataplaneError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    seed(maps, &parse_proc(&text), now_ns)
-}
-
 /// The kernel's established connections (calling thread's network namespace): a ctnetlink
 /// dump, else `/proc/net/nf_conntrack`.
 pub fn kernel_table() -> Result<Vec<KernelConn>, DataplaneError> {

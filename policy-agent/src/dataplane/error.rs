@@ -13,6 +13,13 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    #[error(
+        "kernel {found} is too old: the programs need Linux {}.{} or later (BPF atomic \
+         instructions with fetch)",
+        super::kernel_version::MINIMUM.0,
+        super::kernel_version::MINIMUM.1
+    )]
+    KernelTooOld { found: String },
     #[error("the pin directory {0} is not on a bpffs mount")]
     NotBpffs(PathBuf),
     #[error("the eBPF object has no map {0}")]

@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use super::netinfo;
 use super::{AttachMode, Attachment, Dataplane, pinning};
-use crate::netinfo;
 
 /// Which program pair an interface carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

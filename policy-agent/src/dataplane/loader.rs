@@ -143,6 +143,10 @@ impl Dataplane {
     /// [`DataplaneError::Incompatible`] before anything is loaded, so whatever runs keeps
     /// running on the maps it was verified against.
     pub fn load_object(object: &[u8], pin_dir: &Path) -> Result<Self, DataplaneError> {
+        let release = super::kernel_version::running_release();
+        if super::kernel_version::supported(&release) == Some(false) {
+            return Err(DataplaneError::KernelTooOld { found: release });
+        }
         check_bpffs(pin_dir)?;
         let pin_state = pinning::check_pinned_maps(object, pin_dir)?;
         let mut ebpf = EbpfLoader::new()
@@ -292,10 +296,10 @@ impl Dataplane {
         interface: &str,
         mode: AttachMode,
     ) -> Result<Attachment, DataplaneError> {
-        let hooks = match crate::netinfo::link_kind(interface) {
-            Ok(crate::netinfo::LinkKind::Ethernet) => UPLINK_HOOKS,
-            Ok(crate::netinfo::LinkKind::Ip) => UPLINK_L3_HOOKS,
-            Ok(crate::netinfo::LinkKind::Other(link_type)) => {
+        let hooks = match super::netinfo::link_kind(interface) {
+            Ok(super::netinfo::LinkKind::Ethernet) => UPLINK_HOOKS,
+            Ok(super::netinfo::LinkKind::Ip) => UPLINK_L3_HOOKS,
+            Ok(super::netinfo::LinkKind::Other(link_type)) => {
                 return Err(DataplaneError::UnsupportedLink {
                     interface: interface.to_string(),
                     link_type,

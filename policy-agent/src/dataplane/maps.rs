@@ -14,7 +14,7 @@ use policy_common::{
     RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
 };
 
-use super::{DataplaneError, cidr::CidrRules, ct_table::CtTables, events::DenyEvents};
+use super::{DataplaneError, cidr::CidrRules, ct_table::CtTables, deny_events::DenyEvents};
 
 /// Value stored in `PORTS` (presence is what the kernel checks).
 pub const PORT_PRESENT: u8 = 1;
@@ -391,7 +391,8 @@ impl DataplaneMaps {
         Ok(out)
     }
 
-    /// Empties every policy and state map (tests, and a full resync).
+    /// Empties every policy and state map at once, outside the writer's order (tests only:
+    /// enforcing maps are only ever changed through `writer::apply`).
     pub fn clear_all(&mut self) -> Result<(), DataplaneError> {
         fn clear<K: aya::Pod, V: aya::Pod>(
             name: &'static str,

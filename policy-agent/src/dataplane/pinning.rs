@@ -34,11 +34,6 @@ pub const NETLINK_PRIORITY: u16 = 0x4e50;
 /// tc handle of our clsact filters.
 pub const NETLINK_HANDLE: u32 = 1;
 
-/// Where the link of `program` on interface `ifname` (index `ifindex`) is pinned.
-pub fn link_pin_path(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) -> PathBuf {
-    link_dir(pin_dir, ifname, ifindex).join(program)
-}
-
 /// The directory holding the links of one interface. bpffs refuses names with a dot
 /// (`eth0.100`): dots are written as `~`.
 pub fn link_dir(pin_dir: &Path, ifname: &str, ifindex: u32) -> PathBuf {

@@ -56,20 +56,13 @@ pub fn open_ro(dir: &Path, name: &str) -> Result<PinnedMap, ObserveError> {
         file_flags: BPF_F_RDONLY,
     };
     // SAFETY: BPF_OBJ_GET reads `attr` (of the size given) and the C string it points to.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut attr as *mut ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(ObserveError::OpenPin {
-            path,
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    let fd =
+        unsafe { crate::dataplane::bpf_sys::bpf(BPF_OBJ_GET, &mut attr) }.map_err(|source| {
+            ObserveError::OpenPin {
+                path: path.clone(),
+                source,
+            }
+        })?;
     // SAFETY: the syscall returned a new fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let raw = fd.try_clone().map_err(|source| ObserveError::OpenPin {
@@ -223,16 +216,7 @@ fn count_keys(fd: &OwnedFd, key_size: usize, bound: u64) -> std::io::Result<u64>
         };
         // SAFETY: the kernel reads `key_size` bytes at `key` and writes as many at
         // `next_key`; both buffers have that size.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &mut attr as *mut NextKeyAttr,
-                std::mem::size_of::<NextKeyAttr>() as libc::c_uint,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = unsafe { crate::dataplane::bpf_sys::bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             if e.raw_os_error() == Some(libc::ENOENT) {
                 break;
             }

@@ -118,9 +118,9 @@ pub fn collect(bpf_dir: &Path) -> Result<NodeStatus, ObserveError> {
         .iter()
         .collect::<Result<_, _>>()
         .map_err(|e| ObserveError::map(MAP_ENDPOINTS, e))?;
-    let routes = crate::netinfo::routes().unwrap_or_default();
+    let routes = crate::dataplane::netinfo::routes().unwrap_or_default();
     let endpoints = endpoints(&entries, |ip| {
-        crate::netinfo::iface_for(&routes, ip).map(str::to_string)
+        crate::dataplane::netinfo::iface_for(&routes, ip).map(str::to_string)
     });
 
     let mut maps = Vec::new();
@@ -201,7 +201,7 @@ fn interfaces(bpf_dir: &Path) -> Vec<InterfaceStatus> {
                 "pod"
             };
             InterfaceStatus {
-                present: crate::netinfo::ifindex(&p.ifname) == Some(p.ifindex),
+                present: crate::dataplane::netinfo::ifindex(&p.ifname) == Some(p.ifindex),
                 name: p.ifname,
                 ifindex: p.ifindex,
                 role: role.into(),

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use policy_agent::cluster::Write;
-use policy_agent::cluster::enforcer::{EnforceError, Enforcer, InterfaceReport, LocalPod};
+use policy_agent::cluster::enforcer::{EnforceError, Enforcer, LocalPod};
 use policy_agent::compiler::MapContents;
 use policy_agent::dataplane::{Counters, DataplaneError};
 use policy_agent::model::ObjectKey;
+use policy_agent::node::Interfaces;
 
 /// One call the loop made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,13 +97,13 @@ impl Enforcer for RecordingEnforcer {
         Ok(diff.len())
     }
 
-    fn sync_interfaces(&mut self, local: &[LocalPod]) -> InterfaceReport {
+    fn sync_interfaces(&mut self, local: &[LocalPod]) -> Interfaces<ObjectKey> {
         let mut s = self.lock();
         let pods: Vec<ObjectKey> = local.iter().map(|p| p.key.clone()).collect();
         if s.calls.last() != Some(&Call::Interfaces { pods: pods.clone() }) {
             s.calls.push(Call::Interfaces { pods: pods.clone() });
         }
-        InterfaceReport {
+        Interfaces {
             attached: local
                 .iter()
                 .map(|p| format!("veth-{}-{}", p.key.namespace, p.key.name))
@@ -111,7 +112,7 @@ impl Enforcer for RecordingEnforcer {
                 .iter()
                 .map(|p| (p.key.clone(), p.ips.clone()))
                 .collect(),
-            ..InterfaceReport::default()
+            ..Interfaces::default()
         }
     }
 

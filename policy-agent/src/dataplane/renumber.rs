@@ -5,7 +5,7 @@
 //! - [`reconcile_with_kernel`]: the desired contents' numbers are authoritative (the agent's
 //!   compiler produced what is in the kernel); repairs drift (an entry lost or changed
 //!   behind the agent's back).
-//! - [`renumber_with`] keeps the renamings ([`Numbering`]) so the incremental engine's later
+//! - [`renumber_with`] keeps the renamings ([`Translation`]) so the incremental engine's later
 //!   diffs are written translated, without renumbering whole contents per change.
 //! - [`adopt_kernel_state`]: a restarted agent's fresh compiler numbers identities,
 //!   policy-sets and port-sets its own way; [`renumber_onto`] first renames the desired
@@ -48,7 +48,7 @@ impl ReconcileStats {
 }
 
 /// Reads the policy maps back, and writes what differs from `desired` (whose numbers are
-/// taken as they are) in the ordered way of [`crate::writer`]. Contents over a map's
+/// taken as they are) in the ordered way of [`super::writer`]. Contents over a map's
 /// capacity are refused before anything is written.
 pub fn reconcile_with_kernel(
     maps: &mut DataplaneMaps,
@@ -57,7 +57,7 @@ pub fn reconcile_with_kernel(
     check_capacity(desired)?;
     let kernel = maps.read_contents()?;
     let diff = MapContents::diff(&kernel, desired);
-    crate::writer::apply(maps, &diff)?;
+    super::writer::apply(maps, &diff)?;
     Ok(ReconcileStats::of(&kernel, &diff))
 }
 
@@ -71,7 +71,7 @@ pub fn adopt_kernel_state(
     let kernel = maps.read_contents()?;
     let target = renumber_onto(&kernel, desired);
     let diff = MapContents::diff(&kernel, &target);
-    crate::writer::apply(maps, &diff)?;
+    super::writer::apply(maps, &diff)?;
     Ok((target, ReconcileStats::of(&kernel, &diff)))
 }
 
@@ -101,17 +101,17 @@ pub fn renumber_onto(current: &MapContents, desired: &MapContents) -> MapContent
 }
 
 /// The renamings [`renumber_onto`] chose, kept to translate later diffs in the desired
-/// numbering ([`Numbering::translate`]): each is one to one, and a number first seen later
+/// numbering ([`Translation::translate`]): each is one to one, and a number first seen later
 /// gets one nothing uses, so translated diffs keep the kernel a renaming of the desired
 /// contents without diffing them whole.
-pub struct Numbering {
+pub struct Translation {
     ports: Renaming,
     ids: Renaming,
     sets: Renaming,
     eps: Renaming,
 }
 
-impl Numbering {
+impl Translation {
     /// `diff`, taken between two contents of the desired numbering (each number keeping
     /// its meaning, as the incremental engine's diffs do), in the kernel's numbering.
     pub fn translate(&mut self, diff: &MapDiff) -> MapDiff {
@@ -198,7 +198,7 @@ fn map_set(sets: &mut Renaming, s: u32) -> u32 {
 }
 
 /// [`renumber_onto`], and the renamings it chose.
-pub fn renumber_with(current: &MapContents, desired: &MapContents) -> (MapContents, Numbering) {
+pub fn renumber_with(current: &MapContents, desired: &MapContents) -> (MapContents, Translation) {
     // Port-sets, by content.
     let cur_ports = port_sets(current);
     let want_ports = port_sets(desired);
@@ -333,7 +333,7 @@ pub fn renumber_with(current: &MapContents, desired: &MapContents) -> (MapConten
         v.identity = map_id(&mut ids, v.identity);
         out.ipcache.insert(*k, v);
     }
-    let mut numbering = Numbering {
+    let mut numbering = Translation {
         ports: ps,
         ids,
         sets,
