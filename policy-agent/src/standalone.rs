@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cni::PodStarts;
+use crate::compiler::capacity::{self, Capacity, Fitted};
 use crate::compiler::{self, CompilerState};
 use crate::dataplane::DataplaneError;
 use crate::dataplane::netinfo;
@@ -96,6 +97,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
         read: None,
         compiled: None,
         last_status: None,
+        full: Vec::new(),
         loader: manifests::DirLoader::default(),
     };
     tracing::info!(
@@ -162,6 +164,8 @@ struct Agent {
     /// generation); `None`: compile next tick.
     compiled: Option<(u64, Vec<IpAddr>, u64)>,
     last_status: Option<Status>,
+    /// What the last compile did not fit into the maps (reported as problems).
+    full: Vec<String>,
     /// Keeps each manifest file's last good version: a file turning bad never opens traffic.
     loader: manifests::DirLoader,
 }
@@ -204,21 +208,20 @@ impl Agent {
             *addrs = node_addrs;
             *made_gen = reported_gen;
         }
-        let problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
+        let mut problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         let generation = m.generation;
         let key = (generation, addrs.clone(), reported_gen);
         if self.compiled.as_ref() != Some(&key) {
             let t0 = Instant::now();
             let desired = compiler::compile(snapshot, &mut self.state);
-            if let Some((map, entries, capacity)) = desired.over_capacity().first().copied() {
-                return Err(DataplaneError::OverCapacity {
-                    map,
-                    entries,
-                    capacity,
-                }
-                .into());
+            // Too much for the maps: the same fail-closed fit as cluster mode (whole
+            // policy-sets dropped, their endpoints denied everything in that direction).
+            let fitted = capacity::fit(&desired, Capacity::default());
+            self.full = capacity_problems(&fitted);
+            for p in &self.full {
+                tracing::error!(problem = %p, "policy maps full");
             }
-            let changes = node.write(&desired)?;
+            let changes = node.write(&fitted.contents)?;
             self.compiled = Some(key);
             tracing::info!(
                 changes,
@@ -227,6 +230,7 @@ impl Agent {
                 "maps updated"
             );
         }
+        problems.extend(self.full.iter().cloned());
         // Interfaces can appear after the manifests: look every tick.
         let local: Vec<_> = snapshot
             .pods
@@ -260,6 +264,21 @@ impl Agent {
     }
 }
 
+/// A problem line per map the desired contents overflowed.
+fn capacity_problems(f: &Fitted) -> Vec<String> {
+    f.overflowed
+        .iter()
+        .map(|(map, entries, capacity)| {
+            format!(
+                "map {map} full ({entries} entries wanted, {capacity} fit): {} policy sets left \
+                 out, {} endpoints deny everything in the affected direction",
+                f.dropped_sets.len(),
+                f.failclosed.len()
+            )
+        })
+        .collect()
+}
+
 /// The directory's snapshot for this node, starting pods given the addresses `netpol-cni`
 /// reported for them.
 fn snapshot_of(
@@ -291,4 +310,27 @@ fn write_status(path: &Path, status: &Status) -> Result<(), StandaloneError> {
 /// Reads a status file written by [`run`].
 pub fn read_status(path: &Path) -> Option<Status> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_map_is_a_problem_naming_the_map_and_what_was_given_up() {
+        let f = Fitted {
+            overflowed: vec![(policy_common::MAP_RULES, 70_000, 65_536)],
+            dropped_sets: [3, 4].into(),
+            failclosed: [policy_common::maps::EndpointKey::default()].into(),
+            ..Fitted::default()
+        };
+        assert_eq!(
+            capacity_problems(&f),
+            [
+                "map RULES full (70000 entries wanted, 65536 fit): 2 policy sets left out, 1 \
+              endpoints deny everything in the affected direction"
+            ]
+        );
+        assert!(capacity_problems(&Fitted::default()).is_empty());
+    }
 }

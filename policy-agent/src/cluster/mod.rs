@@ -9,7 +9,6 @@
 //! ```
 
 pub mod cache;
-pub mod capacity;
 pub mod enforcer;
 pub mod policy_events;
 pub mod reconcile;

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::cache::SnapshotCache;
-use super::capacity::{self, Capacity};
 use super::enforcer::{Enforcer, LocalPod, Write};
 use super::snapshot::{self, Objects, PolicyProblems};
 use super::watch::{Changes, Stores};
 use crate::cni::PodStarts;
+use crate::compiler::capacity::{self, Capacity};
 use crate::compiler::{self, Change, Engine, MapContents, MapDiff};
 use crate::metrics::{ErrorKind, Health, Metrics};
 use crate::model::{self, ObjectKey, Snapshot};
@@ -312,17 +312,17 @@ impl<E: Enforcer> Reconciler<E> {
         });
         let desired = engine.contents();
         let repair = self.needs_repair || resync;
-        // The common case: everything fits and the maps hold the engine's last contents, so
-        // the engine's diff is the write and nothing is copied or compared whole.
-        let fast = match engine_diff {
-            Some(d) if !repair && self.written_is_engine && fits(desired, self.cfg.capacity) => {
-                Some(d)
+        let plan = match engine_diff {
+            // The common case: everything fits and the maps hold the engine's last contents,
+            // so the engine's diff is the write and nothing is copied or compared whole.
+            Some(d)
+                if !repair
+                    && self.written_is_engine
+                    && self.cfg.capacity.overflow(desired).is_empty() =>
+            {
+                WritePlan::EngineDiff(d)
             }
-            _ => None,
-        };
-        let fitted = match fast {
-            Some(_) => None,
-            None => {
+            _ => {
                 let fitted = capacity::fit(desired, self.cfg.capacity);
                 if !fitted.overflowed.is_empty() {
                     self.metrics.error(ErrorKind::MapFull);
@@ -333,15 +333,18 @@ impl<E: Enforcer> Reconciler<E> {
                         "policy maps full: affected endpoints deny everything in the affected direction"
                     );
                 }
-                Some(fitted)
+                if repair {
+                    WritePlan::Repair(fitted)
+                } else {
+                    WritePlan::Whole(fitted)
+                }
             }
         };
-        self.metrics
-            .set_failclosed_endpoints(fitted.as_ref().map_or(0, |f| f.failclosed.len()));
+        self.metrics.set_failclosed_endpoints(plan.failclosed());
         let enforcer = &mut self.enforcer;
         let written = &self.written;
-        let result = blocking(|| match (&fast, &fitted) {
-            (Some(diff), _) => {
+        let result = blocking(|| match &plan {
+            WritePlan::EngineDiff(diff) => {
                 if diff.is_empty() {
                     return Ok((0, false));
                 }
@@ -349,8 +352,8 @@ impl<E: Enforcer> Reconciler<E> {
                     .apply(desired, Write::Engine(diff))
                     .map(|()| (diff.len(), false))
             }
-            (None, Some(f)) if repair => enforcer.repair(&f.contents).map(|n| (n, true)),
-            (None, Some(f)) => {
+            WritePlan::Repair(f) => enforcer.repair(&f.contents).map(|n| (n, true)),
+            WritePlan::Whole(f) => {
                 let diff = MapContents::diff(written, &f.contents);
                 if diff.is_empty() {
                     return Ok((0, false));
@@ -359,19 +362,17 @@ impl<E: Enforcer> Reconciler<E> {
                     .apply(&f.contents, Write::Whole)
                     .map(|()| (diff.len(), false))
             }
-            (None, None) => Ok((0, false)), // not reached: one of the two is always set
         });
         self.metrics.reconciled(resync);
         let ok = match result {
             Ok((changes, repaired)) => {
                 self.needs_repair = false;
-                match (fast, fitted) {
-                    (Some(diff), _) => diff.apply(&mut self.written),
-                    (None, Some(f)) => {
+                match plan {
+                    WritePlan::EngineDiff(diff) => diff.apply(&mut self.written),
+                    WritePlan::Repair(f) | WritePlan::Whole(f) => {
                         self.written_is_engine = f.overflowed.is_empty();
                         self.written = f.contents;
                     }
-                    (None, None) => {}
                 }
                 if let Some(seen) = seen {
                     self.metrics.observe_programming(seen.elapsed());
@@ -456,14 +457,25 @@ fn compile<'e>(
     (engine, diff)
 }
 
-/// Whether `c` fits the maps as is (what [`capacity::fit`] would return unchanged).
-fn fits(c: &MapContents, cap: Capacity) -> bool {
-    let [e, i, r, cr, p] = c.sizes().map(|(_, n, _)| n);
-    e <= cap.endpoints
-        && i <= cap.ipcache
-        && r <= cap.rules
-        && cr <= cap.cidr_rules
-        && p <= cap.ports
+/// How one pass writes the maps.
+enum WritePlan {
+    /// The engine's own diff: the maps hold the engine's last contents and the new ones fit.
+    EngineDiff(MapDiff),
+    /// Whole contents, fitted to capacity, diffed against what was written.
+    Whole(capacity::Fitted),
+    /// Whole contents, fitted, made equal to whatever the kernel holds (after a failed
+    /// write, and on every resync).
+    Repair(capacity::Fitted),
+}
+
+impl WritePlan {
+    /// Endpoints the fit denied everything (0 when nothing had to be given up).
+    fn failclosed(&self) -> usize {
+        match self {
+            WritePlan::EngineDiff(_) => 0,
+            WritePlan::Whole(f) | WritePlan::Repair(f) => f.failclosed.len(),
+        }
+    }
 }
 
 /// Logs, counts and publishes the problems of policies not reported in this form before.

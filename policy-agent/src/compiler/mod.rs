@@ -21,6 +21,7 @@
 //! one place, [`selector`], for this full compile and the incremental [`Engine`] alike; the
 //! engine keeps its [`selector::SelectorCache`] current across changes.
 
+pub mod capacity;
 pub mod cidr;
 pub mod incremental;
 mod numbering;
@@ -147,24 +148,6 @@ impl MapContents {
             cidr_rules: MapChanges::between(&old.cidr_rules, &new.cidr_rules),
             ports: MapChanges::between(&old.ports, &new.ports),
         }
-    }
-
-    /// Maps holding more entries than their kernel capacity: (map name, entries, capacity).
-    /// The writer must refuse such contents rather than apply them partly.
-    pub fn over_capacity(&self) -> Vec<(&'static str, usize, u32)> {
-        let caps = [
-            MAX_ENDPOINTS,
-            MAX_IPCACHE,
-            MAX_RULES,
-            MAX_CIDR_RULES,
-            MAX_PORTS,
-        ];
-        self.sizes()
-            .iter()
-            .zip(caps)
-            .filter(|((_, n, _), cap)| *n > *cap as usize)
-            .map(|((name, n, _), cap)| (*name, *n, cap))
-            .collect()
     }
 
     /// (map name, entries, key + value bytes) per map.

@@ -185,15 +185,20 @@ fn many_ports_go_to_the_trie() {
 #[test]
 fn capacity_is_checked() {
     let mut m = MapContents::default();
-    assert!(m.over_capacity().is_empty());
+    let cap = super::capacity::Capacity::default();
+    assert!(cap.overflow(&m).is_empty());
     for i in 0..=MAX_ENDPOINTS {
         let a = Addr::from_v4_octets((0x0a00_0000u32 + i).to_be_bytes());
         m.endpoints
             .insert(EndpointKey { addr: a }, EndpointValue::default());
     }
     assert_eq!(
-        m.over_capacity(),
-        vec![(MAP_ENDPOINTS, MAX_ENDPOINTS as usize + 1, MAX_ENDPOINTS)]
+        cap.overflow(&m),
+        vec![(
+            MAP_ENDPOINTS,
+            MAX_ENDPOINTS as usize + 1,
+            MAX_ENDPOINTS as usize
+        )]
     );
 }
 

@@ -64,7 +64,7 @@ pub enum DataplaneError {
     OverCapacity {
         map: &'static str,
         entries: usize,
-        capacity: u32,
+        capacity: usize,
     },
     #[error("CIDR_RULES slot {slot} holds a trie unlike the programs' template ({detail})")]
     ForeignTrie { slot: u32, detail: String },

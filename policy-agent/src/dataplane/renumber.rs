@@ -76,7 +76,10 @@ pub fn adopt_kernel_state(
 }
 
 fn check_capacity(desired: &MapContents) -> Result<(), DataplaneError> {
-    match desired.over_capacity().first() {
+    match crate::compiler::capacity::Capacity::default()
+        .overflow(desired)
+        .first()
+    {
         Some(&(map, entries, capacity)) => Err(DataplaneError::OverCapacity {
             map,
             entries,

@@ -37,6 +37,22 @@ impl Default for Capacity {
     }
 }
 
+impl Capacity {
+    /// The maps `c` holds more entries of than they can: (map, entries, capacity).
+    pub fn overflow(&self, c: &MapContents) -> Vec<(&'static str, usize, usize)> {
+        [
+            (MAP_ENDPOINTS, c.endpoints.len(), self.endpoints),
+            (MAP_IPCACHE, c.ipcache.len(), self.ipcache),
+            (MAP_RULES, c.rules.len(), self.rules),
+            (MAP_CIDR_RULES, c.cidr_rules.len(), self.cidr_rules),
+            (MAP_PORTS, c.ports.len(), self.ports),
+        ]
+        .into_iter()
+        .filter(|(_, n, max)| n > max)
+        .collect()
+    }
+}
+
 /// Contents that fit, and what was given up to get there.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fitted {
@@ -63,21 +79,11 @@ pub fn fit(desired: &MapContents, cap: Capacity) -> Fitted {
         contents: desired.clone(),
         ..Default::default()
     };
-    let c = &mut out.contents;
-    for (name, n, max) in [
-        (MAP_ENDPOINTS, c.endpoints.len(), cap.endpoints),
-        (MAP_IPCACHE, c.ipcache.len(), cap.ipcache),
-        (MAP_RULES, c.rules.len(), cap.rules),
-        (MAP_CIDR_RULES, c.cidr_rules.len(), cap.cidr_rules),
-        (MAP_PORTS, c.ports.len(), cap.ports),
-    ] {
-        if n > max {
-            out.overflowed.push((name, n, max));
-        }
-    }
+    out.overflowed = cap.overflow(&out.contents);
     if out.overflowed.is_empty() {
         return out;
     }
+    let c = &mut out.contents;
 
     // Policy-sets, largest contribution to an overflowing map first.
     loop {
