@@ -658,7 +658,7 @@ impl Engine {
             }
             if let Some(n) = new {
                 for (id, ps) in &n.rules {
-                    let v = value_of(ps, &self.numbers);
+                    let v = self.numbers.rule_value(ps);
                     let k = RuleKey {
                         policy_set: *num,
                         identity: *id,
@@ -668,7 +668,7 @@ impl Engine {
                     }
                 }
                 for (net, ps) in &n.cidrs {
-                    let v = value_of(ps, &self.numbers);
+                    let v = self.numbers.rule_value(ps);
                     let k = cidr_key(*num, net);
                     if self.contents.cidr_rules.get(&k) != Some(&v) {
                         cidr_tr.set(&mut self.contents.cidr_rules, k, Some(v));
@@ -736,42 +736,14 @@ impl Engine {
 
     fn endpoint_value(&self, key: &ObjectKey) -> Option<EndpointValue> {
         let ep = self.eps.get(key)?;
-        let mut v = EndpointValue {
-            endpoint_id: self.numbers.endpoints.get(key).unwrap_or(0),
-            ..Default::default()
-        };
-        for (d, spec) in ep.specs.iter().enumerate() {
-            let Some(spec) = spec else { continue };
-            let table = self.specs.get(spec).and_then(|e| e.table.as_ref());
-            let set = table
-                .and_then(|t| self.numbers.policy_sets.get(t))
-                .unwrap_or(POLICY_SET_EMPTY);
-            let has_id = table.is_some_and(|t| !t.rules.is_empty());
-            let has_cidr = table.is_some_and(|t| !t.cidrs.is_empty());
-            let (iso, idf, cf) = if d == 0 {
-                v.ingress_policy_set = set;
-                (
-                    ep_flags::ISOLATED_INGRESS,
-                    ep_flags::INGRESS_HAS_IDENTITY_RULES,
-                    ep_flags::INGRESS_HAS_CIDR_RULES,
-                )
-            } else {
-                v.egress_policy_set = set;
-                (
-                    ep_flags::ISOLATED_EGRESS,
-                    ep_flags::EGRESS_HAS_IDENTITY_RULES,
-                    ep_flags::EGRESS_HAS_CIDR_RULES,
-                )
-            };
-            v.flags |= iso;
-            if has_id {
-                v.flags |= idf;
-            }
-            if has_cidr {
-                v.flags |= cf;
-            }
-        }
-        Some(v)
+        let tables = ep.specs.each_ref().map(|s| {
+            s.as_ref()
+                .map(|s| self.specs.get(s).and_then(|e| e.table.as_ref()))
+        });
+        Some(
+            self.numbers
+                .endpoint_value(self.numbers.endpoints.get(key).unwrap_or(0), tables),
+        )
     }
 
     /// The table of a spec from scratch: rows of every candidate identity, and ipBlocks.
@@ -855,18 +827,7 @@ struct Work {
     transitions: Vec<(Table, Table)>,
 }
 
+/// The distinct port lists of `t` that need a trie.
 fn trie_sets(t: &Table) -> BTreeSet<Vec<(u8, u16, u16)>> {
-    t.rules
-        .values()
-        .chain(t.cidrs.values())
-        .filter_map(|ps| ps.needs_trie().map(<[_]>::to_vec))
-        .collect()
-}
-
-fn value_of(ps: &PortSet, st: &CompilerState) -> RuleValue {
-    let n = match ps {
-        PortSet::Ranges(r) if ps.needs_trie().is_some() => st.port_sets.get(r).unwrap_or(0),
-        _ => 0,
-    };
-    ps.rule_value(n)
+    t.trie_port_lists().map(<[_]>::to_vec).collect()
 }

@@ -205,6 +205,16 @@ pub struct TableData {
     pub cidrs: BTreeMap<IpNet, PortSet>,
 }
 
+impl TableData {
+    /// The port lists that need a `PORTS` trie (what port-set numbers are given to).
+    pub fn trie_port_lists(&self) -> impl Iterator<Item = &[(u8, u16, u16)]> {
+        self.rules
+            .values()
+            .chain(self.cidrs.values())
+            .filter_map(PortSet::needs_trie)
+    }
+}
+
 /// A shared, hashed [`TableData`]: tables are keys of the policy-set numbering and are
 /// compared often; the hash settles most comparisons without walking thousands of rows.
 #[derive(Clone, Debug)]
@@ -306,6 +316,58 @@ impl Default for CompilerState {
 impl CompilerState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A rule's value: its port set with the number of its trie, when it needs one.
+    fn rule_value(&self, ps: &PortSet) -> RuleValue {
+        let n = match ps {
+            PortSet::Ranges(r) if ps.needs_trie().is_some() => self.port_sets.get(r).unwrap_or(0),
+            _ => 0,
+        };
+        ps.rule_value(n)
+    }
+
+    /// The `ENDPOINTS` value of a local pod with this endpoint number whose ingress and
+    /// egress are decided by these tables (`None`: no policy selects it for that
+    /// direction; `Some(None)`: selected, with nothing allowed).
+    fn endpoint_value(
+        &self,
+        endpoint_id: u32,
+        tables: [Option<Option<&Table>>; 2],
+    ) -> EndpointValue {
+        let mut v = EndpointValue {
+            endpoint_id,
+            ..Default::default()
+        };
+        for (d, table) in tables.into_iter().enumerate() {
+            let Some(table) = table else { continue };
+            let set = table
+                .and_then(|t| self.policy_sets.get(t))
+                .unwrap_or(POLICY_SET_EMPTY);
+            let (iso, identity_rules, cidr_rules) = if d == 0 {
+                v.ingress_policy_set = set;
+                (
+                    ep_flags::ISOLATED_INGRESS,
+                    ep_flags::INGRESS_HAS_IDENTITY_RULES,
+                    ep_flags::INGRESS_HAS_CIDR_RULES,
+                )
+            } else {
+                v.egress_policy_set = set;
+                (
+                    ep_flags::ISOLATED_EGRESS,
+                    ep_flags::EGRESS_HAS_IDENTITY_RULES,
+                    ep_flags::EGRESS_HAS_CIDR_RULES,
+                )
+            };
+            v.flags |= iso;
+            if table.is_some_and(|t| !t.rules.is_empty()) {
+                v.flags |= identity_rules;
+            }
+            if table.is_some_and(|t| !t.cidrs.is_empty()) {
+                v.flags |= cidr_rules;
+            }
+        }
+        v
     }
 }
 
@@ -607,19 +669,14 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
     }
     state.last_tables = now;
     state.policy_sets.sync(tables.iter().copied());
-    let mut trie_sets: BTreeSet<&Vec<(u8, u16, u16)>> = BTreeSet::new();
-    for t in &tables {
-        for ps in t.rules.values().chain(t.cidrs.values()) {
-            if let PortSet::Ranges(r) = ps
-                && ps.needs_trie().is_some()
-            {
-                trie_sets.insert(r);
-            }
-        }
-    }
-    state.port_sets.sync(trie_sets.iter().copied());
+    let trie_lists: BTreeSet<Vec<(u8, u16, u16)>> = tables
+        .iter()
+        .flat_map(|t| t.trie_port_lists())
+        .map(<[_]>::to_vec)
+        .collect();
+    state.port_sets.sync(trie_lists.iter());
     let mut keys = Vec::new();
-    for r in &trie_sets {
+    for r in &trie_lists {
         if let Some(n) = state.port_sets.get(r) {
             keys.clear();
             portset::trie_keys(n, r, &mut keys);
@@ -628,13 +685,6 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
             }
         }
     }
-    let value_of = |ps: &PortSet, st: &CompilerState| -> RuleValue {
-        let n = match ps {
-            PortSet::Ranges(r) if ps.needs_trie().is_some() => st.port_sets.get(r).unwrap_or(0),
-            _ => 0,
-        };
-        ps.rule_value(n)
-    };
     for t in &tables {
         let Some(set) = state.policy_sets.get(t) else {
             continue;
@@ -645,12 +695,12 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                     policy_set: set,
                     identity: *id,
                 },
-                value_of(ps, state),
+                state.rule_value(ps),
             );
         }
         for (net, ps) in &t.cidrs {
             out.cidr_rules
-                .insert(cidr_key(set, net), value_of(ps, state));
+                .insert(cidr_key(set, net), state.rule_value(ps));
         }
     }
 
@@ -660,38 +710,11 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
         .sync(local.iter().map(|p| p.key()).collect::<Vec<_>>().iter());
     let mut ep_claims: BTreeMap<EndpointKey, Vec<EndpointValue>> = BTreeMap::new();
     for (li, pod) in local.iter().enumerate() {
-        let mut v = EndpointValue {
-            endpoint_id: state.endpoints.get(&pod.key()).unwrap_or(0),
-            ..Default::default()
-        };
-        for (d, spec) in ep_specs[li].iter().enumerate() {
-            let Some(spec) = spec else { continue };
-            let table = spec_tables.get(spec).and_then(Option::as_ref);
-            let set = table
-                .and_then(|t| state.policy_sets.get(t))
-                .unwrap_or(POLICY_SET_EMPTY);
-            let has_id = table.is_some_and(|t| !t.rules.is_empty());
-            let has_cidr = table.is_some_and(|t| !t.cidrs.is_empty());
-            if d == 0 {
-                v.ingress_policy_set = set;
-                v.flags |= ep_flags::ISOLATED_INGRESS;
-                if has_id {
-                    v.flags |= ep_flags::INGRESS_HAS_IDENTITY_RULES;
-                }
-                if has_cidr {
-                    v.flags |= ep_flags::INGRESS_HAS_CIDR_RULES;
-                }
-            } else {
-                v.egress_policy_set = set;
-                v.flags |= ep_flags::ISOLATED_EGRESS;
-                if has_id {
-                    v.flags |= ep_flags::EGRESS_HAS_IDENTITY_RULES;
-                }
-                if has_cidr {
-                    v.flags |= ep_flags::EGRESS_HAS_CIDR_RULES;
-                }
-            }
-        }
+        let tables = ep_specs[li].each_ref().map(|s| {
+            s.as_ref()
+                .map(|s| spec_tables.get(s).and_then(Option::as_ref))
+        });
+        let v = state.endpoint_value(state.endpoints.get(&pod.key()).unwrap_or(0), tables);
         for ip in &pod.ips {
             ep_claims
                 .entry(EndpointKey { addr: addr_of(*ip) })
