@@ -230,6 +230,14 @@ fn agent_work_with(caps: &[u32]) -> Result<(), String> {
         .enter(move || {
             restrict_thread_caps(caps);
             let mut dp = Dataplane::load(&path).map_err(|e| format!("load: {e}"))?;
+            // With fewer privileges than root the verifier does more: the real headroom.
+            for (name, n) in dp.verifier_cost() {
+                let n = n.unwrap_or(0);
+                eprintln!(
+                    "verifier ({caps:?}): {name:>14} {n:>8} instructions ({:.1} % of 1M)",
+                    n as f64 / 1e4
+                );
+            }
             let mut maps = dp.take_maps().map_err(|e| format!("maps: {e}"))?;
             maps.set_endpoint(EndpointKey { addr: addr_of(ip) }, EndpointValue::default())
                 .map_err(|e| format!("map write: {e}"))?;

@@ -3027,3 +3027,18 @@ fn own_endpoint_cache_follows_every_endpoints_change() {
         Reason::AllowNotIsolated
     );
 }
+
+/// The verifier's cost of each program, against its 1M-instruction limit: printed for every
+/// CI run, so a change that eats the headroom is seen before a load fails.
+#[test]
+fn every_program_verifies_below_the_instruction_limit() {
+    let f = fixture();
+    for (name, n) in f.dp.verifier_cost() {
+        let n = n.unwrap_or_else(|| panic!("{name}: the kernel reports no verified_insns"));
+        eprintln!(
+            "verifier: {name:>14} {n:>8} instructions ({:.1} % of 1M)",
+            n as f64 / 1e4
+        );
+        assert!(n < 1_000_000, "{name}: {n}");
+    }
+}

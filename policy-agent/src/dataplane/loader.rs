@@ -277,6 +277,25 @@ impl Dataplane {
         p.try_into().map_err(|e| DataplaneError::program(name, e))
     }
 
+    /// How many instructions the verifier processed for each program (the kernel's
+    /// `verified_insns`, Linux 5.16+; `None` where the kernel does not say). The limit is
+    /// 1,000,000: a program near it fails to load after a harmless-looking change, or when
+    /// the loader has fewer privileges (the DaemonSet's capabilities cost more).
+    pub fn verifier_cost(&self) -> Vec<(&'static str, Option<u32>)> {
+        PROGRAMS
+            .iter()
+            .chain(&[PROG_SERVICE_JUDGE])
+            .map(|&name| {
+                let n = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .and_then(|i| i.verified_instruction_count());
+                (name, n)
+            })
+            .collect()
+    }
+
     /// Attaches `from_pod` at TC ingress and `to_pod` at TC egress of `interface` (the host
     /// side of a pod's veth), in the calling thread's network namespace.
     pub fn attach(
