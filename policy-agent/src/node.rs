@@ -101,6 +101,8 @@ pub struct NodeEnforcer {
     bound: BTreeSet<BindingKey>,
     adopted: bool,
     migrated: bool,
+    /// The old agent's Service judge still runs beside ours (a migration in progress).
+    judges_to_settle: bool,
 }
 
 impl NodeEnforcer {
@@ -175,12 +177,19 @@ impl NodeEnforcer {
             tracing::info!("adopted the maps and links an earlier agent pinned");
         }
         maps.set_service_cidrs(&opts.service_cidrs)?;
+        let mut judges_to_settle = false;
         if !opts.service_cidrs.is_empty() {
             // Deferred Service egress whose translated packet meets no TC hook is judged in
             // netfilter; without that judge it would pass unjudged, so no start without it.
             let pin = dp.pin_service_judge()?;
-            service_judge::install(&pin)?;
-            tracing::info!(pin = %pin.display(), "translated Service traffic judged in netfilter");
+            // Migrating: the old programs keep deferring into the old maps until their links
+            // switch, and only the old judge reads those; both judge until then.
+            let old = opts.bpf_dir.join(policy_common::PROG_SERVICE_JUDGE);
+            let both = dp.pin_state() == PinState::Migrating && old.exists();
+            let pins: Vec<&Path> = if both { vec![&old, &pin] } else { vec![&pin] };
+            service_judge::install(&pins)?;
+            judges_to_settle = both;
+            tracing::info!(pin = %pin.display(), with_old = both, "translated Service traffic judged in netfilter");
         }
         let written = maps.read_contents()?;
         let bound = maps.bindings()?.into_iter().collect();
@@ -198,6 +207,7 @@ impl NodeEnforcer {
             bound,
             adopted,
             migrated: false,
+            judges_to_settle,
         })
     }
 
@@ -364,6 +374,20 @@ impl NodeEnforcer {
             })
             .map(|(k, pairs)| (k, pairs.into_iter().map(|(_, ip)| ip).collect()))
             .collect();
+        if self.judges_to_settle && self.dp.pin_state() != PinState::Migrating {
+            // Every link runs the new programs: nothing defers into the old maps any more.
+            let settled = self
+                .dp
+                .pin_service_judge()
+                .and_then(|pin| Ok(service_judge::install(&[&pin])?));
+            match settled {
+                Ok(()) => self.judges_to_settle = false,
+                Err(e) => {
+                    tracing::error!(error = %e, "leaving the old Service judge failed; retrying");
+                    failed.push(("<service judge>".into(), e.to_string()));
+                }
+            }
+        }
         Interfaces {
             attached: self.attached.names(),
             waiting,

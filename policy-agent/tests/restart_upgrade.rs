@@ -282,8 +282,23 @@ fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
             .collect()
     };
 
-    let mut agent1 = Agent::start(&bed, &dir, &fs, &["--attach", "tcx"], 1);
+    // With the Service judge: while migrating the old judge runs beside the new one (the
+    // old programs defer into the old maps), then only the new one is left.
+    let agent_args = ["--attach", "tcx", "--service-cidr", "198.19.200.0/24"];
+    let judges = |bed: &Testbed| -> Vec<String> {
+        let out = bed
+            .node
+            .exec("iptables", &["-w", "-S", "NETPOL-SERVICE"])
+            .expect("iptables -S");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut agent1 = Agent::start(&bed, &dir, &fs, &agent_args, 1);
     agent1.wait_generation(&dir.status(), generation, 3);
+    assert_eq!(judges(&bed).len(), 1, "{:?}", judges(&bed));
     let progs1 = progs(&bed);
     let mut long = TcpClient::connect(&bed.hosts[A].ns, to_b, Duration::from_secs(2))
         .expect("long-lived A -> B");
@@ -310,7 +325,7 @@ fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
             });
         }
         std::thread::sleep(Duration::from_millis(700));
-        let mut agent2 = Agent::start(bed_ref, &dir, &fs, &["--attach", "tcx"], 2);
+        let mut agent2 = Agent::start(bed_ref, &dir, &fs, &agent_args, 2);
         let s = agent2.wait_generation(&dir.status(), generation, 3);
         std::thread::sleep(Duration::from_millis(1500));
         stop.store(true, Ordering::Relaxed);
@@ -354,6 +369,28 @@ fn restart_upgrade_migrates_incompatible_maps_without_a_gap() {
     assert!(
         !fs.path().join("upgrade").exists(),
         "staging directory left behind"
+    );
+    let after = judges(&bed);
+    assert_eq!(after.len(), 1, "only the new judge is left: {after:?}");
+    assert!(
+        after[0].contains(&format!("{}/service_judge", fs.path().display())),
+        "{after:?}"
+    );
+    // (The log is coloured: escape sequences dropped before reading it.)
+    let mut log = String::new();
+    let mut in_escape = false;
+    for ch in agent1.log_text().chars() {
+        match (in_escape, ch) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    assert!(
+        log.contains("with_old=true"),
+        "the old judge ran beside the new one while migrating: {}",
+        agent1.log_tail()
     );
     // The pins are the new maps now: a later agent adopts them.
     assert_eq!(

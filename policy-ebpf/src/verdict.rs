@@ -632,6 +632,35 @@ fn ct_key4_into(out: &mut CtKey4, pkt: &Pkt) -> bool {
     src_is_a
 }
 
+/// The compact key of an IPv4 tuple given by its words (network order) and ports, in
+/// `ct::normalize`'s order (see `ct_key4_into`).
+#[inline(always)]
+fn ct_key4(s: u32, d: u32, sport: u16, dport: u16, proto_nr: u8) -> CtKey4 {
+    let (sh, dh) = (u32::from_be(s), u32::from_be(d));
+    let src_is_a = sh < dh || (sh == dh && sport <= dport);
+    let mut out = core::mem::MaybeUninit::<CtKey4>::uninit();
+    let p = out.as_mut_ptr();
+    // SAFETY: every byte of `out` is written, proto and padding as one word (see `ct_key`).
+    unsafe {
+        if src_is_a {
+            (*p).addr_a = s;
+            (*p).addr_b = d;
+            (*p).port_a = sport;
+            (*p).port_b = dport;
+        } else {
+            (*p).addr_a = d;
+            (*p).addr_b = s;
+            (*p).port_a = dport;
+            (*p).port_b = sport;
+        }
+        core::ptr::write_volatile(
+            (p as *mut u8).add(core::mem::offset_of!(CtKey4, proto)) as *mut u32,
+            u32::from_le_bytes([proto_nr, 0, 0, 0]),
+        );
+        out.assume_init()
+    }
+}
+
 /// The entry of a normalised key built on the stack (ICMP errors, virtual tuples), from the
 /// map of its family.
 #[inline(always)]
@@ -998,14 +1027,28 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
     let Some(p) = entry else {
         return;
     };
+    // The family is the packet's, decided once: a per-slot family test (and the IPv6
+    // address comparison of a normalised key) multiplied the states the verifier walks
+    // through the unrolled loop (this grant cost to_world most of its instruction budget).
+    let v4 = pkt.src.is_v4();
     for i in 0..PENDING_SLOTS {
         // SAFETY: see defer_virtual_tuple.
         let s = unsafe { &mut (*p).slots[i] };
         if s.seen_ns == 0 || now.wrapping_sub(s.seen_ns) >= PENDING_WINDOW_NS {
             continue;
         }
-        let (vkey, _) = ct_key(pkt.src, s.vip, s.sport, s.vport, pkt.proto);
-        if let Some(c) = ct_get(&vkey) {
+        let found = if v4 {
+            ct_table::get4(&ct_key4(
+                pkt.src.0[3],
+                s.vip.0[3],
+                s.sport,
+                s.vport,
+                pkt.proto,
+            ))
+        } else {
+            ct_table::get6(&ct_key(pkt.src, s.vip, s.sport, s.vport, pkt.proto).0)
+        };
+        if let Some(c) = found {
             // SAFETY: see flow_verdict.
             unsafe {
                 (*c).flags |= ct_flags::EGRESS_OK;

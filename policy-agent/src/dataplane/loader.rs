@@ -213,6 +213,8 @@ impl Dataplane {
             std::fs::rename(&from, &to)
                 .map_err(|source| DataplaneError::Io { path: from, source })?;
         }
+        // The new Service judge's staging pin: its rule holds the program, not the path.
+        let _ = std::fs::remove_file(self.pin_dir.join(PROG_SERVICE_JUDGE));
         let _ = std::fs::remove_dir(&self.pin_dir);
         self.pin_dir = self.link_root.clone();
         self.pin_state = PinState::Adopted;

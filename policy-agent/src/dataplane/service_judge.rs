@@ -41,21 +41,28 @@ pub enum ServiceJudgeError {
 }
 
 /// The ruleset `iptables-restore --noflush` applies in one commit: the chain (emptied if
-/// it exists) with its one rule, so a restart swaps the program without a moment unjudged.
-pub fn ruleset(pin: &Path) -> String {
-    format!(
-        "*filter\n:{CHAIN} - [0:0]\n\
-         -A {CHAIN} -m conntrack --ctstate DNAT --ctdir ORIGINAL \
-         -m bpf --object-pinned {} -j DROP\nCOMMIT\n",
-        pin.display()
-    )
+/// it exists) with a rule per judge, so a restart swaps the program without a moment
+/// unjudged. Two judges during a map migration: the old programs defer into the old maps,
+/// which only the old judge reads; a packet is dropped if either refuses it, and a judge
+/// that finds no deferral of its own passes it on.
+pub fn ruleset(pins: &[&Path]) -> String {
+    let mut r = format!("*filter\n:{CHAIN} - [0:0]\n");
+    for pin in pins {
+        r.push_str(&format!(
+            "-A {CHAIN} -m conntrack --ctstate DNAT --ctdir ORIGINAL \
+             -m bpf --object-pinned {} -j DROP\n",
+            pin.display()
+        ));
+    }
+    r.push_str("COMMIT\n");
+    r
 }
 
-/// Installs (or replaces) the rule running the program pinned at `pin`, for both families,
-/// and the jumps to it (calling thread's namespace).
-pub fn install(pin: &Path) -> Result<(), ServiceJudgeError> {
+/// Installs (or replaces) the rules running the programs pinned at `pins`, for both
+/// families, and the jumps to them (calling thread's namespace).
+pub fn install(pins: &[&Path]) -> Result<(), ServiceJudgeError> {
     for tool in TOOLS {
-        restore(&format!("{tool}-restore"), &ruleset(pin))?;
+        restore(&format!("{tool}-restore"), &ruleset(pins))?;
         for parent in PARENTS {
             if run(tool, &["-w", "-C", parent, "-j", CHAIN]).is_err() {
                 run(tool, &["-w", "-I", parent, "1", "-j", CHAIN])?;
@@ -131,7 +138,7 @@ mod tests {
 
     #[test]
     fn the_ruleset_replaces_the_chain_in_one_commit_and_judges_only_translated_originals() {
-        let r = ruleset(Path::new("/sys/fs/bpf/netpol/service_judge"));
+        let r = ruleset(&[Path::new("/sys/fs/bpf/netpol/service_judge")]);
         assert!(r.starts_with("*filter\n:NETPOL-SERVICE - [0:0]\n"), "{r}");
         assert!(r.contains("--ctstate DNAT --ctdir ORIGINAL"), "{r}");
         assert!(
@@ -139,5 +146,19 @@ mod tests {
             "{r}"
         );
         assert!(r.ends_with("COMMIT\n"), "{r}");
+    }
+
+    #[test]
+    fn a_migration_judges_with_the_old_and_the_new_program_in_one_commit() {
+        let (old, new) = (
+            Path::new("/sys/fs/bpf/netpol/service_judge"),
+            Path::new("/sys/fs/bpf/netpol/upgrade/service_judge"),
+        );
+        let r = ruleset(&[old, new]);
+        let rules: Vec<&str> = r.lines().filter(|l| l.starts_with("-A ")).collect();
+        assert_eq!(rules.len(), 2, "{r}");
+        assert!(rules[0].contains(&format!("--object-pinned {} -j DROP", old.display())));
+        assert!(rules[1].contains(&format!("--object-pinned {} -j DROP", new.display())));
+        assert_eq!(r.matches("COMMIT").count(), 1, "{r}");
     }
 }
