@@ -31,6 +31,12 @@ pub const MAP_SERVICE_CIDRS: &str = "SERVICE_CIDRS";
 pub const MAP_SERVICE_PENDING: &str = "SERVICE_PENDING";
 /// (interface, address) pairs: which addresses a pod's veth may carry as its own.
 pub const MAP_BINDINGS: &str = "BINDINGS";
+/// The Service grant programs the hooks tail-call (index [`GRANT_ETHERNET`], [`GRANT_L3`]).
+pub const MAP_GRANTS: &str = "GRANTS";
+/// `GRANTS` index of [`PROG_GRANT`].
+pub const GRANT_ETHERNET: u32 = 0;
+/// `GRANTS` index of [`PROG_GRANT_L3`].
+pub const GRANT_L3: u32 = 1;
 
 /// Program names (functions in policy-ebpf).
 /// Attached at TC ingress of the pod's host-side veth: packets the pod sends.
@@ -50,6 +56,11 @@ pub const PROG_TO_WORLD_L3: &str = "to_world_l3";
 /// A socket filter an iptables rule runs (`-m bpf`) on translated Service traffic after
 /// DNAT: judges the egress a pod hook deferred. Pinned under this name in the pin directory.
 pub const PROG_SERVICE_JUDGE: &str = "service_judge";
+/// Tail-called by a hook whose verdict granted a deferred Service egress: grants the
+/// client's virtual tuple (re-parsing the packet). Never attached.
+pub const PROG_GRANT: &str = "grant";
+/// [`PROG_GRANT`] for hooks without a link header.
+pub const PROG_GRANT_L3: &str = "grant_l3";
 /// A program that does nothing: the baseline of the datapath benchmark.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 /// Test-run only: writes a [`ClockSample`] into its packet (clock calibration).

@@ -109,6 +109,18 @@ pub fn to_world_l3(ctx: TcContext) -> i32 {
     verdict::run::<0>(&ctx, Hook::ToWorld)
 }
 
+/// The Service grant, tail-called through `GRANTS` (see `verdict::grant`). Never attached.
+#[classifier]
+pub fn grant(ctx: TcContext) -> i32 {
+    verdict::grant::<ETH_HLEN>(&ctx)
+}
+
+/// [`grant`] for hooks without a link header.
+#[classifier]
+pub fn grant_l3(ctx: TcContext) -> i32 {
+    verdict::grant::<0>(&ctx)
+}
+
 /// Run by an iptables rule (`-m bpf`, in INPUT and FORWARD, for DNATed connections) on
 /// translated Service traffic: nonzero drops. Its packet starts at the IP header; socket
 /// filters read it through `bpf_skb_load_bytes` only.

@@ -8,7 +8,9 @@ use aya_ebpf::{
     btf_maps,
     helpers::bpf_map_lookup_elem,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key,
+    },
 };
 use policy_common::{
     Addr, BindingKey, CIDR_SLOTS, CidrData, Config, CtKey, CtKey4, EVENTS_RING_BYTES, EndpointKey,
@@ -110,6 +112,13 @@ pub static SERVICE_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS,
 #[map]
 pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
     LruHashMap::pinned(MAX_SERVICE_PENDING, 0);
+
+/// The Service grant, tail-called after a verdict (see `verdict::grant`): verified on its
+/// own, it costs the hooks nothing of their instruction budget. Pinned so it outlives the
+/// agent (a prog array loses its entries when no process or pin holds it) and so a
+/// restarted agent's programs replace the old ones in place.
+#[map]
+pub static GRANTS: ProgramArray = ProgramArray::pinned(2, 0);
 
 /// All zeros, never written: the initial value of a new `SERVICE_PENDING` entry, inserted
 /// from here because the BPF stack has no room for it. Private, not pinned.

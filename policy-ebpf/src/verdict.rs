@@ -9,14 +9,15 @@ use aya_ebpf::{
 };
 use policy_common::{
     Addr, BindingKey, CtKey, CtKey4, CtValue, DenyEvent, Direction, EndpointKey, EndpointValue,
-    FragKey, FragValue, IpCacheKey, IpCacheValue, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey,
-    Reason, ct, ct_flags, decide::decide, ep_flags, ipc_flags, proto,
+    FragKey, FragValue, GRANT_ETHERNET, GRANT_L3, IpCacheKey, IpCacheValue, PENDING_SLOTS,
+    PENDING_WINDOW_NS, PendingKey, Reason, ct, ct_flags, decide::decide, ep_flags, ipc_flags,
+    proto,
 };
 
 use crate::maps::{
     BINDINGS, BpfMaps, CONFIG, COUNTERS, CtKeys, ENDPOINTS, EP_CACHE, EP_CACHE_SLOTS, EVENT_BUDGET,
-    EVENTS, FRAGMENTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS, SERVICE_PENDING,
-    Scratch, same_addr,
+    EVENTS, FRAGMENTS, GRANTS, IPCACHE, Known, PENDING_ZERO, SCRATCH, SERVICE_CIDRS,
+    SERVICE_PENDING, Scratch, same_addr,
 };
 use crate::parse::{Kind, NoPkt, Pkt, parse, parse_loaded};
 use crate::{clock, ct_table};
@@ -78,7 +79,7 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
     let dir = match decider {
         Decider::Egress => Direction::Egress,
         Decider::Ingress => Direction::Ingress,
-        Decider::Hook => dir,
+        Decider::Hook | Decider::HookGrants => dir,
     };
     count(reason, dir);
     if reason.is_allow() {
@@ -86,11 +87,39 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
         {
             record_fragment(pkt, reason);
         }
+        if decider == Decider::HookGrants {
+            // The Service grant: a tail call once the verdict is counted (`grant`),
+            // verified apart from this program.
+            let slot = if L2 == 0 { GRANT_L3 } else { GRANT_ETHERNET };
+            // SAFETY: a tail call; on success this program ends here (the grant program
+            // returns TC_ACT_OK: the same verdict). When the slot is empty it returns, and
+            // the reply of this connection then finds no grant: refused, never opened.
+            unsafe { GRANTS.tail_call(ctx, slot) };
+        }
         TC_ACT_OK
     } else {
         report(ctx, dir, reason, Some(pkt), ep_id.unwrap_or(0));
         TC_ACT_SHOT
     }
+}
+
+/// The Service grant of a packet whose verdict at a hook after DNAT allowed a deferred
+/// egress (tail-called by `run`, which counted the verdict already): the packet is parsed
+/// again (its fields are not carried over: this program may be of another agent version
+/// than the caller) and the client's virtual tuple granted. Always passes: the caller's
+/// verdict was to pass.
+#[inline(always)]
+pub fn grant<const L2: usize>(ctx: &TcContext) -> i32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: as in `run` (the caller's run ended with the tail call).
+    let pkt = unsafe { &mut (*scratch).pkt };
+    if parse::<L2>(ctx, pkt).is_ok() {
+        pkt.now = clock::now();
+        grant_virtual_tuple(pkt, pkt.now);
+    }
+    TC_ACT_OK
 }
 
 /// The verdict on a frame the parser could not make a packet of. A pod's hook judges its
@@ -311,6 +340,9 @@ enum Decider {
     Egress,
     /// The destination's ingress policy.
     Ingress,
+    /// The hook, and the verdict grants a deferred Service egress: the client's virtual
+    /// tuple is to be granted (tail call to `grant`).
+    HookGrants,
 }
 
 /// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
@@ -433,7 +465,7 @@ fn judge(
             let id = match by {
                 Decider::Egress => src.endpoint_id,
                 Decider::Ingress => dst.endpoint_id,
-                Decider::Hook => own,
+                Decider::Hook | Decider::HookGrants => own,
             };
             (r, Some(id), by)
         }
@@ -864,7 +896,9 @@ fn flow_verdict(
         if deferred {
             defer_virtual_tuple(pkt, now);
         } else if granted & ct_flags::EGRESS_OK != 0 && hook != Hook::FromPod {
-            grant_virtual_tuple(pkt, now);
+            // Allowed, so no policy refused: the hook decided. The grant is tail-called
+            // once the verdict is counted (see `run`).
+            by = Decider::HookGrants;
         }
     }
     (reason, by)

@@ -24,8 +24,9 @@ use aya::{
     },
 };
 use policy_common::{
-    PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD, PROG_FROM_WORLD, PROG_FROM_WORLD_L3,
-    PROG_SERVICE_JUDGE, PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
+    GRANT_ETHERNET, GRANT_L3, MAP_GRANTS, PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD,
+    PROG_FROM_WORLD, PROG_FROM_WORLD_L3, PROG_GRANT, PROG_GRANT_L3, PROG_SERVICE_JUDGE,
+    PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
 };
 
 use super::pinning::{self, PinState};
@@ -40,9 +41,36 @@ pub const PROGRAMS: &[&str] = &[
     PROG_TO_WORLD,
     PROG_FROM_WORLD_L3,
     PROG_TO_WORLD_L3,
+    PROG_GRANT,
+    PROG_GRANT_L3,
     PROG_BENCH_EMPTY,
     PROG_CLOCK_PROBE,
 ];
+
+/// Puts this object's Service grant programs into `GRANTS`, where the hooks tail-call
+/// them. The array is pinned: an earlier agent's programs still attached call these from
+/// now on (they re-parse the packet, so any version's caller is served).
+fn set_grants(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let mut fds = Vec::new();
+    for (slot, name) in [(GRANT_ETHERNET, PROG_GRANT), (GRANT_L3, PROG_GRANT_L3)] {
+        let fd = classifier(ebpf, name)?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|e| DataplaneError::program(name, e))?;
+        fds.push((slot, fd));
+    }
+    let map = ebpf
+        .map_mut(MAP_GRANTS)
+        .ok_or(DataplaneError::MissingMap(MAP_GRANTS))?;
+    let mut grants =
+        aya::maps::ProgramArray::try_from(map).map_err(|e| DataplaneError::map(MAP_GRANTS, e))?;
+    for (slot, fd) in &fds {
+        grants
+            .set(*slot, fd, 0)
+            .map_err(|e| DataplaneError::map(MAP_GRANTS, e))?;
+    }
+    Ok(())
+}
 
 /// The hooks of a pod's host-side veth: TC ingress sees what the pod sends.
 pub const POD_HOOKS: &[(&str, TcAttachType)] = &[
@@ -163,6 +191,7 @@ impl Dataplane {
         service_judge_program(&mut ebpf)?
             .load()
             .map_err(|e| DataplaneError::program(PROG_SERVICE_JUDGE, e))?;
+        set_grants(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
