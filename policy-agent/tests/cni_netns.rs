@@ -148,11 +148,7 @@ fn pod_start(cluster: bool) {
     let args = cni.agent_args("10");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let api = FakeApi::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut _api_runtime = None;
     let mut agent = if cluster {
         api.apply(
             Kind::Namespaces,
@@ -166,17 +162,8 @@ fn pod_start(cluster: bool) {
             };
             api.apply(kind, d.clone());
         }
-        // Bound inside the node namespace: the agent there reaches it on 127.0.0.1.
-        let listener = bed
-            .node
-            .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("enter node")
-            .expect("bind the fake API server");
-        let port = listener.local_addr().expect("port").port();
-        {
-            let _in_rt = rt.enter();
-            api.serve_http(listener);
-        }
+        let (rt, port) = kube_support::serve_in(&api, &bed.node);
+        _api_runtime = Some(rt);
         let kubeconfig = write_kubeconfig(&dir, port);
         let mut agent = Agent::start_cluster(&bed, &dir, &fs, &kubeconfig, METRICS_PORT, &args, 0);
         agent.wait_ready(&bed, METRICS_PORT);

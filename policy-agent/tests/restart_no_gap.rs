@@ -117,22 +117,7 @@ impl<'a> Control<'a> {
         let (rt, kubeconfig) = match plane {
             Plane::Standalone => (None, std::path::PathBuf::new()),
             Plane::Cluster => {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                // Bound inside the node namespace: the agent there reaches it on 127.0.0.1.
-                let listener = bed
-                    .node
-                    .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
-                    .expect("enter node")
-                    .expect("bind the fake API server");
-                let port = listener.local_addr().expect("port").port();
-                {
-                    let _in_rt = rt.enter();
-                    api.serve_http(listener);
-                }
+                let (rt, port) = kube_support::serve_in(&api, &bed.node);
                 (Some(rt), write_kubeconfig(dir, port))
             }
         };

@@ -597,3 +597,27 @@ pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Serves `api` over HTTP on the loopback of network namespace `ns`, where an agent run
+/// there reaches it on 127.0.0.1, from a runtime of its own (serving while it lives).
+/// Returns the runtime and the port.
+pub fn serve_in(
+    api: &FakeApi,
+    ns: &policy_testkit::testbed::Netns,
+) -> (tokio::runtime::Runtime, u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = ns
+        .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("enter the namespace")
+        .expect("bind the fake API server");
+    let port = listener.local_addr().expect("port").port();
+    {
+        let _in_rt = rt.enter();
+        api.serve_http(listener);
+    }
+    (rt, port)
+}
