@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use kube_support::{FakeApi, Kind};
 use policy_testkit::testbed::cni::{call_plugin, plugin_conf, prev_result};
 use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
-use restart_common::{Agent, NODE, TempDir, pod, write_kubeconfig, write_manifests};
+use restart_common::{
+    Agent, NODE, TempDir, pod, uninstall_with, write_kubeconfig, write_manifests,
+};
 use serde_json::{Value, json};
 
 /// The main plugin's conflist, as its installer writes it.
@@ -305,22 +307,15 @@ fn every_failure_fails_the_start_and_uninstall_takes_the_plugin_out() {
     // itself is unit-tested in policy-cni's local_socket.)
 
     // Uninstall takes the entry and the binary out.
-    let out = std::process::Command::new("timeout")
-        .args(["20", "ip", "netns", "exec", bed.node.name()])
-        .arg(env!("CARGO_BIN_EXE_policy-agent"))
-        .arg("uninstall")
-        .arg("--bpf-dir")
-        .arg(fs.path())
-        .arg("--cni-conf-dir")
-        .arg(&cni.conf)
-        .arg("--cni-bin-dir")
-        .arg(&cni.bin)
-        .output()
-        .expect("uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    uninstall_with(
+        &bed,
+        &fs,
+        &[
+            "--cni-conf-dir".as_ref(),
+            cni.conf.as_os_str(),
+            "--cni-bin-dir".as_ref(),
+            cni.bin.as_os_str(),
+        ],
     );
     assert_eq!(cni.conflist(), main_conflist());
     assert!(!cni.bin.join("netpol-cni").exists());

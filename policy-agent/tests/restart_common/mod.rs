@@ -276,12 +276,18 @@ impl Drop for StopOnDrop<'_> {
 
 /// Runs `policy-agent uninstall` in the node namespace.
 pub fn uninstall(bed: &Testbed, fs: &PrivateBpffs) {
+    uninstall_with(bed, fs, &[]);
+}
+
+/// [`uninstall`] with more arguments (`--cni-conf-dir ...`).
+pub fn uninstall_with(bed: &Testbed, fs: &PrivateBpffs, extra: &[&std::ffi::OsStr]) {
     let out = Command::new("timeout")
         .args(["20", "ip", "netns", "exec", bed.node.name()])
         .arg(env!("CARGO_BIN_EXE_policy-agent"))
         .arg("uninstall")
         .arg("--bpf-dir")
         .arg(fs.path())
+        .args(extra)
         .output()
         .expect("run uninstall");
     assert!(
