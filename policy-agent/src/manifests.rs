@@ -303,16 +303,7 @@ pub const LOCKDOWN_POLICY: &str = "policy-agent:fail-closed";
 
 /// Selects every pod of `namespace`, isolates both directions, admits nothing.
 fn lockdown_policy(namespace: &str) -> model::NetworkPolicy {
-    model::NetworkPolicy {
-        namespace: namespace.to_string(),
-        name: LOCKDOWN_POLICY.to_string(),
-        pod_selector: model::LabelSelector::everything(),
-        ingress_isolation: true,
-        egress_isolation: true,
-        ingress: Vec::new(),
-        egress: Vec::new(),
-        declared: None,
-    }
+    model::NetworkPolicy::deny_all(namespace, LOCKDOWN_POLICY)
 }
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` below `dir` (sorted, recursively), with no

@@ -254,6 +254,21 @@ impl NetworkPolicy {
     pub fn key(&self) -> ObjectKey {
         ObjectKey::new(&self.namespace, &self.name)
     }
+
+    /// Selects every pod of `namespace`, isolates both directions, admits nothing: what
+    /// stands in where the agent must fail closed.
+    pub fn deny_all(namespace: &str, name: &str) -> Self {
+        NetworkPolicy {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            pod_selector: LabelSelector::everything(),
+            ingress_isolation: true,
+            egress_isolation: true,
+            ingress: Vec::new(),
+            egress: Vec::new(),
+            declared: None,
+        }
+    }
 }
 
 /// Everything the compiler needs: all objects of the cluster and which node this is.

@@ -213,16 +213,7 @@ fn malformed_policy(
     let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else {
         return (None, None);
     };
-    let value = model::NetworkPolicy {
-        namespace: ns.clone(),
-        name: name.clone(),
-        pod_selector: model::LabelSelector::everything(),
-        ingress_isolation: true,
-        egress_isolation: true,
-        ingress: Vec::new(),
-        egress: Vec::new(),
-        declared: None,
-    };
+    let value = model::NetworkPolicy::deny_all(ns, name);
     let pp = PolicyProblems {
         key: value.key(),
         reference: reference(meta),

@@ -192,16 +192,12 @@ fn parse_conn(b: &[u8]) -> Option<KernelConn> {
             return None;
         }
     }
-    let translated = attr(b, CTA_TUPLE_REPLY)
+    let reply = attr(b, CTA_TUPLE_REPLY)
         .and_then(tuple)
-        .map(|(_, rs, rd, rsp, rdp)| (rd, rs, rdp, rsp))
-        .filter(|t| *t != (src, dst, sport, dport));
-    Some(KernelConn {
-        proto: proto_nr,
-        src,
-        dst,
-        sport,
-        dport,
-        translated,
-    })
+        .map(|(_, rs, rd, rsp, rdp)| (rs, rd, rsp, rdp));
+    Some(KernelConn::from_tuples(
+        proto_nr,
+        (src, dst, sport, dport),
+        reply,
+    ))
 }

@@ -31,7 +31,29 @@ pub struct KernelConn {
     /// The same connection as the receiver sees it after NAT (reply tuple reversed), when
     /// it differs (a Service's DNAT): both are seeded, the sender's hook sees the first and
     /// the receiver's the second.
-    pub translated: Option<(IpAddr, IpAddr, u16, u16)>,
+    pub translated: Option<Tuple>,
+}
+
+/// A connection's addresses and ports, source first.
+pub type Tuple = (IpAddr, IpAddr, u16, u16);
+
+impl KernelConn {
+    /// The connection of a table entry from its original tuple and its reply tuple (as the
+    /// kernel stores it: from the responder back), which is reversed into `translated`
+    /// when NAT made it differ.
+    pub fn from_tuples(proto: u8, original: Tuple, reply: Option<Tuple>) -> Self {
+        let (src, dst, sport, dport) = original;
+        KernelConn {
+            proto,
+            src,
+            dst,
+            sport,
+            dport,
+            translated: reply
+                .map(|(rs, rd, rsp, rdp)| (rd, rs, rdp, rsp))
+                .filter(|t| *t != original),
+        }
+    }
 }
 
 /// The entry a connection of the kernel's table is seeded with: both ends' grants (it was
@@ -81,7 +103,7 @@ fn parse_line(line: &str) -> Option<KernelConn> {
     let field = |name: &str, nth: usize| -> Option<&str> {
         tok.iter().filter_map(|t| t.strip_prefix(name)).nth(nth)
     };
-    let tuple = |nth: usize| -> Option<(IpAddr, IpAddr, u16, u16)> {
+    let tuple = |nth: usize| -> Option<Tuple> {
         Some((
             field("src=", nth)?.parse().ok()?,
             field("dst=", nth)?.parse().ok()?,
@@ -89,18 +111,7 @@ fn parse_line(line: &str) -> Option<KernelConn> {
             field("dport=", nth)?.parse().ok()?,
         ))
     };
-    let (src, dst, sport, dport) = tuple(0)?;
-    let translated = tuple(1)
-        .map(|(rs, rd, rsp, rdp)| (rd, rs, rdp, rsp))
-        .filter(|t| *t != (src, dst, sport, dport));
-    Some(KernelConn {
-        proto: proto_nr,
-        src,
-        dst,
-        sport,
-        dport,
-        translated,
-    })
+    Some(KernelConn::from_tuples(proto_nr, tuple(0)?, tuple(1)))
 }
 
 /// What seeding did.

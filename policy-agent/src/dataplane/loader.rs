@@ -555,17 +555,7 @@ impl Dataplane {
                 Ok(id) => id,
                 Err(_) => {
                     // Present already (an earlier agent's): replace its program in place.
-                    let old = SchedClassifierLink::attached(
-                        interface,
-                        *at,
-                        pinning::NETLINK_PRIORITY,
-                        TcHandle::from(pinning::NETLINK_HANDLE),
-                        None,
-                    )
-                    .map_err(|source| DataplaneError::Interface {
-                        interface: interface.to_string(),
-                        source,
-                    })?;
+                    let old = fixed_filter(interface, *at)?;
                     prog.attach_to_link(old)
                         .map_err(|e| DataplaneError::Attach {
                             program,
@@ -716,11 +706,10 @@ fn detach_slot(ebpf: &mut Ebpf, slot: Slot) -> Result<(), DataplaneError> {
     }
 }
 
-/// Deletes our fixed-priority clsact filter at `at` of `interface` (calling thread's
-/// namespace); a filter that is not there is not an error. Whether one was deleted.
-pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, DataplaneError> {
-    use aya::programs::Link as _;
-    let link = SchedClassifierLink::attached(
+/// Our fixed-priority clsact filter at `at` of `interface` (calling thread's namespace), as
+/// a link to replace or delete.
+fn fixed_filter(interface: &str, at: TcAttachType) -> Result<SchedClassifierLink, DataplaneError> {
+    SchedClassifierLink::attached(
         interface,
         at,
         pinning::NETLINK_PRIORITY,
@@ -730,7 +719,14 @@ pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, Da
     .map_err(|source| DataplaneError::Interface {
         interface: interface.to_string(),
         source,
-    })?;
+    })
+}
+
+/// Deletes our fixed-priority clsact filter at `at` of `interface` (calling thread's
+/// namespace); a filter that is not there is not an error. Whether one was deleted.
+pub fn detach_fixed_filter(interface: &str, at: TcAttachType) -> Result<bool, DataplaneError> {
+    use aya::programs::Link as _;
+    let link = fixed_filter(interface, at)?;
     use aya::programs::{ProgramError, TcError};
     let errno = |e: &ProgramError| match e {
         ProgramError::NetlinkError(n) | ProgramError::TcError(TcError::NetlinkError(n)) => {

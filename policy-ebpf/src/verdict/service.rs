@@ -5,8 +5,8 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use policy_common::{
-    Addr, Direction, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, ct_flags, decide::decide,
-    ep_flags,
+    Addr, Direction, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, PendingValue, ct_flags,
+    decide::decide, ep_flags,
 };
 
 use super::conntrack::{ct_key, ct_key4, is_syn};
@@ -89,15 +89,7 @@ pub fn judge_translated(ctx: &TcContext) -> bool {
 /// Whether a pod hook deferred this client socket's egress to a Service moments ago.
 #[inline(always)]
 fn deferred(pkt: &Pkt) -> bool {
-    let syn = is_syn(pkt);
-    let mut entry = None;
-    if syn {
-        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
-    }
-    if entry.is_none() {
-        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
-    }
-    let Some(p) = entry else {
+    let Some(p) = pending_entry(pkt) else {
         return false;
     };
     let mut fresh = false;
@@ -109,6 +101,20 @@ fn deferred(pkt: &Pkt) -> bool {
         }
     }
     fresh
+}
+
+/// The `SERVICE_PENDING` entry of a translated packet's client socket: a SYN's own (by
+/// sequence number) first, else the one of its source port.
+#[inline(always)]
+fn pending_entry(pkt: &Pkt) -> Option<*mut PendingValue> {
+    let mut entry = None;
+    if is_syn(pkt) {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
+    }
+    if entry.is_none() {
+        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
+    }
+    entry
 }
 
 /// What of a deferred packet survives DNAT: a SYN's sequence number, else its source port.
@@ -188,15 +194,7 @@ pub(super) fn defer_virtual_tuple(pkt: &Pkt, now: u64) {
 /// whose own backends still judge what the client sends them.
 #[inline(always)]
 fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
-    let syn = is_syn(pkt);
-    let mut entry = None;
-    if syn {
-        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, true));
-    }
-    if entry.is_none() {
-        entry = SERVICE_PENDING.get_ptr_mut(&pending_key(pkt, false));
-    }
-    let Some(p) = entry else {
+    let Some(p) = pending_entry(pkt) else {
         return;
     };
     // The family is the packet's, decided once: a per-slot family test (and the IPv6
