@@ -4,7 +4,7 @@
 //! rules and 100k CIDR rules. Median of several rounds of >= 1M repeats each. Prints a
 //! table and writes `target/bench/datapath.json`. Needs root and BPF.
 
-#[path = "../tests/common/packet.rs"]
+#[path = "../tests/kernel/common/packet.rs"]
 mod packet;
 
 use std::{net::Ipv4Addr, time::Instant};

@@ -7,11 +7,11 @@ use aya::{
 use policy_common::{
     Addr, BindingKey, CidrData, Config, CtKey, CtValue, DEFAULT_EVENTS_BURST,
     DEFAULT_EVENTS_PER_SEC, Direction, EndpointKey, EndpointValue, EventBudget, FORMAT_VERSION,
-    FragKey, FragValue, IDENTITY_WORLD, IpCacheKey, IpCacheValue, LpmKey, MAP_BINDINGS,
-    MAP_CIDR_RULES, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS,
-    MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES,
-    MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING, PendingKey, PendingValue, PortData, Reason, RuleKey,
-    RuleValue, ipc_flags, reason::COUNTERS_LEN, service_prefixlen,
+    FragKey, FragValue, IpCacheKey, IpCacheValue, LpmKey, MAP_BINDINGS, MAP_CIDR_RULES, MAP_CONFIG,
+    MAP_CONNTRACK, MAP_CONNTRACK4, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_BUDGET, MAP_EVENTS,
+    MAP_FRAGMENTS, MAP_IPCACHE, MAP_PORTS, MAP_RULES, MAP_SERVICE_CIDRS, MAP_SERVICE_PENDING,
+    PendingKey, PendingValue, PortData, Reason, RuleKey, RuleValue, reason::COUNTERS_LEN,
+    service_prefixlen,
 };
 
 use super::{DataplaneError, cidr::CidrRules, ct_table::CtTables, deny_events::DenyEvents};
@@ -161,6 +161,7 @@ impl DataplaneMaps {
     }
 
     /// The deny-event budget per CPU (0 = no events); the clock settings stay.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn set_event_budget(&mut self, per_sec: u32, burst: u32) -> Result<(), DataplaneError> {
         let mut c = self.config()?;
         c.events_per_sec = per_sec;
@@ -174,9 +175,11 @@ impl DataplaneMaps {
     }
 
     /// One `ENDPOINTS` entry, then the generation bump that retires cached copies.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn set_endpoint(&mut self, k: EndpointKey, v: EndpointValue) -> Result<(), DataplaneError> {
         self.set_endpoints(&[(k, v)], &[])
     }
+    #[cfg(any(test, feature = "test-support"))]
     pub fn delete_endpoint(&mut self, k: &EndpointKey) -> Result<(), DataplaneError> {
         self.set_endpoints(&[], std::slice::from_ref(k))
     }
@@ -254,6 +257,7 @@ impl DataplaneMaps {
     }
     /// Binds `addrs` to the interface `ifindex` (for callers writing maps by hand: tests,
     /// benchmarks; the node side binds every local pod it attaches to).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn bind(&mut self, ifindex: u32, addrs: &[Addr]) -> Result<(), DataplaneError> {
         let adds: Vec<BindingKey> = addrs
             .iter()
@@ -265,6 +269,7 @@ impl DataplaneMaps {
     /// [`ipc_flags::LOCAL_ENDPOINT`] (identity kept, else [`IDENTITY_WORLD`]) first, then its
     /// `ENDPOINTS` entry. For callers writing maps by hand (tests, benchmarks); the agent
     /// writes compiled contents, which hold the same.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn set_local_endpoint(
         &mut self,
         k: EndpointKey,
@@ -272,14 +277,15 @@ impl DataplaneMaps {
     ) -> Result<(), DataplaneError> {
         let ik = IpCacheKey { addr: k.addr };
         let mut iv = self.ipcache.get(&ik, 0).unwrap_or(IpCacheValue {
-            identity: IDENTITY_WORLD,
+            identity: policy_common::IDENTITY_WORLD,
             flags: 0,
         });
-        iv.flags |= ipc_flags::LOCAL_ENDPOINT;
+        iv.flags |= policy_common::ipc_flags::LOCAL_ENDPOINT;
         self.set_ipcache(ik, iv)?;
         self.set_endpoint(k, v)
     }
     /// An address's identity, keeping its [`ipc_flags`] (see [`Self::set_local_endpoint`]).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn set_identity(&mut self, addr: Addr, identity: u32) -> Result<(), DataplaneError> {
         let k = IpCacheKey { addr };
         let flags = self.ipcache.get(&k, 0).map(|v| v.flags).unwrap_or(0);
@@ -301,6 +307,7 @@ impl DataplaneMaps {
     pub fn delete_rule(&mut self, k: &RuleKey) -> Result<(), DataplaneError> {
         absent_ok(MAP_RULES, self.rules.remove(k))
     }
+    #[cfg(any(test, feature = "test-support"))]
     pub fn set_cidr_rule(
         &mut self,
         k: LpmKey<CidrData>,
@@ -308,6 +315,7 @@ impl DataplaneMaps {
     ) -> Result<(), DataplaneError> {
         self.cidr_rules.insert(&k, v)
     }
+    #[cfg(any(test, feature = "test-support"))]
     pub fn delete_cidr_rule(&mut self, k: LpmKey<CidrData>) -> Result<(), DataplaneError> {
         self.cidr_rules.remove(&k)
     }
@@ -361,6 +369,7 @@ impl DataplaneMaps {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     pub fn pending_get(&self, k: &PendingKey) -> Option<PendingValue> {
         self.service_pending.get(k, 0).ok()
     }
@@ -372,6 +381,7 @@ impl DataplaneMaps {
     pub fn set_conntrack(&mut self, k: CtKey, v: CtValue) -> Result<(), DataplaneError> {
         self.conntrack.set(&k, &v)
     }
+    #[cfg(any(test, feature = "test-support"))]
     pub fn fragment_get(&self, k: &FragKey) -> Option<FragValue> {
         self.fragments.get(k, 0).ok()
     }
@@ -391,8 +401,10 @@ impl DataplaneMaps {
         Ok(out)
     }
 
-    /// Empties every policy and state map at once, outside the writer's order (tests only:
-    /// enforcing maps are only ever changed through `writer::apply`).
+    /// Empties every policy and state map at once, outside the writer's order. Tests only,
+    /// like every single-entry writer here: enforcing maps change only through
+    /// `writer::apply`, whose order no single write can keep.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn clear_all(&mut self) -> Result<(), DataplaneError> {
         fn clear<K: aya::Pod, V: aya::Pod>(
             name: &'static str,

@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use serde::de::DeserializeOwned;
+use std::ops::ControlFlow;
 
 use super::ScenarioError;
 use super::format::IpFamily;
 use super::topology::{Topology, check_labels, namespace_labels};
 use policy_agent::convert;
+use policy_agent::manifests::yaml;
 use policy_agent::model::{ObjectKey, Snapshot};
 
 /// The objects after some steps.
@@ -94,16 +96,22 @@ pub fn apply_step(
     if let Some(text) = apply {
         let err = |field: String, msg: String| ScenarioError::new(file, Some(step), field, msg);
         let text = expand_templates(text, topo).map_err(|m| err("apply".into(), m))?;
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let field = format!("apply[{i}]");
-            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
-                .map_err(|e| err(field.clone(), strip_mark(&e.to_string())))?;
-            if value.is_null() {
-                continue; // an empty document between `---` separators
+        let mut result = Ok(());
+        yaml::for_each_document(&text, |document, value| {
+            let field = format!("apply[{}]", document - 1);
+            result = value
+                .map_err(|e| err(field.clone(), e.to_string()))
+                .and_then(|value| {
+                    apply_document(topo, state, &value, &mut applied)
+                        .map_err(|(sub, m)| err(join(&field, &sub), m))
+                });
+            if result.is_ok() {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
             }
-            apply_document(topo, state, &value, &mut applied)
-                .map_err(|(sub, m)| err(join(&field, &sub), m))?;
-        }
+        });
+        result?;
     }
     for (i, entry) in delete.iter().enumerate() {
         delete_object(state, entry, &mut applied)
@@ -126,7 +134,7 @@ type DocError = (String, String);
 fn apply_document(
     topo: &Topology,
     state: &mut State,
-    value: &serde_yaml::Value,
+    value: &serde_json::Value,
     applied: &mut Applied,
 ) -> Result<(), DocError> {
     let kind = value.get("kind").and_then(|k| k.as_str()).ok_or_else(|| {
@@ -160,7 +168,7 @@ fn apply_document(
                 applied.warnings.push(format!("{e} (enforced fail-closed)"));
             }
             let key = ObjectKey::new(&ns, &name);
-            let doc = serde_yaml::to_string(value).map_err(|e| (String::new(), e.to_string()))?;
+            let doc = serde_saphyr::to_string(value).map_err(|e| (String::new(), e.to_string()))?;
             let verb = if state.snapshot.policies.contains_key(&key) {
                 "replace"
             } else {
@@ -208,20 +216,16 @@ fn apply_document(
     Ok(())
 }
 
-/// Deserializes a document as a Kubernetes type, with the field path of any error. (Through
-/// text, because serde_yaml reports paths only when reading text.)
+/// Deserializes a document as a Kubernetes type, with the field path of any error.
 /// Unknown fields are errors (like `kubectl apply`'s strict field validation): the Kubernetes
 /// types ignore them, and a misspelt `podSelectr` would silently select every pod.
-fn typed<T: DeserializeOwned + serde::Serialize>(value: &serde_yaml::Value) -> Result<T, DocError> {
-    let text = serde_yaml::to_string(value).map_err(|e| (String::new(), e.to_string()))?;
-    let typed: T = serde_yaml::from_str(&text).map_err(|e| {
-        let msg = strip_mark(&e.to_string());
-        match msg.split_once(": ") {
-            Some((path, m)) if !path.contains(' ') => (path.to_string(), m.to_string()),
-            _ => (String::new(), msg),
-        }
+fn typed<T: DeserializeOwned + serde::Serialize>(value: &serde_json::Value) -> Result<T, DocError> {
+    let typed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        (path, e.into_inner().to_string())
     })?;
-    let back = serde_yaml::to_value(&typed).map_err(|e| (String::new(), e.to_string()))?;
+    let back = serde_json::to_value(&typed).map_err(|e| (String::new(), e.to_string()))?;
     if let Some(path) = unknown_field(value, &back, String::new()) {
         return Err((path, "unknown field".to_string()));
     }
@@ -231,24 +235,17 @@ fn typed<T: DeserializeOwned + serde::Serialize>(value: &serde_yaml::Value) -> R
 /// The first field of `original` that did not survive a round trip through the typed object
 /// (null-valued fields aside, which mean "absent").
 fn unknown_field(
-    original: &serde_yaml::Value,
-    back: &serde_yaml::Value,
+    original: &serde_json::Value,
+    back: &serde_json::Value,
     path: String,
 ) -> Option<String> {
-    use serde_yaml::Value;
+    use serde_json::Value;
     match (original, back) {
-        (Value::Mapping(o), Value::Mapping(b)) => o.iter().find_map(|(k, v)| {
-            let key = match k {
-                Value::String(s) => s.clone(),
-                other => serde_yaml::to_string(other)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
-            };
+        (Value::Object(o), Value::Object(b)) => o.iter().find_map(|(k, v)| {
             let sub = if path.is_empty() {
-                key.clone()
+                k.clone()
             } else {
-                format!("{path}.{key}")
+                format!("{path}.{k}")
             };
             match b.get(k) {
                 _ if v.is_null() => None,
@@ -256,22 +253,12 @@ fn unknown_field(
                 Some(bv) => unknown_field(v, bv, sub),
             }
         }),
-        (Value::Sequence(o), Value::Sequence(b)) => o
+        (Value::Array(o), Value::Array(b)) => o
             .iter()
             .zip(b.iter())
             .enumerate()
             .find_map(|(i, (ov, bv))| unknown_field(ov, bv, format!("{path}[{i}]"))),
-        (Value::Tagged(o), _) => unknown_field(&o.value, back, path),
         _ => None,
-    }
-}
-
-/// Drops serde_yaml's " at line L column C" (lines of the re-serialized document, not the
-/// file's).
-fn strip_mark(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
     }
 }
 

@@ -161,21 +161,33 @@ pub enum Verdict {
 
 /// Parses a scenario file's text. `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<ScenarioFile, ScenarioError> {
-    serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))
+    let options = policy_agent::manifests::yaml::options(text.len());
+    // The path of a failed field, kept aside: the parser's own error ends the stream.
+    let mut path = String::new();
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| yaml_error(file, &path, &e.to_string()))
 }
 
-/// Turns a serde_yaml error ("steps[1].expect: unknown field `probs`, expected ... at line 9
-/// column 7") into a file/step/field error.
-fn yaml_error(file: &str, e: &serde_yaml::Error) -> ScenarioError {
-    let text = e.to_string();
-    let (path, message) = match text.split_once(": ") {
-        Some((p, m)) if is_path(p) => (p.to_string(), m.to_string()),
-        _ => (String::new(), text.clone()),
+/// Turns an error at `path` ("steps[1].expect", "." for the root) into a file/step/field
+/// error.
+fn yaml_error(file: &str, path: &str, message: &str) -> ScenarioError {
+    let message = message.to_string();
+    let path = if is_path(path) && path != "." {
+        path.to_string()
+    } else {
+        String::new()
     };
-    // An unknown field is reported on its parent: name the field itself.
+    // An unknown field may be reported on its parent: name the field itself.
     let mut path = path;
     if let Some(rest) = message.strip_prefix("unknown field `")
         && let Some((field, _)) = rest.split_once('`')
+        && path != field
+        && !path.ends_with(&format!(".{field}"))
     {
         path = if path.is_empty() {
             field.to_string()

@@ -23,11 +23,11 @@ pub struct Manifest {
 #[error("rendering {object}: {source}")]
 pub struct ManifestError {
     object: String,
-    source: serde_yaml::Error,
+    source: serde_saphyr::SerializeError,
 }
 
 fn render<T: serde::Serialize>(object: String, v: &T) -> Result<String, ManifestError> {
-    serde_yaml::to_string(v).map_err(|source| ManifestError { object, source })
+    serde_saphyr::to_string(v).map_err(|source| ManifestError { object, source })
 }
 
 /// Every object of `state`: `namespace-<ns>.yaml`, `pod-<ns>-<name>.yaml`,

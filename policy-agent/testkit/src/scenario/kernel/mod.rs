@@ -370,7 +370,7 @@ impl Run {
 pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
     let mut docs = Vec::new();
     let yaml = |v: &serde_json::Value| {
-        serde_yaml::to_string(v).map_err(|e| fail("rendering manifests", e))
+        serde_saphyr::to_string(v).map_err(|e| fail("rendering manifests", e))
     };
     for (name, ns) in &state.snapshot.namespaces {
         docs.push(yaml(&json!({

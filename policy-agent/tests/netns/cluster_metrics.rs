@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod kube_support;
+use crate::kube_support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN. Each case seeds the maps, runs packets and checks the return code and
 //! the verdict counter that moved. Needs root and BPF: fails (never skips) without them.
 
-mod common;
+use crate::common;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},

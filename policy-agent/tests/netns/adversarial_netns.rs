@@ -9,8 +9,7 @@
 //! The node namespace has reverse-path filtering off (as with many CNIs): the datapath's own
 //! binding of addresses to pod interfaces is what stops spoofing here.
 
-#[path = "restart_common/mod.rs"]
-mod restart_common;
+use crate::restart_common;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;

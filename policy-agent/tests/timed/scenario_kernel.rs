@@ -9,10 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
-mod scenario_common;
+use crate::scenario_common;
 
 use policy_testkit::scenario::apply::State;
 use policy_testkit::scenario::format::Via;
@@ -22,9 +22,7 @@ use policy_testkit::scenario::{
     Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated,
 };
 
-/// One scenario set at a time: probes time out after a second, so parallel sets on a small
-/// machine would only make timing noisier.
-static SERIAL: Mutex<()> = Mutex::new(());
+use crate::SERIAL;
 
 fn files(dir: &str) -> Vec<PathBuf> {
     scenario_common::scenario_dir(dir)

@@ -6,8 +6,8 @@
 //! on the node namespace's loopback), real sockets. Needs root, BPF and namespaces: fails
 //! without.
 
-mod kube_support;
-mod restart_common;
+use crate::kube_support;
+use crate::restart_common;
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -70,9 +70,7 @@ fn udp_probe(ns: &policy_testkit::testbed::Netns, from: SocketAddr, to: SocketAd
     matches!(sock.recv_from(&mut buf), Ok((5, f)) if f == to && &buf[..5] == b"probe")
 }
 
-/// One run at a time: the verdicts are judged on timing, which parallel runs on a small
-/// machine only make noisier.
-static SERIAL: Mutex<()> = Mutex::new(());
+use crate::SERIAL;
 
 #[test]
 fn restart_kill9_under_traffic_no_wrong_verdicts_and_change_applied_tcx() {

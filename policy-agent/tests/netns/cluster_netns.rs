@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod kube_support;
+use crate::kube_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

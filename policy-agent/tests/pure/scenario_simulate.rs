@@ -8,7 +8,7 @@ use policy_testkit::scenario::report::Counts;
 use policy_testkit::scenario::simulate::{KernelModelOracle, ReferenceOracle};
 use policy_testkit::scenario::{Oracle, Plan, ScenarioError, run_plan};
 
-mod scenario_common;
+use crate::scenario_common;
 use scenario_common::{workspace, yaml_files};
 
 /// `scenarios/**` of the workspace, then ../shared/scenarios when it exists.

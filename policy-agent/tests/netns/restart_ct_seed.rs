@@ -5,7 +5,7 @@
 //! BPF, namespaces and iptables (to turn on connection tracking in the node namespace):
 //! fails without.
 
-mod restart_common;
+use crate::restart_common;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -2,7 +2,7 @@
 //! a full compile of the current snapshot yields (with the engine's numbering), and the diff
 //! it returns is exactly the difference between its previous and new contents.
 
-mod compiler_common;
+use crate::compiler_common;
 
 use compiler_common::*;
 use policy_agent::compiler::{Change, Engine, MapContents, compile};

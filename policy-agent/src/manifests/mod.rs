@@ -23,11 +23,11 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use serde::Deserialize;
-use serde::de::DeserializeSeed as _;
 
 use crate::convert::{self, ConvertError};
 use crate::model::{self, ObjectKey, Snapshot};
+
+pub mod yaml;
 
 /// Directories nested deeper than this below the manifest directory are not read.
 pub const MAX_DEPTH: usize = 16;
@@ -37,17 +37,15 @@ pub const MAX_FILES: usize = 10_000;
 /// other files must not stall the agent either.
 pub const MAX_ENTRIES: usize = 100_000;
 /// The largest manifest file read. Room for ~25k policies in block style (~300 bytes each);
-/// serde_yaml holds one document's events and values at a time, which for a pathological
-/// document (a flow list of one-letter scalars) costs ~110 times its size: this bounds that
-/// transient peak to under 1 GiB.
+/// the parser holds one document's events and values at a time, which for a pathological
+/// document (a flow list of one-letter scalars) costs many times its size: this bounds that
+/// transient peak.
 pub const MAX_FILE_BYTES: u64 = 8 << 20;
 /// All manifest files of the directory together (the texts are held in memory, twice with
 /// their last good versions).
 pub const MAX_TOTAL_BYTES: u64 = 64 << 20;
 /// Objects (documents and List items) of the whole directory.
 pub const MAX_OBJECTS: usize = 50_000;
-/// Nodes a file may expand to beyond twice its size, aliases replayed (see [`alias_bomb`]).
-const ALIAS_SLACK: usize = 10_000;
 
 /// Bounds on what one read of the manifest directory may cost; [`Limits::default`] holds the
 /// constants above.
@@ -131,14 +129,10 @@ pub enum ManifestError {
     Walk(#[from] WalkError),
     #[error(transparent)]
     File(#[from] FileError),
-    #[error(
-        "YAML aliases expand this file to more than {limit} nodes (twice its size and {ALIAS_SLACK} more): not read"
-    )]
-    AliasExpansion { limit: usize },
     #[error("more than {limit} objects in the manifest directory: this file is not read")]
     TooManyObjects { limit: usize },
-    #[error("not valid YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    #[error(transparent)]
+    Yaml(#[from] yaml::YamlError),
     #[error("document has no `kind`")]
     NoKind,
     #[error(
@@ -148,7 +142,7 @@ pub enum ManifestError {
     #[error("{kind} does not match the API schema: {source}")]
     Schema {
         kind: &'static str,
-        source: serde_yaml::Error,
+        source: serde_json::Error,
     },
     /// An invalid part of a policy: the policy is kept in its fail-closed form.
     #[error(transparent)]
@@ -183,7 +177,6 @@ impl ManifestError {
     fn drops_object(&self) -> bool {
         match self {
             Self::File(_)
-            | Self::AliasExpansion { .. }
             | Self::TooManyObjects { .. }
             | Self::Yaml(_)
             | Self::NoKind
@@ -681,160 +674,22 @@ pub fn load_text(m: &mut Manifests, file: &Path, text: &str) {
 
 /// Loads one file's documents into `m` while it holds fewer than `max_objects` objects.
 fn load_text_within(m: &mut Manifests, file: &Path, text: &str, max_objects: usize) {
-    if let Some((document, limit)) = alias_bomb(text) {
-        let error = ManifestError::AliasExpansion { limit };
-        m.problems.push(Problem {
-            file: file.into(),
-            document,
-            error,
-        });
-        return;
-    }
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let document = i + 1;
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue, // empty document (`---` at the end)
-            Ok(v) => v,
+    yaml::for_each_document(text, |document, value| {
+        let mut errors = Vec::new();
+        let flow = match value {
+            Ok(value) => load_value(m, file, document, value, max_objects, &mut errors),
             Err(e) => {
-                m.problems.push(Problem {
-                    file: file.into(),
-                    document,
-                    error: ManifestError::Yaml(e),
-                });
-                // serde_yaml cannot resume after a syntax error within the stream.
-                break;
+                errors.push(ManifestError::Yaml(e));
+                ControlFlow::Break(())
             }
         };
-        let mut errors = Vec::new();
-        let flow = load_value(m, file, document, value, max_objects, &mut errors);
         m.problems.extend(errors.into_iter().map(|error| Problem {
             file: file.into(),
             document,
             error,
         }));
-        if flow.is_break() {
-            break;
-        }
-    }
-}
-
-/// The document and node limit when YAML aliases expand `text` to more nodes than twice its
-/// size (and [`ALIAS_SLACK`]): text without aliases never does (a node takes at least about
-/// a byte), so only an expansion (a "billion laughs", or many aliases of a large anchor)
-/// is refused, after at most that many nodes and no allocation. serde_yaml's own repetition
-/// limit (100 alias jumps per event) stops the exponential bombs but not the quadratic ones.
-fn alias_bomb(text: &str) -> Option<(usize, usize)> {
-    // No anchor or no alias: nothing can expand (a '*' or '&' in a string only costs a
-    // count).
-    if !text.contains('&') || !text.contains('*') {
-        return None;
-    }
-    let limit = text.len().saturating_mul(2).saturating_add(ALIAS_SLACK);
-    let mut left = limit;
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let seed = CountNodes { left: &mut left };
-        if seed.deserialize(doc).is_err() {
-            // Another error is the parse's to report.
-            return (left == 0).then_some((i + 1, limit));
-        }
-    }
-    None
-}
-
-/// Counts a document's nodes as serde_yaml replays them (every alias expanded), failing
-/// when `left` runs out.
-struct CountNodes<'a> {
-    left: &'a mut usize,
-}
-
-impl CountNodes<'_> {
-    fn take<E: serde::de::Error>(&mut self) -> Result<(), E> {
-        match self.left.checked_sub(1) {
-            Some(l) => {
-                *self.left = l;
-                Ok(())
-            }
-            None => Err(E::custom("node limit reached")),
-        }
-    }
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for CountNodes<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-macro_rules! count_scalar {
-    ($($visit:ident: $t:ty),*) => {$(
-        fn $visit<E: serde::de::Error>(mut self, _: $t) -> Result<(), E> {
-            self.take()
-        }
-    )*};
-}
-
-impl<'de> serde::de::Visitor<'de> for CountNodes<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any YAML node")
-    }
-
-    count_scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128,
-        visit_u128: u128, visit_f64: f64, visit_str: &str, visit_bytes: &[u8]);
-
-    fn visit_unit<E: serde::de::Error>(mut self) -> Result<(), E> {
-        self.take()
-    }
-
-    fn visit_none<E: serde::de::Error>(mut self) -> Result<(), E> {
-        self.take()
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(mut self, d: D) -> Result<(), D::Error> {
-        self.take()?;
-        d.deserialize_any(self)
-    }
-
-    fn visit_newtype_struct<D: serde::Deserializer<'de>>(mut self, d: D) -> Result<(), D::Error> {
-        self.take()?;
-        d.deserialize_any(self)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut a: A) -> Result<(), A::Error> {
-        self.take()?;
-        while a
-            .next_element_seed(CountNodes {
-                left: &mut *self.left,
-            })?
-            .is_some()
-        {}
-        Ok(())
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut a: A) -> Result<(), A::Error> {
-        self.take()?;
-        while a
-            .next_key_seed(CountNodes {
-                left: &mut *self.left,
-            })?
-            .is_some()
-        {
-            a.next_value_seed(CountNodes {
-                left: &mut *self.left,
-            })?;
-        }
-        Ok(())
-    }
-
-    /// A tagged node (`!tag value`).
-    fn visit_enum<A: serde::de::EnumAccess<'de>>(mut self, a: A) -> Result<(), A::Error> {
-        use serde::de::VariantAccess as _;
-        self.take()?;
-        let (serde::de::IgnoredAny, v) = a.variant()?;
-        v.newtype_variant_seed(self)
-    }
+        flow
+    });
 }
 
 /// Loads one object (or a List's items) into `m`; `Break` once `m` holds `max_objects`
@@ -843,7 +698,7 @@ fn load_value(
     m: &mut Manifests,
     file: &Path,
     document: usize,
-    value: serde_yaml::Value,
+    value: serde_json::Value,
     max_objects: usize,
     errors: &mut Vec<ManifestError>,
 ) -> ControlFlow<()> {
@@ -861,10 +716,10 @@ fn load_value(
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList"
     ) {
         let items = match value {
-            serde_yaml::Value::Mapping(mut map) => map.remove("items"),
+            serde_json::Value::Object(mut map) => map.remove("items"),
             _ => None,
         };
-        if let Some(serde_yaml::Value::Sequence(items)) = items {
+        if let Some(serde_json::Value::Array(items)) = items {
             for item in items {
                 load_value(m, file, document, item, max_objects, errors)?;
             }
@@ -883,7 +738,7 @@ fn load_value(
     };
     match (kind.as_str(), api_version.as_str()) {
         ("", _) => errors.push(ManifestError::NoKind),
-        ("Namespace", "v1") => match serde_yaml::from_value::<core::Namespace>(value) {
+        ("Namespace", "v1") => match serde_json::from_value::<core::Namespace>(value) {
             Err(source) => errors.push(ManifestError::Schema {
                 kind: "Namespace",
                 source,
@@ -899,7 +754,7 @@ fn load_value(
                 }
             },
         },
-        ("Pod", "v1") => match serde_yaml::from_value::<core::Pod>(value) {
+        ("Pod", "v1") => match serde_json::from_value::<core::Pod>(value) {
             Err(source) => errors.push(ManifestError::Schema {
                 kind: "Pod",
                 source,
@@ -916,7 +771,7 @@ fn load_value(
             },
         },
         ("NetworkPolicy", "networking.k8s.io/v1") => {
-            match serde_yaml::from_value::<net::NetworkPolicy>(value) {
+            match serde_json::from_value::<net::NetworkPolicy>(value) {
                 Err(source) => errors.push(ManifestError::Schema {
                     kind: "NetworkPolicy",
                     source,
@@ -1461,7 +1316,7 @@ metadata: {name: x}
     #[test]
     fn many_aliases_of_a_large_anchor_are_rejected() {
         // Quadratic rather than exponential: 1000 aliases of a 1000-element list expand to
-        // a million nodes from 10 kB, below serde_yaml's own repetition limit.
+        // a million nodes from 10 kB.
         let n = 1000;
         let text = format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: lol}}\nbig: &big [{}]\nmany: [{}]\n",
@@ -1622,6 +1477,9 @@ metadata: {name: x}
     fn broken_yaml_is_a_problem_not_a_panic() {
         let m = load(&[("broken.yaml", "kind: [unclosed\n")]);
         assert_eq!(m.problems.len(), 1);
-        assert!(matches!(m.problems[0].error, ManifestError::Yaml(_)));
+        assert!(matches!(
+            m.problems[0].error,
+            ManifestError::Yaml(yaml::YamlError::Syntax(_))
+        ));
     }
 }

@@ -5,7 +5,7 @@
 //! running agent (two monitors at once) and, with the agent killed, straight from the pinned
 //! ring (one reader only). Needs root, BPF and namespaces: fails without.
 
-mod restart_common;
+use crate::restart_common;
 
 use std::fs::File;
 use std::net::SocketAddr;

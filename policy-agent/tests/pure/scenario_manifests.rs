@@ -11,7 +11,7 @@ use policy_agent::model::Snapshot;
 use policy_testkit::scenario::Plan;
 use policy_testkit::scenario::manifests::manifests;
 
-mod scenario_common;
+use crate::scenario_common;
 use scenario_common::yaml_files;
 
 #[test]
@@ -56,20 +56,21 @@ fn manifests_round_trip_to_the_simulated_snapshot() {
                 step.index + 1
             );
             for m in docs {
-                let value: serde_yaml::Value = serde_yaml::from_str(&m.yaml).expect("yaml");
+                let value: serde_json::Value =
+                    policy_agent::manifests::yaml::from_str(&m.yaml).expect("yaml");
                 match value.get("kind").and_then(|k| k.as_str()) {
                     Some("Namespace") => {
-                        let n: core::Namespace = serde_yaml::from_value(value).expect("namespace");
+                        let n: core::Namespace = serde_json::from_value(value).expect("namespace");
                         let n = convert::namespace(&n).expect("valid namespace");
                         snap.namespaces.insert(n.name.clone(), n);
                     }
                     Some("Pod") => {
-                        let p: core::Pod = serde_yaml::from_value(value).expect("pod");
+                        let p: core::Pod = serde_json::from_value(value).expect("pod");
                         let p = convert::pod(&p).expect("valid pod");
                         snap.pods.insert(p.key(), p);
                     }
                     Some("NetworkPolicy") => {
-                        let np: net::NetworkPolicy = serde_yaml::from_value(value).expect("policy");
+                        let np: net::NetworkPolicy = serde_json::from_value(value).expect("policy");
                         let np = convert::network_policy(&np).value;
                         snap.policies.insert(np.key(), np);
                     }

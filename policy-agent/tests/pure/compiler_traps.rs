@@ -1,7 +1,7 @@
 //! Every trap of the NetworkPolicy spec (design.md), decided by the kernel's algorithm over
 //! the compiled maps of every node. Expectations come from the API reference.
 
-mod compiler_common;
+use crate::compiler_common;
 
 use compiler_common::*;
 use policy_agent::compiler::{CompilerState, compile};

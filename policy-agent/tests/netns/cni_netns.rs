@@ -4,8 +4,8 @@
 //! very first packets meet its policy; every failure fails the ADD (the runtime retries)
 //! rather than start a pod unprotected. Needs root, BPF and namespaces: fails without them.
 
-mod kube_support;
-mod restart_common;
+use crate::kube_support;
+use crate::restart_common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

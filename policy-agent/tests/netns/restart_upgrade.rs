@@ -3,7 +3,7 @@
 //! enforcing their own maps), never adopt a map of another layout. Needs root and BPF:
 //! fails without.
 
-mod restart_common;
+use crate::restart_common;
 
 use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::path::Path;

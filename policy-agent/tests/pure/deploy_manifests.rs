@@ -26,31 +26,28 @@ fn parse<T: k8s_openapi::Resource + serde::de::DeserializeOwned + serde::Seriali
     name: &str,
 ) -> T {
     let text = read(name);
-    let v: serde_yaml::Value =
-        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("deploy/{name}: {e}"));
+    let v: serde_json::Value = policy_agent::manifests::yaml::from_str(&text)
+        .unwrap_or_else(|e| panic!("deploy/{name}: {e}"));
     assert_eq!(
         v["apiVersion"].as_str(),
         Some(T::API_VERSION),
         "deploy/{name} apiVersion"
     );
     assert_eq!(v["kind"].as_str(), Some(T::KIND), "deploy/{name} kind");
-    let typed: T = serde_yaml::from_value(v.clone())
+    let typed: T = serde_json::from_value(v.clone())
         .unwrap_or_else(|e| panic!("deploy/{name} as {}: {e}", T::KIND));
     // Strict: serde ignores unknown fields, so a misspelt field would vanish silently. The
     // typed object must serialize back to exactly what the file says.
     let back = serde_json::to_value(&typed).unwrap();
-    let orig = serde_json::to_value(&v).unwrap();
-    assert_eq!(
-        back, orig,
-        "deploy/{name} has fields its type does not know"
-    );
+    assert_eq!(back, v, "deploy/{name} has fields its type does not know");
     typed
 }
 
 fn resources() -> Vec<String> {
-    let k: serde_yaml::Value = serde_yaml::from_str(&read("kustomization.yaml")).unwrap();
+    let k: serde_json::Value =
+        policy_agent::manifests::yaml::from_str(&read("kustomization.yaml")).unwrap();
     k["resources"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|r| r.as_str().unwrap().to_string())

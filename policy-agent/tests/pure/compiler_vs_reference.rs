@@ -1,7 +1,7 @@
 //! Property: on random clusters, the kernel's lookup algorithm over the compiled maps decides
 //! every probe exactly as the reference evaluator reads the spec.
 
-mod compiler_common;
+use crate::compiler_common;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

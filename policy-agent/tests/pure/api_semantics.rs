@@ -9,7 +9,7 @@
 //! Defaulting is also judged end to end: the reference evaluator derives isolation from what
 //! the object wrote, on its own, and must agree with the compiled maps.
 
-mod compiler_common;
+use crate::compiler_common;
 
 use compiler_common::{Cluster, ip};
 use k8s_openapi::api::networking::v1::NetworkPolicy as ApiPolicy;
@@ -24,7 +24,8 @@ fn api(spec: &str) -> ApiPolicy {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n{}",
         indent(spec)
     );
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("test policy: {e}\n{text}"))
+    policy_agent::manifests::yaml::from_str(&text)
+        .unwrap_or_else(|e| panic!("test policy: {e}\n{text}"))
 }
 
 fn indent(s: &str) -> String {

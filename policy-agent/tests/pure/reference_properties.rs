@@ -1,7 +1,7 @@
 //! Properties the NetworkPolicy spec implies, checked on the reference evaluator over random
 //! clusters (the compiler's generators): they judge the evaluator without trusting its code.
 
-mod compiler_common;
+use crate::compiler_common;
 
 use std::net::IpAddr;
 

@@ -4,7 +4,7 @@
 //! bound to it. Real agent (standalone) in namespaces. Needs root, BPF and namespaces:
 //! fails without them.
 
-mod restart_common;
+use crate::restart_common;
 
 use std::path::Path;
 use std::time::Duration;
