@@ -47,6 +47,12 @@ enum Task {
         /// Write for a reader, like the demo: step titles, descriptions, compact matrices.
         #[arg(long)]
         narrate: bool,
+        /// Spread the pods over this many nodes, each with its own agent (routed underlay).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// How several nodes reach each other's pods: routed (host-gw) or vxlan.
+        #[arg(long, default_value = "routed")]
+        network: String,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -67,7 +73,9 @@ fn main() -> Result<()> {
         Task::Scenario {
             simulate,
             narrate,
+            nodes,
+            network,
             files,
-        } => run::scenario(&root, simulate, narrate, &files),
+        } => run::scenario(&root, simulate, narrate, (nodes, &network), &files),
     }
 }

@@ -175,7 +175,13 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -> Result<()> {
+pub fn scenario(
+    root: &Path,
+    simulate: bool,
+    narrate: bool,
+    (nodes, network): (usize, &str),
+    files: &[PathBuf],
+) -> Result<()> {
     if simulate {
         setup::run()?;
     } else {
@@ -202,6 +208,7 @@ pub fn scenario(root: &Path, simulate: bool, narrate: bool, files: &[PathBuf]) -
         )?;
     }
     let mut cmd = Command::new(bin.join("policy-scenario"));
+    cmd.args(["--nodes", &nodes.to_string(), "--network", network]);
     if narrate {
         cmd.arg("--narrate");
     }

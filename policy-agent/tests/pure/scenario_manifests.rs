@@ -28,12 +28,9 @@ fn manifests_round_trip_to_the_simulated_snapshot() {
         let plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
         for step in &plan.steps {
             steps += 1;
-            let mut snap = Snapshot {
-                node: plan.topology.node.clone(),
-                node_addrs: vec![plan.topology.node_v4.into(), plan.topology.node_v6.into()],
-                ..Snapshot::default()
-            };
-            let docs = manifests(&plan.topology, &step.state).expect("render");
+            let mut snap = Snapshot::default();
+            plan.topology.view_from(0, &mut snap);
+            let docs = manifests(&step.state).expect("render");
             // The standalone agent's own loader reads them to the same snapshot.
             let mut loaded = policy_agent::manifests::Manifests::default();
             for m in &docs {
@@ -47,7 +44,7 @@ fn manifests_round_trip_to_the_simulated_snapshot() {
                     step.index + 1
                 );
             }
-            let agent_view = loaded.snapshot(&plan.topology.node, snap.node_addrs.clone());
+            let agent_view = loaded.snapshot(&snap.node, snap.node_addrs.clone());
             assert_eq!(
                 agent_view,
                 step.state.snapshot,

@@ -19,7 +19,8 @@ fn scenario_files() -> Vec<PathBuf> {
     files
 }
 
-fn load_all() -> Vec<Plan> {
+/// Every file on `nodes` nodes.
+fn load_all_on(nodes: usize) -> Vec<Plan> {
     let files = scenario_files();
     assert!(
         files.iter().any(|f| f.to_string_lossy().contains("traps"))
@@ -29,7 +30,11 @@ fn load_all() -> Vec<Plan> {
     let mut errors = Vec::new();
     let plans: Vec<Plan> = files
         .iter()
-        .filter_map(|f| Plan::load(f).map_err(|e| errors.push(e.to_string())).ok())
+        .filter_map(|f| {
+            Plan::load_on(f, nodes)
+                .map_err(|e| errors.push(e.to_string()))
+                .ok()
+        })
         .collect();
     assert!(
         errors.is_empty(),
@@ -47,7 +52,18 @@ fn run(plan: &Plan, oracle: &mut dyn Oracle) -> (Counts, String) {
 
 #[test]
 fn every_scenario_passes_on_the_compiler_and_kernel_model() {
-    let plans = load_all();
+    every_scenario_passes_on_the_kernel_model_on(1);
+}
+
+/// Spread over three nodes, each compiling its own maps: a probe passes when every node it
+/// crosses lets it through.
+#[test]
+fn every_scenario_passes_on_three_nodes_on_the_compiler_and_kernel_model() {
+    every_scenario_passes_on_the_kernel_model_on(3);
+}
+
+fn every_scenario_passes_on_the_kernel_model_on(nodes: usize) {
+    let plans = load_all_on(nodes);
     let mut failed = Vec::new();
     let mut total = Counts::default();
     for plan in &plans {
@@ -67,7 +83,13 @@ fn every_scenario_passes_on_the_compiler_and_kernel_model() {
 
 #[test]
 fn every_scenario_passes_on_the_reference_evaluator() {
-    let plans = load_all();
+    for nodes in [1, 3] {
+        every_scenario_passes_on_the_reference_evaluator_on(nodes);
+    }
+}
+
+fn every_scenario_passes_on_the_reference_evaluator_on(nodes: usize) {
+    let plans = load_all_on(nodes);
     let mut failed = Vec::new();
     for plan in &plans {
         let (counts, report) = run(plan, &mut ReferenceOracle::default());
@@ -88,7 +110,7 @@ fn every_scenario_passes_on_the_reference_evaluator() {
 fn kernel_model_agrees_with_reference_on_every_probe() {
     let mut disagreements = Vec::new();
     let mut compared = 0usize;
-    for plan in load_all() {
+    for plan in load_all_on(1).into_iter().chain(load_all_on(3)) {
         let mut km = KernelModelOracle::default();
         km.setup(&plan.topology).expect("setup");
         for step in &plan.steps {
@@ -96,7 +118,8 @@ fn kernel_model_agrees_with_reference_on_every_probe() {
             for probe in &step.probes {
                 compared += 1;
                 let kernel = km.verdict(probe);
-                let reference = ReferenceOracle::verdict(&step.state.snapshot, probe);
+                let reference =
+                    ReferenceOracle::verdict(&plan.topology, &step.state.snapshot, probe);
                 if kernel != reference {
                     disagreements.push(format!(
                         "{} step {}: {} -> {} {} {}: kernel model {kernel}, reference {reference}",
@@ -507,4 +530,60 @@ fn scenario_addresses_fit_the_namespace_test_bed() {
         }
     }
     assert!(pod_v4(MAX_PODS - 1) < service_v4(0));
+}
+
+/// Pods go round-robin over the nodes in file order unless they name theirs; a node the run
+/// does not have is a file error naming the pod's field.
+#[test]
+fn pods_spread_over_nodes_round_robin_unless_they_name_theirs() {
+    let text = "name: t\nnamespaces: {x: {}}\npods:\n\
+        - {namespace: x, name: a}\n- {namespace: x, name: b}\n- {namespace: x, name: c}\n\
+        - {namespace: x, name: d, node: node-1}\n- {namespace: x, name: h, hostNetwork: true}\n\
+        steps:\n  - expect: {default: allow}\n";
+    let plan = Plan::parse_on("t.yaml", text, 3).expect("valid");
+    let nodes: Vec<&str> = plan
+        .topology
+        .pods
+        .iter()
+        .map(|p| plan.topology.node_of(p).name.as_str())
+        .collect();
+    assert_eq!(nodes, ["node-1", "node-2", "node-3", "node-1", "node-2"]);
+    let h = &plan.topology.pods[4];
+    assert_eq!(
+        h.v4, plan.topology.nodes[1].v4,
+        "a hostNetwork pod uses its node's address"
+    );
+    assert_ne!(plan.topology.nodes[0].v4, plan.topology.nodes[1].v4);
+    let e = Plan::parse_on("t.yaml", &text.replace("node: node-1", "node: node-4"), 3)
+        .expect_err("no node-4 in a 3-node run");
+    assert_eq!((e.step, e.field.as_str()), (None, "pods[3].node"), "{e}");
+    assert!(Plan::parse_on("t.yaml", text, 0).is_err());
+}
+
+/// A hostNetwork pod is its node: its node's pods always admit it, a pod on another node
+/// judges it by policy (only an ipBlock over that node's address matches it), in the
+/// kernel model of each node and in the reference alike.
+#[test]
+fn a_host_network_pod_on_another_node_is_judged_by_policy() {
+    let text = "name: t\nnamespaces: {x: {}}\npods:\n\
+        - {namespace: x, name: a, node: node-1, ports: [{port: 80}]}\n\
+        - {namespace: x, name: h, hostNetwork: true, node: node-1, ports: [{port: 80}]}\n\
+        - {namespace: x, name: r, hostNetwork: true, node: node-2, ports: [{port: 80}]}\n\
+        steps:\n\
+        - apply: |\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    \
+        metadata: {name: deny, namespace: x}\n    spec: {podSelector: {}, policyTypes: [Ingress]}\n  \
+        expect:\n    default: allow\n    deny: [\"x/r -> x/a\"]\n\
+        - apply: |\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    \
+        metadata: {name: node2, namespace: x}\n    spec:\n      podSelector: {}\n      \
+        ingress: [{from: [{ipBlock: {cidr: \"{{ip x/r}}/32\"}}]}]\n  \
+        expect: {default: allow}\n";
+    let plan = Plan::parse_on("t.yaml", text, 2).expect("valid");
+    for oracle in [
+        &mut KernelModelOracle::default() as &mut dyn Oracle,
+        &mut ReferenceOracle::default(),
+    ] {
+        let (counts, report) = run(&plan, oracle);
+        assert_eq!(counts.failed, 0, "{report}");
+        assert!(counts.passed >= 8, "{report}");
+    }
 }

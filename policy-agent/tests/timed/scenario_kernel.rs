@@ -23,6 +23,7 @@ use policy_testkit::scenario::{
 };
 
 use crate::SERIAL;
+use policy_testkit::scenario::kernel::hosts::Network;
 
 fn files(dir: &str) -> Vec<PathBuf> {
     scenario_common::scenario_dir(dir)
@@ -148,11 +149,18 @@ impl Oracle for Tally<'_> {
 /// Every file of the directories, every step and both `via`s, on one kernel runner that
 /// reuses hosts across files of the same topology.
 fn run_all(dirs: &[&str]) -> SetResult {
+    run_all_on(dirs, 1, Network::Routed)
+}
+
+/// [`run_all`] with the pods spread over `nodes` nodes, one agent each, reaching each other
+/// over `network`.
+fn run_all_on(dirs: &[&str], nodes: usize, network: Network) -> SetResult {
     let _guard = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
     cfg.reuse_hosts = true;
+    cfg.network = network;
     let mut oracle = KernelOracle::new(cfg);
     let mut res = SetResult {
         by_via: BTreeMap::new(),
@@ -163,7 +171,7 @@ fn run_all(dirs: &[&str]) -> SetResult {
     let t_all = Instant::now();
     for f in dirs.iter().flat_map(|d| files(d)) {
         assert!(!cleanup::interrupted(), "interrupted");
-        let plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        let plan = Plan::load_on(&f, nodes).unwrap_or_else(|e| panic!("{e}"));
         let mut tally = Tally {
             inner: &mut oracle,
             seen: BTreeMap::new(),
@@ -205,7 +213,10 @@ fn run_all(dirs: &[&str]) -> SetResult {
             r.passed, r.failed
         );
     }
-    eprintln!("{dirs:?}: {} files in {:.1} s", res.files, res.secs);
+    eprintln!(
+        "{dirs:?} on {nodes} node(s), {network:?}: {} files in {:.1} s",
+        res.files, res.secs
+    );
     res
 }
 
@@ -233,6 +244,25 @@ fn check(res: &SetResult, via: Via) {
 fn upstream() -> &'static SetResult {
     static RESULT: OnceLock<SetResult> = OnceLock::new();
     RESULT.get_or_init(|| run_all(&["upstream"]))
+}
+
+/// The trap files and the upstream suite with their pods spread over three nodes (routed
+/// underlay, one standalone agent per node): remote identities and named ports, Services to
+/// backends on other nodes, externals on the underlay.
+#[test]
+fn traps_and_upstream_on_three_routed_nodes() {
+    let res = run_all_on(&["traps", "upstream"], 3, Network::Routed);
+    check(&res, Via::Pod);
+    check(&res, Via::Service);
+}
+
+/// The same over a VXLAN overlay on two nodes: pod traffic between the nodes crosses the
+/// underlay encapsulated and is judged where it leaves `vx0`.
+#[test]
+fn traps_and_upstream_on_two_vxlan_nodes() {
+    let res = run_all_on(&["traps", "upstream"], 2, Network::Vxlan);
+    check(&res, Via::Pod);
+    check(&res, Via::Service);
 }
 
 #[test]

@@ -1,5 +1,8 @@
-//! `policy-scenario [--simulate] [--narrate] [--color auto|always|never] [--agent PATH] FILE...`:
-//! runs scenario files (scenarios/FORMAT.md) and ends with `N passed, N failed`. `--narrate`
+//! `policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--color auto|always|never] [--agent PATH] FILE...`:
+//! runs scenario files (scenarios/FORMAT.md) and ends with `N passed, N failed`. `--nodes N`
+//! spreads the pods over N nodes (round-robin unless a pod names its node), each node with
+//! its own agent, joined by an underlay (`--network`: routed host-gw style, the default, or a
+//! VXLAN overlay). `--narrate`
 //! writes for a reader (`cargo xtask demo`): each step's title, description and objects, then
 //! compact matrices and what changed. SIGINT/SIGTERM stop the run and clean up (exit 130). Without `--simulate` each file runs
 //! on the kernel datapath: namespaces, the `policy-agent` binary (by default the one beside this
@@ -11,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use policy_testkit::scenario::kernel::cleanup;
+use policy_testkit::scenario::kernel::hosts::Network;
 use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle};
 use policy_testkit::scenario::narrate::Narration;
 use policy_testkit::scenario::report::{Counts, LEGEND};
@@ -18,7 +22,7 @@ use policy_testkit::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simula
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: policy-scenario [--simulate] [--narrate] [--color auto|always|never] [--agent PATH] FILE..."
+        "usage: policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--color auto|always|never] [--agent PATH] FILE..."
     );
     ExitCode::from(2)
 }
@@ -33,6 +37,8 @@ fn main() -> ExitCode {
     let mut color = unsafe { libc::isatty(1) } == 1 && std::env::var_os("NO_COLOR").is_none();
     let mut files = Vec::new();
     let mut agent: Option<PathBuf> = None;
+    let mut nodes = 1usize;
+    let mut network = Network::Routed;
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
@@ -43,6 +49,14 @@ fn main() -> ExitCode {
                 Some("never") => color = false,
                 Some("auto") => {}
                 _ => return usage(),
+            },
+            Some("--nodes") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
+                Some(n) => nodes = n,
+                None => return usage(),
+            },
+            Some("--network") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
+                Some(n) => network = n,
+                None => return usage(),
             },
             Some("--agent") => match args.next() {
                 Some(p) => agent = Some(PathBuf::from(p)),
@@ -84,7 +98,7 @@ fn main() -> ExitCode {
     let mut plans = Vec::new();
     let mut invalid = 0usize;
     for f in &files {
-        match Plan::load(f) {
+        match Plan::load_on(f, nodes) {
             Ok(p) => plans.push(p),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -105,6 +119,7 @@ fn main() -> ExitCode {
     let mut kernel = (!simulate).then(|| {
         let mut cfg = KernelConfig::new(agent.clone());
         cfg.reuse_hosts = true;
+        cfg.network = network;
         KernelOracle::new(cfg)
     });
     for plan in &plans {

@@ -46,6 +46,10 @@ pub struct PodDef {
     pub ports: Option<Vec<PortDef>>,
     #[serde(default)]
     pub host_network: bool,
+    /// The node the pod runs on (`node-1` .. `node-N`); `None`: the next node round-robin
+    /// in file order.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

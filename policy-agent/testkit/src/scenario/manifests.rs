@@ -9,7 +9,6 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::apply::State;
-use super::topology::Topology;
 use policy_agent::reference::NAMESPACE_NAME_LABEL;
 
 /// One manifest file: its name in the directory and its YAML.
@@ -32,7 +31,7 @@ fn render<T: serde::Serialize>(object: String, v: &T) -> Result<String, Manifest
 
 /// Every object of `state`: `namespace-<ns>.yaml`, `pod-<ns>-<name>.yaml`,
 /// `networkpolicy-<ns>-<name>.yaml` (names are DNS labels, so these never collide).
-pub fn manifests(topo: &Topology, state: &State) -> Result<Vec<Manifest>, ManifestError> {
+pub fn manifests(state: &State) -> Result<Vec<Manifest>, ManifestError> {
     let mut out = Vec::new();
     for ns in state.snapshot.namespaces.values() {
         // The API server adds the name label itself; leave it implicit like a user would.
@@ -79,7 +78,7 @@ pub fn manifests(topo: &Topology, state: &State) -> Result<Vec<Manifest>, Manife
                 ..Default::default()
             },
             spec: Some(core::PodSpec {
-                node_name: Some(topo.node.clone()),
+                node_name: pod.node.clone(),
                 host_network: Some(pod.host_network),
                 containers: vec![core::Container {
                     name: "serve".into(),

@@ -64,13 +64,24 @@ pub struct Probe {
 
 impl Plan {
     pub fn load(path: &Path) -> Result<Plan, ScenarioError> {
+        Plan::load_on(path, 1)
+    }
+
+    /// The file at `path` on `nodes` nodes.
+    pub fn load_on(path: &Path, nodes: usize) -> Result<Plan, ScenarioError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ScenarioError::new(&file, None, "", format!("cannot read: {e}")))?;
-        Plan::parse(&file, &text)
+        Plan::parse_on(&file, &text, nodes)
     }
 
     pub fn parse(file: &str, text: &str) -> Result<Plan, ScenarioError> {
+        Plan::parse_on(file, text, 1)
+    }
+
+    /// `text` (named `file` in errors) on `nodes` nodes: pods go round-robin over them
+    /// unless they name their node.
+    pub fn parse_on(file: &str, text: &str, nodes: usize) -> Result<Plan, ScenarioError> {
         let f = format::parse(file, text)?;
         if f.name.trim().is_empty() {
             return Err(ScenarioError::new(file, None, "name", "empty"));
@@ -78,7 +89,7 @@ impl Plan {
         if f.steps.is_empty() {
             return Err(ScenarioError::new(file, None, "steps", "no step given"));
         }
-        let topology = Topology::build(file, &f)?;
+        let topology = Topology::build(file, &f, nodes)?;
         let mut state = State::new(&topology);
         let mut steps = Vec::new();
         for (index, def) in f.steps.iter().enumerate() {

@@ -27,16 +27,40 @@ pub fn reference_endpoints(probe: &Probe) -> (Endpoint, Endpoint) {
     )
 }
 
-/// Answers probes with [`reference::allowed`].
+/// The nodes whose programs a probe's packets cross: the source pod's and the destination
+/// pod's (a hostNetwork pod's too: its node's uplink programs see it), each once; externals
+/// run none.
+pub fn nodes_crossed(topology: &Topology, probe: &Probe) -> Vec<usize> {
+    let mut nodes = Vec::new();
+    for name in [&probe.src, &probe.dst] {
+        if let EndpointName::Pod(key) = name
+            && let Some(p) = topology.pod(key)
+            && !nodes.contains(&p.node)
+        {
+            nodes.push(p.node);
+        }
+    }
+    nodes
+}
+
+/// Answers probes with [`reference::allowed`], cluster-wide: a destination pod admits its own
+/// node's addresses, so the snapshot is seen from that node.
 #[derive(Default)]
 pub struct ReferenceOracle {
+    topology: Option<Topology>,
     snapshot: Snapshot,
 }
 
 impl ReferenceOracle {
-    pub fn verdict(snapshot: &Snapshot, probe: &Probe) -> bool {
+    pub fn verdict(topology: &Topology, snapshot: &Snapshot, probe: &Probe) -> bool {
         let (src, dst) = reference_endpoints(probe);
-        reference::allowed(snapshot, &src, &dst, probe.port.protocol, probe.port.port)
+        let node = match &probe.dst {
+            EndpointName::Pod(key) => topology.pod(key).map_or(0, |p| p.node),
+            EndpointName::External(_) => 0,
+        };
+        let mut seen = snapshot.clone();
+        topology.view_from(node, &mut seen);
+        reference::allowed(&seen, &src, &dst, probe.port.protocol, probe.port.port)
     }
 }
 
@@ -45,7 +69,8 @@ impl Oracle for ReferenceOracle {
         "simulation (reference evaluator)".into()
     }
 
-    fn setup(&mut self, _topology: &Topology) -> Result<(), OracleError> {
+    fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
+        self.topology = Some(topology.clone());
         Ok(())
     }
 
@@ -55,37 +80,54 @@ impl Oracle for ReferenceOracle {
     }
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
+        let topology = self
+            .topology
+            .as_ref()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
         Ok(probes
             .iter()
-            .map(|p| Self::verdict(&self.snapshot, p))
+            .map(|p| Self::verdict(topology, &self.snapshot, p))
             .collect())
     }
 }
 
-/// Compiles each step's objects into map contents, as the agent does, and answers probes with
-/// the kernel model's lookups over them. The compiler state lives across steps, so later steps
-/// compile with the numbering earlier ones left, as in the running agent.
+/// Compiles each step's objects into map contents for every node, as each node's agent does,
+/// and answers probes with the kernel model's lookups: a probe passes when it passes on every
+/// node it crosses ([`nodes_crossed`]). The compiler states live across steps, so later steps
+/// compile with the numbering earlier ones left, as in the running agents.
 #[derive(Default)]
 pub struct KernelModelOracle {
-    state: CompilerState,
-    maps: MapContents,
+    topology: Option<Topology>,
+    /// Per node.
+    states: Vec<CompilerState>,
+    maps: Vec<MapContents>,
 }
 
 impl KernelModelOracle {
+    /// The first node's maps.
     pub fn maps(&self) -> &MapContents {
-        &self.maps
+        &self.maps[0]
     }
 
     /// The verdict for one probe over the current maps. With `via: service` the kernel sees
     /// the backend's address (DNAT precedes the pod's TC hooks on the way in), so the model is
     /// asked about the backend.
     pub fn verdict(&self, probe: &Probe) -> bool {
-        KernelModel::new(&self.maps).allowed(
-            probe.src_addr,
-            probe.dst_addr,
-            probe.port.protocol.number(),
-            probe.port.port,
-        )
+        let Some(topology) = &self.topology else {
+            return false;
+        };
+        let nodes = nodes_crossed(topology, probe);
+        // A probe between externals crosses no node; the first one's maps judge it (they
+        // know neither side: allowed).
+        let nodes = if nodes.is_empty() { vec![0] } else { nodes };
+        nodes.iter().all(|&n| {
+            KernelModel::new(&self.maps[n]).allowed(
+                probe.src_addr,
+                probe.dst_addr,
+                probe.port.protocol.number(),
+                probe.port.port,
+            )
+        })
     }
 }
 
@@ -94,29 +136,33 @@ impl Oracle for KernelModelOracle {
         "simulation (compiler + kernel model)".into()
     }
 
-    fn setup(&mut self, _topology: &Topology) -> Result<(), OracleError> {
-        *self = KernelModelOracle::default();
+    fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
+        *self = KernelModelOracle {
+            topology: Some(topology.clone()),
+            states: topology
+                .nodes
+                .iter()
+                .map(|_| CompilerState::default())
+                .collect(),
+            maps: vec![MapContents::default(); topology.nodes.len()],
+        };
         Ok(())
     }
 
-    fn apply(&mut self, _topology: &Topology, state: &State) -> Result<(), OracleError> {
-        self.maps = compiler::compile(&state.snapshot, &mut self.state);
+    fn apply(&mut self, topology: &Topology, state: &State) -> Result<(), OracleError> {
+        if self.states.len() != topology.nodes.len() {
+            self.setup(topology)?;
+        }
+        for (n, st) in self.states.iter_mut().enumerate() {
+            let mut seen = state.snapshot.clone();
+            topology.view_from(n, &mut seen);
+            self.maps[n] = compiler::compile(&seen, st);
+        }
         Ok(())
     }
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
-        let model = KernelModel::new(&self.maps);
-        Ok(probes
-            .iter()
-            .map(|p| {
-                model.allowed(
-                    p.src_addr,
-                    p.dst_addr,
-                    p.port.protocol.number(),
-                    p.port.port,
-                )
-            })
-            .collect())
+        Ok(probes.iter().map(|p| self.verdict(p)).collect())
     }
 }
 
@@ -125,7 +171,7 @@ impl Oracle for KernelModelOracle {
 #[derive(Default)]
 pub struct CheckedSimulation {
     kernel: KernelModelOracle,
-    snapshot: Snapshot,
+    reference: ReferenceOracle,
 }
 
 impl Oracle for CheckedSimulation {
@@ -134,20 +180,23 @@ impl Oracle for CheckedSimulation {
     }
 
     fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
+        self.reference.setup(topology)?;
         self.kernel.setup(topology)
     }
 
     fn apply(&mut self, topology: &Topology, state: &State) -> Result<(), OracleError> {
-        self.snapshot = state.snapshot.clone();
+        self.reference.apply(topology, state)?;
         self.kernel.apply(topology, state)
     }
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
         let answers = self.kernel.probe(probes)?;
+        let reference = self.reference.probe(probes)?;
         let disagree: Vec<String> = probes
             .iter()
-            .zip(&answers)
-            .filter(|(p, a)| ReferenceOracle::verdict(&self.snapshot, p) != **a)
+            .zip(answers.iter().zip(&reference))
+            .filter(|(_, (a, r))| a != r)
+            .map(|(p, (a, _))| (p, a))
             .map(|(p, a)| {
                 format!(
                     "{} -> {} {} {}: kernel model {}, reference {}",

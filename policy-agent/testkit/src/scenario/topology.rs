@@ -1,7 +1,9 @@
 //! The cluster of a scenario: its namespaces, pods and external hosts with their addresses.
 //! The address scheme is fixed and public so the kernel runner builds exactly the hosts the
 //! simulation reasons about:
-//! - the node: [`NODE_V4`] / [`NODE_V6`];
+//! - the nodes `node-1` .. `node-N` (the runner's choice of N, 1 unless told): [`node_v4`] /
+//!   [`node_v6`] (node 1 at [`NODE_V4`] / [`NODE_V6`]); pods go round-robin over the nodes in
+//!   file order unless they name theirs (`node:`);
 //! - pod number `i` (file order, from 0): [`pod_v4`] / [`pod_v6`] (198.18.1.1, 198.18.1.2, ...
 //!   and fd00:18::1:1, ...); a `hostNetwork` pod uses the node's addresses;
 //! - the ClusterIP of pod `i`'s own Service (`via: service`): [`service_v4`] / [`service_v6`];
@@ -19,11 +21,27 @@ use policy_agent::convert;
 use policy_agent::model::{ContainerPort, Labels, Namespace, ObjectKey, Pod, Protocol, Snapshot};
 use policy_agent::reference::NAMESPACE_NAME_LABEL;
 
-pub const NODE_NAME: &str = "scenario-node";
-/// The node's own addresses: the same as the namespace test bed's (`testbed::NODE_IPV4`/`6`),
-/// so a kernel runner built on it needs no other node address.
+/// The first node's own addresses: the same as the namespace test bed's
+/// (`testbed::NODE_IPV4`/`6`), so a one-node runner built on it needs no other node address.
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 254);
 pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0xfffe);
+/// Most nodes a scenario may run on.
+pub const MAX_NODES: usize = 16;
+
+/// The name of node number `index` (from 0): `node-1`, `node-2`, ...
+pub fn node_name(index: usize) -> String {
+    format!("node-{}", index + 1)
+}
+
+/// The own addresses of node number `index` (from 0), counting down from [`NODE_V4`] /
+/// [`NODE_V6`] (above the ClusterIPs, below nothing else).
+pub fn node_v4(index: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(NODE_V4) - index as u32)
+}
+
+pub fn node_v6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(NODE_V6) - index as u128)
+}
 /// Pods and services live here (pods in its lower half, ClusterIPs in its upper half).
 pub const POD_NET_V4: Ipv4Net = ipv4_net(Ipv4Addr::new(198, 18, 0, 0), 16);
 pub const POD_NET_V6: Ipv6Net = ipv6_net(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0), 64);
@@ -101,11 +119,21 @@ impl fmt::Display for EndpointName {
     }
 }
 
+/// A node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeHost {
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodHost {
     pub key: ObjectKey,
     /// Position in the file's pod list: determines the addresses.
     pub index: usize,
+    /// Index into [`Topology::nodes`].
+    pub node: usize,
     /// Labels at the start of the scenario.
     pub labels: Labels,
     pub ports: Vec<ContainerPort>,
@@ -160,9 +188,8 @@ impl ExternalHost {
 /// The hosts of a scenario, fixed for its whole run (steps change labels and policies only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
-    pub node: String,
-    pub node_v4: Ipv4Addr,
-    pub node_v6: Ipv6Addr,
+    /// At least one.
+    pub nodes: Vec<NodeHost>,
     /// Namespaces with their labels at the start (`kubernetes.io/metadata.name` included).
     pub namespaces: BTreeMap<String, Labels>,
     pub pods: Vec<PodHost>,
@@ -172,8 +199,22 @@ pub struct Topology {
 
 impl Topology {
     /// Builds and validates the topology of a file.
-    pub fn build(file: &str, f: &ScenarioFile) -> Result<Topology, ScenarioError> {
+    /// The topology of file `f` on `nodes` nodes.
+    pub fn build(file: &str, f: &ScenarioFile, nodes: usize) -> Result<Topology, ScenarioError> {
         let err = |field: String, msg: String| ScenarioError::new(file, None, field, msg);
+        if nodes == 0 || nodes > MAX_NODES {
+            return Err(err(
+                String::new(),
+                format!("{nodes} nodes: a scenario runs on 1 to {MAX_NODES}"),
+            ));
+        }
+        let nodes: Vec<NodeHost> = (0..nodes)
+            .map(|i| NodeHost {
+                name: node_name(i),
+                v4: node_v4(i),
+                v6: node_v6(i),
+            })
+            .collect();
 
         let mut namespaces = BTreeMap::new();
         match &f.namespaces {
@@ -211,6 +252,7 @@ impl Topology {
                         labels: BTreeMap::from([("pod".to_string(), p.to_string())]),
                         ports: None,
                         host_network: false,
+                        node: None,
                     })
                 })
                 .collect(),
@@ -279,11 +321,23 @@ impl Topology {
                     ports
                 }
             };
+            let node = match &def.node {
+                None => index % nodes.len(),
+                Some(name) => nodes.iter().position(|n| &n.name == name).ok_or_else(|| {
+                    err(
+                        format!("{field}.node"),
+                        format!(
+                            "{name:?} is not a node of this run (node-1 .. node-{})",
+                            nodes.len()
+                        ),
+                    )
+                })?,
+            };
             if def.host_network {
-                // hostNetwork pods share the node's addresses: two cannot serve one port.
+                // hostNetwork pods share their node's addresses: two cannot serve one port.
                 let other = pods
                     .iter()
-                    .filter(|p: &&PodHost| p.host_network)
+                    .filter(|p: &&PodHost| p.host_network && p.node == node)
                     .find_map(|p| {
                         ports
                             .iter()
@@ -301,13 +355,14 @@ impl Topology {
                 }
             }
             let (v4, v6) = if def.host_network {
-                (NODE_V4, NODE_V6)
+                (nodes[node].v4, nodes[node].v6)
             } else {
                 (pod_v4(index), pod_v6(index))
             };
             pods.push(PodHost {
                 key,
                 index,
+                node,
                 labels: def.labels.clone(),
                 ports,
                 host_network: def.host_network,
@@ -396,9 +451,7 @@ impl Topology {
         }
 
         Ok(Topology {
-            node: NODE_NAME.to_string(),
-            node_v4: NODE_V4,
-            node_v6: NODE_V6,
+            nodes,
             namespaces,
             pods,
             externals,
@@ -427,13 +480,11 @@ impl Topology {
             .collect()
     }
 
-    /// The snapshot at the start: every namespace and pod, no policy; every pod on this node.
+    /// The snapshot at the start: every namespace and pod on its node, no policy, seen from
+    /// the first node.
     pub fn initial_snapshot(&self) -> Snapshot {
-        let mut snap = Snapshot {
-            node: self.node.clone(),
-            node_addrs: vec![self.node_v4.into(), self.node_v6.into()],
-            ..Snapshot::default()
-        };
+        let mut snap = Snapshot::default();
+        self.view_from(0, &mut snap);
         for (name, labels) in &self.namespaces {
             snap.namespaces.insert(
                 name.clone(),
@@ -453,11 +504,24 @@ impl Topology {
                     ips: vec![p.v4.into(), p.v6.into()],
                     ports: p.ports.clone(),
                     host_network: p.host_network,
-                    node: Some(self.node.clone()),
+                    node: Some(self.node_of(p).name.clone()),
                 },
             );
         }
         snap
+    }
+
+    /// The node of a pod.
+    pub fn node_of(&self, pod: &PodHost) -> &NodeHost {
+        &self.nodes[pod.node]
+    }
+
+    /// Makes `snap` the cluster as node number `node`'s agent sees it: that node's name and
+    /// own addresses (its local pods follow from their node names).
+    pub fn view_from(&self, node: usize, snap: &mut Snapshot) {
+        let n = &self.nodes[node];
+        snap.node = n.name.clone();
+        snap.node_addrs = vec![n.v4.into(), n.v6.into()];
     }
 }
 

@@ -58,15 +58,15 @@ pub fn interrupted() -> bool {
 
 pub use crate::testbed::{make_tag, tag_pid};
 
-/// The tag of a namespace name of our schemes: the runner's `ksn-TAG`, `kspN-TAG`,
-/// `kseN-TAG` and the test bed's `pnode-TAG`, `ppN-TAG`, `pxN-TAG`.
+/// The tag of a namespace name of our schemes: the runner's `ksn-TAG` (the first node),
+/// `ksnN-TAG` (the others), `ksu-TAG` (their underlay), `kspN-TAG`, `kseN-TAG` and the test bed's `pnode-TAG`, `ppN-TAG`, `pxN-TAG`.
 pub fn namespace_tag(name: &str) -> Option<&str> {
     let (head, tag) = name.split_once('-')?;
     let numbered = |rest: &str, kinds: &[char]| {
         rest.len() > 1 && rest.starts_with(kinds) && rest[1..].bytes().all(|b| b.is_ascii_digit())
     };
     let ok = match (head.strip_prefix("ks"), head.strip_prefix('p')) {
-        (Some(rest), _) => rest == "n" || numbered(rest, &['p', 'e']),
+        (Some(rest), _) => rest == "n" || rest == "u" || numbered(rest, &['p', 'e', 'n']),
         (None, Some(rest)) => rest == "node" || numbered(rest, &['p', 'x']),
         _ => false,
     };
@@ -204,6 +204,8 @@ mod tests {
         assert_eq!(namespace_tag("ksn-abc1"), Some("abc1"));
         assert_eq!(namespace_tag("ksp12-abc1"), Some("abc1"));
         assert_eq!(namespace_tag("kse0-z"), Some("z"));
+        assert_eq!(namespace_tag("ksn2-abc1"), Some("abc1"));
+        assert_eq!(namespace_tag("ksu-abc1"), Some("abc1"));
         assert_eq!(namespace_tag("pnode-q1"), Some("q1"));
         assert_eq!(namespace_tag("pp3-q1"), Some("q1"));
         assert_eq!(namespace_tag("px12-q1"), Some("q1"));

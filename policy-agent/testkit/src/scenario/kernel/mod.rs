@@ -1,12 +1,13 @@
 //! The kernel runner: each scenario on the real datapath. Setup builds the hosts as network
-//! namespaces (`hosts`), starts echo servers and SCTP responders (`probe`), installs the
-//! ClusterIP DNAT rules and starts the agent binary in standalone mode inside the node
-//! namespace, on a private bpffs and a manifest directory. Each step writes the step's
-//! objects as manifests, waits until the agent reports that exact directory content enforced
-//! with every pod's interface attached, then runs the probes with real sockets in parallel.
-//! Everything is removed on teardown, on error and on panic (drop guards), and on SIGINT,
-//! SIGTERM or SIGHUP (`cleanup`: the runner stops at its next wait); leftovers of runs killed
-//! outright are swept when the next runner starts.
+//! namespaces (`hosts`: a namespace per node, pods off their node, several nodes on a routed
+//! underlay), starts echo servers and SCTP responders (`probe`), installs the ClusterIP DNAT
+//! rules on every node and starts one agent binary per node in standalone mode inside the
+//! node's namespace, each on its own bpffs and node name, all reading one manifest directory.
+//! Each step writes the step's objects as manifests, waits until every agent reports that
+//! exact directory content enforced with its pods' interfaces attached, then runs the probes
+//! with real sockets in parallel. Everything is removed on teardown, on error and on panic
+//! (drop guards), and on SIGINT, SIGTERM or SIGHUP (`cleanup`: the runner stops at its next
+//! wait); leftovers of runs killed outright are swept when the next runner starts.
 
 pub mod cleanup;
 pub mod hosts;
@@ -61,6 +62,8 @@ pub struct KernelConfig {
     /// the same (most files use the standard model): saves building namespaces and starting
     /// the agent per file. Its first step replaces every object the previous file left.
     pub reuse_hosts: bool,
+    /// How several nodes reach each other's pods (ignored on one node).
+    pub network: hosts::Network,
 }
 
 impl KernelConfig {
@@ -71,6 +74,7 @@ impl KernelConfig {
             parallel: 256,
             apply_timeout: Duration::from_secs(20),
             reuse_hosts: false,
+            network: hosts::Network::Routed,
         }
     }
 }
@@ -84,7 +88,8 @@ pub struct KernelOracle {
 struct Run {
     /// What it was built for.
     topology: Topology,
-    agent: AgentProcess,
+    /// One per node, in the topology's order.
+    agents: Vec<AgentProcess>,
     servers: Servers,
     ns_files: Vec<File>,
     /// Namespace index (into `ns_files`) of each pod.
@@ -92,7 +97,8 @@ struct Run {
     /// Namespace index (into `ns_files`) and index into `hosts.externals` of each external.
     external_ns: BTreeMap<String, (usize, usize)>,
     hosts: Hosts,
-    _bpffs: PrivateBpffs,
+    /// One per node: each agent pins its own maps.
+    _bpffs: Vec<PrivateBpffs>,
     dir: TempDir,
 }
 
@@ -132,10 +138,12 @@ impl KernelOracle {
             TempDir::create(&format!("policy-scenario-{tag}")).map_err(|e| fail("temp dir", e))?;
         let manifests = dir.0.join("manifests");
         std::fs::create_dir(&manifests).map_err(|e| fail("manifest dir", e))?;
-        let bpffs = PrivateBpffs::mount().map_err(|e| fail("bpffs", e))?;
-        let hosts = Hosts::build(topo, &tag).map_err(|e| fail("namespaces", e))?;
+        let hosts =
+            Hosts::build(topo, &tag, self.cfg.network).map_err(|e| fail("namespaces", e))?;
         check_interrupt()?;
-        hosts::install_services(&hosts.node, topo, &dir.0).map_err(|e| fail("service rules", e))?;
+        for node in &hosts.nodes {
+            hosts::install_services(node, topo, &dir.0).map_err(|e| fail("service rules", e))?;
+        }
 
         let mut ns_files = Vec::new();
         let mut open = |name: &str| -> Result<usize, OracleError> {
@@ -143,12 +151,15 @@ impl KernelOracle {
             ns_files.push(f);
             Ok(ns_files.len() - 1)
         };
-        let node_ns = open(hosts.node.name())?;
+        let mut node_ns = Vec::new();
+        for node in &hosts.nodes {
+            node_ns.push(open(node.name())?);
+        }
         let mut pod_ns = BTreeMap::new();
         for p in &topo.pods {
             let i = match &hosts.pods[p.index] {
                 Some(ns) => open(ns.name())?,
-                None => node_ns,
+                None => node_ns[p.node],
             };
             pod_ns.insert(p.key.clone(), i);
         }
@@ -160,7 +171,7 @@ impl KernelOracle {
         // Pods serve their container ports on their addresses (hostNetwork pods: the node's).
         let mut servers = Servers::default();
         for p in &topo.pods {
-            let ns = hosts.pod_ns(p.index);
+            let ns = hosts.pod_ns(topo, p.index);
             for port in &p.ports {
                 for addr in [IpAddr::from(p.v4), IpAddr::from(p.v6)] {
                     servers
@@ -180,20 +191,49 @@ impl KernelOracle {
             }
         }
 
-        let status = dir.0.join("status.json");
-        let log = File::create(dir.0.join("agent.log")).map_err(|e| fail("agent log", e))?;
+        let mut agents = Vec::new();
+        let mut bpffs = Vec::new();
+        for (k, node) in topo.nodes.iter().enumerate() {
+            let fs = PrivateBpffs::mount().map_err(|e| fail("bpffs", e))?;
+            agents.push(self.start_agent(&hosts.nodes[k], &node.name, fs.path(), &dir.0, k)?);
+            bpffs.push(fs);
+        }
+        Ok(Run {
+            topology: topo.clone(),
+            agents,
+            servers,
+            ns_files,
+            pod_ns,
+            external_ns,
+            hosts,
+            _bpffs: bpffs,
+            dir,
+        })
+    }
+
+    /// Starts node number `k`'s agent in its namespace: standalone on the shared manifest
+    /// directory under its own node name, with its own bpffs, status file and log.
+    fn start_agent(
+        &self,
+        ns: &crate::testbed::Netns,
+        node_name: &str,
+        bpf_dir: &Path,
+        dir: &Path,
+        k: usize,
+    ) -> Result<AgentProcess, OracleError> {
+        let log = File::create(agent_log(dir, k)).map_err(|e| fail("agent log", e))?;
         let log2 = log.try_clone().map_err(|e| fail("agent log", e))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", hosts.node.name()])
+            .args(["netns", "exec", ns.name()])
             .arg(&self.cfg.agent)
             .arg("standalone")
             .arg("--manifests")
-            .arg(&manifests)
-            .args(["--node-name", &topo.node])
+            .arg(dir.join("manifests"))
+            .args(["--node-name", node_name])
             .arg("--bpf-dir")
-            .arg(bpffs.path())
+            .arg(bpf_dir)
             .arg("--status-file")
-            .arg(&status)
+            .arg(status_file(dir, k))
             .args(["--poll-ms", "20"])
             .args(SERVICE_CIDRS.iter().flat_map(|c| ["--service-cidr", c]))
             .env("RUST_LOG", "warn")
@@ -204,18 +244,17 @@ impl KernelOracle {
             .pdeath_signal()
             .spawn()
             .map_err(|e| fail("starting the agent", e))?;
-        Ok(Run {
-            topology: topo.clone(),
-            agent: AgentProcess(child),
-            servers,
-            ns_files,
-            pod_ns,
-            external_ns,
-            hosts,
-            _bpffs: bpffs,
-            dir,
-        })
+        Ok(AgentProcess(child))
     }
+}
+
+/// Node number `k`'s agent status file and log in the run's directory.
+fn status_file(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("status-{}.json", k + 1))
+}
+
+fn agent_log(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("agent-{}.log", k + 1))
 }
 
 impl Oracle for KernelOracle {
@@ -227,7 +266,7 @@ impl Oracle for KernelOracle {
         if let Some(run) = &mut self.run
             && self.cfg.reuse_hosts
             && run.topology == *topology
-            && matches!(run.agent.0.try_wait(), Ok(None))
+            && run.exited().is_none()
         {
             return Ok(());
         }
@@ -249,28 +288,35 @@ impl Oracle for KernelOracle {
         std::fs::rename(&tmp, manifests.join("cluster.yaml"))
             .map_err(|e| fail("writing manifests", e))?;
         let want = policy_agent::manifests::content_hash(&manifests);
-        let status_file = run.dir.0.join("status.json");
         let deadline = Instant::now() + self.cfg.apply_timeout;
+        // Every node's agent enforces the directory's content with its pods attached.
+        let mut pending: Vec<usize> = (0..run.agents.len()).collect();
         loop {
-            let status = standalone::read_status(&status_file);
-            if let Some(s) = &status
-                && s.generation == want
-                && s.waiting.is_empty()
-            {
+            pending.retain(|&k| {
+                !matches!(
+                    standalone::read_status(&status_file(&run.dir.0, k)),
+                    Some(s) if s.generation == want && s.waiting.is_empty()
+                )
+            });
+            if pending.is_empty() {
                 return Ok(());
             }
-            if let Ok(Some(exit)) = run.agent.0.try_wait() {
+            if let Some((k, exit)) = run.exited() {
                 return Err(OracleError::Failed(format!(
-                    "the agent exited ({exit}): {}",
-                    tail(&run.dir.0.join("agent.log"))
+                    "the agent of {} exited ({exit}): {}",
+                    topology.nodes[k].name,
+                    tail(&agent_log(&run.dir.0, k))
                 )));
             }
             check_interrupt()?;
             if Instant::now() >= deadline {
+                let k = pending[0];
+                let status = standalone::read_status(&status_file(&run.dir.0, k));
                 return Err(OracleError::Failed(format!(
-                    "the agent did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
+                    "the agent of {} did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
+                    topology.nodes[k].name,
                     self.cfg.apply_timeout,
-                    tail(&run.dir.0.join("agent.log"))
+                    tail(&agent_log(&run.dir.0, k))
                 )));
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -315,12 +361,13 @@ impl Oracle for KernelOracle {
         if self.cfg.reuse_hosts && !cleanup::interrupted() {
             // Kept for the next scenario; an agent that died is reported now.
             if let Some(run) = &mut self.run
-                && let Ok(Some(exit)) = run.agent.0.try_wait()
+                && let Some((k, exit)) = run.exited()
             {
-                let msg = tail(&run.dir.0.join("agent.log"));
+                let msg = tail(&agent_log(&run.dir.0, k));
                 self.run = None;
                 return Err(OracleError::Failed(format!(
-                    "the agent exited with {exit}: {msg}"
+                    "the agent of node {} exited with {exit}: {msg}",
+                    k + 1
                 )));
             }
             return Ok(());
@@ -330,18 +377,25 @@ impl Oracle for KernelOracle {
 }
 
 impl KernelOracle {
-    /// Stops the agent and removes everything built (also done on drop).
+    /// Stops the agents and removes everything built (also done on drop).
     pub fn close(&mut self) -> Result<(), OracleError> {
         let run = self.run.take();
         if let Some(mut run) = run {
-            run.agent.stop();
-            if let Ok(Some(exit)) = run.agent.0.try_wait()
-                && !exit.success()
-            {
-                let msg = tail(&run.dir.0.join("agent.log"));
-                drop(run);
+            let mut failed = None;
+            for (k, agent) in run.agents.iter_mut().enumerate() {
+                agent.stop();
+                if failed.is_none()
+                    && let Ok(Some(exit)) = agent.0.try_wait()
+                    && !exit.success()
+                {
+                    failed = Some((k, exit, tail(&agent_log(&run.dir.0, k))));
+                }
+            }
+            drop(run);
+            if let Some((k, exit, msg)) = failed {
                 return Err(OracleError::Failed(format!(
-                    "the agent exited with {exit}: {msg}"
+                    "the agent of node {} exited with {exit}: {msg}",
+                    k + 1
                 )));
             }
         }
@@ -350,6 +404,14 @@ impl KernelOracle {
 }
 
 impl Run {
+    /// The first agent that exited, with its status.
+    fn exited(&mut self) -> Option<(usize, std::process::ExitStatus)> {
+        self.agents
+            .iter_mut()
+            .enumerate()
+            .find_map(|(k, a)| a.0.try_wait().ok().flatten().map(|e| (k, e)))
+    }
+
     fn pod(&self, key: &ObjectKey) -> Result<usize, OracleError> {
         self.pod_ns
             .get(key)
@@ -403,7 +465,7 @@ pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
             "kind": "Pod",
             "metadata": {"name": host.key.name, "namespace": host.key.namespace, "labels": pod.labels},
             "spec": {
-                "nodeName": topo.node,
+                "nodeName": topo.node_of(host).name,
                 "hostNetwork": pod.host_network,
                 "containers": [{"name": "c", "image": "scenario", "ports": ports}],
             },
