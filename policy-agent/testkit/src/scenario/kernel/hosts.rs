@@ -154,21 +154,7 @@ impl Hosts {
         u.ip(&["link", "add", "br0", "type", "bridge"])?;
         u.ip(&["link", "set", "br0", "up"])?;
         for (k, node) in self.nodes.iter().enumerate() {
-            let port = format!("u{k}");
-            node.ip(&[
-                "link",
-                "add",
-                "ul0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                u.name(),
-            ])?;
-            u.ip(&["link", "set", &port, "master", "br0"])?;
-            u.ip(&["link", "set", &port, "up"])?;
+            bridge_port(node, "ul0", u, &format!("u{k}"))?;
             node.ip(&[
                 "addr",
                 "add",
@@ -343,6 +329,25 @@ impl Drop for Hosts {
     }
 }
 
+/// A veth pair from `ns` (its end named `name`) to the underlay's bridge (port `port`).
+fn bridge_port(ns: &Netns, name: &str, underlay: &Netns, port: &str) -> io::Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        underlay.name(),
+    ])?;
+    underlay.ip(&["link", "set", port, "master", "br0"])?;
+    underlay.ip(&["link", "set", port, "up"])?;
+    Ok(())
+}
+
 /// A placeholder route for the ClusterIPs, like kube-proxy's kube-ipvs0 (a veth pair inside
 /// the node: no dummy driver needed): node-originated connections reach the OUTPUT DNAT,
 /// which reroutes them before anything is sent.
@@ -396,21 +401,7 @@ fn plumb_external(
         "net.ipv6.conf.default.accept_dad=0",
         "net.ipv6.conf.all.accept_dad=0",
     ])?;
-    let port = format!("x{i}");
-    ns.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &port,
-        "netns",
-        underlay.name(),
-    ])?;
-    underlay.ip(&["link", "set", &port, "master", "br0"])?;
-    underlay.ip(&["link", "set", &port, "up"])?;
+    bridge_port(ns, "eth0", underlay, &format!("x{i}"))?;
     ns.ip(&["link", "set", "lo", "up"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     let routes = |dst: String, j: usize, v6: bool| -> io::Result<()> {
