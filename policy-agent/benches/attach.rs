@@ -101,7 +101,7 @@ fn run(poll_ms: u32) -> (Vec<f64>, Vec<f64>) {
     let generation = manifests(&man, true);
     let _agent = start(&bed, &man, &status, &fs, poll_ms, &[]);
     wait_for("the agent enforcing", Duration::from_secs(30), || {
-        policy_agent::standalone::read_status(&status)
+        policy_agent::status_file::read(&status)
             .is_some_and(|s| s.generation == generation && s.waiting.len() == PODS)
     });
     let mut attach = Vec::new();
@@ -164,7 +164,7 @@ fn run_with_plugin(poll_ms: u32) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
                 conf = plugin_conf(&list, 1);
             }
             !conf.is_null()
-                && policy_agent::standalone::read_status(&status)
+                && policy_agent::status_file::read(&status)
                     .is_some_and(|s| s.generation == generation && s.waiting.len() == PODS)
         },
     );

@@ -8,7 +8,7 @@
 //!    maps, links, the map writer, the kernel's network facts);
 //! 4. the kernel programs (`policy-ebpf`, embedded by [`ebpf_object`]).
 //!
-//! Beside them: [`observe`] (`status`, `monitor`) and [`metrics`].
+//! Beside them: [`observe`] (`status`, `monitor`), [`metrics`] and [`status_file`].
 
 pub mod cluster;
 pub mod cni;
@@ -28,3 +28,4 @@ pub mod observe;
 #[cfg(any(test, feature = "test-support"))]
 pub mod reference;
 pub mod standalone;
+pub mod status_file;

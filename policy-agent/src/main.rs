@@ -196,6 +196,10 @@ enum Mode {
         /// Period of the full repair of the maps against the desired state.
         #[arg(long, default_value_t = 300)]
         resync_secs: u64,
+        /// Write what is enforced here after every change (JSON; the generation identifies
+        /// the objects' versions, see `cluster::generation`).
+        #[arg(long)]
+        status_file: Option<PathBuf>,
         #[command(flatten)]
         node: NodeArgs,
         #[command(flatten)]
@@ -328,6 +332,7 @@ fn main() -> Result<()> {
             metrics_addr,
             debounce_ms,
             resync_secs,
+            status_file,
             node,
             cni,
         } => {
@@ -339,14 +344,12 @@ fn main() -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let _broker = observe::broker::Broker::spawn(node.bpf_dir.clone());
-            rt.block_on(run_cluster(
-                node_name,
-                metrics_addr,
-                node,
-                debounce_ms,
-                resync_secs,
-                pod_starts,
-            ))
+            let mut loop_cfg = policy_agent::cluster::LoopConfig::new(&node_name);
+            loop_cfg.debounce = Duration::from_millis(debounce_ms);
+            loop_cfg.resync = Duration::from_secs(resync_secs.max(1));
+            loop_cfg.pod_starts = Some(pod_starts);
+            loop_cfg.status_file = status_file;
+            rt.block_on(run_cluster(loop_cfg, metrics_addr, node))
         }
     }
 }
@@ -360,17 +363,15 @@ fn attach_mode(a: Attach) -> AttachMode {
 }
 
 async fn run_cluster(
-    node_name: String,
+    loop_cfg: policy_agent::cluster::LoopConfig,
     metrics_addr: SocketAddr,
     node: NodeOptions,
-    debounce_ms: u64,
-    resync_secs: u64,
-    pod_starts: std::sync::Arc<policy_agent::cni::PodStarts>,
 ) -> Result<()> {
     use policy_agent::cluster;
     use policy_agent::metrics::{Health, Metrics};
     use std::sync::Arc;
 
+    let node_name = loop_cfg.node.clone();
     anyhow::ensure!(
         !node_name.is_empty(),
         "--node-name (NODE_NAME) must not be empty"
@@ -380,10 +381,6 @@ async fn run_cluster(
         .context("connecting to the Kubernetes API")?;
     // Adopts, migrates or creates the pinned maps the same way standalone mode does.
     let enforcer = cluster::KernelEnforcer::start(&node).context("loading the eBPF programs")?;
-    let mut loop_cfg = cluster::LoopConfig::new(&node_name);
-    loop_cfg.debounce = Duration::from_millis(debounce_ms);
-    loop_cfg.resync = Duration::from_secs(resync_secs.max(1));
-    loop_cfg.pod_starts = Some(pod_starts);
     let cfg = cluster::Config {
         loop_cfg,
         metrics_addr: Some(metrics_addr),

@@ -12,12 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cni::PodStarts;
+use crate::status_file::{self, Status};
 use crate::compiler::capacity::{self, Capacity, Fitted};
 use crate::compiler::{self, CompilerState};
 use crate::dataplane::DataplaneError;
@@ -33,7 +34,7 @@ pub struct Config {
     /// Pods whose nodeName is unset or equal to this are local.
     pub node_name: String,
     pub poll_interval: Duration,
-    /// Where to write the enforced generation (see [`Status`]).
+    /// Where to write what is enforced (see [`Status`]).
     pub status_file: Option<PathBuf>,
     /// The node side: pin directory, attachment, conntrack seeding, migration.
     pub node: NodeOptions,
@@ -52,33 +53,8 @@ pub enum StandaloneError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     NetInfo(#[from] netinfo::NetInfoError),
-    #[error("writing status file {path}: {source}")]
-    Status {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// What the agent enforces now, written after every reconcile (atomically).
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Status {
-    /// `manifests::content_hash` of the directory enforced.
-    pub generation: u64,
-    pub endpoints: usize,
-    /// Interfaces with the programs attached.
-    pub attached: Vec<String>,
-    /// Local pods whose interface was not found yet (isolated anyway once it appears).
-    pub waiting: Vec<String>,
-    /// Non-pod interfaces with the uplink programs attached.
-    #[serde(default)]
-    pub uplinks: Vec<String>,
-    pub problems: Vec<String>,
-    /// Whether this agent adopted pinned maps of an earlier one (else it created them).
-    #[serde(default)]
-    pub adopted: bool,
-    /// Whether this agent moved an earlier one's incompatible maps to new ones.
-    #[serde(default)]
-    pub migrated: bool,
+    #[error(transparent)]
+    Status(#[from] status_file::StatusFileError),
 }
 
 /// Least time between two passes woken by link notifications.
@@ -256,7 +232,7 @@ impl Agent {
         };
         if self.last_status.as_ref() != Some(&status) {
             if let Some(path) = &cfg.status_file {
-                write_status(path, &status)?;
+                status_file::write(path, &status)?;
             }
             self.last_status = Some(status);
         }
@@ -294,22 +270,6 @@ fn snapshot_of(
         }
     }
     snap
-}
-
-fn write_status(path: &Path, status: &Status) -> Result<(), StandaloneError> {
-    let err = |source| StandaloneError::Status {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let text = serde_json::to_string_pretty(status).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, text).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
-}
-
-/// Reads a status file written by [`run`].
-pub fn read_status(path: &Path) -> Option<Status> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 #[cfg(test)]

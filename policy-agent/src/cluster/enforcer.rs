@@ -77,6 +77,16 @@ pub trait Enforcer: Send {
 
     /// The kernel's verdict counters summed over CPUs, when there is a kernel.
     fn verdicts(&mut self) -> Option<Counters>;
+
+    /// Whether this agent adopted pinned maps of an earlier one (else it created them).
+    fn adopted(&self) -> bool {
+        false
+    }
+
+    /// Whether this agent moved an earlier one's incompatible maps to new ones.
+    fn migrated(&self) -> bool {
+        false
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -118,11 +128,6 @@ impl KernelEnforcer {
         self.node.maps()
     }
 
-    /// Whether this agent moved an earlier one's incompatible maps to new ones.
-    pub fn migrated(&self) -> bool {
-        self.node.migrated()
-    }
-
     /// Leaves every attachment in place for the next agent (restart without a gap);
     /// `policy-agent uninstall` removes them.
     pub fn release_all(&mut self) {
@@ -158,6 +163,14 @@ impl Enforcer for KernelEnforcer {
 
     fn node_addrs(&mut self) -> Result<Vec<IpAddr>, EnforceError> {
         Ok(netinfo::local_addrs()?)
+    }
+
+    fn adopted(&self) -> bool {
+        self.node.adopted()
+    }
+
+    fn migrated(&self) -> bool {
+        self.node.migrated()
     }
 
     fn verdicts(&mut self) -> Option<Counters> {

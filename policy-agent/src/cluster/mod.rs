@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod enforcer;
+pub mod generation;
 pub mod policy_events;
 pub mod reconcile;
 pub mod snapshot;

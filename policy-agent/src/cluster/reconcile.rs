@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 
 use super::cache::SnapshotCache;
 use super::enforcer::{Enforcer, LocalPod, Write};
+use super::generation::Generation;
 use super::snapshot::{self, Objects, PolicyProblems};
 use super::watch::{Changes, Stores};
 use crate::cni::PodStarts;
@@ -28,6 +30,8 @@ use crate::compiler::capacity::{self, Capacity};
 use crate::compiler::{self, Change, Engine, MapContents, MapDiff};
 use crate::metrics::{ErrorKind, Health, Metrics};
 use crate::model::{self, ObjectKey, Snapshot};
+use crate::node::Interfaces;
+use crate::status_file::{self, Status};
 
 /// Timings of the loop.
 #[derive(Clone, Debug)]
@@ -44,6 +48,9 @@ pub struct LoopConfig {
     /// Starting pods `netpol-cni` waits on: their reported addresses come in, and which
     /// local pods are enforced goes out after every interface pass.
     pub pod_starts: Option<Arc<PodStarts>>,
+    /// Where to write what is enforced after every pass and interface change (the
+    /// generation is [`Generation`] of the cached objects).
+    pub status_file: Option<PathBuf>,
 }
 
 impl LoopConfig {
@@ -55,6 +62,7 @@ impl LoopConfig {
             poll: Duration::from_secs(1),
             capacity: Capacity::default(),
             pod_starts: None,
+            status_file: None,
         }
     }
 }
@@ -88,6 +96,9 @@ pub struct Reconciler<E: Enforcer> {
     shared: BTreeMap<IpAddr, Vec<ObjectKey>>,
     local: Vec<LocalPod>,
     failures: u32,
+    /// The generation of the objects the maps hold (with a status file only).
+    enforced: Option<u64>,
+    last_status: Option<Status>,
 }
 
 impl<E: Enforcer> Reconciler<E> {
@@ -113,6 +124,8 @@ impl<E: Enforcer> Reconciler<E> {
             shared: BTreeMap::new(),
             local: Vec::new(),
             failures: 0,
+            enforced: None,
+            last_status: None,
             cfg,
         }
     }
@@ -246,6 +259,39 @@ impl<E: Enforcer> Reconciler<E> {
         if let Some(c) = self.enforcer.verdicts() {
             self.metrics.set_verdicts(&c);
         }
+        self.write_status(report);
+    }
+
+    /// The status file, when asked for and the maps hold what a pass wrote.
+    fn write_status(&mut self, report: Interfaces<ObjectKey>) {
+        let (Some(path), Some(generation)) = (&self.cfg.status_file, self.enforced) else {
+            return;
+        };
+        if self.needs_repair {
+            return;
+        }
+        let status = Status {
+            generation,
+            endpoints: self.written.endpoints.len(),
+            attached: report.attached,
+            waiting: report.waiting.iter().map(ToString::to_string).collect(),
+            uplinks: report.uplinks,
+            problems: self
+                .cache
+                .problems()
+                .values()
+                .flat_map(|pp| pp.problems.iter().map(|p| p.message.clone()))
+                .collect(),
+            adopted: self.enforcer.adopted(),
+            migrated: self.enforcer.migrated(),
+        };
+        if self.last_status.as_ref() == Some(&status) {
+            return;
+        }
+        match status_file::write(path, &status) {
+            Ok(()) => self.last_status = Some(status),
+            Err(e) => tracing::warn!(error = %e, "status file not written"),
+        }
     }
 
     /// One change-triggered pass now, outside the loop (benchmarks and tests drive it);
@@ -271,6 +317,11 @@ impl<E: Enforcer> Reconciler<E> {
         if let Some(ps) = &self.cfg.pod_starts {
             objects.reported = ps.reported().1;
         }
+        let generation = self
+            .cfg
+            .status_file
+            .is_some()
+            .then(|| Generation::of(&objects).value());
         let mut update = self.cache.update(&objects, node_addrs.clone());
         if resync {
             let built = snapshot::build_from(&objects, &self.cfg.node, node_addrs.clone());
@@ -367,6 +418,7 @@ impl<E: Enforcer> Reconciler<E> {
         let ok = match result {
             Ok((changes, repaired)) => {
                 self.needs_repair = false;
+                self.enforced = generation;
                 match plan {
                     WritePlan::EngineDiff(diff) => diff.apply(&mut self.written),
                     WritePlan::Repair(f) | WritePlan::Whole(f) => {

@@ -1,8 +1,9 @@
 //! Test support for the agent, kept out of its library and binary: network-namespace test
 //! beds (`testbed`), the scenario file runner with its kernel and simulated oracles
-//! (`scenario`, binary `policy-scenario`), and an in-memory fake of the cluster enforcer
-//! (`recording`).
+//! (`scenario`, binary `policy-scenario`), a scripted API server (`fake_api`), and an in-memory
+//! fake of the cluster enforcer (`recording`).
 
+pub mod fake_api;
 pub mod recording;
 pub mod scenario;
 pub mod testbed;

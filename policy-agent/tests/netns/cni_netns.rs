@@ -14,7 +14,7 @@ use kube_support::{FakeApi, Kind};
 use policy_testkit::testbed::cni::{call_plugin, plugin_conf, prev_result};
 use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
 use restart_common::{
-    Agent, NODE, TempDir, pod, uninstall_with, write_kubeconfig, write_manifests,
+    Agent, NODE, TempDir, pod, uninstall_with, write_manifests,
 };
 use serde_json::{Value, json};
 
@@ -150,7 +150,7 @@ fn pod_start(cluster: bool) {
     let args = cni.agent_args("10");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let api = FakeApi::default();
-    let mut _api_runtime = None;
+    let mut _api_server = None;
     let mut agent = if cluster {
         api.apply(
             Kind::Namespaces,
@@ -164,9 +164,8 @@ fn pod_start(cluster: bool) {
             };
             api.apply(kind, d.clone());
         }
-        let (rt, port) = kube_support::serve_in(&api, &bed.node);
-        _api_runtime = Some(rt);
-        let kubeconfig = write_kubeconfig(&dir, port);
+        let (served, kubeconfig) = restart_common::serve_api(&api, &bed, &dir);
+        _api_server = Some(served);
         let mut agent = Agent::start_cluster(&bed, &dir, &fs, &kubeconfig, METRICS_PORT, &args, 0);
         agent.wait_ready(&bed, METRICS_PORT);
         agent
@@ -174,7 +173,7 @@ fn pod_start(cluster: bool) {
         let generation = write_manifests(&dir.manifests(), &docs);
         let agent = Agent::start(&bed, &dir, &fs, &args, 0);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !policy_agent::standalone::read_status(&dir.status())
+        while !policy_agent::status_file::read(&dir.status())
             .is_some_and(|s| s.generation == generation && s.attached.len() == 2)
         {
             assert!(Instant::now() < deadline, "agent: {}", agent.log_tail());

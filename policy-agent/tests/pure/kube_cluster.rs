@@ -240,6 +240,55 @@ async fn watch_gone_relists_and_converges() {
     agent.stop().await;
 }
 
+/// The status file names the generation of exactly the objects the server holds once they
+/// are enforced: after writes, bookmarks, and a 410 Gone re-list alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_file_names_the_servers_generation_across_bookmarks_and_relists() {
+    let api = base_api();
+    let dir = std::env::temp_dir().join(format!("pa-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("status.json");
+    let mut cfg = test_loop_config();
+    cfg.status_file = Some(path.clone());
+    let agent = Agent::start(api.clone(), cfg, None).await;
+    let enforced = |want: u64| {
+        let path = path.clone();
+        move || policy_agent::status_file::read(&path).is_some_and(|s| s.generation == want)
+    };
+    eventually(10, "the initial objects", enforced(api.generation())).await;
+    eventually(5, "pod watch open", || api.open_watches(Kind::Pods) == 1).await;
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.query.contains("watch=true") && r.query.contains("allowWatchBookmarks=true")),
+        "the agent asks for bookmarks"
+    );
+    api.apply(
+        Kind::Pods,
+        pod("shop", "new", NODE, "198.18.0.14", json!({"app": "web"})),
+    );
+    api.bookmark();
+    eventually(10, "a new pod", enforced(api.generation())).await;
+    assert_eq!(
+        agent.metrics.error_count(ErrorKind::Watch),
+        0,
+        "bookmarks are read as bookmarks"
+    );
+    // A bookmark moves no object: the generation stays.
+    let before = api.generation();
+    api.bookmark();
+    assert_eq!(api.generation(), before);
+    api.compact(Kind::Policies);
+    api.expire_watches(Kind::Policies);
+    api.delete(Kind::Pods, "shop", "new");
+    eventually(15, "re-list", || api.lists(Kind::Policies) >= 2).await;
+    eventually(10, "after the re-list", enforced(api.generation())).await;
+    let s = policy_agent::status_file::read(&path).unwrap();
+    assert!(s.endpoints > 0 && s.waiting.is_empty(), "{s:?}");
+    agent.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_dropped_stream_resumes_without_losing_events() {
     let api = base_api();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use policy_agent::standalone::{self, Status};
+use policy_agent::status_file::Status;
 use policy_testkit::testbed::{PrivateBpffs, Testbed, unique_suffix};
 use serde_json::{Value, json};
 
@@ -68,17 +68,19 @@ pub fn ingress_from(name: &str, target: &str, from: &str, tcp: u16, udp: u16) ->
 
 /// Writes the manifests atomically (the agent ignores dot files) and returns the
 /// generation the agent will report for them.
-/// A kubeconfig for a plain-HTTP API server on 127.0.0.1:`port` (no credentials).
-pub fn write_kubeconfig(dir: &TempDir, port: u16) -> PathBuf {
+/// Serves `api` on the node namespace's 127.0.0.1 and writes a kubeconfig for it; serving
+/// lasts as long as the returned value.
+pub fn serve_api(
+    api: &policy_testkit::fake_api::FakeApi,
+    bed: &Testbed,
+    dir: &TempDir,
+) -> (policy_testkit::fake_api::Served, PathBuf) {
+    let served = api
+        .serve_in(&bed.node, std::net::Ipv4Addr::LOCALHOST.into())
+        .expect("serve the fake API server");
     let path = dir.0.join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-         clusters: [{{name: test, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
-         users: [{{name: test, user: {{}}}}]\n\
-         contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n"
-    );
-    std::fs::write(&path, text).expect("kubeconfig");
-    path
+    std::fs::write(&path, served.kubeconfig()).expect("kubeconfig");
+    (served, path)
 }
 
 pub fn write_manifests(dir: &Path, docs: &[Value]) -> u64 {
@@ -235,7 +237,7 @@ impl Agent {
     pub fn wait_generation(&mut self, status: &Path, generation: u64, attached: usize) -> Status {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(s) = standalone::read_status(status)
+            if let Some(s) = policy_agent::status_file::read(status)
                 && s.generation == generation
                 && s.waiting.is_empty()
                 && s.attached.len() == attached
@@ -250,7 +252,7 @@ impl Agent {
             assert!(
                 Instant::now() < deadline,
                 "the agent did not report generation {generation} within 30 s (status {:?}): {}",
-                standalone::read_status(status),
+                policy_agent::status_file::read(status),
                 self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(2));

@@ -19,7 +19,7 @@ use policy_testkit::testbed::{
     PrivateBpffs, TcpClient, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo,
 };
 use restart_common::{
-    Agent, TempDir, files_under, ingress_from, pod, uninstall, write_kubeconfig, write_manifests,
+    Agent, TempDir, files_under, ingress_from, pod, uninstall, write_manifests,
 };
 use serde_json::Value;
 
@@ -103,7 +103,7 @@ struct Control<'a> {
     api: FakeApi,
     kubeconfig: std::path::PathBuf,
     /// Serves the fake API server while the test runs.
-    _rt: Option<tokio::runtime::Runtime>,
+    _served: Option<policy_testkit::fake_api::Served>,
 }
 
 /// /readyz of the cluster agent, on the node namespace's loopback.
@@ -112,11 +112,11 @@ const METRICS_PORT: u16 = 9090;
 impl<'a> Control<'a> {
     fn new(plane: Plane, bed: &'a Testbed, dir: &'a TempDir, fs: &'a PrivateBpffs) -> Self {
         let api = FakeApi::default();
-        let (rt, kubeconfig) = match plane {
+        let (served, kubeconfig) = match plane {
             Plane::Standalone => (None, std::path::PathBuf::new()),
             Plane::Cluster => {
-                let (rt, port) = kube_support::serve_in(&api, &bed.node);
-                (Some(rt), write_kubeconfig(dir, port))
+                let (served, kubeconfig) = restart_common::serve_api(&api, bed, dir);
+                (Some(served), kubeconfig)
             }
         };
         Control {
@@ -126,7 +126,7 @@ impl<'a> Control<'a> {
             fs,
             api,
             kubeconfig,
-            _rt: rt,
+            _served: served,
         }
     }
 

@@ -31,7 +31,6 @@ use super::topology::{EndpointName, Topology};
 use crate::testbed::PrivateBpffs;
 use hosts::Hosts;
 use policy_agent::model::ObjectKey;
-use policy_agent::standalone;
 use probe::{Job, Servers};
 
 /// The ClusterIP ranges of the topology ([`super::topology::service_v4`] / `service_v6`):
@@ -294,7 +293,7 @@ impl Oracle for KernelOracle {
         loop {
             pending.retain(|&k| {
                 !matches!(
-                    standalone::read_status(&status_file(&run.dir.0, k)),
+                    policy_agent::status_file::read(&status_file(&run.dir.0, k)),
                     Some(s) if s.generation == want && s.waiting.is_empty()
                 )
             });
@@ -311,7 +310,7 @@ impl Oracle for KernelOracle {
             check_interrupt()?;
             if Instant::now() >= deadline {
                 let k = pending[0];
-                let status = standalone::read_status(&status_file(&run.dir.0, k));
+                let status = policy_agent::status_file::read(&status_file(&run.dir.0, k));
                 return Err(OracleError::Failed(format!(
                     "the agent of {} did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
                     topology.nodes[k].name,
