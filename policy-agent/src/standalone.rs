@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cni::PodStarts;
-use crate::status_file::{self, Status};
 use crate::compiler::capacity::{self, Capacity, Fitted};
 use crate::compiler::{self, CompilerState};
 use crate::dataplane::DataplaneError;
@@ -27,6 +26,7 @@ use crate::manifests;
 use crate::model::ObjectKey;
 use crate::model::Snapshot;
 use crate::node::{NodeEnforcer, NodeOptions};
+use crate::status_file::{self, Status};
 
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -53,6 +53,10 @@ enum Task {
         /// How several nodes reach each other's pods: routed (host-gw) or vxlan.
         #[arg(long, default_value = "routed")]
         network: String,
+        /// Where the agents read the objects: standalone (a manifest directory) or cluster
+        /// (watching a fake API server).
+        #[arg(long, default_value = "standalone")]
+        mode: String,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -75,7 +79,18 @@ fn main() -> Result<()> {
             narrate,
             nodes,
             network,
+            mode,
             files,
-        } => run::scenario(&root, simulate, narrate, (nodes, &network), &files),
+        } => run::scenario(
+            &root,
+            simulate,
+            narrate,
+            &run::Shape {
+                nodes,
+                network,
+                mode,
+            },
+            &files,
+        ),
     }
 }

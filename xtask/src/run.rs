@@ -175,11 +175,18 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The cluster a scenario run builds (`policy-scenario`'s `--nodes`, `--network`, `--mode`).
+pub struct Shape {
+    pub nodes: usize,
+    pub network: String,
+    pub mode: String,
+}
+
 pub fn scenario(
     root: &Path,
     simulate: bool,
     narrate: bool,
-    (nodes, network): (usize, &str),
+    shape: &Shape,
     files: &[PathBuf],
 ) -> Result<()> {
     if simulate {
@@ -208,7 +215,12 @@ pub fn scenario(
         )?;
     }
     let mut cmd = Command::new(bin.join("policy-scenario"));
-    cmd.args(["--nodes", &nodes.to_string(), "--network", network]);
+    cmd.args(["--nodes", &shape.nodes.to_string()]).args([
+        "--network",
+        &shape.network,
+        "--mode",
+        &shape.mode,
+    ]);
     if narrate {
         cmd.arg("--narrate");
     }

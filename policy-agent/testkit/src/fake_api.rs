@@ -182,8 +182,8 @@ impl FakeApi {
             while let Ok((conn, _)) = listener.accept().await {
                 let me = me.clone();
                 tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
                             let me = me.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
@@ -206,7 +206,8 @@ impl FakeApi {
                                     full(StatusCode::SERVICE_UNAVAILABLE, &json!({}))
                                 }))
                             }
-                        });
+                        },
+                    );
                     let io = hyper_util::rt::TokioIo::new(conn);
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(io, svc)
@@ -334,7 +335,8 @@ impl FakeApi {
 
     fn publish(ks: &mut KindState, rv: u64, ev: Value) {
         let l = line(&ev);
-        ks.watchers.retain(|w| w.tx.unbounded_send(l.clone()).is_ok());
+        ks.watchers
+            .retain(|w| w.tx.unbounded_send(l.clone()).is_ok());
         ks.log.push((rv, ev));
     }
 
@@ -386,7 +388,12 @@ impl FakeApi {
             let st = self.lock();
             st.kinds
                 .get(&kind)
-                .map(|ks| ks.objects.iter().map(|(k, v)| (k.clone(), content(v))).collect())
+                .map(|ks| {
+                    ks.objects
+                        .iter()
+                        .map(|(k, v)| (k.clone(), content(v)))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let mut writes = 0;

@@ -218,4 +218,3 @@ pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
-

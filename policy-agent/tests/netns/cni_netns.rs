@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 use kube_support::{FakeApi, Kind};
 use policy_testkit::testbed::cni::{call_plugin, plugin_conf, prev_result};
 use policy_testkit::testbed::{PrivateBpffs, TcpEchoServer, Testbed, tcp_echo};
-use restart_common::{
-    Agent, NODE, TempDir, pod, uninstall_with, write_manifests,
-};
+use restart_common::{Agent, NODE, TempDir, pod, uninstall_with, write_manifests};
 use serde_json::{Value, json};
 
 /// The main plugin's conflist, as its installer writes it.

@@ -440,7 +440,8 @@ steps:
         .policy_docs
         .values()
         .next()
-        .expect("policy doc");
+        .expect("policy doc")
+        .to_string();
     let yb = plan
         .topology
         .pods

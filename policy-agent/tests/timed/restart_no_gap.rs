@@ -18,9 +18,7 @@ use kube_support::{FakeApi, Kind};
 use policy_testkit::testbed::{
     PrivateBpffs, TcpClient, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo,
 };
-use restart_common::{
-    Agent, TempDir, files_under, ingress_from, pod, uninstall, write_manifests,
-};
+use restart_common::{Agent, TempDir, files_under, ingress_from, pod, uninstall, write_manifests};
 use serde_json::Value;
 
 const TCP_PORT: u16 = 8080;

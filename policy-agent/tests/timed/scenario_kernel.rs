@@ -16,7 +16,7 @@ use crate::scenario_common;
 
 use policy_testkit::scenario::apply::State;
 use policy_testkit::scenario::format::Via;
-use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, cleanup};
+use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, Mode, cleanup};
 use policy_testkit::scenario::narrate::Narration;
 use policy_testkit::scenario::{
     Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated,
@@ -149,18 +149,19 @@ impl Oracle for Tally<'_> {
 /// Every file of the directories, every step and both `via`s, on one kernel runner that
 /// reuses hosts across files of the same topology.
 fn run_all(dirs: &[&str]) -> SetResult {
-    run_all_on(dirs, 1, Network::Routed)
+    run_all_on(dirs, 1, Network::Routed, Mode::Standalone)
 }
 
-/// [`run_all`] with the pods spread over `nodes` nodes, one agent each, reaching each other
-/// over `network`.
-fn run_all_on(dirs: &[&str], nodes: usize, network: Network) -> SetResult {
+/// [`run_all`] with the pods spread over `nodes` nodes, one agent each in `mode`, reaching
+/// each other over `network`.
+fn run_all_on(dirs: &[&str], nodes: usize, network: Network, mode: Mode) -> SetResult {
     let _guard = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
     cfg.reuse_hosts = true;
     cfg.network = network;
+    cfg.mode = mode;
     let mut oracle = KernelOracle::new(cfg);
     let mut res = SetResult {
         by_via: BTreeMap::new(),
@@ -214,7 +215,7 @@ fn run_all_on(dirs: &[&str], nodes: usize, network: Network) -> SetResult {
         );
     }
     eprintln!(
-        "{dirs:?} on {nodes} node(s), {network:?}: {} files in {:.1} s",
+        "{dirs:?} on {nodes} node(s), {network:?}, {mode:?}: {} files in {:.1} s",
         res.files, res.secs
     );
     res
@@ -251,16 +252,19 @@ fn upstream() -> &'static SetResult {
 /// backends on other nodes, externals on the underlay.
 #[test]
 fn traps_and_upstream_on_three_routed_nodes() {
-    let res = run_all_on(&["traps", "upstream"], 3, Network::Routed);
+    let res = run_all_on(&["traps", "upstream"], 3, Network::Routed, Mode::Standalone);
     check(&res, Via::Pod);
     check(&res, Via::Service);
 }
 
-/// The same over a VXLAN overlay on two nodes: pod traffic between the nodes crosses the
-/// underlay encapsulated and is judged where it leaves `vx0`.
+/// The same over a VXLAN overlay on two nodes, in cluster mode: pod traffic between the nodes
+/// crosses the underlay encapsulated and is judged where it leaves `vx0`; both agents list
+/// and watch one fake API server on the underlay, which the runner writes every step to,
+/// with a bookmark after every step and 410 Gone on one kind's watches every third step (the
+/// runner waits for every agent to list that kind again).
 #[test]
-fn traps_and_upstream_on_two_vxlan_nodes() {
-    let res = run_all_on(&["traps", "upstream"], 2, Network::Vxlan);
+fn traps_and_upstream_on_two_vxlan_nodes_in_cluster_mode() {
+    let res = run_all_on(&["traps", "upstream"], 2, Network::Vxlan, Mode::Cluster);
     check(&res, Via::Pod);
     check(&res, Via::Service);
 }

@@ -1,12 +1,14 @@
-//! `policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--color auto|always|never] [--agent PATH] FILE...`:
+//! `policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--mode standalone|cluster] [--color auto|always|never] [--agent PATH] FILE...`:
 //! runs scenario files (scenarios/FORMAT.md) and ends with `N passed, N failed`. `--nodes N`
 //! spreads the pods over N nodes (round-robin unless a pod names its node), each node with
 //! its own agent, joined by an underlay (`--network`: routed host-gw style, the default, or a
-//! VXLAN overlay). `--narrate`
+//! VXLAN overlay). `--mode cluster` runs every agent as `policy-agent cluster` watching one fake
+//! API server the runner writes the objects to (default: standalone on one manifest
+//! directory). `--narrate`
 //! writes for a reader (`cargo xtask demo`): each step's title, description and objects, then
 //! compact matrices and what changed. SIGINT/SIGTERM stop the run and clean up (exit 130). Without `--simulate` each file runs
 //! on the kernel datapath: namespaces, the `policy-agent` binary (by default the one beside this
-//! executable) in standalone mode, real sockets; that needs root. Exit 0 when every probe
+//! executable), real sockets; that needs root. Exit 0 when every probe
 //! passed, 1 on a failed probe, an invalid file or a run error, 2 on a usage error.
 
 use std::io::Write;
@@ -15,14 +17,14 @@ use std::process::ExitCode;
 
 use policy_testkit::scenario::kernel::cleanup;
 use policy_testkit::scenario::kernel::hosts::Network;
-use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle};
+use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, Mode};
 use policy_testkit::scenario::narrate::Narration;
 use policy_testkit::scenario::report::{Counts, LEGEND};
 use policy_testkit::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simulate};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--color auto|always|never] [--agent PATH] FILE..."
+        "usage: policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--mode standalone|cluster] [--color auto|always|never] [--agent PATH] FILE..."
     );
     ExitCode::from(2)
 }
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let mut agent: Option<PathBuf> = None;
     let mut nodes = 1usize;
     let mut network = Network::Routed;
+    let mut mode = Mode::Standalone;
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
@@ -56,6 +59,10 @@ fn main() -> ExitCode {
             },
             Some("--network") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
                 Some(n) => network = n,
+                None => return usage(),
+            },
+            Some("--mode") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
+                Some(m) => mode = m,
                 None => return usage(),
             },
             Some("--agent") => match args.next() {
@@ -120,6 +127,7 @@ fn main() -> ExitCode {
         let mut cfg = KernelConfig::new(agent.clone());
         cfg.reuse_hosts = true;
         cfg.network = network;
+        cfg.mode = mode;
         KernelOracle::new(cfg)
     });
     for plan in &plans {

@@ -21,9 +21,9 @@ use policy_agent::model::{ObjectKey, Snapshot};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct State {
     pub snapshot: Snapshot,
-    /// The YAML of every live NetworkPolicy as applied (templates resolved), for runners that
-    /// hand manifests to the agent.
-    pub policy_docs: BTreeMap<ObjectKey, String>,
+    /// Every live NetworkPolicy as applied (templates resolved), for runners that hand the
+    /// objects to the agent.
+    pub policy_docs: BTreeMap<ObjectKey, serde_json::Value>,
 }
 
 impl State {
@@ -168,7 +168,6 @@ fn apply_document(
                 applied.warnings.push(format!("{e} (enforced fail-closed)"));
             }
             let key = ObjectKey::new(&ns, &name);
-            let doc = serde_saphyr::to_string(value).map_err(|e| (String::new(), e.to_string()))?;
             let verb = if state.snapshot.policies.contains_key(&key) {
                 "replace"
             } else {
@@ -176,7 +175,7 @@ fn apply_document(
             };
             applied.changes.push(format!("{verb} networkpolicy {key}"));
             state.snapshot.policies.insert(key.clone(), converted.value);
-            state.policy_docs.insert(key, doc);
+            state.policy_docs.insert(key, value.clone());
         }
         "Namespace" => {
             let n: core::Namespace = typed(value)?;

@@ -1,5 +1,6 @@
-//! A step's objects as Kubernetes manifests, for runners that drive the real agent in
-//! standalone mode (`--manifests DIR`): namespaces and pods as the API server would show them
+//! A step's objects as Kubernetes objects, for runners that drive the real agent: manifests
+//! for standalone mode (`--manifests DIR`), objects for a (fake) API server in cluster mode.
+//! Namespaces and pods as the API server would show them
 //! (labels, node, hostNetwork, container ports, status.podIPs), policies exactly as applied
 //! (so an invalid one reaches the agent invalid, and fails closed there too).
 
@@ -18,20 +19,51 @@ pub struct Manifest {
     pub yaml: String,
 }
 
+/// One object of a step, as a client would write it to the API server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object {
+    /// Its manifest file's name.
+    pub file_name: String,
+    pub value: serde_json::Value,
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("rendering {object}: {source}")]
+#[error("rendering {object}: {message}")]
 pub struct ManifestError {
     object: String,
-    source: serde_saphyr::SerializeError,
+    message: String,
 }
 
-fn render<T: serde::Serialize>(object: String, v: &T) -> Result<String, ManifestError> {
-    serde_saphyr::to_string(v).map_err(|source| ManifestError { object, source })
+fn to_value<T: serde::Serialize>(
+    object: String,
+    v: &T,
+) -> Result<serde_json::Value, ManifestError> {
+    serde_json::to_value(v).map_err(|e| ManifestError {
+        object,
+        message: e.to_string(),
+    })
 }
 
-/// Every object of `state`: `namespace-<ns>.yaml`, `pod-<ns>-<name>.yaml`,
+/// Every object of `state` as manifest files: `namespace-<ns>.yaml`, `pod-<ns>-<name>.yaml`,
 /// `networkpolicy-<ns>-<name>.yaml` (names are DNS labels, so these never collide).
 pub fn manifests(state: &State) -> Result<Vec<Manifest>, ManifestError> {
+    objects(state)?
+        .into_iter()
+        .map(|o| {
+            let yaml = serde_saphyr::to_string(&o.value).map_err(|e| ManifestError {
+                object: o.file_name.clone(),
+                message: e.to_string(),
+            })?;
+            Ok(Manifest {
+                file_name: o.file_name,
+                yaml,
+            })
+        })
+        .collect()
+}
+
+/// Every object of `state`: namespaces, then pods, then policies.
+pub fn objects(state: &State) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
     for ns in state.snapshot.namespaces.values() {
         // The API server adds the name label itself; leave it implicit like a user would.
@@ -49,9 +81,9 @@ pub fn manifests(state: &State) -> Result<Vec<Manifest>, ManifestError> {
             },
             ..Default::default()
         };
-        out.push(Manifest {
+        out.push(Object {
             file_name: format!("namespace-{}.yaml", ns.name),
-            yaml: render(format!("namespace {}", ns.name), &obj)?,
+            value: to_value(format!("namespace {}", ns.name), &obj)?,
         });
     }
     for pod in state.snapshot.pods.values() {
@@ -94,15 +126,15 @@ pub fn manifests(state: &State) -> Result<Vec<Manifest>, ManifestError> {
                 ..Default::default()
             }),
         };
-        out.push(Manifest {
+        out.push(Object {
             file_name: format!("pod-{}-{}.yaml", pod.namespace, pod.name),
-            yaml: render(format!("pod {}/{}", pod.namespace, pod.name), &obj)?,
+            value: to_value(format!("pod {}/{}", pod.namespace, pod.name), &obj)?,
         });
     }
     for (key, doc) in &state.policy_docs {
-        out.push(Manifest {
+        out.push(Object {
             file_name: format!("networkpolicy-{}-{}.yaml", key.namespace, key.name),
-            yaml: doc.clone(),
+            value: doc.clone(),
         });
     }
     Ok(out)

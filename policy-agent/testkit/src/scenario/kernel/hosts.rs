@@ -53,6 +53,9 @@ fn overlay_mac(k: usize) -> String {
 pub const UNDERLAY_PREFIX_V4: u8 = 24;
 pub const UNDERLAY_PREFIX_V6: u8 = 112;
 
+/// Where the fake API server listens in cluster mode: the underlay bridge's own address.
+pub const API_SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 250);
+
 pub fn underlay_v4(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 254, node as u8 + 1)
 }
@@ -153,6 +156,13 @@ impl Hosts {
         };
         u.ip(&["link", "add", "br0", "type", "bridge"])?;
         u.ip(&["link", "set", "br0", "up"])?;
+        u.ip(&[
+            "addr",
+            "add",
+            &format!("{API_SERVER_V4}/{UNDERLAY_PREFIX_V4}"),
+            "dev",
+            "br0",
+        ])?;
         for (k, node) in self.nodes.iter().enumerate() {
             bridge_port(node, "ul0", u, &format!("u{k}"))?;
             node.ip(&[

@@ -15,19 +15,18 @@ pub mod probe;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use super::apply::State;
-use super::format::IpFamily;
+use super::manifests;
 use super::plan::Probe;
 use super::run::{Oracle, OracleError};
 use super::topology::{EndpointName, Topology};
+use crate::fake_api::{FakeApi, Kind, Served};
 use crate::testbed::PrivateBpffs;
 use hosts::Hosts;
 use policy_agent::model::ObjectKey;
@@ -63,6 +62,32 @@ pub struct KernelConfig {
     pub reuse_hosts: bool,
     /// How several nodes reach each other's pods (ignored on one node).
     pub network: hosts::Network,
+    /// Where the agents read the objects from.
+    pub mode: Mode,
+}
+
+/// Where the agents read the scenario's objects from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// `policy-agent standalone`: every agent reads one manifest directory.
+    #[default]
+    Standalone,
+    /// `policy-agent cluster`: every agent lists and watches one fake API server over HTTP
+    /// (on the underlay, or on the node's loopback with one node), which the runner writes
+    /// the objects to; now and then a kind's watches get 410 Gone (re-list), and every
+    /// write ends with a bookmark.
+    Cluster,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "standalone" => Ok(Mode::Standalone),
+            "cluster" => Ok(Mode::Cluster),
+            other => Err(format!("mode {other:?}: standalone or cluster")),
+        }
+    }
 }
 
 impl KernelConfig {
@@ -74,6 +99,7 @@ impl KernelConfig {
             apply_timeout: Duration::from_secs(20),
             reuse_hosts: false,
             network: hosts::Network::Routed,
+            mode: Mode::Standalone,
         }
     }
 }
@@ -89,6 +115,8 @@ struct Run {
     topology: Topology,
     /// One per node, in the topology's order.
     agents: Vec<AgentProcess>,
+    /// Cluster mode: the API server the agents watch (served until dropped, after them).
+    api: Option<(FakeApi, Served)>,
     servers: Servers,
     ns_files: Vec<File>,
     /// Namespace index (into `ns_files`) of each pod.
@@ -98,6 +126,8 @@ struct Run {
     hosts: Hosts,
     /// One per node: each agent pins its own maps.
     _bpffs: Vec<PrivateBpffs>,
+    /// Steps applied so far (cluster mode expires a kind's watches every few).
+    applied: usize,
     dir: TempDir,
 }
 
@@ -190,6 +220,22 @@ impl KernelOracle {
             }
         }
 
+        let api = match self.cfg.mode {
+            Mode::Standalone => None,
+            Mode::Cluster => {
+                let api = FakeApi::default();
+                // On the underlay like a real control plane; one node has none, so there
+                // it listens on the node's loopback.
+                let served = match &hosts.underlay {
+                    Some(u) => api.serve_in(u, hosts::API_SERVER_V4.into()),
+                    None => api.serve_in(&hosts.nodes[0], Ipv4Addr::LOCALHOST.into()),
+                }
+                .map_err(|e| fail("serving the fake API server", e))?;
+                std::fs::write(dir.0.join("kubeconfig"), served.kubeconfig())
+                    .map_err(|e| fail("kubeconfig", e))?;
+                Some((api, served))
+            }
+        };
         let mut agents = Vec::new();
         let mut bpffs = Vec::new();
         for (k, node) in topo.nodes.iter().enumerate() {
@@ -200,6 +246,8 @@ impl KernelOracle {
         Ok(Run {
             topology: topo.clone(),
             agents,
+            api,
+            applied: 0,
             servers,
             ns_files,
             pod_ns,
@@ -210,8 +258,9 @@ impl KernelOracle {
         })
     }
 
-    /// Starts node number `k`'s agent in its namespace: standalone on the shared manifest
-    /// directory under its own node name, with its own bpffs, status file and log.
+    /// Starts node number `k`'s agent in its namespace under its own node name, with its own
+    /// bpffs, status file and log: standalone on the shared manifest directory, or cluster
+    /// on the fake API server.
     fn start_agent(
         &self,
         ns: &crate::testbed::Netns,
@@ -222,18 +271,27 @@ impl KernelOracle {
     ) -> Result<AgentProcess, OracleError> {
         let log = File::create(agent_log(dir, k)).map_err(|e| fail("agent log", e))?;
         let log2 = log.try_clone().map_err(|e| fail("agent log", e))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(&self.cfg.agent)
-            .arg("standalone")
-            .arg("--manifests")
-            .arg(dir.join("manifests"))
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()]).arg(&self.cfg.agent);
+        match self.cfg.mode {
+            Mode::Standalone => {
+                cmd.arg("standalone")
+                    .arg("--manifests")
+                    .arg(dir.join("manifests"))
+                    .args(["--poll-ms", "20"]);
+            }
+            Mode::Cluster => {
+                cmd.arg("cluster")
+                    .args(["--metrics-addr", "127.0.0.1:9090", "--debounce-ms", "10"])
+                    .env("KUBECONFIG", dir.join("kubeconfig"));
+            }
+        }
+        let child = cmd
             .args(["--node-name", node_name])
             .arg("--bpf-dir")
             .arg(bpf_dir)
             .arg("--status-file")
             .arg(status_file(dir, k))
-            .args(["--poll-ms", "20"])
             .args(SERVICE_CIDRS.iter().flat_map(|c| ["--service-cidr", c]))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -279,16 +337,43 @@ impl Oracle for KernelOracle {
             .run
             .as_mut()
             .ok_or_else(|| OracleError::Failed("not set up".into()))?;
-        let manifests = run.dir.0.join("manifests");
-        let text = render(topology, state)?;
-        // Atomic: the agent ignores dot files, and rename replaces the file in one step.
-        let tmp = manifests.join(".cluster.yaml.tmp");
-        std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
-        std::fs::rename(&tmp, manifests.join("cluster.yaml"))
-            .map_err(|e| fail("writing manifests", e))?;
-        let want = policy_agent::manifests::content_hash(&manifests);
+        // Cluster mode, a step that expired a kind's watches: that kind and how many lists
+        // of it the server had answered before; every agent must list it again.
+        let mut relist: Option<(Kind, usize)> = None;
+        let want = match &run.api {
+            None => {
+                let manifests = run.dir.0.join("manifests");
+                let text = render(state)?;
+                // Atomic: the agent ignores dot files, and rename replaces the file in one
+                // step.
+                let tmp = manifests.join(".cluster.yaml.tmp");
+                std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
+                std::fs::rename(&tmp, manifests.join("cluster.yaml"))
+                    .map_err(|e| fail("writing manifests", e))?;
+                policy_agent::manifests::content_hash(&manifests)
+            }
+            Some((api, _)) => {
+                let objects: Vec<serde_json::Value> = manifests::objects(state)
+                    .map_err(|e| fail("rendering objects", e))?
+                    .into_iter()
+                    .map(|o| o.value)
+                    .collect();
+                if run.applied % 3 == 2 {
+                    // The log is gone and the watches expire: the agents must re-list,
+                    // and this step's changes reach them only through that list.
+                    let kind = Kind::ALL[(run.applied / 3) % Kind::ALL.len()];
+                    relist = Some((kind, api.lists(kind)));
+                    api.compact(kind);
+                    api.expire_watches(kind);
+                }
+                api.converge(&objects);
+                api.bookmark();
+                api.generation()
+            }
+        };
+        run.applied += 1;
         let deadline = Instant::now() + self.cfg.apply_timeout;
-        // Every node's agent enforces the directory's content with its pods attached.
+        // Every node's agent enforces the objects with its pods attached.
         let mut pending: Vec<usize> = (0..run.agents.len()).collect();
         loop {
             pending.retain(|&k| {
@@ -297,7 +382,13 @@ impl Oracle for KernelOracle {
                     Some(s) if s.generation == want && s.waiting.is_empty()
                 )
             });
-            if pending.is_empty() {
+            let relisted = match (&run.api, relist) {
+                (Some((api, _)), Some((kind, before))) => {
+                    api.lists(kind) >= before + run.agents.len()
+                }
+                _ => true,
+            };
+            if pending.is_empty() && relisted {
                 return Ok(());
             }
             if let Some((k, exit)) = run.exited() {
@@ -308,6 +399,12 @@ impl Oracle for KernelOracle {
                 )));
             }
             check_interrupt()?;
+            if Instant::now() >= deadline && pending.is_empty() {
+                return Err(OracleError::Failed(format!(
+                    "not every agent listed {relist:?} again within {:?} after its watches got 410 Gone",
+                    self.cfg.apply_timeout
+                )));
+            }
             if Instant::now() >= deadline {
                 let k = pending[0];
                 let status = policy_agent::status_file::read(&status_file(&run.dir.0, k));
@@ -426,55 +523,12 @@ impl Run {
     }
 }
 
-/// The step's objects as one multi-document manifest file: Namespaces, Pods (labels, container
-/// ports, hostNetwork, node, addresses) and the NetworkPolicies as the file wrote them.
-pub fn render(topo: &Topology, state: &State) -> Result<String, OracleError> {
-    let mut docs = Vec::new();
-    let yaml = |v: &serde_json::Value| {
-        serde_saphyr::to_string(v).map_err(|e| fail("rendering manifests", e))
-    };
-    for (name, ns) in &state.snapshot.namespaces {
-        docs.push(yaml(&json!({
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": name, "labels": ns.labels},
-        }))?);
-    }
-    for host in &topo.pods {
-        let pod = state.snapshot.pods.get(&host.key).ok_or_else(|| {
-            OracleError::Failed(format!("pod {} missing from the state", host.key))
-        })?;
-        let ports: Vec<serde_json::Value> = pod
-            .ports
-            .iter()
-            .map(|p| {
-                let mut v = json!({"containerPort": p.port, "protocol": p.protocol.as_str()});
-                if let Some(n) = &p.name {
-                    v["name"] = json!(n);
-                }
-                v
-            })
-            .collect();
-        let ips: Vec<String> = [IpFamily::V4, IpFamily::V6]
-            .iter()
-            .map(|f| host.addr(*f).to_string())
-            .collect();
-        docs.push(yaml(&json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": host.key.name, "namespace": host.key.namespace, "labels": pod.labels},
-            "spec": {
-                "nodeName": topo.node_of(host).name,
-                "hostNetwork": pod.host_network,
-                "containers": [{"name": "c", "image": "scenario", "ports": ports}],
-            },
-            "status": {"podIP": ips[0], "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
-        }))?);
-    }
-    docs.extend(state.policy_docs.values().cloned());
+/// The step's objects as one multi-document manifest file (see [`super::manifests`]).
+pub fn render(state: &State) -> Result<String, OracleError> {
+    let docs = manifests::manifests(state).map_err(|e| fail("rendering manifests", e))?;
     Ok(docs
         .iter()
-        .map(|d| d.trim_end())
+        .map(|d| d.yaml.trim_end())
         .collect::<Vec<_>>()
         .join("\n---\n")
         + "\n")
