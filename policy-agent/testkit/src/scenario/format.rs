@@ -24,6 +24,10 @@ pub struct ScenarioFile {
     pub externals: Vec<ExternalDef>,
     #[serde(default)]
     pub ip_families: Option<Vec<IpFamily>>,
+    /// The least number of nodes the file means (its pods name `node-2` ..): a run given
+    /// fewer uses this many for the file. `None`: any number.
+    #[serde(default)]
+    pub nodes: Option<usize>,
     pub steps: Vec<StepDef>,
 }
 

@@ -198,8 +198,8 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds and validates the topology of a file.
-    /// The topology of file `f` on `nodes` nodes.
+    /// Builds and validates the topology of file `f` on `nodes` nodes (more when the file
+    /// asks for more with `nodes:`).
     pub fn build(file: &str, f: &ScenarioFile, nodes: usize) -> Result<Topology, ScenarioError> {
         let err = |field: String, msg: String| ScenarioError::new(file, None, field, msg);
         if nodes == 0 || nodes > MAX_NODES {
@@ -208,6 +208,16 @@ impl Topology {
                 format!("{nodes} nodes: a scenario runs on 1 to {MAX_NODES}"),
             ));
         }
+        let nodes = match f.nodes {
+            Some(least) if least == 0 || least > MAX_NODES => {
+                return Err(err(
+                    "nodes".into(),
+                    format!("{least}: a scenario runs on 1 to {MAX_NODES} nodes"),
+                ));
+            }
+            Some(least) => nodes.max(least),
+            None => nodes,
+        };
         let nodes: Vec<NodeHost> = (0..nodes)
             .map(|i| NodeHost {
                 name: node_name(i),

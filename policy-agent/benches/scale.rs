@@ -1,0 +1,603 @@
+//! `cargo bench -p policy-agent --bench scale` (or `cargo xtask bench scale`, as root): what
+//! the agent costs on one node of a large cluster. 10,000 pods over 100 nodes, 100
+//! namespaces, 1,000 NetworkPolicies (objects only, see `scale/objects.rs`); one real node
+//! namespace holds the 100 local pods (veths routed like a CNI would). For each mode (cluster
+//! against a fake API server over HTTP, standalone on a manifest directory) the release
+//! agent starts on fresh maps and the bench takes:
+//!
+//! - the time from its start to full enforcement: the status file names the objects'
+//!   generation and no local pod waits for its interface;
+//! - its resident memory then (VmRSS) and at its peak so far (VmHWM);
+//! - the kernel memory of its maps (`scale/measure.rs`).
+//!
+//! Three loads per mode, each several rounds (median, min, max): `empty` (only the local
+//! pods), `pods` (every pod, no policy) and `full`. Differences between them, in the same
+//! run, give the cost per pod and per policy rule on a noisy machine. Writes
+//! `target/bench/scale.json`. Knobs: `SCALE_ROUNDS` (default 3), `SCALE_AGENT` (the agent
+//! binary; default the release one cargo builds for this bench).
+
+#[path = "scale/measure.rs"]
+mod measure;
+#[path = "scale/objects.rs"]
+mod objects;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use objects::{LOCAL_NODE, Load, NAMESPACES, Objects};
+use policy_testkit::fake_api::{FakeApi, Kind};
+use policy_testkit::testbed::{PrivateBpffs, Testbed, unique_suffix};
+use serde_json::{Value, json};
+
+/// Longest wait for full enforcement; far above what 10k pods take, so only a stuck agent
+/// reaches it.
+const ENFORCE_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Cluster,
+    Standalone,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Cluster => "cluster",
+            Mode::Standalone => "standalone",
+        }
+    }
+}
+
+/// The node namespace with its local pods, the private bpffs and a scratch directory; all
+/// removed on drop.
+struct Node {
+    bed: Testbed,
+    fs: PrivateBpffs,
+    dir: PathBuf,
+    agent: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Node {
+    fn new(agent: PathBuf) -> Result<Node> {
+        let mut bed = Testbed::new().context("node namespace (needs root)")?;
+        for _ in 0..NAMESPACES {
+            bed.add_pod().context("adding a local pod")?;
+        }
+        let fs = PrivateBpffs::mount().context("private bpffs")?;
+        let dir = std::env::temp_dir().join(format!("policy-scale-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Node {
+            bed,
+            fs,
+            dir,
+            agent,
+        })
+    }
+
+    /// The local pods' real addresses, one per namespace.
+    fn local_addrs(&self) -> Vec<(std::net::Ipv4Addr, std::net::Ipv6Addr)> {
+        self.bed.hosts.iter().map(|h| (h.ipv4, h.ipv6)).collect()
+    }
+
+    /// `policy-agent ARGS` in the node namespace, ending with the bench (PDEATHSIG).
+    fn agent_cmd(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.bed.node.name()])
+            .arg(&self.agent);
+        end_with_parent(&mut cmd);
+        cmd
+    }
+
+    /// Detaches and unpins everything an agent left, so the next one starts fresh.
+    fn uninstall(&self) -> Result<()> {
+        let out = Command::new("timeout")
+            .args(["60", "ip", "netns", "exec", self.bed.node.name()])
+            .arg(&self.agent)
+            .arg("uninstall")
+            .arg("--bpf-dir")
+            .arg(self.fs.path())
+            .output()
+            .context("running policy-agent uninstall")?;
+        if !out.status.success() {
+            bail!(
+                "uninstall failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A child gets SIGTERM when the bench's thread that started it exits, so no agent
+/// outlives a bench that panicked or was killed.
+fn end_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Where one mode's agent gets its objects, and the generation it reports once enforced.
+struct Source {
+    generation: u64,
+    /// Cluster: the fake API server, serving while this lives.
+    _served: Option<policy_testkit::fake_api::Served>,
+    args: Vec<String>,
+    env: Vec<(String, PathBuf)>,
+}
+
+fn cluster_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
+    let api = FakeApi::default();
+    for obj in objs.all() {
+        let kind = Kind::of_object(obj).context("object of an unknown kind")?;
+        api.apply(kind, obj.clone());
+    }
+    let served = api
+        .serve_in(&node.bed.node, "127.0.0.1".parse()?)
+        .context("serving the fake API server")?;
+    let kubeconfig = node.dir.join(format!("kubeconfig-{}", load.name()));
+    std::fs::write(&kubeconfig, served.kubeconfig())?;
+    Ok(Source {
+        generation: api.generation(),
+        _served: Some(served),
+        // The defaults an operator runs with (debounce, resync); the health endpoint on the
+        // node namespace's own loopback.
+        args: ["cluster", "--metrics-addr", "127.0.0.1:9090"]
+            .map(String::from)
+            .to_vec(),
+        env: vec![("KUBECONFIG".into(), kubeconfig)],
+    })
+}
+
+/// One file per namespace (its Namespace, pods and policies): 100 files well under the
+/// reader's per-file limit.
+fn standalone_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
+    let dir = node.dir.join(format!("manifests-{}", load.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for obj in objs.all() {
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .or(obj["metadata"]["name"].as_str())
+            .context("object without a name")?;
+        files.entry(ns.to_string()).or_default().push(obj.to_string());
+    }
+    for (ns, docs) in files {
+        // JSON documents are YAML documents.
+        std::fs::write(dir.join(format!("{ns}.yaml")), docs.join("\n---\n"))?;
+    }
+    Ok(Source {
+        generation: policy_agent::manifests::content_hash(&dir),
+        _served: None,
+        args: vec![
+            "standalone".into(),
+            "--manifests".into(),
+            dir.to_string_lossy().into_owned(),
+        ],
+        env: Vec::new(),
+    })
+}
+
+/// The agent process: SIGKILLed and reaped on drop unless stopped before.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn pid(&self) -> u32 {
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// SIGTERM (the way a DaemonSet pod ends), then SIGKILL if it lingers.
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    eprintln!("  agent exited with {st} on SIGTERM");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("the agent did not exit within 20 s of SIGTERM")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one start of the agent measured.
+#[derive(Clone, Debug, Default)]
+struct Round {
+    enforce_ms: f64,
+    rss: measure::Rss,
+    kernel: measure::Kernel,
+}
+
+fn start(node: &Node, source: &Source, status: &Path, log: &Path) -> Result<Agent> {
+    let _ = std::fs::remove_file(status);
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = node.agent_cmd();
+    cmd.args(&source.args)
+        .args(["--node-name", LOCAL_NODE, "--bpf-dir"])
+        .arg(node.fs.path())
+        .arg("--status-file")
+        .arg(status)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    for (k, v) in &source.env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().context("starting the agent")?;
+    Ok(Agent {
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Waits until the status file names `generation` with every local pod attached.
+fn wait_enforced(agent: &mut Agent, status: &Path, generation: u64) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = policy_agent::status_file::read(status)
+            && s.generation == generation
+            && s.waiting.is_empty()
+            && s.attached.len() >= NAMESPACES
+        {
+            return Ok(());
+        }
+        if let Some(exit) = agent.child.try_wait()? {
+            bail!("the agent exited ({exit}):\n{}", agent.log_tail());
+        }
+        if t0.elapsed() > ENFORCE_LIMIT {
+            bail!(
+                "the agent did not enforce generation {generation} within {ENFORCE_LIMIT:?} \
+                 (status {:?}):\n{}",
+                policy_agent::status_file::read(status).map(|s| (
+                    s.generation,
+                    s.attached.len(),
+                    s.waiting.len(),
+                    s.problems
+                )),
+                agent.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One start on fresh maps: timed, measured, stopped, and everything it pinned removed.
+fn round(node: &Node, source: &Source, tag: &str) -> Result<(Round, Entries)> {
+    let status = node.dir.join(format!("status-{tag}.json"));
+    let log = node.dir.join(format!("agent-{tag}.log"));
+    let t0 = Instant::now();
+    let mut agent = start(node, source, &status, &log)?;
+    let measured = wait_enforced(&mut agent, &status, source.generation).and_then(|()| {
+        let enforce_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let rss = measure::rss(agent.pid())?;
+        let kernel = measure::kernel(agent.pid(), node.fs.path())?;
+        Ok((
+            Round {
+                enforce_ms,
+                rss,
+                kernel,
+            },
+            measure::entries(node.fs.path()),
+        ))
+    });
+    let stopped = agent.stop();
+    let uninstalled = node.uninstall();
+    let r = measured?;
+    stopped?;
+    uninstalled?;
+    Ok(r)
+}
+
+type Entries = BTreeMap<String, (Option<u64>, u64)>;
+
+/// Median, min and max of one figure over the rounds.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn spread(v: impl IntoIterator<Item = f64>) -> Spread {
+    let mut v: Vec<f64> = v.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    Spread {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+/// One load's rounds in one mode.
+struct Figures {
+    enforce_ms: Spread,
+    rss: Spread,
+    hwm: Spread,
+    maps: Spread,
+    progs: Spread,
+    /// The last round's breakdown (map memory hardly varies between rounds).
+    last: Round,
+    entries: Entries,
+}
+
+fn figures(rounds: &[Round], entries: Entries) -> Figures {
+    Figures {
+        enforce_ms: spread(rounds.iter().map(|r| r.enforce_ms)),
+        rss: spread(rounds.iter().map(|r| r.rss.now as f64)),
+        hwm: spread(rounds.iter().map(|r| r.rss.peak as f64)),
+        maps: spread(rounds.iter().map(|r| r.kernel.map_bytes as f64)),
+        progs: spread(rounds.iter().map(|r| r.kernel.prog_bytes as f64)),
+        last: rounds.last().cloned().unwrap_or_default(),
+        entries,
+    }
+}
+
+fn run_load(node: &Node, mode: Mode, load: Load, rounds: usize) -> Result<Figures> {
+    let objs = objects::generate(load, &node.local_addrs());
+    let source = match mode {
+        Mode::Cluster => cluster_source(node, &objs, load)?,
+        Mode::Standalone => standalone_source(node, &objs, load)?,
+    };
+    let mut done = Vec::new();
+    let mut entries = Entries::new();
+    for r in 0..rounds {
+        let tag = format!("{}-{}-{r}", mode.name(), load.name());
+        let (round, e) = round(node, &source, &tag).with_context(|| tag.clone())?;
+        eprintln!(
+            "  {tag}: enforced after {:.0} ms, VmRSS {:.1} MiB, maps {:.1} MiB",
+            round.enforce_ms,
+            mib(round.rss.now as f64),
+            mib(round.kernel.map_bytes as f64)
+        );
+        done.push(round);
+        entries = e;
+    }
+    Ok(figures(&done, entries))
+}
+
+fn mib(b: f64) -> f64 {
+    b / (1024.0 * 1024.0)
+}
+
+fn show(s: Spread, scale: impl Fn(f64) -> f64) -> String {
+    format!(
+        "{:8.1} [{:.1}..{:.1}]",
+        scale(s.median),
+        scale(s.min),
+        scale(s.max)
+    )
+}
+
+fn print_mode(mode: Mode, by_load: &BTreeMap<&str, Figures>) {
+    for load in Load::ALL {
+        let Some(f) = by_load.get(load.name()) else {
+            continue;
+        };
+        println!(
+            "{:<10} {:<5} {:>28} {:>28} {:>28} {:>26}",
+            mode.name(),
+            load.name(),
+            show(f.enforce_ms, |x| x),
+            show(f.rss, mib),
+            show(f.hwm, mib),
+            show(f.maps, mib),
+        );
+    }
+}
+
+/// Medians' differences between loads, per pod and per rule.
+struct PerUnit {
+    rss_per_pod: f64,
+    maps_per_pod: f64,
+    rss_per_rule: f64,
+    maps_per_rule: f64,
+    ms_per_1k_pods: f64,
+    ms_per_1k_rules: f64,
+}
+
+fn per_unit(by_load: &BTreeMap<&str, Figures>, pods: f64, rules: f64) -> PerUnit {
+    let [e, p, f] = Load::ALL.map(|l| &by_load[l.name()]);
+    PerUnit {
+        rss_per_pod: (p.rss.median - e.rss.median) / pods,
+        maps_per_pod: (p.maps.median - e.maps.median) / pods,
+        rss_per_rule: (f.rss.median - p.rss.median) / rules,
+        maps_per_rule: (f.maps.median - p.maps.median) / rules,
+        ms_per_1k_pods: (p.enforce_ms.median - e.enforce_ms.median) / pods * 1e3,
+        ms_per_1k_rules: (f.enforce_ms.median - p.enforce_ms.median) / rules * 1e3,
+    }
+}
+
+fn print_breakdown(mode: Mode, by_load: &BTreeMap<&str, Figures>) {
+    let [e, _, f] = Load::ALL.map(|l| &by_load[l.name()]);
+    println!(
+        "{} maps, empty -> full (last round; KiB; entries/capacity when full):",
+        mode.name()
+    );
+    for (name, (n, bytes)) in &f.last.kernel.by_name {
+        let before = e.last.kernel.by_name.get(name).map_or(0, |x| x.1);
+        let entries = match f.entries.get(name) {
+            Some((Some(used), cap)) => format!("{used}/{cap}"),
+            Some((None, cap)) => format!("-/{cap}"),
+            None => String::new(),
+        };
+        println!(
+            "  {name:<22} {n:>5} map(s) {:>10.0} -> {:>10.0}  {entries}",
+            before as f64 / 1024.0,
+            *bytes as f64 / 1024.0
+        );
+    }
+    println!(
+        "  programs (held open)        {:>10.0} -> {:>10.0}",
+        e.progs.median / 1024.0,
+        f.progs.median / 1024.0
+    );
+}
+
+fn spread_json(s: Spread) -> Value {
+    json!({"median": s.median, "min": s.min, "max": s.max})
+}
+
+fn mode_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
+    let loads: serde_json::Map<String, Value> = by_load
+        .iter()
+        .map(|(name, f)| {
+            let maps: BTreeMap<&String, Value> = f
+                .last
+                .kernel
+                .by_name
+                .iter()
+                .map(|(n, (count, bytes))| {
+                    let entries = f.entries.get(n).map(|e| e.0);
+                    (n, json!({"maps": count, "bytes": bytes, "entries": entries}))
+                })
+                .collect();
+            (
+                name.to_string(),
+                json!({
+                    "enforced_ms": spread_json(f.enforce_ms),
+                    "vm_rss_bytes": spread_json(f.rss),
+                    "vm_hwm_bytes": spread_json(f.hwm),
+                    "map_bytes": spread_json(f.maps),
+                    "prog_bytes": spread_json(f.progs),
+                    "maps": maps,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "loads": loads,
+        "rss_bytes_per_pod": u.rss_per_pod,
+        "map_bytes_per_pod": u.maps_per_pod,
+        "rss_bytes_per_rule": u.rss_per_rule,
+        "map_bytes_per_rule": u.maps_per_rule,
+        "enforced_ms_per_1k_pods": u.ms_per_1k_pods,
+        "enforced_ms_per_1k_rules": u.ms_per_1k_rules,
+    })
+}
+
+fn write_json(body: &Value) {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("scale.json");
+    match serde_json::to_string_pretty(body).map(|t| std::fs::write(&path, t)) {
+        Ok(Ok(())) => println!("wrote {}", path.display()),
+        Ok(Err(e)) => eprintln!("cannot write {}: {e}", path.display()),
+        Err(e) => eprintln!("cannot render scale.json: {e}"),
+    }
+}
+
+fn main() -> Result<()> {
+    let rounds: usize = std::env::var("SCALE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let agent = std::env::var_os("SCALE_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
+    let t0 = Instant::now();
+    let node = Node::new(agent.clone())?;
+    let full = objects::generate(Load::Full, &node.local_addrs());
+    let (pods, rules) = (full.pods.len(), full.rules());
+    let remote = (pods - NAMESPACES) as f64;
+    println!(
+        "scale: {pods} pods over {} nodes ({NAMESPACES} local, real veths), {NAMESPACES} \
+         namespaces, {} NetworkPolicies ({rules} rules); agent {}",
+        objects::NODES,
+        full.policies.len(),
+        agent.display()
+    );
+    println!(
+        "loads: empty = the local pods only, pods = every pod and no policy, full = \
+         everything; {rounds} round(s) each on fresh maps, median [min..max]"
+    );
+    let mut out = serde_json::Map::new();
+    let mut results = Vec::new();
+    for mode in [Mode::Cluster, Mode::Standalone] {
+        let mut by_load = BTreeMap::new();
+        for load in Load::ALL {
+            by_load.insert(load.name(), run_load(&node, mode, load, rounds)?);
+        }
+        let u = per_unit(&by_load, remote, rules as f64);
+        out.insert(mode.name().into(), mode_json(&by_load, &u));
+        results.push((mode, by_load, u));
+    }
+    println!(
+        "\n{:<10} {:<5} {:>28} {:>28} {:>28} {:>26}",
+        "mode", "load", "enforced after start (ms)", "VmRSS (MiB)", "VmHWM (MiB)", "maps (MiB)"
+    );
+    for (mode, by_load, _) in &results {
+        print_mode(*mode, by_load);
+    }
+    println!(
+        "\nper remote pod (pods - empty) / {remote}, per rule (full - pods) / {rules} (medians):"
+    );
+    for (mode, _, u) in &results {
+        println!(
+            "  {:<10} per pod: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k pods | per \
+             rule: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k rules",
+            mode.name(),
+            u.rss_per_pod,
+            u.maps_per_pod,
+            u.ms_per_1k_pods,
+            u.rss_per_rule,
+            u.maps_per_rule,
+            u.ms_per_1k_rules
+        );
+    }
+    println!();
+    for (mode, by_load, _) in &results {
+        print_breakdown(*mode, by_load);
+    }
+    out.insert(
+        "shape".into(),
+        json!({"pods": pods, "nodes": objects::NODES, "local_pods": NAMESPACES,
+               "namespaces": NAMESPACES, "policies": full.policies.len(), "rules": rules,
+               "rounds": rounds}),
+    );
+    write_json(&Value::Object(out));
+    eprintln!("scale: done in {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
