@@ -108,10 +108,7 @@ impl Node {
             .output()
             .context("running policy-agent uninstall")?;
         if !out.status.success() {
-            bail!(
-                "uninstall failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -176,7 +173,10 @@ fn standalone_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> 
             .as_str()
             .or(obj["metadata"]["name"].as_str())
             .context("object without a name")?;
-        files.entry(ns.to_string()).or_default().push(obj.to_string());
+        files
+            .entry(ns.to_string())
+            .or_default()
+            .push(obj.to_string());
     }
     for (ns, docs) in files {
         // JSON documents are YAML documents.
@@ -432,10 +432,23 @@ struct PerUnit {
     maps_per_rule: f64,
     ms_per_1k_pods: f64,
     ms_per_1k_rules: f64,
+    /// `RULES` entries the policies add: a rule expands to (policy set, peer identity, port)
+    /// entries, so this, not the rule count, is what memory follows.
+    rules_entries: u64,
+    rss_per_rules_entry: f64,
+    maps_per_rules_entry: f64,
+}
+
+fn rules_entries(f: &Figures) -> u64 {
+    f.entries
+        .get(policy_common::MAP_RULES)
+        .and_then(|e| e.0)
+        .unwrap_or(0)
 }
 
 fn per_unit(by_load: &BTreeMap<&str, Figures>, pods: f64, rules: f64) -> PerUnit {
     let [e, p, f] = Load::ALL.map(|l| &by_load[l.name()]);
+    let added = rules_entries(f).saturating_sub(rules_entries(p));
     PerUnit {
         rss_per_pod: (p.rss.median - e.rss.median) / pods,
         maps_per_pod: (p.maps.median - e.maps.median) / pods,
@@ -443,6 +456,9 @@ fn per_unit(by_load: &BTreeMap<&str, Figures>, pods: f64, rules: f64) -> PerUnit
         maps_per_rule: (f.maps.median - p.maps.median) / rules,
         ms_per_1k_pods: (p.enforce_ms.median - e.enforce_ms.median) / pods * 1e3,
         ms_per_1k_rules: (f.enforce_ms.median - p.enforce_ms.median) / rules * 1e3,
+        rules_entries: added,
+        rss_per_rules_entry: (f.rss.median - p.rss.median) / added.max(1) as f64,
+        maps_per_rules_entry: (f.maps.median - p.maps.median) / added.max(1) as f64,
     }
 }
 
@@ -487,7 +503,10 @@ fn mode_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
                 .iter()
                 .map(|(n, (count, bytes))| {
                     let entries = f.entries.get(n).map(|e| e.0);
-                    (n, json!({"maps": count, "bytes": bytes, "entries": entries}))
+                    (
+                        n,
+                        json!({"maps": count, "bytes": bytes, "entries": entries}),
+                    )
                 })
                 .collect();
             (
@@ -511,6 +530,9 @@ fn mode_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
         "map_bytes_per_rule": u.maps_per_rule,
         "enforced_ms_per_1k_pods": u.ms_per_1k_pods,
         "enforced_ms_per_1k_rules": u.ms_per_1k_rules,
+        "rules_map_entries_added": u.rules_entries,
+        "rss_bytes_per_rules_map_entry": u.rss_per_rules_entry,
+        "map_bytes_per_rules_map_entry": u.maps_per_rules_entry,
     })
 }
 
@@ -577,14 +599,18 @@ fn main() -> Result<()> {
     for (mode, _, u) in &results {
         println!(
             "  {:<10} per pod: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k pods | per \
-             rule: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k rules",
+             rule: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k rules | {} RULES entries \
+             added, per entry VmRSS {:+.0} B, maps {:+.0} B",
             mode.name(),
             u.rss_per_pod,
             u.maps_per_pod,
             u.ms_per_1k_pods,
             u.rss_per_rule,
             u.maps_per_rule,
-            u.ms_per_1k_rules
+            u.ms_per_1k_rules,
+            u.rules_entries,
+            u.rss_per_rules_entry,
+            u.maps_per_rules_entry
         );
     }
     println!();

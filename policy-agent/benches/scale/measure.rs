@@ -103,7 +103,11 @@ fn pinned(bpf_dir: &Path) -> Result<Vec<(String, u32)>> {
             let outer = MapData::from_pin(entry.path()).context("opening CIDR_RULES")?;
             let slots = policy_agent::dataplane::cidr::populated_slots(outer.fd().as_fd())
                 .context("walking CIDR_RULES")?;
-            out.extend(slots.into_iter().map(|(_, id)| (format!("{name}/trie"), id)));
+            out.extend(
+                slots
+                    .into_iter()
+                    .map(|(_, id)| (format!("{name}/trie"), id)),
+            );
         }
     }
     Ok(out)

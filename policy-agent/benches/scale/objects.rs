@@ -76,11 +76,7 @@ pub fn generate(load: Load, local: &[(Ipv4Addr, Ipv6Addr)]) -> Objects {
         pods: (0..NAMESPACES)
             .flat_map(|n| (0..pods_per_namespace).map(move |j| (n, j)))
             .map(|(n, j)| {
-                let addrs = if j == 0 {
-                    local[n]
-                } else {
-                    remote_addrs(j, n)
-                };
+                let addrs = if j == 0 { local[n] } else { remote_addrs(j, n) };
                 pod(n, j, addrs)
             })
             .collect(),
@@ -119,16 +115,16 @@ fn namespace(n: usize) -> Value {
 
 const TIERS: [&str; 3] = ["web", "api", "db"];
 
-/// Pod `j` of namespace `n`, on `node-j`. Its app and tier vary over both indices so the
-/// local pods (j = 0) are selected by different policies in different namespaces; its named
-/// ports differ by tier, so `http` resolves to different numbers on different pods.
+/// Pod `j` of namespace `n`, on `node-j`. Its app and tier vary over both indices, and the
+/// app with `n / 10` where the policies' selectors go with `n`, so each policy selecting by app
+/// selects the local pod (j = 0) of a tenth of the namespaces; its named ports differ by tier, so `http` resolves to different numbers on different pods.
 fn pod(n: usize, j: usize, (v4, v6): (Ipv4Addr, Ipv6Addr)) -> Value {
     let tier = TIERS[(n * 7 + j) % 3];
     let http = if tier == "web" { 80 } else { 8080 };
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": format!("pod-{j:02}"), "namespace": ns_name(n), "labels": {
-            "app": format!("app{}", (n + j) % 10),
+            "app": format!("app{}", (n / 10 + j) % 10),
             "tier": tier,
             "release": if j % 4 == 0 { "canary" } else { "stable" },
         }},

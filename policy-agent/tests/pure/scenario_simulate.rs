@@ -588,3 +588,38 @@ fn a_host_network_pod_on_another_node_is_judged_by_policy() {
         assert!(counts.passed >= 8, "{report}");
     }
 }
+
+/// `nodes:` raises a run's node count for the file (never lowers it); `move` puts a pod on
+/// another node of the run, and moving a hostNetwork pod, to a node the run does not have,
+/// or to where the pod already is, is a file error naming the step and the pod.
+#[test]
+fn files_ask_for_nodes_and_steps_move_pods() {
+    let text = "name: t\nnodes: 2\nnamespaces: {x: {}}\npods:\n\
+        - {namespace: x, name: a, node: node-1}\n- {namespace: x, name: h, hostNetwork: true}\n\
+        steps:\n  - move: {x/a: node-2}\n    expect: {default: allow}\n";
+    for (given, want) in [(1, 2), (2, 2), (3, 3)] {
+        let plan = Plan::parse_on("t.yaml", text, given).expect("valid");
+        assert_eq!(plan.topology.nodes.len(), want, "--nodes {given}");
+        let snap = &plan.steps[0].state.snapshot;
+        let key = &plan.topology.pods[0].key;
+        assert_eq!(plan.topology.node_in(snap, key), Some(1), "moved to node-2");
+        assert_eq!(
+            plan.steps[0].applied.changes,
+            ["move pod x/a from node-1 to node-2"]
+        );
+    }
+    for (bad, why) in [
+        ("{x/a: node-3}", "is not a node of this run"),
+        ("{x/a: node-1}", "already on node-1"),
+        ("{x/h: node-2}", "hostNetwork"),
+        ("{x/zz: node-2}", "no pod x/zz"),
+    ] {
+        let e = Plan::parse_on("t.yaml", &text.replace("{x/a: node-2}", bad), 2).expect_err(bad);
+        assert_eq!(e.step, Some(0), "{e}");
+        assert!(e.field.starts_with("move."), "{e}");
+        assert!(e.to_string().contains(why), "{bad}: {e}");
+    }
+    let e = Plan::parse_on("t.yaml", &text.replace("nodes: 2", "nodes: 17"), 1)
+        .expect_err("too many nodes");
+    assert_eq!(e.field, "nodes", "{e}");
+}

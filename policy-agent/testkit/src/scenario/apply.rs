@@ -83,7 +83,7 @@ pub fn expand_templates(text: &str, topo: &Topology) -> Result<String, String> {
     Ok(out)
 }
 
-/// Applies one step's `apply` text and `delete` list to `state`.
+/// Applies one step's `apply` text, `delete` list and `move` map to `state`.
 pub fn apply_step(
     file: &str,
     step: usize,
@@ -91,6 +91,7 @@ pub fn apply_step(
     state: &mut State,
     apply: Option<&str>,
     delete: &[String],
+    moves: &BTreeMap<String, String>,
 ) -> Result<Applied, ScenarioError> {
     let mut applied = Applied::default();
     if let Some(text) = apply {
@@ -117,7 +118,51 @@ pub fn apply_step(
         delete_object(state, entry, &mut applied)
             .map_err(|m| ScenarioError::new(file, Some(step), format!("delete[{i}]"), m))?;
     }
+    for (pod, node) in moves {
+        move_pod(topo, state, pod, node, &mut applied)
+            .map_err(|m| ScenarioError::new(file, Some(step), format!("move.{pod}"), m))?;
+    }
     Ok(applied)
+}
+
+/// Moves pod `entry` (`ns/name`) to `node`: its object now names that node.
+fn move_pod(
+    topo: &Topology,
+    state: &mut State,
+    entry: &str,
+    node: &str,
+    applied: &mut Applied,
+) -> Result<(), String> {
+    let (ns, name) = entry
+        .split_once('/')
+        .ok_or_else(|| format!("{entry:?} is not ns/pod"))?;
+    let key = ObjectKey::new(ns, name);
+    let host = topo.pod(&key).ok_or_else(|| format!("no pod {entry}"))?;
+    if host.host_network {
+        return Err(format!(
+            "{entry} is a hostNetwork pod: it has its node's address and cannot keep it on another node"
+        ));
+    }
+    if !topo.nodes.iter().any(|n| n.name == node) {
+        return Err(format!(
+            "{node:?} is not a node of this run (node-1 .. node-{}; give the file `nodes:`)",
+            topo.nodes.len()
+        ));
+    }
+    let pod = state
+        .snapshot
+        .pods
+        .get_mut(&key)
+        .ok_or_else(|| format!("no pod {entry}"))?;
+    let from = pod.node.clone().unwrap_or_default();
+    if from == node {
+        return Err(format!("{entry} is already on {node}"));
+    }
+    pod.node = Some(node.to_string());
+    applied
+        .changes
+        .push(format!("move pod {key} from {from} to {node}"));
+    Ok(())
 }
 
 fn join(base: &str, sub: &str) -> String {

@@ -121,6 +121,10 @@ pub struct StepDef {
     pub apply: Option<String>,
     #[serde(default)]
     pub delete: Vec<String>,
+    /// Pods that move, `ns/pod: node-N`: deleted on their node and created on that one with
+    /// the same addresses (as a rescheduled pod that keeps its IP).
+    #[serde(default, rename = "move")]
+    pub moves: BTreeMap<String, String>,
     /// `None`: the step only changes objects; nothing is probed.
     #[serde(default)]
     pub expect: Option<ExpectDef>,

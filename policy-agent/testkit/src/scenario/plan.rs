@@ -102,6 +102,7 @@ impl Plan {
                 &mut state,
                 def.apply.as_deref(),
                 &def.delete,
+                &def.moves,
             )?;
             let (ports, via, probes) = match &def.expect {
                 None => (Vec::new(), Via::Pod, Vec::new()),

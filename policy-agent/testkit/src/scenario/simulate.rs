@@ -28,16 +28,16 @@ pub fn reference_endpoints(probe: &Probe) -> (Endpoint, Endpoint) {
 }
 
 /// The nodes whose programs a probe's packets cross: the source pod's and the destination
-/// pod's (a hostNetwork pod's too: its node's uplink programs see it), each once; externals
-/// run none.
-pub fn nodes_crossed(topology: &Topology, probe: &Probe) -> Vec<usize> {
+/// pod's in `snapshot` (a hostNetwork pod's too: its node's uplink programs see it), each
+/// once; externals run none.
+pub fn nodes_crossed(topology: &Topology, snapshot: &Snapshot, probe: &Probe) -> Vec<usize> {
     let mut nodes = Vec::new();
     for name in [&probe.src, &probe.dst] {
         if let EndpointName::Pod(key) = name
-            && let Some(p) = topology.pod(key)
-            && !nodes.contains(&p.node)
+            && let Some(n) = topology.node_in(snapshot, key)
+            && !nodes.contains(&n)
         {
-            nodes.push(p.node);
+            nodes.push(n);
         }
     }
     nodes
@@ -55,7 +55,7 @@ impl ReferenceOracle {
     pub fn verdict(topology: &Topology, snapshot: &Snapshot, probe: &Probe) -> bool {
         let (src, dst) = reference_endpoints(probe);
         let node = match &probe.dst {
-            EndpointName::Pod(key) => topology.pod(key).map_or(0, |p| p.node),
+            EndpointName::Pod(key) => topology.node_in(snapshot, key).unwrap_or(0),
             EndpointName::External(_) => 0,
         };
         let mut seen = snapshot.clone();
@@ -98,6 +98,8 @@ impl Oracle for ReferenceOracle {
 #[derive(Default)]
 pub struct KernelModelOracle {
     topology: Option<Topology>,
+    /// The step's objects (where each pod runs).
+    snapshot: Snapshot,
     /// Per node.
     states: Vec<CompilerState>,
     maps: Vec<MapContents>,
@@ -116,7 +118,7 @@ impl KernelModelOracle {
         let Some(topology) = &self.topology else {
             return false;
         };
-        let nodes = nodes_crossed(topology, probe);
+        let nodes = nodes_crossed(topology, &self.snapshot, probe);
         // A probe between externals crosses no node; the first one's maps judge it (they
         // know neither side: allowed).
         let nodes = if nodes.is_empty() { vec![0] } else { nodes };
@@ -139,6 +141,7 @@ impl Oracle for KernelModelOracle {
     fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
         *self = KernelModelOracle {
             topology: Some(topology.clone()),
+            snapshot: Snapshot::default(),
             states: topology
                 .nodes
                 .iter()
@@ -158,6 +161,7 @@ impl Oracle for KernelModelOracle {
             topology.view_from(n, &mut seen);
             self.maps[n] = compiler::compile(&seen, st);
         }
+        self.snapshot = state.snapshot.clone();
         Ok(())
     }
 

@@ -526,6 +526,19 @@ impl Topology {
         &self.nodes[pod.node]
     }
 
+    /// The node pod `key` runs on in `snap` (where a step's `move` put it), else where the
+    /// file placed it.
+    pub fn node_in(&self, snap: &Snapshot, key: &ObjectKey) -> Option<usize> {
+        let placed = self.pod(key)?.node;
+        Some(
+            snap.pods
+                .get(key)
+                .and_then(|p| p.node.as_ref())
+                .and_then(|name| self.nodes.iter().position(|n| &n.name == name))
+                .unwrap_or(placed),
+        )
+    }
+
     /// Makes `snap` the cluster as node number `node`'s agent sees it: that node's name and
     /// own addresses (its local pods follow from their node names).
     pub fn view_from(&self, node: usize, snap: &mut Snapshot) {

@@ -75,6 +75,9 @@ pub struct Hosts {
     pub nodes: Vec<Netns>,
     /// With more than one node: the bridge between them, externals hang off it too.
     pub underlay: Option<Netns>,
+    /// The run's tag (in interface names) and how its nodes reach each other.
+    tag: String,
+    network: Network,
 }
 
 impl Hosts {
@@ -88,6 +91,8 @@ impl Hosts {
             externals: Vec::new(),
             nodes: Vec::new(),
             underlay: None,
+            tag: tag.to_string(),
+            network,
         };
         for (k, n) in topo.nodes.iter().enumerate() {
             let name = if k == 0 {
@@ -110,7 +115,7 @@ impl Hosts {
                 continue;
             }
             let ns = Netns::create(&format!("ksp{}-{tag}", pod.index))?;
-            let hif = format!("k{tag}p{}", pod.index);
+            let hif = pod_link(tag, pod.index);
             let node = topo.node_of(pod);
             plumb_host(
                 &hosts.nodes[pod.node],
@@ -251,45 +256,13 @@ impl Hosts {
     fn route_between_nodes(&self, topo: &Topology, network: Network) -> io::Result<()> {
         for (k, node) in self.nodes.iter().enumerate() {
             let (src4, src6) = (topo.nodes[k].v4.to_string(), topo.nodes[k].v6.to_string());
-            let via = |ns: &Netns, dst4: Ipv4Addr, dst6: Ipv6Addr, j: usize| -> io::Result<()> {
-                let (gw4, gw6, dev) = match network {
-                    Network::Routed => (underlay_v4(j), underlay_v6(j), "ul0"),
-                    Network::Vxlan => (topo.nodes[j].v4, topo.nodes[j].v6, "vx0"),
-                };
-                ns.ip(&[
-                    "route",
-                    "add",
-                    &format!("{dst4}/32"),
-                    "via",
-                    &gw4.to_string(),
-                    "dev",
-                    dev,
-                    "onlink",
-                    "src",
-                    &src4,
-                ])?;
-                ns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("{dst6}/128"),
-                    "via",
-                    &gw6.to_string(),
-                    "dev",
-                    dev,
-                    "onlink",
-                    "src",
-                    &src6,
-                ])?;
-                Ok(())
-            };
             for (j, other) in topo.nodes.iter().enumerate() {
                 if j != k {
-                    via(node, other.v4, other.v6, j)?;
+                    route_via(node, topo, k, (other.v4, other.v6), j, network, "add")?;
                 }
             }
             for pod in topo.pods.iter().filter(|p| !p.host_network && p.node != k) {
-                via(node, pod.v4, pod.v6, pod.node)?;
+                route_via(node, topo, k, (pod.v4, pod.v6), pod.node, network, "add")?;
             }
             for e in &topo.externals {
                 if let Some(a) = e.v4 {
@@ -314,6 +287,53 @@ impl Hosts {
                         "src",
                         &src6,
                     ])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves pod number `index` (not hostNetwork) from node `from` to node `to`, keeping its
+    /// namespace, addresses and servers: its veth is deleted on `from` and made again on
+    /// `to`, and every other node and external now reaches it via `to`.
+    pub fn move_pod(
+        &self,
+        topo: &Topology,
+        index: usize,
+        from: usize,
+        to: usize,
+    ) -> io::Result<()> {
+        let pod = &topo.pods[index];
+        let ns = self.pods[index].as_ref().ok_or_else(|| {
+            io::Error::other(format!("pod {} is hostNetwork: it cannot move", pod.key))
+        })?;
+        let hif = pod_link(&self.tag, index);
+        self.nodes[from].ip(&["link", "del", &hif])?;
+        // `to` reached the pod via `from`: that route gives way to the veth's.
+        self.nodes[to].ip(&["route", "del", &format!("{}/32", pod.v4)])?;
+        self.nodes[to].ip(&["-6", "route", "del", &format!("{}/128", pod.v6)])?;
+        let n = &topo.nodes[to];
+        plumb_host(
+            &self.nodes[to],
+            ns,
+            &hif,
+            Some(pod.v4),
+            Some(pod.v6),
+            (n.v4, n.v6),
+        )?;
+        for (k, node) in self.nodes.iter().enumerate() {
+            if k != to {
+                route_via(node, topo, k, (pod.v4, pod.v6), to, self.network, "replace")?;
+            }
+        }
+        for (i, e) in topo.externals.iter().enumerate() {
+            if self.underlay.is_some() {
+                let ext = &self.externals[i];
+                if e.v4.is_some() {
+                    external_route(ext, "replace", format!("{}/32", pod.v4), to, false)?;
+                }
+                if e.v6.is_some() {
+                    external_route(ext, "replace", format!("{}/128", pod.v6), to, true)?;
                 }
             }
         }
@@ -396,6 +416,72 @@ fn service_route(node: &Netns, v4: Ipv4Addr, v6: Ipv6Addr) -> io::Result<()> {
     Ok(())
 }
 
+/// On node `k`: `dst` (a pod's or a node's addresses) via node `j` — its underlay address
+/// when routed, its own address over `vx0` with VXLAN — leaving from node `k`'s own address.
+/// `verb`: `add`, or `replace` when the destination moved.
+fn route_via(
+    node: &Netns,
+    topo: &Topology,
+    k: usize,
+    (dst4, dst6): (Ipv4Addr, Ipv6Addr),
+    j: usize,
+    network: Network,
+    verb: &str,
+) -> io::Result<()> {
+    let (src4, src6) = (topo.nodes[k].v4.to_string(), topo.nodes[k].v6.to_string());
+    let (gw4, gw6, dev) = match network {
+        Network::Routed => (underlay_v4(j), underlay_v6(j), "ul0"),
+        Network::Vxlan => (topo.nodes[j].v4, topo.nodes[j].v6, "vx0"),
+    };
+    node.ip(&[
+        "route",
+        verb,
+        &format!("{dst4}/32"),
+        "via",
+        &gw4.to_string(),
+        "dev",
+        dev,
+        "onlink",
+        "src",
+        &src4,
+    ])?;
+    node.ip(&[
+        "-6",
+        "route",
+        verb,
+        &format!("{dst6}/128"),
+        "via",
+        &gw6.to_string(),
+        "dev",
+        dev,
+        "onlink",
+        "src",
+        &src6,
+    ])?;
+    Ok(())
+}
+
+/// On an external: `dst` via node `j`'s underlay address (on-link: externals have no
+/// underlay address of their own).
+fn external_route(ns: &Netns, verb: &str, dst: String, j: usize, v6: bool) -> io::Result<()> {
+    let gw = if v6 {
+        underlay_v6(j).to_string()
+    } else {
+        underlay_v4(j).to_string()
+    };
+    let mut args = vec![];
+    if v6 {
+        args.push("-6");
+    }
+    args.extend(["route", verb, &dst, "via", &gw, "dev", "eth0", "onlink"]);
+    ns.ip(&args).map(|_| ())
+}
+
+/// Pod number `index`'s host-side veth.
+fn pod_link(tag: &str, index: usize) -> String {
+    format!("k{tag}p{index}")
+}
+
 /// External number `i` on the underlay bridge at its own addresses, routing each node's pods
 /// and own addresses via that node's underlay address (on-link: it has no underlay address
 /// of its own), and the ClusterIPs via the first node.
@@ -414,19 +500,7 @@ fn plumb_external(
     bridge_port(ns, "eth0", underlay, &format!("x{i}"))?;
     ns.ip(&["link", "set", "lo", "up"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
-    let routes = |dst: String, j: usize, v6: bool| -> io::Result<()> {
-        let gw = if v6 {
-            underlay_v6(j).to_string()
-        } else {
-            underlay_v4(j).to_string()
-        };
-        let mut args = vec![];
-        if v6 {
-            args.push("-6");
-        }
-        args.extend(["route", "add", &dst, "via", &gw, "dev", "eth0", "onlink"]);
-        ns.ip(&args).map(|_| ())
-    };
+    let routes = |dst: String, j: usize, v6: bool| external_route(ns, "add", dst, j, v6);
     if let Some(a) = v4 {
         ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
         for (j, n) in topo.nodes.iter().enumerate() {

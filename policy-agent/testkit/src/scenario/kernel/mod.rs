@@ -128,6 +128,8 @@ struct Run {
     _bpffs: Vec<PrivateBpffs>,
     /// Steps applied so far (cluster mode expires a kind's watches every few).
     applied: usize,
+    /// The node each pod is on now (steps move pods), by pod index.
+    placed: Vec<usize>,
     dir: TempDir,
 }
 
@@ -248,6 +250,7 @@ impl KernelOracle {
             agents,
             api,
             applied: 0,
+            placed: topo.pods.iter().map(|p| p.node).collect(),
             servers,
             ns_files,
             pod_ns,
@@ -305,6 +308,94 @@ impl KernelOracle {
     }
 }
 
+/// Makes `state` what every agent of `run` is told (the manifest file, or the fake API
+/// server) and waits until every one of them reports it enforced with its pods attached.
+fn enforce(
+    cfg: &KernelConfig,
+    run: &mut Run,
+    topology: &Topology,
+    state: &State,
+) -> Result<(), OracleError> {
+    // Cluster mode, a step that expired a kind's watches: that kind and how many lists
+    // of it the server had answered before; every agent must list it again.
+    let mut relist: Option<(Kind, usize)> = None;
+    let want = match &run.api {
+        None => {
+            let manifests = run.dir.0.join("manifests");
+            let text = render(state)?;
+            // Atomic: the agent ignores dot files, and rename replaces the file in one
+            // step.
+            let tmp = manifests.join(".cluster.yaml.tmp");
+            std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
+            std::fs::rename(&tmp, manifests.join("cluster.yaml"))
+                .map_err(|e| fail("writing manifests", e))?;
+            policy_agent::manifests::content_hash(&manifests)
+        }
+        Some((api, _)) => {
+            let objects: Vec<serde_json::Value> = manifests::objects(state)
+                .map_err(|e| fail("rendering objects", e))?
+                .into_iter()
+                .map(|o| o.value)
+                .collect();
+            if run.applied % 3 == 2 {
+                // The log is gone and the watches expire: the agents must re-list,
+                // and this step's changes reach them only through that list.
+                let kind = Kind::ALL[(run.applied / 3) % Kind::ALL.len()];
+                relist = Some((kind, api.lists(kind)));
+                api.compact(kind);
+                api.expire_watches(kind);
+            }
+            api.converge(&objects);
+            api.bookmark();
+            api.generation()
+        }
+    };
+    run.applied += 1;
+    let deadline = Instant::now() + cfg.apply_timeout;
+    // Every node's agent enforces the objects with its pods attached.
+    let mut pending: Vec<usize> = (0..run.agents.len()).collect();
+    loop {
+        pending.retain(|&k| {
+            !matches!(
+                policy_agent::status_file::read(&status_file(&run.dir.0, k)),
+                Some(s) if s.generation == want && s.waiting.is_empty()
+            )
+        });
+        let relisted = match (&run.api, relist) {
+            (Some((api, _)), Some((kind, before))) => api.lists(kind) >= before + run.agents.len(),
+            _ => true,
+        };
+        if pending.is_empty() && relisted {
+            return Ok(());
+        }
+        if let Some((k, exit)) = run.exited() {
+            return Err(OracleError::Failed(format!(
+                "the agent of {} exited ({exit}): {}",
+                topology.nodes[k].name,
+                tail(&agent_log(&run.dir.0, k))
+            )));
+        }
+        check_interrupt()?;
+        if Instant::now() >= deadline && pending.is_empty() {
+            return Err(OracleError::Failed(format!(
+                "not every agent listed {relist:?} again within {:?} after its watches got 410 Gone",
+                cfg.apply_timeout
+            )));
+        }
+        if Instant::now() >= deadline {
+            let k = pending[0];
+            let status = policy_agent::status_file::read(&status_file(&run.dir.0, k));
+            return Err(OracleError::Failed(format!(
+                "the agent of {} did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
+                topology.nodes[k].name,
+                cfg.apply_timeout,
+                tail(&agent_log(&run.dir.0, k))
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Node number `k`'s agent status file and log in the run's directory.
 fn status_file(dir: &Path, k: usize) -> PathBuf {
     dir.join(format!("status-{}.json", k + 1))
@@ -323,6 +414,7 @@ impl Oracle for KernelOracle {
         if let Some(run) = &mut self.run
             && self.cfg.reuse_hosts
             && run.topology == *topology
+            && run.placed.iter().eq(topology.pods.iter().map(|p| &p.node))
             && run.exited().is_none()
         {
             return Ok(());
@@ -337,86 +429,31 @@ impl Oracle for KernelOracle {
             .run
             .as_mut()
             .ok_or_else(|| OracleError::Failed("not set up".into()))?;
-        // Cluster mode, a step that expired a kind's watches: that kind and how many lists
-        // of it the server had answered before; every agent must list it again.
-        let mut relist: Option<(Kind, usize)> = None;
-        let want = match &run.api {
-            None => {
-                let manifests = run.dir.0.join("manifests");
-                let text = render(state)?;
-                // Atomic: the agent ignores dot files, and rename replaces the file in one
-                // step.
-                let tmp = manifests.join(".cluster.yaml.tmp");
-                std::fs::write(&tmp, text).map_err(|e| fail("writing manifests", e))?;
-                std::fs::rename(&tmp, manifests.join("cluster.yaml"))
-                    .map_err(|e| fail("writing manifests", e))?;
-                policy_agent::manifests::content_hash(&manifests)
+        // Pods the step moves: (index, from, to).
+        let moves: Vec<(usize, usize, usize)> = topology
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let to = topology.node_in(&state.snapshot, &p.key)?;
+                (run.placed[p.index] != to).then_some((p.index, run.placed[p.index], to))
+            })
+            .collect();
+        if !moves.is_empty() {
+            // As a rescheduled pod: deleted (and its deletion enforced everywhere), its
+            // interface gone from the old node and made on the new one, then created there.
+            let mut gone = state.clone();
+            for &(i, ..) in &moves {
+                gone.snapshot.pods.remove(&topology.pods[i].key);
             }
-            Some((api, _)) => {
-                let objects: Vec<serde_json::Value> = manifests::objects(state)
-                    .map_err(|e| fail("rendering objects", e))?
-                    .into_iter()
-                    .map(|o| o.value)
-                    .collect();
-                if run.applied % 3 == 2 {
-                    // The log is gone and the watches expire: the agents must re-list,
-                    // and this step's changes reach them only through that list.
-                    let kind = Kind::ALL[(run.applied / 3) % Kind::ALL.len()];
-                    relist = Some((kind, api.lists(kind)));
-                    api.compact(kind);
-                    api.expire_watches(kind);
-                }
-                api.converge(&objects);
-                api.bookmark();
-                api.generation()
+            enforce(&self.cfg, run, topology, &gone)?;
+            for &(i, from, to) in &moves {
+                run.hosts
+                    .move_pod(topology, i, from, to)
+                    .map_err(|e| fail(&format!("moving pod {}", topology.pods[i].key), e))?;
+                run.placed[i] = to;
             }
-        };
-        run.applied += 1;
-        let deadline = Instant::now() + self.cfg.apply_timeout;
-        // Every node's agent enforces the objects with its pods attached.
-        let mut pending: Vec<usize> = (0..run.agents.len()).collect();
-        loop {
-            pending.retain(|&k| {
-                !matches!(
-                    policy_agent::status_file::read(&status_file(&run.dir.0, k)),
-                    Some(s) if s.generation == want && s.waiting.is_empty()
-                )
-            });
-            let relisted = match (&run.api, relist) {
-                (Some((api, _)), Some((kind, before))) => {
-                    api.lists(kind) >= before + run.agents.len()
-                }
-                _ => true,
-            };
-            if pending.is_empty() && relisted {
-                return Ok(());
-            }
-            if let Some((k, exit)) = run.exited() {
-                return Err(OracleError::Failed(format!(
-                    "the agent of {} exited ({exit}): {}",
-                    topology.nodes[k].name,
-                    tail(&agent_log(&run.dir.0, k))
-                )));
-            }
-            check_interrupt()?;
-            if Instant::now() >= deadline && pending.is_empty() {
-                return Err(OracleError::Failed(format!(
-                    "not every agent listed {relist:?} again within {:?} after its watches got 410 Gone",
-                    self.cfg.apply_timeout
-                )));
-            }
-            if Instant::now() >= deadline {
-                let k = pending[0];
-                let status = policy_agent::status_file::read(&status_file(&run.dir.0, k));
-                return Err(OracleError::Failed(format!(
-                    "the agent of {} did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
-                    topology.nodes[k].name,
-                    self.cfg.apply_timeout,
-                    tail(&agent_log(&run.dir.0, k))
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
+        enforce(&self.cfg, run, topology, state)
     }
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
