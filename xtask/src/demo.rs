@@ -33,7 +33,8 @@ fn heading(text: &str) {
     }
 }
 
-pub fn demo(root: &Path) -> Result<()> {
+/// `nodes`: how many nodes the demo cluster has (pods round-robin over them, one agent each).
+pub fn demo(root: &Path, nodes: usize) -> Result<()> {
     let t0 = Instant::now();
     println!(
         "netpol-ebpf demo: Kubernetes NetworkPolicy enforced by eBPF programs, on real packets."
@@ -52,8 +53,21 @@ pub fn demo(root: &Path) -> Result<()> {
     let files = demo_files(root)?;
 
     heading("[2/3] The demo cluster");
-    println!(
-        "Everything lives in network namespaces this demo creates (nothing touches this machine's\n\
+    if nodes > 1 {
+        println!(
+            "{nodes} nodes: each a network namespace with its own agent (`policy-agent standalone\n\
+             --node-name node-K`, its own bpffs), joined by an underlay bridge that carries the\n\
+             traffic between them and on which the outside hosts sit. The pods go round-robin\n\
+             over the nodes, so most connections below cross two nodes: the client's node\n\
+             judges the client's egress, the server's node the server's ingress. Each pod\n\
+             namespace hangs off its node by a veth pair, addresses from 198.18.0.0/15. Each step\n\
+             writes the manifest directory all agents read, waits until every one reports it\n\
+             enforced, then opens real TCP connections from every pod and outside host to every\n\
+             other one."
+        );
+    } else {
+        println!(
+            "Everything lives in network namespaces this demo creates (nothing touches this machine's\n\
          own network): a node namespace, and one namespace per pod hanging off it by a veth pair,\n\
          routed like a CNI plugin does, with addresses from 198.18.0.0/15. The agent\n\
          (`policy-agent standalone`) runs in the node namespace: it reads the Namespaces, Pods\n\
@@ -61,12 +75,14 @@ pub fn demo(root: &Path) -> Result<()> {
          the TC programs to each pod's host-side veth. Each step below writes that directory,\n\
          waits until the agent reports it enforced, then opens real TCP connections from every\n\
          pod and outside host to every other one."
-    );
+        );
+    }
 
     heading("[3/3] The story, step by step");
     let code = run_runner(
         Command::new(bin.join("policy-scenario"))
             .arg("--narrate")
+            .args(["--nodes", &nodes.to_string()])
             .arg("--agent")
             .arg(bin.join("policy-agent"))
             .args(&files),

@@ -28,15 +28,19 @@ enum Task {
     BuildEbpf,
     /// The first thing to run: setup, build, then a narrated tour of NetworkPolicy on the
     /// real datapath (namespaces x, y, z; pods a, b, c; policies from the seed documents).
-    Demo,
+    Demo {
+        /// Spread the pods over this many nodes, each with its own agent.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
     /// Setup, build, then every test layer: unit, property, kernel (BPF_PROG_TEST_RUN),
     /// namespaces, scenarios.
     Test,
     /// Benchmarks: `datapath` (ns per packet), `compile` (policy compiler), `cluster`
-    /// (the cluster agent's pass for one pod change) or `attach` (a new pod's veth to its
-    /// programs attached).
+    /// (the cluster agent's pass for one pod change), `attach` (a new pod's veth to its
+    /// programs attached) or `scale` (memory and start time at 10k pods, 1k policies).
     Bench {
-        #[arg(value_parser = ["datapath", "compile", "cluster", "attach"])]
+        #[arg(value_parser = ["datapath", "compile", "cluster", "attach", "scale"])]
         which: Vec<String>,
     },
     /// Run scenario files (scenarios/FORMAT.md) on the kernel, or with
@@ -71,7 +75,7 @@ fn main() -> Result<()> {
             let tools = setup::run()?;
             ebpf::build(&root, &tools)
         }
-        Task::Demo => demo::demo(&root),
+        Task::Demo { nodes } => demo::demo(&root, nodes),
         Task::Test => run::test(&root),
         Task::Bench { which } => run::bench(&root, &which),
         Task::Scenario {

@@ -49,6 +49,23 @@ impl Narration {
             }
         }
         writeln!(out, "{}", self.dim(&format!("(answered by {oracle})")))?;
+        if plan.topology.nodes.len() > 1 {
+            // Where each pod runs: what is judged on which node follows from it.
+            for (k, node) in plan.topology.nodes.iter().enumerate() {
+                let pods: Vec<String> = plan
+                    .topology
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == k)
+                    .map(|p| p.key.to_string())
+                    .collect();
+                writeln!(
+                    out,
+                    "{}",
+                    self.dim(&format!("{} ({}): {}", node.name, node.v4, pods.join(" ")))
+                )?;
+            }
+        }
         writeln!(out)?;
         writeln!(
             out,

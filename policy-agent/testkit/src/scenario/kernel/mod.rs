@@ -407,7 +407,11 @@ fn agent_log(dir: &Path, k: usize) -> PathBuf {
 
 impl Oracle for KernelOracle {
     fn describe(&self) -> String {
-        "the kernel datapath (namespaces, policy-agent standalone, real sockets)".into()
+        let mode = match self.cfg.mode {
+            Mode::Standalone => "standalone",
+            Mode::Cluster => "cluster",
+        };
+        format!("the kernel datapath (namespaces, policy-agent {mode}, real sockets)")
     }
 
     fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
