@@ -432,8 +432,8 @@ struct PerUnit {
     maps_per_rule: f64,
     ms_per_1k_pods: f64,
     ms_per_1k_rules: f64,
-    /// `RULES` entries the policies add: a rule expands to (policy set, peer identity, port)
-    /// entries, so this, not the rule count, is what memory follows.
+    /// `RULES` entries the policies add: a rule expands to one entry per (policy set, peer
+    /// identity), so this, not the rule count, is what memory follows.
     rules_entries: u64,
     rss_per_rules_entry: f64,
     maps_per_rules_entry: f64,

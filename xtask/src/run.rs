@@ -163,14 +163,25 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     } else {
         which.iter().map(String::as_str).collect()
     };
-    if which.contains(&"datapath") || which.contains(&"attach") {
+    // These load the kernel object (built by `prepare`) and need root.
+    if which
+        .iter()
+        .any(|b| ["datapath", "attach", "scale"].contains(b))
+    {
         prepare(root)?;
     }
+    // `scale` measures the release agent binary as a node runs it.
+    if which.contains(&"scale") {
+        build_agent_release(root)?;
+    }
     for b in which {
-        status(
-            &format!("bench {b}"),
-            cargo(root).args(["bench", "-p", "policy-agent", "--bench", b]),
-        )?;
+        let mut cmd = cargo(root);
+        cmd.args(["bench", "-p", "policy-agent", "--bench", b]);
+        if b == "scale" {
+            let agent = crate::demo::target_dir(root).join("release/policy-agent");
+            cmd.env("SCALE_AGENT", agent);
+        }
+        status(&format!("bench {b}"), &mut cmd)?;
     }
     Ok(())
 }

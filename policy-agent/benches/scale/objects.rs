@@ -108,7 +108,7 @@ fn namespace(n: usize) -> Value {
         "metadata": {"name": ns_name(n), "labels": {
             "kubernetes.io/metadata.name": ns_name(n),
             "team": format!("t{}", n % 10),
-            "env": if n % 3 == 0 { "dev" } else { "prod" },
+            "env": if n.is_multiple_of(3) { "dev" } else { "prod" },
         }},
     })
 }
@@ -126,7 +126,7 @@ fn pod(n: usize, j: usize, (v4, v6): (Ipv4Addr, Ipv6Addr)) -> Value {
         "metadata": {"name": format!("pod-{j:02}"), "namespace": ns_name(n), "labels": {
             "app": format!("app{}", (n / 10 + j) % 10),
             "tier": tier,
-            "release": if j % 4 == 0 { "canary" } else { "stable" },
+            "release": if j.is_multiple_of(4) { "canary" } else { "stable" },
         }},
         "spec": {"nodeName": format!("node-{j}"), "containers": [{"name": "main", "image": "app",
             "ports": [{"name": "http", "containerPort": http},
