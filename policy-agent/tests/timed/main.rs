@@ -8,8 +8,10 @@ mod restart_common;
 #[path = "../scenario_common/mod.rs"]
 mod scenario_common;
 
+mod restart_across_nodes;
 mod restart_no_gap;
 mod scenario_kernel;
+mod under_traffic;
 
 /// Held by every test of this binary for its whole run.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

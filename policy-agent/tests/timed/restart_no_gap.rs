@@ -10,10 +10,9 @@ use crate::kube_support;
 use crate::restart_common;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::under_traffic::{self, Endpoint, Ports, Timeline};
 use kube_support::{FakeApi, Kind};
 use policy_testkit::testbed::{
     PrivateBpffs, TcpClient, TcpEchoServer, Testbed, UdpEchoServer, tcp_echo,
@@ -23,25 +22,6 @@ use serde_json::Value;
 
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 9090;
-/// A denied probe costs this much; allowed ones answer in well under a millisecond.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-/// One short connection: when it ran and whether it got its echo.
-#[derive(Clone, Copy, Debug)]
-struct Probe {
-    pair: (usize, usize),
-    proto: Proto,
-    start: Instant,
-    end: Instant,
-    ok: bool,
-}
-
 /// Test-bed indexes of the four pods.
 const A: usize = 0;
 const B: usize = 1;
@@ -53,19 +33,6 @@ const PAIRS: [(usize, usize); 4] = [(A, B), (C, B), (A, D), (C, D)];
 /// admits C instead; D unchanged.
 fn allowed(generation: u8, pair: (usize, usize)) -> bool {
     matches!((generation, pair), (1, (A, B)) | (2, (C, B)) | (_, (A, D)))
-}
-
-/// One datagram from `from` to `to` and its echo within [`PROBE_TIMEOUT`].
-fn udp_probe(ns: &policy_testkit::testbed::Netns, from: SocketAddr, to: SocketAddr) -> bool {
-    let Ok(Ok(sock)) = ns.enter(|| std::net::UdpSocket::bind(from)) else {
-        return false;
-    };
-    let _ = sock.set_read_timeout(Some(PROBE_TIMEOUT));
-    if sock.send_to(b"probe", to).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 16];
-    matches!(sock.recv_from(&mut buf), Ok((5, f)) if f == to && &buf[..5] == b"probe")
 }
 
 use crate::SERIAL;
@@ -286,89 +253,42 @@ fn restart_under_traffic(mode: &str, plane: Plane) {
         .expect("long-lived connection A -> D");
     long.round_trip(b"hello").expect("first round trip");
 
-    let stop = AtomicBool::new(false);
-    let probes: Mutex<Vec<Probe>> = Mutex::new(Vec::new());
-    let long_trips = AtomicU64::new(0);
-    let long_failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let bed_ref = &bed;
+    let pods: Vec<Endpoint> = bed
+        .hosts
+        .iter()
+        .map(|h| Endpoint {
+            ns: &h.ns,
+            ip: h.ip(false),
+        })
+        .collect();
+    let ports = Ports {
+        tcp: TCP_PORT,
+        udp: UDP_PORT,
+    };
     let control = &control;
-    let (t_kill, t_restart, t_switch, s2) = std::thread::scope(|sc| {
-        let _stop_guard = restart_common::StopOnDrop(&stop);
-        for (i, pair) in PAIRS.into_iter().enumerate() {
-            for proto in [Proto::Tcp, Proto::Udp] {
-                let (stop, probes) = (&stop, &probes);
-                sc.spawn(move || {
-                    let ns = &bed_ref.hosts[pair.0].ns;
-                    let src = bed_ref.hosts[pair.0].ip(false);
-                    let dst = bed_ref.hosts[pair.1].ip(false);
-                    let mut n = 0u16;
-                    while !stop.load(Ordering::Relaxed) {
-                        let start = Instant::now();
-                        // Each UDP probe from a source port of its own: a datagram reusing
-                        // the 5-tuple of an earlier allowed flow belongs to that flow (its
-                        // conntrack entry lives 60 s), which is not what is judged here.
-                        let sport = 20_000 + 5_000 * i as u16 + n % 5_000;
-                        n += 1;
-                        let ok = match proto {
-                            Proto::Tcp => {
-                                tcp_echo(ns, SocketAddr::new(dst, TCP_PORT), PROBE_TIMEOUT).is_ok()
-                            }
-                            Proto::Udp => udp_probe(
-                                ns,
-                                SocketAddr::new(src, sport),
-                                SocketAddr::new(dst, UDP_PORT),
-                            ),
-                        };
-                        let end = Instant::now();
-                        probes.lock().expect("lock").push(Probe {
-                            pair,
-                            proto,
-                            start,
-                            end,
-                            ok,
-                        });
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                });
-            }
-        }
-        {
-            let (stop, long_trips, long_failures, long) =
-                (&stop, &long_trips, &long_failures, &mut long);
-            sc.spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let msg = format!("long-lived round trip {n}");
-                    if let Err(e) = long.round_trip(msg.as_bytes()) {
-                        long_failures
-                            .lock()
-                            .expect("lock")
-                            .push(format!("{msg}: {e}"));
-                        return;
-                    }
-                    n += 1;
-                    long_trips.store(n, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            });
-        }
-
+    let ((t, s2), seen) = under_traffic::run(&pods, &PAIRS, ports, &mut long, || {
         std::thread::sleep(Duration::from_millis(2500));
         agent1.kill9();
-        let t_kill = Instant::now();
+        let kill = Instant::now();
         std::thread::sleep(Duration::from_millis(1000));
         // The policy changes while no agent runs.
         let gen2 = control.publish(&gen2_docs);
         std::thread::sleep(Duration::from_millis(1500));
-        let t_restart = Instant::now();
+        let restart = Instant::now();
         let mut agent2 = control.start(mode, 2);
         let s2 = control.wait_enforced(&mut agent2, gen2);
-        let t_switch = Instant::now();
+        let switch = Instant::now();
         std::thread::sleep(Duration::from_millis(3000));
-        stop.store(true, Ordering::Relaxed);
         // Agent 2 runs on until the checks below are done (agent 1 is gone already).
         drop(std::mem::replace(&mut agent1, agent2));
-        (t_kill, t_restart, t_switch, s2)
+        (
+            Timeline {
+                kill,
+                restart,
+                switch,
+            },
+            s2,
+        )
     });
     assert!(
         s2,
@@ -387,82 +307,15 @@ fn restart_under_traffic(mode: &str, plane: Plane) {
         "programs not replaced: {progs1:?} -> {progs2:?}"
     );
 
-    // Judge every probe against the policy enforced when it ran: generation 1 until the
-    // restart began, generation 2 once the restarted agent reported it; during the restart
-    // itself, either.
-    let probes = probes.into_inner().expect("lock");
-    let (mut wrongly_allowed, mut wrongly_dropped) = (Vec::new(), Vec::new());
-    // [pair][phase]: probes per phase (0 before kill, 1 down, 2 restarting, 3 after).
-    let mut counts = std::collections::BTreeMap::<((usize, usize), usize), usize>::new();
-    for p in &probes {
-        let phase = if p.end < t_kill {
-            0
-        } else if p.end < t_restart {
-            1
-        } else if p.start < t_switch {
-            2
-        } else {
-            3
-        };
-        *counts.entry((p.pair, phase)).or_default() += 1;
-        let expect: Vec<bool> = match phase {
-            0 | 1 => vec![allowed(1, p.pair)],
-            2 => vec![allowed(1, p.pair), allowed(2, p.pair)],
-            _ => vec![allowed(2, p.pair)],
-        };
-        if !expect.contains(&p.ok) {
-            if p.ok {
-                wrongly_allowed.push((phase, *p));
-            } else {
-                wrongly_dropped.push((phase, *p));
-            }
-        }
-    }
-    let long_trips = long_trips.load(Ordering::Relaxed);
-    let long_failures = long_failures.into_inner().expect("lock");
-    let udp = probes.iter().filter(|p| p.proto == Proto::Udp).count();
-    eprintln!(
-        "restart under traffic ({mode}, {plane:?}): {} probes ({udp} UDP), downtime {:?}, restart to new generation {:?}, \
-         wrongly allowed {}, wrongly dropped {}, long-lived round trips {long_trips}, per (pair, phase) {counts:?}",
-        probes.len(),
-        t_restart - t_kill,
-        t_switch - t_restart,
-        wrongly_allowed.len(),
-        wrongly_dropped.len(),
-    );
-    assert!(
-        wrongly_allowed.is_empty(),
-        "wrongly allowed: {wrongly_allowed:#?}"
-    );
-    assert!(
-        wrongly_dropped.is_empty(),
-        "wrongly dropped: {wrongly_dropped:#?}"
-    );
-    assert!(
-        long_failures.is_empty(),
-        "the long-lived connection broke: {long_failures:?}"
-    );
-    assert!(
-        long_trips > 100,
-        "the long-lived connection ran only {long_trips} round trips"
-    );
-    for pair in PAIRS {
-        for phase in [0, 1, 3] {
-            assert!(
-                counts.get(&(pair, phase)).copied().unwrap_or(0) > 0,
-                "no probe of {pair:?} in phase {phase}: {counts:?}"
-            );
-        }
-    }
-    // The change is enforced: C reaches B and A does not, after the restart.
-    let after = |pair, ok| {
-        probes
-            .iter()
-            .any(|p| p.pair == pair && p.start >= t_switch && p.ok == ok)
-    };
-    assert!(
-        after((C, B), true) && after((A, B), false),
-        "generation 2 not enforced"
+    // Every probe against the policy enforced when it ran; C reaches B and A does not once
+    // generation 2 is in force.
+    under_traffic::assert_held(
+        &format!("restart under traffic ({mode}, {plane:?})"),
+        &seen,
+        t,
+        &PAIRS,
+        allowed,
+        ((C, B), (A, B)),
     );
 
     // Uninstall (with no agent running): nothing enforced any more, nothing pinned.

@@ -11,10 +11,12 @@ use std::{
 /// Every command a test bed runs is bounded by this.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A network namespace created by this process; deleted on drop.
+/// A network namespace created by this process; deleted on drop (unless it is a handle
+/// from [`Netns::handle`]).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -23,7 +25,16 @@ impl Netns {
         run_checked(Command::new("ip").args(["netns", "add", name]))?;
         Ok(Netns {
             name: name.to_string(),
+            owned: true,
         })
+    }
+
+    /// Another handle on this namespace, which does not delete it on drop (the owner does).
+    pub fn handle(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            owned: false,
+        }
     }
 
     /// Creates a node namespace: loopback up holding the node's own addresses, forwarding on,
@@ -112,6 +123,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // Deleting the namespace removes its interfaces and the veth peers in other ones.
         if let Err(e) = run_checked(Command::new("ip").args(["netns", "del", &self.name])) {
             tracing::warn!(ns = %self.name, error = %e, "deleting network namespace failed");

@@ -125,7 +125,7 @@ struct Run {
     external_ns: BTreeMap<String, (usize, usize)>,
     hosts: Hosts,
     /// One per node: each agent pins its own maps.
-    _bpffs: Vec<PrivateBpffs>,
+    bpffs: Vec<PrivateBpffs>,
     /// Steps applied so far (cluster mode expires a kind's watches every few).
     applied: usize,
     /// The node each pod is on now (steps move pods), by pod index.
@@ -256,7 +256,7 @@ impl KernelOracle {
             pod_ns,
             external_ns,
             hosts,
-            _bpffs: bpffs,
+            bpffs,
             dir,
         })
     }
@@ -272,7 +272,12 @@ impl KernelOracle {
         dir: &Path,
         k: usize,
     ) -> Result<AgentProcess, OracleError> {
-        let log = File::create(agent_log(dir, k)).map_err(|e| fail("agent log", e))?;
+        // Appended: a restarted agent's log follows its predecessor's.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(agent_log(dir, k))
+            .map_err(|e| fail("agent log", e))?;
         let log2 = log.try_clone().map_err(|e| fail("agent log", e))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns.name()]).arg(&self.cfg.agent);
@@ -308,16 +313,29 @@ impl KernelOracle {
     }
 }
 
-/// Makes `state` what every agent of `run` is told (the manifest file, or the fake API
-/// server) and waits until every one of them reports it enforced with its pods attached.
+/// [`publish`], then [`wait_enforced`].
 fn enforce(
     cfg: &KernelConfig,
     run: &mut Run,
     topology: &Topology,
     state: &State,
 ) -> Result<(), OracleError> {
-    // Cluster mode, a step that expired a kind's watches: that kind and how many lists
-    // of it the server had answered before; every agent must list it again.
+    let published = publish(run, state)?;
+    wait_enforced(cfg, run, topology, published)
+}
+
+/// What [`publish`] told the agents: the generation they report once they enforce it, and in
+/// cluster mode the kind whose watches it expired with the lists of it answered before
+/// (every agent must list it again).
+#[derive(Clone, Copy, Debug)]
+pub struct Published {
+    generation: u64,
+    relist: Option<(Kind, usize)>,
+}
+
+/// Makes `state` what every agent of `run` is told: the manifest file, or the fake API
+/// server's content.
+fn publish(run: &mut Run, state: &State) -> Result<Published, OracleError> {
     let mut relist: Option<(Kind, usize)> = None;
     let want = match &run.api {
         None => {
@@ -351,6 +369,23 @@ fn enforce(
         }
     };
     run.applied += 1;
+    Ok(Published {
+        generation: want,
+        relist,
+    })
+}
+
+/// Waits until every agent of `run` reports `published` enforced with its pods attached.
+fn wait_enforced(
+    cfg: &KernelConfig,
+    run: &mut Run,
+    topology: &Topology,
+    published: Published,
+) -> Result<(), OracleError> {
+    let Published {
+        generation: want,
+        relist,
+    } = published;
     let deadline = Instant::now() + cfg.apply_timeout;
     // Every node's agent enforces the objects with its pods attached.
     let mut pending: Vec<usize> = (0..run.agents.len()).collect();
@@ -510,6 +545,77 @@ impl Oracle for KernelOracle {
             return Ok(());
         }
         self.close()
+    }
+}
+
+/// Restarts under traffic: the tests drive one node's agent and the objects by hand between
+/// the steps of a plan.
+impl KernelOracle {
+    fn run_mut(&mut self) -> Result<&mut Run, OracleError> {
+        self.run
+            .as_mut()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))
+    }
+
+    /// Kills node `k`'s agent with SIGKILL: its programs and pinned maps stay enforcing.
+    pub fn kill_agent(&mut self, k: usize) -> Result<(), OracleError> {
+        let agent = self
+            .run_mut()?
+            .agents
+            .get_mut(k)
+            .ok_or_else(|| OracleError::Failed(format!("no node {}", k + 1)))?;
+        agent.0.kill().map_err(|e| fail("SIGKILL", e))?;
+        agent.0.wait().map_err(|e| fail("reaping the agent", e))?;
+        Ok(())
+    }
+
+    /// Starts node `k`'s agent again on the same bpffs, status file and log.
+    pub fn restart_agent(&mut self, k: usize) -> Result<(), OracleError> {
+        let run = self
+            .run
+            .as_ref()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let node = run
+            .topology
+            .nodes
+            .get(k)
+            .ok_or_else(|| OracleError::Failed(format!("no node {}", k + 1)))?;
+        let agent = self.start_agent(
+            &run.hosts.nodes[k],
+            &node.name,
+            run.bpffs[k].path(),
+            &run.dir.0,
+            k,
+        )?;
+        let old = std::mem::replace(&mut self.run_mut()?.agents[k], agent);
+        drop(old);
+        Ok(())
+    }
+
+    /// Tells the agents `state` without waiting for them (one may be down).
+    pub fn publish(&mut self, state: &State) -> Result<Published, OracleError> {
+        publish(self.run_mut()?, state)
+    }
+
+    /// Waits until every agent enforces what [`KernelOracle::publish`] told them.
+    pub fn wait_enforced(&mut self, published: Published) -> Result<(), OracleError> {
+        let cfg = self.cfg.clone();
+        let run = self.run_mut()?;
+        let topology = run.topology.clone();
+        wait_enforced(&cfg, run, &topology, published)
+    }
+
+    /// Node `k`'s status file.
+    pub fn status(&self, k: usize) -> Option<policy_agent::status_file::Status> {
+        let run = self.run.as_ref()?;
+        policy_agent::status_file::read(&status_file(&run.dir.0, k))
+    }
+
+    /// The namespace pod `key` lives in (its node's for a hostNetwork pod).
+    pub fn pod_netns(&self, key: &ObjectKey) -> Option<&crate::testbed::Netns> {
+        let run = self.run.as_ref()?;
+        let pod = run.topology.pod(key)?;
+        Some(run.hosts.pod_ns(&run.topology, pod.index))
     }
 }
 
