@@ -18,15 +18,36 @@ use policy_testkit::scenario::apply::State;
 use policy_testkit::scenario::format::Via;
 use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, Mode, cleanup};
 use policy_testkit::scenario::narrate::Narration;
-use policy_testkit::scenario::{
-    Oracle, OracleError, Plan, Probe, Topology, run_plan, run_plan_narrated,
-};
+use policy_testkit::scenario::parallel::run_files;
+use policy_testkit::scenario::{Oracle, OracleError, Plan, Probe, Topology, run_plan_narrated};
 
 use crate::SERIAL;
 use policy_testkit::scenario::kernel::hosts::Network;
 
 fn files(dir: &str) -> Vec<PathBuf> {
     scenario_common::scenario_dir(dir)
+}
+
+/// Scenario files run at once (each worker with its own hosts and agents): on this 2-core
+/// machine 3 workers run the trap files in about half the time of one, most of a probe
+/// batch being spent waiting on denied probes' timeouts.
+const JOBS: usize = 3;
+
+fn kernel_config(network: Network, mode: Mode) -> KernelConfig {
+    let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
+    cfg.reuse_hosts = true;
+    cfg.network = network;
+    cfg.mode = mode;
+    cfg
+}
+
+/// Ends every worker's runner; an error of one is recorded.
+fn finish_all<O: Oracle>(oracles: Vec<O>, errors: &mut Vec<String>) {
+    for mut o in oracles {
+        if let Err(e) = o.finish() {
+            errors.push(format!("closing a runner: {e}"));
+        }
+    }
 }
 
 /// Runs the probes of the steps probing `via` of every file of the scenario directories on
@@ -36,12 +57,7 @@ fn run_sets(dirs: &[&str], via: Via) {
     let _guard = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
-    cfg.reuse_hosts = true;
-    let mut oracle = KernelOracle::new(cfg);
-    let mut bad = Vec::new();
-    let (mut passed, mut failed) = (0, 0);
-    let t_all = Instant::now();
+    let mut plans = Vec::new();
     for f in dirs.iter().flat_map(|d| files(d)) {
         let mut plan = Plan::load(&f).unwrap_or_else(|e| panic!("{e}"));
         let mut probes = 0;
@@ -51,35 +67,39 @@ fn run_sets(dirs: &[&str], via: Via) {
             }
             probes += step.probes.len();
         }
-        if probes == 0 {
-            continue;
+        if probes > 0 {
+            plans.push(plan);
         }
-        let mut out = Vec::new();
-        let t0 = Instant::now();
-        let result = run_plan(&plan, &mut oracle, &mut out);
-        let report = String::from_utf8_lossy(&out).to_string();
-        match result {
-            Ok(c) => {
-                eprintln!(
-                    "{}: {} passed, {} failed, {} not served, {:.1} s",
-                    f.display(),
-                    c.passed,
-                    c.failed,
-                    c.skipped,
-                    t0.elapsed().as_secs_f64()
-                );
-                passed += c.passed;
-                failed += c.failed;
-                if c.failed > 0 {
-                    bad.push(format!("{}: {} failed\n{report}", f.display(), c.failed));
+    }
+    let mut bad = Vec::new();
+    let (mut passed, mut failed) = (0, 0);
+    let t_all = Instant::now();
+    let cfg = kernel_config(Network::Routed, Mode::Standalone);
+    let oracles = run_files(
+        &plans,
+        JOBS,
+        || KernelOracle::new(cfg.clone()),
+        |_| (),
+        |i, run| {
+            let f = &plans[i].file;
+            let report = String::from_utf8_lossy(&run.output).to_string();
+            match run.result {
+                Ok(c) => {
+                    eprintln!(
+                        "{f}: {} passed, {} failed, {} not served, {:.1} s",
+                        c.passed, c.failed, c.skipped, run.secs
+                    );
+                    passed += c.passed;
+                    failed += c.failed;
+                    if c.failed > 0 {
+                        bad.push(format!("{f}: {} failed\n{report}", c.failed));
+                    }
                 }
+                Err(e) => bad.push(format!("{f}: run error: {e}\n{report}")),
             }
-            Err(e) => bad.push(format!("{}: run error: {e}\n{report}", f.display())),
-        }
-    }
-    if let Err(e) = oracle.close() {
-        bad.push(format!("closing the runner: {e}"));
-    }
+        },
+    );
+    finish_all(oracles, &mut bad);
     eprintln!(
         "{dirs:?} via {via:?}: {passed} passed, {failed} failed in {:.1} s",
         t_all.elapsed().as_secs_f64()
@@ -113,13 +133,14 @@ struct SetResult {
     secs: f64,
 }
 
-/// An oracle that records, per `via`, how each probe it answered compares with its expectation.
-struct Tally<'a> {
-    inner: &'a mut KernelOracle,
+/// A runner that records, per `via`, how each probe it answered compares with its
+/// expectation (taken and reset after every file).
+struct Tally {
+    inner: KernelOracle,
     seen: BTreeMap<Via, (usize, usize)>,
 }
 
-impl Oracle for Tally<'_> {
+impl Oracle for Tally {
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -144,25 +165,29 @@ impl Oracle for Tally<'_> {
     fn teardown(&mut self) -> Result<(), OracleError> {
         self.inner.teardown()
     }
+    fn finish(&mut self) -> Result<(), OracleError> {
+        self.inner.finish()
+    }
 }
 
-/// Every file of the directories, every step and both `via`s, on one kernel runner that
-/// reuses hosts across files of the same topology.
+/// Every file of the directories, every step and both `via`s, on one node.
 fn run_all(dirs: &[&str]) -> SetResult {
     run_all_on(dirs, 1, Network::Routed, Mode::Standalone)
 }
 
 /// [`run_all`] with the pods spread over `nodes` nodes, one agent each in `mode`, reaching
-/// each other over `network`.
+/// each other over `network`; [`JOBS`] files at once, each worker reusing its hosts across
+/// files of the same topology.
 fn run_all_on(dirs: &[&str], nodes: usize, network: Network, mode: Mode) -> SetResult {
     let _guard = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut cfg = KernelConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
-    cfg.reuse_hosts = true;
-    cfg.network = network;
-    cfg.mode = mode;
-    let mut oracle = KernelOracle::new(cfg);
+    let plans: Vec<Plan> = dirs
+        .iter()
+        .flat_map(|d| files(d))
+        .map(|f| Plan::load_on(&f, nodes).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert!(!cleanup::interrupted(), "interrupted");
     let mut res = SetResult {
         by_via: BTreeMap::new(),
         errors: Vec::new(),
@@ -170,43 +195,35 @@ fn run_all_on(dirs: &[&str], nodes: usize, network: Network, mode: Mode) -> SetR
         secs: 0.0,
     };
     let t_all = Instant::now();
-    for f in dirs.iter().flat_map(|d| files(d)) {
-        assert!(!cleanup::interrupted(), "interrupted");
-        let plan = Plan::load_on(&f, nodes).unwrap_or_else(|e| panic!("{e}"));
-        let mut tally = Tally {
-            inner: &mut oracle,
+    let cfg = kernel_config(network, mode);
+    let oracles = run_files(
+        &plans,
+        JOBS,
+        || Tally {
+            inner: KernelOracle::new(cfg.clone()),
             seen: BTreeMap::new(),
-        };
-        let mut out = Vec::new();
-        let t0 = Instant::now();
-        let result = run_plan(&plan, &mut tally, &mut out);
-        let report = String::from_utf8_lossy(&out).to_string();
-        res.files += 1;
-        eprintln!(
-            "{}: {:?} in {:.1} s",
-            f.display(),
-            tally.seen,
-            t0.elapsed().as_secs_f64()
-        );
-        for (via, (p, fl)) in tally.seen {
-            let r = res.by_via.entry(via).or_default();
-            r.passed += p;
-            r.failed += fl;
-            if fl > 0 {
-                r.bad.push(format!(
-                    "{}: {fl} failed via {via:?}\n{report}",
-                    f.display()
-                ));
+        },
+        |t| std::mem::take(&mut t.seen),
+        |i, run| {
+            let f = &plans[i].file;
+            let report = String::from_utf8_lossy(&run.output).to_string();
+            res.files += 1;
+            eprintln!("{f}: {:?} in {:.1} s", run.taken, run.secs);
+            for (via, (p, fl)) in run.taken {
+                let r = res.by_via.entry(via).or_default();
+                r.passed += p;
+                r.failed += fl;
+                if fl > 0 {
+                    r.bad
+                        .push(format!("{f}: {fl} failed via {via:?}\n{report}"));
+                }
             }
-        }
-        if let Err(e) = result {
-            res.errors
-                .push(format!("{}: run error: {e}\n{report}", f.display()));
-        }
-    }
-    if let Err(e) = oracle.close() {
-        res.errors.push(format!("closing the runner: {e}"));
-    }
+            if let Err(e) = run.result {
+                res.errors.push(format!("{f}: run error: {e}\n{report}"));
+            }
+        },
+    );
+    finish_all(oracles, &mut res.errors);
     res.secs = t_all.elapsed().as_secs_f64();
     for (via, r) in &res.by_via {
         eprintln!(

@@ -1,10 +1,11 @@
-//! `policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--mode standalone|cluster] [--color auto|always|never] [--agent PATH] FILE...`:
+//! `policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--mode standalone|cluster] [--jobs N] [--color auto|always|never] [--agent PATH] FILE...`:
 //! runs scenario files (scenarios/FORMAT.md) and ends with `N passed, N failed`. `--nodes N`
 //! spreads the pods over N nodes (round-robin unless a pod names its node), each node with
 //! its own agent, joined by an underlay (`--network`: routed host-gw style, the default, or a
 //! VXLAN overlay). `--mode cluster` runs every agent as `policy-agent cluster` watching one fake
 //! API server the runner writes the objects to (default: standalone on one manifest
-//! directory). `--narrate`
+//! directory). `--jobs N` runs N files at once, each worker with its own hosts and agents
+//! (reports still in file order). `--narrate`
 //! writes for a reader (`cargo xtask demo`): each step's title, description and objects, then
 //! compact matrices and what changed. SIGINT/SIGTERM stop the run and clean up (exit 130). Without `--simulate` each file runs
 //! on the kernel datapath: namespaces, the `policy-agent` binary (by default the one beside this
@@ -19,12 +20,14 @@ use policy_testkit::scenario::kernel::cleanup;
 use policy_testkit::scenario::kernel::hosts::Network;
 use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, Mode};
 use policy_testkit::scenario::narrate::Narration;
+use policy_testkit::scenario::parallel::run_files;
 use policy_testkit::scenario::report::{Counts, LEGEND};
-use policy_testkit::scenario::{Oracle, Plan, run_plan, run_plan_narrated, simulate};
+use policy_testkit::scenario::simulate::CheckedSimulation;
+use policy_testkit::scenario::{Oracle, OracleError, Plan, run_plan_narrated};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--mode standalone|cluster] [--color auto|always|never] [--agent PATH] FILE..."
+        "usage: policy-scenario [--simulate] [--narrate] [--nodes N] [--network routed|vxlan] [--mode standalone|cluster] [--jobs N] [--color auto|always|never] [--agent PATH] FILE..."
     );
     ExitCode::from(2)
 }
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let mut nodes = 1usize;
     let mut network = Network::Routed;
     let mut mode = Mode::Standalone;
+    let mut jobs = 1usize;
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
@@ -60,6 +64,10 @@ fn main() -> ExitCode {
             Some("--network") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
                 Some(n) => network = n,
                 None => return usage(),
+            },
+            Some("--jobs") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
+                Some(n) if n >= 1 => jobs = n,
+                _ => return usage(),
             },
             Some("--mode") => match args.next().and_then(|a| a.to_str()?.parse().ok()) {
                 Some(m) => mode = m,
@@ -122,52 +130,58 @@ fn main() -> ExitCode {
     let narration = Narration { color };
     let mut total = Counts::default();
     let mut broken = 0usize;
-    // One kernel runner for all files: files with the same hosts share them (and the agent).
-    let mut kernel = (!simulate).then(|| {
-        let mut cfg = KernelConfig::new(agent.clone());
-        cfg.reuse_hosts = true;
-        cfg.network = network;
-        cfg.mode = mode;
-        KernelOracle::new(cfg)
-    });
-    for plan in &plans {
-        if cleanup::interrupted() {
-            break;
-        }
-        let mut sim;
-        let oracle: &mut dyn Oracle = match kernel.as_mut() {
-            Some(k) => k,
-            None => {
-                sim = simulate::simulation_oracle();
-                sim.as_mut()
-            }
-        };
-        let t0 = std::time::Instant::now();
-        let result = if narrate {
-            run_plan_narrated(plan, oracle, &mut out, &narration)
+    let make = || -> Box<dyn Oracle + Send> {
+        if simulate {
+            Box::new(CheckedSimulation::default())
         } else {
-            run_plan(plan, oracle, &mut out)
-        };
-        if !narrate {
-            let _ = writeln!(out, "({}: {:.1} s)", plan.file, t0.elapsed().as_secs_f64());
+            // Files with the same hosts share them (and the agents).
+            let mut cfg = KernelConfig::new(agent.clone());
+            cfg.reuse_hosts = true;
+            cfg.network = network;
+            cfg.mode = mode;
+            Box::new(KernelOracle::new(cfg))
         }
-        match result {
-            Ok(c) => total.add(&c),
-            Err(e) => {
-                if !cleanup::interrupted() {
-                    eprintln!("error: {}: {e}", plan.file);
-                }
-                broken += 1;
+    };
+    let mut report = |plan: &Plan, result: Result<Counts, OracleError>| match result {
+        Ok(c) => total.add(&c),
+        Err(e) => {
+            if !cleanup::interrupted() {
+                eprintln!("error: {}: {e}", plan.file);
             }
+            broken += 1;
+        }
+    };
+    let oracles = if narrate {
+        // A story is told in order, by one runner.
+        let mut oracle = make();
+        for plan in &plans {
+            if cleanup::interrupted() {
+                break;
+            }
+            let result = run_plan_narrated(plan, &mut oracle, &mut out, &narration);
+            report(plan, result);
+        }
+        vec![oracle]
+    } else {
+        run_files(
+            &plans,
+            jobs,
+            make,
+            |_| (),
+            |i, run| {
+                let _ = out.write_all(&run.output);
+                let _ = writeln!(out, "({}: {:.1} s)", plans[i].file, run.secs);
+                let _ = out.flush();
+                report(&plans[i], run.result);
+            },
+        )
+    };
+    for mut oracle in oracles {
+        if let Err(e) = oracle.finish() {
+            eprintln!("error: {e}");
+            broken += 1;
         }
     }
-    if let Some(k) = kernel.as_mut()
-        && let Err(e) = k.close()
-    {
-        eprintln!("error: {e}");
-        broken += 1;
-    }
-    drop(kernel);
     if total.skipped > 0 {
         let _ = writeln!(
             out,

@@ -22,6 +22,7 @@ pub mod format;
 pub mod kernel;
 pub mod manifests;
 pub mod narrate;
+pub mod parallel;
 pub mod plan;
 pub mod report;
 pub mod run;

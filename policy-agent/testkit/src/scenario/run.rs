@@ -37,6 +37,32 @@ pub trait Oracle {
     fn teardown(&mut self) -> Result<(), OracleError> {
         Ok(())
     }
+
+    /// Ends the oracle's use: removes anything `teardown` kept for the next plan.
+    fn finish(&mut self) -> Result<(), OracleError> {
+        Ok(())
+    }
+}
+
+impl<T: Oracle + ?Sized> Oracle for Box<T> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn setup(&mut self, topology: &Topology) -> Result<(), OracleError> {
+        (**self).setup(topology)
+    }
+    fn apply(&mut self, topology: &Topology, state: &State) -> Result<(), OracleError> {
+        (**self).apply(topology, state)
+    }
+    fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
+        (**self).probe(probes)
+    }
+    fn teardown(&mut self) -> Result<(), OracleError> {
+        (**self).teardown()
+    }
+    fn finish(&mut self) -> Result<(), OracleError> {
+        (**self).finish()
+    }
 }
 
 /// One probe's observed result.

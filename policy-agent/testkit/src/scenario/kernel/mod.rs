@@ -56,6 +56,9 @@ pub struct KernelConfig {
     pub parallel: usize,
     /// How long the agent may take to enforce a step.
     pub apply_timeout: Duration,
+    /// The same for the first step after agents start: loading and verifying the programs
+    /// takes seconds of CPU per agent, and several runs may start agents at once.
+    pub start_timeout: Duration,
     /// Keep the hosts and the agent after a scenario, for the next one when its topology is
     /// the same (most files use the standard model): saves building namespaces and starting
     /// the agent per file. Its first step replaces every object the previous file left.
@@ -97,6 +100,7 @@ impl KernelConfig {
             probe_timeout: Duration::from_secs(1),
             parallel: 256,
             apply_timeout: Duration::from_secs(20),
+            start_timeout: Duration::from_secs(120),
             reuse_hosts: false,
             network: hosts::Network::Routed,
             mode: Mode::Standalone,
@@ -130,6 +134,8 @@ struct Run {
     applied: usize,
     /// The node each pod is on now (steps move pods), by pod index.
     placed: Vec<usize>,
+    /// Whether every agent has enforced a step since it (re)started.
+    started: bool,
     dir: TempDir,
 }
 
@@ -251,6 +257,7 @@ impl KernelOracle {
             api,
             applied: 0,
             placed: topo.pods.iter().map(|p| p.node).collect(),
+            started: false,
             servers,
             ns_files,
             pod_ns,
@@ -386,7 +393,12 @@ fn wait_enforced(
         generation: want,
         relist,
     } = published;
-    let deadline = Instant::now() + cfg.apply_timeout;
+    let timeout = if run.started {
+        cfg.apply_timeout
+    } else {
+        cfg.start_timeout
+    };
+    let deadline = Instant::now() + timeout;
     // Every node's agent enforces the objects with its pods attached.
     let mut pending: Vec<usize> = (0..run.agents.len()).collect();
     loop {
@@ -401,6 +413,7 @@ fn wait_enforced(
             _ => true,
         };
         if pending.is_empty() && relisted {
+            run.started = true;
             return Ok(());
         }
         if let Some((k, exit)) = run.exited() {
@@ -414,7 +427,7 @@ fn wait_enforced(
         if Instant::now() >= deadline && pending.is_empty() {
             return Err(OracleError::Failed(format!(
                 "not every agent listed {relist:?} again within {:?} after its watches got 410 Gone",
-                cfg.apply_timeout
+                timeout
             )));
         }
         if Instant::now() >= deadline {
@@ -423,7 +436,7 @@ fn wait_enforced(
             return Err(OracleError::Failed(format!(
                 "the agent of {} did not enforce the step within {:?} (want generation {want}, status {status:?}); log: {}",
                 topology.nodes[k].name,
-                cfg.apply_timeout,
+                timeout,
                 tail(&agent_log(&run.dir.0, k))
             )));
         }
@@ -529,6 +542,10 @@ impl Oracle for KernelOracle {
         ))
     }
 
+    fn finish(&mut self) -> Result<(), OracleError> {
+        self.close()
+    }
+
     fn teardown(&mut self) -> Result<(), OracleError> {
         if self.cfg.reuse_hosts && !cleanup::interrupted() {
             // Kept for the next scenario; an agent that died is reported now.
@@ -587,8 +604,9 @@ impl KernelOracle {
             &run.dir.0,
             k,
         )?;
-        let old = std::mem::replace(&mut self.run_mut()?.agents[k], agent);
-        drop(old);
+        let run = self.run_mut()?;
+        drop(std::mem::replace(&mut run.agents[k], agent));
+        run.started = false;
         Ok(())
     }
 
