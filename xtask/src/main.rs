@@ -61,6 +61,9 @@ enum Task {
         /// (watching a fake API server).
         #[arg(long, default_value = "standalone")]
         mode: String,
+        /// Run this many files at once (each with its own hosts and agents).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -84,6 +87,7 @@ fn main() -> Result<()> {
             nodes,
             network,
             mode,
+            jobs,
             files,
         } => run::scenario(
             &root,
@@ -93,6 +97,7 @@ fn main() -> Result<()> {
                 nodes,
                 network,
                 mode,
+                jobs,
             },
             &files,
         ),

@@ -186,11 +186,13 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The cluster a scenario run builds (`policy-scenario`'s `--nodes`, `--network`, `--mode`).
+/// The cluster a scenario run builds (`policy-scenario`'s `--nodes`, `--network`, `--mode`)
+/// and how many files run at once (`--jobs`).
 pub struct Shape {
     pub nodes: usize,
     pub network: String,
     pub mode: String,
+    pub jobs: usize,
 }
 
 pub fn scenario(
