@@ -233,6 +233,8 @@ pub fn scenario(
         &shape.network,
         "--mode",
         &shape.mode,
+        "--jobs",
+        &shape.jobs.to_string(),
     ]);
     if narrate {
         cmd.arg("--narrate");
