@@ -264,12 +264,17 @@ fn upstream() -> &'static SetResult {
     RESULT.get_or_init(|| run_all(&["upstream"]))
 }
 
-/// The trap files and the upstream suite with their pods spread over three nodes (routed
-/// underlay, one standalone agent per node): remote identities and named ports, Services to
-/// backends on other nodes, externals on the underlay.
+/// Every scenario file (demo, seeds, traps, the upstream suite) with its pods spread over
+/// three nodes (routed underlay, one standalone agent per node): remote identities and named
+/// ports, Services to backends on other nodes, externals on the underlay.
 #[test]
-fn traps_and_upstream_on_three_routed_nodes() {
-    let res = run_all_on(&["traps", "upstream"], 3, Network::Routed, Mode::Standalone);
+fn every_scenario_on_three_routed_nodes() {
+    let res = run_all_on(
+        &["demo", "seed", "traps", "upstream"],
+        3,
+        Network::Routed,
+        Mode::Standalone,
+    );
     check(&res, Via::Pod);
     check(&res, Via::Service);
 }
@@ -280,8 +285,13 @@ fn traps_and_upstream_on_three_routed_nodes() {
 /// with a bookmark after every step and 410 Gone on one kind's watches every third step (the
 /// runner waits for every agent to list that kind again).
 #[test]
-fn traps_and_upstream_on_two_vxlan_nodes_in_cluster_mode() {
-    let res = run_all_on(&["traps", "upstream"], 2, Network::Vxlan, Mode::Cluster);
+fn every_scenario_on_two_vxlan_nodes_in_cluster_mode() {
+    let res = run_all_on(
+        &["demo", "seed", "traps", "upstream"],
+        2,
+        Network::Vxlan,
+        Mode::Cluster,
+    );
     check(&res, Via::Pod);
     check(&res, Via::Service);
 }
