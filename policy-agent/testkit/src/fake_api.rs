@@ -323,14 +323,23 @@ impl FakeApi {
         ));
     }
 
-    fn stamp(st: &mut State, obj: &mut Value) -> u64 {
+    /// A new resourceVersion, and a uid when the object brings none: an update keeps the
+    /// stored object's, a creation (also after a delete) gets a new one, as on a real server.
+    fn stamp(st: &mut State, kind: Kind, obj: &mut Value) -> u64 {
         st.rv += 1;
-        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         if obj["metadata"]["uid"].is_null() {
-            let (ns, n) = key_of(obj);
-            obj["metadata"]["uid"] = json!(format!("uid-{ns}-{n}"));
+            let k = key_of(obj);
+            let uid = st
+                .kinds
+                .get(&kind)
+                .and_then(|ks| ks.objects.get(&k))
+                .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("uid-{}-{}-{rv}", k.0, k.1));
+            obj["metadata"]["uid"] = json!(uid);
         }
-        st.rv
+        rv
     }
 
     fn publish(ks: &mut KindState, rv: u64, ev: Value) {
@@ -343,7 +352,7 @@ impl FakeApi {
     /// Creates or updates an object (seen by lists and watches).
     pub fn apply(&self, kind: Kind, mut obj: Value) {
         let mut st = self.lock();
-        let rv = Self::stamp(&mut st, &mut obj);
+        let rv = Self::stamp(&mut st, kind, &mut obj);
         let ks = st.kinds.entry(kind).or_default();
         let k = key_of(&obj);
         let t = if ks.objects.contains_key(&k) {
@@ -477,7 +486,7 @@ impl FakeApi {
     /// Stores an object as-is in the list (no schema check), e.g. a malformed one.
     pub fn put_raw(&self, kind: Kind, mut obj: Value) {
         let mut st = self.lock();
-        let rv = Self::stamp(&mut st, &mut obj);
+        let rv = Self::stamp(&mut st, kind, &mut obj);
         let ks = st.kinds.entry(kind).or_default();
         ks.objects.insert(key_of(&obj), obj.clone());
         Self::publish(ks, rv, json!({"type": "ADDED", "object": obj}));
@@ -572,5 +581,42 @@ impl Served {
              users: [{{name: test, user: {{}}}}]\n\
              contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n"
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FakeApi, Kind};
+    use serde_json::json;
+
+    fn uid(api: &FakeApi) -> String {
+        let st = api.lock();
+        let o = &st.kinds[&Kind::Pods].objects[&("x".to_string(), "a".to_string())];
+        o["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn an_update_keeps_the_uid_and_a_new_creation_gets_a_new_one() {
+        let api = FakeApi::default();
+        let pod = |label: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"namespace": "x", "name": "a", "labels": {"l": label}}})
+        };
+        api.apply(Kind::Pods, pod("1"));
+        let first = uid(&api);
+        api.apply(Kind::Pods, pod("2"));
+        assert_eq!(uid(&api), first, "an update");
+        let before = api.generation();
+        api.delete(Kind::Pods, "x", "a");
+        api.apply(Kind::Pods, pod("2"));
+        assert_ne!(uid(&api), first, "deleted and created again");
+        assert_ne!(api.generation(), before);
+        // Converging to what is there writes nothing.
+        let now = api.generation();
+        assert_eq!(api.converge(&[pod("2")]), 0);
+        assert_eq!(api.generation(), now);
     }
 }
