@@ -125,6 +125,13 @@ pub struct StepDef {
     /// the same addresses (as a rescheduled pod that keeps its IP).
     #[serde(default, rename = "move")]
     pub moves: BTreeMap<String, String>,
+    /// Long-lived connections ended at the start of the step (before its change).
+    #[serde(default)]
+    pub close: Vec<String>,
+    /// Long-lived connections opened once the step's change is enforced, kept open across
+    /// the following steps until closed.
+    #[serde(default)]
+    pub open: Vec<OpenDef>,
     /// `None`: the step only changes objects; nothing is probed.
     #[serde(default)]
     pub expect: Option<ExpectDef>,
@@ -144,6 +151,64 @@ pub struct ExpectDef {
     pub deny: Vec<String>,
     #[serde(default)]
     pub allow: Vec<String>,
+    /// What each open connection must be after the step (required while any is open).
+    #[serde(default)]
+    pub established: Option<EstablishedDef>,
+}
+
+/// One long-lived connection of a step's `open` list.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenDef {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    /// `PROTO/PORT`, as in `expect.probes`.
+    pub port: String,
+    #[serde(default)]
+    pub via: Via,
+    /// `None`: the file's first family.
+    #[serde(default)]
+    pub family: Option<IpFamily>,
+}
+
+/// `expect.established`: the verdict of every open connection.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstablishedDef {
+    /// Omitted: `alive`.
+    #[serde(default)]
+    pub default: Liveness,
+    #[serde(default)]
+    pub cut: Vec<String>,
+    #[serde(default)]
+    pub alive: Vec<String>,
+}
+
+/// What an open connection does after a step: carries data both ways, or not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    #[default]
+    Alive,
+    Cut,
+}
+
+impl Liveness {
+    pub fn from_alive(alive: bool) -> Liveness {
+        if alive {
+            Liveness::Alive
+        } else {
+            Liveness::Cut
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Cut => "cut",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]

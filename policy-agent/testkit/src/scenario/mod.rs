@@ -12,11 +12,15 @@
 //!   `PodHost::service_v4`/`service_v6` to the pod, as kube-proxy writes it.
 //! - `apply(topology, state)`: write [`manifests::manifests`] into the agent's `--manifests`
 //!   directory (and remove files of deleted objects), then wait until the agent enforced them.
+//! - `open_connections`, `check_connections`, `close_connections`: long-lived connections (`connections`),
+//!   kept on the same sockets across steps; a check says whether a message still makes the
+//!   round trip.
 //! - `probe(probes)`: from `Probe::src_addr`'s host, connect to `Probe::target_addr` on
 //!   `Probe::port`; `true` when the reply came back in time. Probes to unserved ports are never
 //!   passed in.
 
 pub mod apply;
+pub mod connections;
 pub mod expect;
 pub mod format;
 pub mod kernel;

@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::time::Duration;
 
-use super::format::IpFamily;
+use super::format::{IpFamily, Liveness};
 use super::plan::{Plan, Step};
-use super::report::{Counts, Observed};
+use super::report::{self, Counts, Observed};
 use super::run::Outcome;
 use super::topology::EndpointName;
 
@@ -126,6 +126,23 @@ impl Narration {
         for w in &step.applied.warnings {
             writeln!(out, "warning: {w}")?;
         }
+        let conns = &step.connections;
+        if !conns.close.is_empty() {
+            writeln!(
+                out,
+                "{} {}",
+                self.dim("closes connections:"),
+                self.paint("36", &conns.close.join(", "))
+            )?;
+        }
+        for c in &conns.open {
+            writeln!(
+                out,
+                "{} {}",
+                self.dim("opens (kept open across the next steps):"),
+                self.paint("36", &c.to_string())
+            )?;
+        }
         Ok(())
     }
 
@@ -136,6 +153,7 @@ impl Narration {
         plan: &Plan,
         step: &Step,
         outcomes: &[Outcome],
+        alive: &[bool],
         enforced_in: Duration,
     ) -> io::Result<Counts> {
         let mut counts = Counts::default();
@@ -221,6 +239,7 @@ impl Narration {
                 }
             }
         }
+        self.connections(out, step, alive, &mut counts, &mut mismatches)?;
         writeln!(out)?;
         let probed = counts.passed + counts.failed;
         if counts.failed == 0 {
@@ -249,6 +268,59 @@ impl Narration {
             }
         }
         Ok(counts)
+    }
+
+    /// The connections kept open across steps, each with what it did and what it must do.
+    fn connections(
+        &self,
+        out: &mut dyn Write,
+        step: &Step,
+        alive: &[bool],
+        counts: &mut Counts,
+        mismatches: &mut Vec<String>,
+    ) -> io::Result<()> {
+        let checks = &step.connections.checks;
+        if checks.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            out,
+            "\n  Connections kept open from earlier (alive: a message still makes the round trip):"
+        )?;
+        for (i, check) in checks.iter().enumerate() {
+            let got = alive.get(i).copied().map(Liveness::from_alive);
+            let ok = report::check_passed(step, alive, i);
+            let shown = got.map_or("not checked", Liveness::as_str);
+            let mark = match (ok, got) {
+                (true, Some(Liveness::Alive)) => self.paint("32", "+"),
+                (true, _) => self.paint("31", "-"),
+                (false, _) => self.paint(
+                    "1;33",
+                    if got == Some(Liveness::Alive) {
+                        "!"
+                    } else {
+                        "X"
+                    },
+                ),
+            };
+            if ok {
+                counts.passed += 1;
+            } else {
+                counts.failed += 1;
+                mismatches.push(format!(
+                    "open connection {}: expected {}, got {shown}",
+                    check.conn,
+                    check.expect.as_str()
+                ));
+            }
+            writeln!(
+                out,
+                "  {mark} {}: {shown} (expected {})",
+                check.conn,
+                check.expect.as_str()
+            )?;
+        }
+        Ok(())
     }
 
     /// The closing paragraph of a scenario.

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::ScenarioError;
 use super::apply::{Applied, State, apply_step};
+use super::connections::{OpenSet, StepConnections};
 use super::expect::{DEFAULT_PROBE, Pattern, ProbePort, parse_probe_port};
 use super::format::{self, IpFamily, Verdict, Via};
 use super::topology::{EndpointName, Topology};
@@ -39,6 +40,8 @@ pub struct Step {
     pub via: Via,
     /// Every probe of the step: for each family, port, source and destination.
     pub probes: Vec<Probe>,
+    /// Long-lived connections closed, opened and checked in the step.
+    pub connections: StepConnections,
 }
 
 /// One connection attempt and what the file expects of it.
@@ -92,9 +95,14 @@ impl Plan {
         let topology = Topology::build(file, &f, nodes)?;
         let mut state = State::new(&topology);
         let mut steps = Vec::new();
+        let mut connections = OpenSet::default();
         for (index, def) in f.steps.iter().enumerate() {
             let err =
                 |field: String, msg: String| ScenarioError::new(file, Some(index), field, msg);
+            // Closing comes first, before the change: a moved pod's connections must be
+            // closed by then.
+            let close = connections.close(file, index, &def.close)?;
+            connections.check_moves(file, index, &def.moves)?;
             let applied = apply_step(
                 file,
                 index,
@@ -104,6 +112,11 @@ impl Plan {
                 &def.delete,
                 &def.moves,
             )?;
+            let open = connections.open(file, index, &topology, &state, &def.open)?;
+            let checks = match &def.expect {
+                None => Vec::new(),
+                Some(expect) => connections.checks(file, index, expect.established.as_ref())?,
+            };
             let (ports, via, probes) = match &def.expect {
                 None => (Vec::new(), Via::Pod, Vec::new()),
                 Some(expect) => {
@@ -158,6 +171,11 @@ impl Plan {
                 ports,
                 via,
                 probes,
+                connections: StepConnections {
+                    close,
+                    open,
+                    checks,
+                },
             });
         }
         Ok(Plan {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use super::expect::ProbePort;
-use super::format::IpFamily;
+use super::format::{IpFamily, Liveness};
 use super::plan::{Plan, Step};
 use super::run::Outcome;
 use super::topology::EndpointName;
@@ -39,13 +39,15 @@ fn cell(expect_allowed: bool, outcome: Outcome) -> char {
     }
 }
 
-/// Writes a step's matrices; `outcomes` is parallel to `step.probes`.
+/// Writes a step's matrices and connection checks; `outcomes` is parallel to `step.probes`,
+/// `alive` to `step.connections.checks`.
 pub fn write_step(
     out: &mut dyn Write,
     plan: &Plan,
     step: &Step,
     steps: usize,
     outcomes: &[Outcome],
+    alive: &[bool],
 ) -> io::Result<Counts> {
     let changes = if step.applied.changes.is_empty() {
         "no change".to_string()
@@ -129,7 +131,52 @@ pub fn write_step(
             counts.add(&c);
         }
     }
+    counts.add(&write_connections(out, step, alive)?);
     Ok(counts)
+}
+
+/// Whether check `i` of the step passed: each check counts as one probe.
+pub fn check_passed(step: &Step, alive: &[bool], i: usize) -> bool {
+    match (step.connections.checks.get(i), alive.get(i)) {
+        (Some(c), Some(&a)) => Liveness::from_alive(a) == c.expect,
+        _ => false,
+    }
+}
+
+/// The step's open connections, one line each: `name src -> dst port family via ..: alive
+/// (expected alive)`, failures marked `FAIL`.
+fn write_connections(out: &mut dyn Write, step: &Step, alive: &[bool]) -> io::Result<Counts> {
+    let mut c = Counts::default();
+    let checks = &step.connections.checks;
+    if checks.is_empty() {
+        return Ok(c);
+    }
+    let mut lines = Vec::new();
+    for (i, check) in checks.iter().enumerate() {
+        let got = alive.get(i).copied().map(Liveness::from_alive);
+        let ok = check_passed(step, alive, i);
+        if ok {
+            c.passed += 1;
+        } else {
+            c.failed += 1;
+        }
+        lines.push(format!(
+            "  {}{}: {} (expected {})",
+            if ok { "" } else { "FAIL " },
+            check.conn,
+            got.map_or("not checked", Liveness::as_str),
+            check.expect.as_str()
+        ));
+    }
+    writeln!(
+        out,
+        "established connections: {} passed, {} failed",
+        c.passed, c.failed
+    )?;
+    for l in lines {
+        writeln!(out, "{l}")?;
+    }
+    Ok(c)
 }
 
 fn verdict(allowed: bool) -> &'static str {

@@ -2,7 +2,10 @@
 //! (the datapath's algorithm over the maps the agent would write; what `--simulate` uses), and
 //! the reference evaluator straight from the spec (to judge the former).
 
+use std::collections::BTreeMap;
+
 use super::apply::State;
+use super::connections::{Connection, admitted_as_new};
 use super::plan::Probe;
 use super::run::{Oracle, OracleError};
 use super::topology::{EndpointName, Topology};
@@ -49,6 +52,7 @@ pub fn nodes_crossed(topology: &Topology, snapshot: &Snapshot, probe: &Probe) ->
 pub struct ReferenceOracle {
     topology: Option<Topology>,
     snapshot: Snapshot,
+    held: Held,
 }
 
 impl ReferenceOracle {
@@ -89,6 +93,94 @@ impl Oracle for ReferenceOracle {
             .map(|p| Self::verdict(topology, &self.snapshot, p))
             .collect())
     }
+
+    fn open_connections(&mut self, conns: &[&Connection]) -> Result<(), OracleError> {
+        let topology = self
+            .topology
+            .as_ref()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let snapshot = &self.snapshot;
+        self.held
+            .open(conns, |c| admitted_as_new(topology, snapshot, c))
+    }
+
+    fn check_connections(&mut self, conns: &[&Connection]) -> Result<Vec<bool>, OracleError> {
+        let topology = self
+            .topology
+            .as_ref()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let snapshot = &self.snapshot;
+        self.held
+            .check(conns, |c| admitted_as_new(topology, snapshot, c))
+    }
+
+    fn close_connections(&mut self, names: &[String]) -> Result<(), OracleError> {
+        self.held.close(names)
+    }
+
+    fn teardown(&mut self) -> Result<(), OracleError> {
+        self.held = Held::default();
+        Ok(())
+    }
+}
+
+/// The connections a simulation holds open, by name. The datapath re-judges open
+/// connections on every change, so a simulation answers a check with the verdict a new
+/// connection would get now (`admits`).
+#[derive(Default)]
+struct Held {
+    open: BTreeMap<String, Connection>,
+}
+
+impl Held {
+    fn open(
+        &mut self,
+        conns: &[&Connection],
+        admits: impl Fn(&Connection) -> bool,
+    ) -> Result<(), OracleError> {
+        for c in conns {
+            if self.open.contains_key(&c.name) {
+                return Err(OracleError::Failed(format!(
+                    "connection {} is already open",
+                    c.name
+                )));
+            }
+            if !admits(c) {
+                return Err(OracleError::Failed(format!(
+                    "connection {c} cannot be opened: the policies in force deny it"
+                )));
+            }
+            self.open.insert(c.name.clone(), (*c).clone());
+        }
+        Ok(())
+    }
+
+    fn check(
+        &self,
+        conns: &[&Connection],
+        admits: impl Fn(&Connection) -> bool,
+    ) -> Result<Vec<bool>, OracleError> {
+        conns
+            .iter()
+            .map(|c| match self.open.get(&c.name) {
+                Some(held) if held == *c => Ok(admits(c)),
+                _ => Err(OracleError::Failed(format!(
+                    "connection {c} is checked but was not opened"
+                ))),
+            })
+            .collect()
+    }
+
+    fn close(&mut self, names: &[String]) -> Result<(), OracleError> {
+        for n in names {
+            if self.open.remove(n).is_none() {
+                return Err(OracleError::Failed(format!(
+                    "connection {n} is closed but was not open"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Compiles each step's objects into map contents for every node, as each node's agent does,
@@ -103,6 +195,7 @@ pub struct KernelModelOracle {
     /// Per node.
     states: Vec<CompilerState>,
     maps: Vec<MapContents>,
+    held: Held,
 }
 
 impl KernelModelOracle {
@@ -148,6 +241,7 @@ impl Oracle for KernelModelOracle {
                 .map(|_| CompilerState::default())
                 .collect(),
             maps: vec![MapContents::default(); topology.nodes.len()],
+            held: Held::default(),
         };
         Ok(())
     }
@@ -167,6 +261,26 @@ impl Oracle for KernelModelOracle {
 
     fn probe(&mut self, probes: &[&Probe]) -> Result<Vec<bool>, OracleError> {
         Ok(probes.iter().map(|p| self.verdict(p)).collect())
+    }
+
+    fn open_connections(&mut self, conns: &[&Connection]) -> Result<(), OracleError> {
+        let mut held = std::mem::take(&mut self.held);
+        let r = held.open(conns, |c| self.verdict(&c.as_probe()));
+        self.held = held;
+        r
+    }
+
+    fn check_connections(&mut self, conns: &[&Connection]) -> Result<Vec<bool>, OracleError> {
+        self.held.check(conns, |c| self.verdict(&c.as_probe()))
+    }
+
+    fn close_connections(&mut self, names: &[String]) -> Result<(), OracleError> {
+        self.held.close(names)
+    }
+
+    fn teardown(&mut self) -> Result<(), OracleError> {
+        self.held = Held::default();
+        Ok(())
     }
 }
 
@@ -220,6 +334,44 @@ impl Oracle for CheckedSimulation {
             )));
         }
         Ok(answers)
+    }
+
+    fn open_connections(&mut self, conns: &[&Connection]) -> Result<(), OracleError> {
+        self.reference.open_connections(conns)?;
+        self.kernel.open_connections(conns)
+    }
+
+    fn check_connections(&mut self, conns: &[&Connection]) -> Result<Vec<bool>, OracleError> {
+        let answers = self.kernel.check_connections(conns)?;
+        let reference = self.reference.check_connections(conns)?;
+        let disagree: Vec<String> = conns
+            .iter()
+            .zip(answers.iter().zip(&reference))
+            .filter(|(_, (a, r))| a != r)
+            .map(|(c, (a, _))| {
+                format!(
+                    "open connection {c}: kernel model alive={a}, reference alive={}",
+                    !a
+                )
+            })
+            .collect();
+        if !disagree.is_empty() {
+            return Err(OracleError::Failed(format!(
+                "the kernel model and the reference evaluator disagree (a bug):\n  {}",
+                disagree.join("\n  ")
+            )));
+        }
+        Ok(answers)
+    }
+
+    fn close_connections(&mut self, names: &[String]) -> Result<(), OracleError> {
+        self.reference.close_connections(names)?;
+        self.kernel.close_connections(names)
+    }
+
+    fn teardown(&mut self) -> Result<(), OracleError> {
+        self.reference.teardown()?;
+        self.kernel.teardown()
     }
 }
 

@@ -4,6 +4,13 @@
 //! could start in both directions. The datapath judges these packets like any SCTP
 //! association's first packets (protocol 132, ports in the common header).
 //!
+//! A long-lived association ([`SctpAssociation`]) goes on with COOKIE-ECHO / COOKIE-ACK (so
+//! conntrack on the way sees it established) and is checked with HEARTBEAT chunks, which the
+//! responder answers with HEARTBEAT-ACKs echoing their information, all on the same ports
+//! and verification tags. The responder keeps no state: its initiate tag is a fixed
+//! permutation of the client's ([`responder_tag`]), so it finds the client's tag again in
+//! every later packet's verification tag.
+//!
 //! [`probe`] and [`respond`] work on the calling thread's namespace (the scenario runner's
 //! workers); [`sctp_probe`] and [`SctpResponder`] take a [`Netns`] (the namespace tests).
 
@@ -21,6 +28,97 @@ use super::netns::Netns;
 pub const IPPROTO_SCTP: i32 = 132;
 const CHUNK_INIT: u8 = 1;
 const CHUNK_INIT_ACK: u8 = 2;
+const CHUNK_HEARTBEAT: u8 = 4;
+const CHUNK_HEARTBEAT_ACK: u8 = 5;
+const CHUNK_COOKIE_ECHO: u8 = 10;
+const CHUNK_COOKIE_ACK: u8 = 11;
+/// INIT-ACK parameter: State Cookie; HEARTBEAT parameter: Heartbeat Info.
+const PARAM_STATE_COOKIE: u16 = 7;
+const PARAM_HEARTBEAT_INFO: u16 = 1;
+/// What the responder's initiate tag is made from (see [`responder_tag`]).
+const TAG_MASK: u32 = 0x5c7b_a5a5;
+
+/// The responder's initiate tag for an INIT carrying `client_tag`: a permutation, so the
+/// client's tag follows back from it ([`client_tag`]) without any state.
+pub fn responder_tag(client_tag: u32) -> u32 {
+    client_tag.rotate_left(16) ^ TAG_MASK
+}
+
+/// The inverse of [`responder_tag`].
+pub fn client_tag(responder_tag: u32) -> u32 {
+    (responder_tag ^ TAG_MASK).rotate_right(16)
+}
+
+/// A packet of one chunk with `body` (padded to 4 bytes), checksummed.
+fn chunk_packet(src: u16, dst: u16, vtag: u32, kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(16 + body.len() + 3);
+    p.extend_from_slice(&src.to_be_bytes());
+    p.extend_from_slice(&dst.to_be_bytes());
+    p.extend_from_slice(&vtag.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(&[kind, 0]);
+    p.extend_from_slice(&((4 + body.len()) as u16).to_be_bytes());
+    p.extend_from_slice(body);
+    while p.len() % 4 != 0 {
+        p.push(0);
+    }
+    seal(&mut p);
+    p
+}
+
+/// A parameter (type, value) as chunk bodies carry them.
+fn param(kind: u16, value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + value.len());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+/// The value of the first parameter of type `kind` in `params`.
+fn find_param(mut params: &[u8], kind: u16) -> Option<&[u8]> {
+    while params.len() >= 4 {
+        let t = u16::from_be_bytes([params[0], params[1]]);
+        let len = u16::from_be_bytes([params[2], params[3]]) as usize;
+        if len < 4 || len > params.len() {
+            return None;
+        }
+        if t == kind {
+            return Some(&params[4..len]);
+        }
+        let padded = len.div_ceil(4) * 4;
+        params = params.get(padded..).unwrap_or(&[]);
+    }
+    None
+}
+
+/// A packet's common header and first chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Chunk<'a> {
+    src: u16,
+    dst: u16,
+    vtag: u32,
+    kind: u8,
+    /// The chunk's value (after type, flags and length).
+    body: &'a [u8],
+}
+
+fn parse_chunk(p: &[u8]) -> Option<Chunk<'_>> {
+    if p.len() < 16 || !checksum_ok(p) {
+        return None;
+    }
+    let len = u16::from_be_bytes([p[14], p[15]]) as usize;
+    if len < 4 || 12 + len > p.len() {
+        return None;
+    }
+    Some(Chunk {
+        src: u16::from_be_bytes([p[0], p[1]]),
+        dst: u16::from_be_bytes([p[2], p[3]]),
+        vtag: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+        kind: p[12],
+        body: &p[16..12 + len],
+    })
+}
 
 /// CRC32c (Castagnoli), as SCTP's checksum uses it (RFC 9260 appendix A).
 pub fn crc32c(data: &[u8]) -> u32 {
@@ -311,12 +409,117 @@ pub fn probe(
     }
 }
 
+/// Receives packets from `peer` until `accept` takes one or `deadline` passes (TimedOut).
+fn recv_until<T>(
+    sock: &RawSctp,
+    peer: IpAddr,
+    deadline: Instant,
+    mut accept: impl FnMut(Chunk<'_>) -> Option<T>,
+) -> io::Result<T> {
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
+        }
+        sock.set_timeout(left)?;
+        let (from, range) = match sock.recv(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
+            }
+            Err(e) => return Err(e),
+        };
+        if from != peer {
+            continue;
+        }
+        if let Some(c) = parse_chunk(&buf[range])
+            && let Some(t) = accept(c)
+        {
+            return Ok(t);
+        }
+    }
+}
+
+/// A long-lived SCTP association over a raw socket: one source port, one pair of
+/// verification tags for its whole life. Make it on a thread inside the client's namespace;
+/// the socket stays there.
+pub struct SctpAssociation {
+    sock: RawSctp,
+    to: SocketAddr,
+    port: u16,
+    /// Ours (the INIT's initiate tag: what the peer's packets carry).
+    tag: u32,
+    /// The peer's (from its INIT-ACK: what our packets carry after the INIT).
+    peer_tag: u32,
+}
+
+impl SctpAssociation {
+    /// INIT / INIT-ACK / COOKIE-ECHO / COOKIE-ACK from `local` to `to`, each answer within
+    /// `timeout`.
+    pub fn open(local: IpAddr, to: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let (port, tag) = fresh_port_and_tag();
+        let sock = RawSctp::bind(local)?;
+        sock.connect(to.ip())?;
+        sock.send_to(&packet(port, to.port(), 0, CHUNK_INIT, tag), to.ip())?;
+        let from_peer = |c: &Chunk<'_>| c.src == to.port() && c.dst == port && c.vtag == tag;
+        let (peer_tag, cookie) = recv_until(&sock, to.ip(), Instant::now() + timeout, |c| {
+            if c.kind != CHUNK_INIT_ACK || !from_peer(&c) || c.body.len() < 16 {
+                return None;
+            }
+            let peer_tag = u32::from_be_bytes([c.body[0], c.body[1], c.body[2], c.body[3]]);
+            let cookie = find_param(&c.body[16..], PARAM_STATE_COOKIE)?.to_vec();
+            Some((peer_tag, cookie))
+        })?;
+        sock.send_to(
+            &chunk_packet(port, to.port(), peer_tag, CHUNK_COOKIE_ECHO, &cookie),
+            to.ip(),
+        )?;
+        recv_until(&sock, to.ip(), Instant::now() + timeout, |c| {
+            (c.kind == CHUNK_COOKIE_ACK && from_peer(&c)).then_some(())
+        })?;
+        Ok(SctpAssociation {
+            sock,
+            to,
+            port,
+            tag,
+            peer_tag,
+        })
+    }
+
+    /// Sends a HEARTBEAT carrying `info` and waits up to `timeout` for the HEARTBEAT-ACK
+    /// echoing exactly `info` (acks of earlier heartbeats are skipped).
+    pub fn heartbeat(&self, info: &[u8], timeout: Duration) -> io::Result<()> {
+        let body = param(PARAM_HEARTBEAT_INFO, info);
+        let hb = chunk_packet(
+            self.port,
+            self.to.port(),
+            self.peer_tag,
+            CHUNK_HEARTBEAT,
+            &body,
+        );
+        self.sock.send_to(&hb, self.to.ip())?;
+        recv_until(&self.sock, self.to.ip(), Instant::now() + timeout, |c| {
+            (c.kind == CHUNK_HEARTBEAT_ACK
+                && c.src == self.to.port()
+                && c.dst == self.port
+                && c.vtag == self.tag
+                && find_param(c.body, PARAM_HEARTBEAT_INFO) == Some(info))
+            .then_some(())
+        })
+    }
+}
+
 /// Answers INITs to the address `sock` is bound to, on the ports `serves` accepts, until
 /// `stop` is set.
 pub fn respond(sock: RawSctp, serves: &dyn Fn(u16) -> bool, stop: &AtomicBool) -> io::Result<()> {
     sock.set_timeout(Duration::from_millis(50))?;
     let mut buf = [0u8; 2048];
-    let mut next_tag = 0x5c7b_0001u32;
     while !stop.load(Ordering::Relaxed) {
         let (from, range) = match sock.recv(&mut buf) {
             Ok(r) => r,
@@ -330,14 +533,38 @@ pub fn respond(sock: RawSctp, serves: &dyn Fn(u16) -> bool, stop: &AtomicBool) -
             }
             Err(e) => return Err(e),
         };
-        let Some((sp, dp, vtag, kind, init_tag)) = parse(&buf[range]) else {
+        let Some(c) = parse_chunk(&buf[range]) else {
             continue;
         };
-        if kind != CHUNK_INIT || vtag != 0 || !serves(dp) {
+        if !serves(c.dst) {
             continue;
         }
-        next_tag = next_tag.wrapping_add(1).max(1);
-        let _ = sock.send_to(&packet(dp, sp, init_tag, CHUNK_INIT_ACK, next_tag), from);
+        let reply = match c.kind {
+            CHUNK_INIT if c.vtag == 0 && c.body.len() >= 4 => {
+                let init_tag = u32::from_be_bytes([c.body[0], c.body[1], c.body[2], c.body[3]]);
+                packet(
+                    c.dst,
+                    c.src,
+                    init_tag,
+                    CHUNK_INIT_ACK,
+                    responder_tag(init_tag),
+                )
+            }
+            // Later chunks of an association carry the responder's tag; the client's
+            // follows from it.
+            CHUNK_COOKIE_ECHO => {
+                chunk_packet(c.dst, c.src, client_tag(c.vtag), CHUNK_COOKIE_ACK, &[])
+            }
+            CHUNK_HEARTBEAT => chunk_packet(
+                c.dst,
+                c.src,
+                client_tag(c.vtag),
+                CHUNK_HEARTBEAT_ACK,
+                c.body,
+            ),
+            _ => continue,
+        };
+        let _ = sock.send_to(&reply, from);
     }
     Ok(())
 }
@@ -437,5 +664,37 @@ mod tests {
         assert_eq!(parse(&bad), None);
         let a = packet(80, 1000, 77, CHUNK_INIT_ACK, 5);
         assert_eq!(parse(&a), Some((80, 1000, 77, CHUNK_INIT_ACK, 5)));
+    }
+
+    #[test]
+    fn responder_tags_lead_back_to_the_client_tag() {
+        for t in [1u32, 0x7a61_0000, 0xffff_ffff, 0x1234_5678] {
+            assert_eq!(client_tag(responder_tag(t)), t);
+            assert_ne!(responder_tag(t), t);
+        }
+    }
+
+    #[test]
+    fn heartbeats_and_cookies_round_trip() {
+        let info = b"netpol-c\0\0\0\0\0\0\0\x07";
+        let body = param(PARAM_HEARTBEAT_INFO, info);
+        let hb = chunk_packet(2000, 80, 9, CHUNK_HEARTBEAT, &body);
+        assert_eq!(hb.len() % 4, 0);
+        let c = parse_chunk(&hb).expect("valid heartbeat");
+        assert_eq!(
+            (c.src, c.dst, c.vtag, c.kind),
+            (2000, 80, 9, CHUNK_HEARTBEAT)
+        );
+        assert_eq!(find_param(c.body, PARAM_HEARTBEAT_INFO), Some(&info[..]));
+        // An INIT-ACK's cookie is found after the fixed part.
+        let a = packet(80, 2000, 77, CHUNK_INIT_ACK, 5);
+        let c = parse_chunk(&a).expect("valid INIT-ACK");
+        assert_eq!(
+            find_param(&c.body[16..], PARAM_STATE_COOKIE),
+            Some(&b"netpolck"[..])
+        );
+        // An odd-length cookie is padded, its length says how much is real.
+        let e = chunk_packet(2000, 80, 5, CHUNK_COOKIE_ECHO, b"abc");
+        assert_eq!(parse_chunk(&e).expect("valid").body, b"abc");
     }
 }

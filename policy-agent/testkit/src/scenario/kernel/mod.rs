@@ -10,6 +10,7 @@
 //! wait); leftovers of runs killed outright are swept when the next runner starts.
 
 pub mod cleanup;
+pub mod connections;
 pub mod hosts;
 pub mod probe;
 
@@ -22,12 +23,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::apply::State;
+use super::connections::Connection;
 use super::manifests;
 use super::plan::Probe;
 use super::run::{Oracle, OracleError};
 use super::topology::{EndpointName, Topology};
 use crate::fake_api::{FakeApi, Kind, Served};
 use crate::testbed::PrivateBpffs;
+use connections::{OpenConnections, OpenJob};
 use hosts::Hosts;
 use policy_agent::model::ObjectKey;
 use probe::{Job, Servers};
@@ -115,6 +118,8 @@ pub struct KernelOracle {
 
 /// What one scenario built; the field order is the teardown order.
 struct Run {
+    /// Long-lived connections (closed first: their sockets live in the hosts' namespaces).
+    connections: OpenConnections,
     /// What it was built for.
     topology: Topology,
     /// One per node, in the topology's order.
@@ -252,6 +257,7 @@ impl KernelOracle {
             bpffs.push(fs);
         }
         Ok(Run {
+            connections: OpenConnections::default(),
             topology: topo.clone(),
             agents,
             api,
@@ -542,11 +548,59 @@ impl Oracle for KernelOracle {
         ))
     }
 
+    fn open_connections(&mut self, conns: &[&Connection]) -> Result<(), OracleError> {
+        check_interrupt()?;
+        let run = self
+            .run
+            .as_mut()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        let mut jobs = Vec::with_capacity(conns.len());
+        for c in conns {
+            let ns = match &c.src {
+                EndpointName::Pod(key) => run.pod(key)?,
+                EndpointName::External(name) => run.external(name)?.0,
+            };
+            if let EndpointName::External(name) = &c.dst {
+                // Externals serve every port they are asked for.
+                let ext_ns = &run.hosts.externals[run.external(name)?.1];
+                run.servers
+                    .ensure(ext_ns, c.dst_addr, c.port.protocol, c.port.port)
+                    .map_err(|e| fail(&format!("server on external {name}"), e))?;
+            }
+            jobs.push(OpenJob { conn: c, ns });
+        }
+        run.connections
+            .open(&run.ns_files, &jobs, self.cfg.probe_timeout)
+            .map_err(OracleError::Failed)
+    }
+
+    fn check_connections(&mut self, conns: &[&Connection]) -> Result<Vec<bool>, OracleError> {
+        check_interrupt()?;
+        let run = self
+            .run
+            .as_mut()
+            .ok_or_else(|| OracleError::Failed("not set up".into()))?;
+        run.connections
+            .check(conns, self.cfg.probe_timeout)
+            .map_err(OracleError::Failed)
+    }
+
+    fn close_connections(&mut self, names: &[String]) -> Result<(), OracleError> {
+        if let Some(run) = &mut self.run {
+            run.connections.close(names);
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> Result<(), OracleError> {
         self.close()
     }
 
     fn teardown(&mut self) -> Result<(), OracleError> {
+        if let Some(run) = &mut self.run {
+            // The next plan starts without connections, whether or not it reuses the hosts.
+            run.connections.close_all();
+        }
         if self.cfg.reuse_hosts && !cleanup::interrupted() {
             // Kept for the next scenario; an agent that died is reported now.
             if let Some(run) = &mut self.run
