@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use policy_agent::dataplane::{AttachMode, UplinkMode};
+use policy_agent::dataplane::{AttachMode, Established, UplinkMode};
 use policy_agent::node::NodeOptions;
 use policy_agent::{cni, observe, standalone};
 
@@ -63,6 +63,17 @@ struct NodeArgs {
     /// and local pods' veths), `none`, or a comma-separated list.
     #[arg(long, default_value = "auto", value_name = "auto|none|IFACE[,IFACE]")]
     uplink: UplinkMode,
+    /// What a policy change does to open connections: `revalidate` judges each again on its
+    /// next packet, as a new connection would be (one no longer admitted stops at once);
+    /// `keep` lets them run with the verdict they were opened with.
+    #[arg(long, value_enum, default_value_t = EstablishedArg::Revalidate)]
+    established: EstablishedArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EstablishedArg {
+    Revalidate,
+    Keep,
 }
 
 impl NodeArgs {
@@ -80,6 +91,10 @@ impl NodeArgs {
             reset: self.reset,
             seed_conntrack: !self.no_seed_conntrack,
             migrate: !self.no_migrate,
+            established: match self.established {
+                EstablishedArg::Revalidate => Established::Revalidate,
+                EstablishedArg::Keep => Established::Keep,
+            },
         })
     }
 }

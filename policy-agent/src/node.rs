@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use crate::compiler::addr_of;
 use crate::compiler::{MapContents, MapDiff};
 use crate::dataplane::{
-    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, LinkSet, PinState, Role,
-    Translation, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with,
+    AttachMode, Counters, Dataplane, DataplaneError, DataplaneMaps, Established, LinkSet, PinState,
+    Role, Translation, UplinkMode, adopt_kernel_state, ctseed, links, pinning, renumber_with,
     service_judge, uplink,
 };
 use crate::dataplane::{netinfo, writer};
@@ -36,6 +36,8 @@ pub struct NodeOptions {
     /// move to new maps without a gap; else refuse to start, leaving the old programs
     /// enforcing (fail closed, never open).
     pub migrate: bool,
+    /// What a policy change does to open connections.
+    pub established: Established,
 }
 
 impl NodeOptions {
@@ -48,6 +50,7 @@ impl NodeOptions {
             reset: false,
             seed_conntrack: true,
             migrate: true,
+            established: Established::default(),
         }
     }
 }
@@ -136,6 +139,7 @@ impl NodeEnforcer {
     ) -> Result<NodeEnforcer, DataplaneError> {
         dp.persist_links();
         let mut maps = dp.take_maps()?;
+        maps.set_established(opts.established);
         let adopted = dp.pin_state() == PinState::Adopted;
         let mut seed = !adopted && opts.seed_conntrack;
         if dp.pin_state() == PinState::Migrating {

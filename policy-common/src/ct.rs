@@ -119,6 +119,34 @@ pub const fn has_grants(v: &CtValue, required: u32) -> bool {
     v.flags & required == required
 }
 
+/// Whether an entry's grants were decided under `epoch` (`Config::policy_epoch`): if not,
+/// its next packet judges the connection again as a new one would be.
+#[inline(always)]
+pub const fn current(v: &CtValue, epoch: u32) -> bool {
+    (v.flags ^ (epoch << ct_flags::EPOCH_SHIFT)) & ct_flags::EPOCH_MASK == 0
+}
+
+/// `flags` stamped with `epoch`.
+#[inline(always)]
+pub const fn with_epoch(flags: u32, epoch: u32) -> u32 {
+    (flags & !ct_flags::EPOCH_MASK) | (epoch << ct_flags::EPOCH_SHIFT)
+}
+
+/// The epoch after `e`: a Gray-code counter over [`ct_flags::EPOCH_BITS`] bits, so one bit
+/// changes per bump (see `Config::policy_epoch`) and it takes 2^20 bumps to come back.
+pub const fn next_epoch(e: u32) -> u32 {
+    let mask = u32::MAX >> (32 - ct_flags::EPOCH_BITS);
+    // Gray -> binary (prefix XOR), +1, binary -> Gray.
+    let mut n = e & mask;
+    let mut shift = 1;
+    while shift < 32 {
+        n ^= n >> shift;
+        shift <<= 1;
+    }
+    let n = n.wrapping_add(1) & mask;
+    n ^ (n >> 1)
+}
+
 /// Idle lifetime of an entry.
 #[inline(always)]
 pub const fn timeout_ns(proto_nr: u8, flags: u32) -> u64 {
@@ -208,6 +236,42 @@ mod tests {
             assert_eq!(src_is_a, sh < dh || (sh == dh && sp <= dp));
         }
         assert!(normalize(a, v6, 1, 2, proto::TCP).0.v4().is_none());
+    }
+
+    #[test]
+    fn the_epoch_changes_one_bit_per_bump_and_cycles_through_every_value() {
+        let mut e = 0;
+        // One bit per value: every value is met once before the cycle closes.
+        let mut seen = [0u64; (1 << ct_flags::EPOCH_BITS) / 64];
+        for _ in 0..(1u32 << ct_flags::EPOCH_BITS) {
+            let (w, b) = ((e / 64) as usize, e % 64);
+            assert!(seen[w] & (1 << b) == 0, "{e:#x} repeated early");
+            seen[w] |= 1 << b;
+            let n = next_epoch(e);
+            assert_eq!((n ^ e).count_ones(), 1, "{e:#x} -> {n:#x}");
+            assert_eq!(n >> ct_flags::EPOCH_BITS, 0);
+            e = n;
+        }
+        assert_eq!(e, 0, "a full cycle");
+    }
+
+    #[test]
+    fn an_entry_is_current_only_under_its_own_epoch() {
+        let flags = ct_flags::ORIG_IS_A | ct_flags::EGRESS_OK | ct_flags::REQ_EGRESS;
+        let v = CtValue {
+            last_seen_ns: 0,
+            flags: with_epoch(flags, 5),
+            owner: 0,
+        };
+        assert!(current(&v, 5));
+        assert!(!current(&v, 4) && !current(&v, next_epoch(5)));
+        assert_eq!(
+            v.flags & !ct_flags::EPOCH_MASK,
+            flags,
+            "the other flags stay"
+        );
+        let old = CtValue { flags, ..v };
+        assert!(current(&old, 0), "entries of older agents carry epoch 0");
     }
 
     #[test]

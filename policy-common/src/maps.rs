@@ -37,6 +37,13 @@ pub const MAP_GRANTS: &str = "GRANTS";
 pub const GRANT_ETHERNET: u32 = 0;
 /// `GRANTS` index of [`PROG_GRANT_L3`].
 pub const GRANT_L3: u32 = 1;
+/// The re-judgement programs the hooks tail-call for a reply on a conntrack entry of an
+/// older policy epoch (index [`REJUDGE_ETHERNET`], [`REJUDGE_L3`]).
+pub const MAP_REJUDGES: &str = "REJUDGES";
+/// `REJUDGES` index of [`PROG_REJUDGE`].
+pub const REJUDGE_ETHERNET: u32 = 0;
+/// `REJUDGES` index of [`PROG_REJUDGE_L3`].
+pub const REJUDGE_L3: u32 = 1;
 
 /// Program names (functions in policy-ebpf).
 /// Attached at TC ingress of the pod's host-side veth: packets the pod sends.
@@ -61,6 +68,11 @@ pub const PROG_SERVICE_JUDGE: &str = "service_judge";
 pub const PROG_GRANT: &str = "grant";
 /// [`PROG_GRANT`] for hooks without a link header.
 pub const PROG_GRANT_L3: &str = "grant_l3";
+/// Tail-called by a hook for a reply on a conntrack entry of an older policy epoch: judges
+/// the connection again from its originator's side, counts and reports. Never attached.
+pub const PROG_REJUDGE: &str = "rejudge";
+/// [`PROG_REJUDGE`] for hooks without a link header.
+pub const PROG_REJUDGE_L3: &str = "rejudge_l3";
 /// A program that does nothing: the baseline of the datapath benchmark.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 /// Test-run only: writes a [`ClockSample`] into its packet (clock calibration).
@@ -482,6 +494,13 @@ pub mod ct_flags {
     pub const REQ_SHIFT: u32 = 7;
     /// Both grants.
     pub const GRANTS: u32 = EGRESS_OK | INGRESS_OK;
+    /// Both required-grant bits.
+    pub const REQ_MASK: u32 = GRANTS << REQ_SHIFT;
+    /// The policy epoch the entry's grants were decided under (`Config::policy_epoch`),
+    /// in the top [`EPOCH_BITS`] bits.
+    pub const EPOCH_SHIFT: u32 = 12;
+    pub const EPOCH_BITS: u32 = 32 - EPOCH_SHIFT;
+    pub const EPOCH_MASK: u32 = u32::MAX << EPOCH_SHIFT;
 }
 
 /// `CONNTRACK` value.
@@ -635,7 +654,13 @@ pub struct Config {
     pub endpoints_gen: u64,
     /// [`FORMAT_VERSION`] of the agent that created the maps (0: before it existed).
     pub format: u32,
-    pub _pad: u32,
+    /// The policy epoch: bumped by the agent after every complete write of the policy maps
+    /// (`--established revalidate`; never with `keep`). A conntrack entry stamped with
+    /// another epoch is judged again, as a new connection would be, on its next packet
+    /// ([`crate::ct::current`]). A Gray-code counter of [`ct_flags::EPOCH_BITS`] bits (one
+    /// bit changes per bump), so a read racing the update sees the old or the new epoch.
+    /// Was padding (0) before it existed: entries of older agents carry epoch 0.
+    pub policy_epoch: u32,
 }
 
 /// What the `clock_probe` program writes over the start of its test packet: the coarse
@@ -678,6 +703,7 @@ const _: () = {
     assert!(offset_of!(DenyEvent, endpoint_id) == 48);
     assert!(size_of::<EventBudget>() == 16);
     assert!(size_of::<Config>() == 40);
+    assert!(offset_of!(Config, policy_epoch) == 36);
     assert!(offset_of!(Config, format) == 32);
     assert!(size_of::<BindingKey>() == 20);
     assert!(offset_of!(BindingKey, addr) == 4);

@@ -121,6 +121,19 @@ pub fn grant_l3(ctx: TcContext) -> i32 {
     verdict::grant::<0>(&ctx)
 }
 
+/// The re-judgement of a reply on a stale conntrack entry, tail-called through `REJUDGES`
+/// (see `verdict::rejudge`). Never attached.
+#[classifier]
+pub fn rejudge(ctx: TcContext) -> i32 {
+    verdict::rejudge::<ETH_HLEN>(&ctx)
+}
+
+/// [`rejudge`] for hooks without a link header.
+#[classifier]
+pub fn rejudge_l3(ctx: TcContext) -> i32 {
+    verdict::rejudge::<0>(&ctx)
+}
+
 /// Run by an iptables rule (`-m bpf`, in INPUT and FORWARD, for DNATed connections) on
 /// translated Service traffic: nonzero drops. Its packet starts at the IP header; socket
 /// filters read it through `bpf_skb_load_bytes` only.

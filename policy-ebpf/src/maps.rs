@@ -120,6 +120,11 @@ pub static SERVICE_PENDING: LruHashMap<PendingKey, PendingValue> =
 #[map]
 pub static GRANTS: ProgramArray = ProgramArray::pinned(2, 0);
 
+/// The re-judgement of a reply on a stale conntrack entry (see `verdict::rejudge`), tail-
+/// called like `GRANTS`, pinned for the same reasons.
+#[map]
+pub static REJUDGES: ProgramArray = ProgramArray::pinned(2, 0);
+
 /// All zeros, never written: the initial value of a new `SERVICE_PENDING` entry, inserted
 /// from here because the BPF stack has no room for it. Private, not pinned.
 #[map]

@@ -45,6 +45,9 @@ pub struct Pkt {
     /// The datapath clock when the packet arrived (`clock::now`), set once after parsing:
     /// read from here, it is defined on every path.
     pub now: u64,
+    /// `Config::policy_epoch` when the packet arrived, set with `now` (`clock::stamp`): the
+    /// epoch its conntrack entry must carry to settle it, and stamps when judged.
+    pub epoch: u32,
     pub src: Addr,
     pub dst: Addr,
     pub inner_src: Addr,

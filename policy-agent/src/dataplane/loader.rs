@@ -24,9 +24,10 @@ use aya::{
     },
 };
 use policy_common::{
-    GRANT_ETHERNET, GRANT_L3, MAP_GRANTS, PROG_BENCH_EMPTY, PROG_CLOCK_PROBE, PROG_FROM_POD,
-    PROG_FROM_WORLD, PROG_FROM_WORLD_L3, PROG_GRANT, PROG_GRANT_L3, PROG_SERVICE_JUDGE,
-    PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
+    GRANT_ETHERNET, GRANT_L3, MAP_GRANTS, MAP_REJUDGES, PROG_BENCH_EMPTY, PROG_CLOCK_PROBE,
+    PROG_FROM_POD, PROG_FROM_WORLD, PROG_FROM_WORLD_L3, PROG_GRANT, PROG_GRANT_L3, PROG_REJUDGE,
+    PROG_REJUDGE_L3, PROG_SERVICE_JUDGE, PROG_TO_POD, PROG_TO_WORLD, PROG_TO_WORLD_L3,
+    REJUDGE_ETHERNET, REJUDGE_L3,
 };
 
 use super::pinning::{self, PinState};
@@ -43,16 +44,44 @@ pub const PROGRAMS: &[&str] = &[
     PROG_TO_WORLD_L3,
     PROG_GRANT,
     PROG_GRANT_L3,
+    PROG_REJUDGE,
+    PROG_REJUDGE_L3,
     PROG_BENCH_EMPTY,
     PROG_CLOCK_PROBE,
 ];
 
-/// Puts this object's Service grant programs into `GRANTS`, where the hooks tail-call
-/// them. The array is pinned: an earlier agent's programs still attached call these from
-/// now on (they re-parse the packet, so any version's caller is served).
-fn set_grants(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+/// The programs the hooks tail-call: each array, and its (slot, program) pairs.
+const TAIL_CALLS: &[(&str, [(u32, &str); 2])] = &[
+    (
+        MAP_GRANTS,
+        [(GRANT_ETHERNET, PROG_GRANT), (GRANT_L3, PROG_GRANT_L3)],
+    ),
+    (
+        MAP_REJUDGES,
+        [
+            (REJUDGE_ETHERNET, PROG_REJUDGE),
+            (REJUDGE_L3, PROG_REJUDGE_L3),
+        ],
+    ),
+];
+
+/// Puts this object's tail-called programs into their arrays ([`TAIL_CALLS`]). The arrays
+/// are pinned: an earlier agent's programs still attached call these from now on (they
+/// re-parse the packet, so any version's caller is served).
+fn set_tail_calls(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    for (array, slots) in TAIL_CALLS {
+        set_tail_call_array(ebpf, array, slots)?;
+    }
+    Ok(())
+}
+
+fn set_tail_call_array(
+    ebpf: &mut Ebpf,
+    array: &'static str,
+    slots: &[(u32, &'static str)],
+) -> Result<(), DataplaneError> {
     let mut fds = Vec::new();
-    for (slot, name) in [(GRANT_ETHERNET, PROG_GRANT), (GRANT_L3, PROG_GRANT_L3)] {
+    for &(slot, name) in slots {
         let fd = classifier(ebpf, name)?
             .fd()
             .and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -60,14 +89,14 @@ fn set_grants(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         fds.push((slot, fd));
     }
     let map = ebpf
-        .map_mut(MAP_GRANTS)
-        .ok_or(DataplaneError::MissingMap(MAP_GRANTS))?;
-    let mut grants =
-        aya::maps::ProgramArray::try_from(map).map_err(|e| DataplaneError::map(MAP_GRANTS, e))?;
+        .map_mut(array)
+        .ok_or(DataplaneError::MissingMap(array))?;
+    let mut programs =
+        aya::maps::ProgramArray::try_from(map).map_err(|e| DataplaneError::map(array, e))?;
     for (slot, fd) in &fds {
-        grants
+        programs
             .set(*slot, fd, 0)
-            .map_err(|e| DataplaneError::map(MAP_GRANTS, e))?;
+            .map_err(|e| DataplaneError::map(array, e))?;
     }
     Ok(())
 }
@@ -191,7 +220,7 @@ impl Dataplane {
         service_judge_program(&mut ebpf)?
             .load()
             .map_err(|e| DataplaneError::program(PROG_SERVICE_JUDGE, e))?;
-        set_grants(&mut ebpf)?;
+        set_tail_calls(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),

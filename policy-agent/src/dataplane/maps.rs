@@ -39,6 +39,8 @@ pub struct DataplaneMaps {
     pub service_cidrs: LpmTrie<MapData, Addr, u8>,
     pub service_pending: HashMap<MapData, PendingKey, PendingValue>,
     events: Option<RingBuf<MapData>>,
+    /// Whether a map write moves the policy epoch ([`DataplaneMaps::bump_policy_epoch`]).
+    established: super::Established,
 }
 
 /// Verdict counters summed over CPUs: `[direction][reason]`.
@@ -120,7 +122,24 @@ impl DataplaneMaps {
             service_cidrs: take(ebpf, MAP_SERVICE_CIDRS)?,
             service_pending: take(ebpf, MAP_SERVICE_PENDING)?,
             events: Some(take(ebpf, MAP_EVENTS)?),
+            established: super::Established::default(),
         })
+    }
+
+    /// What map writes do to open connections (default: revalidate them).
+    pub fn set_established(&mut self, e: super::Established) {
+        self.established = e;
+    }
+
+    /// After a write of the policy maps: every conntrack entry decided before is judged
+    /// again on its next packet (`Config::policy_epoch`). Nothing with `Keep`.
+    pub fn bump_policy_epoch(&mut self) -> Result<(), DataplaneError> {
+        if self.established == super::Established::Keep {
+            return Ok(());
+        }
+        let mut c = self.config()?;
+        c.policy_epoch = policy_common::ct::next_epoch(c.policy_epoch);
+        self.set_config(c)
     }
 
     pub(crate) fn init_config(

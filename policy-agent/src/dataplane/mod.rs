@@ -9,6 +9,7 @@ pub mod ctnetlink;
 pub mod ctseed;
 pub mod deny_events;
 mod error;
+pub mod established;
 pub mod kernel_version;
 pub mod links;
 pub mod loader;
@@ -23,6 +24,7 @@ pub mod writer;
 
 pub use deny_events::DenyEvents;
 pub use error::DataplaneError;
+pub use established::Established;
 pub use links::{LinkSet, Role};
 pub use loader::{AttachMode, Attachment, Dataplane};
 pub use maps::{Counters, DataplaneMaps, monotonic_coarse_ns};

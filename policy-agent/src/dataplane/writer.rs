@@ -11,8 +11,19 @@
 use crate::compiler::MapDiff;
 use crate::dataplane::{DataplaneError, DataplaneMaps};
 
-/// Applies `diff`; stops at the first error (the caller resyncs from a full compile).
+/// Applies `diff`; stops at the first error (the caller resyncs from a full compile). Then
+/// the policy epoch moves, so open connections are judged again under what was written
+/// (also after a failure part-way: what was written applies to them too).
 pub fn apply(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneError> {
+    if diff.is_empty() {
+        return Ok(());
+    }
+    let written = write(maps, diff);
+    let bumped = maps.bump_policy_epoch();
+    written.and(bumped)
+}
+
+fn write(maps: &mut DataplaneMaps, diff: &MapDiff) -> Result<(), DataplaneError> {
     for (k, _) in &diff.ports.upserts {
         maps.set_port(*k)?;
     }

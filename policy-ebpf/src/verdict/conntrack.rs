@@ -189,9 +189,9 @@ pub(super) fn refresh(p: *mut CtValue, v: &CtValue, original: bool, pkt: &Pkt) {
     }
 }
 
-/// A live entry holding every grant its connection needed when last decided: the packet
-/// passes as established (and refreshes the entry). Judged on the entry alone, so a change
-/// of isolation applies to new connections, as policy changes do.
+/// A live entry decided under the policy epoch in force and holding every grant its
+/// connection needed then: the packet passes as established (and refreshes the entry).
+/// An entry of an older epoch goes the full way, where the connection is judged again.
 #[inline(always)]
 pub(super) fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
     let Some(p) = ct.entry else {
@@ -203,6 +203,7 @@ pub(super) fn ct_fast_hit(pkt: &Pkt, ct: &Ct) -> bool {
     let syn = is_syn(pkt);
     if ct::expired(&v, pkt.proto, pkt.now)
         || (syn && (original || closing(v.flags)))
+        || !ct::current(&v, pkt.epoch)
         || !ct::has_grants(&v, ct::stored_required(&v))
     {
         return false;

@@ -35,6 +35,9 @@ pub(super) fn flow_verdict(
     let mut live: Option<*mut CtValue> = None;
     let mut original = true;
     let mut have = 0;
+    // The live entry was decided under an older policy epoch: the connection is judged
+    // again, as a new one would be.
+    let mut stale = false;
     if let Some(p) = entry {
         // SAFETY: a conntrack slot (see `Ct::entry`), copied at once.
         let v = unsafe { *p };
@@ -42,6 +45,7 @@ pub(super) fn flow_verdict(
         if !ct::expired(&v, pkt.proto, now) && !(syn && closing(v.flags)) {
             live = Some(p);
             have = v.flags;
+            stale = !ct::current(&v, pkt.epoch);
             let need = if original {
                 fwd_req
             } else {
@@ -49,15 +53,20 @@ pub(super) fn flow_verdict(
             };
             // A SYN in the original direction is re-decided: the tuple may be reused by a
             // new connection that today's policy must judge.
-            if !(syn && original) && ct::has_grants(&v, need) {
+            if !stale && !(syn && original) && ct::has_grants(&v, need) {
                 refresh(p, &v, original, pkt);
                 return (Reason::AllowEstablished, Decider::Hook);
             }
+            if stale && !original {
+                // A reply judges the connection it belongs to, from the originator's
+                // side (replies are no new connections): in the tail-called `rejudge`.
+                return (Reason::AllowEstablished, Decider::Rejudge);
+            }
         }
     }
-    // Decide what this packet's direction needs and lacks: everything for a new entry, a
-    // SYN, or a reply without its grants (judged as a new flow, recording nothing).
-    let missing = if live.is_none() || syn || !original {
+    // Decide what this packet's direction needs and lacks: everything for a new or stale
+    // entry, a SYN, or a reply without its grants (judged as a new flow, recording nothing).
+    let missing = if live.is_none() || syn || stale || !original {
         fwd_req
     } else {
         fwd_req & !have
@@ -115,7 +124,7 @@ pub(super) fn flow_verdict(
     match live {
         None => {
             if ok {
-                let mut flags = granted | req_bits;
+                let mut flags = ct::with_epoch(granted | req_bits, pkt.epoch);
                 if src_is_a {
                     flags |= ct_flags::ORIG_IS_A;
                 }
@@ -153,16 +162,24 @@ pub(super) fn flow_verdict(
         Some(p) => {
             // SAFETY: a conntrack slot (see `Ct::entry`).
             unsafe {
-                if ok {
-                    (*p).flags =
-                        ((*p).flags & !missing & !(ct_flags::GRANTS << ct_flags::REQ_SHIFT))
-                            | granted
-                            | req_bits;
+                if ok && deferred {
+                    // A virtual tuple: the grant that judges it comes after DNAT. A stale
+                    // one keeps its old grant meanwhile, for the replies its backend's
+                    // real tuple admits.
+                } else if ok {
+                    // (A stale entry's `missing` is every grant it needs: all decided anew.)
+                    (*p).flags = ct::with_epoch(
+                        ((*p).flags & !missing & !ct_flags::REQ_MASK) | granted | req_bits,
+                        pkt.epoch,
+                    );
                     (*p).last_seen_ns = now;
                 } else if syn {
                     // Today's policy refuses the reused tuple: forget the old grants.
                     (*p).flags &= !missing;
                 }
+                // A stale entry refused stays as it is: each of its packets is judged
+                // again (and refused) until a later epoch admits the connection again, or
+                // it expires.
             }
         }
     }

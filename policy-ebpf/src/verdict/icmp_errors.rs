@@ -8,7 +8,8 @@ use crate::maps::{BpfMaps, same_addr};
 use crate::parse::Pkt;
 
 /// An ICMP error passes when it travels the reverse path of a live connection holding
-/// every grant it needed: the tuple is the quoted packet's ([`reverse_path`]).
+/// every grant it needed under the policy epoch in force: the tuple is the quoted packet's
+/// ([`reverse_path`]).
 #[inline(always)]
 pub(super) fn related_verdict(pkt: &Pkt, isolated: bool, maps: &BpfMaps) -> Reason {
     if !isolated {
@@ -27,7 +28,11 @@ pub(super) fn related_verdict(pkt: &Pkt, isolated: bool, maps: &BpfMaps) -> Reas
     if let Some(p) = ct_get(&key) {
         // SAFETY: copied at once.
         let v = unsafe { *p };
-        if !ct::expired(&v, key.proto, pkt.now) && ct::has_grants(&v, ct::stored_required(&v)) {
+        // Only a connection decided under the epoch in force: a revoked one relates nothing.
+        if !ct::expired(&v, key.proto, pkt.now)
+            && ct::current(&v, pkt.epoch)
+            && ct::has_grants(&v, ct::stored_required(&v))
+        {
             return Reason::AllowRelated;
         }
     }

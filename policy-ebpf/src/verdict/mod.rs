@@ -9,6 +9,8 @@
 //!   grants conntrack does not hold yet, recorded for later packets;
 //! - [`service`]: egress to a Service deferred until DNAT picks the backend, and the
 //!   grant of the client's virtual tuple;
+//! - [`rejudge`]: a reply on a connection decided under an older policy epoch, judged
+//!   again from the originator's side (a tail call);
 //! - [`report`]: every verdict counted, denies reported.
 
 mod conntrack;
@@ -16,6 +18,7 @@ mod endpoints;
 mod flow;
 mod fragments;
 mod icmp_errors;
+mod rejudge;
 mod report;
 mod service;
 
@@ -24,17 +27,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, Direction, EndpointValue, GRANT_ETHERNET, GRANT_L3, Reason, ct, ep_flags,
+    Addr, Direction, EndpointValue, GRANT_ETHERNET, GRANT_L3, REJUDGE_ETHERNET, REJUDGE_L3, Reason,
+    ct, ep_flags,
 };
 
 use crate::clock;
-use crate::maps::{BpfMaps, CtKeys, GRANTS, Known, SCRATCH, Scratch};
+use crate::maps::{BpfMaps, CtKeys, GRANTS, Known, REJUDGES, SCRATCH, Scratch};
 use crate::parse::{Kind, NoPkt, Pkt, parse};
 use conntrack::{ct_fast_hit, ct_lookup};
 use endpoints::{OWN_BOUND, OWN_UNBOUND, endpoints, own_endpoint};
 use flow::flow_verdict;
 use fragments::{fragment_verdict, record_fragment};
 use icmp_errors::related_verdict;
+pub use rejudge::rejudge;
 use report::{count, report};
 pub use service::{grant, judge_translated};
 
@@ -85,17 +90,29 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
             return TC_ACT_SHOT;
         }
     };
-    pkt.now = clock::now();
+    clock::stamp(pkt);
     let pkt: &Pkt = pkt;
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let (reason, ep_id, decider) = judge(pkt, keys, known, hook, ifindex);
+    if decider == Decider::Rejudge {
+        let slot = if L2 == 0 {
+            REJUDGE_L3
+        } else {
+            REJUDGE_ETHERNET
+        };
+        // SAFETY: a tail call; on success `rejudge` decides, counts and reports the packet.
+        unsafe { REJUDGES.tail_call(ctx, slot) };
+        // The slot is empty: the connection cannot be judged, so it is not admitted.
+        count(Reason::DenyPolicy, dir);
+        return TC_ACT_SHOT;
+    }
     // A policy deny is counted and reported in the direction of the endpoint whose policy
     // refused (at a client's hook that may be the destination's ingress).
     let dir = match decider {
         Decider::Egress => Direction::Egress,
         Decider::Ingress => Direction::Ingress,
-        Decider::Hook | Decider::HookGrants => dir,
+        Decider::Hook | Decider::HookGrants | Decider::Rejudge => dir,
     };
     count(reason, dir);
     if reason.is_allow() {
@@ -146,6 +163,8 @@ enum Decider {
     /// The hook, and the verdict grants a deferred Service egress: the client's virtual
     /// tuple is to be granted (tail call to `grant`).
     HookGrants,
+    /// Nobody yet: a reply on a stale entry, judged by a tail call to `rejudge`.
+    Rejudge,
 }
 
 /// The verdict, the id of the endpoint it concerns when one is involved (the hook's own pod
@@ -268,7 +287,7 @@ fn judge(
             let id = match by {
                 Decider::Egress => src.endpoint_id,
                 Decider::Ingress => dst.endpoint_id,
-                Decider::Hook | Decider::HookGrants => own,
+                Decider::Hook | Decider::HookGrants | Decider::Rejudge => own,
             };
             (r, Some(id), by)
         }

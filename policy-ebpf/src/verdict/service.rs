@@ -5,7 +5,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use policy_common::{
-    Addr, Direction, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, PendingValue, ct_flags,
+    Addr, Direction, PENDING_SLOTS, PENDING_WINDOW_NS, PendingKey, PendingValue, ct, ct_flags,
     decide::decide, ep_flags,
 };
 
@@ -31,7 +31,7 @@ pub fn grant<const L2: usize>(ctx: &TcContext) -> i32 {
     // SAFETY: as in `run` (the caller's run ended with the tail call).
     let pkt = unsafe { &mut (*scratch).pkt };
     if parse::<L2>(ctx, pkt).is_ok() {
-        pkt.now = clock::now();
+        clock::stamp(pkt);
         grant_virtual_tuple(pkt, pkt.now);
     }
     TC_ACT_OK
@@ -57,7 +57,7 @@ pub fn judge_translated(ctx: &TcContext) -> bool {
     if parse_loaded::<0>(ctx, pkt).is_err() {
         return false;
     }
-    pkt.now = clock::now();
+    clock::stamp(pkt);
     let pkt: &Pkt = pkt;
     if pkt.kind != Kind::Normal || pkt.malformed || !deferred(pkt) {
         return false;
@@ -220,8 +220,9 @@ fn grant_virtual_tuple(pkt: &Pkt, now: u64) {
         };
         if let Some(c) = found {
             // SAFETY: a conntrack slot (see `Ct::entry`).
+            // Judged just now on the backend: decided under this epoch.
             unsafe {
-                (*c).flags |= ct_flags::EGRESS_OK;
+                (*c).flags = ct::with_epoch((*c).flags | ct_flags::EGRESS_OK, pkt.epoch);
                 (*c).last_seen_ns = now;
             }
         }
