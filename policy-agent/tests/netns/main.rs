@@ -16,3 +16,4 @@ mod netns_services_uplinks;
 mod observe_netns;
 mod restart_ct_seed;
 mod restart_upgrade;
+mod revalidate_netns;

@@ -18,17 +18,17 @@ use policy_testkit::testbed::{
     UdpEchoServer, sctp_probe, tcp_echo, udp_echo,
 };
 
-const OK_WAIT: Duration = Duration::from_secs(3);
+pub(super) const OK_WAIT: Duration = Duration::from_secs(3);
 /// Long enough for a dropped SYN or datagram to be a clear failure.
-const DENY_WAIT: Duration = Duration::from_millis(700);
+pub(super) const DENY_WAIT: Duration = Duration::from_millis(700);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 9090;
 const SCTP_PORT: u16 = 7000;
-const ID_A: u32 = 300;
-const SET_B_IN: u32 = 20;
+pub(super) const ID_A: u32 = 300;
+pub(super) const SET_B_IN: u32 = 20;
 const SET_A_EG: u32 = 21;
 
-fn addr(ip: IpAddr) -> Addr {
+pub(super) fn addr(ip: IpAddr) -> Addr {
     match ip {
         IpAddr::V4(v4) => Addr::from_v4_octets(v4.octets()),
         IpAddr::V6(v6) => Addr::from_v6_octets(v6.octets()),
@@ -71,7 +71,7 @@ impl Pods<'_> {
     }
 }
 
-fn set_endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32) {
+pub(super) fn set_endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32) {
     for ip in ips {
         maps.set_local_endpoint(
             EndpointKey { addr: addr(ip) },
@@ -86,7 +86,7 @@ fn set_endpoint(maps: &mut DataplaneMaps, ips: [IpAddr; 2], id: u32, flags: u32)
     }
 }
 
-fn ranges(r: &[(u8, u16, u16)]) -> RuleValue {
+pub(super) fn ranges(r: &[(u8, u16, u16)]) -> RuleValue {
     let mut v = RuleValue::default();
     for (i, (p, first, last)) in r.iter().enumerate() {
         v.ranges[i] = PortRange {
