@@ -17,6 +17,7 @@ mod deploy_manifests;
 mod kube_cluster;
 mod reference_properties;
 mod reference_traps;
+mod scenario_established;
 mod scenario_fuzz;
 mod scenario_manifests;
 mod scenario_simulate;
