@@ -1,6 +1,8 @@
 //! ns per BPF_PROG_TEST_RUN iteration of the real programs: an empty TC program (baseline),
 //! a new flow allowed by identity (TCP SYN), one allowed by CIDR, a denied one, and an
-//! established flow (conntrack hit); once with ~10 map entries and once with 100k identity
+//! established flow (conntrack hit), and the reply of a connection whose entry is of an older
+//! policy epoch, judged again and refused on every packet (`rejudge`, the dearest path a
+//! revalidation takes); once with ~10 map entries and once with 100k identity
 //! rules and 100k CIDR rules. Median of several rounds of >= 1M repeats each. Prints a
 //! table and writes `target/bench/datapath.json`. Needs root and BPF.
 
@@ -13,9 +15,9 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use packet::*;
 use policy_agent::dataplane::{Dataplane, DataplaneMaps};
 use policy_common::{
-    Addr, CidrData, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, EndpointKey, EndpointValue,
-    IpCacheKey, IpCacheValue, LpmKey, PROG_BENCH_EMPTY, PROG_TO_POD, PortRange, Reason, RuleKey,
-    RuleValue, cidr_prefixlen, ep_flags,
+    Addr, CidrData, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_PER_SEC, Direction, EndpointKey,
+    EndpointValue, IpCacheKey, IpCacheValue, LpmKey, PROG_BENCH_EMPTY, PROG_TO_POD, PortRange,
+    Reason, RuleKey, RuleValue, cidr_prefixlen, ct, ct_flags, ep_flags,
 };
 use policy_testkit::testbed::PrivateBpffs;
 
@@ -32,6 +34,8 @@ const EXT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 5);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 7);
 const SET_IN: u32 = 10;
 const ID_PEER: u32 = 300;
+/// The pod's port of the connection whose entry is stale.
+const STALE_PORT: u16 = 41000;
 
 fn a4(ip: Ipv4Addr) -> Addr {
     Addr::from_v4_octets(ip.octets())
@@ -87,6 +91,23 @@ fn seed_small(maps: &mut DataplaneMaps) {
         data: CidrData::new(SET_IN, a4(EXT)),
     };
     maps.set_cidr_rule(key, tcp_rule(80)).expect("cidr");
+    // A connection the pod opened to the peer under epoch 0, then the epoch moves: its
+    // replies are judged again, and the pod's egress (isolated, no rule) refuses them.
+    let (k, pod_is_a) = ct::normalize(a4(POD), a4(PEER), STALE_PORT, 80, TCP);
+    let mut flags = ct_flags::EGRESS_OK | ct_flags::REQ_EGRESS | ct_flags::SEEN_REPLY;
+    if pod_is_a {
+        flags |= ct_flags::ORIG_IS_A;
+    }
+    maps.set_conntrack(
+        k,
+        CtValue {
+            last_seen_ns: policy_agent::dataplane::monotonic_coarse_ns(),
+            flags,
+            owner: 1,
+        },
+    )
+    .expect("conntrack");
+    maps.bump_policy_epoch().expect("epoch");
     // A handful more, as a small cluster has.
     for i in 0..6u32 {
         maps.set_rule(
@@ -158,7 +179,8 @@ struct Case {
     name: &'static str,
     prog: &'static str,
     frame: Vec<u8>,
-    expect: Option<Reason>,
+    /// The verdict, and the direction it is counted in.
+    expect: Option<(Direction, Reason)>,
 }
 
 /// Median and minimum ns per iteration of each case.
@@ -183,23 +205,22 @@ impl Bench<'_> {
     /// checks that every measured iteration took the path the case is named for (each case
     /// expects a reason of its own, so the counters tell them apart).
     fn suite(&self, cases: &[Case]) -> Figures {
-        let reasons: Vec<Reason> = cases.iter().filter_map(|c| c.expect).collect();
+        let reasons: Vec<(Direction, Reason)> = cases.iter().filter_map(|c| c.expect).collect();
         for c in cases {
-            if let Some(r) = c.expect {
+            if let Some((d, r)) = c.expect {
                 let before = self.maps.counters().expect("counters");
                 let (_, action) = self.run(c, 1);
                 let moved = self.maps.counters().expect("counters").since(&before);
-                assert_eq!(
-                    moved.get(policy_common::Direction::Ingress, r),
-                    1,
-                    "{}: expected {r:?}",
-                    c.name
-                );
+                assert_eq!(moved.get(d, r), 1, "{}: expected {d:?} {r:?}", c.name);
                 let want = if r.is_allow() { TC_ACT_OK } else { TC_ACT_SHOT };
                 assert_eq!(action, want, "{}: TC action", c.name);
                 assert!(
-                    reasons.iter().filter(|&&x| x as u8 == r as u8).count() == 1,
-                    "{}: reason {r:?} shared with another case",
+                    reasons
+                        .iter()
+                        .filter(|(xd, xr)| *xd as u8 == d as u8 && *xr as u8 == r as u8)
+                        .count()
+                        == 1,
+                    "{}: {d:?} {r:?} shared with another case",
                     c.name
                 );
             }
@@ -213,9 +234,9 @@ impl Bench<'_> {
         }
         let moved = self.maps.counters().expect("counters").since(&before);
         for c in cases {
-            if let Some(r) = c.expect {
+            if let Some((d, r)) = c.expect {
                 assert_eq!(
-                    moved.get(policy_common::Direction::Ingress, r),
+                    moved.get(d, r),
                     ROUNDS as u64 * REPEAT as u64,
                     "{}: every measured iteration must end in {r:?}",
                     c.name
@@ -254,26 +275,33 @@ fn cases() -> Vec<Case> {
             "new_flow_identity",
             PROG_TO_POD,
             V4::new(PEER, POD).frame(&tcp(40000, 80, SYN)),
-            Some(Reason::AllowIdentity),
+            Some((Direction::Ingress, Reason::AllowIdentity)),
         ),
         case(
             "new_flow_cidr",
             PROG_TO_POD,
             V4::new(EXT, POD).frame(&tcp(40001, 80, SYN)),
-            Some(Reason::AllowCidr),
+            Some((Direction::Ingress, Reason::AllowCidr)),
         ),
         case(
             "deny",
             PROG_TO_POD,
             V4::new(STRANGER, POD).frame(&tcp(40002, 22, SYN)),
-            Some(Reason::DenyPolicy),
+            Some((Direction::Ingress, Reason::DenyPolicy)),
         ),
         // The SYN above created the entry; its ACK is a conntrack hit.
         case(
             "ct_hit",
             PROG_TO_POD,
             V4::new(PEER, POD).frame(&tcp(40000, 80, ACK)),
-            Some(Reason::AllowEstablished),
+            Some((Direction::Ingress, Reason::AllowEstablished)),
+        ),
+        // A reply on the stale entry: the hook tail-calls `rejudge`, which refuses it.
+        case(
+            "rejudge_refused",
+            PROG_TO_POD,
+            V4::new(PEER, POD).frame(&tcp(80, STALE_PORT, ACK)),
+            Some((Direction::Egress, Reason::DenyPolicy)),
         ),
     ]
 }

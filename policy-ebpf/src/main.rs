@@ -52,8 +52,11 @@
 //!   a tuple the client's own hook did not see (DNATed after it, or no program on the
 //!   client's veth);
 //! - conntrack hits at pod hooks are judged on the entry alone (after the binding check
-//!   of the pod's own address, served from `EP_CACHE`): isolation and policy changes apply
-//!   to new connections;
+//!   of the pod's own address, served from `EP_CACHE`) while its epoch is
+//!   `Config::policy_epoch`: a policy write moves the epoch, and each entry is judged again
+//!   on its next packet (a reply by the tail-called `rejudge`); with `--established keep`
+//!   the epoch never moves and changes apply to new connections only. A Service backend on
+//!   the node itself (judged in netfilter) pushes to a cut client until the client speaks;
 //! - uplinks see outer headers only: encapsulated pod traffic (VXLAN, Geneve, IPIP) passes
 //!   there as "no endpoint" and is judged at the pod's own hooks after decapsulation;
 //!   a malformed IP packet on an uplink is passed, not counted against an endpoint.
