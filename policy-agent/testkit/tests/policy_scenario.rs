@@ -121,3 +121,49 @@ fn binary_reports_invalid_files_and_usage() {
     let (code, _, _) = scenario_bin(&["--simulate"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn binary_checks_long_lived_connections_and_names_connection_errors() {
+    let text = r#"
+name: conns
+namespaces: {x: {}}
+pods:
+  - {namespace: x, name: a, labels: {pod: a}, ports: [{port: 80}]}
+  - {namespace: x, name: b, labels: {pod: b}, ports: [{port: 80}]}
+steps:
+  - open: [{name: web, from: x/a, to: x/b, port: TCP/80}]
+    expect: {established: {default: alive}}
+  - apply: |
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: deny, namespace: x}
+      spec: {podSelector: {matchLabels: {pod: b}}}
+    expect:
+      deny: ["* -> x/b"]
+      established: {default: alive}
+"#;
+    let f = temp_file("conns.yaml", text);
+    let (code, out, err) = scenario_bin(&["--simulate", f.to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("  FAIL web x/a -> x/b TCP/80 IPv4 via pod: cut (expected alive)\n"),
+        "{out}"
+    );
+    // 2 probes per step, one check per step.
+    assert_eq!(out.lines().last(), Some("5 passed, 1 failed"), "{out}");
+
+    // Closing a connection that is not open: named before anything runs.
+    let bad_text = text.replace(
+        "    expect: {established: {default: alive}}\n  - apply",
+        "    expect: {established: {default: alive}}\n  - close: [dns]\n    apply",
+    );
+    let bad = temp_file("bad-conns.yaml", &bad_text);
+    let (code, _, err) = scenario_bin(&["--simulate", bad.to_str().expect("path")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "bad-conns.yaml: step 2 (steps[1]), field close[0]: no connection \"dns\" is open"
+        ),
+        "{err}"
+    );
+}
