@@ -2951,9 +2951,14 @@ fn agent_and_kernel_share_the_conntrack_tables() {
     f.endpoint(a4(A4), ISO_IN | ISO_EG);
     f.endpoint(a6(A6), ISO_IN | ISO_EG);
     let now = f.now();
+    // Written under the epoch in force (earlier cases moved it), as the agent's are.
+    let epoch = f.maps.config().expect("config").policy_epoch;
     for (src, dst) in [(a4(EXT4), a4(A4)), (a6(EXT6), a6(A6))] {
         let (k, src_is_a) = ct::normalize(src, dst, 40000, 8080, TCP);
-        let mut flags = ct_flags::INGRESS_OK | (ct_flags::INGRESS_OK << ct_flags::REQ_SHIFT);
+        let mut flags = ct::with_epoch(
+            ct_flags::INGRESS_OK | (ct_flags::INGRESS_OK << ct_flags::REQ_SHIFT),
+            epoch,
+        );
         if src_is_a {
             flags |= ct_flags::ORIG_IS_A;
         }
@@ -3041,4 +3046,249 @@ fn every_program_verifies_below_the_instruction_limit() {
         );
         assert!(n < 1_000_000, "{name}: {n}");
     }
+}
+
+// ================= revalidation (the policy epoch) =================
+
+impl Fixture {
+    /// Moves the policy epoch, as the agent does after a map write.
+    fn bump(&mut self) {
+        self.maps
+            .bump_policy_epoch()
+            .expect("bump the policy epoch");
+    }
+
+    /// Whether the tuple's entry was decided under the epoch in force.
+    fn current(&self, src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> bool {
+        let e = self.ct(src, dst, sport, dport, proto).expect("entry");
+        let epoch = self.maps.config().expect("config").policy_epoch;
+        ct::current(&e, epoch)
+    }
+}
+
+#[test]
+fn a_policy_change_cuts_an_open_connection_both_ways_and_admits_it_again() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | IN_ID);
+    f.ipcache(a4(B4), ID_B);
+    f.rule(SET_IN, ID_B, ranges(&[(TCP, 80, 80)]));
+    let rule = RuleKey {
+        policy_set: SET_IN,
+        identity: ID_B,
+    };
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    // A bump that changes nothing: judged again, admitted, stamped.
+    f.bump();
+    assert!(!f.current(a4(B4), a4(A4), 40000, 80, TCP));
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)),
+        Reason::AllowIdentity,
+        "judged again as a new connection"
+    );
+    assert!(f.current(a4(B4), a4(A4), 40000, 80, TCP));
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
+
+    // The rule goes and the epoch moves: the client's packets and the server's are refused.
+    f.maps.delete_rule(&rule).expect("delete");
+    f.bump();
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)),
+        Reason::DenyPolicy
+    );
+    // The server's push is a reply on a stale entry: `rejudge` judges the connection from
+    // B's side, and A's ingress refuses it.
+    assert_eq!(
+        f.verdict_by(PROG_FROM_POD, &tcp4(A4, B4, 80, 40000, ACK | PSH)),
+        (Ingress, Reason::DenyPolicy)
+    );
+    // The entry stays, stale, its old grant kept: each packet is judged again.
+    let e = f.ct(a4(B4), a4(A4), 40000, 80, TCP).expect("entry");
+    assert_ne!(e.flags & ct_flags::INGRESS_OK, 0);
+    assert!(!f.current(a4(B4), a4(A4), 40000, 80, TCP));
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)),
+        Reason::DenyPolicy
+    );
+
+    // Admitted again: the server's retransmission first (through `rejudge`, counted in the
+    // hook's direction), then the client's.
+    f.rule(SET_IN, ID_B, ranges(&[(TCP, 80, 80)]));
+    f.bump();
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, B4, 80, 40000, ACK | PSH)),
+        Reason::AllowEstablished
+    );
+    assert!(f.current(a4(B4), a4(A4), 40000, 80, TCP));
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 40000, 80, ACK)),
+        Reason::AllowEstablished
+    );
+}
+
+#[test]
+fn the_replies_of_an_egress_isolated_server_are_no_new_connections() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | IN_ID);
+    f.ipcache(a4(B4), ID_B);
+    f.rule(SET_IN, ID_B, ranges(&[(UDP, 53, 53)]));
+    assert_eq!(
+        f.verdict(Ingress, &udp4(B4, A4, 40000, 53)),
+        Reason::AllowIdentity
+    );
+    // A becomes isolated for egress with no rule, and answers first after the change.
+    f.endpoint(a4(A4), ISO_IN | IN_ID | ISO_EG);
+    f.bump();
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, B4, 53, 40000)),
+        Reason::AllowEstablished
+    );
+    assert_eq!(
+        f.verdict(Ingress, &udp4(B4, A4, 40000, 53)),
+        Reason::AllowEstablished
+    );
+    // A's own new flow is refused.
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, B4, 53, 40001)),
+        Reason::DenyPolicy
+    );
+}
+
+#[test]
+fn an_ipv6_connection_opened_by_a_pod_follows_its_egress_policy() {
+    let mut f = fixture();
+    f.endpoint(a6(A6), ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, a6(EXT6), 128, ranges(&[(TCP, 443, 443)]));
+    assert_eq!(
+        f.verdict(Egress, &tcp6(A6, EXT6, 41000, 443, SYN)),
+        Reason::AllowCidr
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp6(EXT6, A6, 443, 41000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    // The CIDR rule now excepts the peer (a longer prefix with nothing allowed).
+    f.cidr(SET_EG, a6(EXT6), 128, nothing());
+    f.bump();
+    // The peer speaks first: its packet is refused by A's egress, judged from A's side.
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp6(EXT6, A6, 443, 41000, ACK | PSH)),
+        (Egress, Reason::DenyPolicy)
+    );
+    assert_eq!(
+        f.verdict(Egress, &tcp6(A6, EXT6, 41000, 443, ACK)),
+        Reason::DenyPolicy
+    );
+}
+
+#[test]
+fn a_service_connection_is_judged_again_on_its_backend() {
+    let mut f = service_fixture(0);
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, SYN)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, SYN)),
+        Reason::AllowIdentity
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, SYN | ACK)),
+        Reason::AllowEstablished
+    );
+    f.bump();
+    // A reply from the virtual IP passes on the backend's judged tuple...
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(VIP4, A4, 8080, 40000, ACK)),
+        Reason::AllowEstablished
+    );
+    // ...and the client's next packet is deferred past DNAT again, judged on the backend,
+    // which grants the virtual tuple under the new epoch.
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, ACK)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(A4, B4, 40000, 80, ACK)),
+        Reason::AllowIdentity
+    );
+    assert!(f.current(a4(A4), a4(VIP4), 40000, 8080, TCP));
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, ACK)),
+        Reason::AllowEstablished
+    );
+    // A's egress no longer admits the backend: refused at the backend's hook, both ways.
+    f.maps
+        .delete_rule(&RuleKey {
+            policy_set: SET_EG,
+            identity: ID_B,
+        })
+        .expect("delete");
+    f.bump();
+    assert_eq!(
+        f.verdict(Egress, &tcp4(A4, VIP4, 40000, 8080, ACK)),
+        Reason::AllowServicePending
+    );
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp4(A4, B4, 40000, 80, ACK)),
+        (Egress, Reason::DenyPolicy)
+    );
+    assert_eq!(
+        f.verdict_by(PROG_FROM_POD, &tcp4(B4, A4, 80, 40000, ACK | PSH)),
+        (Egress, Reason::DenyPolicy)
+    );
+}
+
+#[test]
+fn an_icmp_error_relates_only_to_a_connection_of_the_epoch_in_force() {
+    let mut f = fixture();
+    f.endpoint(a4(A4), ISO_IN | ISO_EG | EG_CIDR);
+    f.cidr(SET_EG, a4(EXT4), 32, ranges(&[(UDP, 53, 53)]));
+    let quoted = V4::new(A4, EXT4).packet(&udp(41000, 53));
+    assert_eq!(f.verdict(Egress, &eth(0x0800, &quoted)), Reason::AllowCidr);
+    let err = V4::new(EXT4, A4).frame(&icmp_error(false, 3, 3, &quoted[..28]));
+    assert_eq!(f.verdict(Ingress, &err), Reason::AllowRelated);
+    f.maps
+        .delete_cidr_rule(LpmKey {
+            prefixlen: cidr_prefixlen(true, 32),
+            data: CidrData::new(SET_EG, a4(EXT4)),
+        })
+        .expect("delete");
+    f.bump();
+    assert_eq!(f.verdict(Ingress, &err), Reason::DenyUnrelated);
+}
+
+#[test]
+fn keep_never_moves_the_epoch_and_the_writer_moves_it_once_per_nonempty_diff() {
+    use policy_agent::compiler::MapDiff;
+    use policy_agent::dataplane::{Established, writer};
+    let mut f = fixture();
+    let epoch = |f: &Fixture| f.maps.config().expect("config").policy_epoch;
+    let e0 = epoch(&f);
+    writer::apply(&mut f.maps, &MapDiff::default()).expect("empty diff");
+    assert_eq!(epoch(&f), e0, "nothing written, nothing judged again");
+    let mut diff = MapDiff::default();
+    diff.ipcache.upserts.push((
+        policy_common::IpCacheKey { addr: a4(B4) },
+        policy_common::IpCacheValue {
+            identity: ID_B,
+            flags: 0,
+        },
+    ));
+    writer::apply(&mut f.maps, &diff).expect("diff");
+    assert_eq!(epoch(&f), ct::next_epoch(e0));
+    f.maps.set_established(Established::Keep);
+    writer::apply(&mut f.maps, &diff).expect("diff");
+    f.bump();
+    assert_eq!(epoch(&f), ct::next_epoch(e0), "keep: the epoch never moves");
+    f.maps.set_established(Established::Revalidate);
 }

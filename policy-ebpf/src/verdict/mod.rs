@@ -101,8 +101,13 @@ pub fn run<const L2: usize>(ctx: &TcContext, hook: Hook) -> i32 {
         } else {
             REJUDGE_ETHERNET
         };
-        // SAFETY: a tail call; on success `rejudge` decides, counts and reports the packet.
-        unsafe { REJUDGES.tail_call(ctx, slot) };
+        // SAFETY: the skb's control block is the program's to write (it carries the hook's
+        // direction to `rejudge`, which counts an allowed packet in it); then a tail call:
+        // on success `rejudge` decides, counts and reports the packet.
+        unsafe {
+            (*ctx.skb.skb).cb[0] = dir as u32;
+            REJUDGES.tail_call(ctx, slot)
+        };
         // The slot is empty: the connection cannot be judged, so it is not admitted.
         count(Reason::DenyPolicy, dir);
         return TC_ACT_SHOT;

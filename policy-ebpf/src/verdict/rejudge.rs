@@ -32,7 +32,13 @@ pub fn rejudge<const L2: usize>(ctx: &TcContext) -> i32 {
     }
     clock::stamp(pkt);
     let pkt: &Pkt = pkt;
-    let (reason, dir, ep) = rejudge_reply(pkt, keys, known);
+    // SAFETY: reading the control block the caller wrote (`run`).
+    let hook_dir = if unsafe { (*ctx.skb.skb).cb[0] } == Direction::Egress as u32 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    let (reason, dir, ep) = rejudge_reply(pkt, keys, known, hook_dir);
     count(reason, dir);
     if reason.is_allow() {
         TC_ACT_OK
@@ -42,18 +48,24 @@ pub fn rejudge<const L2: usize>(ctx: &TcContext) -> i32 {
     }
 }
 
-/// The verdict, the direction it is counted in, and the endpoint whose policy refused.
+/// The verdict, the direction it is counted in (an allowed one in the hook's, a refused one
+/// in the refusing policy's), and the endpoint whose policy refused.
 #[inline(always)]
-fn rejudge_reply(pkt: &Pkt, keys: &mut CtKeys, known: &mut Known) -> (Reason, Direction, u32) {
+fn rejudge_reply(
+    pkt: &Pkt,
+    keys: &mut CtKeys,
+    known: &mut Known,
+    hook_dir: Direction,
+) -> (Reason, Direction, u32) {
     let ct = ct_lookup(pkt, keys);
     let Some(p) = ct.entry else {
         // Gone since the caller looked: nothing admits the reply any more.
-        return (Reason::DenyPolicy, Direction::Ingress, 0);
+        return (Reason::DenyPolicy, hook_dir, 0);
     };
     // SAFETY: a conntrack slot (see `Ct::entry`), copied at once.
     let v = unsafe { *p };
     if ct::is_original(&v, ct.src_is_a) || ct::expired(&v, pkt.proto, pkt.now) {
-        return (Reason::DenyPolicy, Direction::Ingress, 0);
+        return (Reason::DenyPolicy, hook_dir, 0);
     }
     // The connection's ends: its originator is this reply's destination.
     known.src_state = Known::UNSEEN;
@@ -67,7 +79,7 @@ fn rejudge_reply(pkt: &Pkt, keys: &mut CtKeys, known: &mut Known) -> (Reason, Di
     // where DNAT is still ahead.
     if (ct::current(&v, pkt.epoch) && ct::has_grants(&v, need)) || is_service(&pkt.src) {
         refresh(p, &v, false, pkt);
-        return (Reason::AllowEstablished, Direction::Ingress, 0);
+        return (Reason::AllowEstablished, hook_dir, 0);
     }
     let maps = BpfMaps { pkt, known };
     // The connection's destination port is this reply's source port.
@@ -118,5 +130,5 @@ fn rejudge_reply(pkt: &Pkt, keys: &mut CtKeys, known: &mut Known) -> (Reason, Di
         (*p).flags = ct::with_epoch(flags, pkt.epoch);
         (*p).last_seen_ns = pkt.now;
     }
-    (Reason::AllowEstablished, Direction::Ingress, 0)
+    (Reason::AllowEstablished, hook_dir, 0)
 }
