@@ -5,7 +5,8 @@
 //! node's namespace, each on its own bpffs and node name, all reading one manifest directory.
 //! Each step writes the step's objects as manifests, waits until every agent reports that
 //! exact directory content enforced with its pods' interfaces attached, then runs the probes
-//! with real sockets in parallel. Everything is removed on teardown, on error and on panic
+//! with real sockets in parallel. Long-lived connections (`connections`) keep their sockets
+//! across steps and are closed at the end of every plan, also when the hosts are kept. Everything is removed on teardown, on error and on panic
 //! (drop guards), and on SIGINT, SIGTERM or SIGHUP (`cleanup`: the runner stops at its next
 //! wait); leftovers of runs killed outright are swept when the next runner starts.
 
