@@ -16,8 +16,8 @@
 //!    (`BINDINGS`, checked before conntrack; else `spoofed`) and known, at an uplink hook
 //!    (`from_world`/`to_world`) a local pod's address arriving from outside is `spoofed` and
 //!    no local endpoint on either side passes (the node's own traffic); nothing isolated on
-//!    either side passes without touching conntrack; non-IP frames other than ARP are
-//!    dropped at pod hooks;
+//!    either side passes, its connection recorded in conntrack (its originator, for when
+//!    isolation comes); non-IP frames other than ARP are dropped at pod hooks;
 //! 3. malformed -> drop where isolated; non-first fragments follow their first fragment's
 //!    verdict (`FRAGMENTS`); ICMP errors pass when they travel the reverse path of a live
 //!    connection they quote;

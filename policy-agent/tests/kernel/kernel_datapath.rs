@@ -501,8 +501,10 @@ fn unknown_endpoint_is_dropped_both_ways() {
     );
 }
 
+/// Nothing isolated: every connection passes, and its originator is recorded (no grant
+/// needed), so a later isolation judges it from the right side.
 #[test]
-fn not_isolated_passes_without_conntrack() {
+fn not_isolated_flows_pass_and_their_originator_is_recorded() {
     let mut f = fixture();
     f.endpoint(a4(A4), 0);
     assert_eq!(
@@ -513,9 +515,13 @@ fn not_isolated_passes_without_conntrack() {
         f.verdict(Ingress, &tcp4(B4, A4, 40001, 80, SYN)),
         Reason::AllowNotIsolated
     );
-    assert!(
-        f.ct(a4(A4), a4(B4), 40000, 80, TCP).is_none(),
-        "fast path leaves no entry"
+    let e = f.ct(a4(A4), a4(B4), 40000, 80, TCP).expect("entry");
+    assert_eq!(e.flags & (ct_flags::GRANTS | ct_flags::REQ_MASK), 0);
+    let (_, a_is_a) = ct::normalize(a4(A4), a4(B4), 40000, 80, TCP);
+    assert!(ct::is_original(&e, a_is_a), "A opened it");
+    assert_eq!(
+        f.verdict(Ingress, &tcp4(B4, A4, 80, 40000, SYN | ACK)),
+        Reason::AllowEstablished
     );
 }
 
@@ -3006,7 +3012,7 @@ fn own_endpoint_cache_follows_every_endpoints_change() {
     f.endpoint(a4(A4), 0);
     let pkt = udp4(A4, EXT4, 43100, 53);
     assert_eq!(f.verdict(Egress, &pkt), Reason::AllowNotIsolated);
-    assert_eq!(f.verdict(Egress, &pkt), Reason::AllowNotIsolated);
+    assert_eq!(f.verdict(Egress, &pkt), Reason::AllowEstablished);
     f.endpoint(a4(A4), ISO_EG);
     assert_eq!(
         f.verdict(Egress, &udp4(A4, EXT4, 43101, 53)),
@@ -3291,4 +3297,48 @@ fn keep_never_moves_the_epoch_and_the_writer_moves_it_once_per_nonempty_diff() {
     f.bump();
     assert_eq!(epoch(&f), ct::next_epoch(e0), "keep: the epoch never moves");
     f.maps.set_established(Established::Revalidate);
+}
+
+#[test]
+fn a_connection_opened_before_any_isolation_is_judged_once_isolated() {
+    let mut f = fixture();
+    f.endpoint_id(a4(A4), 1, 0);
+    f.endpoint_id(a4(B4), 2, 0);
+    f.ipcache(a4(A4), ID_B + 1);
+    for (flags, want) in [
+        (SYN, Reason::AllowNotIsolated),
+        (SYN | ACK, Reason::AllowEstablished),
+        (ACK, Reason::AllowEstablished),
+    ] {
+        let (s, d, sp, dp) = if flags == SYN | ACK {
+            (B4, A4, 80, 40000)
+        } else {
+            (A4, B4, 40000, 80)
+        };
+        assert_eq!(f.verdict(Egress, &tcp4(s, d, sp, dp, flags)), want);
+    }
+    assert_eq!(
+        f.verdict(Egress, &udp4(A4, B4, 40000, 80)),
+        Reason::AllowNotIsolated
+    );
+    // B isolated for ingress, no rule: judged again from A's side, whichever end speaks
+    // first (B's push is a reply, refused by B's own ingress on A's connection).
+    f.endpoint_id(a4(B4), 2, ISO_IN | IN_ID);
+    f.bump();
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp4(B4, A4, 80, 40000, ACK | PSH)),
+        (Ingress, Reason::DenyPolicy)
+    );
+    assert_eq!(
+        f.verdict_by(PROG_FROM_POD, &tcp4(A4, B4, 40000, 80, ACK | PSH)),
+        (Ingress, Reason::DenyPolicy)
+    );
+    assert_eq!(
+        f.verdict_by(PROG_FROM_POD, &udp4(A4, B4, 40000, 80)),
+        (Ingress, Reason::DenyPolicy)
+    );
+    assert_eq!(
+        f.verdict_by(PROG_TO_POD, &tcp4(A4, B4, 40000, 80, ACK | PSH)),
+        (Ingress, Reason::DenyPolicy)
+    );
 }

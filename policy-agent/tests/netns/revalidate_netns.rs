@@ -1,13 +1,14 @@
 //! Open connections follow the policy epoch (`--established revalidate`): the real programs
 //! on two pods' veths, TCP and UDP socket pairs kept open (IPv4 and IPv6) while the maps
-//! change. A write without an epoch bump leaves them as they are; a bump makes each judged
-//! again as a new connection: cut when refused (both ways: the client's data and the
+//! change. Connections opened while nothing is isolated are recorded too, so isolation
+//! coming later judges them from the client's side. A write without an epoch bump leaves
+//! them as they are; a bump makes each judged again as a new connection: cut when refused (both ways: the client's data and the
 //! server's pushes, the latter judged by the tail-called `rejudge`), flowing again when
 //! admitted again (UDP at once, TCP with its retransmission), alive when only the server's
 //! own egress closes (replies are no new connections). `Keep` never moves the epoch.
 
 use std::io::{self, Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use policy_agent::dataplane::{AttachMode, Dataplane, DataplaneMaps, Established};
@@ -212,11 +213,19 @@ fn open_connections_follow_the_policy_epoch() {
     maps.set_rule(rule, allow).expect("rule");
     bump(&mut maps);
     let mut pairs = Vec::new();
+    set_endpoint(&mut maps, ips_b, 2, 0);
     for v6 in [false, true] {
         pairs.push(Pair::tcp(&bed, a, b, v6).expect("tcp connection"));
         pairs.push(Pair::udp(&bed, a, b, v6).expect("udp pair"));
     }
-    expect_all(&mut pairs, true, OK_WAIT, "admitted");
+    expect_all(&mut pairs, true, OK_WAIT, "opened unisolated");
+    set_endpoint(&mut maps, ips_b, 2, b_in);
+    maps.delete_rule(&rule).expect("delete rule");
+    bump(&mut maps);
+    expect_all(&mut pairs, false, DENY_WAIT, "isolated after opening");
+    maps.set_rule(rule, allow).expect("rule");
+    bump(&mut maps);
+    expect_all(&mut pairs, true, RETRANSMIT_WAIT, "admitted");
 
     // A bump that changes nothing cuts nothing (the server's pushes go through `rejudge`).
     bump(&mut maps);

@@ -15,6 +15,7 @@ use std::time::Instant;
 use crate::scenario_common;
 
 use policy_testkit::scenario::apply::State;
+use policy_testkit::scenario::connections::Connection;
 use policy_testkit::scenario::format::Via;
 use policy_testkit::scenario::kernel::{KernelConfig, KernelOracle, Mode, cleanup};
 use policy_testkit::scenario::narrate::Narration;
@@ -161,6 +162,15 @@ impl Oracle for Tally {
             }
         }
         Ok(got)
+    }
+    fn open_connections(&mut self, conns: &[&Connection]) -> Result<(), OracleError> {
+        self.inner.open_connections(conns)
+    }
+    fn check_connections(&mut self, conns: &[&Connection]) -> Result<Vec<bool>, OracleError> {
+        self.inner.check_connections(conns)
+    }
+    fn close_connections(&mut self, names: &[String]) -> Result<(), OracleError> {
+        self.inner.close_connections(names)
     }
     fn teardown(&mut self) -> Result<(), OracleError> {
         self.inner.teardown()

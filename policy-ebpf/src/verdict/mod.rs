@@ -264,7 +264,14 @@ fn judge(
         _ => {}
     }
     let id = Some(own);
-    if (src.flags | dst.flags) & (ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS) == 0 {
+    // Nobody isolated: passes. A whole packet still goes through conntrack (below), which
+    // records its connection's originator: once a change isolates either end, the
+    // connection is judged again from the right side (`Config::policy_epoch`), where the
+    // first packet seen after the change could only guess (a server's push would pass for
+    // a new connection of its own, and the client's data for its replies).
+    if (src.flags | dst.flags) & (ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS) == 0
+        && !whole
+    {
         return (Reason::AllowNotIsolated, id, Decider::Hook);
     }
     // Whether this packet, taken as a new connection, needs a grant.
