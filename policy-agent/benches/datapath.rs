@@ -36,6 +36,8 @@ const SET_IN: u32 = 10;
 const ID_PEER: u32 = 300;
 /// The pod's port of the connection whose entry is stale.
 const STALE_PORT: u16 = 41000;
+/// A local pod nobody isolates.
+const OPEN_POD: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 
 fn a4(ip: Ipv4Addr) -> Addr {
     Addr::from_v4_octets(ip.octets())
@@ -56,7 +58,17 @@ fn seed_small(maps: &mut DataplaneMaps) {
     maps.set_event_budget(DEFAULT_EVENTS_PER_SEC, DEFAULT_EVENTS_BURST)
         .expect("config");
     // The pod's address bound to the interface test runs happen on (the loopback).
-    maps.bind(1, &[a4(POD)]).expect("bind");
+    maps.bind(1, &[a4(POD), a4(OPEN_POD)]).expect("bind");
+    maps.set_local_endpoint(
+        EndpointKey { addr: a4(OPEN_POD) },
+        EndpointValue {
+            endpoint_id: 2,
+            ingress_policy_set: SET_IN + 20,
+            egress_policy_set: SET_IN + 21,
+            flags: 0,
+        },
+    )
+    .expect("endpoint");
     maps.set_local_endpoint(
         EndpointKey { addr: a4(POD) },
         EndpointValue {
@@ -288,6 +300,13 @@ fn cases() -> Vec<Case> {
             PROG_TO_POD,
             V4::new(STRANGER, POD).frame(&tcp(40002, 22, SYN)),
             Some((Direction::Ingress, Reason::DenyPolicy)),
+        ),
+        // Nobody isolated: passes, its connection recorded (a SYN is decided each time).
+        case(
+            "not_isolated_syn",
+            PROG_TO_POD,
+            V4::new(PEER, OPEN_POD).frame(&tcp(40003, 80, SYN)),
+            Some((Direction::Ingress, Reason::AllowNotIsolated)),
         ),
         // The SYN above created the entry; its ACK is a conntrack hit.
         case(
