@@ -266,3 +266,53 @@ fn open_connections_follow_the_policy_epoch() {
     bump(&mut maps);
     expect_all(&mut pairs, true, OK_WAIT, "keep");
 }
+
+/// The agent binary's `--established`: with the default (`revalidate`) an open connection
+/// stops as soon as a change that refuses it is enforced; with `keep` it runs on.
+#[test]
+fn the_agents_established_flag_decides_what_a_change_does_to_open_connections() {
+    use crate::restart_common::{Agent, TempDir, ingress_from, pod, uninstall, write_manifests};
+    use policy_testkit::testbed::{TcpClient, TcpEchoServer};
+    const A: usize = 0;
+    const B: usize = 1;
+    let mut bed = Testbed::new().expect("node namespace (needs root)");
+    bed.add_pod().expect("pod a");
+    bed.add_pod().expect("pod b");
+    let to_b = SocketAddr::new(bed.hosts[B].ip(false), TCP_PORT);
+    let _server = TcpEchoServer::start(&bed.hosts[B].ns, to_b).expect("server on B");
+    for (n, (flag, survives)) in [(&[][..], false), (&["--established", "keep"][..], true)]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = TempDir::new("established");
+        let fs = PrivateBpffs::mount().expect("private bpffs");
+        let pods = [pod(&bed, A, "a"), pod(&bed, B, "b")];
+        let admits = ingress_from("b-in", "b", "a", TCP_PORT, UDP_PORT);
+        let generation = write_manifests(
+            &dir.manifests(),
+            &[pods[0].clone(), pods[1].clone(), admits],
+        );
+        let mut agent = Agent::start(&bed, &dir, &fs, flag, n as u32);
+        agent.wait_generation(&dir.status(), generation, 2);
+        let mut open = TcpClient::connect(&bed.hosts[A].ns, to_b, OK_WAIT).expect("connect");
+        open.round_trip(b"admitted")
+            .expect("round trip while admitted");
+        // b now admits app=c only.
+        let refuses = ingress_from("b-in", "b", "c", TCP_PORT, UDP_PORT);
+        let generation = write_manifests(
+            &dir.manifests(),
+            &[pods[0].clone(), pods[1].clone(), refuses],
+        );
+        agent.wait_generation(&dir.status(), generation, 2);
+        let new = TcpClient::connect(&bed.hosts[A].ns, to_b, DENY_WAIT);
+        assert!(new.is_err(), "{flag:?}: a new connection is refused");
+        let r = open.round_trip(b"after the change");
+        assert_eq!(
+            r.is_ok(),
+            survives,
+            "{flag:?}: the open connection after the change: {r:?}"
+        );
+        drop(agent);
+        uninstall(&bed, &fs);
+    }
+}
