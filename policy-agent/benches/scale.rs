@@ -13,7 +13,7 @@
 //! Three loads per mode, each several rounds (median, min, max): `empty` (only the local
 //! pods), `pods` (every pod, no policy) and `full`. Differences between them, in the same
 //! run, give the cost per pod and per policy rule on a noisy machine. Writes
-//! `target/bench/scale.json`. Knobs: `SCALE_ROUNDS` (default 3), `SCALE_AGENT` (the agent
+//! `target/bench/scale.json`. Knobs: `SCALE_ROUNDS` (default 3), `BENCH_AGENT` (the agent
 //! binary; default the release one cargo builds for this bench).
 
 #[path = "scale/measure.rs"]
@@ -556,7 +556,7 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let agent = std::env::var_os("SCALE_AGENT")
+    let agent = std::env::var_os("BENCH_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
     let t0 = Instant::now();

@@ -166,20 +166,20 @@ pub fn bench(root: &Path, which: &[String]) -> Result<()> {
     // These load the kernel object (built by `prepare`) and need root.
     if which
         .iter()
-        .any(|b| ["datapath", "attach", "scale"].contains(b))
+        .any(|b| ["datapath", "attach", "scale", "peers", "latency"].contains(b))
     {
         prepare(root)?;
     }
-    // `scale` measures the release agent binary as a node runs it.
-    if which.contains(&"scale") {
+    // `scale` and `latency` measure the release agent binary as a node runs it.
+    if which.contains(&"scale") || which.contains(&"latency") {
         build_agent_release(root)?;
     }
     for b in which {
         let mut cmd = cargo(root);
         cmd.args(["bench", "-p", "policy-agent", "--bench", b]);
-        if b == "scale" {
+        if b == "scale" || b == "latency" {
             let agent = crate::demo::target_dir(root).join("release/policy-agent");
-            cmd.env("SCALE_AGENT", agent);
+            cmd.env("BENCH_AGENT", agent);
         }
         status(&format!("bench {b}"), &mut cmd)?;
     }

@@ -11,11 +11,15 @@ use anyhow::{Context, Result, bail};
 /// The bpf-linker release that builds against the nightly's LLVM 22 (toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: `ip` (namespaces, veth), `iptables` (kube-proxy-style DNAT
-/// for `via: service` scenarios), `bpftool` (inspecting maps when a test fails).
+/// for `via: service` scenarios), `bpftool` (inspecting maps when a test fails), `ipset` and
+/// `nft` (the baselines of `bench peers`).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("iptables", "iptables"),
     ("bpftool", "bpftool"),
+    // `bench peers`: the iptables baseline's peer sets and the nftables baseline.
+    ("ipset", "ipset"),
+    ("nftables", "nft"),
 ];
 
 /// What later steps need from setup.

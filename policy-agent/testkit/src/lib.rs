@@ -3,6 +3,7 @@
 //! (`scenario`, binary `policy-scenario`), a scripted API server (`fake_api`), and an in-memory
 //! fake of the cluster enforcer (`recording`).
 
+pub mod bench_report;
 pub mod fake_api;
 pub mod recording;
 pub mod scenario;
