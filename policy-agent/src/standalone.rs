@@ -1,7 +1,7 @@
 //! Standalone mode: enforce the objects of a manifest directory on this host, with no
 //! cluster. The agent runs in the node's network namespace, finds each local pod's host-side
 //! veth from the route to its address, attaches the programs there, and re-reads the
-//! directory whenever it changes.
+//! directory whenever it changes (told by inotify, [`manifests::watch`]; polled besides).
 //!
 //! Restarts and upgrades leave no gap: maps and TCX links are pinned under `--bpf-dir` and
 //! stay enforcing while no agent runs (also after a clean stop); a new agent reuses the
@@ -97,6 +97,16 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
             None
         }
     };
+    // A change written to the directory wakes the same wait: enforced at once, not at the
+    // next poll (which stays, for what no notification reports).
+    let _watch = events.as_ref().and_then(|e| {
+        let waker = e.waker();
+        manifests::watch::DirWatch::start(&cfg.manifests, move || waker.wake())
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no manifest notifications: the directory is polled only");
+            })
+            .ok()
+    });
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
         if let Err(e) = agent.reconcile(cfg, &mut node) {

@@ -27,6 +27,7 @@ use k8s_openapi::api::networking::v1 as net;
 use crate::convert::{self, ConvertError};
 use crate::model::{self, ObjectKey, Snapshot};
 
+pub mod watch;
 pub mod yaml;
 
 /// Directories nested deeper than this below the manifest directory are not read.
@@ -495,6 +496,9 @@ fn read_file(path: &Path, limits: &Limits, left: &mut u64) -> Result<Vec<u8>, Fi
 #[derive(Debug, Default)]
 struct Walk {
     files: Vec<PathBuf>,
+    /// Every directory read (the manifest directory first), by the path first read by:
+    /// what [`watch::DirWatch`] watches.
+    dirs: Vec<PathBuf>,
     problems: Vec<(PathBuf, WalkError)>,
 }
 
@@ -515,6 +519,7 @@ fn collect(dir: &Path, limits: &Limits) -> Result<Walk, std::io::Error> {
         .insert(dir_id(&std::fs::metadata(dir)?), dir.to_path_buf());
     w.dir(dir, 0)?;
     w.walk.files.sort();
+    w.walk.dirs = w.seen.into_values().collect();
     Ok(w.walk)
 }
 

@@ -11,6 +11,7 @@ mod cluster_metrics;
 mod cluster_netns;
 mod cni_netns;
 mod interfaces_netns;
+mod manifest_watch_netns;
 mod netns_datapath;
 mod netns_services_uplinks;
 mod observe_netns;

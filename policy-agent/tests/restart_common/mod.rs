@@ -120,6 +120,29 @@ impl Agent {
         Self::spawn(bed, dir, fs, &args, extra, &[], n)
     }
 
+    /// [`Agent::start`] with the directory polled every `poll` instead of 20 ms.
+    pub fn start_polling(
+        bed: &Testbed,
+        dir: &TempDir,
+        fs: &PrivateBpffs,
+        poll: Duration,
+        n: u32,
+    ) -> Agent {
+        let _ = std::fs::remove_file(dir.status());
+        let (manifests, status) = (dir.manifests(), dir.status());
+        let poll_ms = poll.as_millis().to_string();
+        let args: [&std::ffi::OsStr; 7] = [
+            "standalone".as_ref(),
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--status-file".as_ref(),
+            status.as_os_str(),
+            "--poll-ms".as_ref(),
+            poll_ms.as_ref(),
+        ];
+        Self::spawn(bed, dir, fs, &args, &[], &[], n)
+    }
+
     /// `policy-agent cluster` against the API server named in `kubeconfig`, serving its
     /// health endpoints on the node namespace's 127.0.0.1:`metrics_port`.
     pub fn start_cluster(
