@@ -1,0 +1,155 @@
+//! `cargo xtask bench peers` (as root): the same NetworkPolicy set enforced by no filter, by
+//! our programs and maps, by iptables with ipsets as kube-router and Calico's iptables mode
+//! lay it out, and by nftables concatenated sets as kube-network-policies does, at 10, 1,000
+//! and 10,000 rules (`peers/rules.rs`). For each: TCP_CRR-style new connections per second
+//! and TCP_RR-style transactions per second between a client pod and a server pod on the
+//! same node namespace (client and server threads on different CPUs), and our per-packet
+//! cost by BPF_PROG_TEST_RUN on the same maps.
+//!
+//! Every measurement runs on a fresh node namespace with one filter installed, after
+//! checking that the filter enforces (the probe connects, a port no rule admits does not).
+//! Rounds interleave the filters (round r measures each once, in a rotated order), so a
+//! noisy neighbour hits all of them alike; figures are median, min and max over rounds.
+//! Writes `target/bench/peers.json` and the `peers` section of `BENCHMARKS.md`.
+//! Knobs: `PEERS_RULES` (default `10,1000,10000`), `PEERS_ROUNDS` (5), `PEERS_SECONDS` (1).
+
+#[path = "peers/filters.rs"]
+mod filters;
+#[path = "peers/load.rs"]
+mod load;
+#[path = "../tests/kernel/common/packet.rs"]
+mod packet;
+#[path = "peers/per_packet.rs"]
+mod per_packet;
+#[path = "peers/report.rs"]
+mod report;
+#[path = "peers/rules.rs"]
+mod rules;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use filters::{CLIENT, Cell, Filter, Prepared, SERVER};
+use policy_testkit::testbed::unique_suffix;
+
+/// A connection that is admitted opens well within this; a refused one never does.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+const REFUSED_WAIT: Duration = Duration::from_millis(300);
+const WARM_UP: Duration = Duration::from_millis(100);
+
+fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one size measured: per filter the CRR and RR rates of each round.
+#[derive(Default)]
+pub struct Size {
+    pub rules: usize,
+    pub crr: BTreeMap<&'static str, Vec<f64>>,
+    pub rr: BTreeMap<&'static str, Vec<f64>>,
+    pub per_packet: per_packet::PerPacket,
+}
+
+/// One filter on a fresh cell: checked to enforce, then measured.
+fn measure(
+    filter: Filter,
+    p: &Prepared,
+    length: Duration,
+    cpus: (usize, usize),
+) -> Result<(f64, f64)> {
+    let cell = Cell::new()?;
+    let _server = load::Server::start(
+        &cell.bed.hosts[SERVER].ns,
+        cell.to(rules::PROBE_PORT),
+        cpus.1,
+    )?;
+    let _installed = filters::install(filter, &cell, p)
+        .with_context(|| format!("installing {}", filter.title()))?;
+    let client = &cell.bed.hosts[CLIENT].ns;
+    if !load::connects(client, cell.to(rules::PROBE_PORT), CONNECT_WAIT)? {
+        bail!("{}: the probe's connection is refused", filter.title());
+    }
+    let refused = !load::connects(client, cell.to(rules::REFUSED_PORT), REFUSED_WAIT)?;
+    if refused != (filter != Filter::Unfiltered) {
+        bail!(
+            "{}: a port no rule admits is {}",
+            filter.title(),
+            if refused { "refused" } else { "admitted" }
+        );
+    }
+    let to = cell.to(rules::PROBE_PORT);
+    load::run(client, to, cpus.0, load::Kind::Crr, WARM_UP)?;
+    let crr = load::run(client, to, cpus.0, load::Kind::Crr, length)?;
+    let rr = load::run(client, to, cpus.0, load::Kind::Rr, length)?;
+    Ok((crr, rr))
+}
+
+fn main() -> Result<()> {
+    let sizes: Vec<usize> = std::env::var("PEERS_RULES")
+        .unwrap_or_else(|_| "10,1000,10000".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("PEERS_RULES: comma-separated rule counts")
+        })
+        .collect::<Result<_>>()?;
+    let rounds: usize = knob("PEERS_ROUNDS", 5usize).max(1);
+    let length = Duration::from_secs_f64(knob("PEERS_SECONDS", 1.0f64).clamp(0.1, 30.0));
+    let cpus = match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        1 => (0, 0),
+        _ => (0, 1),
+    };
+    let scratch = std::env::temp_dir().join(format!("policy-peers-{}", unique_suffix()));
+    std::fs::create_dir_all(&scratch)?;
+    let t0 = Instant::now();
+    let run = || -> Result<Vec<Size>> {
+        let mut out = Vec::new();
+        for &n in &sizes {
+            let tp = Instant::now();
+            let p = Prepared::new(n, &scratch)?;
+            println!(
+                "peers: {n} rules ({} policies) rendered and compiled in {:.0} ms",
+                n.div_ceil(rules::RULES_PER_POLICY),
+                tp.elapsed().as_secs_f64() * 1e3
+            );
+            let mut size = Size {
+                rules: n,
+                per_packet: per_packet::measure(&p)?,
+                ..Size::default()
+            };
+            for r in 0..rounds {
+                for k in 0..Filter::ALL.len() {
+                    let filter = Filter::ALL[(r + k) % Filter::ALL.len()];
+                    let (crr, rr) = measure(filter, &p, length, cpus)?;
+                    size.crr.entry(filter.key()).or_default().push(crr);
+                    size.rr.entry(filter.key()).or_default().push(rr);
+                }
+                println!("peers: {n} rules, round {}/{rounds} done", r + 1);
+            }
+            out.push(size);
+        }
+        Ok(out)
+    };
+    let result = run();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let sizes = result?;
+    println!(
+        "peers: measured in {:.0} s ({rounds} rounds of {:.1} s per filter and size)",
+        t0.elapsed().as_secs_f64(),
+        length.as_secs_f64()
+    );
+    let cfg = report::Config {
+        rounds,
+        seconds: length.as_secs_f64(),
+        cpus,
+    };
+    print!("{}", report::console(&sizes));
+    policy_testkit::bench_report::write_json("peers", &report::json(&sizes, &cfg))?;
+    policy_testkit::bench_report::write_section("peers", &report::markdown(&sizes, &cfg))?;
+    Ok(())
+}
