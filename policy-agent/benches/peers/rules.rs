@@ -4,10 +4,12 @@
 //! kube-network-policies' (one rule per policy and direction over a concatenated set).
 //!
 //! `n` ingress rules over policies of [`RULES_PER_POLICY`] rules, all selecting the server
-//! pod. Each rule admits one peer (a /32, /24 or /16 in turn) on TCP to one port or a range
-//! of six. Every rule's ports are its own block, so no two rules overlap and none admits the
-//! probe (its port is below every block) except the last, which admits the client on the
-//! probe port: a new connection of the probe meets every other rule first.
+//! pod. Each rule admits one peer on TCP to one port or a range of six: of every 20 rules,
+//! 16 name a /32 (hosts), 3 a /24 and 1 a /16, all inside 198.18.0.0/15 (so the broad rules
+//! cover the narrow ones, the case that costs an LPM encoding most). Every rule's ports are
+//! its own block, so no two rules overlap and none admits the probe (its port is below every
+//! block) except the last, which admits the client on the probe port: a new connection of
+//! the probe meets every other rule first.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -44,10 +46,13 @@ pub fn generate(n: usize, client: Ipv4Addr) -> Vec<Rule> {
     assert!((1..=blocks).contains(&n), "{n} rules: 1 to {blocks}");
     let mut rules: Vec<Rule> = (0..n - 1)
         .map(|i| {
-            let (addr, prefix) = match i % 3 {
-                0 => (Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8), 32),
-                1 => (Ipv4Addr::new(198, 18, ((i / 3) % 254 + 1) as u8, 0), 24),
-                _ => (Ipv4Addr::new(198, 18 + ((i / 3) % 2) as u8, 0, 0), 16),
+            let (addr, prefix) = match i % 20 {
+                0 => (Ipv4Addr::new(198, 18 + ((i / 20) % 2) as u8, 0, 0), 16),
+                j @ 1..=3 => {
+                    let k = (i / 20) * 3 + j - 1;
+                    (Ipv4Addr::new(198, 18 + (k % 2) as u8, (k / 2) as u8, 0), 24)
+                }
+                _ => (Ipv4Addr::new(198, 19, i as u8, (i >> 8) as u8), 32),
             };
             let first = FIRST_PORT + PORT_BLOCK * i as u16;
             let last = if i % 2 == 0 {

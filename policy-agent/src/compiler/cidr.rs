@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use super::portset::PortSet;
+use super::portset::{PortCode, PortSet};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CidrRule {
@@ -71,6 +71,40 @@ pub fn table(rules: &[CidrRule]) -> BTreeMap<IpNet, PortSet> {
     out
 }
 
+/// How each prefix of an LPM table is written. A prefix whose ports need the trie shares its
+/// nearest covering prefix's trie list (or that prefix's whole port-set as a list) when the
+/// rest fits inline: narrow rules inside a broad one then cost the broad one's list once,
+/// not once each. Prefixes are coded shortest first, so an ancestor's code is known.
+pub fn codes(table: &BTreeMap<IpNet, PortSet>) -> BTreeMap<IpNet, PortCode> {
+    let mut order: Vec<(&IpNet, &PortSet)> = table.iter().collect();
+    order.sort_by_key(|(p, _)| p.prefix_len());
+    let mut out: BTreeMap<IpNet, PortCode> = BTreeMap::new();
+    for (p, ports) in order {
+        let shared = ports.needs_trie().and_then(|_| {
+            let a = nearest_ancestor(table, p)?;
+            let ancestor_list = out.get(&a).and_then(|c| c.trie.as_deref());
+            let ancestor_ports = match &table[&a] {
+                PortSet::Ranges(r) if !r.is_empty() => Some(r.as_slice()),
+                _ => None,
+            };
+            [ancestor_list, ancestor_ports]
+                .into_iter()
+                .flatten()
+                .find_map(|base| ports.code_over(base))
+        });
+        out.insert(*p, shared.unwrap_or_else(|| ports.code()));
+    }
+    out
+}
+
+/// The longest prefix of `table` strictly containing `p`.
+fn nearest_ancestor(table: &BTreeMap<IpNet, PortSet>, p: &IpNet) -> Option<IpNet> {
+    (0..p.prefix_len()).rev().find_map(|len| {
+        let up = IpNet::new(p.addr(), len).ok()?.trunc();
+        table.contains_key(&up).then_some(up)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +118,56 @@ mod tests {
             .filter(|(p, _)| p.contains(&a))
             .max_by_key(|(p, _)| p.prefix_len())
             .map(|(_, v)| v)
+    }
+
+    /// Many /32 rules of one port inside a /16 rule of many: each /32 shares the /16's trie
+    /// list and keeps its own port inline, and every address still gets exactly its union.
+    #[test]
+    fn narrow_rules_inside_a_broad_one_share_its_trie_list() {
+        let broad =
+            PortSet::from_ranges((0..50).map(|i| (6, 2000 + 3 * i, 2000 + 3 * i)).collect());
+        let mut rules = vec![CidrRule {
+            cidr: n("198.18.0.0/16"),
+            except: vec![],
+            ports: broad.clone(),
+        }];
+        for i in 0..200u16 {
+            rules.push(CidrRule {
+                cidr: n(&format!("198.18.{}.{}/32", i / 100, i % 100)),
+                except: vec![],
+                ports: PortSet::from_ranges(vec![(6, 80 + i % 3, 80 + i % 3)]),
+            });
+        }
+        // A /24 of six more ports: its own rest does not fit inline, so it gets its own list.
+        rules.push(CidrRule {
+            cidr: n("198.18.7.0/24"),
+            except: vec![],
+            ports: PortSet::from_ranges((0..6).map(|i| (17, 100 + 2 * i, 100 + 2 * i)).collect()),
+        });
+        rules.push(CidrRule {
+            cidr: n("198.18.7.9/32"),
+            except: vec![],
+            ports: PortSet::from_ranges(vec![(6, 81, 81)]),
+        });
+        let t = table(&rules);
+        let c = codes(&t);
+        let lists: std::collections::BTreeSet<&Vec<(u8, u16, u16)>> =
+            c.values().filter_map(|c| c.trie.as_ref()).collect();
+        assert_eq!(lists.len(), 2, "the /16's list and the /24's");
+        for (p, code) in &c {
+            // The code admits exactly the prefix's port-set.
+            let mut union = PortSet::from_ranges(code.inline.clone());
+            if let Some(l) = &code.trie {
+                union.union_with(&PortSet::from_ranges(l.clone()));
+            }
+            assert_eq!(&union, &t[p], "{p}");
+            assert!(
+                code.inline.len() <= policy_common::maps::INLINE_PORT_RANGES,
+                "{p}"
+            );
+        }
+        assert_eq!(c[&n("198.18.0.5/32")].inline, vec![(6, 82, 82)]);
+        assert_eq!(c[&n("198.18.7.9/32")].trie, c[&n("198.18.7.0/24")].trie);
     }
 
     #[test]

@@ -667,8 +667,8 @@ impl Engine {
                         rules_tr.set(&mut self.contents.rules, k, Some(v));
                     }
                 }
-                for (net, ps) in &n.cidrs {
-                    let v = self.numbers.rule_value(ps);
+                for (net, code) in n.cidr_codes() {
+                    let v = self.numbers.code_value(code);
                     let k = cidr_key(*num, net);
                     if self.contents.cidr_rules.get(&k) != Some(&v) {
                         cidr_tr.set(&mut self.contents.cidr_rules, k, Some(v));

@@ -205,22 +205,14 @@ pub struct TableData {
     pub cidrs: BTreeMap<IpNet, PortSet>,
 }
 
-impl TableData {
-    /// The port lists that need a `PORTS` trie (what port-set numbers are given to).
-    pub fn trie_port_lists(&self) -> impl Iterator<Item = &[(u8, u16, u16)]> {
-        self.rules
-            .values()
-            .chain(self.cidrs.values())
-            .filter_map(PortSet::needs_trie)
-    }
-}
-
 /// A shared, hashed [`TableData`]: tables are keys of the policy-set numbering and are
 /// compared often; the hash settles most comparisons without walking thousands of rows.
+/// It also holds how its ipBlock prefixes are written ([`cidr::codes`]), worked out once.
 #[derive(Clone, Debug)]
 pub struct Table {
     hash: u64,
     data: std::sync::Arc<TableData>,
+    cidr_codes: std::sync::Arc<BTreeMap<IpNet, portset::PortCode>>,
 }
 
 impl Table {
@@ -230,12 +222,26 @@ impl Table {
         data.hash(&mut h);
         Table {
             hash: h.finish(),
+            cidr_codes: std::sync::Arc::new(cidr::codes(&data.cidrs)),
             data: std::sync::Arc::new(data),
         }
     }
 
     pub fn data(&self) -> &TableData {
         &self.data
+    }
+
+    /// Each ipBlock prefix and how its port-set is written.
+    pub fn cidr_codes(&self) -> &BTreeMap<IpNet, portset::PortCode> {
+        &self.cidr_codes
+    }
+
+    /// The port lists that need a `PORTS` trie (what port-set numbers are given to).
+    pub fn trie_port_lists(&self) -> impl Iterator<Item = &[(u8, u16, u16)]> {
+        self.rules
+            .values()
+            .filter_map(PortSet::needs_trie)
+            .chain(self.cidr_codes.values().filter_map(|c| c.trie.as_deref()))
     }
 }
 
@@ -318,13 +324,20 @@ impl CompilerState {
         Self::default()
     }
 
-    /// A rule's value: its port set with the number of its trie, when it needs one.
+    /// A rule's value: its port-set written alone.
     fn rule_value(&self, ps: &PortSet) -> RuleValue {
-        let n = match ps {
-            PortSet::Ranges(r) if ps.needs_trie().is_some() => self.port_sets.get(r).unwrap_or(0),
-            _ => 0,
-        };
-        ps.rule_value(n)
+        self.code_value(&ps.code())
+    }
+
+    /// A written port-set's value, with the number of its trie list when it has one (0, which
+    /// no list has, if the list got no number: the list admits nothing then).
+    fn code_value(&self, code: &portset::PortCode) -> RuleValue {
+        let n = code
+            .trie
+            .as_ref()
+            .and_then(|r| self.port_sets.get(r))
+            .unwrap_or(0);
+        code.rule_value(n)
     }
 
     /// The `ENDPOINTS` value of a local pod with this endpoint number whose ingress and
@@ -698,9 +711,9 @@ pub fn compile(snap: &Snapshot, state: &mut CompilerState) -> MapContents {
                 state.rule_value(ps),
             );
         }
-        for (net, ps) in &t.cidrs {
+        for (net, code) in t.cidr_codes() {
             out.cidr_rules
-                .insert(cidr_key(set, net), state.rule_value(ps));
+                .insert(cidr_key(set, net), state.code_value(code));
         }
     }
 

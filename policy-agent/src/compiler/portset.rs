@@ -45,30 +45,6 @@ impl PortSet {
         PortSet::Ranges(ranges)
     }
 
-    /// The rule value; `port_set` is the number of its `PORTS` entries when it has more
-    /// ranges than fit inline (see [`needs_trie`]).
-    pub fn rule_value(&self, port_set: u32) -> RuleValue {
-        let mut v = RuleValue::default();
-        match self {
-            PortSet::All => v.flags = rule_flags::ALL,
-            PortSet::Ranges(r) if r.len() <= INLINE_PORT_RANGES => {
-                for (slot, &(proto, first, last)) in v.ranges.iter_mut().zip(r) {
-                    *slot = PortRange {
-                        first,
-                        last,
-                        proto,
-                        _pad: [0; 3],
-                    };
-                }
-            }
-            PortSet::Ranges(_) => {
-                v.flags = rule_flags::PORT_SET;
-                v.port_set = port_set;
-            }
-        }
-        v
-    }
-
     /// The ranges that go to the `PORTS` trie, if they do not fit inline.
     pub fn needs_trie(&self) -> Option<&[(u8, u16, u16)]> {
         match self {
@@ -76,6 +52,103 @@ impl PortSet {
             _ => None,
         }
     }
+
+    /// Written alone: inline when it fits, else all of it in the trie.
+    pub fn code(&self) -> PortCode {
+        match self.needs_trie() {
+            Some(r) => PortCode {
+                inline: Vec::new(),
+                all: false,
+                trie: Some(r.to_vec()),
+            },
+            None => PortCode {
+                inline: match self {
+                    PortSet::All => Vec::new(),
+                    PortSet::Ranges(r) => r.clone(),
+                },
+                all: matches!(self, PortSet::All),
+                trie: None,
+            },
+        }
+    }
+
+    /// Written as the trie list `base` (which it must contain) plus what `base` lacks,
+    /// inline; `None` when that does not fit inline. A more specific prefix thus shares its
+    /// covering prefix's list instead of a copy of it with its own ports added: what keeps
+    /// many narrow rules inside a broad one from multiplying the trie.
+    pub fn code_over(&self, base: &[(u8, u16, u16)]) -> Option<PortCode> {
+        let PortSet::Ranges(mine) = self else {
+            return None;
+        };
+        let rest = subtract(mine, base)?;
+        (rest.len() <= INLINE_PORT_RANGES).then(|| PortCode {
+            inline: rest,
+            all: false,
+            trie: Some(base.to_vec()),
+        })
+    }
+}
+
+/// How a port-set is written into a `RuleValue`: up to [`INLINE_PORT_RANGES`] ranges inline
+/// and, for more, a list in the `PORTS` trie (numbered by content, so equal lists are one).
+/// A port is admitted when an inline range or the list holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortCode {
+    pub inline: Vec<(u8, u16, u16)>,
+    /// Every protocol and port.
+    pub all: bool,
+    pub trie: Option<Vec<(u8, u16, u16)>>,
+}
+
+impl PortCode {
+    /// The rule value; `port_set` is the number of the trie list, if it has one.
+    pub fn rule_value(&self, port_set: u32) -> RuleValue {
+        let mut v = RuleValue::default();
+        if self.all {
+            v.flags = rule_flags::ALL;
+            return v;
+        }
+        for (slot, &(proto, first, last)) in v.ranges.iter_mut().zip(&self.inline) {
+            *slot = PortRange {
+                first,
+                last,
+                proto,
+                _pad: [0; 3],
+            };
+        }
+        if self.trie.is_some() {
+            v.flags = rule_flags::PORT_SET;
+            v.port_set = port_set;
+        }
+        v
+    }
+}
+
+/// `mine` minus `base` (both sorted and merged), or `None` when `base` is not within
+/// `mine`: each of its ranges must lie inside one of `mine`'s.
+fn subtract(mine: &[(u8, u16, u16)], base: &[(u8, u16, u16)]) -> Option<Vec<(u8, u16, u16)>> {
+    let inside = |&(p, f, l): &(u8, u16, u16)| {
+        mine.iter()
+            .any(|&(mp, mf, ml)| mp == p && mf <= f && l <= ml)
+    };
+    if !base.iter().all(inside) {
+        return None;
+    }
+    let mut out = Vec::new();
+    for &(p, f, l) in mine {
+        // What is left of [f, l] after every base range of this protocol inside it.
+        let mut next = u32::from(f);
+        for &(_, bf, bl) in base.iter().filter(|b| b.0 == p && f <= b.1 && b.2 <= l) {
+            if u32::from(bf) > next {
+                out.push((p, next as u16, bf - 1));
+            }
+            next = u32::from(bl) + 1;
+        }
+        if next <= u32::from(l) {
+            out.push((p, next as u16, l));
+        }
+    }
+    Some(out)
 }
 
 fn normalize(r: &mut Vec<(u8, u16, u16)>) {
@@ -128,6 +201,36 @@ mod tests {
         assert_eq!(a, PortSet::Ranges(vec![(6, 80, 90), (17, 53, 53)]));
         a.union_with(&PortSet::All);
         assert_eq!(a, PortSet::All);
+    }
+
+    #[test]
+    fn a_port_set_over_its_base_keeps_only_the_rest_inline() {
+        let base = vec![
+            (6, 100, 100),
+            (6, 200, 300),
+            (17, 53, 53),
+            (6, 400, 400),
+            (6, 500, 500),
+        ];
+        let mut mine = base.clone();
+        mine.extend([(6, 80, 80), (6, 301, 310), (6, 350, 360)]);
+        let ps = PortSet::from_ranges(mine);
+        let code = ps.code_over(&base).expect("fits");
+        assert_eq!(code.inline, vec![(6, 80, 80), (6, 301, 310), (6, 350, 360)]);
+        assert_eq!(code.trie.as_deref(), Some(&base[..]));
+        let v = code.rule_value(9);
+        assert_eq!((v.flags, v.port_set), (rule_flags::PORT_SET, 9));
+        assert_eq!(
+            (v.ranges[0].first, v.ranges[2].last, v.ranges[3].proto),
+            (80, 360, 0)
+        );
+        // A base reaching outside the set cannot be used; nor can a rest past the inline slots.
+        assert!(ps.code_over(&[(6, 1, 2)]).is_none());
+        let wide =
+            PortSet::from_ranges((0..6).map(|i| (6, 1000 + 10 * i, 1000 + 10 * i)).collect());
+        assert!(wide.code_over(&[(6, 1000, 1000)]).is_none());
+        assert!(PortSet::All.code_over(&base).is_none());
+        assert!(PortSet::All.code().rule_value(0).flags == rule_flags::ALL);
     }
 
     #[test]

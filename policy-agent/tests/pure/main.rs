@@ -11,6 +11,7 @@ mod api_semantics;
 mod cluster_snapshot;
 mod compiler_convert_fuzz;
 mod compiler_incremental;
+mod compiler_nested_cidrs;
 mod compiler_traps;
 mod compiler_vs_reference;
 mod deploy_manifests;
