@@ -52,6 +52,8 @@ pub struct Size {
     pub crr: BTreeMap<&'static str, Vec<f64>>,
     pub rr: BTreeMap<&'static str, Vec<f64>>,
     pub per_packet: per_packet::PerPacket,
+    /// Our map entries for the set: `CIDR_RULES`, `PORTS`.
+    pub entries: (usize, usize),
 }
 
 /// One filter on a fresh cell: checked to enforce, then measured.
@@ -112,13 +114,18 @@ fn main() -> Result<()> {
         for &n in &sizes {
             let tp = Instant::now();
             let p = Prepared::new(n, &scratch)?;
+            let entries = (p.contents.cidr_rules.len(), p.contents.ports.len());
             println!(
-                "peers: {n} rules ({} policies) rendered and compiled in {:.0} ms",
+                "peers: {n} rules ({} policies) rendered and compiled in {:.0} ms: \
+                 {} CIDR_RULES and {} PORTS entries",
                 n.div_ceil(rules::RULES_PER_POLICY),
-                tp.elapsed().as_secs_f64() * 1e3
+                tp.elapsed().as_secs_f64() * 1e3,
+                entries.0,
+                entries.1
             );
             let mut size = Size {
                 rules: n,
+                entries,
                 per_packet: per_packet::measure(&p)?,
                 ..Size::default()
             };

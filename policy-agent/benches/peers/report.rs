@@ -133,6 +133,14 @@ pub fn json(sizes: &[Size], cfg: &Config) -> Value {
     m.insert("ours_new_flow_ns".into(), pp(|p| p.new_flow_ns));
     m.insert("ours_established_ns".into(), pp(|p| p.established_ns));
     m.insert("ours_refused_ns".into(), pp(|p| p.refused_ns));
+    m.insert(
+        "ours_cidr_rules_entries".into(),
+        sizes.iter().map(|s| s.entries.0).collect(),
+    );
+    m.insert(
+        "ours_ports_entries".into(),
+        sizes.iter().map(|s| s.entries.1).collect(),
+    );
     m.insert("rounds".into(), cfg.rounds.into());
     m.insert("seconds_per_measurement".into(), cfg.seconds.into());
     m.insert("machine".into(), machine().into());
@@ -239,6 +247,11 @@ pub fn markdown(sizes: &[Size], cfg: &Config) -> String {
                 format!("{:.1}", p.new_flow_ns),
                 format!("{:.1}", p.established_ns),
                 format!("{:.1}", p.refused_ns),
+                format!(
+                    "{} / {}",
+                    rate(size.entries.0 as f64),
+                    rate(size.entries.1 as f64)
+                ),
             ]
         })
         .collect();
@@ -249,6 +262,7 @@ pub fn markdown(sizes: &[Size], cfg: &Config) -> String {
             "new flow (probe SYN)",
             "established (conntrack hit)",
             "refused SYN",
+            "our entries: CIDR_RULES / PORTS",
         ],
         &rows,
     );

@@ -34,41 +34,51 @@ fn contains(outer: &IpNet, inner: &IpNet) -> bool {
 
 /// The LPM table of a set of ipBlock rules. An empty port-set is a deny entry, kept only
 /// where it shadows a shorter allowing prefix.
+///
+/// The rules that can contain a prefix are those whose cidr is one of its at most 129
+/// supernets, found by lookup: the table costs O(prefixes x prefix length), not
+/// O(prefixes x rules) (10,000 rules on one pod took seconds).
 pub fn table(rules: &[CidrRule]) -> BTreeMap<IpNet, PortSet> {
     let rules: Vec<&CidrRule> = rules.iter().filter(|r| !r.ports.is_empty()).collect();
+    let mut by_cidr: BTreeMap<IpNet, Vec<&CidrRule>> = BTreeMap::new();
     let mut prefixes: Vec<IpNet> = Vec::new();
     for r in &rules {
+        by_cidr.entry(r.cidr).or_default().push(r);
         prefixes.push(r.cidr);
         prefixes.extend(r.except.iter().copied());
     }
     prefixes.sort_unstable_by_key(|p| (p.prefix_len(), *p));
     prefixes.dedup();
 
-    let mut values: Vec<PortSet> = Vec::with_capacity(prefixes.len());
+    let mut out: BTreeMap<IpNet, PortSet> = BTreeMap::new();
+    // Shortest first: a prefix's nearest ancestor in the table is already decided.
     for p in &prefixes {
         let mut v = PortSet::default();
-        for r in &rules {
-            if contains(&r.cidr, p) && !r.except.iter().any(|e| contains(e, p)) {
-                v.union_with(&r.ports);
+        for len in 0..=p.prefix_len() {
+            let Some(up) = supernet(p, len) else { continue };
+            for r in by_cidr.get(&up).into_iter().flatten() {
+                if !r.except.iter().any(|e| contains(e, p)) {
+                    v.union_with(&r.ports);
+                }
             }
         }
-        values.push(v);
-    }
-    let mut out = BTreeMap::new();
-    for (i, p) in prefixes.iter().enumerate() {
-        if values[i].is_empty() {
-            // Sorted by length: the nearest ancestor is the last containing one before i.
-            let ancestor_allows = (0..i)
+        if v.is_empty() {
+            let ancestor_allows = (0..p.prefix_len())
                 .rev()
-                .find(|&j| prefixes[j].prefix_len() < p.prefix_len() && contains(&prefixes[j], p))
-                .is_some_and(|j| !values[j].is_empty());
+                .find_map(|len| out.get(&supernet(p, len)?))
+                .is_some_and(|a| !a.is_empty());
             if !ancestor_allows {
                 continue;
             }
         }
-        out.insert(*p, values[i].clone());
+        out.insert(*p, v);
     }
     out
+}
+
+/// `p` shortened to `len` bits.
+fn supernet(p: &IpNet, len: u8) -> Option<IpNet> {
+    Some(IpNet::new(p.addr(), len).ok()?.trunc())
 }
 
 /// How each prefix of an LPM table is written. A prefix whose ports need the trie shares its
@@ -99,10 +109,9 @@ pub fn codes(table: &BTreeMap<IpNet, PortSet>) -> BTreeMap<IpNet, PortCode> {
 
 /// The longest prefix of `table` strictly containing `p`.
 fn nearest_ancestor(table: &BTreeMap<IpNet, PortSet>, p: &IpNet) -> Option<IpNet> {
-    (0..p.prefix_len()).rev().find_map(|len| {
-        let up = IpNet::new(p.addr(), len).ok()?.trunc();
-        table.contains_key(&up).then_some(up)
-    })
+    (0..p.prefix_len())
+        .rev()
+        .find_map(|len| supernet(p, len).filter(|up| table.contains_key(up)))
 }
 
 #[cfg(test)]
