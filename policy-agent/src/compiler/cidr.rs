@@ -53,15 +53,26 @@ pub fn table(rules: &[CidrRule]) -> BTreeMap<IpNet, PortSet> {
     let mut out: BTreeMap<IpNet, PortSet> = BTreeMap::new();
     // Shortest first: a prefix's nearest ancestor in the table is already decided.
     for p in &prefixes {
-        let mut v = PortSet::default();
+        // Gathered, then merged once (a union per rule re-sorts: quadratic under a /16 of
+        // hundreds of rules).
+        let mut all = false;
+        let mut ranges = Vec::new();
         for len in 0..=p.prefix_len() {
             let Some(up) = supernet(p, len) else { continue };
             for r in by_cidr.get(&up).into_iter().flatten() {
                 if !r.except.iter().any(|e| contains(e, p)) {
-                    v.union_with(&r.ports);
+                    match &r.ports {
+                        PortSet::All => all = true,
+                        PortSet::Ranges(rs) => ranges.extend_from_slice(rs),
+                    }
                 }
             }
         }
+        let v = if all {
+            PortSet::All
+        } else {
+            PortSet::from_ranges(ranges)
+        };
         if v.is_empty() {
             let ancestor_allows = (0..p.prefix_len())
                 .rev()

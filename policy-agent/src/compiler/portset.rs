@@ -125,30 +125,31 @@ impl PortCode {
 }
 
 /// `mine` minus `base` (both sorted and merged), or `None` when `base` is not within
-/// `mine`: each of its ranges must lie inside one of `mine`'s.
+/// `mine`: each of its ranges must lie inside one of `mine`'s. One merge walk of both.
 fn subtract(mine: &[(u8, u16, u16)], base: &[(u8, u16, u16)]) -> Option<Vec<(u8, u16, u16)>> {
-    let inside = |&(p, f, l): &(u8, u16, u16)| {
-        mine.iter()
-            .any(|&(mp, mf, ml)| mp == p && mf <= f && l <= ml)
-    };
-    if !base.iter().all(inside) {
-        return None;
-    }
     let mut out = Vec::new();
+    let mut j = 0;
     for &(p, f, l) in mine {
-        // What is left of [f, l] after every base range of this protocol inside it.
+        // A base range starting before this one was not inside an earlier one either.
+        if base.get(j).is_some_and(|b| (b.0, b.1) < (p, f)) {
+            return None;
+        }
         let mut next = u32::from(f);
-        for &(_, bf, bl) in base.iter().filter(|b| b.0 == p && f <= b.1 && b.2 <= l) {
+        while let Some(&(_, bf, bl)) = base.get(j).filter(|b| b.0 == p && b.1 <= l) {
+            if bl > l {
+                return None;
+            }
             if u32::from(bf) > next {
                 out.push((p, next as u16, bf - 1));
             }
             next = u32::from(bl) + 1;
+            j += 1;
         }
         if next <= u32::from(l) {
             out.push((p, next as u16, l));
         }
     }
-    Some(out)
+    (j == base.len()).then_some(out)
 }
 
 fn normalize(r: &mut Vec<(u8, u16, u16)>) {
@@ -208,9 +209,9 @@ mod tests {
         let base = vec![
             (6, 100, 100),
             (6, 200, 300),
-            (17, 53, 53),
             (6, 400, 400),
             (6, 500, 500),
+            (17, 53, 53),
         ];
         let mut mine = base.clone();
         mine.extend([(6, 80, 80), (6, 301, 310), (6, 350, 360)]);
