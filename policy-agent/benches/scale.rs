@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use objects::{LOCAL_NODE, Load, NAMESPACES, Objects};
+use policy_testkit::bench_report;
 use policy_testkit::fake_api::{FakeApi, Kind};
 use policy_testkit::testbed::{PrivateBpffs, Testbed, unique_suffix};
 use serde_json::{Value, json};
@@ -147,7 +148,9 @@ fn cluster_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
     let served = api
         .serve_in(&node.bed.node, "127.0.0.1".parse()?)
         .context("serving the fake API server")?;
-    let kubeconfig = node.dir.join(format!("kubeconfig-{}", load.name()));
+    let kubeconfig = node
+        .dir
+        .join(format!("kubeconfig-{}-{}", load.name(), objs.pods.len()));
     std::fs::write(&kubeconfig, served.kubeconfig())?;
     Ok(Source {
         generation: api.generation(),
@@ -164,7 +167,9 @@ fn cluster_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
 /// One file per namespace (its Namespace, pods and policies): 100 files well under the
 /// reader's per-file limit.
 fn standalone_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
-    let dir = node.dir.join(format!("manifests-{}", load.name()));
+    let dir = node
+        .dir
+        .join(format!("manifests-{}-{}", load.name(), objs.pods.len()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -348,6 +353,7 @@ fn spread(v: impl IntoIterator<Item = f64>) -> Spread {
 }
 
 /// One load's rounds in one mode.
+#[derive(Clone)]
 struct Figures {
     enforce_ms: Spread,
     rss: Spread,
@@ -371,8 +377,14 @@ fn figures(rounds: &[Round], entries: Entries) -> Figures {
     }
 }
 
-fn run_load(node: &Node, mode: Mode, load: Load, rounds: usize) -> Result<Figures> {
-    let objs = objects::generate(load, &node.local_addrs());
+fn run_load(
+    node: &Node,
+    mode: Mode,
+    load: Load,
+    pods_per_namespace: usize,
+    rounds: usize,
+) -> Result<Figures> {
+    let objs = objects::generate_sized(load, &node.local_addrs(), pods_per_namespace);
     let source = match mode {
         Mode::Cluster => cluster_source(node, &objs, load)?,
         Mode::Standalone => standalone_source(node, &objs, load)?,
@@ -380,7 +392,7 @@ fn run_load(node: &Node, mode: Mode, load: Load, rounds: usize) -> Result<Figure
     let mut done = Vec::new();
     let mut entries = Entries::new();
     for r in 0..rounds {
-        let tag = format!("{}-{}-{r}", mode.name(), load.name());
+        let tag = format!("{}-{}-{}-{r}", mode.name(), load.name(), objs.pods.len());
         let (round, e) = round(node, &source, &tag).with_context(|| tag.clone())?;
         eprintln!(
             "  {tag}: enforced after {:.0} ms, VmRSS {:.1} MiB, maps {:.1} MiB",
@@ -407,13 +419,13 @@ fn show(s: Spread, scale: impl Fn(f64) -> f64) -> String {
     )
 }
 
-fn print_mode(mode: Mode, by_load: &BTreeMap<&str, Figures>) {
+fn print_mode(mode: Mode, pods: usize, by_load: &BTreeMap<&str, Figures>) {
     for load in Load::ALL {
         let Some(f) = by_load.get(load.name()) else {
             continue;
         };
         println!(
-            "{:<10} {:<5} {:>28} {:>28} {:>28} {:>26}",
+            "{:<10} {pods:>6} {:<5} {:>28} {:>28} {:>28} {:>26}",
             mode.name(),
             load.name(),
             show(f.enforce_ms, |x| x),
@@ -492,7 +504,15 @@ fn spread_json(s: Spread) -> Value {
     json!({"median": s.median, "min": s.min, "max": s.max})
 }
 
-fn mode_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
+fn mode_json(by_size: &[(usize, BTreeMap<&'static str, Figures>, PerUnit)]) -> Value {
+    let sizes: serde_json::Map<String, Value> = by_size
+        .iter()
+        .map(|(pods, by_load, u)| (pods.to_string(), size_json(by_load, u)))
+        .collect();
+    Value::Object(sizes)
+}
+
+fn size_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
     let loads: serde_json::Map<String, Value> = by_load
         .iter()
         .map(|(name, f)| {
@@ -536,94 +556,225 @@ fn mode_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
     })
 }
 
-fn write_json(body: &Value) {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("bench");
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("scale.json");
-    match serde_json::to_string_pretty(body).map(|t| std::fs::write(&path, t)) {
-        Ok(Ok(())) => println!("wrote {}", path.display()),
-        Ok(Err(e)) => eprintln!("cannot write {}: {e}", path.display()),
-        Err(e) => eprintln!("cannot render scale.json: {e}"),
-    }
-}
-
 fn main() -> Result<()> {
     let rounds: usize = std::env::var("SCALE_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let sizes: Vec<usize> = std::env::var("SCALE_PODS")
+        .unwrap_or_else(|_| "1000,10000,50000".into())
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .context("SCALE_PODS: comma-separated pod counts")
+        })
+        .collect::<Result<_>>()?;
     let agent = std::env::var_os("BENCH_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_policy-agent")));
     let t0 = Instant::now();
     let node = Node::new(agent.clone())?;
-    let full = objects::generate(Load::Full, &node.local_addrs());
-    let (pods, rules) = (full.pods.len(), full.rules());
-    let remote = (pods - NAMESPACES) as f64;
+    let per_ns: Vec<usize> = sizes
+        .iter()
+        .map(|&p| (p / NAMESPACES).clamp(1, objects::MAX_NODES))
+        .collect();
+    let probe = objects::generate(Load::Full, &node.local_addrs());
+    let (policies, rules) = (probe.policies.len(), probe.rules());
     println!(
-        "scale: {pods} pods over {} nodes ({NAMESPACES} local, real veths), {NAMESPACES} \
-         namespaces, {} NetworkPolicies ({rules} rules); agent {}",
-        objects::NODES,
-        full.policies.len(),
+        "scale: {:?} pods ({NAMESPACES} local, real veths; the rest on one node per pod index), \
+         {NAMESPACES} namespaces, {policies} NetworkPolicies ({rules} rules); agent {}",
+        per_ns.iter().map(|n| n * NAMESPACES).collect::<Vec<_>>(),
         agent.display()
     );
     println!(
         "loads: empty = the local pods only, pods = every pod and no policy, full = \
          everything; {rounds} round(s) each on fresh maps, median [min..max]"
     );
-    let mut out = serde_json::Map::new();
-    let mut results = Vec::new();
+    let mut results: Vec<ModeResult> = Vec::new();
     for mode in [Mode::Cluster, Mode::Standalone] {
-        let mut by_load = BTreeMap::new();
-        for load in Load::ALL {
-            by_load.insert(load.name(), run_load(&node, mode, load, rounds)?);
+        let empty = run_load(&node, mode, Load::Empty, 1, rounds)?;
+        let mut by_size = Vec::new();
+        for &n in &per_ns {
+            let objects = objects::generate_sized(Load::Full, &node.local_addrs(), n);
+            let count = objects.all().count();
+            if mode == Mode::Standalone && count > policy_agent::manifests::MAX_OBJECTS {
+                // The reader refuses it (fail closed): a standalone host is not sized for it.
+                println!(
+                    "  standalone at {} pods: not measured ({count} objects, over the manifest \
+                     reader's limit of {})",
+                    n * NAMESPACES,
+                    policy_agent::manifests::MAX_OBJECTS
+                );
+                continue;
+            }
+            let pods = run_load(&node, mode, Load::Pods, n, rounds)?;
+            let full = run_load(&node, mode, Load::Full, n, rounds)?;
+            let by_load: BTreeMap<&str, Figures> = [
+                (Load::Empty.name(), empty.clone()),
+                (Load::Pods.name(), pods),
+                (Load::Full.name(), full),
+            ]
+            .into();
+            let remote = ((n - 1) * NAMESPACES).max(1) as f64;
+            let u = per_unit(&by_load, remote, rules as f64);
+            by_size.push((n * NAMESPACES, by_load, u));
         }
-        let u = per_unit(&by_load, remote, rules as f64);
-        out.insert(mode.name().into(), mode_json(&by_load, &u));
-        results.push((mode, by_load, u));
+        results.push((mode, by_size));
     }
     println!(
-        "\n{:<10} {:<5} {:>28} {:>28} {:>28} {:>26}",
-        "mode", "load", "enforced after start (ms)", "VmRSS (MiB)", "VmHWM (MiB)", "maps (MiB)"
+        "\n{:<10} {:>6} {:<5} {:>28} {:>28} {:>28} {:>26}",
+        "mode",
+        "pods",
+        "load",
+        "enforced after start (ms)",
+        "VmRSS (MiB)",
+        "VmHWM (MiB)",
+        "maps (MiB)"
     );
-    for (mode, by_load, _) in &results {
-        print_mode(*mode, by_load);
+    for (mode, by_size) in &results {
+        for (pods, by_load, _) in by_size {
+            print_mode(*mode, *pods, by_load);
+        }
     }
-    println!(
-        "\nper remote pod (pods - empty) / {remote}, per rule (full - pods) / {rules} (medians):"
-    );
-    for (mode, _, u) in &results {
-        println!(
-            "  {:<10} per pod: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k pods | per \
-             rule: VmRSS {:+.0} B, maps {:+.0} B, {:+.0} ms per 1k rules | {} RULES entries \
-             added, per entry VmRSS {:+.0} B, maps {:+.0} B",
-            mode.name(),
-            u.rss_per_pod,
-            u.maps_per_pod,
-            u.ms_per_1k_pods,
-            u.rss_per_rule,
-            u.maps_per_rule,
-            u.ms_per_1k_rules,
-            u.rules_entries,
-            u.rss_per_rules_entry,
-            u.maps_per_rules_entry
-        );
+    println!("\nper remote pod (pods - empty), per rule (full - pods) / {rules} (medians):");
+    for (mode, by_size) in &results {
+        for (pods, _, u) in by_size {
+            println!(
+                "  {:<10} {pods:>6} pods | per pod: VmRSS {:+.0} B, maps {:+.0} B | per rule: VmRSS \
+                 {:+.0} B, maps {:+.0} B | {} RULES entries added, per entry VmRSS {:+.0} B, \
+                 maps {:+.0} B",
+                mode.name(),
+                u.rss_per_pod,
+                u.maps_per_pod,
+                u.rss_per_rule,
+                u.maps_per_rule,
+                u.rules_entries,
+                u.rss_per_rules_entry,
+                u.maps_per_rules_entry
+            );
+        }
     }
     println!();
-    for (mode, by_load, _) in &results {
-        print_breakdown(*mode, by_load);
+    for (mode, by_size) in &results {
+        if let Some((_, by_load, _)) = by_size.last() {
+            print_breakdown(*mode, by_load);
+        }
+    }
+    let shape = Shape {
+        policies,
+        rules,
+        rounds,
+    };
+    let mut out = serde_json::Map::new();
+    for (mode, by_size) in &results {
+        out.insert(mode.name().into(), mode_json(by_size));
     }
     out.insert(
         "shape".into(),
-        json!({"pods": pods, "nodes": objects::NODES, "local_pods": NAMESPACES,
-               "namespaces": NAMESPACES, "policies": full.policies.len(), "rules": rules,
-               "rounds": rounds}),
+        json!({"pods": per_ns.iter().map(|n| n * NAMESPACES).collect::<Vec<_>>(),
+               "local_pods": NAMESPACES, "namespaces": NAMESPACES, "policies": policies,
+               "rules": rules, "rounds": rounds, "machine": bench_report::machine()}),
     );
-    write_json(&Value::Object(out));
+    bench_report::write_json("scale", &Value::Object(out))?;
+    bench_report::write_section("scale", &markdown(&results, &shape))?;
     eprintln!("scale: done in {:.0} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+type ModeResult = (Mode, Vec<(usize, BTreeMap<&'static str, Figures>, PerUnit)>);
+
+struct Shape {
+    policies: usize,
+    rules: usize,
+    rounds: usize,
+}
+
+/// The `scale` section of BENCHMARKS.md.
+fn markdown(results: &[ModeResult], shape: &Shape) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from("## Memory and start at scale\n\n");
+    let _ = writeln!(s, "Measured on: {}.\n", bench_report::machine());
+    let _ = writeln!(
+        s,
+        "One node of a cluster of 100 namespaces with {} NetworkPolicies ({} rules: pod and \
+         namespace selectors, ipBlocks with `except`, named ports, port ranges, both \
+         directions) and 1k, 10k or 50k pods spread over one node per pod index; the node \
+         namespace holds 100 real local pods on veths. The release agent starts on fresh \
+         maps, in cluster mode against a fake API server over HTTP and standalone on a \
+         manifest directory; once the status file says everything is enforced, its resident \
+         memory (VmRSS, VmHWM) and its maps' kernel memory (`memlock` of each map it holds, as \
+         `bpftool map show` reports) are read. Median of {} starts [min..max]. Loads: the \
+         local pods only (empty), every pod without policies (pods), everything (full).\n",
+        shape.policies, shape.rules, shape.rounds
+    );
+    let mib = |x: f64| format!("{:.1}", x / (1024.0 * 1024.0));
+    for (mode, by_size) in results {
+        let _ = writeln!(s, "**{}**\n", mode.name());
+        let rows: Vec<Vec<String>> = by_size
+            .iter()
+            .map(|(pods, by_load, u)| {
+                let [e, p, f] = Load::ALL.map(|l| &by_load[l.name()]);
+                vec![
+                    pods.to_string(),
+                    format!(
+                        "{:.1} / {:.1} / {:.1}",
+                        e.enforce_ms.median / 1e3,
+                        p.enforce_ms.median / 1e3,
+                        f.enforce_ms.median / 1e3
+                    ),
+                    format!(
+                        "{} / {} / {}",
+                        mib(e.rss.median),
+                        mib(p.rss.median),
+                        mib(f.rss.median)
+                    ),
+                    format!(
+                        "{} / {} / {}",
+                        mib(e.hwm.median),
+                        mib(p.hwm.median),
+                        mib(f.hwm.median)
+                    ),
+                    format!(
+                        "{} / {} / {}",
+                        mib(e.maps.median),
+                        mib(p.maps.median),
+                        mib(f.maps.median)
+                    ),
+                    format!("{:.0} / {:.0}", u.rss_per_pod, u.maps_per_pod),
+                    format!("{:.0} / {:.0}", u.rss_per_rule, u.maps_per_rule),
+                    format!(
+                        "{} ({:.0} / {:.0})",
+                        u.rules_entries, u.rss_per_rules_entry, u.maps_per_rules_entry
+                    ),
+                ]
+            })
+            .collect();
+        s += &bench_report::table(
+            &[
+                "pods",
+                "enforced after start, s (empty / pods / full)",
+                "VmRSS MiB",
+                "VmHWM MiB",
+                "kernel maps MiB",
+                "per remote pod, B (RSS / maps)",
+                "per rule, B (RSS / maps)",
+                "RULES entries added (B each: RSS / maps)",
+            ],
+            &rows,
+        );
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "Sizes missing from the standalone table hold more objects than the manifest reader \
+         takes ({}; a directory over it is enforced fail-closed): a lone host is not sized \
+         for a 50k-pod cluster.\n",
+        policy_agent::manifests::MAX_OBJECTS
+    );
+    s += "Reproduce: `cargo xtask bench scale` as root (`SCALE_PODS`, `SCALE_ROUNDS` to change \
+          sizes and rounds). Raw figures, with each map's entries and bytes: \
+          `target/bench/scale.json`.\n";
+    s
 }

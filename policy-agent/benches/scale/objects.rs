@@ -69,8 +69,23 @@ impl Objects {
 
 /// The objects of `load`; `local[n]` is the address pair of namespace `n`'s local pod.
 pub fn generate(load: Load, local: &[(Ipv4Addr, Ipv6Addr)]) -> Objects {
+    generate_sized(load, local, NODES)
+}
+
+/// [`generate`] with `pods_per_namespace` pods in each namespace (on as many nodes, at most
+/// [`MAX_NODES`]) instead of [`NODES`].
+pub fn generate_sized(
+    load: Load,
+    local: &[(Ipv4Addr, Ipv6Addr)],
+    pods_per_namespace: usize,
+) -> Objects {
     assert_eq!(local.len(), NAMESPACES, "one local pod per namespace");
-    let pods_per_namespace = if load == Load::Empty { 1 } else { NODES };
+    assert!((1..=MAX_NODES).contains(&pods_per_namespace));
+    let pods_per_namespace = if load == Load::Empty {
+        1
+    } else {
+        pods_per_namespace
+    };
     Objects {
         namespaces: (0..NAMESPACES).map(namespace).collect(),
         pods: (0..NAMESPACES)
@@ -94,10 +109,19 @@ fn ns_name(n: usize) -> String {
     format!("ns-{n:02}")
 }
 
-/// Node `k`'s pod of namespace `n` (k >= 1).
+/// Nodes the address plan holds: 255 /24s in 198.18.0.0/16 and 244 more in 198.19.0.0/16.
+pub const MAX_NODES: usize = 500;
+
+/// Node `k`'s pod of namespace `n` (1 <= k < [`MAX_NODES`]). Nodes past 255 take /24s of
+/// 198.19.1.0 to 198.19.244.0 (never the bed's externals in 198.19.0.x).
 fn remote_addrs(k: usize, n: usize) -> (Ipv4Addr, Ipv6Addr) {
+    let v4 = if k <= 255 {
+        Ipv4Addr::new(198, 18, k as u8, n as u8 + 1)
+    } else {
+        Ipv4Addr::new(198, 19, (k - 255) as u8, n as u8 + 1)
+    };
     (
-        Ipv4Addr::new(198, 18, k as u8, n as u8 + 1),
+        v4,
         Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, k as u16, n as u16 + 1),
     )
 }
