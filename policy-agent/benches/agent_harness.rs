@@ -62,7 +62,11 @@ impl AgentProc {
             .arg(fs.path())
             .arg("--status-file")
             .arg(status)
-            .env("RUST_LOG", "warn")
+            // `BENCH_AGENT_LOG` (a RUST_LOG filter) for a closer look at a run.
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -46,6 +46,7 @@ use source::Source;
 /// The server's port (the sink listens there).
 const PORT: u16 = 8080;
 const LAT_NS: &str = "lat";
+const TOGGLE_FILE: &str = "lat-toggle.yaml";
 /// How often the client tries.
 const EVERY: Duration = Duration::from_millis(1);
 /// An attempt with no answer by then had its SYN dropped (SYN retransmission is at 1 s).
@@ -54,6 +55,8 @@ const DEADLINE: Duration = Duration::from_millis(80);
 const SETTLE: Duration = Duration::from_millis(100);
 /// A change not seen enforced by then counts as missed.
 const CHANGE_LIMIT: Duration = Duration::from_secs(10);
+/// A change slower than this is named on the console.
+const SLOW: Duration = Duration::from_millis(100);
 const START_LIMIT: Duration = Duration::from_secs(180);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -153,7 +156,6 @@ fn lat_objects(node: &Node) -> Vec<Value> {
                "metadata": {"name": "isolate", "namespace": LAT_NS},
                "spec": {"podSelector": {"matchLabels": {"app": "lat-server"}},
                         "policyTypes": ["Ingress"]}}),
-        toggle(false),
     ]
 }
 
@@ -232,6 +234,8 @@ fn run_case(node: &mut Node, k: &Knobs, mode: Mode, load: Load, prober: &Prober)
         Mode::Standalone => Source::dir(&scratch, objs.iter())?,
         Mode::Cluster => Source::api(&node.bed, &scratch, objs.iter())?,
     };
+    // The toggled policy in a file of its own (written before the agent starts, closed).
+    source.write(TOGGLE_FILE, &toggle(false))?;
     let (args, env) = source.agent_args();
     let spec = AgentSpec {
         binary: &k.agent,
@@ -265,6 +269,13 @@ fn run_case(node: &mut Node, k: &Knobs, mode: Mode, load: Load, prober: &Prober)
             Ok(case)
         });
     let stopped = agent.stop();
+    if std::env::var_os("BENCH_AGENT_LOG").is_some() {
+        // Kept for a closer look (the scratch directory goes).
+        let keep =
+            policy_testkit::bench_report::target_dir().join(format!("bench/latency-{tag}.log"));
+        let _ = std::fs::copy(scratch.join("agent.log"), &keep);
+        eprintln!("  agent log kept in {}", keep.display());
+    }
     let uninstalled = uninstall(&node.bed, &node.fs, &k.agent);
     let case = measured?;
     stopped?;
@@ -279,11 +290,19 @@ fn changes(source: &Source, prober: &Prober, agent: &mut AgentProc, n: usize) ->
     for i in 0..2 * n {
         let open = i % 2 == 0;
         prober.forget_before(Instant::now() - Duration::from_secs(1));
-        let written = source.write("lat-toggle.yaml", &toggle(open))?;
+        let written = source.write(TOGGLE_FILE, &toggle(open))?;
         loop {
             std::thread::sleep(Duration::from_millis(2));
             let (attempts, through) = prober.since(written);
             if let Some(d) = probe::turned(&attempts, through, written, open, SETTLE) {
+                if d > SLOW {
+                    let wrong = attempts.iter().filter(|a| a.ok != open).count();
+                    eprintln!(
+                        "  change {i} ({}): {:.1} ms ({wrong} attempts the other way after the write)",
+                        if open { "open" } else { "close" },
+                        d.as_secs_f64() * 1e3
+                    );
+                }
                 if open {
                     case.open.push(d);
                 } else {

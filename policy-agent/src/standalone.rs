@@ -10,7 +10,6 @@
 //! On the very first start it seeds conntrack from the kernel's connection table.
 //! `policy-agent uninstall` removes everything.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,14 +18,16 @@ use std::time::{Duration, Instant};
 
 use crate::cni::PodStarts;
 use crate::compiler::capacity::{self, Capacity, Fitted};
-use crate::compiler::{self, CompilerState};
+use crate::compiler::{Change, Engine};
 use crate::dataplane::DataplaneError;
 use crate::dataplane::netinfo;
-use crate::manifests;
-use crate::model::ObjectKey;
+use crate::manifests::{self, Reload};
 use crate::model::Snapshot;
 use crate::node::{NodeEnforcer, NodeOptions};
 use crate::status_file::{self, Status};
+
+mod snapshot;
+use snapshot::snapshot_of;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -68,7 +69,9 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
     })?;
     let mut node = NodeEnforcer::start(&cfg.node)?;
     let mut agent = Agent {
-        state: CompilerState::new(),
+        engine: None,
+        pending: Vec::new(),
+        written_is_engine: false,
         last_fingerprint: None,
         read: None,
         compiled: None,
@@ -138,13 +141,20 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), StandaloneError> {
 /// Standalone's own part: turning the directory into snapshots. The node side is
 /// [`NodeEnforcer`]'s, the same as in cluster mode.
 struct Agent {
-    state: CompilerState,
+    /// The incremental compiler: a change costs what it reaches, not a whole compile.
+    engine: Option<Engine>,
+    /// Changes of the snapshot the engine has not taken yet.
+    pending: Vec<Change>,
+    /// The maps hold the engine's contents (nothing fitted away, no failed write): the
+    /// engine's own diff is the write.
+    written_is_engine: bool,
     /// The directory's fingerprint when it was last read, kept only once it proves the
     /// content unchanged ([`manifests::fingerprint_settled`]): while it matches, nothing is
     /// read or parsed.
     last_fingerprint: Option<manifests::Fingerprint>,
-    /// The directory as last read and parsed, and its snapshot with the node addresses and
-    /// the generation of reported pod addresses it was made for.
+    /// The directory as last read and parsed (updated in place by the loader when only some
+    /// files changed), and its snapshot with the node addresses and the generation of
+    /// reported pod addresses it was made for.
     read: Option<(manifests::Manifests, Vec<IpAddr>, u64, Snapshot)>,
     /// What the maps hold (directory generation, node addresses, reported-addresses
     /// generation); `None`: compile next tick.
@@ -158,6 +168,7 @@ struct Agent {
 
 impl Agent {
     fn reconcile(&mut self, cfg: &Config, node: &mut NodeEnforcer) -> Result<(), StandaloneError> {
+        let t0 = Instant::now();
         let fp = manifests::fingerprint(&cfg.manifests);
         let node_addrs = netinfo::local_addrs()?;
         let (reported_gen, reported) = cfg
@@ -169,45 +180,82 @@ impl Agent {
             // Taken before reading: a write racing the read changes it, so the next tick
             // reads again; what is parsed and the generation reported are the same bytes.
             let settled = manifests::fingerprint_settled(&fp, std::time::SystemTime::now());
-            let known = self.read.as_ref().map(|(m, ..)| m.generation);
-            let loaded = self
-                .loader
-                .load_if_changed(&cfg.manifests, known)
-                .map_err(|source| StandaloneError::ManifestDir {
+            let prev = self.read.as_mut().map(|(m, ..)| m);
+            let reload = self.loader.reload(&cfg.manifests, prev).map_err(|source| {
+                StandaloneError::ManifestDir {
                     path: cfg.manifests.clone(),
                     source,
-                })?;
-            if let Some(m) = loaded {
-                for p in &m.problems {
-                    tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
                 }
-                let snapshot = snapshot_of(&m, &cfg.node_name, &node_addrs, &reported);
-                self.read = Some((m, node_addrs.clone(), reported_gen, snapshot));
+            })?;
+            match (reload, self.read.as_mut()) {
+                (Reload::Unchanged, _) => {}
+                (Reload::InPlace(touched), Some((m, _, _, snap))) => {
+                    log_problems(m);
+                    self.pending
+                        .extend(snapshot::update(snap, m, &reported, &touched));
+                }
+                // Not reached: with nothing read before, the loader reads whole.
+                (Reload::InPlace(_), None) => return Ok(()),
+                (Reload::Whole(m), _) => {
+                    log_problems(&m);
+                    let snap = snapshot_of(&m, &cfg.node_name, &node_addrs, &reported);
+                    if let Some((.., old)) = &self.read {
+                        self.pending.extend(snapshot::changes_between(old, &snap));
+                    }
+                    self.read = Some((m, node_addrs.clone(), reported_gen, snap));
+                }
             }
             self.last_fingerprint = settled.then_some(fp);
         }
-        let Some((m, addrs, made_gen, snapshot)) = self.read.as_mut() else {
+        let Some((m, addrs, made_gen, snap)) = self.read.as_mut() else {
             return Ok(());
         };
         if *addrs != node_addrs || *made_gen != reported_gen {
-            *snapshot = snapshot_of(m, &cfg.node_name, &node_addrs, &reported);
+            let new = snapshot_of(m, &cfg.node_name, &node_addrs, &reported);
+            self.pending.extend(snapshot::changes_between(snap, &new));
+            *snap = new;
             *addrs = node_addrs;
             *made_gen = reported_gen;
         }
+        let t_read = t0.elapsed();
+        let snapshot = &*snap;
         let mut problems: Vec<String> = m.problems.iter().map(ToString::to_string).collect();
         let generation = m.generation;
         let key = (generation, addrs.clone(), reported_gen);
         if self.compiled.as_ref() != Some(&key) {
             let t0 = Instant::now();
-            let desired = compiler::compile(snapshot, &mut self.state);
-            // Too much for the maps: the same fail-closed fit as cluster mode (whole
-            // policy-sets dropped, their endpoints denied everything in that direction).
-            let fitted = capacity::fit(&desired, Capacity::default());
-            self.full = capacity_problems(&fitted);
-            for p in &self.full {
-                tracing::error!(problem = %p, "policy maps full");
-            }
-            let changes = node.write(&fitted.contents)?;
+            let pending = std::mem::take(&mut self.pending);
+            let (engine, diff) = match &mut self.engine {
+                Some(e) => {
+                    let diff = e.apply_all(snapshot, &pending);
+                    (&*e, Some(diff))
+                }
+                None => (&*self.engine.insert(Engine::new(snapshot)), None),
+            };
+            let desired = engine.contents();
+            let capacity = Capacity::default();
+            let written = match diff {
+                // The common case: everything fits and the maps hold the engine's last
+                // contents, so its diff is the write (a change costs its own entries).
+                Some(d) if self.written_is_engine && capacity.overflow(desired).is_empty() => {
+                    self.full.clear();
+                    node.write_diff(desired, &d)
+                }
+                _ => {
+                    // Too much for the maps: the same fail-closed fit as cluster mode (whole
+                    // policy-sets dropped, their endpoints denied everything in that
+                    // direction).
+                    let fitted = capacity::fit(desired, capacity);
+                    self.full = capacity_problems(&fitted);
+                    for p in &self.full {
+                        tracing::error!(problem = %p, "policy maps full");
+                    }
+                    let written = node.write(&fitted.contents);
+                    self.written_is_engine = fitted.overflowed.is_empty();
+                    written
+                }
+            };
+            let changes = written.inspect_err(|_| self.written_is_engine = false)?;
             self.compiled = Some(key);
             tracing::info!(
                 changes,
@@ -216,6 +264,7 @@ impl Agent {
                 "maps updated"
             );
         }
+        let t_write = t0.elapsed();
         problems.extend(self.full.iter().cloned());
         // Interfaces can appear after the manifests: look every tick.
         let local: Vec<_> = snapshot
@@ -224,6 +273,7 @@ impl Agent {
             .filter(|p| snapshot.is_local(p))
             .collect();
         let ifaces = node.sync_interfaces(local.iter().map(|p| (p.key(), p.ips.as_slice())));
+        let t_ifaces = t0.elapsed();
         for (iface, error) in &ifaces.failed {
             tracing::warn!(%iface, %error, "attaching failed; retrying next tick");
         }
@@ -246,6 +296,14 @@ impl Agent {
             }
             self.last_status = Some(status);
         }
+        // Where a pass's time goes (microseconds since its start).
+        tracing::debug!(
+            read_us = t_read.as_micros() as u64,
+            written_us = t_write.as_micros() as u64,
+            interfaces_us = t_ifaces.as_micros() as u64,
+            done_us = t0.elapsed().as_micros() as u64,
+            "pass"
+        );
         Ok(())
     }
 }
@@ -265,21 +323,11 @@ fn capacity_problems(f: &Fitted) -> Vec<String> {
         .collect()
 }
 
-/// The directory's snapshot for this node, starting pods given the addresses `netpol-cni`
-/// reported for them.
-fn snapshot_of(
-    m: &manifests::Manifests,
-    node: &str,
-    node_addrs: &[IpAddr],
-    reported: &BTreeMap<ObjectKey, Vec<IpAddr>>,
-) -> Snapshot {
-    let mut snap = m.snapshot(node, node_addrs.to_vec());
-    for (key, ips) in reported {
-        if let Some(p) = snap.pods.get_mut(key) {
-            p.take_reported_addresses(Some(ips));
-        }
+/// Logs what the directory holds wrong (each is also in the status file).
+fn log_problems(m: &manifests::Manifests) {
+    for p in &m.problems {
+        tracing::warn!(problem = %p, "manifest problem (enforced fail-closed)");
     }
-    snap
 }
 
 #[cfg(test)]

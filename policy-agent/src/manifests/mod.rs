@@ -16,7 +16,7 @@
 //! not UTF-8, is a file whose objects were all left out (its last good version, or a
 //! lockdown); files the walk could not reach have no last good version: a lockdown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -27,6 +27,8 @@ use k8s_openapi::api::networking::v1 as net;
 use crate::convert::{self, ConvertError};
 use crate::model::{self, ObjectKey, Snapshot};
 
+#[cfg(test)]
+mod reload_tests;
 pub mod watch;
 pub mod yaml;
 
@@ -219,6 +221,20 @@ impl Problem {
     }
 }
 
+impl Problem {
+    fn is_duplicate(&self) -> bool {
+        matches!(self.error, ManifestError::Duplicate { .. })
+    }
+
+    /// The address of a [`ManifestError::SharedAddress`].
+    fn shared_address(&self) -> Option<std::net::IpAddr> {
+        match self.error {
+            ManifestError::SharedAddress { addr, .. } => Some(addr),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.document {
@@ -312,6 +328,9 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, std::io::Error> {
 pub struct DirLoader {
     last_good: BTreeMap<PathBuf, String>,
     limits: Limits,
+    /// What the last parse produced, per file, when it can be updated in place
+    /// ([`DirLoader::reload`]).
+    last: Option<LastParse>,
 }
 
 impl DirLoader {
@@ -320,6 +339,7 @@ impl DirLoader {
         DirLoader {
             last_good: BTreeMap::new(),
             limits,
+            last: None,
         }
     }
 
@@ -344,6 +364,13 @@ impl DirLoader {
     fn parse(&mut self, read: DirRead) -> Manifests {
         self.last_good
             .retain(|f, _| read.files.iter().any(|(r, _)| r == f));
+        // Only a directory every file of which was taken as it stands, with nothing
+        // defined twice, can be updated in place later.
+        let mut last = LastParse {
+            generation: read.generation,
+            files: BTreeMap::new(),
+            clean: read.walk.is_empty(),
+        };
         let mut m = Manifests {
             generation: read.generation,
             ..Manifests::default()
@@ -363,6 +390,7 @@ impl DirLoader {
                 Err(e) => {
                     m.problems.push(Problem::whole(&f, e));
                     self.fall_back(&mut m, &f);
+                    last.clean = false;
                     continue;
                 }
             };
@@ -376,13 +404,190 @@ impl DirLoader {
             if alone.problems.iter().any(|p| p.error.drops_object()) {
                 m.problems.append(&mut alone.problems);
                 self.fall_back(&mut m, &f);
+                last.clean = false;
             } else {
+                let mut objects = FileObjects::of(&alone);
+                // `alone` counted on from the files before it.
+                objects.objects -= m.objects;
+                last.files.insert(f.clone(), objects);
                 m.absorb(alone);
                 self.last_good.insert(f, text);
             }
         }
+        last.clean &= m.lockdown.is_empty() && !m.problems.iter().any(Problem::is_duplicate);
         m.report_shared_addresses();
+        self.last = last.clean.then_some(last);
         m
+    }
+
+    /// Reads the directory again after `prev` (what this loader returned last, possibly
+    /// updated in place since). When only some files changed, every file was taken as it
+    /// stands and nothing is defined twice, only the changed files are parsed and `prev` is
+    /// updated in place (the result equals a whole parse, problems in the same order);
+    /// otherwise the directory is parsed whole.
+    pub fn reload(
+        &mut self,
+        dir: &Path,
+        prev: Option<&mut Manifests>,
+    ) -> Result<Reload, std::io::Error> {
+        let read = read_all(dir, &self.limits)?;
+        let Some(prev) = prev else {
+            return Ok(Reload::Whole(self.parse(read)));
+        };
+        if prev.generation == read.generation {
+            return Ok(Reload::Unchanged);
+        }
+        match self.update_in_place(prev, &read) {
+            Some(touched) => Ok(Reload::InPlace(touched)),
+            None => Ok(Reload::Whole(self.parse(read))),
+        }
+    }
+
+    /// [`DirLoader::reload`]'s update of `prev`, or `None` (nothing changed) when the
+    /// directory must be parsed whole.
+    fn update_in_place(&mut self, prev: &mut Manifests, read: &DirRead) -> Option<Touched> {
+        let last = self
+            .last
+            .as_ref()
+            .filter(|l| l.clean && l.generation == prev.generation)?;
+        if !read.walk.is_empty() || !prev.lockdown.is_empty() {
+            return None;
+        }
+        // Files whose bytes differ from the version taken last time, and files gone.
+        let mut changed = Vec::new();
+        for (f, bytes) in &read.files {
+            let bytes = bytes.as_ref().ok()?;
+            let same = last.files.contains_key(f)
+                && self
+                    .last_good
+                    .get(f)
+                    .is_some_and(|t| t.as_bytes() == bytes.as_slice());
+            if !same {
+                changed.push((f, bytes));
+            }
+        }
+        let removed: Vec<PathBuf> = last
+            .files
+            .keys()
+            .filter(|f| !read.files.iter().any(|(r, _)| r == *f))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() {
+            return None;
+        }
+        // Parse the changed files on their own; any that loses objects, or anything
+        // defined twice, takes the whole path (its fallbacks and first-wins order).
+        let mut parts = Vec::new();
+        for (f, bytes) in &changed {
+            let text = utf8((*bytes).clone()).ok()?;
+            let mut alone = Manifests::default();
+            load_text_within(&mut alone, f, &text, usize::MAX);
+            if alone
+                .problems
+                .iter()
+                .any(|p| p.error.drops_object() || p.is_duplicate())
+            {
+                return None;
+            }
+            parts.push(((*f).clone(), text, alone));
+        }
+        let gone: BTreeSet<PathBuf> = changed
+            .iter()
+            .map(|(f, _)| (*f).clone())
+            .chain(removed)
+            .collect();
+        let kept_objects: usize = last
+            .files
+            .iter()
+            .filter(|(f, _)| !gone.contains(*f))
+            .map(|(_, o)| o.objects)
+            .sum();
+        let total = kept_objects + parts.iter().map(|(_, _, a)| a.objects).sum::<usize>();
+        if total > self.limits.max_objects {
+            return None;
+        }
+        let defined_elsewhere = |kind: &'static str, key: String| {
+            prev.origin
+                .get(&(kind, key))
+                .is_some_and(|o| !gone.contains(&o.file))
+        };
+        let mut new_keys: BTreeSet<(&'static str, String)> = BTreeSet::new();
+        for (_, _, a) in &parts {
+            for k in a.origin.keys() {
+                if defined_elsewhere(k.0, k.1.clone()) || !new_keys.insert(k.clone()) {
+                    return None;
+                }
+            }
+        }
+        // From here on `prev` changes and the result is the update's.
+        let mut files = std::mem::take(&mut self.last.as_mut()?.files);
+        let mut touched = Touched::default();
+        // Addresses whose claimants may change: those of the pods going and coming.
+        let mut addrs: BTreeSet<std::net::IpAddr> = BTreeSet::new();
+        for f in &gone {
+            for k in files.get(f).map(|o| o.pods.as_slice()).unwrap_or_default() {
+                addrs.extend(
+                    prev.pods
+                        .get(k)
+                        .into_iter()
+                        .flat_map(|p| p.ips.iter().copied()),
+                );
+            }
+        }
+        for (_, _, a) in &parts {
+            addrs.extend(a.pods.values().flat_map(|p| p.ips.iter().copied()));
+        }
+        for f in &gone {
+            let Some(old) = files.remove(f) else {
+                continue;
+            };
+            self.last_good.remove(f);
+            for ns in old.namespaces {
+                prev.namespaces.remove(&ns);
+                prev.origin.remove(&("Namespace", ns.clone()));
+                touched.namespaces.insert(ns);
+            }
+            for k in old.pods {
+                prev.pods.remove(&k);
+                prev.origin.remove(&("Pod", k.to_string()));
+                touched.pods.insert(k);
+            }
+            for k in old.policies {
+                prev.policies.remove(&k);
+                prev.origin.remove(&("NetworkPolicy", k.to_string()));
+                touched.policies.insert(k);
+            }
+        }
+        prev.problems.retain(|p| {
+            !gone.contains(&p.file) && p.shared_address().is_none_or(|a| !addrs.contains(&a))
+        });
+        for (f, text, alone) in parts {
+            let objects = FileObjects::of(&alone);
+            touched
+                .namespaces
+                .extend(objects.namespaces.iter().cloned());
+            touched.pods.extend(objects.pods.iter().cloned());
+            touched.policies.extend(objects.policies.iter().cloned());
+            files.insert(f.clone(), objects);
+            self.last_good.insert(f, text);
+            prev.absorb(alone);
+        }
+        prev.objects = total;
+        prev.report_shared_addresses_among(Some(&addrs));
+        // A whole parse lists each file's problems in file order, then shared addresses in
+        // address order (the sort is stable: a file's own order stays).
+        prev.problems
+            .sort_by(|a, b| match (a.shared_address(), b.shared_address()) {
+                (None, None) => a.file.cmp(&b.file),
+                (x, y) => x.is_some().cmp(&y.is_some()).then(x.cmp(&y)),
+            });
+        prev.generation = read.generation;
+        self.last = Some(LastParse {
+            generation: read.generation,
+            files,
+            clean: true,
+        });
+        Some(touched)
     }
 
     fn fall_back(&self, m: &mut Manifests, file: &Path) {
@@ -402,6 +607,56 @@ impl DirLoader {
                     .push(Problem::whole(file, ManifestError::NoGoodVersion));
                 m.lockdown.push(file.to_path_buf());
             }
+        }
+    }
+}
+
+/// What [`DirLoader::reload`] found.
+#[derive(Debug)]
+pub enum Reload {
+    /// The bytes read hash to the generation of the manifests given.
+    Unchanged,
+    /// Read and parsed whole.
+    Whole(Manifests),
+    /// Only some files changed, and the manifests given were updated in place.
+    InPlace(Touched),
+}
+
+/// The objects an in-place update may have changed (defined before or after it by a
+/// changed file), by kind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub namespaces: BTreeSet<String>,
+    pub pods: BTreeSet<ObjectKey>,
+    pub policies: BTreeSet<ObjectKey>,
+}
+
+/// A parse that can be updated in place: its generation, and per file the objects it
+/// defined.
+#[derive(Debug)]
+struct LastParse {
+    generation: u64,
+    files: BTreeMap<PathBuf, FileObjects>,
+    clean: bool,
+}
+
+/// The objects one file defined (it was taken as it stands).
+#[derive(Debug)]
+struct FileObjects {
+    /// Documents and List items read, for [`Limits::max_objects`].
+    objects: usize,
+    namespaces: Vec<String>,
+    pods: Vec<ObjectKey>,
+    policies: Vec<ObjectKey>,
+}
+
+impl FileObjects {
+    fn of(alone: &Manifests) -> FileObjects {
+        FileObjects {
+            objects: alone.objects,
+            namespaces: alone.namespaces.keys().cloned().collect(),
+            pods: alone.pods.keys().cloned().collect(),
+            policies: alone.policies.keys().cloned().collect(),
         }
     }
 }
@@ -832,7 +1087,20 @@ impl Manifests {
     /// One problem per address that more than one pod claims, located at the second
     /// claimant (in name order) and naming every one with where it is defined.
     fn report_shared_addresses(&mut self) {
-        for (addr, keys) in model::shared_addresses(self.pods.values()) {
+        self.report_shared_addresses_among(None);
+    }
+
+    /// [`Manifests::report_shared_addresses`] for the addresses `only` (all when `None`):
+    /// a scan of the pods without building the whole claims table.
+    fn report_shared_addresses_among(&mut self, only: Option<&BTreeSet<std::net::IpAddr>>) {
+        let pods = self
+            .pods
+            .values()
+            .filter(|p| only.is_none_or(|o| p.ips.iter().any(|ip| o.contains(ip))));
+        let shared = model::shared_addresses(pods)
+            .into_iter()
+            .filter(|(addr, _)| only.is_none_or(|o| o.contains(addr)));
+        for (addr, keys) in shared {
             let origins: Vec<Option<&Origin>> = keys
                 .iter()
                 .map(|k| self.origin.get(&("Pod", k.to_string())))
