@@ -205,7 +205,8 @@ enum Mode {
         /// Where /metrics, /healthz and /readyz are served.
         #[arg(long, default_value = "0.0.0.0:9090")]
         metrics_addr: SocketAddr,
-        /// Quiet time after a change before compiling (coalesces bursts).
+        /// Least time between change-triggered compiles (coalesces bursts; a change after
+        /// that much quiet is compiled at once).
         #[arg(long, default_value_t = 50)]
         debounce_ms: u64,
         /// Period of the full repair of the maps against the desired state.

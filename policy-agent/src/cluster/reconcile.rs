@@ -6,7 +6,8 @@
 //!   absent), so a lost delete event (or a re-list after a dropped watch) is repaired by
 //!   construction. Only objects whose version changed are converted again
 //!   ([`SnapshotCache`]), and only they are recompiled ([`Engine::apply_all`]).
-//! - Bursts coalesce: after a change wakes the loop it waits `debounce`, then compiles once.
+//! - Bursts coalesce: a change after `debounce` of quiet is compiled at once; changes within
+//!   `debounce` of the last pass wait out the rest of it and are compiled together.
 //! - Resync: every `resync` the maps are repaired against the desired state (drift from
 //!   failed or foreign writes), the kept snapshot is checked against one built from scratch,
 //!   and the incremental compile against a full one.
@@ -37,7 +38,8 @@ use crate::status_file::{self, Status};
 #[derive(Clone, Debug)]
 pub struct LoopConfig {
     pub node: String,
-    /// Quiet time after a change before compiling (coalesces bursts).
+    /// Least time between change-triggered passes (coalesces bursts; a change after that
+    /// much quiet is compiled at once).
     pub debounce: Duration,
     /// Full repair of the maps and self-check of the incremental compile.
     pub resync: Duration,
@@ -169,6 +171,8 @@ impl<E: Enforcer> Reconciler<E> {
         let mut next_poll = tokio::time::Instant::now() + self.cfg.poll;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut trigger = Some(Trigger::Change);
+        // When the last change-triggered pass ended (the debounce counts from it).
+        let mut last_change_pass = Instant::now();
         let links = link_notifications();
         let starting = Arc::new(tokio::sync::Notify::new());
         if let Some(ps) = &self.cfg.pod_starts {
@@ -183,6 +187,9 @@ impl<E: Enforcer> Reconciler<E> {
             self.health.beat();
             if let Some(t) = trigger.take() {
                 let ok = self.pass(&stores, t, seen.take());
+                if t == Trigger::Change {
+                    last_change_pass = Instant::now();
+                }
                 if ok {
                     self.failures = 0;
                     retry_at = None;
@@ -204,8 +211,13 @@ impl<E: Enforcer> Reconciler<E> {
                     if !changes.is_pending() {
                         continue; // a wake-up for a change an earlier pass already took
                     }
-                    // Coalesce the burst: whatever arrives during the quiet time joins.
-                    tokio::time::sleep(self.cfg.debounce).await;
+                    // Coalesce bursts without delaying a lone change: the first change after
+                    // `debounce` of quiet is compiled at once; what follows within
+                    // `debounce` of that pass waits out the rest of it and joins one pass.
+                    let since = last_change_pass.elapsed();
+                    if since < self.cfg.debounce {
+                        tokio::time::sleep(self.cfg.debounce - since).await;
+                    }
                     seen = changes.take();
                     trigger = Some(Trigger::Change);
                 }

@@ -551,6 +551,36 @@ async fn reconcile_burst_is_coalesced() {
     agent.stop().await;
 }
 
+/// The debounce spaces passes; it does not delay a change that comes after a quiet time
+/// (a lone policy change is enforced at once, not `debounce` later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_a_change_after_quiet_is_not_held_by_the_debounce() {
+    let api = base_api();
+    let mut cfg = test_loop_config();
+    let debounce = Duration::from_secs(3);
+    cfg.debounce = debounce;
+    let agent = Agent::start(api.clone(), cfg, None).await;
+    eventually(10, "ready", || agent.health.is_ready()).await;
+    eventually(5, "pod watch open", || api.open_watches(Kind::Pods) == 1).await;
+    settled(&agent).await;
+    tokio::time::sleep(debounce).await;
+    let t = std::time::Instant::now();
+    api.apply(
+        Kind::Pods,
+        pod("shop", "lone", NODE, "198.18.0.17", json!({"app": "web"})),
+    );
+    eventually(10, "the pod's endpoint", || {
+        isolated_ingress(endpoint(&agent.kernel(), "198.18.0.17"))
+    })
+    .await;
+    assert!(
+        t.elapsed() < debounce / 2,
+        "a lone change waited {:?} (debounce {debounce:?})",
+        t.elapsed()
+    );
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_failed_write_is_retried_as_a_repair() {
     let api = base_api();
