@@ -6,10 +6,11 @@
 //! same node namespace (client and server threads on different CPUs), and our per-packet
 //! cost by BPF_PROG_TEST_RUN on the same maps.
 //!
-//! Every measurement runs on a fresh node namespace with one filter installed, after
-//! checking that the filter enforces (the probe connects, a port no rule admits does not).
-//! Rounds interleave the filters (round r measures each once, in a rotated order), so a
-//! noisy neighbour hits all of them alike; figures are median, min and max over rounds.
+//! Each filter is installed on a node namespace of its own (with its own client and server
+//! pods), after which the bench checks that it enforces (the probe connects, a port no rule
+//! admits does not). The four live side by side and take turns in slices of a fifth of the
+//! measuring time, in a rotated order, so a change in the machine's speed (a shared VM) lands
+//! on all of them alike; figures are median, min and max over rounds.
 //! Writes `target/bench/peers.json` and the `peers` section of `BENCHMARKS.md`.
 //! Knobs: `PEERS_RULES` (default `10,1000,10000`), `PEERS_ROUNDS` (5), `PEERS_SECONDS` (1).
 
@@ -56,38 +57,83 @@ pub struct Size {
     pub entries: (usize, usize),
 }
 
-/// One filter on a fresh cell: checked to enforce, then measured.
-fn measure(
+/// One filter installed on its own cell (its own node namespace), its server answering,
+/// checked to enforce. The four cells of a size live side by side, so measurements can
+/// alternate between them in short slices.
+struct Live {
     filter: Filter,
-    p: &Prepared,
+    // Drop order: the filter's links and maps, the server, then the namespaces.
+    _installed: filters::Installed,
+    _server: load::Server,
+    cell: Cell,
+}
+
+impl Live {
+    fn new(filter: Filter, p: &Prepared, cpus: (usize, usize)) -> Result<Live> {
+        let cell = Cell::new()?;
+        let server = load::Server::start(
+            &cell.bed.hosts[SERVER].ns,
+            cell.to(rules::PROBE_PORT),
+            cpus.1,
+        )?;
+        let installed = filters::install(filter, &cell, p)
+            .with_context(|| format!("installing {}", filter.title()))?;
+        let client = &cell.bed.hosts[CLIENT].ns;
+        if !load::connects(client, cell.to(rules::PROBE_PORT), CONNECT_WAIT)? {
+            bail!("{}: the probe's connection is refused", filter.title());
+        }
+        let refused = !load::connects(client, cell.to(rules::REFUSED_PORT), REFUSED_WAIT)?;
+        if refused != (filter != Filter::Unfiltered) {
+            bail!(
+                "{}: a port no rule admits is {}",
+                filter.title(),
+                if refused { "refused" } else { "admitted" }
+            );
+        }
+        let live = Live {
+            filter,
+            _installed: installed,
+            _server: server,
+            cell,
+        };
+        live.run(load::Kind::Crr, WARM_UP, cpus)?;
+        Ok(live)
+    }
+
+    fn run(&self, kind: load::Kind, length: Duration, cpus: (usize, usize)) -> Result<f64> {
+        let client = &self.cell.bed.hosts[CLIENT].ns;
+        load::run(
+            client,
+            self.cell.to(rules::PROBE_PORT),
+            cpus.0,
+            kind,
+            length,
+        )
+        .with_context(|| format!("{} under {:?} load", self.filter.title(), kind))
+    }
+}
+
+/// Slices per filter, load and round: the filters take turns every `length / SLICES`, so
+/// a change in the machine's speed (a shared VM) lands on all of them alike.
+const SLICES: usize = 5;
+
+/// One round: each filter's rate of `kind`, the filters alternating slice by slice.
+fn round(
+    lives: &[Live],
+    kind: load::Kind,
     length: Duration,
+    r: usize,
     cpus: (usize, usize),
-) -> Result<(f64, f64)> {
-    let cell = Cell::new()?;
-    let _server = load::Server::start(
-        &cell.bed.hosts[SERVER].ns,
-        cell.to(rules::PROBE_PORT),
-        cpus.1,
-    )?;
-    let _installed = filters::install(filter, &cell, p)
-        .with_context(|| format!("installing {}", filter.title()))?;
-    let client = &cell.bed.hosts[CLIENT].ns;
-    if !load::connects(client, cell.to(rules::PROBE_PORT), CONNECT_WAIT)? {
-        bail!("{}: the probe's connection is refused", filter.title());
+) -> Result<Vec<f64>> {
+    let slice = length / SLICES as u32;
+    let mut sum = vec![0.0; lives.len()];
+    for s in 0..SLICES {
+        for k in 0..lives.len() {
+            let i = (r + s + k) % lives.len();
+            sum[i] += lives[i].run(kind, slice, cpus)?;
+        }
     }
-    let refused = !load::connects(client, cell.to(rules::REFUSED_PORT), REFUSED_WAIT)?;
-    if refused != (filter != Filter::Unfiltered) {
-        bail!(
-            "{}: a port no rule admits is {}",
-            filter.title(),
-            if refused { "refused" } else { "admitted" }
-        );
-    }
-    let to = cell.to(rules::PROBE_PORT);
-    load::run(client, to, cpus.0, load::Kind::Crr, WARM_UP)?;
-    let crr = load::run(client, to, cpus.0, load::Kind::Crr, length)?;
-    let rr = load::run(client, to, cpus.0, load::Kind::Rr, length)?;
-    Ok((crr, rr))
+    Ok(sum.into_iter().map(|x| x / SLICES as f64).collect())
 }
 
 fn main() -> Result<()> {
@@ -129,15 +175,23 @@ fn main() -> Result<()> {
                 per_packet: per_packet::measure(&p)?,
                 ..Size::default()
             };
+            let lives = Filter::ALL
+                .iter()
+                .map(|&f| Live::new(f, &p, cpus))
+                .collect::<Result<Vec<_>>>()?;
             for r in 0..rounds {
-                for k in 0..Filter::ALL.len() {
-                    let filter = Filter::ALL[(r + k) % Filter::ALL.len()];
-                    let (crr, rr) = measure(filter, &p, length, cpus)?;
-                    size.crr.entry(filter.key()).or_default().push(crr);
-                    size.rr.entry(filter.key()).or_default().push(rr);
+                for (kind, into) in [
+                    (load::Kind::Crr, &mut size.crr),
+                    (load::Kind::Rr, &mut size.rr),
+                ] {
+                    let rates = round(&lives, kind, length, r, cpus)?;
+                    for (live, rate) in lives.iter().zip(rates) {
+                        into.entry(live.filter.key()).or_default().push(rate);
+                    }
                 }
                 println!("peers: {n} rules, round {}/{rounds} done", r + 1);
             }
+            drop(lives);
             out.push(size);
         }
         Ok(out)

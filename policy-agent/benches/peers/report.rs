@@ -28,11 +28,16 @@ fn rate(x: f64) -> String {
     }
 }
 
-/// The median of `filter` as a share of no filter's, in percent.
+/// `filter`'s rate as a share of no filter's, in percent: the median over rounds of each
+/// round's ratio (both measured in the same round, slice by slice), which the machine's
+/// changes of speed between rounds do not move.
 fn share(size: &Size, metric: Metric, filter: Filter) -> f64 {
     let m = metric.of(size);
-    let base = spread(m.get(Filter::Unfiltered.key())).median;
-    100.0 * spread(m.get(filter.key())).median / base
+    let (Some(base), Some(mine)) = (m.get(Filter::Unfiltered.key()), m.get(filter.key())) else {
+        return f64::NAN;
+    };
+    let ratios: Vec<f64> = base.iter().zip(mine).map(|(b, x)| 100.0 * x / b).collect();
+    Spread::of(&ratios).median
 }
 
 #[derive(Clone, Copy)]
@@ -167,18 +172,13 @@ fn verdicts(sizes: &[Size]) -> Vec<String> {
         for size in sizes {
             for other in [Filter::Iptables, Filter::Nftables] {
                 let (ours, theirs) = (
-                    spread(metric.of(size).get(Filter::Ours.key())),
-                    spread(metric.of(size).get(other.key())),
+                    share(size, metric, Filter::Ours),
+                    share(size, metric, other),
                 );
-                if ours.median < theirs.median {
-                    let gap = 100.0 * (1.0 - ours.median / theirs.median);
-                    let noise = if ours.max >= theirs.min {
-                        "within the rounds' spread"
-                    } else {
-                        "outside the rounds' spread"
-                    };
+                if ours < theirs {
                     out.push(format!(
-                        "{} at {} rules: ours is {gap:.1}% behind {} ({noise}).",
+                        "{} at {} rules: ours is behind {} ({ours:.0}% against {theirs:.0}% of \
+                         no filter).",
                         metric.key().to_uppercase(),
                         rate(size.rules as f64),
                         other.title()
@@ -205,11 +205,13 @@ pub fn markdown(sizes: &[Size], cfg: &Config) -> String {
          marking admitted packets (kube-router's layout; Calico's iptables mode is alike); \
          nftables with `ct state established,related accept` first, then per policy one \
          rule `ip saddr . meta l4proto . th dport @set` over an interval set \
-         (kube-network-policies' layout). Each measurement runs on fresh namespaces after \
-         checking the filter enforces (probe admitted, another port refused). Client thread \
-         on CPU {}, server thread on CPU {}. {} rounds of {:.1} s per filter, size and load, \
-         the filters interleaved within each round; median (min-max), and the share of no \
-         filter's median.\n",
+         (kube-network-policies' layout). Each filter has a node namespace of its own with \
+         its own two pods, checked to enforce (probe admitted, another port refused) before \
+         it is measured; the four live side by side and take turns every fifth of the \
+         measuring time, so a change in this shared VM's speed lands on all of them alike. \
+         Client thread on CPU {}, server thread on CPU {}. {} rounds of {:.1} s per filter, \
+         size and load; rates are median (min-max) over rounds, shares the median over \
+         rounds of each round's share of no filter.\n",
         cfg.cpus.0, cfg.cpus.1, cfg.rounds, cfg.seconds
     );
     let mut header = vec!["rules"];
