@@ -12,7 +12,7 @@
 //! measuring time, in a rotated order, so a change in the machine's speed (a shared VM) lands
 //! on all of them alike; figures are median, min and max over rounds.
 //! Writes `target/bench/peers.json` and the `peers` section of `BENCHMARKS.md`.
-//! Knobs: `PEERS_RULES` (default `10,1000,10000`), `PEERS_ROUNDS` (5), `PEERS_SECONDS` (1).
+//! Knobs: `PEERS_RULES` (default `10,1000,10000`), `PEERS_ROUNDS` (7), `PEERS_SECONDS` (1).
 
 #[path = "peers/filters.rs"]
 mod filters;
@@ -146,7 +146,7 @@ fn main() -> Result<()> {
                 .context("PEERS_RULES: comma-separated rule counts")
         })
         .collect::<Result<_>>()?;
-    let rounds: usize = knob("PEERS_ROUNDS", 5usize).max(1);
+    let rounds: usize = knob("PEERS_ROUNDS", 7usize).max(1);
     let length = Duration::from_secs_f64(knob("PEERS_SECONDS", 1.0f64).clamp(0.1, 30.0));
     let cpus = match std::thread::available_parallelism().map_or(1, |n| n.get()) {
         1 => (0, 0),
