@@ -38,9 +38,14 @@ enum Task {
     Test,
     /// Benchmarks: `datapath` (ns per packet), `compile` (policy compiler), `cluster`
     /// (the cluster agent's pass for one pod change), `attach` (a new pod's veth to its
-    /// programs attached) or `scale` (memory and start time at 10k pods, 1k policies).
+    /// programs attached), `scale` (memory and start time at 1k, 10k and 50k pods, 1k
+    /// policies), `latency` (a policy change written to the first connection it allows or
+    /// refuses) or `peers` (ours beside no filter, iptables and nftables on the same
+    /// policies).
     Bench {
-        #[arg(value_parser = ["datapath", "compile", "cluster", "attach", "scale"])]
+        #[arg(value_parser = [
+            "datapath", "compile", "cluster", "attach", "scale", "latency", "peers"
+        ])]
         which: Vec<String>,
     },
     /// Run scenario files (scenarios/FORMAT.md) on the kernel, or with
