@@ -12,7 +12,8 @@
 //! measuring time, in a rotated order, so a change in the machine's speed (a shared VM) lands
 //! on all of them alike; figures are median, min and max over rounds.
 //! Writes `target/bench/peers.json` and the `peers` section of `BENCHMARKS.md`.
-//! Knobs: `PEERS_RULES` (default `10,1000,10000`), `PEERS_ROUNDS` (7), `PEERS_SECONDS` (1).
+//! Knobs: `PEERS_RULES` (default `10,1000,10000`), `PEERS_ROUNDS` (7), `PEERS_SECONDS` (1),
+//! `PEERS_FILTERS` (some of `nofilter,ours,iptables,nft`: a run for profiling, no report).
 
 #[path = "peers/filters.rs"]
 mod filters;
@@ -175,8 +176,12 @@ fn main() -> Result<()> {
                 per_packet: per_packet::measure(&p)?,
                 ..Size::default()
             };
+            // `PEERS_FILTERS=ours,nofilter` (keys of peers.json) for profiling one; a partial
+            // run writes no report.
+            let only = std::env::var("PEERS_FILTERS").unwrap_or_default();
             let lives = Filter::ALL
                 .iter()
+                .filter(|f| only.is_empty() || only.split(',').any(|k| k == f.key()))
                 .map(|&f| Live::new(f, &p, cpus))
                 .collect::<Result<Vec<_>>>()?;
             for r in 0..rounds {
@@ -209,6 +214,12 @@ fn main() -> Result<()> {
         seconds: length.as_secs_f64(),
         cpus,
     };
+    if std::env::var_os("PEERS_FILTERS").is_some() {
+        for s in &sizes {
+            println!("{} rules: CRR {:?}, RR {:?}", s.rules, s.crr, s.rr);
+        }
+        return Ok(());
+    }
     print!("{}", report::console(&sizes));
     policy_testkit::bench_report::write_json("peers", &report::json(&sizes, &cfg))?;
     policy_testkit::bench_report::write_section("peers", &report::markdown(&sizes, &cfg))?;
