@@ -169,15 +169,22 @@ impl Watches {
                 continue;
             }
             let seen = self.drain();
-            if seen.dirs
-                && let Err(e) = self.sync()
-            {
-                // The directory itself went away: the agent's pass reports it; keep
-                // trying, a new one may appear under the same name.
-                tracing::warn!(error = %e, "manifest directory not watched");
-            }
+            // Wake first: taking the watches again walks the tree, which a change need not
+            // wait for.
             if seen.changed {
                 wake();
+            }
+            if seen.dirs {
+                let before: BTreeSet<i32> = self.wds.keys().copied().collect();
+                match self.sync() {
+                    // A new directory is watched only from now: files written into it
+                    // before that are read by a pass woken after it.
+                    Ok(()) if self.wds.keys().any(|wd| !before.contains(wd)) => wake(),
+                    Ok(()) => {}
+                    // The directory itself went away: the agent's pass reports it; keep
+                    // trying, a new one may appear under the same name.
+                    Err(e) => tracing::warn!(error = %e, "manifest directory not watched"),
+                }
             }
         }
     }
