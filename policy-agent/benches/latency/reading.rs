@@ -57,8 +57,9 @@ the empty cluster, 65 ms p50 and 182 ms p99 with the load, 10 changes each); now
 after 50 ms of quiet is compiled at once and only changes following a pass within 50 ms \
 wait for the rest of it (bursts still coalesce, at most one pass per 50 ms): a few ms. With \
 the load a pass still reads every cached object (11,000) to check versions and compute the \
-status generation, which puts both modes' p99 at the goal's edge (about 20 ms) rather than \
-well under it; an index of the changed objects kept by the watch (and, standalone, hashing \
+status generation, which puts the loaded p99 around the goal of 20 ms rather than well \
+under it (under or over it from run to run on this VM: the table says which for this run; \
+cluster mode is the slower of the two); an index of the changed objects kept by the watch (and, standalone, hashing \
 only the changed files) would make a pass cost only its change.
 - *Outliers.* p99 over 100 changes is the second worst. This is a shared 2-core VM; \
 single changes that took 0.1 to 3.5 s were seen while other work ran (the console names \
