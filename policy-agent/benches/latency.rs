@@ -2,7 +2,7 @@
 //! how soon a policy change is enforced, end to end. The release agent runs in a node
 //! namespace of the test bed; a client pod tries a TCP connection to a server pod every
 //! millisecond (`latency/probe.rs`); a NetworkPolicy that opens the path, then one that
-//! closes it again, is written to the agent's source (`latency/source.rs`), and the time from
+//! closes it again, is written to the agent's source (`agent_source.rs`), and the time from
 //! the write's completion to the first attempt after which every attempt has the new outcome
 //! is taken, for each change. Cases: an empty cluster (the two pods) and one with the scale
 //! bench's 10,000 pods over 100 nodes and 1,000 policies already loaded (100 of the pods
@@ -28,7 +28,7 @@ mod probe;
 mod reading;
 #[path = "latency/report.rs"]
 mod report;
-#[path = "latency/source.rs"]
+#[path = "agent_source.rs"]
 mod source;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -16,20 +16,25 @@
 //! `target/bench/scale.json`. Knobs: `SCALE_ROUNDS` (default 3), `BENCH_AGENT` (the agent
 //! binary; default the release one cargo builds for this bench).
 
+#[path = "agent_harness.rs"]
+mod agent_harness;
+#[path = "agent_source.rs"]
+#[allow(dead_code)] // `write` is the latency bench's
+mod agent_source;
 #[path = "scale/measure.rs"]
 mod measure;
 #[path = "scale/objects.rs"]
 mod objects;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use objects::{LOCAL_NODE, Load, NAMESPACES, Objects};
-use policy_testkit::bench_report;
-use policy_testkit::fake_api::{FakeApi, Kind};
+use agent_harness::{AgentProc, AgentSpec};
+use agent_source::Source;
+use anyhow::{Context, Result};
+use objects::{LOCAL_NODE, Load, NAMESPACES};
+use policy_testkit::bench_report::{self, Spread};
 use policy_testkit::testbed::{PrivateBpffs, Testbed, unique_suffix};
 use serde_json::{Value, json};
 
@@ -88,158 +93,6 @@ impl Node {
     fn local_addrs(&self) -> Vec<(std::net::Ipv4Addr, std::net::Ipv6Addr)> {
         self.bed.hosts.iter().map(|h| (h.ipv4, h.ipv6)).collect()
     }
-
-    /// `policy-agent ARGS` in the node namespace, ending with the bench (PDEATHSIG).
-    fn agent_cmd(&self) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.bed.node.name()])
-            .arg(&self.agent);
-        end_with_parent(&mut cmd);
-        cmd
-    }
-
-    /// Detaches and unpins everything an agent left, so the next one starts fresh.
-    fn uninstall(&self) -> Result<()> {
-        let out = Command::new("timeout")
-            .args(["60", "ip", "netns", "exec", self.bed.node.name()])
-            .arg(&self.agent)
-            .arg("uninstall")
-            .arg("--bpf-dir")
-            .arg(self.fs.path())
-            .output()
-            .context("running policy-agent uninstall")?;
-        if !out.status.success() {
-            bail!("uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    }
-}
-
-/// A child gets SIGTERM when the bench's thread that started it exits, so no agent
-/// outlives a bench that panicked or was killed.
-fn end_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Where one mode's agent gets its objects, and the generation it reports once enforced.
-struct Source {
-    generation: u64,
-    /// Cluster: the fake API server, serving while this lives.
-    _served: Option<policy_testkit::fake_api::Served>,
-    args: Vec<String>,
-    env: Vec<(String, PathBuf)>,
-}
-
-fn cluster_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
-    let api = FakeApi::default();
-    for obj in objs.all() {
-        let kind = Kind::of_object(obj).context("object of an unknown kind")?;
-        api.apply(kind, obj.clone());
-    }
-    let served = api
-        .serve_in(&node.bed.node, "127.0.0.1".parse()?)
-        .context("serving the fake API server")?;
-    let kubeconfig = node
-        .dir
-        .join(format!("kubeconfig-{}-{}", load.name(), objs.pods.len()));
-    std::fs::write(&kubeconfig, served.kubeconfig())?;
-    Ok(Source {
-        generation: api.generation(),
-        _served: Some(served),
-        // The defaults an operator runs with (debounce, resync); the health endpoint on the
-        // node namespace's own loopback.
-        args: ["cluster", "--metrics-addr", "127.0.0.1:9090"]
-            .map(String::from)
-            .to_vec(),
-        env: vec![("KUBECONFIG".into(), kubeconfig)],
-    })
-}
-
-/// One file per namespace (its Namespace, pods and policies): 100 files well under the
-/// reader's per-file limit.
-fn standalone_source(node: &Node, objs: &Objects, load: Load) -> Result<Source> {
-    let dir = node
-        .dir
-        .join(format!("manifests-{}-{}", load.name(), objs.pods.len()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for obj in objs.all() {
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .or(obj["metadata"]["name"].as_str())
-            .context("object without a name")?;
-        files
-            .entry(ns.to_string())
-            .or_default()
-            .push(obj.to_string());
-    }
-    for (ns, docs) in files {
-        // JSON documents are YAML documents.
-        std::fs::write(dir.join(format!("{ns}.yaml")), docs.join("\n---\n"))?;
-    }
-    Ok(Source {
-        generation: policy_agent::manifests::content_hash(&dir),
-        _served: None,
-        args: vec![
-            "standalone".into(),
-            "--manifests".into(),
-            dir.to_string_lossy().into_owned(),
-        ],
-        env: Vec::new(),
-    })
-}
-
-/// The agent process: SIGKILLed and reaped on drop unless stopped before.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn pid(&self) -> u32 {
-        // `ip netns exec` execs the agent: the child's pid is the agent's.
-        self.child.id()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// SIGTERM (the way a DaemonSet pod ends), then SIGKILL if it lingers.
-    fn stop(mut self) -> Result<()> {
-        // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Some(st) = self.child.try_wait()? {
-                if !st.success() {
-                    eprintln!("  agent exited with {st} on SIGTERM");
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        bail!("the agent did not exit within 20 s of SIGTERM")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What one start of the agent measured.
@@ -250,82 +103,42 @@ struct Round {
     kernel: measure::Kernel,
 }
 
-fn start(node: &Node, source: &Source, status: &Path, log: &Path) -> Result<Agent> {
-    let _ = std::fs::remove_file(status);
-    let out = std::fs::File::create(log)?;
-    let err = out.try_clone()?;
-    let mut cmd = node.agent_cmd();
-    cmd.args(&source.args)
-        .args(["--node-name", LOCAL_NODE, "--bpf-dir"])
-        .arg(node.fs.path())
-        .arg("--status-file")
-        .arg(status)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    for (k, v) in &source.env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().context("starting the agent")?;
-    Ok(Agent {
-        child,
-        log: log.to_path_buf(),
-    })
-}
-
-/// Waits until the status file names `generation` with every local pod attached.
-fn wait_enforced(agent: &mut Agent, status: &Path, generation: u64) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = policy_agent::status_file::read(status)
-            && s.generation == generation
-            && s.waiting.is_empty()
-            && s.attached.len() >= NAMESPACES
-        {
-            return Ok(());
-        }
-        if let Some(exit) = agent.child.try_wait()? {
-            bail!("the agent exited ({exit}):\n{}", agent.log_tail());
-        }
-        if t0.elapsed() > ENFORCE_LIMIT {
-            bail!(
-                "the agent did not enforce generation {generation} within {ENFORCE_LIMIT:?} \
-                 (status {:?}):\n{}",
-                policy_agent::status_file::read(status).map(|s| (
-                    s.generation,
-                    s.attached.len(),
-                    s.waiting.len(),
-                    s.problems
-                )),
-                agent.log_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// One start on fresh maps: timed, measured, stopped, and everything it pinned removed.
 fn round(node: &Node, source: &Source, tag: &str) -> Result<(Round, Entries)> {
     let status = node.dir.join(format!("status-{tag}.json"));
     let log = node.dir.join(format!("agent-{tag}.log"));
+    let (args, env) = source.agent_args();
+    let spec = AgentSpec {
+        binary: &node.agent,
+        args,
+        env,
+        node_name: LOCAL_NODE,
+    };
+    let generation = source.generation();
     let t0 = Instant::now();
-    let mut agent = start(node, source, &status, &log)?;
-    let measured = wait_enforced(&mut agent, &status, source.generation).and_then(|()| {
-        let enforce_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let rss = measure::rss(agent.pid())?;
-        let kernel = measure::kernel(agent.pid(), node.fs.path())?;
-        Ok((
-            Round {
-                enforce_ms,
-                rss,
-                kernel,
-            },
-            measure::entries(node.fs.path()),
-        ))
-    });
+    let mut agent = AgentProc::start(&node.bed, &node.fs, &spec, &status, &log)?;
+    // Full enforcement: the status names the objects' generation, no local pod waits.
+    let enforced = |s: &policy_agent::status_file::Status| {
+        s.generation == generation && s.waiting.is_empty() && s.attached.len() >= NAMESPACES
+    };
+    let measured = agent
+        .wait_status(&status, ENFORCE_LIMIT, Duration::from_millis(5), enforced)
+        .with_context(|| format!("enforcing generation {generation}"))
+        .and_then(|_| {
+            let enforce_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let rss = measure::rss(agent.pid())?;
+            let kernel = measure::kernel(agent.pid(), node.fs.path())?;
+            Ok((
+                Round {
+                    enforce_ms,
+                    rss,
+                    kernel,
+                },
+                measure::entries(node.fs.path()),
+            ))
+        });
     let stopped = agent.stop();
-    let uninstalled = node.uninstall();
+    let uninstalled = agent_harness::uninstall(&node.bed, &node.fs, &node.agent);
     let r = measured?;
     stopped?;
     uninstalled?;
@@ -333,24 +146,6 @@ fn round(node: &Node, source: &Source, tag: &str) -> Result<(Round, Entries)> {
 }
 
 type Entries = BTreeMap<String, (Option<u64>, u64)>;
-
-/// Median, min and max of one figure over the rounds.
-#[derive(Clone, Copy, Debug)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn spread(v: impl IntoIterator<Item = f64>) -> Spread {
-    let mut v: Vec<f64> = v.into_iter().collect();
-    v.sort_by(f64::total_cmp);
-    Spread {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
-    }
-}
 
 /// One load's rounds in one mode.
 #[derive(Clone)]
@@ -363,6 +158,10 @@ struct Figures {
     /// The last round's breakdown (map memory hardly varies between rounds).
     last: Round,
     entries: Entries,
+}
+
+fn spread(v: impl IntoIterator<Item = f64>) -> Spread {
+    Spread::of(&v.into_iter().collect::<Vec<_>>())
 }
 
 fn figures(rounds: &[Round], entries: Entries) -> Figures {
@@ -385,9 +184,16 @@ fn run_load(
     rounds: usize,
 ) -> Result<Figures> {
     let objs = objects::generate_sized(load, &node.local_addrs(), pods_per_namespace);
+    let scratch = node.dir.join(format!(
+        "{}-{}-{}",
+        mode.name(),
+        load.name(),
+        objs.pods.len()
+    ));
+    std::fs::create_dir_all(&scratch)?;
     let source = match mode {
-        Mode::Cluster => cluster_source(node, &objs, load)?,
-        Mode::Standalone => standalone_source(node, &objs, load)?,
+        Mode::Cluster => Source::api(&node.bed, &scratch, objs.all())?,
+        Mode::Standalone => Source::dir(&scratch, objs.all())?,
     };
     let mut done = Vec::new();
     let mut entries = Entries::new();
@@ -500,10 +306,6 @@ fn print_breakdown(mode: Mode, by_load: &BTreeMap<&str, Figures>) {
     );
 }
 
-fn spread_json(s: Spread) -> Value {
-    json!({"median": s.median, "min": s.min, "max": s.max})
-}
-
 fn mode_json(by_size: &[(usize, BTreeMap<&'static str, Figures>, PerUnit)]) -> Value {
     let sizes: serde_json::Map<String, Value> = by_size
         .iter()
@@ -532,11 +334,11 @@ fn size_json(by_load: &BTreeMap<&str, Figures>, u: &PerUnit) -> Value {
             (
                 name.to_string(),
                 json!({
-                    "enforced_ms": spread_json(f.enforce_ms),
-                    "vm_rss_bytes": spread_json(f.rss),
-                    "vm_hwm_bytes": spread_json(f.hwm),
-                    "map_bytes": spread_json(f.maps),
-                    "prog_bytes": spread_json(f.progs),
+                    "enforced_ms": f.enforce_ms.json(),
+                    "vm_rss_bytes": f.rss.json(),
+                    "vm_hwm_bytes": f.hwm.json(),
+                    "map_bytes": f.maps.json(),
+                    "prog_bytes": f.progs.json(),
                     "maps": maps,
                 }),
             )
