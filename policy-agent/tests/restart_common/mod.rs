@@ -105,19 +105,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(bed: &Testbed, dir: &TempDir, fs: &PrivateBpffs, extra: &[&str], n: u32) -> Agent {
-        let _ = std::fs::remove_file(dir.status());
-        let manifests = dir.manifests();
-        let status = dir.status();
-        let args: [&std::ffi::OsStr; 7] = [
-            "standalone".as_ref(),
-            "--manifests".as_ref(),
-            manifests.as_os_str(),
-            "--status-file".as_ref(),
-            status.as_os_str(),
-            "--poll-ms".as_ref(),
-            "20".as_ref(),
-        ];
-        Self::spawn(bed, dir, fs, &args, extra, &[], n)
+        Self::start_standalone(bed, dir, fs, Duration::from_millis(20), extra, n)
     }
 
     /// [`Agent::start`] with the directory polled every `poll` instead of 20 ms.
@@ -126,6 +114,17 @@ impl Agent {
         dir: &TempDir,
         fs: &PrivateBpffs,
         poll: Duration,
+        n: u32,
+    ) -> Agent {
+        Self::start_standalone(bed, dir, fs, poll, &[], n)
+    }
+
+    fn start_standalone(
+        bed: &Testbed,
+        dir: &TempDir,
+        fs: &PrivateBpffs,
+        poll: Duration,
+        extra: &[&str],
         n: u32,
     ) -> Agent {
         let _ = std::fs::remove_file(dir.status());
@@ -140,7 +139,7 @@ impl Agent {
             "--poll-ms".as_ref(),
             poll_ms.as_ref(),
         ];
-        Self::spawn(bed, dir, fs, &args, &[], &[], n)
+        Self::spawn(bed, dir, fs, &args, extra, &[], n)
     }
 
     /// `policy-agent cluster` against the API server named in `kubeconfig`, serving its
